@@ -1,0 +1,221 @@
+//! The operations. Each one parses, calls the job service, and shapes the answer; nothing else.
+
+use super::{
+    ApiState,
+    problem::ProblemResponse,
+    types::{CreateJobRequest, Health, Job, JobEventList, JobList, JobStatus},
+};
+use crate::jobs::{ListQuery, LogOptions};
+use poem::{Body, web::Data};
+use poem_openapi::{
+    ApiResponse, OpenApi, Tags,
+    param::{Header, Path, Query},
+    payload::{Binary, Json},
+};
+use std::sync::Arc;
+
+#[derive(Tags)]
+pub enum ApiTags {
+    /// Submit agent jobs and follow them to their result.
+    Jobs,
+    /// Liveness and readiness of the service.
+    Health,
+}
+
+/// The versioned job API.
+pub struct JobsApi;
+
+/// Probes for the orchestrator.
+pub struct HealthApi;
+
+/// Answer of `createJob`.
+#[derive(ApiResponse)]
+pub enum CreateJobResponse {
+    /// The job was created and is pending.
+    #[oai(status = 201)]
+    Created(Json<Job>, #[oai(header = "Location")] String),
+    /// An earlier request with the same `Idempotency-Key` and the same body created this job;
+    /// nothing new was created.
+    #[oai(status = 200)]
+    Existing(Json<Job>, #[oai(header = "Location")] String),
+}
+
+/// Answer of `getJobLogs`.
+#[derive(ApiResponse)]
+pub enum LogsResponse {
+    /// The agent's output as UTF-8 text, one line per line it wrote. With `follow=true` the body
+    /// is streamed with chunked transfer encoding as lines are written, and ends when the agent
+    /// exits.
+    #[oai(status = 200, content_type = "text/plain; charset=utf-8")]
+    Ok(Binary<Body>),
+}
+
+/// Answer of the readiness probe.
+#[derive(ApiResponse)]
+pub enum ReadyResponse {
+    /// The backend can serve reads and writes.
+    #[oai(status = 200)]
+    Ready(Json<Health>),
+    /// The backend is not ready (e.g. the Kubernetes watch cache has not synced).
+    #[oai(status = 503)]
+    NotReady(Json<Health>),
+}
+
+type Result<T> = std::result::Result<T, ProblemResponse>;
+
+#[OpenApi(prefix_path = "/api/v1", tag = "ApiTags::Jobs")]
+impl JobsApi {
+    /// Submit a job
+    ///
+    /// Validates the request and starts an agent for it. With an `Idempotency-Key`, retrying the
+    /// same request returns the job created the first time (200) instead of a second job, on
+    /// every replica; reusing the key for a different request is a 409 problem.
+    #[oai(path = "/jobs", method = "post", operation_id = "createJob")]
+    async fn create_job(
+        &self,
+        state: Data<&Arc<ApiState>>,
+        body: Json<CreateJobRequest>,
+        /// Makes retries safe: 1 to 255 printable ASCII characters, unique per intended job
+        /// (a UUID is ideal). Scoped to the tenant.
+        #[oai(name = "Idempotency-Key", validator(min_length = 1, max_length = 255))]
+        idempotency_key: Header<Option<String>>,
+    ) -> Result<CreateJobResponse> {
+        let submitted = state.jobs.submit(&state.tenant, body.0.into(), idempotency_key.0.as_deref()).await?;
+        let job = Job::from(submitted.job);
+        let location = job.links.self_.clone();
+        Ok(if submitted.created {
+            CreateJobResponse::Created(Json(job), location)
+        } else {
+            CreateJobResponse::Existing(Json(job), location)
+        })
+    }
+
+    /// List jobs
+    ///
+    /// Newest first. Pages are cut by an opaque cursor, so jobs created while paging never
+    /// shift or repeat entries.
+    #[oai(path = "/jobs", method = "get", operation_id = "listJobs")]
+    async fn list_jobs(
+        &self,
+        state: Data<&Arc<ApiState>>,
+        /// Only jobs in this status.
+        status: Query<Option<JobStatus>>,
+        /// Only jobs whose labels match this Kubernetes label selector, e.g.
+        /// `team=ml,env in (dev,prod),!legacy`.
+        #[oai(validator(max_length = 1024))]
+        label: Query<Option<String>>,
+        /// Page size: 1 to 500, default 50.
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
+        limit: Query<Option<u32>>,
+        /// `next_page_token` of the previous page.
+        #[oai(validator(max_length = 256))]
+        page_token: Query<Option<String>>,
+    ) -> Result<Json<JobList>> {
+        let query = ListQuery::parse(status.0.map(Into::into), label.0.as_deref(), limit.0, page_token.0.as_deref())?;
+        let page = state.jobs.list(&state.tenant, &query).await?;
+        Ok(Json(JobList {
+            items: page.items.into_iter().map(Job::from).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    /// Get a job
+    ///
+    /// The job's status, reason, timings and, once it succeeded, its result.
+    #[oai(path = "/jobs/:id", method = "get", operation_id = "getJob")]
+    async fn get_job(
+        &self,
+        state: Data<&Arc<ApiState>>,
+        /// The job id.
+        id: Path<String>,
+    ) -> Result<Json<Job>> {
+        Ok(Json(state.jobs.get(&state.tenant, &id.0).await?.into()))
+    }
+
+    /// Cancel a job
+    ///
+    /// Stops the agent and keeps the record, whose status becomes `cancelled`. Cancelling a
+    /// cancelled job changes nothing; cancelling a job that already finished is a 409 problem.
+    #[oai(path = "/jobs/:id/cancel", method = "post", operation_id = "cancelJob")]
+    async fn cancel_job(
+        &self,
+        state: Data<&Arc<ApiState>>,
+        /// The job id.
+        id: Path<String>,
+    ) -> Result<Json<Job>> {
+        Ok(Json(state.jobs.cancel(&state.tenant, &id.0).await?.into()))
+    }
+
+    /// Read a job's logs
+    ///
+    /// The agent's output as plain text. `follow=true` streams new lines (chunked transfer
+    /// encoding, not SSE) until the agent exits; a job that has not started yet is waited for.
+    #[oai(path = "/jobs/:id/logs", method = "get", operation_id = "getJobLogs")]
+    async fn get_job_logs(
+        &self,
+        state: Data<&Arc<ApiState>>,
+        /// The job id.
+        id: Path<String>,
+        /// Only the last this many lines (1 to 100000).
+        #[oai(validator(minimum(value = "1"), maximum(value = "100000")))]
+        tail_lines: Query<Option<u32>>,
+        /// Only lines written in the last this many seconds.
+        #[oai(validator(minimum(value = "1"), maximum(value = "2592000")))]
+        since_seconds: Query<Option<u32>>,
+        /// Prefix each line with its RFC 3339 time.
+        #[oai(default)]
+        timestamps: Query<bool>,
+        /// Keep streaming until the agent exits.
+        #[oai(default)]
+        follow: Query<bool>,
+    ) -> Result<LogsResponse> {
+        let options = LogOptions {
+            tail_lines: tail_lines.0,
+            since_seconds: since_seconds.0,
+            timestamps: timestamps.0,
+            follow: follow.0,
+        };
+        let lines = state.jobs.logs(&state.tenant, &id.0, options).await?;
+        Ok(LogsResponse::Ok(Binary(Body::from_bytes_stream(lines))))
+    }
+
+    /// List a job's events
+    ///
+    /// What happened to the job and its pods, newest first: scheduling, image pulls, OOM kills,
+    /// failures to create pods. The place to look when a job seems stuck.
+    #[oai(path = "/jobs/:id/events", method = "get", operation_id = "listJobEvents")]
+    async fn list_job_events(
+        &self,
+        state: Data<&Arc<ApiState>>,
+        /// The job id.
+        id: Path<String>,
+    ) -> Result<Json<JobEventList>> {
+        let events = state.jobs.events(&state.tenant, &id.0).await?;
+        Ok(Json(JobEventList { items: events.into_iter().map(Into::into).collect() }))
+    }
+}
+
+#[OpenApi(tag = "ApiTags::Health")]
+impl HealthApi {
+    /// Liveness
+    ///
+    /// 200 while the process is alive.
+    #[oai(path = "/healthz", method = "get", operation_id = "getHealth")]
+    async fn healthz(&self, state: Data<&Arc<ApiState>>) -> Json<Health> {
+        Json(Health { status: "ok".into(), backend: state.jobs.backend_name().into() })
+    }
+
+    /// Readiness
+    ///
+    /// 200 once the backend can serve (on Kubernetes: the watch cache has synced and its watches
+    /// are healthy), else 503.
+    #[oai(path = "/readyz", method = "get", operation_id = "getReadiness")]
+    async fn readyz(&self, state: Data<&Arc<ApiState>>) -> ReadyResponse {
+        let backend = state.jobs.backend_name().to_owned();
+        if state.jobs.is_ready() {
+            ReadyResponse::Ready(Json(Health { status: "ok".into(), backend }))
+        } else {
+            ReadyResponse::NotReady(Json(Health { status: "unavailable".into(), backend }))
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! The JSON shapes of the API. Their doc comments and bounds become the OpenAPI schema.
+
+use crate::jobs::{self, JobPhase, JobReason, JobRecord, JobRequest};
+use chrono::{DateTime, Utc};
+use poem_openapi::{Enum, Object, types::Example};
+use std::collections::BTreeMap;
+
+/// A request to run an agent.
+#[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields, example)]
+pub struct CreateJobRequest {
+    /// What the agent should achieve: 1 to 16384 bytes of UTF-8 (the server counts bytes; the
+    /// configured limit may be lower), not only whitespace, no NUL characters.
+    #[oai(validator(min_length = 1, max_length = 16384))]
+    pub goal: String,
+    /// The most reasoning turns the agent may take: 1 to 100 (the configured ceiling may be lower).
+    #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
+    pub max_turns: u32,
+    /// Up to 16 labels for filtering, in Kubernetes label syntax. Keys `app`, `oats.dev/*` and
+    /// `*.oats.dev/*` are reserved.
+    #[oai(validator(max_properties = 16))]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Seconds the job may run before it is stopped with reason `DeadlineExceeded`: 10 to 86400,
+    /// within the configured maximum (3600 by default). Default: the configured default (600).
+    #[oai(validator(minimum(value = "10"), maximum(value = "86400")))]
+    pub timeout_seconds: Option<u32>,
+    /// Model the agent should use, passed to it as `OATS_MODEL`: 1 to 128 characters of
+    /// letters, digits and `-_./:@`.
+    #[oai(validator(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9\-_./:@]+$"))]
+    pub model: Option<String>,
+}
+
+impl Example for CreateJobRequest {
+    fn example() -> Self {
+        Self {
+            goal: "Summarise the open issues of the repository and propose a plan".into(),
+            max_turns: 5,
+            labels: Some(BTreeMap::from([("team".into(), "research".into())])),
+            timeout_seconds: Some(600),
+            model: None,
+        }
+    }
+}
+
+impl From<CreateJobRequest> for JobRequest {
+    fn from(r: CreateJobRequest) -> Self {
+        Self {
+            goal: r.goal,
+            max_turns: r.max_turns,
+            labels: r.labels.unwrap_or_default(),
+            timeout_seconds: r.timeout_seconds,
+            model: r.model,
+        }
+    }
+}
+
+/// Where a job is in its life. `succeeded`, `failed` and `cancelled` are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum JobStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl From<JobPhase> for JobStatus {
+    fn from(phase: JobPhase) -> Self {
+        match phase {
+            JobPhase::Pending => Self::Pending,
+            JobPhase::Running => Self::Running,
+            JobPhase::Succeeded => Self::Succeeded,
+            JobPhase::Failed => Self::Failed,
+            JobPhase::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+impl From<JobStatus> for JobPhase {
+    fn from(status: JobStatus) -> Self {
+        match status {
+            JobStatus::Pending => Self::Pending,
+            JobStatus::Running => Self::Running,
+            JobStatus::Succeeded => Self::Succeeded,
+            JobStatus::Failed => Self::Failed,
+            JobStatus::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+/// Why a job is in its status. Stable: values are only ever added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "PascalCase")]
+pub enum JobStatusReason {
+    /// The job ran past its timeout.
+    DeadlineExceeded,
+    /// Every allowed retry of the agent failed.
+    BackoffLimitExceeded,
+    /// Pending: the agent image cannot be pulled.
+    ImagePullFailed,
+    /// Pending: the agent container keeps crashing.
+    CrashLoop,
+    /// Pending: no node can run the agent yet.
+    Unschedulable,
+    /// The agent exceeded its memory limit.
+    #[oai(rename = "OOMKilled")]
+    OomKilled,
+    /// The node evicted the agent.
+    Evicted,
+    /// A user cancelled the job.
+    Cancelled,
+    /// The agent exited with a non-zero status.
+    AgentError,
+    /// The server stopped while the job was running.
+    ServerRestarted,
+    /// The agent could not be started.
+    StartFailed,
+}
+
+impl From<JobReason> for JobStatusReason {
+    fn from(reason: JobReason) -> Self {
+        match reason {
+            JobReason::DeadlineExceeded => Self::DeadlineExceeded,
+            JobReason::BackoffLimitExceeded => Self::BackoffLimitExceeded,
+            JobReason::ImagePullFailed => Self::ImagePullFailed,
+            JobReason::CrashLoop => Self::CrashLoop,
+            JobReason::Unschedulable => Self::Unschedulable,
+            JobReason::OOMKilled => Self::OomKilled,
+            JobReason::Evicted => Self::Evicted,
+            JobReason::Cancelled => Self::Cancelled,
+            JobReason::AgentError => Self::AgentError,
+            JobReason::ServerRestarted => Self::ServerRestarted,
+            JobReason::StartFailed => Self::StartFailed,
+        }
+    }
+}
+
+/// Links to a job's related resources.
+#[derive(Debug, Clone, Object)]
+pub struct JobLinks {
+    /// This job.
+    #[oai(rename = "self")]
+    pub self_: String,
+    /// The agent's output (`GET`).
+    pub logs: String,
+    /// What happened to the job and its pods (`GET`).
+    pub events: String,
+    /// Cancels the job (`POST`).
+    pub cancel: String,
+}
+
+/// An agent job.
+#[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none, example)]
+pub struct Job {
+    /// Server-assigned id: `job-` and 20 characters of a-z, 2-7. Also the Kubernetes Job name.
+    pub id: String,
+    pub status: JobStatus,
+    /// Machine-readable reason for the status, when there is one.
+    pub reason: Option<JobStatusReason>,
+    /// Human-readable explanation of the status.
+    pub message: Option<String>,
+    /// When the job was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When the agent first started running.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the job reached a final status.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// How many times the agent was started.
+    pub attempts: u32,
+    pub goal: String,
+    pub max_turns: u32,
+    /// The timeout in force, in seconds.
+    pub timeout_seconds: u32,
+    pub model: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// The agent's final answer (at most 4096 bytes), once it succeeded.
+    pub result: Option<String>,
+    pub links: JobLinks,
+}
+
+impl Job {
+    pub fn path(id: &str) -> String {
+        format!("/api/v1/jobs/{id}")
+    }
+}
+
+impl From<JobRecord> for Job {
+    fn from(r: JobRecord) -> Self {
+        let path = Self::path(r.id.as_str());
+        Self {
+            id: r.id.to_string(),
+            status: r.status.phase.into(),
+            reason: r.status.reason.map(Into::into),
+            message: r.status.message,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            attempts: r.attempts,
+            goal: r.spec.goal,
+            max_turns: r.spec.max_turns,
+            timeout_seconds: r.spec.timeout_seconds,
+            model: r.spec.model,
+            labels: r.spec.labels,
+            result: r.result,
+            links: JobLinks {
+                logs: format!("{path}/logs"),
+                events: format!("{path}/events"),
+                cancel: format!("{path}/cancel"),
+                self_: path,
+            },
+        }
+    }
+}
+
+impl Example for Job {
+    fn example() -> Self {
+        let created_at = DateTime::parse_from_rfc3339("2026-11-26T10:00:00Z").unwrap().with_timezone(&Utc);
+        let request = CreateJobRequest::example();
+        let id = "job-k5qv3xw7hy2mbnd4rzta".to_owned();
+        let path = Self::path(&id);
+        Self {
+            id,
+            status: JobStatus::Succeeded,
+            reason: None,
+            message: None,
+            created_at,
+            started_at: Some(created_at + chrono::Duration::seconds(2)),
+            finished_at: Some(created_at + chrono::Duration::seconds(9)),
+            attempts: 1,
+            goal: request.goal,
+            max_turns: request.max_turns,
+            timeout_seconds: 600,
+            model: None,
+            labels: request.labels.unwrap_or_default(),
+            result: Some("Plan: triage the 12 open issues by area, then fix the 3 crashers first.".into()),
+            links: JobLinks {
+                logs: format!("{path}/logs"),
+                events: format!("{path}/events"),
+                cancel: format!("{path}/cancel"),
+                self_: path,
+            },
+        }
+    }
+}
+
+/// One page of jobs, newest first.
+#[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
+pub struct JobList {
+    pub items: Vec<Job>,
+    /// Pass as `page_token` to get the next page; absent on the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// Something that happened to a job or its pods.
+#[derive(Debug, Clone, Object)]
+pub struct JobEvent {
+    /// When it (last) happened.
+    pub time: DateTime<Utc>,
+    /// `Normal` or `Warning`.
+    #[oai(rename = "type")]
+    pub kind: String,
+    /// Short machine-readable cause, e.g. `Scheduled`, `Failed`, `BackOff`.
+    pub reason: String,
+    pub message: String,
+    /// The object concerned, e.g. `Job/job-…` or `Pod/job-…-x7k2p`.
+    pub object: String,
+    /// How many times it happened.
+    pub count: u32,
+}
+
+impl From<jobs::JobEvent> for JobEvent {
+    fn from(e: jobs::JobEvent) -> Self {
+        Self { time: e.time, kind: e.kind, reason: e.reason, message: e.message, object: e.object, count: e.count }
+    }
+}
+
+/// A job's events, newest first.
+#[derive(Debug, Clone, Object)]
+pub struct JobEventList {
+    pub items: Vec<JobEvent>,
+}
+
+/// One invalid field of a request.
+#[derive(Debug, Clone, Object)]
+pub struct FieldProblem {
+    /// The field, e.g. `goal` or `labels.team`.
+    pub field: String,
+    pub message: String,
+}
+
+/// An RFC 9457 problem: every error answer of this API has this shape.
+#[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
+pub struct Problem {
+    /// Stable URI naming the kind of problem; branch on this.
+    #[oai(rename = "type")]
+    pub problem_type: String,
+    /// Short summary of the kind of problem.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong this time, for humans.
+    pub detail: String,
+    /// The request path.
+    pub instance: Option<String>,
+    /// For `validation-failed`: each invalid field.
+    pub errors: Option<Vec<FieldProblem>>,
+}
+
+/// Whether the service can take work.
+#[derive(Debug, Clone, Object)]
+pub struct Health {
+    /// `ok`, or `unavailable` while the backend is not ready.
+    pub status: String,
+    /// `kubernetes` or `local`.
+    pub backend: String,
+}

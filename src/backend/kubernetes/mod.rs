@@ -1,0 +1,349 @@
+//! The Kubernetes backend: each job is a `batch/v1` Job in one namespace.
+//!
+//! Reads come from watch-backed caches of the Jobs and Pods labelled `app=oats-agent`; writes go
+//! to the API server, which is the only source of truth, so any number of replicas agree.
+
+pub mod pss;
+pub mod render;
+pub mod status;
+
+use super::{BackendError, JobBackend};
+use crate::jobs::{CreateOutcome, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob};
+use async_trait::async_trait;
+use futures::StreamExt;
+use k8s_openapi::api::{
+    batch::v1::Job,
+    core::v1::{Event, Pod},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, LogParams, Patch, PatchParams, PostParams},
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use render::{AGENT_CONTAINER, AgentTemplate, CANCELLED_AT_ANNOTATION, JOB_ID_LABEL};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+
+/// How long clients are told to wait before retrying when the API server is unreachable.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Jobs as Kubernetes Jobs.
+pub struct KubernetesBackend {
+    client: Client,
+    template: AgentTemplate,
+    jobs: Store<Job>,
+    pods: Store<Pod>,
+    health: Arc<CacheHealth>,
+}
+
+/// Whether each watch has listed once and is currently healthy.
+#[derive(Default)]
+struct CacheHealth {
+    jobs_synced: AtomicBool,
+    pods_synced: AtomicBool,
+    jobs_healthy: AtomicBool,
+    pods_healthy: AtomicBool,
+}
+
+impl KubernetesBackend {
+    /// Start the watches (on the current Tokio runtime) and return at once; `is_ready` turns true
+    /// when both caches have synced.
+    pub fn start(client: Client, template: AgentTemplate) -> Self {
+        let selector = format!("{}={}", render::APP_LABEL.0, render::APP_LABEL.1);
+        let config = watcher::Config::default().labels(&selector);
+        let health = Arc::new(CacheHealth::default());
+
+        let (jobs, job_writer) = reflector::store();
+        let job_api: Api<Job> = Api::namespaced(client.clone(), &template.namespace);
+        let job_events = watcher(job_api, config.clone())
+            .default_backoff()
+            .modify(|job: &mut Job| job.managed_fields_mut().clear())
+            .reflect(job_writer);
+        tokio::spawn(drive("jobs", job_events, health.clone(), |h| (&h.jobs_synced, &h.jobs_healthy)));
+
+        let (pods, pod_writer) = reflector::store();
+        let pod_api: Api<Pod> = Api::namespaced(client.clone(), &template.namespace);
+        let pod_events = watcher(pod_api, config)
+            .default_backoff()
+            .modify(|pod: &mut Pod| {
+                pod.managed_fields_mut().clear();
+                if let Some(spec) = pod.spec.as_mut() {
+                    for c in &mut spec.containers {
+                        c.env = None;
+                    }
+                }
+            })
+            .reflect(pod_writer);
+        tokio::spawn(drive("pods", pod_events, health.clone(), |h| (&h.pods_synced, &h.pods_healthy)));
+
+        Self { client, template, jobs, pods, health }
+    }
+
+    fn job_api(&self) -> Api<Job> {
+        Api::namespaced(self.client.clone(), &self.template.namespace)
+    }
+
+    fn pods_of(&self, id: &str) -> Vec<Arc<Pod>> {
+        self.pods.state().into_iter().filter(|p| p.labels().get(JOB_ID_LABEL).is_some_and(|v| v == id)).collect()
+    }
+
+    fn record(&self, job: &Job) -> Option<JobRecord> {
+        let pods = self.pods_of(&job.name_any());
+        let pods: Vec<&Pod> = pods.iter().map(Arc::as_ref).collect();
+        status::job_record(job, &pods)
+    }
+
+    fn cached(&self, id: &JobId) -> Option<Arc<Job>> {
+        self.jobs.get(&ObjectRef::new(id.as_str()).within(&self.template.namespace))
+    }
+
+    /// The cached job, or (for a job created a moment ago that the watch has not delivered yet)
+    /// the API server's copy.
+    async fn fetch(&self, id: &JobId) -> Result<Option<Job>, BackendError> {
+        if let Some(job) = self.cached(id) {
+            return Ok(Some(job.as_ref().clone()));
+        }
+        self.job_api().get_opt(id.as_str()).await.map_err(api_error)
+    }
+
+    fn latest_pod(&self, id: &JobId) -> Option<Arc<Pod>> {
+        self.pods_of(id.as_str()).into_iter().max_by_key(|p| p.creation_timestamp().map(|t| status::to_chrono(&t)))
+    }
+}
+
+/// Run one watch forever, keeping its health flags current.
+async fn drive<S, K>(
+    name: &'static str,
+    events: S,
+    health: Arc<CacheHealth>,
+    flags: fn(&CacheHealth) -> (&AtomicBool, &AtomicBool),
+) where
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        let (synced, healthy) = flags(&health);
+        match event {
+            Ok(watcher::Event::InitDone) => {
+                synced.store(true, Ordering::Relaxed);
+                if !healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(watch = name, "watch cache synced");
+                }
+            }
+            Ok(_) => {
+                if synced.load(Ordering::Relaxed) && !healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(watch = name, "watch recovered");
+                }
+            }
+            Err(error) => {
+                if healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(watch = name, %error, "watch failed; retrying with backoff");
+                }
+            }
+        }
+    }
+}
+
+/// Map client errors: transport failures and 5xx/429 are retryable unavailability.
+fn api_error(error: kube::Error) -> BackendError {
+    match &error {
+        kube::Error::Api(status) if status.code == 429 || status.code >= 500 => BackendError::Unavailable {
+            detail: format!("the Kubernetes API is unavailable: {}", status.message),
+            retry_after: RETRY_AFTER,
+        },
+        kube::Error::Api(status) => {
+            BackendError::Internal(format!("the Kubernetes API refused the call ({}): {}", status.code, status.message))
+        }
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::HttpError(_) => BackendError::Unavailable {
+            detail: format!("the Kubernetes API cannot be reached: {error}"),
+            retry_after: RETRY_AFTER,
+        },
+        _ => BackendError::Internal(format!("Kubernetes client error: {error}")),
+    }
+}
+
+fn not_ready() -> BackendError {
+    BackendError::Unavailable {
+        detail: "the Kubernetes watch cache is not synced yet".into(),
+        retry_after: RETRY_AFTER,
+    }
+}
+
+#[async_trait]
+impl JobBackend for KubernetesBackend {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn is_ready(&self) -> bool {
+        let h = &self.health;
+        [&h.jobs_synced, &h.pods_synced, &h.jobs_healthy, &h.pods_healthy].iter().all(|f| f.load(Ordering::Relaxed))
+    }
+
+    async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError> {
+        let manifest = render::render_job(&job, &self.template);
+        match self.job_api().create(&PostParams::default(), &manifest).await {
+            Ok(created) => {
+                tracing::info!(job_id = %job.id, "created Kubernetes Job");
+                Ok(CreateOutcome::Created(status::job_record(&created, &[]).unwrap_or_else(|| job.pending_record())))
+            }
+            Err(kube::Error::Api(status)) if status.is_already_exists() => {
+                let existing = self
+                    .job_api()
+                    .get_opt(job.id.as_str())
+                    .await
+                    .map_err(api_error)?
+                    .ok_or_else(|| BackendError::Internal(format!("job {} exists but cannot be read", job.id)))?;
+                let record = self.record(&existing).ok_or_else(|| {
+                    BackendError::Internal(format!("a Job named {} exists that OATS did not create", job.id))
+                })?;
+                Ok(CreateOutcome::Exists(record))
+            }
+            Err(error) => Err(api_error(error)),
+        }
+    }
+
+    async fn get(&self, id: &JobId) -> Result<Option<JobRecord>, BackendError> {
+        if !self.is_ready() && self.cached(id).is_none() {
+            return Err(not_ready());
+        }
+        Ok(self.fetch(id).await?.and_then(|job| self.record(&job)))
+    }
+
+    async fn list(&self) -> Result<Vec<JobRecord>, BackendError> {
+        if !self.health.jobs_synced.load(Ordering::Relaxed) || !self.health.pods_synced.load(Ordering::Relaxed) {
+            return Err(not_ready());
+        }
+        let mut pods_by_job: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+        for pod in self.pods.state() {
+            if let Some(id) = pod.labels().get(JOB_ID_LABEL) {
+                pods_by_job.entry(id.clone()).or_default().push(pod.clone());
+            }
+        }
+        Ok(self
+            .jobs
+            .state()
+            .iter()
+            .filter_map(|job| {
+                let pods = pods_by_job.get(&job.name_any()).map(Vec::as_slice).unwrap_or_default();
+                let pods: Vec<&Pod> = pods.iter().map(Arc::as_ref).collect();
+                status::job_record(job, &pods)
+            })
+            .collect())
+    }
+
+    async fn cancel(&self, id: &JobId) -> Result<JobRecord, BackendError> {
+        let job = self.fetch(id).await?.ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+        let record = self.record(&job).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+        if record.status.phase == crate::jobs::JobPhase::Cancelled {
+            return Ok(record);
+        }
+        if record.status.phase.is_terminal() {
+            return Err(BackendError::AlreadyFinished(id.to_string()));
+        }
+        // A one-second deadline makes the Job controller terminate the pods and mark the Job
+        // failed, which starts its TTL; the annotation says the failure was a cancellation.
+        let patch = serde_json::json!({
+            "metadata": { "annotations": {
+                CANCELLED_AT_ANNOTATION: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            }},
+            "spec": { "activeDeadlineSeconds": 1 },
+        });
+        let patched = self.job_api().patch(id.as_str(), &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(
+            |e| match e {
+                kube::Error::Api(s) if s.is_not_found() => BackendError::NotFound(id.to_string()),
+                other => api_error(other),
+            },
+        )?;
+        tracing::info!(job_id = %id, "cancelled Kubernetes Job");
+        self.record(&patched).ok_or_else(|| BackendError::NotFound(id.to_string()))
+    }
+
+    async fn logs(&self, id: &JobId, options: LogOptions) -> Result<LogStream, BackendError> {
+        let mut pod = self.latest_pod(id);
+        if options.follow {
+            // Wait for the agent to start (or the job to end) before following its output.
+            while !pod.as_deref().is_some_and(has_started) {
+                let finished = self.get(id).await?.is_none_or(|r| r.status.phase.is_terminal());
+                if finished {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                pod = self.latest_pod(id);
+            }
+        }
+        let Some(pod) = pod.filter(|p| has_started(p)) else {
+            return Ok(futures::stream::empty().boxed());
+        };
+        let params = LogParams {
+            container: Some(AGENT_CONTAINER.into()),
+            follow: options.follow,
+            tail_lines: options.tail_lines.map(i64::from),
+            since_seconds: options.since_seconds.map(i64::from),
+            timestamps: options.timestamps,
+            ..Default::default()
+        };
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.template.namespace);
+        let reader = pods.log_stream(&pod.name_any(), &params).await.map_err(api_error)?;
+        Ok(tokio_util::io::ReaderStream::new(reader.compat()).boxed())
+    }
+
+    async fn events(&self, id: &JobId) -> Result<Vec<JobEvent>, BackendError> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &self.template.namespace);
+        let mut objects = vec![("Job".to_owned(), id.to_string())];
+        objects.extend(self.pods_of(id.as_str()).iter().map(|p| ("Pod".to_owned(), p.name_any())));
+        let mut events = Vec::new();
+        for (kind, name) in objects {
+            let params =
+                ListParams::default().fields(&format!("involvedObject.kind={kind},involvedObject.name={name}"));
+            let list = api.list(&params).await.map_err(api_error)?;
+            events.extend(list.items.iter().map(|e| to_job_event(e, &kind, &name)));
+        }
+        events.sort_by(|a, b| b.time.cmp(&a.time));
+        Ok(events)
+    }
+}
+
+fn has_started(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == AGENT_CONTAINER))
+        .and_then(|c| c.state.as_ref())
+        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+}
+
+fn to_job_event(event: &Event, kind: &str, name: &str) -> JobEvent {
+    let time = event
+        .last_timestamp
+        .as_ref()
+        .or(event.first_timestamp.as_ref())
+        .map(status::to_chrono)
+        .or_else(|| {
+            event.event_time.as_ref().map(|t| {
+                chrono::DateTime::from_timestamp(t.0.as_second(), t.0.subsec_nanosecond().max(0) as u32)
+                    .unwrap_or_default()
+            })
+        })
+        .or_else(|| event.metadata.creation_timestamp.as_ref().map(status::to_chrono))
+        .unwrap_or_default();
+    JobEvent {
+        time,
+        kind: event.type_.clone().unwrap_or_else(|| "Normal".into()),
+        reason: event.reason.clone().unwrap_or_default(),
+        message: event.message.clone().unwrap_or_default(),
+        object: format!("{kind}/{name}"),
+        count: event.count.unwrap_or(1).max(1) as u32,
+    }
+}

@@ -1,0 +1,315 @@
+//! A checker for the Pod Security Standards *restricted* profile (which includes baseline),
+//! following the upstream pod-security-admission checks, plus the OATS hardening the profile does
+//! not require (read-only root filesystem, no service-account token).
+//!
+//! It judges a pod template the way Pod Security Admission judges the pods a Job creates, so a
+//! template can be refused before a Job that could never start is created.
+
+use k8s_openapi::api::core::v1::{Container, PodTemplateSpec, SecurityContext};
+
+/// One control a pod template fails, named by the upstream check id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub control: &'static str,
+    pub detail: String,
+}
+
+const BASELINE_CAPABILITIES: &[&str] = &[
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+];
+const SAFE_SYSCTLS: &[&str] = &[
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+    "net.ipv4.tcp_rmem",
+    "net.ipv4.tcp_wmem",
+];
+const SELINUX_TYPES: &[&str] = &["", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"];
+
+/// Every restricted-profile control `template` fails; empty when it passes.
+pub fn check_restricted(template: &PodTemplateSpec) -> Vec<Violation> {
+    let mut v = Vec::new();
+    let mut fail = |control: &'static str, detail: String| v.push(Violation { control, detail });
+    let Some(spec) = &template.spec else {
+        fail("spec", "pod template has no spec".into());
+        return v;
+    };
+    let containers: Vec<&Container> = spec.containers.iter().chain(spec.init_containers.iter().flatten()).collect();
+    let ephemeral: Vec<(&str, Option<&SecurityContext>)> =
+        spec.ephemeral_containers.iter().flatten().map(|c| (c.name.as_str(), c.security_context.as_ref())).collect();
+    let all: Vec<(&str, Option<&SecurityContext>)> =
+        containers.iter().map(|c| (c.name.as_str(), c.security_context.as_ref())).chain(ephemeral).collect();
+    let psc = spec.security_context.as_ref();
+
+    // Baseline.
+    if spec.host_network == Some(true) || spec.host_pid == Some(true) || spec.host_ipc == Some(true) {
+        fail("hostNamespaces", "hostNetwork, hostPID and hostIPC must be unset or false".into());
+    }
+    for (name, sc) in &all {
+        let sc = sc.cloned().unwrap_or_default();
+        if sc.privileged == Some(true) {
+            fail("privileged", format!("container {name} is privileged"));
+        }
+        if let Some(add) = sc.capabilities.as_ref().and_then(|c| c.add.as_ref()) {
+            for cap in add {
+                if !BASELINE_CAPABILITIES.contains(&cap.as_str()) {
+                    fail("capabilities_baseline", format!("container {name} adds {cap}"));
+                }
+                if cap != "NET_BIND_SERVICE" {
+                    fail("capabilities_restricted", format!("container {name} adds {cap}"));
+                }
+            }
+        }
+        if sc.proc_mount.as_deref().is_some_and(|p| p != "Default") {
+            fail("procMount", format!("container {name} sets procMount"));
+        }
+        if sc.windows_options.as_ref().and_then(|w| w.host_process) == Some(true) {
+            fail("windowsHostProcess", format!("container {name} is a Windows host process"));
+        }
+        if let Some(se) = &sc.se_linux_options {
+            if !SELINUX_TYPES.contains(&se.type_.as_deref().unwrap_or("")) || se.user.is_some() || se.role.is_some() {
+                fail("seLinuxOptions", format!("container {name} sets forbidden SELinux options"));
+            }
+        }
+        if sc.app_armor_profile.as_ref().is_some_and(|p| p.type_ == "Unconfined") {
+            fail("appArmorProfile", format!("container {name} is AppArmor unconfined"));
+        }
+        match sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()) {
+            Some("RuntimeDefault" | "Localhost") => {}
+            Some(other) => fail("seccompProfile_restricted", format!("container {name} uses seccomp {other}")),
+            None if psc.and_then(|p| p.seccomp_profile.as_ref()).is_none() => {
+                fail("seccompProfile_restricted", format!("container {name} has no seccomp profile"))
+            }
+            None => {}
+        }
+        // Restricted.
+        if sc.allow_privilege_escalation != Some(false) {
+            fail("allowPrivilegeEscalation", format!("container {name} must set allowPrivilegeEscalation=false"));
+        }
+        if !sc.capabilities.as_ref().and_then(|c| c.drop.as_ref()).is_some_and(|d| d.iter().any(|c| c == "ALL")) {
+            fail("capabilities_restricted", format!("container {name} must drop ALL capabilities"));
+        }
+        if sc.run_as_non_root == Some(false)
+            || (sc.run_as_non_root.is_none() && psc.and_then(|p| p.run_as_non_root) != Some(true))
+        {
+            fail("runAsNonRoot", format!("container {name} may run as root"));
+        }
+        if sc.run_as_user == Some(0) {
+            fail("runAsUser", format!("container {name} runs as uid 0"));
+        }
+    }
+    for c in &containers {
+        for port in c.ports.iter().flatten() {
+            if port.host_port.is_some_and(|p| p != 0) {
+                fail("hostPorts", format!("container {} uses a host port", c.name));
+            }
+        }
+        let probes = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
+        let probe_hosts = probes.into_iter().flatten().flat_map(|p| {
+            [p.http_get.as_ref().and_then(|h| h.host.clone()), p.tcp_socket.as_ref().and_then(|t| t.host.clone())]
+        });
+        let lifecycle_hosts = c.lifecycle.iter().flat_map(|l| [&l.post_start, &l.pre_stop]).flatten().flat_map(|h| {
+            [h.http_get.as_ref().and_then(|g| g.host.clone()), h.tcp_socket.as_ref().and_then(|t| t.host.clone())]
+        });
+        if probe_hosts.chain(lifecycle_hosts).flatten().any(|h| !h.is_empty()) {
+            fail("hostProbesAndHostLifecycle", format!("container {} probes or hooks a host", c.name));
+        }
+    }
+    if let Some(psc) = psc {
+        if psc.run_as_user == Some(0) {
+            fail("runAsUser", "pod runs as uid 0".into());
+        }
+        match psc.seccomp_profile.as_ref().map(|p| p.type_.as_str()) {
+            Some("RuntimeDefault" | "Localhost") | None => {}
+            Some(other) => fail("seccompProfile_restricted", format!("pod uses seccomp {other}")),
+        }
+        for sysctl in psc.sysctls.iter().flatten() {
+            if !SAFE_SYSCTLS.contains(&sysctl.name.as_str()) {
+                fail("sysctls", format!("pod sets unsafe sysctl {}", sysctl.name));
+            }
+        }
+        if psc.se_linux_options.as_ref().is_some_and(|se| {
+            !SELINUX_TYPES.contains(&se.type_.as_deref().unwrap_or("")) || se.user.is_some() || se.role.is_some()
+        }) {
+            fail("seLinuxOptions", "pod sets forbidden SELinux options".into());
+        }
+        if psc.app_armor_profile.as_ref().is_some_and(|p| p.type_ == "Unconfined") {
+            fail("appArmorProfile", "pod is AppArmor unconfined".into());
+        }
+    }
+    let annotations = template.metadata.as_ref().and_then(|m| m.annotations.as_ref());
+    for (key, value) in annotations.into_iter().flatten() {
+        if key.starts_with("container.apparmor.security.beta.kubernetes.io/")
+            && !(value.is_empty() || value == "runtime/default" || value.starts_with("localhost/"))
+        {
+            fail("appArmorProfile", format!("annotation {key}={value}"));
+        }
+    }
+    for volume in spec.volumes.iter().flatten() {
+        if volume.host_path.is_some() {
+            fail("hostPathVolumes", format!("volume {} is a hostPath", volume.name));
+        }
+        let allowed = volume.config_map.is_some()
+            || volume.downward_api.is_some()
+            || volume.empty_dir.is_some()
+            || volume.projected.is_some()
+            || volume.secret.is_some()
+            || volume.csi.is_some()
+            || volume.persistent_volume_claim.is_some()
+            || volume.ephemeral.is_some()
+            || volume.image.is_some();
+        if !allowed {
+            fail("restrictedVolumes", format!("volume {} has a type the restricted profile forbids", volume.name));
+        }
+    }
+    v
+}
+
+/// OATS hardening beyond the profile: read-only roots and no API token in agent pods.
+pub fn check_hardening(template: &PodTemplateSpec) -> Vec<Violation> {
+    let mut v = Vec::new();
+    let Some(spec) = &template.spec else { return v };
+    if spec.automount_service_account_token != Some(false) {
+        v.push(Violation { control: "automountServiceAccountToken", detail: "must be false".into() });
+    }
+    for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+        if c.security_context.as_ref().and_then(|s| s.read_only_root_filesystem) != Some(true) {
+            v.push(Violation {
+                control: "readOnlyRootFilesystem",
+                detail: format!("container {} has a writable root filesystem", c.name),
+            });
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        backend::kubernetes::render::{AgentTemplate, render_job},
+        config::Config,
+        jobs::{JobId, JobLimits, JobRequest, NewJob},
+    };
+    use k8s_openapi::api::core::v1::{
+        Capabilities, ContainerPort, HostPathVolumeSource, PodSecurityContext, SeccompProfile, Sysctl, Volume,
+    };
+
+    fn template() -> PodTemplateSpec {
+        let spec = JobRequest { goal: "g".into(), max_turns: 1, ..Default::default() }
+            .validate(&JobLimits::default())
+            .unwrap();
+        let job = NewJob {
+            id: JobId::random(),
+            tenant: "t".into(),
+            spec,
+            created_at: chrono::Utc::now(),
+            request_hash: String::new(),
+        };
+        render_job(&job, &AgentTemplate::from_config(&Config::default(), "ns")).spec.unwrap().template
+    }
+
+    fn controls_after(change: impl FnOnce(&mut PodTemplateSpec)) -> Vec<&'static str> {
+        let mut t = template();
+        change(&mut t);
+        let mut controls: Vec<_> = check_restricted(&t).into_iter().map(|v| v.control).collect();
+        controls.dedup();
+        controls
+    }
+
+    fn container(t: &mut PodTemplateSpec) -> &mut SecurityContext {
+        t.spec.as_mut().unwrap().containers[0].security_context.get_or_insert_default()
+    }
+
+    #[test]
+    fn the_rendered_template_passes_everything() {
+        assert!(check_restricted(&template()).is_empty());
+        assert!(check_hardening(&template()).is_empty());
+    }
+
+    #[test]
+    fn each_control_catches_its_violation() {
+        let cases: Vec<(&str, Box<dyn FnOnce(&mut PodTemplateSpec)>)> = vec![
+            ("hostNamespaces", Box::new(|t| t.spec.as_mut().unwrap().host_pid = Some(true))),
+            ("privileged", Box::new(|t| container(t).privileged = Some(true))),
+            ("allowPrivilegeEscalation", Box::new(|t| container(t).allow_privilege_escalation = None)),
+            (
+                "capabilities_restricted",
+                Box::new(|t| container(t).capabilities = Some(Capabilities { add: None, drop: None })),
+            ),
+            ("runAsNonRoot", Box::new(|t| container(t).run_as_non_root = Some(false))),
+            ("runAsUser", Box::new(|t| container(t).run_as_user = Some(0))),
+            ("procMount", Box::new(|t| container(t).proc_mount = Some("Unmasked".into()))),
+            (
+                "seccompProfile_restricted",
+                Box::new(|t| {
+                    container(t).seccomp_profile =
+                        Some(SeccompProfile { type_: "Unconfined".into(), localhost_profile: None })
+                }),
+            ),
+            (
+                "hostPorts",
+                Box::new(|t| {
+                    t.spec.as_mut().unwrap().containers[0].ports =
+                        Some(vec![ContainerPort { container_port: 80, host_port: Some(80), ..Default::default() }])
+                }),
+            ),
+            (
+                "sysctls",
+                Box::new(|t| {
+                    t.spec.as_mut().unwrap().security_context.get_or_insert_default().sysctls =
+                        Some(vec![Sysctl { name: "kernel.msgmax".into(), value: "1".into() }])
+                }),
+            ),
+        ];
+        for (control, change) in cases {
+            assert_eq!(controls_after(change), vec![control], "{control}");
+        }
+        let with_host_path = controls_after(|t| {
+            t.spec.as_mut().unwrap().volumes.get_or_insert_default().push(Volume {
+                name: "host".into(),
+                host_path: Some(HostPathVolumeSource { path: "/".into(), type_: None }),
+                ..Default::default()
+            })
+        });
+        assert_eq!(with_host_path, vec!["hostPathVolumes", "restrictedVolumes"]);
+        let adds_sys_admin = controls_after(|t| {
+            container(t).capabilities =
+                Some(Capabilities { add: Some(vec!["SYS_ADMIN".into()]), drop: Some(vec!["ALL".into()]) })
+        });
+        assert_eq!(adds_sys_admin, vec!["capabilities_baseline", "capabilities_restricted"]);
+        let pod_level_root = controls_after(|t| {
+            t.spec.as_mut().unwrap().security_context =
+                Some(PodSecurityContext { run_as_user: Some(0), ..Default::default() })
+        });
+        assert!(pod_level_root.contains(&"runAsUser") && pod_level_root.contains(&"runAsNonRoot"));
+    }
+
+    #[test]
+    fn hardening_catches_writable_roots_and_tokens() {
+        let mut t = template();
+        container(&mut t).read_only_root_filesystem = None;
+        t.spec.as_mut().unwrap().automount_service_account_token = None;
+        let controls: Vec<_> = check_hardening(&t).into_iter().map(|v| v.control).collect();
+        assert_eq!(controls, ["automountServiceAccountToken", "readOnlyRootFilesystem"]);
+    }
+}

@@ -1,0 +1,391 @@
+//! The one function that turns a job into a Kubernetes Job manifest.
+//!
+//! The template meets the Pod Security Standards *restricted* profile and more: read-only root,
+//! no service-account token, no service links, size-limited scratch space, and LLM credentials
+//! only as read-only files of the keys configured.
+
+use crate::{config::Config, jobs::NewJob};
+use k8s_openapi::{
+    api::{
+        batch::v1::{Job, JobSpec as K8sJobSpec},
+        core::v1::{
+            Capabilities, Container, EmptyDirVolumeSource, EnvVar, KeyToPath, PodSecurityContext, PodSpec,
+            PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
+            VolumeMount,
+        },
+    },
+    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
+};
+use std::collections::BTreeMap;
+
+/// Label every OATS Job and agent pod carries; the watch caches select on it.
+pub const APP_LABEL: (&str, &str) = ("app", "oats-agent");
+/// Label holding the job id, on the Job and its pods.
+pub const JOB_ID_LABEL: &str = "oats.dev/job-id";
+/// Label holding the owning tenant.
+pub const TENANT_LABEL: &str = "oats.dev/tenant";
+/// Precise creation time (RFC 3339, nanoseconds): orders listings where metadata has only seconds.
+pub const CREATED_AT_ANNOTATION: &str = "oats.dev/created-at";
+/// Fingerprint of the normalised request, compared on idempotent retries.
+pub const REQUEST_HASH_ANNOTATION: &str = "oats.dev/request-hash";
+/// Set when a user cancels the job.
+pub const CANCELLED_AT_ANNOTATION: &str = "oats.dev/cancelled-at";
+/// The agent container's name.
+pub const AGENT_CONTAINER: &str = "agent";
+/// Where the configured LLM credential keys appear as files.
+pub const LLM_CREDENTIALS_DIR: &str = "/var/run/secrets/oats/llm";
+
+/// Everything about the agent pod that comes from configuration rather than the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentTemplate {
+    pub namespace: String,
+    pub image: String,
+    pub image_pull_policy: String,
+    pub command: Vec<String>,
+    pub service_account: String,
+    pub uid: u32,
+    pub cpu_request: String,
+    pub cpu_limit: String,
+    pub memory_request: String,
+    pub memory_limit: String,
+    pub ephemeral_storage_request: String,
+    pub ephemeral_storage_limit: String,
+    pub tmp_size: String,
+    pub workspace_size: String,
+    pub ttl_seconds_after_finished: u32,
+    pub backoff_limit: u32,
+    pub llm_secret_name: Option<String>,
+    pub llm_secret_keys: Vec<String>,
+}
+
+impl AgentTemplate {
+    pub fn from_config(config: &Config, namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            image: config.agent_image.clone(),
+            image_pull_policy: config.agent_image_pull_policy.clone(),
+            command: config.agent_command.clone(),
+            service_account: config.agent_service_account.clone(),
+            uid: config.agent_uid,
+            cpu_request: config.agent_cpu_request.clone(),
+            cpu_limit: config.agent_cpu_limit.clone(),
+            memory_request: config.agent_memory_request.clone(),
+            memory_limit: config.agent_memory_limit.clone(),
+            ephemeral_storage_request: config.agent_ephemeral_storage_request.clone(),
+            ephemeral_storage_limit: config.agent_ephemeral_storage_limit.clone(),
+            tmp_size: config.agent_tmp_size.clone(),
+            workspace_size: config.agent_workspace_size.clone(),
+            ttl_seconds_after_finished: config.ttl_seconds_after_finished,
+            backoff_limit: config.backoff_limit,
+            llm_secret_name: config.llm_secret_name.clone(),
+            llm_secret_keys: config.llm_secret_keys.clone(),
+        }
+    }
+}
+
+/// Build the Job that runs `job`. Pure: the same input always gives the same manifest.
+pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
+    let id = job.id.to_string();
+    let quantity = |q: &str| Quantity(q.to_owned());
+
+    let mut pod_labels: BTreeMap<String, String> = job.spec.labels.clone();
+    pod_labels.insert(APP_LABEL.0.into(), APP_LABEL.1.into());
+    pod_labels.insert(JOB_ID_LABEL.into(), id.clone());
+    let mut job_labels = pod_labels.clone();
+    job_labels.insert(TENANT_LABEL.into(), job.tenant.clone());
+    job_labels.insert("app.kubernetes.io/managed-by".into(), "oats".into());
+
+    let annotations = BTreeMap::from([
+        (CREATED_AT_ANNOTATION.to_owned(), job.created_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)),
+        (REQUEST_HASH_ANNOTATION.to_owned(), job.request_hash.clone()),
+    ]);
+
+    let mut env: Vec<EnvVar> = job
+        .spec
+        .agent_env(&job.id, "/dev/termination-log", "/workspace")
+        .into_iter()
+        .map(|(name, value)| EnvVar { name, value: Some(value), value_from: None })
+        .collect();
+    env.extend([("HOME", "/workspace"), ("TMPDIR", "/tmp")].map(|(name, value)| EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }));
+
+    let mut volumes = vec![
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(quantity(&template.tmp_size)), medium: None }),
+            ..Default::default()
+        },
+        Volume {
+            name: "workspace".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(quantity(&template.workspace_size)),
+                medium: None,
+            }),
+            ..Default::default()
+        },
+    ];
+    let mut mounts = vec![
+        VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
+        VolumeMount { name: "workspace".into(), mount_path: "/workspace".into(), ..Default::default() },
+    ];
+    if let Some(secret) = &template.llm_secret_name {
+        volumes.push(Volume {
+            name: "llm-credentials".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                items: Some(
+                    template
+                        .llm_secret_keys
+                        .iter()
+                        .map(|key| KeyToPath { key: key.clone(), path: key.clone(), mode: None })
+                        .collect(),
+                ),
+                default_mode: Some(0o440),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "llm-credentials".into(),
+            mount_path: LLM_CREDENTIALS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        env.push(EnvVar {
+            name: "OATS_LLM_CREDENTIALS_DIR".into(),
+            value: Some(LLM_CREDENTIALS_DIR.into()),
+            value_from: None,
+        });
+    }
+
+    let uid = i64::from(template.uid);
+    let container = Container {
+        name: AGENT_CONTAINER.into(),
+        image: Some(template.image.clone()),
+        image_pull_policy: Some(template.image_pull_policy.clone()),
+        command: (!template.command.is_empty()).then(|| template.command.clone()),
+        env: Some(env),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), quantity(&template.cpu_request)),
+                ("memory".into(), quantity(&template.memory_request)),
+                ("ephemeral-storage".into(), quantity(&template.ephemeral_storage_request)),
+            ])),
+            limits: Some(BTreeMap::from([
+                ("cpu".into(), quantity(&template.cpu_limit)),
+                ("memory".into(), quantity(&template.memory_limit)),
+                ("ephemeral-storage".into(), quantity(&template.ephemeral_storage_limit)),
+            ])),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { add: None, drop: Some(vec!["ALL".into()]) }),
+            ..Default::default()
+        }),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    };
+
+    Job {
+        metadata: ObjectMeta {
+            name: Some(id),
+            namespace: Some(template.namespace.clone()),
+            labels: Some(job_labels),
+            annotations: Some(annotations),
+            ..Default::default()
+        },
+        spec: Some(K8sJobSpec {
+            backoff_limit: Some(template.backoff_limit as i32),
+            active_deadline_seconds: Some(i64::from(job.spec.timeout_seconds)),
+            ttl_seconds_after_finished: Some(template.ttl_seconds_after_finished as i32),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(pod_labels), ..Default::default() }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    service_account_name: Some(template.service_account.clone()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(uid),
+                        run_as_group: Some(uid),
+                        fs_group: Some(uid),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            localhost_profile: None,
+                        }),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        backend::kubernetes::pss,
+        jobs::{JobId, JobLimits, JobRequest},
+    };
+    use chrono::{TimeZone, Utc};
+
+    fn job() -> NewJob {
+        let spec = JobRequest {
+            goal: "Find the bug".into(),
+            max_turns: 7,
+            labels: [("team".to_string(), "ml".to_string())].into(),
+            timeout_seconds: Some(120),
+            model: Some("small-model".into()),
+        }
+        .validate(&JobLimits::default())
+        .unwrap();
+        NewJob {
+            id: JobId::parse("job-abcdefghijklmnopqrst").unwrap(),
+            tenant: "default".into(),
+            spec,
+            created_at: Utc.with_ymd_and_hms(2026, 11, 26, 10, 0, 0).unwrap(),
+            request_hash: "feedface".into(),
+        }
+    }
+
+    fn template() -> AgentTemplate {
+        let mut config = Config::default();
+        config.llm_secret_name = Some("llm-credentials".into());
+        config.llm_secret_keys = vec!["api-key".into()];
+        AgentTemplate::from_config(&config, "oats")
+    }
+
+    fn env_of(job: &Job) -> BTreeMap<String, String> {
+        let container = &job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+        container.env.as_ref().unwrap().iter().map(|e| (e.name.clone(), e.value.clone().unwrap())).collect()
+    }
+
+    #[test]
+    fn job_metadata_names_and_labels() {
+        let rendered = render_job(&job(), &template());
+        let meta = &rendered.metadata;
+        assert_eq!(meta.name.as_deref(), Some("job-abcdefghijklmnopqrst"));
+        assert_eq!(meta.namespace.as_deref(), Some("oats"));
+        let labels = meta.labels.as_ref().unwrap();
+        assert_eq!(labels["app"], "oats-agent");
+        assert_eq!(labels[JOB_ID_LABEL], "job-abcdefghijklmnopqrst");
+        assert_eq!(labels[TENANT_LABEL], "default");
+        assert_eq!(labels["team"], "ml");
+        let annotations = meta.annotations.as_ref().unwrap();
+        assert_eq!(annotations[CREATED_AT_ANNOTATION], "2026-11-26T10:00:00.000000000Z");
+        assert_eq!(annotations[REQUEST_HASH_ANNOTATION], "feedface");
+        let pod_labels = rendered.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        assert_eq!(pod_labels["app"], "oats-agent");
+        assert_eq!(pod_labels[JOB_ID_LABEL], "job-abcdefghijklmnopqrst");
+        assert_eq!(pod_labels["team"], "ml");
+    }
+
+    #[test]
+    fn job_spec_limits_runtime() {
+        let rendered = render_job(&job(), &template());
+        let spec = rendered.spec.as_ref().unwrap();
+        assert_eq!(spec.active_deadline_seconds, Some(120));
+        assert_eq!(spec.backoff_limit, Some(0));
+        assert_eq!(spec.ttl_seconds_after_finished, Some(86_400));
+        let pod = spec.template.spec.as_ref().unwrap();
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(pod.service_account_name.as_deref(), Some("oats-agent"));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.enable_service_links, Some(false));
+        assert_eq!(pod.containers.len(), 1);
+        let c = &pod.containers[0];
+        assert_eq!(c.name, "agent");
+        assert_eq!(c.image.as_deref(), Some("oats-agent:0.1.0"));
+        assert_eq!(c.termination_message_policy.as_deref(), Some("FallbackToLogsOnError"));
+        let resources = c.resources.as_ref().unwrap();
+        let requests = resources.requests.as_ref().unwrap();
+        let limits = resources.limits.as_ref().unwrap();
+        assert_eq!(requests["cpu"].0, "250m");
+        assert_eq!(requests["memory"].0, "256Mi");
+        assert_eq!(limits["memory"].0, "512Mi");
+        assert_eq!(limits["ephemeral-storage"].0, "1Gi");
+    }
+
+    #[test]
+    fn pod_and_container_security_context() {
+        let rendered = render_job(&job(), &template());
+        let pod = rendered.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.run_as_user, Some(65532));
+        assert_eq!(psc.run_as_group, Some(65532));
+        assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        let sc = pod.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.privileged, Some(false));
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert!(caps.add.is_none());
+        assert!(pod.host_network.is_none() && pod.host_pid.is_none() && pod.host_ipc.is_none());
+    }
+
+    #[test]
+    fn environment_contract() {
+        let env = env_of(&render_job(&job(), &template()));
+        assert_eq!(env["OATS_JOB_ID"], "job-abcdefghijklmnopqrst");
+        assert_eq!(env["OATS_GOAL"], "Find the bug");
+        assert_eq!(env["OATS_MAX_TURNS"], "7");
+        assert_eq!(env["OATS_TIMEOUT_SECONDS"], "120");
+        assert_eq!(env["OATS_MODEL"], "small-model");
+        assert_eq!(env["OATS_RESULT_FILE"], "/dev/termination-log");
+        assert_eq!(env["OATS_LLM_CREDENTIALS_DIR"], LLM_CREDENTIALS_DIR);
+    }
+
+    #[test]
+    fn scratch_space_is_size_limited_and_credentials_are_read_only_files() {
+        let rendered = render_job(&job(), &template());
+        let pod = rendered.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let volumes = pod.volumes.as_ref().unwrap();
+        for name in ["tmp", "workspace"] {
+            let v = volumes.iter().find(|v| v.name == name).unwrap();
+            assert!(v.empty_dir.as_ref().unwrap().size_limit.is_some(), "{name} has no size limit");
+        }
+        let secret = volumes.iter().find(|v| v.name == "llm-credentials").unwrap().secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("llm-credentials"));
+        let items = secret.items.as_ref().unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].key, "api-key");
+        let c = &pod.containers[0];
+        let mount = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "llm-credentials").unwrap();
+        assert_eq!(mount.read_only, Some(true));
+        assert!(mount.sub_path.is_none());
+        assert!(c.env_from.is_none());
+        assert!(c.env.as_ref().unwrap().iter().all(|e| e.value_from.is_none()));
+    }
+
+    #[test]
+    fn no_credentials_without_a_secret() {
+        let rendered = render_job(&job(), &AgentTemplate::from_config(&Config::default(), "oats"));
+        let pod = rendered.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert!(pod.volumes.as_ref().unwrap().iter().all(|v| v.secret.is_none()));
+        assert!(!env_of(&rendered).contains_key("OATS_LLM_CREDENTIALS_DIR"));
+    }
+
+    #[test]
+    fn rendered_template_meets_the_restricted_profile() {
+        let rendered = render_job(&job(), &template());
+        let pod = &rendered.spec.as_ref().unwrap().template;
+        assert_eq!(pss::check_restricted(pod), Vec::<pss::Violation>::new());
+    }
+}

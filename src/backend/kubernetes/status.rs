@@ -1,0 +1,463 @@
+//! Pure mapping from a Job and its Pods to a job record. No I/O, so a table of cases pins it.
+
+use super::render::{
+    AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, CREATED_AT_ANNOTATION, JOB_ID_LABEL, REQUEST_HASH_ANNOTATION,
+    TENANT_LABEL,
+};
+use crate::jobs::{
+    JobId, JobPhase, JobReason, JobRecord, JobSpec, JobStatus, Labels, RESERVED_LABEL_PREFIX, truncate_result,
+};
+use chrono::{DateTime, Utc};
+use k8s_openapi::{
+    api::{
+        batch::v1::Job,
+        core::v1::{ContainerStatus, Pod},
+    },
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+
+/// Convert a Kubernetes timestamp.
+pub fn to_chrono(time: &Time) -> DateTime<Utc> {
+    DateTime::from_timestamp(time.0.as_second(), time.0.subsec_nanosecond().max(0) as u32).unwrap_or_default()
+}
+
+/// The record of `job`, given its pods (any order). `None` for a Job OATS did not create.
+pub fn job_record(job: &Job, pods: &[&Pod]) -> Option<JobRecord> {
+    let meta = &job.metadata;
+    let labels = meta.labels.as_ref()?;
+    let id = JobId::parse(labels.get(JOB_ID_LABEL)?).ok()?;
+    let tenant = labels.get(TENANT_LABEL)?.clone();
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    let spec = job.spec.as_ref()?;
+    let container = spec.template.spec.as_ref()?.containers.iter().find(|c| c.name == AGENT_CONTAINER)?;
+    let env = |name: &str| container.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone());
+    let user_labels: Labels = labels
+        .iter()
+        .filter(|(k, _)| {
+            k.as_str() != "app" && !k.starts_with(RESERVED_LABEL_PREFIX) && !k.starts_with("app.kubernetes.io/")
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let job_spec = JobSpec {
+        goal: env("OATS_GOAL").unwrap_or_default(),
+        max_turns: env("OATS_MAX_TURNS").and_then(|v| v.parse().ok()).unwrap_or(0),
+        labels: user_labels,
+        timeout_seconds: env("OATS_TIMEOUT_SECONDS").and_then(|v| v.parse().ok()).unwrap_or(0),
+        model: env("OATS_MODEL"),
+    };
+    let created_at = annotations
+        .get(CREATED_AT_ANNOTATION)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|| meta.creation_timestamp.as_ref().map(to_chrono))
+        .unwrap_or_default();
+
+    let mut pods: Vec<&Pod> = pods.to_vec();
+    pods.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(to_chrono));
+    let observed = observe(job, &pods, annotations.get(CANCELLED_AT_ANNOTATION));
+
+    Some(JobRecord {
+        id,
+        tenant,
+        spec: job_spec,
+        status: observed.status,
+        created_at,
+        started_at: observed.started_at,
+        finished_at: observed.finished_at,
+        attempts: observed.attempts,
+        result: observed.result,
+        request_hash: annotations.get(REQUEST_HASH_ANNOTATION).cloned().unwrap_or_default(),
+    })
+}
+
+struct Observed {
+    status: JobStatus,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    attempts: u32,
+    result: Option<String>,
+}
+
+fn agent_status(pod: &Pod) -> Option<&ContainerStatus> {
+    pod.status.as_ref()?.container_statuses.as_ref()?.iter().find(|c| c.name == AGENT_CONTAINER)
+}
+
+/// When the agent container first started, across attempts.
+fn agent_started_at(pods: &[&Pod]) -> Option<DateTime<Utc>> {
+    pods.iter()
+        .filter_map(|p| {
+            let state = agent_status(p)?.state.as_ref()?;
+            let started = state
+                .running
+                .as_ref()
+                .and_then(|r| r.started_at.as_ref())
+                .or_else(|| state.terminated.as_ref().and_then(|t| t.started_at.as_ref()))?;
+            Some(to_chrono(started))
+        })
+        .min()
+}
+
+fn observe(job: &Job, pods: &[&Pod], cancelled_at: Option<&String>) -> Observed {
+    let status = job.status.clone().unwrap_or_default();
+    let condition = |kind: &str| status.conditions.iter().flatten().find(|c| c.type_ == kind && c.status == "True");
+    let attempts =
+        (status.active.unwrap_or(0) + status.succeeded.unwrap_or(0) + status.failed.unwrap_or(0)).max(0) as u32;
+    let started_at = agent_started_at(pods);
+    let latest = pods.last().copied();
+    let latest_terminated = latest.and_then(agent_status).and_then(|c| c.state.as_ref()?.terminated.clone());
+    let message_of = |text: Option<&String>| text.map(|m| truncate_result(m.trim_end().to_owned()));
+
+    if let Some(done) = condition("Complete").or_else(|| condition("SuccessCriteriaMet")) {
+        let result = latest_terminated.as_ref().and_then(|t| message_of(t.message.as_ref()));
+        return Observed {
+            status: JobStatus::new(JobPhase::Succeeded),
+            started_at,
+            finished_at: status.completion_time.as_ref().or(done.last_transition_time.as_ref()).map(to_chrono),
+            attempts,
+            result,
+        };
+    }
+    let failed = condition("Failed").or_else(|| condition("FailureTarget"));
+    if let Some(at) = cancelled_at {
+        let cancelled = DateTime::parse_from_rfc3339(at).ok().map(|t| t.with_timezone(&Utc));
+        return Observed {
+            status: JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request"),
+            started_at,
+            finished_at: cancelled.or_else(|| failed.and_then(|c| c.last_transition_time.as_ref()).map(to_chrono)),
+            attempts,
+            result: None,
+        };
+    }
+    if let Some(failed) = failed {
+        let finished_at = failed.last_transition_time.as_ref().map(to_chrono);
+        let pod_reason = latest.and_then(|p| p.status.as_ref()?.reason.clone());
+        let status = match failed.reason.as_deref() {
+            Some("DeadlineExceeded") => JobStatus::with_reason(
+                JobPhase::Failed,
+                JobReason::DeadlineExceeded,
+                format!("the job ran longer than its timeout of {}s", job_timeout(job)),
+            ),
+            _ if pod_reason.as_deref() == Some("Evicted") => {
+                JobStatus::with_reason(JobPhase::Failed, JobReason::Evicted, "the node evicted the agent pod")
+            }
+            _ => match &latest_terminated {
+                Some(t) if t.reason.as_deref() == Some("OOMKilled") => JobStatus::with_reason(
+                    JobPhase::Failed,
+                    JobReason::OOMKilled,
+                    "the agent was killed for exceeding its memory limit",
+                ),
+                Some(t) if attempts > 1 => JobStatus::with_reason(
+                    JobPhase::Failed,
+                    JobReason::BackoffLimitExceeded,
+                    format!("the agent failed {attempts} times; last exit code {}", t.exit_code),
+                ),
+                Some(t) => JobStatus::with_reason(
+                    JobPhase::Failed,
+                    JobReason::AgentError,
+                    format!("the agent exited with code {}", t.exit_code),
+                ),
+                None => JobStatus::with_reason(
+                    JobPhase::Failed,
+                    JobReason::BackoffLimitExceeded,
+                    failed.message.clone().unwrap_or_else(|| "the job failed".into()),
+                ),
+            },
+        };
+        return Observed { status, started_at, finished_at, attempts, result: None };
+    }
+    Observed { status: active_status(latest), started_at, finished_at: None, attempts, result: None }
+}
+
+fn job_timeout(job: &Job) -> String {
+    job.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.iter().find(|c| c.name == AGENT_CONTAINER))
+        .and_then(|c| c.env.iter().flatten().find(|e| e.name == "OATS_TIMEOUT_SECONDS"))
+        .and_then(|e| e.value.clone())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// A job that has not finished: pending (with why, when Kubernetes says) or running.
+fn active_status(latest: Option<&Pod>) -> JobStatus {
+    let Some(pod) = latest else { return JobStatus::new(JobPhase::Pending) };
+    let pod_status = pod.status.clone().unwrap_or_default();
+    if let Some(waiting) = agent_status(pod).and_then(|c| c.state.as_ref()?.waiting.clone()) {
+        let message = waiting.message.clone().unwrap_or_default();
+        let reason = match waiting.reason.as_deref() {
+            Some("ImagePullBackOff" | "ErrImagePull" | "InvalidImageName" | "ErrImageNeverPull") => {
+                Some(JobReason::ImagePullFailed)
+            }
+            Some("CrashLoopBackOff") => Some(JobReason::CrashLoop),
+            Some("CreateContainerConfigError" | "CreateContainerError" | "RunContainerError") => {
+                Some(JobReason::StartFailed)
+            }
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            let detail = waiting.reason.unwrap_or_default();
+            let message = if message.is_empty() { detail } else { format!("{detail}: {message}") };
+            return JobStatus::with_reason(JobPhase::Pending, reason, message);
+        }
+        return JobStatus::new(JobPhase::Pending);
+    }
+    if let Some(unschedulable) = pod_status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+    {
+        return JobStatus::with_reason(
+            JobPhase::Pending,
+            JobReason::Unschedulable,
+            unschedulable.message.clone().unwrap_or_else(|| "no node can run the agent yet".into()),
+        );
+    }
+    match pod_status.phase.as_deref() {
+        Some("Running" | "Succeeded" | "Failed") => JobStatus::new(JobPhase::Running),
+        _ => JobStatus::new(JobPhase::Pending),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        backend::kubernetes::render::{AgentTemplate, render_job},
+        config::Config,
+        jobs::{JobLimits, JobRequest, NewJob},
+    };
+    use k8s_openapi::api::{
+        batch::v1::{JobCondition, JobStatus as K8sJobStatus},
+        core::v1::{
+            ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, PodCondition,
+            PodStatus,
+        },
+    };
+
+    fn time(second: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + second).unwrap())
+    }
+
+    fn job(conditions: &[(&str, &str)], counts: (i32, i32, i32)) -> Job {
+        let spec = JobRequest { goal: "do it".into(), max_turns: 3, timeout_seconds: Some(60), ..Default::default() }
+            .validate(&JobLimits::default())
+            .unwrap();
+        let new = NewJob {
+            id: JobId::parse("job-aaaaaaaaaaaaaaaaaaaa").unwrap(),
+            tenant: "default".into(),
+            spec,
+            created_at: Utc::now(),
+            request_hash: "h".into(),
+        };
+        let mut job = render_job(&new, &AgentTemplate::from_config(&Config::default(), "ns"));
+        job.status = Some(K8sJobStatus {
+            active: Some(counts.0),
+            succeeded: Some(counts.1),
+            failed: Some(counts.2),
+            conditions: Some(
+                conditions
+                    .iter()
+                    .map(|(kind, reason)| JobCondition {
+                        type_: kind.to_string(),
+                        status: "True".into(),
+                        reason: Some(reason.to_string()),
+                        last_transition_time: Some(time(100)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        });
+        job
+    }
+
+    fn pod(phase: &str, state: ContainerState) -> Pod {
+        Pod {
+            metadata: Default::default(),
+            spec: None,
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "agent".into(),
+                    state: Some(state),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn waiting(reason: &str) -> ContainerState {
+        ContainerState {
+            waiting: Some(ContainerStateWaiting { reason: Some(reason.into()), message: Some("detail".into()) }),
+            ..Default::default()
+        }
+    }
+
+    fn running() -> ContainerState {
+        ContainerState { running: Some(ContainerStateRunning { started_at: Some(time(5)) }), ..Default::default() }
+    }
+
+    fn terminated(code: i32, reason: &str, message: Option<&str>) -> ContainerState {
+        ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code: code,
+                reason: Some(reason.into()),
+                message: message.map(String::from),
+                started_at: Some(time(5)),
+                finished_at: Some(time(50)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn unschedulable() -> Pod {
+        let mut p = pod("Pending", ContainerState::default());
+        p.status.as_mut().unwrap().container_statuses = None;
+        p.status.as_mut().unwrap().conditions = Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some("Unschedulable".into()),
+            message: Some("0/1 nodes are available".into()),
+            ..Default::default()
+        }]);
+        p
+    }
+
+    fn evicted() -> Pod {
+        let mut p = pod("Failed", terminated(137, "Error", None));
+        p.status.as_mut().unwrap().reason = Some("Evicted".into());
+        p
+    }
+
+    #[test]
+    fn status_and_reason_table() {
+        use JobPhase::*;
+        use JobReason::*;
+        let cases: Vec<(&str, Job, Vec<Pod>, JobPhase, Option<JobReason>)> = vec![
+            ("no pod yet", job(&[], (0, 0, 0)), vec![], Pending, None),
+            ("pod scheduling", job(&[], (1, 0, 0)), vec![pod("Pending", waiting("ContainerCreating"))], Pending, None),
+            ("unschedulable", job(&[], (1, 0, 0)), vec![unschedulable()], Pending, Some(Unschedulable)),
+            (
+                "image pull back-off",
+                job(&[], (1, 0, 0)),
+                vec![pod("Pending", waiting("ImagePullBackOff"))],
+                Pending,
+                Some(ImagePullFailed),
+            ),
+            (
+                "err image pull",
+                job(&[], (1, 0, 0)),
+                vec![pod("Pending", waiting("ErrImagePull"))],
+                Pending,
+                Some(ImagePullFailed),
+            ),
+            (
+                "crash loop",
+                job(&[], (1, 0, 0)),
+                vec![pod("Running", waiting("CrashLoopBackOff"))],
+                Pending,
+                Some(CrashLoop),
+            ),
+            (
+                "bad config",
+                job(&[], (1, 0, 0)),
+                vec![pod("Pending", waiting("CreateContainerConfigError"))],
+                Pending,
+                Some(StartFailed),
+            ),
+            ("running", job(&[], (1, 0, 0)), vec![pod("Running", running())], Running, None),
+            (
+                "complete",
+                job(&[("Complete", "")], (0, 1, 0)),
+                vec![pod("Succeeded", terminated(0, "Completed", Some("42")))],
+                Succeeded,
+                None,
+            ),
+            (
+                "success criteria met",
+                job(&[("SuccessCriteriaMet", "CompletionsReached")], (0, 1, 0)),
+                vec![pod("Succeeded", terminated(0, "Completed", None))],
+                Succeeded,
+                None,
+            ),
+            ("deadline", job(&[("Failed", "DeadlineExceeded")], (0, 0, 1)), vec![], Failed, Some(DeadlineExceeded)),
+            (
+                "failure target deadline",
+                job(&[("FailureTarget", "DeadlineExceeded")], (1, 0, 0)),
+                vec![pod("Running", running())],
+                Failed,
+                Some(DeadlineExceeded),
+            ),
+            (
+                "agent error",
+                job(&[("Failed", "BackoffLimitExceeded")], (0, 0, 1)),
+                vec![pod("Failed", terminated(3, "Error", None))],
+                Failed,
+                Some(AgentError),
+            ),
+            (
+                "retries exhausted",
+                job(&[("Failed", "BackoffLimitExceeded")], (0, 0, 3)),
+                vec![pod("Failed", terminated(3, "Error", None))],
+                Failed,
+                Some(BackoffLimitExceeded),
+            ),
+            (
+                "oom",
+                job(&[("Failed", "BackoffLimitExceeded")], (0, 0, 1)),
+                vec![pod("Failed", terminated(137, "OOMKilled", None))],
+                Failed,
+                Some(OOMKilled),
+            ),
+            ("evicted", job(&[("Failed", "BackoffLimitExceeded")], (0, 0, 1)), vec![evicted()], Failed, Some(Evicted)),
+        ];
+        for (name, job, pods, phase, reason) in cases {
+            let pods: Vec<&Pod> = pods.iter().collect();
+            let record = job_record(&job, &pods).unwrap();
+            assert_eq!((record.status.phase, record.status.reason), (phase, reason), "{name}");
+            if reason.is_some() {
+                assert!(record.status.message.is_some(), "{name} has no message");
+            }
+        }
+    }
+
+    #[test]
+    fn cancelled_jobs_report_cancelled_until_their_ttl() {
+        let mut j = job(&[("Failed", "DeadlineExceeded")], (0, 0, 1));
+        j.metadata.annotations.as_mut().unwrap().insert(CANCELLED_AT_ANNOTATION.into(), "2027-01-15T08:00:00Z".into());
+        let record = job_record(&j, &[]).unwrap();
+        assert_eq!(record.status.phase, JobPhase::Cancelled);
+        assert_eq!(record.status.reason, Some(JobReason::Cancelled));
+        assert!(record.finished_at.is_some());
+        // Cancelled while still running: already reported cancelled.
+        let mut running_job = job(&[], (1, 0, 0));
+        running_job.metadata.annotations.as_mut().unwrap().insert(CANCELLED_AT_ANNOTATION.into(), "x".into());
+        assert_eq!(job_record(&running_job, &[]).unwrap().status.phase, JobPhase::Cancelled);
+    }
+
+    #[test]
+    fn record_carries_spec_result_times_and_attempts() {
+        let j = job(&[("Complete", "")], (0, 1, 0));
+        let p = pod("Succeeded", terminated(0, "Completed", Some("the answer\n")));
+        let record = job_record(&j, &[&p]).unwrap();
+        assert_eq!(record.spec.goal, "do it");
+        assert_eq!(record.spec.max_turns, 3);
+        assert_eq!(record.spec.timeout_seconds, 60);
+        assert_eq!(record.result.as_deref(), Some("the answer"));
+        assert_eq!(record.started_at, Some(to_chrono(&time(5))));
+        assert_eq!(record.finished_at, Some(to_chrono(&time(100))));
+        assert_eq!(record.attempts, 1);
+        assert_eq!(record.request_hash, "h");
+        assert!(record.spec.labels.is_empty());
+    }
+
+    #[test]
+    fn foreign_jobs_are_ignored() {
+        let mut j = job(&[], (0, 0, 0));
+        j.metadata.labels = None;
+        assert!(job_record(&j, &[]).is_none());
+    }
+}

@@ -1,0 +1,295 @@
+//! The local backend: each job's agent is a child process on this machine.
+//!
+//! Every job has a directory under `<state_dir>/jobs/<id>/` holding its record (`record.json`,
+//! written atomically on every change), its output (`output.log`, one timestamped line per agent
+//! line), the result file and the agent's working directory. Records survive restarts; a job that
+//! was running when the server stopped is reported failed with `ServerRestarted`.
+
+mod logs;
+mod process;
+
+use super::{BackendError, JobBackend};
+use crate::jobs::{
+    CreateOutcome, JobEvent, JobId, JobPhase, JobReason, JobRecord, JobStatus, LogOptions, LogStream, NewJob,
+};
+use async_trait::async_trait;
+use chrono::Utc;
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+use tokio::sync::{Notify, Semaphore};
+
+/// Settings of the local backend.
+#[derive(Debug, Clone)]
+pub struct LocalSettings {
+    pub state_dir: PathBuf,
+    pub concurrency: usize,
+    /// Program and arguments of the agent.
+    pub command: Vec<String>,
+    /// Variables passed through from the server's environment.
+    pub env_allowlist: Vec<String>,
+}
+
+/// What is persisted per job.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct StoredJob {
+    record: JobRecord,
+    events: Vec<JobEvent>,
+    /// Process group of the running agent, to clean up after a crash of the server.
+    pgid: Option<i32>,
+}
+
+struct Entry {
+    stored: StoredJob,
+    cancel: Arc<Notify>,
+}
+
+/// Jobs as local child processes.
+pub struct LocalBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: LocalSettings,
+    jobs: Mutex<HashMap<JobId, Entry>>,
+    slots: Semaphore,
+    write_lock: tokio::sync::Mutex<()>,
+}
+
+impl LocalBackend {
+    /// Load every stored job, settle those the last server left running, queue those it left
+    /// pending, and start serving.
+    pub async fn start(settings: LocalSettings) -> Result<Self, BackendError> {
+        let jobs_dir = settings.state_dir.join("jobs");
+        tokio::fs::create_dir_all(&jobs_dir)
+            .await
+            .map_err(|e| BackendError::Internal(format!("cannot create {}: {e}", jobs_dir.display())))?;
+        let inner = Arc::new(Inner {
+            slots: Semaphore::new(settings.concurrency),
+            settings,
+            jobs: Mutex::new(HashMap::new()),
+            write_lock: tokio::sync::Mutex::new(()),
+        });
+        let mut pending = Vec::new();
+        let mut interrupted = Vec::new();
+        let mut dir = tokio::fs::read_dir(&jobs_dir)
+            .await
+            .map_err(|e| BackendError::Internal(format!("cannot read {}: {e}", jobs_dir.display())))?;
+        while let Ok(Some(entry)) = dir.next_entry().await {
+            let path = entry.path().join("record.json");
+            let Ok(text) = tokio::fs::read(&path).await else { continue };
+            let mut stored: StoredJob = match serde_json::from_slice(&text) {
+                Ok(stored) => stored,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "skipping unreadable job record");
+                    continue;
+                }
+            };
+            match stored.record.status.phase {
+                JobPhase::Running => {
+                    if let Some(pgid) = stored.pgid.take() {
+                        process::kill_orphan(pgid, &stored.record.id);
+                    }
+                    let now = Utc::now();
+                    stored.record.status = JobStatus::with_reason(
+                        JobPhase::Failed,
+                        JobReason::ServerRestarted,
+                        "the server stopped while the agent was running",
+                    );
+                    stored.record.finished_at = Some(now);
+                    stored.events.push(event("Warning", "ServerRestarted", "the server restarted; the run was lost"));
+                    interrupted.push(stored.record.id.clone());
+                }
+                JobPhase::Pending => pending.push((stored.record.created_at, stored.record.id.clone())),
+                _ => {}
+            }
+            let id = stored.record.id.clone();
+            inner.jobs.lock().unwrap().insert(id, Entry { stored, cancel: Arc::new(Notify::new()) });
+        }
+        for id in &interrupted {
+            inner.save(id).await?;
+        }
+        pending.sort();
+        let count = inner.jobs.lock().unwrap().len();
+        tracing::info!(
+            jobs = count,
+            requeued = pending.len(),
+            interrupted = interrupted.len(),
+            "local job store loaded"
+        );
+        for (_, id) in pending {
+            tokio::spawn(inner.clone().run(id));
+        }
+        Ok(Self { inner })
+    }
+}
+
+impl Inner {
+    fn job_dir(&self, id: &JobId) -> PathBuf {
+        self.settings.state_dir.join("jobs").join(id.as_str())
+    }
+
+    fn snapshot(&self, id: &JobId) -> Option<StoredJob> {
+        self.jobs.lock().unwrap().get(id).map(|e| e.stored.clone())
+    }
+
+    fn update(&self, id: &JobId, change: impl FnOnce(&mut StoredJob)) {
+        if let Some(entry) = self.jobs.lock().unwrap().get_mut(id) {
+            change(&mut entry.stored);
+        }
+    }
+
+    /// Write the job's current state; the snapshot is taken under the write lock, so the last
+    /// write always holds the latest state.
+    async fn save(&self, id: &JobId) -> Result<(), BackendError> {
+        let _guard = self.write_lock.lock().await;
+        let Some(stored) = self.snapshot(id) else { return Ok(()) };
+        let dir = self.job_dir(id);
+        write_atomically(&dir, "record.json", &serde_json::to_vec_pretty(&stored).expect("records serialise"))
+            .await
+            .map_err(|e| BackendError::Internal(format!("cannot persist job {id}: {e}")))
+    }
+
+    /// Wait for a slot, run the agent, record the outcome.
+    async fn run(self: Arc<Self>, id: JobId) {
+        let Ok(_permit) = self.slots.acquire().await else { return };
+        let Some(stored) = self.snapshot(&id) else { return };
+        if stored.record.status.phase != JobPhase::Pending {
+            return; // cancelled while waiting
+        }
+        let cancel = self.jobs.lock().unwrap().get(&id).map(|e| e.cancel.clone());
+        let Some(cancel) = cancel else { return };
+        let dir = self.job_dir(&id);
+        let outcome = match process::spawn_agent(&self.settings, &dir, &stored.record).await {
+            Ok(agent) => {
+                let pgid = agent.pgid();
+                self.update(&id, |s| {
+                    s.pgid = Some(pgid);
+                    s.record.status = JobStatus::new(JobPhase::Running);
+                    s.record.started_at = Some(Utc::now());
+                    s.record.attempts = 1;
+                    s.events.push(event("Normal", "Started", &format!("agent started as process group {pgid}")));
+                });
+                if let Err(error) = self.save(&id).await {
+                    tracing::error!(%error, "cannot persist job start");
+                }
+                agent.wait(stored.record.spec.timeout_seconds, &cancel).await
+            }
+            Err(outcome) => outcome,
+        };
+        self.update(&id, |s| {
+            s.pgid = None;
+            if s.record.status.phase == JobPhase::Cancelled {
+                return;
+            }
+            s.record.finished_at = Some(Utc::now());
+            s.record.result = outcome.result.clone();
+            s.events.push(event(
+                if outcome.status.phase == JobPhase::Succeeded { "Normal" } else { "Warning" },
+                outcome.status.reason.map_or("Completed", |r| r.as_str()),
+                outcome.status.message.as_deref().unwrap_or("the agent finished"),
+            ));
+            s.record.status = outcome.status.clone();
+        });
+        if let Err(error) = self.save(&id).await {
+            tracing::error!(%error, "cannot persist job outcome");
+        }
+        tracing::info!(job_id = %id, phase = outcome.status.phase.as_str(), "local job finished");
+    }
+}
+
+fn event(kind: &str, reason: &str, message: &str) -> JobEvent {
+    JobEvent {
+        time: Utc::now(),
+        kind: kind.into(),
+        reason: reason.into(),
+        message: message.into(),
+        object: "Process/agent".into(),
+        count: 1,
+    }
+}
+
+async fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    tokio::fs::create_dir_all(dir).await?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    tokio::fs::write(&tmp, bytes).await?;
+    tokio::fs::rename(&tmp, dir.join(name)).await
+}
+
+#[async_trait]
+impl JobBackend for LocalBackend {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError> {
+        let id = job.id.clone();
+        {
+            let mut jobs = self.inner.jobs.lock().unwrap();
+            if let Some(existing) = jobs.get(&id) {
+                return Ok(CreateOutcome::Exists(existing.stored.record.clone()));
+            }
+            let stored = StoredJob {
+                record: job.pending_record(),
+                events: vec![event("Normal", "Submitted", "job accepted; waiting for a free slot")],
+                pgid: None,
+            };
+            jobs.insert(id.clone(), Entry { stored, cancel: Arc::new(Notify::new()) });
+        }
+        if let Err(error) = self.inner.save(&id).await {
+            self.inner.jobs.lock().unwrap().remove(&id);
+            return Err(error);
+        }
+        tokio::spawn(self.inner.clone().run(id));
+        Ok(CreateOutcome::Created(job.pending_record()))
+    }
+
+    async fn get(&self, id: &JobId) -> Result<Option<JobRecord>, BackendError> {
+        Ok(self.inner.snapshot(id).map(|s| s.record))
+    }
+
+    async fn list(&self) -> Result<Vec<JobRecord>, BackendError> {
+        Ok(self.inner.jobs.lock().unwrap().values().map(|e| e.stored.record.clone()).collect())
+    }
+
+    async fn cancel(&self, id: &JobId) -> Result<JobRecord, BackendError> {
+        let record = {
+            let mut jobs = self.inner.jobs.lock().unwrap();
+            let entry = jobs.get_mut(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+            let record = &mut entry.stored.record;
+            match record.status.phase {
+                JobPhase::Cancelled => return Ok(record.clone()),
+                phase if phase.is_terminal() => return Err(BackendError::AlreadyFinished(id.to_string())),
+                _ => {}
+            }
+            record.status = JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
+            record.finished_at = Some(Utc::now());
+            entry.stored.events.push(event("Normal", "Cancelled", "cancelled by request; stopping the agent"));
+            entry.cancel.notify_one();
+            record.clone()
+        };
+        self.inner.save(id).await?;
+        Ok(record)
+    }
+
+    async fn logs(&self, id: &JobId, options: LogOptions) -> Result<LogStream, BackendError> {
+        let path = self.inner.job_dir(id).join(process::OUTPUT_FILE);
+        let inner = self.inner.clone();
+        let id = id.clone();
+        let finished =
+            move || inner.snapshot(&id).is_none_or(|s| s.record.status.phase.is_terminal() && s.pgid.is_none());
+        Ok(logs::read(path, options, finished))
+    }
+
+    async fn events(&self, id: &JobId) -> Result<Vec<JobEvent>, BackendError> {
+        let mut events = self.inner.snapshot(id).map(|s| s.events).unwrap_or_default();
+        events.reverse();
+        Ok(events)
+    }
+}

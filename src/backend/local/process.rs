@@ -1,0 +1,186 @@
+//! Starting, timing out, cancelling and reaping one agent process group.
+
+use super::LocalSettings;
+use crate::jobs::{JobId, JobPhase, JobReason, JobRecord, JobStatus, MAX_RESULT_BYTES, truncate_result};
+use nix::{sys::signal::Signal, unistd::Pid};
+use std::{path::Path, process::Stdio, time::Duration};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader},
+    process::{Child, Command},
+    sync::{Notify, mpsc},
+    task::JoinHandle,
+};
+
+/// The agent's combined stdout and stderr, one `<RFC 3339 time> <line>` per line.
+pub const OUTPUT_FILE: &str = "output.log";
+const RESULT_FILE: &str = "result";
+/// Longest output line kept; longer lines are split.
+const MAX_LINE_BYTES: u64 = 16 * 1024;
+/// Time between SIGTERM and SIGKILL when stopping an agent.
+const GRACE: Duration = Duration::from_secs(3);
+
+/// How a run ended.
+pub struct Outcome {
+    pub status: JobStatus,
+    pub result: Option<String>,
+}
+
+impl Outcome {
+    fn failed(reason: JobReason, message: impl Into<String>) -> Self {
+        Self { status: JobStatus::with_reason(JobPhase::Failed, reason, message), result: None }
+    }
+}
+
+/// A started agent whose output is being captured.
+pub struct RunningAgent {
+    child: Child,
+    pgid: i32,
+    writer: JoinHandle<()>,
+    result_file: std::path::PathBuf,
+}
+
+/// Start the agent in its own process group with a cleared environment.
+pub async fn spawn_agent(settings: &LocalSettings, dir: &Path, record: &JobRecord) -> Result<RunningAgent, Outcome> {
+    let workspace = dir.join("workspace");
+    let result_file = dir.join(RESULT_FILE);
+    let start_failed =
+        |e: std::io::Error| Outcome::failed(JobReason::StartFailed, format!("cannot start the agent: {e}"));
+    tokio::fs::create_dir_all(&workspace).await.map_err(start_failed)?;
+    let (program, args) = settings
+        .command
+        .split_first()
+        .ok_or_else(|| Outcome::failed(JobReason::StartFailed, "no agent command is configured"))?;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .envs(settings.env_allowlist.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v))))
+        .envs(record.spec.agent_env(&record.id, &result_file.to_string_lossy(), &workspace.to_string_lossy()))
+        .env("HOME", &workspace)
+        .current_dir(&workspace)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(false);
+    let mut child = command.spawn().map_err(start_failed)?;
+    let pgid = child.id().map_or(0, |pid| pid as i32);
+    let output = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(OUTPUT_FILE))
+        .await
+        .map_err(start_failed)?;
+    let (lines, receiver) = mpsc::channel(256);
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    tokio::spawn(pump(stdout, lines.clone()));
+    tokio::spawn(pump(stderr, lines));
+    let writer = tokio::spawn(write_output(receiver, output));
+    Ok(RunningAgent { child, pgid, writer, result_file })
+}
+
+impl RunningAgent {
+    pub fn pgid(&self) -> i32 {
+        self.pgid
+    }
+
+    /// Wait for the agent to exit, killing its group on timeout or cancellation.
+    pub async fn wait(mut self, timeout_seconds: u32, cancel: &Notify) -> Outcome {
+        let timeout = tokio::time::sleep(Duration::from_secs(u64::from(timeout_seconds)));
+        let outcome = tokio::select! {
+            status = self.child.wait() => match status {
+                Ok(status) if status.success() => {
+                    let result = read_result(&self.result_file).await;
+                    Outcome { status: JobStatus::new(JobPhase::Succeeded), result }
+                }
+                Ok(status) => match status.code() {
+                    Some(code) => Outcome::failed(JobReason::AgentError, format!("the agent exited with code {code}")),
+                    None => Outcome::failed(JobReason::AgentError, "the agent was killed by a signal"),
+                },
+                Err(e) => Outcome::failed(JobReason::AgentError, format!("cannot wait for the agent: {e}")),
+            },
+            () = timeout => {
+                self.stop().await;
+                Outcome::failed(JobReason::DeadlineExceeded, format!("the job ran longer than its timeout of {timeout_seconds}s"))
+            }
+            () = cancel.notified() => {
+                self.stop().await;
+                Outcome { status: JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request"), result: None }
+            }
+        };
+        // Make sure no stray member of the group outlives the job, then flush its output.
+        signal_group(self.pgid, Signal::SIGKILL);
+        let _ = self.writer.await;
+        outcome
+    }
+
+    /// SIGTERM the whole group, then SIGKILL whatever is left after a grace period.
+    async fn stop(&mut self) {
+        signal_group(self.pgid, Signal::SIGTERM);
+        if tokio::time::timeout(GRACE, self.child.wait()).await.is_err() {
+            signal_group(self.pgid, Signal::SIGKILL);
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+fn signal_group(pgid: i32, signal: Signal) {
+    if pgid > 1 {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), signal);
+    }
+}
+
+/// Kill the group of an agent a previous server left running, but only if its leader is still
+/// that job's agent (the pid may have been reused).
+pub fn kill_orphan(pgid: i32, id: &JobId) {
+    let marker = format!("OATS_JOB_ID={id}");
+    let environ = std::fs::read(format!("/proc/{pgid}/environ")).unwrap_or_default();
+    if environ.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
+        tracing::warn!(job_id = %id, pgid, "killing an agent left over from a previous server");
+        signal_group(pgid, Signal::SIGKILL);
+    }
+}
+
+async fn read_result(path: &Path) -> Option<String> {
+    let file = tokio::fs::File::open(path).await.ok()?;
+    let mut bytes = Vec::new();
+    file.take(MAX_RESULT_BYTES as u64 + 4).read_to_end(&mut bytes).await.ok()?;
+    let text = truncate_result(String::from_utf8_lossy(&bytes).into_owned());
+    let text = text.trim_end().to_owned();
+    (!text.is_empty()).then_some(text)
+}
+
+/// Forward lines (at most [`MAX_LINE_BYTES`] each) from one pipe.
+async fn pump(pipe: impl AsyncRead + Unpin, lines: mpsc::Sender<Vec<u8>>) {
+    let mut reader = BufReader::new(pipe);
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader).take(MAX_LINE_BYTES).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if lines.send(line).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Write each line with its arrival time.
+async fn write_output(mut lines: mpsc::Receiver<Vec<u8>>, mut file: tokio::fs::File) {
+    while let Some(mut line) = lines.recv().await {
+        if line.last() != Some(&b'\n') {
+            line.push(b'\n');
+        }
+        let stamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        let mut entry = Vec::with_capacity(stamp.len() + 1 + line.len());
+        entry.extend_from_slice(stamp.as_bytes());
+        entry.push(b' ');
+        entry.extend_from_slice(&line);
+        if file.write_all(&entry).await.is_err() {
+            return;
+        }
+    }
+    let _ = file.flush().await;
+}

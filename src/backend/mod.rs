@@ -1,0 +1,52 @@
+//! Where jobs actually run: a Kubernetes cluster, or child processes on this machine.
+
+pub mod kubernetes;
+pub mod local;
+
+use crate::jobs::{CreateOutcome, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob};
+use async_trait::async_trait;
+use std::time::Duration;
+
+/// Why a backend call failed, in terms the domain can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The job does not exist (or no longer does).
+    #[error("job {0} not found")]
+    NotFound(String),
+    /// The job already reached a terminal phase.
+    #[error("job {0} already finished")]
+    AlreadyFinished(String),
+    /// The backend cannot be reached or is not ready; the call may succeed later.
+    #[error("{detail}")]
+    Unavailable { detail: String, retry_after: Duration },
+    /// Anything else.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// One place jobs run. Reads are cheap (served from memory); writes reach the system of record.
+#[async_trait]
+pub trait JobBackend: Send + Sync {
+    /// `kubernetes` or `local`, for logs and diagnostics.
+    fn name(&self) -> &'static str;
+
+    /// Whether reads are complete and writes can be accepted (Kubernetes: watch cache synced).
+    fn is_ready(&self) -> bool;
+
+    /// Create the job, or report the one that already holds its id.
+    async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError>;
+
+    async fn get(&self, id: &JobId) -> Result<Option<JobRecord>, BackendError>;
+
+    /// Every job this backend knows, in no particular order.
+    async fn list(&self) -> Result<Vec<JobRecord>, BackendError>;
+
+    /// Stop the agent and mark the job cancelled; the record stays readable. Cancelling a
+    /// cancelled job returns it unchanged.
+    async fn cancel(&self, id: &JobId) -> Result<JobRecord, BackendError>;
+
+    async fn logs(&self, id: &JobId, options: LogOptions) -> Result<LogStream, BackendError>;
+
+    /// Newest first.
+    async fn events(&self, id: &JobId) -> Result<Vec<JobEvent>, BackendError>;
+}

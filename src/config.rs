@@ -1,0 +1,419 @@
+//! Configuration: defaults, then a YAML file (`--config`), then `OATS_*` environment variables.
+//!
+//! Every key is declared once in the table below, with its type, default and documentation; the
+//! README table is printed from it (`oats config`) and a test keeps the two in step.
+
+use crate::jobs::JobLimits;
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, path::PathBuf, str::FromStr};
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not a YAML mapping of keys to values: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("unknown config key `{0}` (see `oats config` for every key)")]
+    UnknownKey(String),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// Where jobs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Kubernetes when in a cluster or a kubeconfig works, else local.
+    Auto,
+    Kubernetes,
+    Local,
+}
+
+/// How the server writes its own logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// JSON lines unless stderr is a terminal.
+    Auto,
+    Json,
+    Text,
+}
+
+/// A value that can be written as one string in a file or an environment variable.
+pub trait ConfigValue: Sized {
+    fn parse_value(text: &str) -> Result<Self, String>;
+    fn show(&self) -> String;
+}
+
+macro_rules! from_str_value {
+    ($($ty:ty),*) => {$(
+        impl ConfigValue for $ty {
+            fn parse_value(text: &str) -> Result<Self, String> {
+                <$ty>::from_str(text.trim()).map_err(|e| format!("`{text}`: {e}"))
+            }
+            fn show(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+from_str_value!(u32, usize, SocketAddr);
+
+impl ConfigValue for String {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        Ok(text.trim().to_owned())
+    }
+    fn show(&self) -> String {
+        self.clone()
+    }
+}
+
+impl ConfigValue for PathBuf {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        Ok(PathBuf::from(text.trim()))
+    }
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+impl ConfigValue for Option<String> {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        Ok((!text.is_empty()).then(|| text.to_owned()))
+    }
+    fn show(&self) -> String {
+        self.clone().unwrap_or_default()
+    }
+}
+
+/// Lists are comma-separated in environment variables; YAML lists work in the file.
+impl ConfigValue for Vec<String> {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        Ok(text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+    }
+    fn show(&self) -> String {
+        self.join(",")
+    }
+}
+
+impl ConfigValue for BackendKind {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "auto" => Ok(Self::Auto),
+            "kubernetes" => Ok(Self::Kubernetes),
+            "local" => Ok(Self::Local),
+            other => Err(format!("`{other}` is not one of auto, kubernetes, local")),
+        }
+    }
+    fn show(&self) -> String {
+        match self {
+            Self::Auto => "auto",
+            Self::Kubernetes => "kubernetes",
+            Self::Local => "local",
+        }
+        .into()
+    }
+}
+
+impl ConfigValue for LogFormat {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "auto" => Ok(Self::Auto),
+            "json" => Ok(Self::Json),
+            "text" => Ok(Self::Text),
+            other => Err(format!("`{other}` is not one of auto, json, text")),
+        }
+    }
+    fn show(&self) -> String {
+        match self {
+            Self::Auto => "auto",
+            Self::Json => "json",
+            Self::Text => "text",
+        }
+        .into()
+    }
+}
+
+macro_rules! config_keys {
+    ($( #[doc = $doc:literal] $name:ident : $ty:ty = $default:expr ; )*) => {
+        /// The whole server configuration. See the README table (or `oats config`) for each key.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $( #[doc = $doc] pub $name: $ty, )*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        impl Config {
+            /// Every key with its documentation and its default as text.
+            pub fn keys() -> Vec<(&'static str, &'static str, String)> {
+                let defaults = Self::default();
+                vec![$( (stringify!($name), $doc.trim(), defaults.$name.show()), )*]
+            }
+
+            fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+                match key {
+                    $( stringify!($name) => {
+                        self.$name = ConfigValue::parse_value(value)
+                            .map_err(|message| ConfigError::Invalid { key: key.to_owned(), message })?;
+                    } )*
+                    _ => return Err(ConfigError::UnknownKey(key.to_owned())),
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+config_keys! {
+    /// Where jobs run: `auto`, `kubernetes` or `local`. `auto` picks Kubernetes when running in a cluster or when a kubeconfig works, else local.
+    backend: BackendKind = BackendKind::Auto;
+    /// Address and port the HTTP server listens on.
+    listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8000));
+    /// Server log format: `auto` (JSON unless stderr is a terminal), `json` or `text`.
+    log_format: LogFormat = LogFormat::Auto;
+    /// Tenant that owns jobs submitted without credentials.
+    tenant: String = "default".into();
+    /// Kubernetes namespace for agent Jobs. Empty: the pod's own namespace in a cluster, else the kubeconfig's, else `default`.
+    namespace: Option<String> = None;
+    /// Container image of the agent.
+    agent_image: String = "oats-agent:0.1.0".into();
+    /// Image pull policy of the agent container: `Always`, `IfNotPresent` or `Never`.
+    agent_image_pull_policy: String = "IfNotPresent".into();
+    /// Command of the agent container (comma-separated). Empty: the image's entrypoint.
+    agent_command: Vec<String> = Vec::new();
+    /// Service account of agent pods; it should have no permissions and no token.
+    agent_service_account: String = "oats-agent".into();
+    /// Non-zero user and group id agent containers run as.
+    agent_uid: u32 = 65532;
+    /// CPU request of the agent container.
+    agent_cpu_request: String = "250m".into();
+    /// CPU limit of the agent container.
+    agent_cpu_limit: String = "1".into();
+    /// Memory request of the agent container.
+    agent_memory_request: String = "256Mi".into();
+    /// Memory limit of the agent container.
+    agent_memory_limit: String = "512Mi".into();
+    /// Ephemeral storage request of the agent container.
+    agent_ephemeral_storage_request: String = "64Mi".into();
+    /// Ephemeral storage limit of the agent container.
+    agent_ephemeral_storage_limit: String = "1Gi".into();
+    /// Size limit of the agent's writable /tmp (an emptyDir).
+    agent_tmp_size: String = "64Mi".into();
+    /// Size limit of the agent's writable /workspace (an emptyDir).
+    agent_workspace_size: String = "512Mi".into();
+    /// Timeout of a job that does not ask for one, in seconds.
+    default_timeout_seconds: u32 = 600;
+    /// Longest timeout a job may ask for, in seconds (at most 86400).
+    max_timeout_seconds: u32 = 3600;
+    /// Seconds a finished Kubernetes Job (and its record) is kept before Kubernetes deletes it.
+    ttl_seconds_after_finished: u32 = 86_400;
+    /// Retries of a failed agent pod before the job fails.
+    backoff_limit: u32 = 0;
+    /// Name of the Secret holding LLM credentials. Empty: agents get no credentials.
+    llm_secret_name: Option<String> = None;
+    /// Keys of that Secret mounted as files under /var/run/secrets/oats/llm (comma-separated).
+    llm_secret_keys: Vec<String> = Vec::new();
+    /// Directory of the local backend's job records, logs and workspaces.
+    state_dir: PathBuf = default_state_dir();
+    /// Jobs the local backend runs at once; the rest wait as pending.
+    local_concurrency: usize = 4;
+    /// Agent command of the local backend (comma-separated). Empty: the built-in demo agent (`oats demo-agent`).
+    local_agent_command: Vec<String> = Vec::new();
+    /// Environment variables the local backend passes through to agents, besides the job contract.
+    local_env_allowlist: Vec<String> = ["PATH", "LANG", "LC_ALL", "TZ"].map(String::from).to_vec();
+    /// Highest `max_turns` a job may ask for (at most 100).
+    max_turns: u32 = JobLimits::MAX_TURNS_CEILING;
+    /// Largest goal, in bytes of UTF-8 (at most 16384).
+    max_goal_bytes: usize = JobLimits::GOAL_BYTES_CEILING;
+    /// Most labels a job may carry (at most 16).
+    max_labels: usize = JobLimits::LABELS_CEILING;
+    /// Largest request body accepted, in bytes.
+    max_body_bytes: usize = 65_536;
+}
+
+/// `$XDG_DATA_HOME/oats`, else `~/.local/share/oats`, else `./oats-state`.
+fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("oats");
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/oats"),
+        None => PathBuf::from("oats-state"),
+    }
+}
+
+/// A scalar or list in the YAML file, turned into the same text an environment variable holds.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum FileValue {
+    Text(String),
+    Integer(i64),
+    Bool(bool),
+    List(Vec<String>),
+    Null(()),
+}
+
+impl fmt::Display for FileValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Text(t) => f.write_str(t),
+            Self::Integer(i) => write!(f, "{i}"),
+            Self::Bool(b) => write!(f, "{b}"),
+            Self::List(items) => f.write_str(&items.join(",")),
+            Self::Null(()) => Ok(()),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, overridden by the file (if any), overridden by `OATS_<KEY>` variables.
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut config = Self::default();
+        if let Some(path) = file {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            let values: BTreeMap<String, FileValue> = serde_saphyr::from_str(&text)
+                .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+            for (key, value) in values {
+                config.set(&key, &value.to_string())?;
+            }
+        }
+        let known: Vec<&str> = Self::keys().iter().map(|(k, _, _)| *k).collect();
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("OATS_").map(str::to_ascii_lowercase) else { continue };
+            if known.contains(&key.as_str()) {
+                config.set(&key, &value)?;
+            }
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| Err(ConfigError::Invalid { key: key.into(), message });
+        if self.max_turns == 0 || self.max_turns > JobLimits::MAX_TURNS_CEILING {
+            return invalid("max_turns", format!("must be between 1 and {}", JobLimits::MAX_TURNS_CEILING));
+        }
+        if self.max_goal_bytes == 0 || self.max_goal_bytes > JobLimits::GOAL_BYTES_CEILING {
+            return invalid("max_goal_bytes", format!("must be between 1 and {}", JobLimits::GOAL_BYTES_CEILING));
+        }
+        if self.max_labels > JobLimits::LABELS_CEILING {
+            return invalid("max_labels", format!("must be at most {}", JobLimits::LABELS_CEILING));
+        }
+        if self.max_timeout_seconds < JobLimits::MIN_TIMEOUT_SECONDS
+            || self.max_timeout_seconds > JobLimits::TIMEOUT_CEILING_SECONDS
+        {
+            return invalid(
+                "max_timeout_seconds",
+                format!(
+                    "must be between {} and {}",
+                    JobLimits::MIN_TIMEOUT_SECONDS,
+                    JobLimits::TIMEOUT_CEILING_SECONDS
+                ),
+            );
+        }
+        if self.default_timeout_seconds < JobLimits::MIN_TIMEOUT_SECONDS
+            || self.default_timeout_seconds > self.max_timeout_seconds
+        {
+            return invalid(
+                "default_timeout_seconds",
+                format!("must be between {} and max_timeout_seconds", JobLimits::MIN_TIMEOUT_SECONDS),
+            );
+        }
+        if !["Always", "IfNotPresent", "Never"].contains(&self.agent_image_pull_policy.as_str()) {
+            return invalid("agent_image_pull_policy", "must be Always, IfNotPresent or Never".into());
+        }
+        if self.agent_uid == 0 {
+            return invalid("agent_uid", "agents never run as root; use a non-zero id".into());
+        }
+        if self.local_concurrency == 0 {
+            return invalid("local_concurrency", "must be at least 1".into());
+        }
+        if self.max_body_bytes < 1024 {
+            return invalid("max_body_bytes", "must be at least 1024".into());
+        }
+        if self.llm_secret_name.is_some() && self.llm_secret_keys.is_empty() {
+            return invalid("llm_secret_keys", "name at least one key of llm_secret_name to mount".into());
+        }
+        Ok(())
+    }
+
+    /// The request limits this configuration sets.
+    pub fn job_limits(&self) -> JobLimits {
+        JobLimits {
+            max_goal_bytes: self.max_goal_bytes,
+            max_turns: self.max_turns,
+            max_labels: self.max_labels,
+            default_timeout_seconds: self.default_timeout_seconds,
+            max_timeout_seconds: self.max_timeout_seconds,
+            max_model_len: JobLimits::MODEL_LEN_CEILING,
+        }
+    }
+
+    /// The README's configuration table, generated from the declarations above.
+    pub fn markdown_table() -> String {
+        let mut out = String::from("| key | environment variable | default | meaning |\n|---|---|---|---|\n");
+        for (key, doc, default) in Self::keys() {
+            let default = if default.is_empty() { "(empty)".to_owned() } else { format!("`{default}`") };
+            out.push_str(&format!("| `{key}` | `OATS_{}` | {default} | {doc} |\n", key.to_ascii_uppercase()));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn environment_overrides_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("oats.yaml");
+        std::fs::write(
+            &file,
+            "backend: local\nlocal_concurrency: 2\nllm_secret_keys: [api-key, org]\nllm_secret_name: llm\n",
+        )
+        .unwrap();
+        let config =
+            Config::load(Some(&file), env(&[("OATS_LOCAL_CONCURRENCY", "7"), ("OATS_URL", "ignored")])).unwrap();
+        assert_eq!(config.backend, BackendKind::Local);
+        assert_eq!(config.local_concurrency, 7);
+        assert_eq!(config.llm_secret_keys, ["api-key", "org"]);
+        assert_eq!(config.listen.port(), 8000);
+    }
+
+    #[test]
+    fn bad_values_and_unknown_file_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("oats.yaml");
+        std::fs::write(&file, "no_such_key: 1\n").unwrap();
+        assert!(matches!(Config::load(Some(&file), env(&[])), Err(ConfigError::UnknownKey(_))));
+        for (key, value) in [
+            ("OATS_BACKEND", "docker"),
+            ("OATS_MAX_TURNS", "101"),
+            ("OATS_MAX_TURNS", "many"),
+            ("OATS_AGENT_UID", "0"),
+            ("OATS_DEFAULT_TIMEOUT_SECONDS", "7200"),
+            ("OATS_AGENT_IMAGE_PULL_POLICY", "Sometimes"),
+            ("OATS_LLM_SECRET_NAME", "llm"),
+        ] {
+            assert!(Config::load(None, env(&[(key, value)])).is_err(), "{key}={value} accepted");
+        }
+    }
+
+    #[test]
+    fn readme_documents_every_key() {
+        let readme = include_str!("../README.md");
+        for (key, _, _) in Config::keys() {
+            assert!(readme.contains(&format!("`OATS_{}`", key.to_ascii_uppercase())), "README lacks {key}");
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The job domain: what a job is, the rules a request must meet, and the service the API calls.
+//!
+//! Nothing here knows about HTTP or Kubernetes; both backends speak in these types.
+
+mod error;
+mod id;
+mod page;
+mod selector;
+mod service;
+mod spec;
+
+pub use error::{FieldError, JobError};
+pub use id::{IdempotencyKey, JobId};
+pub use page::{JobPage, ListQuery, PageToken};
+pub use selector::LabelSelector;
+pub use service::{JobService, Submitted};
+pub use spec::{JobLimits, JobRequest, JobSpec, RESERVED_LABEL_PREFIX};
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use std::collections::BTreeMap;
+
+/// Where a job is in its life. Terminal phases never change again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobPhase {
+    /// Every phase, in lifecycle order.
+    pub const ALL: [JobPhase; 5] = [Self::Pending, Self::Running, Self::Succeeded, Self::Failed, Self::Cancelled];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A stable, machine-readable explanation of a phase; clients branch on it, so variants are
+/// only ever added, never renamed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum JobReason {
+    /// The job ran past its timeout.
+    DeadlineExceeded,
+    /// Every allowed retry of the agent failed.
+    BackoffLimitExceeded,
+    /// The agent image cannot be pulled (pending while Kubernetes retries).
+    ImagePullFailed,
+    /// The agent container crashes repeatedly (pending while Kubernetes backs off).
+    CrashLoop,
+    /// No node can take the agent pod yet.
+    Unschedulable,
+    /// The agent was killed for exceeding its memory limit.
+    OOMKilled,
+    /// The node evicted the agent pod.
+    Evicted,
+    /// A user cancelled the job.
+    Cancelled,
+    /// The agent exited with a non-zero status.
+    AgentError,
+    /// The server stopped while the job was running, so its outcome is unknown.
+    ServerRestarted,
+    /// The agent process or pod could not be started at all.
+    StartFailed,
+}
+
+impl JobReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DeadlineExceeded => "DeadlineExceeded",
+            Self::BackoffLimitExceeded => "BackoffLimitExceeded",
+            Self::ImagePullFailed => "ImagePullFailed",
+            Self::CrashLoop => "CrashLoop",
+            Self::Unschedulable => "Unschedulable",
+            Self::OOMKilled => "OOMKilled",
+            Self::Evicted => "Evicted",
+            Self::Cancelled => "Cancelled",
+            Self::AgentError => "AgentError",
+            Self::ServerRestarted => "ServerRestarted",
+            Self::StartFailed => "StartFailed",
+        }
+    }
+}
+
+/// The observed state of a job: phase plus why, for humans and machines.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JobStatus {
+    pub phase: JobPhase,
+    pub reason: Option<JobReason>,
+    pub message: Option<String>,
+}
+
+impl JobStatus {
+    pub fn new(phase: JobPhase) -> Self {
+        Self { phase, reason: None, message: None }
+    }
+
+    pub fn with_reason(phase: JobPhase, reason: JobReason, message: impl Into<String>) -> Self {
+        Self { phase, reason: Some(reason), message: Some(message.into()) }
+    }
+}
+
+/// The agent's final answer is capped so one job cannot bloat every list response.
+pub const MAX_RESULT_BYTES: usize = 4096;
+
+/// Cut `text` to at most [`MAX_RESULT_BYTES`] without splitting a UTF-8 character.
+pub fn truncate_result(mut text: String) -> String {
+    if text.len() > MAX_RESULT_BYTES {
+        let mut end = MAX_RESULT_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// Everything known about one job, as both backends report it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub tenant: String,
+    pub spec: JobSpec,
+    pub status: JobStatus,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// How many times the agent was started (retries count).
+    pub attempts: u32,
+    pub result: Option<String>,
+    /// Fingerprint of the normalised request, so an idempotent retry can be told from a reuse.
+    pub request_hash: String,
+}
+
+/// A job the domain has validated and named, ready for a backend to create.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: JobId,
+    pub tenant: String,
+    pub spec: JobSpec,
+    pub created_at: DateTime<Utc>,
+    pub request_hash: String,
+}
+
+impl NewJob {
+    /// The record of this job before anything has run.
+    pub fn pending_record(&self) -> JobRecord {
+        JobRecord {
+            id: self.id.clone(),
+            tenant: self.tenant.clone(),
+            spec: self.spec.clone(),
+            status: JobStatus::new(JobPhase::Pending),
+            created_at: self.created_at,
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+            result: None,
+            request_hash: self.request_hash.clone(),
+        }
+    }
+}
+
+/// What a backend's create call did.
+#[derive(Debug)]
+pub enum CreateOutcome {
+    Created(JobRecord),
+    /// A job with this id existed already (an idempotent retry, or a key reused for another body).
+    Exists(JobRecord),
+}
+
+/// Something that happened to a job or its agent, for "why is it stuck?".
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobEvent {
+    pub time: DateTime<Utc>,
+    /// `Normal` or `Warning`, as Kubernetes uses them.
+    pub kind: String,
+    pub reason: String,
+    pub message: String,
+    /// What the event is about, e.g. `Job/job-abc` or `Pod/job-abc-x7k2p`.
+    pub object: String,
+    pub count: u32,
+}
+
+/// Which part of a job's output to read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogOptions {
+    pub tail_lines: Option<u32>,
+    pub since_seconds: Option<u32>,
+    pub timestamps: bool,
+    pub follow: bool,
+}
+
+/// Output lines as they are read; ends when the job's output ends (or, when following, when the
+/// agent exits).
+pub type LogStream = BoxStream<'static, std::io::Result<bytes::Bytes>>;
+
+/// User labels, sorted so that hashing and rendering are deterministic.
+pub type Labels = BTreeMap<String, String>;

@@ -1,0 +1,12 @@
+//! OATS: run LLM agents as jobs, on Kubernetes or on the local machine, behind a versioned REST API.
+//!
+//! The layers call inwards only: [`api`] (HTTP) calls [`jobs`] (the domain), which calls a
+//! [`backend::JobBackend`] (`kubernetes` or `local`).
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod demo_agent;
+pub mod jobs;
+pub mod telemetry;

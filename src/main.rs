@@ -1,0 +1,179 @@
+//! The `oats` binary: the server, its tooling, and the demo agent.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use oats::{
+    api::{self, ApiState, types::CreateJobRequest},
+    backend::{
+        JobBackend,
+        kubernetes::{KubernetesBackend, render},
+        local::{LocalBackend, LocalSettings},
+    },
+    config::{BackendKind, Config},
+    jobs::{JobId, JobRequest, JobService, NewJob},
+};
+use poem_openapi::types::ParseFromJSON;
+use std::{io::Read, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+#[derive(Parser)]
+#[command(name = "oats", version, about = "Run LLM agents as jobs on Kubernetes or locally")]
+struct Cli {
+    /// YAML configuration file (keys as in `oats config`); OATS_* variables override it.
+    #[arg(long, global = true, env = "OATS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the REST API, Swagger UI (/docs) and the OpenAPI document (/openapi.json).
+    Serve {
+        /// Address to listen on (overrides the `listen` key).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Print the OpenAPI document.
+    Openapi {
+        /// YAML instead of JSON.
+        #[arg(long)]
+        yaml: bool,
+    },
+    /// Read a job request (JSON, as for POST /api/v1/jobs) on stdin and print the Kubernetes
+    /// Job that `serve` would create for it, as YAML.
+    RenderJob,
+    /// Print every configuration key with its environment variable and default (Markdown).
+    Config,
+    /// Run the demo agent (what the default configuration runs as each job; not an LLM).
+    DemoAgent,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::DemoAgent => std::process::exit(runtime.block_on(oats::demo_agent::run())),
+        Command::Openapi { yaml } => {
+            let spec = api::openapi();
+            println!("{}", if yaml { spec.spec_yaml() } else { spec.spec() });
+            Ok(())
+        }
+        Command::Config => {
+            print!("{}", Config::markdown_table());
+            Ok(())
+        }
+        Command::RenderJob => render_job(&load_config(cli.config.as_deref())?),
+        Command::Serve { listen } => {
+            let mut config = load_config(cli.config.as_deref())?;
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            oats::telemetry::init(config.log_format);
+            runtime.block_on(serve(config))
+        }
+    }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
+    Ok(Config::load(path, std::env::vars())?)
+}
+
+fn render_job(config: &Config) -> Result<()> {
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input).context("cannot read the job request from stdin")?;
+    let value: serde_json::Value = serde_json::from_str(&input).context("the job request is not JSON")?;
+    let request =
+        CreateJobRequest::parse_from_json(Some(value)).map_err(|e| anyhow::anyhow!("{}", e.into_message()))?;
+    let spec = JobRequest::from(request)
+        .validate(&config.job_limits())
+        .map_err(|errors| oats::jobs::JobError::Invalid(errors))?;
+    let job = NewJob {
+        id: JobId::random(),
+        tenant: config.tenant.clone(),
+        request_hash: spec.fingerprint(),
+        spec,
+        created_at: chrono::Utc::now(),
+    };
+    let namespace = config.namespace.clone().unwrap_or_else(|| "default".into());
+    let manifest = render::render_job(&job, &render::AgentTemplate::from_config(config, &namespace));
+    print!("{}", serde_saphyr::to_string(&manifest)?);
+    Ok(())
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let backend = select_backend(&config).await?;
+    tracing::info!(backend = backend.name(), listen = %config.listen, "starting OATS");
+    let jobs = Arc::new(JobService::new(backend, config.job_limits()));
+    let state = Arc::new(ApiState { jobs, tenant: config.tenant.clone() });
+    let app = api::build_app(state, config.max_body_bytes);
+    poem::Server::new(poem::listener::TcpListener::bind(config.listen))
+        .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(20)))
+        .await
+        .context("the HTTP server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Pick and start the backend, saying which and why.
+async fn select_backend(config: &Config) -> Result<Arc<dyn JobBackend>> {
+    let kubernetes = match config.backend {
+        BackendKind::Local => None,
+        BackendKind::Kubernetes => Some(kube_client().await.context("backend=kubernetes but no cluster is reachable")?),
+        BackendKind::Auto => match kube_client().await {
+            Ok(client) => {
+                tracing::info!("backend=auto: a Kubernetes API server answered, using the kubernetes backend");
+                Some(client)
+            }
+            Err(error) => {
+                tracing::info!(reason = %format!("{error:#}"), "backend=auto: no usable cluster, using the local backend");
+                None
+            }
+        },
+    };
+    if let Some(client) = kubernetes {
+        let namespace = config.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+        tracing::info!(%namespace, "agent Jobs go to this namespace");
+        let template = render::AgentTemplate::from_config(config, &namespace);
+        return Ok(Arc::new(KubernetesBackend::start(client, template)));
+    }
+    let command = if config.local_agent_command.is_empty() {
+        let exe = std::env::current_exe().context("cannot locate the oats binary for the demo agent")?;
+        vec![exe.to_string_lossy().into_owned(), "demo-agent".into()]
+    } else {
+        config.local_agent_command.clone()
+    };
+    let settings = LocalSettings {
+        state_dir: config.state_dir.clone(),
+        concurrency: config.local_concurrency,
+        command,
+        env_allowlist: config.local_env_allowlist.clone(),
+    };
+    tracing::info!(state_dir = %settings.state_dir.display(), "local backend state directory");
+    Ok(Arc::new(LocalBackend::start(settings).await?))
+}
+
+/// A client for the in-cluster service account or the kubeconfig, checked by asking the server
+/// for its version.
+async fn kube_client() -> Result<kube::Client> {
+    let config = kube::Config::infer().await.context("no in-cluster service account and no usable kubeconfig")?;
+    let client = kube::Client::try_from(config).context("cannot build a Kubernetes client")?;
+    match tokio::time::timeout(Duration::from_secs(5), client.apiserver_version()).await {
+        Ok(Ok(version)) => {
+            tracing::info!(version = %version.git_version, "Kubernetes API server reachable");
+            Ok(client)
+        }
+        Ok(Err(error)) => bail!("the Kubernetes API server did not answer: {error}"),
+        Err(_) => bail!("the Kubernetes API server did not answer within 5s"),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM, starting a graceful shutdown.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
