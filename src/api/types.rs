@@ -2,8 +2,71 @@
 
 use crate::jobs::{self, JobPhase, JobReason, JobRecord, JobRequest};
 use chrono::{DateTime, Utc};
-use poem_openapi::{Enum, Object, types::Example};
-use std::collections::BTreeMap;
+use poem_openapi::{
+    Enum, Object,
+    registry::MetaSchemaRef,
+    types::{Example, ParseError, ParseFromJSON, ParseResult, ToJSON, Type},
+};
+use serde_json::Value;
+use std::{borrow::Cow, collections::BTreeMap};
+
+/// A JSON string, and only a string: poem-openapi's `String` also accepts numbers and booleans,
+/// which would let `{"goal": 1}` through as `"1"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StrictString(pub String);
+
+impl AsRef<str> for StrictString {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Type for StrictString {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        String::name()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        String::schema_ref()
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        Box::new(self.as_raw_value().into_iter())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl ParseFromJSON for StrictString {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value.unwrap_or_default() {
+            Value::String(text) => Ok(Self(text)),
+            other => Err(ParseError::expected_type(other)),
+        }
+    }
+}
+
+impl ToJSON for StrictString {
+    fn to_json(&self) -> Option<Value> {
+        Some(Value::String(self.0.clone()))
+    }
+}
+
+impl From<&str> for StrictString {
+    fn from(text: &str) -> Self {
+        Self(text.to_owned())
+    }
+}
 
 /// A request to run an agent.
 #[derive(Debug, Clone, Object)]
@@ -12,14 +75,14 @@ pub struct CreateJobRequest {
     /// What the agent should achieve: 1 to 16384 bytes of UTF-8 (the server counts bytes; the
     /// configured limit may be lower), not only whitespace, no NUL characters.
     #[oai(validator(min_length = 1, max_length = 16384))]
-    pub goal: String,
+    pub goal: StrictString,
     /// The most reasoning turns the agent may take: 1 to 100 (the configured ceiling may be lower).
     #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
     pub max_turns: u32,
     /// Up to 16 labels for filtering, in Kubernetes label syntax. Keys `app`, `oats.dev/*` and
     /// `*.oats.dev/*` are reserved.
     #[oai(validator(max_properties = 16))]
-    pub labels: Option<BTreeMap<String, String>>,
+    pub labels: Option<BTreeMap<String, StrictString>>,
     /// Seconds the job may run before it is stopped with reason `DeadlineExceeded`: 10 to 86400,
     /// within the configured maximum (3600 by default). Default: the configured default (600).
     #[oai(validator(minimum(value = "10"), maximum(value = "86400")))]
@@ -27,7 +90,7 @@ pub struct CreateJobRequest {
     /// Model the agent should use, passed to it as `OATS_MODEL`: 1 to 128 characters of
     /// letters, digits and `-_./:@`.
     #[oai(validator(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9\-_./:@]+$"))]
-    pub model: Option<String>,
+    pub model: Option<StrictString>,
 }
 
 impl Example for CreateJobRequest {
@@ -45,11 +108,11 @@ impl Example for CreateJobRequest {
 impl From<CreateJobRequest> for JobRequest {
     fn from(r: CreateJobRequest) -> Self {
         Self {
-            goal: r.goal,
+            goal: r.goal.0,
             max_turns: r.max_turns,
-            labels: r.labels.unwrap_or_default(),
+            labels: r.labels.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
             timeout_seconds: r.timeout_seconds,
-            model: r.model,
+            model: r.model.map(|m| m.0),
         }
     }
 }
@@ -156,6 +219,7 @@ pub struct JobLinks {
 pub struct Job {
     /// Server-assigned id: `job-` and 20 characters of a-z, 2-7. Also the Kubernetes Job name.
     pub id: String,
+    /// Where the job is in its life.
     pub status: JobStatus,
     /// Machine-readable reason for the status, when there is one.
     pub reason: Option<JobStatusReason>,
@@ -169,14 +233,19 @@ pub struct Job {
     pub finished_at: Option<DateTime<Utc>>,
     /// How many times the agent was started.
     pub attempts: u32,
+    /// What the agent was asked to achieve.
     pub goal: String,
+    /// The most turns the agent may take.
     pub max_turns: u32,
     /// The timeout in force, in seconds.
     pub timeout_seconds: u32,
+    /// The model the agent was asked to use, if any.
     pub model: Option<String>,
+    /// The job's labels.
     pub labels: BTreeMap<String, String>,
     /// The agent's final answer (at most 4096 bytes), once it succeeded.
     pub result: Option<String>,
+    /// Related resources.
     pub links: JobLinks,
 }
 
@@ -229,11 +298,11 @@ impl Example for Job {
             started_at: Some(created_at + chrono::Duration::seconds(2)),
             finished_at: Some(created_at + chrono::Duration::seconds(9)),
             attempts: 1,
-            goal: request.goal,
+            goal: request.goal.0,
             max_turns: request.max_turns,
             timeout_seconds: 600,
             model: None,
-            labels: request.labels.unwrap_or_default(),
+            labels: request.labels.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
             result: Some("Plan: triage the 12 open issues by area, then fix the 3 crashers first.".into()),
             links: JobLinks {
                 logs: format!("{path}/logs"),
@@ -249,6 +318,7 @@ impl Example for Job {
 #[derive(Debug, Clone, Object)]
 #[oai(skip_serializing_if_is_none)]
 pub struct JobList {
+    /// At most `limit` jobs, newest first.
     pub items: Vec<Job>,
     /// Pass as `page_token` to get the next page; absent on the last page.
     pub next_page_token: Option<String>,
@@ -264,6 +334,7 @@ pub struct JobEvent {
     pub kind: String,
     /// Short machine-readable cause, e.g. `Scheduled`, `Failed`, `BackOff`.
     pub reason: String,
+    /// What happened, for humans.
     pub message: String,
     /// The object concerned, e.g. `Job/job-…` or `Pod/job-…-x7k2p`.
     pub object: String,
@@ -280,6 +351,7 @@ impl From<jobs::JobEvent> for JobEvent {
 /// A job's events, newest first.
 #[derive(Debug, Clone, Object)]
 pub struct JobEventList {
+    /// The events, newest first.
     pub items: Vec<JobEvent>,
 }
 
@@ -288,6 +360,7 @@ pub struct JobEventList {
 pub struct FieldProblem {
     /// The field, e.g. `goal` or `labels.team`.
     pub field: String,
+    /// What is wrong with it.
     pub message: String,
 }
 

@@ -301,7 +301,8 @@ mod tests {
             t.spec.as_mut().unwrap().security_context =
                 Some(PodSecurityContext { run_as_user: Some(0), ..Default::default() })
         });
-        assert!(pod_level_root.contains(&"runAsUser") && pod_level_root.contains(&"runAsNonRoot"));
+        // The containers still say runAsNonRoot, but lose the pod-level seccomp profile.
+        assert_eq!(pod_level_root, vec!["seccompProfile_restricted", "runAsUser"]);
     }
 
     #[test]

@@ -1,0 +1,394 @@
+//! End-to-end HTTP tests: the real server binary, the local backend, a real HTTP client.
+
+mod common;
+
+use common::{Server, assert_problem};
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::{collections::HashSet, time::Duration};
+
+const SOON: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn submit_run_to_success_and_read_logs_and_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[]).await;
+
+    let response = server.submit(json!({"goal": "Write a haiku", "max_turns": 3, "labels": {"team": "ml"}})).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let job: Value = response.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/api/v1/jobs/{id}"));
+    assert_eq!(job["status"], "pending");
+    assert_eq!(job["goal"], "Write a haiku");
+    assert_eq!(job["max_turns"], 3);
+    assert_eq!(job["timeout_seconds"], 600);
+    assert_eq!(job["labels"]["team"], "ml");
+    assert_eq!(job["links"]["logs"], format!("{location}/logs"));
+
+    let done = server.wait_for(&id, "succeeded", SOON).await;
+    assert!(done["result"].as_str().unwrap().contains("finished 3 turns"), "{done}");
+    assert_eq!(done["attempts"], 1);
+    assert!(done["started_at"].is_string() && done["finished_at"].is_string());
+
+    let logs = server.http.get(server.url(&format!("{location}/logs"))).send().await.unwrap();
+    assert_eq!(logs.status(), StatusCode::OK);
+    assert!(logs.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = logs.text().await.unwrap();
+    for turn in 1..=3 {
+        assert!(text.contains(&format!("turn {turn}/3")), "{text}");
+    }
+    let tail = server.http.get(server.url(&format!("{location}/logs?tail_lines=1&timestamps=true"))).send().await;
+    let tail = tail.unwrap().text().await.unwrap();
+    assert_eq!(tail.lines().count(), 1, "{tail}");
+    assert!(tail.starts_with("20") && tail.contains("demo agent: done"), "{tail}");
+
+    let (status, events) = server.get_json(&format!("{location}/events")).await;
+    assert_eq!(status, StatusCode::OK);
+    let reasons: Vec<&str> =
+        events["items"].as_array().unwrap().iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["Completed", "Started", "Submitted"], "newest first");
+}
+
+#[tokio::test]
+async fn follow_streams_lines_as_they_are_written_until_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_DEMO_TURN_DELAY_MS", "200")]).await;
+    let job = server.create("Count slowly", 5).await;
+    let id = job["id"].as_str().unwrap();
+    let response = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs?follow=true"))).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.bytes_stream();
+    let mut chunks = 0;
+    let mut text = String::new();
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        chunks += 1;
+    }
+    assert!(chunks >= 3, "lines arrived in {chunks} chunk(s); they were not streamed");
+    assert!(text.contains("turn 5/5") && text.contains("demo agent: done"), "{text}");
+    // The stream ended because the agent exited, so the job is finished now.
+    assert_eq!(server.job(id).await["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn cancel_stops_a_long_job_and_keeps_its_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_DEMO_TURN_DELAY_MS", "500")]).await;
+    let job = server.create("Think for a long time", 100).await;
+    let id = job["id"].as_str().unwrap();
+    server.wait_for(id, "running", SOON).await;
+
+    let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(cancel.status(), StatusCode::OK);
+    let cancelled: Value = cancel.json().await.unwrap();
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(cancelled["reason"], "Cancelled");
+
+    // Cancelling twice is harmless.
+    let again = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+
+    // The agent process group is gone: its output stops and says so.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let logs = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs"))).send().await.unwrap();
+    let text = logs.text().await.unwrap();
+    assert!(text.contains("cancelled during turn"), "the agent did not see SIGTERM: {text}");
+    let settled = server.job(id).await;
+    assert_eq!(settled["status"], "cancelled");
+    assert!(settled["finished_at"].is_string());
+    assert!(!text.contains("turn 100/100"));
+
+    // A finished job cannot be cancelled.
+    let short = server.create("Quick", 1).await;
+    let short_id = short["id"].as_str().unwrap();
+    server.wait_for(short_id, "succeeded", SOON).await;
+    let refused = server.http.post(server.url(&format!("/api/v1/jobs/{short_id}/cancel"))).send().await.unwrap();
+    assert_problem(refused, 409, "job-finished").await;
+}
+
+#[tokio::test]
+async fn failing_and_timed_out_agents_report_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_DEMO_TURN_DELAY_MS", "400")]).await;
+    let failing = server.create("Please #fail", 3).await;
+    let failed = server.wait_for(failing["id"].as_str().unwrap(), "failed", SOON).await;
+    assert_eq!(failed["reason"], "AgentError");
+    assert!(failed["message"].as_str().unwrap().contains("code 3"), "{failed}");
+
+    let response = server.submit(json!({"goal": "Never ends", "max_turns": 100, "timeout_seconds": 10})).await;
+    let slow: Value = response.json().await.unwrap();
+    let timed_out = server.wait_for(slow["id"].as_str().unwrap(), "failed", Duration::from_secs(30)).await;
+    assert_eq!(timed_out["reason"], "DeadlineExceeded");
+}
+
+#[tokio::test]
+async fn concurrency_is_bounded_and_extra_jobs_wait_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        Server::start_local(dir.path(), &[("OATS_LOCAL_CONCURRENCY", "2"), ("OATS_DEMO_TURN_DELAY_MS", "300")]).await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(server.create(&format!("job {i}"), 4).await["id"].as_str().unwrap().to_owned());
+    }
+    server.wait_for(&ids[0], "running", SOON).await;
+    server.wait_for(&ids[1], "running", SOON).await;
+    let (_, running) = server.get_json("/api/v1/jobs?status=running").await;
+    assert_eq!(running["items"].as_array().unwrap().len(), 2, "{running}");
+    let (_, pending) = server.get_json("/api/v1/jobs?status=pending").await;
+    assert_eq!(pending["items"].as_array().unwrap().len(), 2, "{pending}");
+    for id in &ids {
+        server.wait_for(id, "succeeded", SOON).await;
+    }
+}
+
+#[tokio::test]
+async fn list_filters_and_pages_over_200_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    // Jobs stay pending (one slot, busy with a long job), so the listing is stable.
+    let server =
+        Server::start_local(dir.path(), &[("OATS_LOCAL_CONCURRENCY", "1"), ("OATS_DEMO_TURN_DELAY_MS", "1000")]).await;
+    let blocker = server.create("blocker", 100).await;
+    let mut created = Vec::new();
+    for i in 0..200 {
+        let team = if i % 4 == 0 { "red" } else { "blue" };
+        let response =
+            server.submit(json!({"goal": format!("job {i}"), "max_turns": 1, "labels": {"team": team}})).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        created.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
+    created.reverse(); // newest first
+
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut url = "/api/v1/jobs?status=pending&limit=30".to_owned();
+        if let Some(t) = &token {
+            url.push_str(&format!("&page_token={t}"));
+        }
+        let (status, page) = server.get_json(&url).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.extend(page["items"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_owned()));
+        pages += 1;
+        if pages == 2 {
+            // Jobs created mid-walk must not shift or repeat later pages.
+            server.create("late arrival", 1).await;
+        }
+        match page["next_page_token"].as_str() {
+            Some(t) => token = Some(t.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 7);
+    assert_eq!(seen, created, "every job once, newest first");
+
+    let (_, red) = server.get_json("/api/v1/jobs?label=team%3Dred&limit=500").await;
+    let red_items = red["items"].as_array().unwrap();
+    assert_eq!(red_items.len(), 50);
+    assert!(red_items.iter().all(|j| j["labels"]["team"] == "red"));
+    let (_, not_red) = server.get_json("/api/v1/jobs?label=team%20notin%20(red)&limit=500").await;
+    assert_eq!(not_red["items"].as_array().unwrap().len(), 150 + 1 + 1, "blue jobs, the blocker and the late one");
+    let (_, default_page) = server.get_json("/api/v1/jobs").await;
+    assert_eq!(default_page["items"].as_array().unwrap().len(), 50);
+
+    let stop = server.http.post(server.url(&format!("/api/v1/jobs/{}/cancel", blocker["id"].as_str().unwrap())));
+    assert_eq!(stop.send().await.unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn jobs_survive_a_restart_and_interrupted_runs_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("OATS_LOCAL_CONCURRENCY", "1"), ("OATS_DEMO_TURN_DELAY_MS", "300")];
+    let server = Server::start_local(dir.path(), &env).await;
+    let finished = server.create("finish first", 1).await["id"].as_str().unwrap().to_owned();
+    server.wait_for(&finished, "succeeded", SOON).await;
+    let running = server.create("interrupted", 100).await["id"].as_str().unwrap().to_owned();
+    let queued = server.create("queued", 1).await["id"].as_str().unwrap().to_owned();
+    server.wait_for(&running, "running", SOON).await;
+    assert_eq!(server.job(&queued).await["status"], "pending");
+    server.crash();
+
+    let server = Server::start_local(dir.path(), &env).await;
+    assert_eq!(server.job(&finished).await["status"], "succeeded");
+    let lost = server.job(&running).await;
+    assert_eq!(lost["status"], "failed");
+    assert_eq!(lost["reason"], "ServerRestarted");
+    // The pending job was accepted, so it is not lost: it runs after the restart.
+    server.wait_for(&queued, "succeeded", SOON).await;
+    let (_, all) = server.get_json("/api/v1/jobs").await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 3);
+    // No agent of the crashed server is left running.
+    let leftovers = std::process::Command::new("pgrep").args(["-f", "demo-agent"]).output().unwrap();
+    let pids = String::from_utf8_lossy(&leftovers.stdout).to_string();
+    for pid in pids.lines() {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&environ).contains(&running), "agent of {running} survived the restart");
+    }
+    server.stop();
+}
+
+#[tokio::test]
+async fn concurrent_idempotent_submissions_create_exactly_one_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[]).await;
+    let body = json!({"goal": "Exactly once", "max_turns": 2});
+    let requests = (0..20).map(|_| {
+        server.http.post(server.url("/api/v1/jobs")).header("Idempotency-Key", "order-7f3a").json(&body).send()
+    });
+    let responses = futures::future::join_all(requests).await;
+    let mut ids = HashSet::new();
+    let mut created = 0;
+    for response in responses {
+        let response = response.unwrap();
+        match response.status() {
+            StatusCode::CREATED => created += 1,
+            StatusCode::OK => {}
+            other => panic!("unexpected {other}"),
+        }
+        ids.insert(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(created, 1, "exactly one request creates the job");
+    assert_eq!(ids.len(), 1, "all requests see the same job");
+    let (_, all) = server.get_json("/api/v1/jobs").await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 1);
+
+    // Same key, different body: refused. Another tenant's key space is separate (see unit tests).
+    let reuse = server
+        .http
+        .post(server.url("/api/v1/jobs"))
+        .header("Idempotency-Key", "order-7f3a")
+        .json(&json!({"goal": "Something else", "max_turns": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(reuse, 409, "idempotency-key-reused").await;
+    // An explicit default is the same request.
+    let same = server
+        .http
+        .post(server.url("/api/v1/jobs"))
+        .header("Idempotency-Key", "order-7f3a")
+        .json(&json!({"goal": "Exactly once", "max_turns": 2, "timeout_seconds": 600}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(same.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_4xx_problem_never_a_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_MAX_BODY_BYTES", "32768")]).await;
+    let post = |body: String, content_type: &'static str| {
+        server.http.post(server.url("/api/v1/jobs")).header("content-type", content_type).body(body).send()
+    };
+    let ok = |goal: Value, max_turns: Value| json!({"goal": goal, "max_turns": max_turns}).to_string();
+
+    assert_problem(post("{\"goal\": ".into(), "application/json").await.unwrap(), 400, "invalid-body").await;
+    assert_problem(post("[1,2]".into(), "application/json").await.unwrap(), 400, "invalid-body").await;
+    assert_problem(post(ok(json!(1), json!(2)), "application/json").await.unwrap(), 400, "invalid-body").await;
+    assert_problem(post(ok(json!("g"), json!("2")), "application/json").await.unwrap(), 400, "invalid-body").await;
+    assert_problem(post(ok(json!("g"), json!(-1)), "application/json").await.unwrap(), 400, "invalid-body").await;
+    let unknown = json!({"goal": "g", "max_turns": 1, "priority": "high"}).to_string();
+    let body = assert_problem(post(unknown, "application/json").await.unwrap(), 400, "invalid-body").await;
+    assert!(body["detail"].as_str().unwrap().contains("priority"), "{body}");
+    assert_problem(post(json!({"goal": "g"}).to_string(), "application/json").await.unwrap(), 400, "invalid-body")
+        .await;
+    assert_problem(post(ok(json!("g"), json!(1)), "text/plain").await.unwrap(), 415, "unsupported-media-type").await;
+
+    // Limits: goal bytes, turns, labels, timeout.
+    assert_problem(post(ok(json!(""), json!(1)), "application/json").await.unwrap(), 400, "invalid-body").await;
+    assert_problem(post(ok(json!("   "), json!(1)), "application/json").await.unwrap(), 422, "validation-failed").await;
+    let goal_16384 = "a".repeat(16384);
+    assert_eq!(post(ok(json!(goal_16384), json!(1)), "application/json").await.unwrap().status(), 201);
+    let wide = "é".repeat(8193); // 16386 bytes in 8193 characters
+    let body =
+        assert_problem(post(ok(json!(wide), json!(1)), "application/json").await.unwrap(), 422, "validation-failed")
+            .await;
+    assert_eq!(body["errors"][0]["field"], "goal");
+    assert_problem(post(ok(json!("g"), json!(0)), "application/json").await.unwrap(), 400, "invalid-body").await;
+    assert_problem(post(ok(json!("g"), json!(101)), "application/json").await.unwrap(), 400, "invalid-body").await;
+    let labels: serde_json::Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let many = json!({"goal": "g", "max_turns": 1, "labels": labels}).to_string();
+    assert_problem(post(many, "application/json").await.unwrap(), 400, "invalid-body").await;
+    let bad_label = json!({"goal": "g", "max_turns": 1, "labels": {"bad key": "v"}}).to_string();
+    let body = assert_problem(post(bad_label, "application/json").await.unwrap(), 422, "validation-failed").await;
+    assert_eq!(body["errors"][0]["field"], "labels.bad key");
+    let long_timeout = json!({"goal": "g", "max_turns": 1, "timeout_seconds": 7200}).to_string();
+    assert_problem(post(long_timeout, "application/json").await.unwrap(), 422, "validation-failed").await;
+
+    // Oversize bodies, with and without Content-Length.
+    let huge = ok(json!("a".repeat(40_000)), json!(1));
+    assert_problem(post(huge.clone(), "application/json").await.unwrap(), 413, "payload-too-large").await;
+    let chunks = futures::stream::iter(
+        huge.into_bytes().chunks(1000).map(|c| Ok::<_, std::io::Error>(c.to_vec())).collect::<Vec<_>>(),
+    );
+    let streamed = server
+        .http
+        .post(server.url("/api/v1/jobs"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(streamed, 413, "payload-too-large").await;
+
+    // Idempotency keys.
+    let bad_key = server
+        .http
+        .post(server.url("/api/v1/jobs"))
+        .header("Idempotency-Key", "k".repeat(256))
+        .json(&json!({"goal": "g", "max_turns": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(bad_key, 400, "invalid-parameter").await;
+    let spaced_key = server
+        .http
+        .post(server.url("/api/v1/jobs"))
+        .header("Idempotency-Key", "has space")
+        .json(&json!({"goal": "g", "max_turns": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(spaced_key, 422, "validation-failed").await;
+
+    // Ids, queries, routes and methods.
+    for path in ["/api/v1/jobs/job-aaaaaaaaaaaaaaaaaaaa", "/api/v1/jobs/not-an-id", "/api/v1/jobs/..%2F..%2Fetc"] {
+        let response = server.http.get(server.url(path)).send().await.unwrap();
+        assert_problem(response, 404, "not-found").await;
+    }
+    for query in ["limit=0", "limit=501", "limit=ten", "status=done"] {
+        let response = server.http.get(server.url(&format!("/api/v1/jobs?{query}"))).send().await.unwrap();
+        assert_problem(response, 400, "invalid-parameter").await;
+    }
+    let bad_selector = server.http.get(server.url("/api/v1/jobs?label=bad%20key%3Dv")).send().await.unwrap();
+    assert_problem(bad_selector, 422, "validation-failed").await;
+    let bad_token = server.http.get(server.url("/api/v1/jobs?page_token=bogus")).send().await.unwrap();
+    assert_problem(bad_token, 400, "invalid-page-token").await;
+    let nowhere = server.http.get(server.url("/api/v2/jobs")).send().await.unwrap();
+    assert_problem(nowhere, 404, "not-found").await;
+    let wrong_method = server.http.delete(server.url("/api/v1/jobs")).send().await.unwrap();
+    assert_problem(wrong_method, 405, "method-not-allowed").await;
+
+    // Nothing above crashed the server or logged a panic.
+    let (status, _) = server.get_json("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!server.log_text().contains("panicked"), "{}", server.log_text());
+}
+
+#[tokio::test]
+async fn docs_spec_and_probes_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[]).await;
+    let (status, spec) = server.get_json("/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(spec["paths"]["/api/v1/jobs"]["post"]["operationId"], "createJob");
+    let docs = server.http.get(server.url("/docs")).send().await.unwrap();
+    assert_eq!(docs.status(), StatusCode::OK);
+    assert!(docs.text().await.unwrap().contains("swagger"));
+    let (status, ready) = server.get_json("/readyz").await;
+    assert_eq!((status, ready["backend"].as_str()), (StatusCode::OK, Some("local")));
+}
