@@ -84,9 +84,7 @@ fn render_job(config: &Config) -> Result<()> {
     let value: serde_json::Value = serde_json::from_str(&input).context("the job request is not JSON")?;
     let request =
         CreateJobRequest::parse_from_json(Some(value)).map_err(|e| anyhow::anyhow!("{}", e.into_message()))?;
-    let spec = JobRequest::from(request)
-        .validate(&config.job_limits())
-        .map_err(|errors| oats::jobs::JobError::Invalid(errors))?;
+    let spec = JobRequest::from(request).validate(&config.job_limits()).map_err(oats::jobs::JobError::Invalid)?;
     let job = NewJob {
         id: JobId::random(),
         tenant: config.tenant.clone(),

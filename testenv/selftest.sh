@@ -106,7 +106,7 @@ expect() { # <description> <actual> <expected>
   echo "  $1 = $2"
 }
 pod_matches() { pod_json "$1" | jq -e "$2"; }
-pod_gone() { k get pod -n "$NS" "$1" 2>&1 | grep -q NotFound; }
+pod_gone() { local out; out=$(k get pod -n "$NS" "$1" 2>&1) && return 1; grep -q NotFound <<<"$out"; }
 secs() { date -d "$1" +%s.%N; }
 
 # ---------------------------------------------------------------------------------------------
@@ -220,11 +220,14 @@ rbac_and_tokens() {
 }
 
 vap_denies() {
-  k create -n "$NS" -f - --dry-run=server -o name 2>&1 <<'EOF' | grep -q 'denied by oats-selftest-deny'
+  local out
+  out=$(k create -n "$NS" -f - --dry-run=server -o name 2>&1 <<'EOF'
 apiVersion: v1
 kind: ConfigMap
 metadata: {name: vap-probe, labels: {deny: x}}
 EOF
+  ) && return 1
+  grep -q 'denied by oats-selftest-deny' <<<"$out"
 }
 
 validating_admission_policy() {

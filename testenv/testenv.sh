@@ -183,7 +183,7 @@ EOF
     openssl verify -CAfile ca.crt apiserver.crt
     openssl genrsa -out sa.key 2048
     openssl rsa -in sa.key -pubout -out sa.pub
-  ) >"$DIR/logs/pki.log" 2>&1 || { cat "$DIR/logs/pki.log" >&2; die "openssl failed to create the PKI"; }
+  ) >"$pki/openssl.log" 2>&1 || { cat "$pki/openssl.log" >&2; die "openssl failed to create the PKI"; }
 }
 
 # mkkc <name> <token>: kubeconfig for one identity (CA embedded).
@@ -333,6 +333,7 @@ EOF
 --service-account-signing-key-file=$DIR/pki/sa.key
 --service-cluster-ip-range=10.96.0.0/16
 --allow-privileged=true
+--shutdown-watch-termination-grace-period=2s
 --profiling=false
 --v=1
 EOF

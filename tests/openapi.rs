@@ -78,9 +78,9 @@ fn schema_bounds_are_the_server_limits() {
     let spec = spec();
     let request = &spec["components"]["schemas"]["CreateJobRequest"]["properties"];
     assert_eq!(num(&request["goal"]["maxLength"]), JobLimits::GOAL_BYTES_CEILING as f64);
-    assert_eq!(num(&request["goal"]["minLength"]), 1 as f64);
+    assert_eq!(num(&request["goal"]["minLength"]), 1_f64);
     assert_eq!(num(&request["max_turns"]["maximum"]), JobLimits::MAX_TURNS_CEILING as f64);
-    assert_eq!(num(&request["max_turns"]["minimum"]), 1 as f64);
+    assert_eq!(num(&request["max_turns"]["minimum"]), 1_f64);
     assert_eq!(num(&request["labels"]["maxProperties"]), JobLimits::LABELS_CEILING as f64);
     assert_eq!(num(&request["timeout_seconds"]["minimum"]), JobLimits::MIN_TIMEOUT_SECONDS as f64);
     assert_eq!(num(&request["timeout_seconds"]["maximum"]), JobLimits::TIMEOUT_CEILING_SECONDS as f64);

@@ -7,6 +7,9 @@ pub mod pss;
 pub mod render;
 pub mod status;
 
+#[cfg(test)]
+mod mock_tests;
+
 use super::{BackendError, JobBackend};
 use crate::jobs::{CreateOutcome, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob};
 use async_trait::async_trait;

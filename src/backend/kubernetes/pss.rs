@@ -85,10 +85,10 @@ pub fn check_restricted(template: &PodTemplateSpec) -> Vec<Violation> {
         if sc.windows_options.as_ref().and_then(|w| w.host_process) == Some(true) {
             fail("windowsHostProcess", format!("container {name} is a Windows host process"));
         }
-        if let Some(se) = &sc.se_linux_options {
-            if !SELINUX_TYPES.contains(&se.type_.as_deref().unwrap_or("")) || se.user.is_some() || se.role.is_some() {
-                fail("seLinuxOptions", format!("container {name} sets forbidden SELinux options"));
-            }
+        if let Some(se) = &sc.se_linux_options
+            && (!SELINUX_TYPES.contains(&se.type_.as_deref().unwrap_or("")) || se.user.is_some() || se.role.is_some())
+        {
+            fail("seLinuxOptions", format!("container {name} sets forbidden SELinux options"));
         }
         if sc.app_armor_profile.as_ref().is_some_and(|p| p.type_ == "Unconfined") {
             fail("appArmorProfile", format!("container {name} is AppArmor unconfined"));

@@ -1,0 +1,226 @@
+//! Backend logic against kube's tower-test mock: an API server scripted per scenario, checking
+//! the exact calls the backend makes. The real control plane is exercised by tests/.
+
+use super::{KubernetesBackend, render};
+use crate::{
+    backend::JobBackend,
+    config::Config,
+    jobs::{JobError, JobLimits, JobPhase, JobRequest, JobService},
+};
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::batch::v1::Job;
+use kube::client::Body;
+use serde_json::{Value, json};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+/// How the fake API server answers writes.
+#[derive(Clone, Copy, PartialEq)]
+enum Writes {
+    Accept,
+    AlreadyExists,
+    Unavailable,
+}
+
+/// A scripted API server: lists return `jobs`, watches hang, writes follow `writes`; every call
+/// is recorded as (method, path and query, body).
+#[derive(Clone)]
+struct FakeApiServer {
+    jobs: Arc<Mutex<Vec<Value>>>,
+    calls: Arc<Mutex<Vec<(Method, String, Value)>>>,
+    writes: Writes,
+}
+
+impl FakeApiServer {
+    fn new(writes: Writes) -> Self {
+        Self { jobs: Arc::default(), calls: Arc::default(), writes }
+    }
+
+    fn writes(&self) -> Vec<(Method, String, Value)> {
+        self.calls.lock().unwrap().iter().filter(|(m, _, _)| m != Method::GET).cloned().collect()
+    }
+
+    fn start(self) -> kube::Client {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(async move {
+            let mut hanging = Vec::new();
+            while let Some((request, send)) = handle.next_request().await {
+                let (parts, body) = request.into_parts();
+                let bytes = body.collect_bytes().await.unwrap();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let uri = parts.uri.to_string();
+                self.calls.lock().unwrap().push((parts.method.clone(), uri.clone(), body.clone()));
+                let path = parts.uri.path().to_owned();
+                let (status, answer) = match parts.method {
+                    Method::GET if uri.contains("watch=true") => {
+                        hanging.push(send);
+                        continue;
+                    }
+                    Method::GET if path.ends_with("/jobs") => {
+                        let items = self.jobs.lock().unwrap().clone();
+                        (
+                            200,
+                            json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": {"resourceVersion": "1"}, "items": items}),
+                        )
+                    }
+                    Method::GET if path.ends_with("/pods") => (
+                        200,
+                        json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": []}),
+                    ),
+                    Method::GET => {
+                        let name = path.rsplit('/').next().unwrap();
+                        let jobs = self.jobs.lock().unwrap();
+                        match jobs.iter().find(|j| j["metadata"]["name"] == name) {
+                            Some(job) => (200, job.clone()),
+                            None => (404, status(404, "NotFound")),
+                        }
+                    }
+                    _ if self.writes == Writes::Unavailable => (503, status(503, "ServiceUnavailable")),
+                    Method::POST if self.writes == Writes::AlreadyExists => (409, status(409, "AlreadyExists")),
+                    Method::POST => {
+                        self.jobs.lock().unwrap().push(body.clone());
+                        (201, body)
+                    }
+                    Method::PATCH => {
+                        let name = path.rsplit('/').next().unwrap();
+                        let mut jobs = self.jobs.lock().unwrap();
+                        let job = jobs.iter_mut().find(|j| j["metadata"]["name"] == name).unwrap();
+                        merge(job, &body);
+                        (200, job.clone())
+                    }
+                    _ => (405, status(405, "MethodNotAllowed")),
+                };
+                let response = Response::builder()
+                    .status(StatusCode::from_u16(status).unwrap())
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap();
+                send.send_response(response);
+            }
+        });
+        kube::Client::new(service, "oats")
+    }
+}
+
+fn status(code: u16, reason: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code, "reason": reason, "message": reason})
+}
+
+/// JSON merge patch (RFC 7386).
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                merge(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+async fn backend(fake: &FakeApiServer) -> Arc<KubernetesBackend> {
+    let client = fake.clone().start();
+    let backend =
+        Arc::new(KubernetesBackend::start(client, render::AgentTemplate::from_config(&Config::default(), "oats")));
+    for _ in 0..200 {
+        if backend.is_ready() {
+            return backend;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the watch caches never synced against the fake API server");
+}
+
+fn request(goal: &str) -> JobRequest {
+    JobRequest { goal: goal.into(), max_turns: 2, ..Default::default() }
+}
+
+#[tokio::test]
+async fn create_posts_exactly_the_rendered_job() {
+    let fake = FakeApiServer::new(Writes::Accept);
+    let service = JobService::new(backend(&fake).await, JobLimits::default());
+    let submitted = service.submit("default", request("Ship it"), None).await.unwrap();
+    assert!(submitted.created);
+    assert_eq!(submitted.job.status.phase, JobPhase::Pending);
+
+    let writes = fake.writes();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    let (method, uri, body) = &writes[0];
+    assert_eq!((method, uri.as_str()), (&Method::POST, "/apis/batch/v1/namespaces/oats/jobs?"));
+    let posted: Job = serde_json::from_value(body.clone()).unwrap();
+    let spec = request("Ship it").validate(&JobLimits::default()).unwrap();
+    let expected = render::render_job(
+        &crate::jobs::NewJob {
+            id: submitted.job.id.clone(),
+            tenant: "default".into(),
+            request_hash: spec.fingerprint(),
+            spec,
+            created_at: submitted.job.created_at,
+        },
+        &render::AgentTemplate::from_config(&Config::default(), "oats"),
+    );
+    assert_eq!(posted, expected);
+}
+
+#[tokio::test]
+async fn idempotent_retry_returns_the_existing_job_and_a_reused_key_conflicts() {
+    let fake = FakeApiServer::new(Writes::Accept);
+    let service = JobService::new(backend(&fake).await, JobLimits::default());
+    let first = service.submit("default", request("Once"), Some("key-1")).await.unwrap();
+    assert!(first.created);
+
+    // A second replica (same cluster) sees AlreadyExists and reads the Job back.
+    let replica = FakeApiServer { writes: Writes::AlreadyExists, ..fake.clone() };
+    let other = JobService::new(backend(&replica).await, JobLimits::default());
+    let retry = other.submit("default", request("Once"), Some("key-1")).await.unwrap();
+    assert!(!retry.created);
+    assert_eq!(retry.job.id, first.job.id);
+    let reused = other.submit("default", request("Something else"), Some("key-1")).await;
+    assert!(matches!(reused, Err(JobError::IdempotencyConflict(_))), "{reused:?}");
+    // The same key of another tenant names another Job.
+    let elsewhere = service.submit("acme", request("Once"), Some("key-1")).await.unwrap();
+    assert_ne!(elsewhere.job.id, first.job.id);
+}
+
+#[tokio::test]
+async fn cancel_sets_a_one_second_deadline_and_marks_the_job() {
+    let fake = FakeApiServer::new(Writes::Accept);
+    let service = JobService::new(backend(&fake).await, JobLimits::default());
+    let job = service.submit("default", request("Long"), None).await.unwrap().job;
+    let cancelled = service.cancel("default", job.id.as_str()).await.unwrap();
+    assert_eq!(cancelled.status.phase, JobPhase::Cancelled);
+
+    let writes = fake.writes();
+    let (method, uri, body) = writes.last().unwrap();
+    assert_eq!(method, Method::PATCH);
+    assert_eq!(uri, &format!("/apis/batch/v1/namespaces/oats/jobs/{}?", job.id));
+    assert_eq!(body["spec"]["activeDeadlineSeconds"], 1);
+    assert!(body["metadata"]["annotations"][render::CANCELLED_AT_ANNOTATION].is_string());
+    // Cancelling again makes no second call.
+    service.cancel("default", job.id.as_str()).await.unwrap();
+    assert_eq!(fake.writes().len(), writes.len());
+}
+
+#[tokio::test]
+async fn an_unavailable_api_server_is_a_retryable_error_and_nothing_is_claimed() {
+    let fake = FakeApiServer::new(Writes::Unavailable);
+    let service = JobService::new(backend(&fake).await, JobLimits::default());
+    match service.submit("default", request("Later"), None).await {
+        Err(JobError::Unavailable { retry_after, .. }) => assert!(retry_after >= Duration::from_secs(1)),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let listed = service.list("default", &crate::jobs::ListQuery::parse(None, None, None, None).unwrap()).await;
+    assert!(listed.unwrap().items.is_empty());
+}
+
+#[tokio::test]
+async fn not_ready_until_both_caches_sync() {
+    let (service, _handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "oats");
+    let backend = KubernetesBackend::start(client, render::AgentTemplate::from_config(&Config::default(), "oats"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!backend.is_ready(), "ready before any list answered");
+    let listed = backend.list().await;
+    assert!(matches!(listed, Err(crate::backend::BackendError::Unavailable { .. })));
+}
