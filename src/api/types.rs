@@ -79,8 +79,8 @@ pub struct CreateJobRequest {
     /// The most reasoning turns the agent may take: 1 to 100 (the configured ceiling may be lower).
     #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
     pub max_turns: u32,
-    /// Up to 16 labels for filtering, in Kubernetes label syntax. Keys `app`, `oats.dev/*` and
-    /// `*.oats.dev/*` are reserved.
+    /// Up to 16 labels for filtering, in Kubernetes label syntax. Keys `app` and `oats.dev/*` are
+    /// reserved.
     #[oai(validator(max_properties = 16))]
     pub labels: Option<BTreeMap<String, StrictString>>,
     /// Seconds the job may run before it is stopped with reason `DeadlineExceeded`: 10 to 86400,

@@ -110,7 +110,7 @@ impl JobRequest {
         for (key, value) in &self.labels {
             if let Err(message) = check_label_key(key) {
                 errors.push(FieldError::new(format!("labels.{key}"), message));
-            } else if key == "app" || key.starts_with(RESERVED_LABEL_PREFIX) || key.contains(".oats.dev/") {
+            } else if key == "app" || key.starts_with(RESERVED_LABEL_PREFIX) {
                 errors.push(FieldError::new(format!("labels.{key}"), "this key is reserved for OATS"));
             }
             if let Err(message) = check_label_value(value) {
