@@ -1,0 +1,140 @@
+//! The real control plane of `testenv/` (kube-apiserver, etcd, controller-manager, scheduler and
+//! kwok on loopback), prepared once per test binary: `infra/base` applied server-side into the
+//! restricted namespace `oats`, and a kubeconfig holding a TokenRequest token of the shipped
+//! `oats-backend-api` service account, so OATS runs with exactly the RBAC it ships with.
+#![allow(dead_code)] // each test binary uses a part
+
+use crate::common::Server;
+use serde_json::Value;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+pub const NAMESPACE: &str = "oats";
+
+/// The prepared control plane.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub admin_kubeconfig: PathBuf,
+    pub oats_kubeconfig: PathBuf,
+}
+
+/// The control plane, prepared on first use. Fails loudly when `scripts/test.sh` did not start
+/// one, unless the developer opted out with `OATS_SKIP_KUBE_E2E=1` (never honoured in CI).
+pub fn cluster() -> Option<&'static Cluster> {
+    static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
+    CLUSTER.get_or_init(prepare).as_ref()
+}
+
+fn prepare() -> Option<Cluster> {
+    let Ok(dir) = std::env::var("OATS_TESTENV_DIR") else {
+        let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+        if !in_ci && std::env::var("OATS_SKIP_KUBE_E2E").as_deref() == Ok("1") {
+            eprintln!("OATS_SKIP_KUBE_E2E=1: skipping the tests that need a control plane");
+            return None;
+        }
+        panic!(
+            "no control plane: run the suite with scripts/test.sh (it starts testenv/), \
+             or set OATS_SKIP_KUBE_E2E=1 to skip these tests locally"
+        );
+    };
+    let dir = PathBuf::from(dir);
+    let admin_kubeconfig = dir.join("admin.kubeconfig");
+    assert!(admin_kubeconfig.exists(), "{} is missing; is testenv up?", admin_kubeconfig.display());
+    let cluster = Cluster { oats_kubeconfig: dir.join("oats-backend-api.kubeconfig"), admin_kubeconfig, dir };
+    cluster.kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-k", "infra/base"]);
+    cluster.wait_for_service_account("oats-backend-api");
+    let token = cluster.kubectl_ok(&["create", "token", "oats-backend-api", "-n", NAMESPACE, "--duration=3h"]);
+    let token = token.trim().to_owned();
+    let server = cluster.kubectl_ok(&["config", "view", "--raw", "-o", "jsonpath={.clusters[0].cluster.server}"]);
+    let ca = cluster.kubectl_ok(&[
+        "config",
+        "view",
+        "--raw",
+        "-o",
+        "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+    ]);
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: testenv\n  cluster:\n    server: {server}\n    \
+         certificate-authority-data: {ca}\nusers:\n- name: oats-backend-api\n  user:\n    token: {token}\n\
+         contexts:\n- name: oats\n  context:\n    cluster: testenv\n    user: oats-backend-api\n    \
+         namespace: {NAMESPACE}\ncurrent-context: oats\n"
+    );
+    std::fs::write(&cluster.oats_kubeconfig, kubeconfig).unwrap();
+    Some(cluster)
+}
+
+impl Cluster {
+    /// Run kubectl as the cluster admin.
+    pub fn kubectl(&self, args: &[&str]) -> std::process::Output {
+        self.kubectl_as(&self.admin_kubeconfig, args)
+    }
+
+    pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> std::process::Output {
+        Command::new("kubectl").arg("--kubeconfig").arg(kubeconfig).args(args).output().expect("kubectl runs")
+    }
+
+    /// Run kubectl as the admin and return stdout, failing the test on error.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn kubectl_json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        serde_json::from_str(&self.kubectl_ok(&args)).unwrap()
+    }
+
+    fn wait_for_service_account(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.kubectl(&["get", "serviceaccount", name, "-n", NAMESPACE]).status.success() {
+            assert!(Instant::now() < deadline, "service account {name} never appeared");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The testenv script (to stop and start kube-apiserver).
+    pub fn testenv(&self, verb: &str) {
+        let status = Command::new("testenv/testenv.sh")
+            .arg(verb)
+            .env("OATS_TESTENV_DIR", &self.dir)
+            .status()
+            .expect("testenv.sh runs");
+        assert!(status.success(), "testenv.sh {verb} failed");
+    }
+
+    /// Start OATS against this cluster as the `oats-backend-api` service account.
+    pub async fn start_oats(&self, log_dir: &Path) -> Server {
+        let env = vec![
+            ("OATS_BACKEND".to_owned(), "kubernetes".to_owned()),
+            ("OATS_NAMESPACE".to_owned(), NAMESPACE.to_owned()),
+            ("KUBECONFIG".to_owned(), self.oats_kubeconfig.display().to_string()),
+            ("OATS_LOG_FORMAT".to_owned(), "json".to_owned()),
+            ("OATS_LLM_SECRET_NAME".to_owned(), "oats-llm-credentials".to_owned()),
+            ("OATS_LLM_SECRET_KEYS".to_owned(), "api-key".to_owned()),
+        ];
+        Server::start(env, log_dir).await
+    }
+
+    /// Jobs with a label, as the admin sees them.
+    pub fn jobs_labelled(&self, selector: &str) -> Vec<Value> {
+        let list = self.kubectl_json(&["get", "jobs", "-n", NAMESPACE, "-l", selector]);
+        list["items"].as_array().unwrap().clone()
+    }
+
+    /// Delete the jobs (and their pods) a test made, so the cluster stays small.
+    pub fn delete_jobs(&self, selector: &str) {
+        self.kubectl_ok(&["delete", "jobs", "-n", NAMESPACE, "-l", selector, "--cascade=background", "--wait=false"]);
+    }
+}

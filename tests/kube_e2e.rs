@@ -1,0 +1,394 @@
+//! End-to-end tests of the Kubernetes backend against the real control plane of `testenv/`.
+//! Agent pods are played by kwok, steered by `kwok.oats.dev/*` labels on the job (see
+//! testenv/kwok/oats-stages.yaml).
+
+mod common;
+mod kube;
+
+use chrono::{DateTime, Utc};
+use common::{Server, assert_problem};
+use oats::{
+    backend::kubernetes::render::{self, AgentTemplate},
+    config::Config,
+    jobs::{JobId, JobLimits, JobRequest, NewJob},
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::{collections::HashSet, time::Duration};
+
+const SOON: Duration = Duration::from_secs(60);
+
+async fn submit(server: &Server, goal: &str, labels: Value, timeout: Option<u32>) -> Value {
+    let mut body = json!({"goal": goal, "max_turns": 3, "labels": labels});
+    if let Some(t) = timeout {
+        body["timeout_seconds"] = json!(t);
+    }
+    let response = server.submit(body).await;
+    let status = response.status();
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    job
+}
+
+fn id_of(job: &Value) -> String {
+    job["id"].as_str().unwrap().to_owned()
+}
+
+/// `expected` is contained in `actual`: every field OATS set is there with the same value
+/// (the API server adds defaults of its own).
+fn assert_subset(expected: &Value, actual: &Value, path: &str) {
+    match (expected, actual) {
+        (Value::Object(e), Value::Object(a)) => {
+            for (key, value) in e {
+                let child = a.get(key).unwrap_or_else(|| panic!("{path}.{key} is missing in the stored Job"));
+                assert_subset(value, child, &format!("{path}.{key}"));
+            }
+        }
+        (Value::Array(e), Value::Array(a)) => {
+            assert_eq!(e.len(), a.len(), "{path} has a different length");
+            for (i, (ev, av)) in e.iter().zip(a).enumerate() {
+                assert_subset(ev, av, &format!("{path}[{i}]"));
+            }
+        }
+        _ => assert_eq!(expected, actual, "{path} differs"),
+    }
+}
+
+#[tokio::test]
+async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
+    let Some(cluster) = kube::cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = cluster.start_oats(dir.path()).await;
+    let job = submit(&server, "Render me", json!({"e2e": "render", "kwok.oats.dev/outcome": "run"}), Some(120)).await;
+    let id = id_of(&job);
+
+    let stored = cluster.kubectl_json(&["get", "job", &id, "-n", kube::NAMESPACE]);
+    let annotations = &stored["metadata"]["annotations"];
+    let created_at: DateTime<Utc> = annotations[render::CREATED_AT_ANNOTATION].as_str().unwrap().parse().unwrap();
+    let spec = JobRequest {
+        goal: "Render me".into(),
+        max_turns: 3,
+        labels: [("e2e", "render"), ("kwok.oats.dev/outcome", "run")].map(|(k, v)| (k.to_owned(), v.to_owned())).into(),
+        timeout_seconds: Some(120),
+        model: None,
+    }
+    .validate(&JobLimits::default())
+    .unwrap();
+    let mut config = Config::default();
+    config.llm_secret_name = Some("oats-llm-credentials".into());
+    config.llm_secret_keys = vec!["api-key".into()];
+    let expected = render::render_job(
+        &NewJob {
+            id: JobId::parse(&id).unwrap(),
+            tenant: "default".into(),
+            request_hash: spec.fingerprint(),
+            spec,
+            created_at,
+        },
+        &AgentTemplate::from_config(&config, kube::NAMESPACE),
+    );
+    assert_subset(&serde_json::to_value(&expected).unwrap(), &stored, "job");
+
+    // The same manifest, dry-run created under another name: no Pod Security warnings.
+    let mut probe = serde_json::to_value(&expected).unwrap();
+    probe["metadata"]["name"] = json!(format!("{id}-dry"));
+    let manifest = dir.path().join("dry.json");
+    std::fs::write(&manifest, probe.to_string()).unwrap();
+    let dry = cluster.kubectl(&["create", "--dry-run=server", "-f", manifest.to_str().unwrap()]);
+    let warnings = String::from_utf8_lossy(&dry.stderr);
+    assert!(dry.status.success(), "{warnings}");
+    assert!(!warnings.contains("Warning"), "the API server warned: {warnings}");
+
+    // The Job controller's pod was admitted under enforce=restricted.
+    let running = server.wait_for(&id, "running", SOON).await;
+    assert!(running["started_at"].is_string(), "{running}");
+    let pods = cluster.kubectl_json(&["get", "pods", "-n", kube::NAMESPACE, "-l", &format!("oats.dev/job-id={id}")]);
+    assert_eq!(pods["items"].as_array().unwrap().len(), 1);
+    let events = cluster.kubectl_json(&[
+        "get",
+        "events",
+        "-n",
+        kube::NAMESPACE,
+        "--field-selector",
+        &format!("involvedObject.name={id}"),
+    ]);
+    assert!(
+        events["items"].as_array().unwrap().iter().all(|e| e["reason"] != "FailedCreate"),
+        "the Job controller could not create the pod: {events}"
+    );
+    cluster.delete_jobs("e2e=render");
+}
+
+#[tokio::test]
+async fn every_status_path_is_reported() {
+    let Some(cluster) = kube::cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = cluster.start_oats(dir.path()).await;
+    let label = |outcome: &str, extra: &[(&str, &str)]| {
+        let mut labels = json!({"e2e": "paths", "kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": "3000"});
+        for (k, v) in extra {
+            labels[*k] = json!(v);
+        }
+        labels
+    };
+    let ok = id_of(&submit(&server, "Answer me", label("succeed", &[]), None).await);
+    let fail = id_of(&submit(&server, "Fail me", label("fail", &[("kwok.oats.dev/exit-code", "3")]), None).await);
+    let oom = id_of(&submit(&server, "Eat memory", label("oom", &[]), None).await);
+    let slow = id_of(&submit(&server, "Never finish", label("run", &[]), Some(10)).await);
+    let stuck = id_of(&submit(&server, "Wrong image", label("pending", &[]), None).await);
+
+    server.wait_for(&ok, "running", SOON).await;
+    let done = server.wait_for(&ok, "succeeded", SOON).await;
+    assert_eq!(done["result"], "done: Answer me", "result comes from the termination message");
+    assert!(done["finished_at"].is_string() && done["attempts"] == 1, "{done}");
+
+    let failed = server.wait_for(&fail, "failed", SOON).await;
+    assert_eq!(failed["reason"], "AgentError");
+    assert!(failed["message"].as_str().unwrap().contains("code 3"), "{failed}");
+
+    let oomed = server.wait_for(&oom, "failed", SOON).await;
+    assert_eq!(oomed["reason"], "OOMKilled");
+
+    let timed_out = server.wait_for(&slow, "failed", SOON).await;
+    assert_eq!(timed_out["reason"], "DeadlineExceeded");
+
+    let pending = server.job(&stuck).await;
+    assert_eq!(pending["status"], "pending");
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let job = server.job(&stuck).await;
+        if job["reason"] == "ImagePullFailed" {
+            assert_eq!(job["status"], "pending", "an image pull failure is pending, not running");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no ImagePullFailed: {job}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, events) = server.get_json(&format!("/api/v1/jobs/{stuck}/events")).await;
+    assert_eq!(status, StatusCode::OK, "{events}");
+    let items = events["items"].as_array().unwrap();
+    assert!(items.iter().any(|e| e["object"].as_str().unwrap().starts_with("Pod/")), "{events}");
+    assert!(items.iter().any(|e| e["object"] == format!("Job/{stuck}")), "{events}");
+    let times: Vec<&str> = items.iter().map(|e| e["time"].as_str().unwrap()).collect();
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(times, sorted, "events are newest first");
+    cluster.delete_jobs("e2e=paths");
+}
+
+#[tokio::test]
+async fn cancel_removes_the_pods_and_keeps_the_record() {
+    let Some(cluster) = kube::cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = cluster.start_oats(dir.path()).await;
+    let id = id_of(&submit(&server, "Cancel me", json!({"e2e": "cancel", "kwok.oats.dev/outcome": "run"}), None).await);
+    server.wait_for(&id, "running", SOON).await;
+    let response = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.json::<Value>().await.unwrap()["status"], "cancelled");
+    let selector = format!("oats.dev/job-id={id}");
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let pods = cluster.kubectl_json(&["get", "pods", "-n", kube::NAMESPACE, "-l", &selector]);
+        if pods["items"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent pod was never removed: {pods}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let kept = server.job(&id).await;
+    assert_eq!(kept["status"], "cancelled");
+    assert_eq!(kept["reason"], "Cancelled");
+    let again = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK, "cancelling twice is harmless");
+    cluster.delete_jobs("e2e=cancel");
+}
+
+#[tokio::test]
+async fn list_filter_and_page_through_300_jobs() {
+    let Some(cluster) = kube::cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = cluster.start_oats(dir.path()).await;
+    let mut created = Vec::new();
+    for i in 0..300 {
+        let shard = if i % 3 == 0 { "a" } else { "b" };
+        let labels = json!({"e2e": "page", "shard": shard, "kwok.oats.dev/outcome": "run"});
+        created.push(id_of(&submit(&server, &format!("job {i}"), labels, None).await));
+    }
+    created.reverse();
+    // The cache catches up with the writes.
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let (_, all) = server.get_json("/api/v1/jobs?label=e2e%3Dpage&limit=500").await;
+        if all["items"].as_array().unwrap().len() == 300 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the cache never showed all 300 jobs");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut url = "/api/v1/jobs?label=e2e%3Dpage&limit=70".to_owned();
+        if let Some(t) = &token {
+            url.push_str(&format!("&page_token={t}"));
+        }
+        let (status, page) = server.get_json(&url).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.extend(page["items"].as_array().unwrap().iter().map(id_of));
+        match page["next_page_token"].as_str() {
+            Some(t) => token = Some(t.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, created, "every job once, newest first");
+    let (_, shard_a) = server.get_json("/api/v1/jobs?label=e2e%3Dpage,shard%3Da&limit=500").await;
+    assert_eq!(shard_a["items"].as_array().unwrap().len(), 100);
+    cluster.delete_jobs("e2e=page");
+}
+
+#[tokio::test]
+async fn concurrent_idempotent_submissions_on_two_replicas_create_one_job() {
+    let Some(cluster) = kube::cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let first = cluster.start_oats(dir.path()).await;
+    let second = cluster.start_oats(dir.path()).await;
+    let body =
+        json!({"goal": "Exactly once", "max_turns": 2, "labels": {"e2e": "idem", "kwok.oats.dev/outcome": "run"}});
+    let requests = (0..20).map(|i| {
+        let server = if i % 2 == 0 { &first } else { &second };
+        server.http.post(server.url("/api/v1/jobs")).header("Idempotency-Key", "e2e-once").json(&body).send()
+    });
+    let mut ids = HashSet::new();
+    let mut created = 0;
+    for response in futures::future::join_all(requests).await {
+        let response = response.unwrap();
+        let status = response.status();
+        let job: Value = response.json().await.unwrap();
+        match status {
+            StatusCode::CREATED => created += 1,
+            StatusCode::OK => {}
+            other => panic!("unexpected {other}: {job}"),
+        }
+        ids.insert(id_of(&job));
+    }
+    assert_eq!((created, ids.len()), (1, 1));
+    assert_eq!(cluster.jobs_labelled("e2e=idem").len(), 1, "exactly one Job in the cluster");
+    let id = ids.into_iter().next().unwrap();
+
+    // Both replicas give the same answers.
+    let a = first.wait_for(&id, "running", SOON).await;
+    let b = second.wait_for(&id, "running", SOON).await;
+    assert_eq!(a, b);
+    let (_, list_a) = first.get_json("/api/v1/jobs?label=e2e%3Didem").await;
+    let (_, list_b) = second.get_json("/api/v1/jobs?label=e2e%3Didem").await;
+    assert_eq!(list_a, list_b);
+    let reuse = second
+        .http
+        .post(second.url("/api/v1/jobs"))
+        .header("Idempotency-Key", "e2e-once")
+        .json(&json!({"goal": "Another", "max_turns": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(reuse, 409, "idempotency-key-reused").await;
+    cluster.delete_jobs("e2e=idem");
+}
+
+#[tokio::test]
+async fn restarted_oats_finds_every_job_with_its_status() {
+    let Some(cluster) = kube::cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = cluster.start_oats(dir.path()).await;
+    let running =
+        id_of(&submit(&server, "Keep running", json!({"e2e": "restart", "kwok.oats.dev/outcome": "run"}), None).await);
+    let done = id_of(&submit(&server, "Finish", json!({"e2e": "restart", "kwok.oats.dev/run-ms": "200"}), None).await);
+    server.wait_for(&running, "running", SOON).await;
+    server.crash();
+    // While OATS is down, the done job finishes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let server = cluster.start_oats(dir.path()).await;
+    assert_eq!(server.job(&running).await["status"], "running");
+    server.wait_for(&done, "succeeded", SOON).await;
+    let (_, all) = server.get_json("/api/v1/jobs?label=e2e%3Drestart").await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 2);
+    cluster.delete_jobs("e2e=restart");
+}
+
+#[test]
+fn the_shipped_rbac_is_enough_and_no_more() {
+    let Some(cluster) = kube::cluster() else { return };
+    let can = |kubeconfig: &std::path::Path, args: &[&str]| {
+        let mut full = vec!["auth", "can-i"];
+        full.extend_from_slice(args);
+        let out = cluster.kubectl_as(kubeconfig, &full);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    let oats = cluster.oats_kubeconfig.as_path();
+    for allowed in [
+        ["create", "jobs.batch"],
+        ["get", "jobs.batch"],
+        ["list", "jobs.batch"],
+        ["watch", "jobs.batch"],
+        ["patch", "jobs.batch"],
+        ["delete", "jobs.batch"],
+        ["list", "pods"],
+        ["watch", "pods"],
+        ["get", "pods/log"],
+        ["list", "events"],
+    ] {
+        assert!(can(oats, &[allowed[0], allowed[1], "-n", kube::NAMESPACE]), "OATS may not {allowed:?}");
+    }
+    for denied in [
+        ["get", "secrets"],
+        ["list", "secrets"],
+        ["create", "pods"],
+        ["delete", "pods"],
+        ["create", "pods/exec"],
+        ["patch", "namespaces"],
+        ["create", "rolebindings"],
+    ] {
+        assert!(!can(oats, &[denied[0], denied[1], "-n", kube::NAMESPACE]), "OATS may {denied:?}");
+    }
+    assert!(!can(oats, &["list", "jobs.batch", "-n", "default"]), "OATS reaches another namespace");
+    // Real calls, not only the authorizer's opinion: 403s.
+    let forbidden = cluster.kubectl_as(oats, &["get", "secrets", "-n", kube::NAMESPACE]);
+    assert!(String::from_utf8_lossy(&forbidden.stderr).contains("Forbidden"));
+    let elsewhere = cluster.kubectl_as(oats, &["get", "jobs", "-n", "default"]);
+    assert!(String::from_utf8_lossy(&elsewhere.stderr).contains("Forbidden"));
+
+    let agent = "system:serviceaccount:oats:oats-agent";
+    for verb_resource in
+        [["get", "pods"], ["list", "jobs.batch"], ["get", "secrets"], ["create", "pods"], ["get", "configmaps"]]
+    {
+        let out = cluster.kubectl(&[
+            "auth",
+            "can-i",
+            verb_resource[0],
+            verb_resource[1],
+            "-n",
+            kube::NAMESPACE,
+            "--as",
+            agent,
+        ]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no", "the agent may {verb_resource:?}");
+    }
+    let sa = cluster.kubectl_json(&["get", "serviceaccount", "oats-agent", "-n", kube::NAMESPACE]);
+    assert_eq!(sa["automountServiceAccountToken"], false);
+}
+
+#[test]
+fn every_manifest_passes_a_server_side_dry_run() {
+    let Some(cluster) = kube::cluster() else { return };
+    for dir in ["infra/base", "infra/overlays/dev", "infra/overlays/prod"] {
+        let out = cluster.kubectl(&["apply", "--dry-run=server", "--server-side", "--force-conflicts", "-k", dir]);
+        assert!(
+            out.status.success(),
+            "{dir}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let warnings = String::from_utf8_lossy(&out.stderr);
+        assert!(!warnings.contains("violate PodSecurity"), "{dir}: {warnings}");
+    }
+}
