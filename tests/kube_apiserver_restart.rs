@@ -27,7 +27,8 @@ async fn oats_recovers_from_an_api_server_restart() {
     let Some(cluster) = kube::cluster() else { return };
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
-    let labels = json!({"e2e": "apiserver", "kwok.oats.dev/outcome": "run"});
+    let run = kube::unique("apiserver");
+    let labels = json!({"e2e": run, "kwok.oats.dev/outcome": "run"});
     let mut ids = Vec::new();
     for i in 0..5 {
         let response = server.submit(json!({"goal": format!("survive {i}"), "max_turns": 1, "labels": labels})).await;
@@ -48,11 +49,11 @@ async fn oats_recovers_from_an_api_server_restart() {
         let (status, job) = server.get_json(&format!("/api/v1/jobs/{id}")).await;
         assert_eq!(status, StatusCode::OK, "{job}");
     }
-    let (_, all) = server.get_json("/api/v1/jobs?label=e2e%3Dapiserver").await;
+    let (_, all) = server.get_json(&format!("/api/v1/jobs?label=e2e%3D{run}")).await;
     let listed: Vec<&str> = all["items"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
     assert_eq!(listed.len(), 5, "no job lost or duplicated: {all}");
-    assert_eq!(cluster.jobs_labelled("e2e=apiserver").len(), 5);
+    assert_eq!(cluster.jobs_labelled(&format!("e2e={run}")).len(), 5);
     let after = server.submit(json!({"goal": "after", "max_turns": 1, "labels": labels})).await;
     assert_eq!(after.status(), StatusCode::CREATED);
-    cluster.delete_jobs("e2e=apiserver");
+    cluster.delete_jobs(&format!("e2e={run}"));
 }

@@ -57,9 +57,10 @@ fn assert_subset(expected: &Value, actual: &Value, path: &str) {
 #[tokio::test]
 async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
     let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("render");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
-    let job = submit(&server, "Render me", json!({"e2e": "render", "kwok.oats.dev/outcome": "run"}), Some(120)).await;
+    let job = submit(&server, "Render me", json!({"e2e": run, "kwok.oats.dev/outcome": "run"}), Some(120)).await;
     let id = id_of(&job);
 
     let stored = cluster.kubectl_json(&["get", "job", &id, "-n", kube::NAMESPACE]);
@@ -68,7 +69,9 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
     let spec = JobRequest {
         goal: "Render me".into(),
         max_turns: 3,
-        labels: [("e2e", "render"), ("kwok.oats.dev/outcome", "run")].map(|(k, v)| (k.to_owned(), v.to_owned())).into(),
+        labels: [("e2e", run.as_str()), ("kwok.oats.dev/outcome", "run")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into(),
         timeout_seconds: Some(120),
         model: None,
     }
@@ -116,16 +119,17 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
         events["items"].as_array().unwrap().iter().all(|e| e["reason"] != "FailedCreate"),
         "the Job controller could not create the pod: {events}"
     );
-    cluster.delete_jobs("e2e=render");
+    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn every_status_path_is_reported() {
     let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("paths");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let label = |outcome: &str, extra: &[(&str, &str)]| {
-        let mut labels = json!({"e2e": "paths", "kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": "3000"});
+        let mut labels = json!({"e2e": run, "kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": "3000"});
         for (k, v) in extra {
             labels[*k] = json!(v);
         }
@@ -173,15 +177,16 @@ async fn every_status_path_is_reported() {
     let mut sorted = times.clone();
     sorted.sort_by(|a, b| b.cmp(a));
     assert_eq!(times, sorted, "events are newest first");
-    cluster.delete_jobs("e2e=paths");
+    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn cancel_removes_the_pods_and_keeps_the_record() {
     let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("cancel");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
-    let id = id_of(&submit(&server, "Cancel me", json!({"e2e": "cancel", "kwok.oats.dev/outcome": "run"}), None).await);
+    let id = id_of(&submit(&server, "Cancel me", json!({"e2e": run, "kwok.oats.dev/outcome": "run"}), None).await);
     server.wait_for(&id, "running", SOON).await;
     let response = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -201,25 +206,26 @@ async fn cancel_removes_the_pods_and_keeps_the_record() {
     assert_eq!(kept["reason"], "Cancelled");
     let again = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
     assert_eq!(again.status(), StatusCode::OK, "cancelling twice is harmless");
-    cluster.delete_jobs("e2e=cancel");
+    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn list_filter_and_page_through_300_jobs() {
     let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("page");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let mut created = Vec::new();
     for i in 0..300 {
         let shard = if i % 3 == 0 { "a" } else { "b" };
-        let labels = json!({"e2e": "page", "shard": shard, "kwok.oats.dev/outcome": "run"});
+        let labels = json!({"e2e": run, "shard": shard, "kwok.oats.dev/outcome": "run"});
         created.push(id_of(&submit(&server, &format!("job {i}"), labels, None).await));
     }
     created.reverse();
     // The cache catches up with the writes.
     let deadline = std::time::Instant::now() + SOON;
     loop {
-        let (_, all) = server.get_json("/api/v1/jobs?label=e2e%3Dpage&limit=500").await;
+        let (_, all) = server.get_json(&format!("/api/v1/jobs?label=e2e%3D{run}&limit=500")).await;
         if all["items"].as_array().unwrap().len() == 300 {
             break;
         }
@@ -229,7 +235,7 @@ async fn list_filter_and_page_through_300_jobs() {
     let mut seen = Vec::new();
     let mut token: Option<String> = None;
     loop {
-        let mut url = "/api/v1/jobs?label=e2e%3Dpage&limit=70".to_owned();
+        let mut url = format!("/api/v1/jobs?label=e2e%3D{run}&limit=70");
         if let Some(t) = &token {
             url.push_str(&format!("&page_token={t}"));
         }
@@ -242,22 +248,22 @@ async fn list_filter_and_page_through_300_jobs() {
         }
     }
     assert_eq!(seen, created, "every job once, newest first");
-    let (_, shard_a) = server.get_json("/api/v1/jobs?label=e2e%3Dpage,shard%3Da&limit=500").await;
+    let (_, shard_a) = server.get_json(&format!("/api/v1/jobs?label=e2e%3D{run},shard%3Da&limit=500")).await;
     assert_eq!(shard_a["items"].as_array().unwrap().len(), 100);
-    cluster.delete_jobs("e2e=page");
+    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn concurrent_idempotent_submissions_on_two_replicas_create_one_job() {
     let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("idem");
     let dir = tempfile::tempdir().unwrap();
     let first = cluster.start_oats(dir.path()).await;
     let second = cluster.start_oats(dir.path()).await;
-    let body =
-        json!({"goal": "Exactly once", "max_turns": 2, "labels": {"e2e": "idem", "kwok.oats.dev/outcome": "run"}});
+    let body = json!({"goal": "Exactly once", "max_turns": 2, "labels": {"e2e": run, "kwok.oats.dev/outcome": "run"}});
     let requests = (0..20).map(|i| {
         let server = if i % 2 == 0 { &first } else { &second };
-        server.http.post(server.url("/api/v1/jobs")).header("Idempotency-Key", "e2e-once").json(&body).send()
+        server.http.post(server.url("/api/v1/jobs")).header("Idempotency-Key", format!("once-{run}")).json(&body).send()
     });
     let mut ids = HashSet::new();
     let mut created = 0;
@@ -273,36 +279,37 @@ async fn concurrent_idempotent_submissions_on_two_replicas_create_one_job() {
         ids.insert(id_of(&job));
     }
     assert_eq!((created, ids.len()), (1, 1));
-    assert_eq!(cluster.jobs_labelled("e2e=idem").len(), 1, "exactly one Job in the cluster");
+    assert_eq!(cluster.jobs_labelled(&format!("e2e={run}")).len(), 1, "exactly one Job in the cluster");
     let id = ids.into_iter().next().unwrap();
 
     // Both replicas give the same answers.
     let a = first.wait_for(&id, "running", SOON).await;
     let b = second.wait_for(&id, "running", SOON).await;
     assert_eq!(a, b);
-    let (_, list_a) = first.get_json("/api/v1/jobs?label=e2e%3Didem").await;
-    let (_, list_b) = second.get_json("/api/v1/jobs?label=e2e%3Didem").await;
+    let (_, list_a) = first.get_json(&format!("/api/v1/jobs?label=e2e%3D{run}")).await;
+    let (_, list_b) = second.get_json(&format!("/api/v1/jobs?label=e2e%3D{run}")).await;
     assert_eq!(list_a, list_b);
     let reuse = second
         .http
         .post(second.url("/api/v1/jobs"))
-        .header("Idempotency-Key", "e2e-once")
+        .header("Idempotency-Key", format!("once-{run}"))
         .json(&json!({"goal": "Another", "max_turns": 2}))
         .send()
         .await
         .unwrap();
     assert_problem(reuse, 409, "idempotency-key-reused").await;
-    cluster.delete_jobs("e2e=idem");
+    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn restarted_oats_finds_every_job_with_its_status() {
     let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("restart");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let running =
-        id_of(&submit(&server, "Keep running", json!({"e2e": "restart", "kwok.oats.dev/outcome": "run"}), None).await);
-    let done = id_of(&submit(&server, "Finish", json!({"e2e": "restart", "kwok.oats.dev/run-ms": "200"}), None).await);
+        id_of(&submit(&server, "Keep running", json!({"e2e": run, "kwok.oats.dev/outcome": "run"}), None).await);
+    let done = id_of(&submit(&server, "Finish", json!({"e2e": run, "kwok.oats.dev/run-ms": "200"}), None).await);
     server.wait_for(&running, "running", SOON).await;
     server.crash();
     // While OATS is down, the done job finishes.
@@ -310,9 +317,9 @@ async fn restarted_oats_finds_every_job_with_its_status() {
     let server = cluster.start_oats(dir.path()).await;
     assert_eq!(server.job(&running).await["status"], "running");
     server.wait_for(&done, "succeeded", SOON).await;
-    let (_, all) = server.get_json("/api/v1/jobs?label=e2e%3Drestart").await;
+    let (_, all) = server.get_json(&format!("/api/v1/jobs?label=e2e%3D{run}")).await;
     assert_eq!(all["items"].as_array().unwrap().len(), 2);
-    cluster.delete_jobs("e2e=restart");
+    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[test]

@@ -15,6 +15,12 @@ use std::{
 
 pub const NAMESPACE: &str = "oats";
 
+/// A label value unique to this run, so reruns against the same cluster never see old jobs.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
 /// The prepared control plane.
 pub struct Cluster {
     pub dir: PathBuf,

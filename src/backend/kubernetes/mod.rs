@@ -36,6 +36,7 @@ use std::{
     },
     time::Duration,
 };
+use tokio::sync::Notify;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 /// How long clients are told to wait before retrying when the API server is unreachable.
@@ -51,12 +52,17 @@ pub struct KubernetesBackend {
 }
 
 /// Whether each watch has listed once and is currently healthy.
+///
+/// A watch that reconnects after an outage yields nothing until an object changes, so the
+/// stream alone cannot say it recovered; after a failure, [`probe_until_reachable`] lists
+/// through the API server until it answers and then marks both watches healthy again.
 #[derive(Default)]
 struct CacheHealth {
     jobs_synced: AtomicBool,
     pods_synced: AtomicBool,
     jobs_healthy: AtomicBool,
     pods_healthy: AtomicBool,
+    failed: Notify,
 }
 
 impl KubernetesBackend {
@@ -89,6 +95,7 @@ impl KubernetesBackend {
             })
             .reflect(pod_writer);
         tokio::spawn(drive("pods", pod_events, health.clone(), |h| (&h.pods_synced, &h.pods_healthy)));
+        tokio::spawn(probe_until_reachable(client.clone(), template.namespace.clone(), selector, health.clone()));
 
         Self { client, template, jobs, pods, health }
     }
@@ -153,7 +160,31 @@ async fn drive<S, K>(
                 if healthy.swap(false, Ordering::Relaxed) {
                     tracing::warn!(watch = name, %error, "watch failed; retrying with backoff");
                 }
+                health.failed.notify_one();
             }
+        }
+    }
+}
+
+/// After each watch failure, list Jobs and Pods once a second until the API server answers,
+/// then report the watches healthy (they reconnect on their own backoff).
+async fn probe_until_reachable(client: Client, namespace: String, selector: String, health: Arc<CacheHealth>) {
+    const PROBE_EVERY: Duration = Duration::from_secs(1);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(client, &namespace);
+    let params = ListParams::default().labels(&selector).limit(1);
+    loop {
+        health.failed.notified().await;
+        loop {
+            tokio::time::sleep(PROBE_EVERY).await;
+            if jobs.list_metadata(&params).await.is_ok() && pods.list_metadata(&params).await.is_ok() {
+                break;
+            }
+        }
+        let recovered =
+            !health.jobs_healthy.swap(true, Ordering::Relaxed) | !health.pods_healthy.swap(true, Ordering::Relaxed);
+        if recovered {
+            tracing::info!("the Kubernetes API answers again; watches marked healthy");
         }
     }
 }

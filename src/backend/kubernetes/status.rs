@@ -100,8 +100,13 @@ fn agent_started_at(pods: &[&Pod]) -> Option<DateTime<Utc>> {
 fn observe(job: &Job, pods: &[&Pod], cancelled_at: Option<&String>) -> Observed {
     let status = job.status.clone().unwrap_or_default();
     let condition = |kind: &str| status.conditions.iter().flatten().find(|c| c.type_ == kind && c.status == "True");
-    let attempts =
-        (status.active.unwrap_or(0) + status.succeeded.unwrap_or(0) + status.failed.unwrap_or(0)).max(0) as u32;
+    // Pods that finished but are not yet folded into the counters sit in uncountedTerminatedPods.
+    let uncounted = status
+        .uncounted_terminated_pods
+        .as_ref()
+        .map_or(0, |u| u.succeeded.as_ref().map_or(0, Vec::len) + u.failed.as_ref().map_or(0, Vec::len));
+    let counted = status.active.unwrap_or(0) + status.succeeded.unwrap_or(0) + status.failed.unwrap_or(0);
+    let attempts = (counted.max(0) as usize + uncounted).max(pods.len()) as u32;
     let started_at = agent_started_at(pods);
     let latest = pods.last().copied();
     let latest_terminated = latest.and_then(agent_status).and_then(|c| c.state.as_ref()?.terminated.clone());
