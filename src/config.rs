@@ -75,6 +75,16 @@ impl ConfigValue for PathBuf {
     }
 }
 
+impl ConfigValue for Option<SocketAddr> {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.is_empty() { Ok(None) } else { SocketAddr::parse_value(text).map(Some) }
+    }
+    fn show(&self) -> String {
+        self.map(|a| a.to_string()).unwrap_or_default()
+    }
+}
+
 impl ConfigValue for Option<String> {
     fn parse_value(text: &str) -> Result<Self, String> {
         let text = text.trim();
@@ -173,6 +183,8 @@ config_keys! {
     backend: BackendKind = BackendKind::Auto;
     /// Address and port the HTTP server listens on.
     listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8000));
+    /// Separate address for `GET /metrics` (e.g. `0.0.0.0:9090`). Empty: only on the API port.
+    metrics_listen: Option<SocketAddr> = None;
     /// Server log format: `auto` (JSON unless stderr is a terminal), `json` or `text`.
     log_format: LogFormat = LogFormat::Auto;
     /// Tenant that owns jobs submitted without credentials.

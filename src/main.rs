@@ -11,6 +11,7 @@ use oats::{
     },
     config::{BackendKind, Config},
     jobs::{JobId, JobRequest, JobService, NewJob},
+    telemetry::{kube_client::KubeMetricsLayer, metrics::Metrics},
 };
 use poem_openapi::types::ParseFromJSON;
 use std::{io::Read, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -68,8 +69,12 @@ fn main() -> Result<()> {
             if let Some(listen) = listen {
                 config.listen = listen;
             }
-            oats::telemetry::init(config.log_format);
-            runtime.block_on(serve(config))
+            runtime.block_on(async {
+                let telemetry = oats::telemetry::init(config.log_format);
+                let served = serve(config).await;
+                telemetry.shutdown();
+                served
+            })
         }
     }
 }
@@ -89,6 +94,7 @@ fn render_job(config: &Config) -> Result<()> {
         id: JobId::random(),
         tenant: config.tenant.clone(),
         request_hash: spec.fingerprint(),
+        trace: None,
         spec,
         created_at: chrono::Utc::now(),
     };
@@ -99,11 +105,19 @@ fn render_job(config: &Config) -> Result<()> {
 }
 
 async fn serve(config: Config) -> Result<()> {
-    let backend = select_backend(&config).await?;
+    let metrics = Arc::new(Metrics::new());
+    let backend = select_backend(&config, &metrics).await?;
     tracing::info!(backend = backend.name(), listen = %config.listen, "starting OATS");
-    let jobs = Arc::new(JobService::new(backend, config.job_limits()));
+    let counted = backend.clone();
+    metrics.count_jobs_with(Box::new(move || counted.counts()));
+    let jobs = Arc::new(JobService::new(backend, config.job_limits(), metrics.clone()));
     let state = Arc::new(ApiState { jobs, tenant: config.tenant.clone() });
     let app = api::build_app(state, config.max_body_bytes);
+    if let Some(address) = config.metrics_listen {
+        tracing::info!(%address, "serving /metrics on a separate port");
+        let metrics_server = poem::Server::new(poem::listener::TcpListener::bind(address));
+        tokio::spawn(metrics_server.run(api::metrics_app(metrics)));
+    }
     poem::Server::new(poem::listener::TcpListener::bind(config.listen))
         .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(20)))
         .await
@@ -113,11 +127,13 @@ async fn serve(config: Config) -> Result<()> {
 }
 
 /// Pick and start the backend, saying which and why.
-async fn select_backend(config: &Config) -> Result<Arc<dyn JobBackend>> {
+async fn select_backend(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<dyn JobBackend>> {
     let kubernetes = match config.backend {
         BackendKind::Local => None,
-        BackendKind::Kubernetes => Some(kube_client().await.context("backend=kubernetes but no cluster is reachable")?),
-        BackendKind::Auto => match kube_client().await {
+        BackendKind::Kubernetes => {
+            Some(kube_client(metrics).await.context("backend=kubernetes but no cluster is reachable")?)
+        }
+        BackendKind::Auto => match kube_client(metrics).await {
             Ok(client) => {
                 tracing::info!("backend=auto: a Kubernetes API server answered, using the kubernetes backend");
                 Some(client)
@@ -132,7 +148,7 @@ async fn select_backend(config: &Config) -> Result<Arc<dyn JobBackend>> {
         let namespace = config.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
         tracing::info!(%namespace, "agent Jobs go to this namespace");
         let template = render::AgentTemplate::from_config(config, &namespace);
-        return Ok(Arc::new(KubernetesBackend::start(client, template)));
+        return Ok(Arc::new(KubernetesBackend::start(client, template, metrics.clone())));
     }
     let command = if config.local_agent_command.is_empty() {
         let exe = std::env::current_exe().context("cannot locate the oats binary for the demo agent")?;
@@ -147,14 +163,17 @@ async fn select_backend(config: &Config) -> Result<Arc<dyn JobBackend>> {
         env_allowlist: config.local_env_allowlist.clone(),
     };
     tracing::info!(state_dir = %settings.state_dir.display(), "local backend state directory");
-    Ok(Arc::new(LocalBackend::start(settings).await?))
+    Ok(Arc::new(LocalBackend::start(settings, metrics.clone()).await?))
 }
 
 /// A client for the in-cluster service account or the kubeconfig, checked by asking the server
 /// for its version.
-async fn kube_client() -> Result<kube::Client> {
+async fn kube_client(metrics: &Arc<Metrics>) -> Result<kube::Client> {
     let config = kube::Config::infer().await.context("no in-cluster service account and no usable kubeconfig")?;
-    let client = kube::Client::try_from(config).context("cannot build a Kubernetes client")?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("cannot build a Kubernetes client")?
+        .with_layer(&KubeMetricsLayer(metrics.clone()))
+        .build();
     match tokio::time::timeout(Duration::from_secs(5), client.apiserver_version()).await {
         Ok(Ok(version)) => {
             tracing::info!(version = %version.git_version, "Kubernetes API server reachable");

@@ -85,6 +85,7 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
             id: JobId::parse(&id).unwrap(),
             tenant: "default".into(),
             request_hash: spec.fingerprint(),
+            trace: None,
             spec,
             created_at,
         },

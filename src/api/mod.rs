@@ -3,12 +3,20 @@
 //! Handlers speak only the domain's language ([`crate::jobs`]); nothing Kubernetes is visible here.
 
 mod handlers;
+mod observe;
 pub mod problem;
 pub mod types;
 
-use crate::jobs::JobService;
+use crate::{
+    jobs::JobService,
+    telemetry::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE},
+};
 use handlers::{HealthApi, JobsApi};
-use poem::{Body, Endpoint, EndpointExt, IntoResponse, Request, Response, Route, http::Method, middleware::AddData};
+use poem::{
+    Body, Endpoint, EndpointExt, IntoResponse, Request, Response, Route,
+    http::{Method, header},
+    middleware::AddData,
+};
 use poem_openapi::OpenApiService;
 use problem::{ProblemKind, problem_response};
 use std::sync::Arc;
@@ -33,16 +41,39 @@ pub fn openapi() -> OpenApiService<(JobsApi, HealthApi), ()> {
 /// The whole HTTP application, ready to serve or to drive from tests without a socket.
 pub fn build_app(state: Arc<ApiState>, max_body_bytes: usize) -> impl Endpoint<Output = Response> {
     let api = openapi();
+    let routes = Arc::new(observe::Routes::from_spec(&api.spec()));
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
+    let metrics = state.jobs.metrics().clone();
     Route::new()
         .nest("/", api)
         .nest("/docs", docs)
         .at("/openapi.json", spec)
+        .at("/metrics", metrics_endpoint(metrics.clone()))
         .catch_all_error(|error| async move { problem::from_poem_error(error) })
         .with(AddData::new(state))
         .around(move |endpoint, request| limit_body(endpoint, request, max_body_bytes))
+        .around(move |endpoint, request| observe::observe(endpoint, request, metrics.clone(), routes.clone()))
 }
+
+/// Only `/metrics`, for a separate metrics port.
+pub fn metrics_app(metrics: Arc<Metrics>) -> impl Endpoint<Output = Response> {
+    Route::new().at("/metrics", metrics_endpoint(metrics))
+}
+
+/// Prometheus scrape: OpenMetrics (with exemplars) when asked for, else the 0.0.4 text format.
+fn metrics_endpoint(metrics: Arc<Metrics>) -> impl Endpoint<Output = Response> {
+    poem::endpoint::make_sync(move |request: Request| {
+        let accept = request.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let openmetrics = accept.contains("application/openmetrics-text");
+        let content_type = if openmetrics { OPENMETRICS_CONTENT_TYPE } else { PROMETHEUS_CONTENT_TYPE };
+        Response::builder().content_type(content_type).body(metrics.encode(openmetrics))
+    })
+}
+
+/// Bytes of an oversize body read and discarded before answering 413, so a client still sending
+/// can read the answer instead of seeing the connection reset.
+const DRAIN_LIMIT: usize = 1 << 20;
 
 /// Read request bodies up to `max` bytes and refuse larger ones with 413, whether or not the
 /// client sent a Content-Length.
@@ -52,22 +83,33 @@ async fn limit_body<E: Endpoint>(endpoint: Arc<E>, mut request: Request, max: us
     if matches!(*request.method(), Method::POST | Method::PUT | Method::PATCH) {
         let declared = request
             .headers()
-            .get(poem::http::header::CONTENT_LENGTH)
+            .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|len| len > max) {
+        if declared.is_some_and(|len| len > DRAIN_LIMIT) {
             return Ok(too_large());
         }
-        let body = request.take_body();
-        match body.into_bytes_limit(max).await {
-            Ok(bytes) => request.set_body(Body::from(bytes)),
-            Err(poem::error::ReadBodyError::PayloadTooLarge) => return Ok(too_large()),
-            Err(error) => {
-                return Ok(problem_response(
-                    ProblemKind::InvalidBody.problem(format!("cannot read the body: {error}")),
-                ));
+        let mut chunks = std::pin::pin!(request.take_body().into_bytes_stream());
+        let (mut body, mut seen) = (Vec::new(), 0usize);
+        while let Some(chunk) = futures::StreamExt::next(&mut chunks).await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(error) => {
+                    let problem = ProblemKind::InvalidBody.problem(format!("cannot read the body: {error}"));
+                    return Ok(problem_response(problem));
+                }
+            };
+            seen += chunk.len();
+            if seen <= max {
+                body.extend_from_slice(&chunk);
+            } else if seen > DRAIN_LIMIT {
+                break;
             }
         }
+        if seen > max {
+            return Ok(too_large());
+        }
+        request.set_body(Body::from(body));
     }
     Ok(endpoint.call(request).await.map(IntoResponse::into_response).unwrap_or_else(problem::from_poem_error))
 }

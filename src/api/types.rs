@@ -245,6 +245,9 @@ pub struct Job {
     pub labels: BTreeMap<String, String>,
     /// The agent's final answer (at most 4096 bytes), once it succeeded.
     pub result: Option<String>,
+    /// Id of the distributed trace that created the job (and that the agent continues), when
+    /// tracing is on: look it up in the trace backend.
+    pub trace_id: Option<String>,
     /// Related resources.
     pub links: JobLinks,
 }
@@ -273,6 +276,7 @@ impl From<JobRecord> for Job {
             model: r.spec.model,
             labels: r.spec.labels,
             result: r.result,
+            trace_id: r.trace.as_ref().and_then(|t| t.trace_id()).map(str::to_owned),
             links: JobLinks {
                 logs: format!("{path}/logs"),
                 events: format!("{path}/events"),
@@ -304,6 +308,7 @@ impl Example for Job {
             model: None,
             labels: request.labels.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
             result: Some("Plan: triage the 12 open issues by area, then fix the 3 crashers first.".into()),
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             links: JobLinks {
                 logs: format!("{path}/logs"),
                 events: format!("{path}/events"),

@@ -3,7 +3,10 @@
 pub mod kubernetes;
 pub mod local;
 
-use crate::jobs::{CreateOutcome, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob};
+use crate::{
+    jobs::{CreateOutcome, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob},
+    telemetry::metrics::JobCounts,
+};
 use async_trait::async_trait;
 use std::time::Duration;
 
@@ -32,6 +35,9 @@ pub trait JobBackend: Send + Sync {
 
     /// Whether reads are complete and writes can be accepted (Kubernetes: watch cache synced).
     fn is_ready(&self) -> bool;
+
+    /// Current jobs by phase, for the `oats_jobs` gauges; cheap enough for every scrape.
+    fn counts(&self) -> JobCounts;
 
     /// Create the job, or report the one that already holds its id.
     async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError>;

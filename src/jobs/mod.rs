@@ -129,6 +129,23 @@ pub fn truncate_result(mut text: String) -> String {
     text
 }
 
+/// W3C trace context of the request that created a job; handed to the agent as `TRACEPARENT`
+/// and `TRACESTATE` so its spans join the same trace.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TraceContext {
+    pub traceparent: String,
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// The trace id (32 hex digits) of a well-formed `traceparent`.
+    pub fn trace_id(&self) -> Option<&str> {
+        let mut parts = self.traceparent.split('-');
+        let (_version, trace_id) = (parts.next()?, parts.next()?);
+        (trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(trace_id)
+    }
+}
+
 /// Everything known about one job, as both backends report it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct JobRecord {
@@ -144,6 +161,9 @@ pub struct JobRecord {
     pub result: Option<String>,
     /// Fingerprint of the normalised request, so an idempotent retry can be told from a reuse.
     pub request_hash: String,
+    /// The trace that created the job, when tracing was on.
+    #[serde(default)]
+    pub trace: Option<TraceContext>,
 }
 
 /// A job the domain has validated and named, ready for a backend to create.
@@ -154,6 +174,7 @@ pub struct NewJob {
     pub spec: JobSpec,
     pub created_at: DateTime<Utc>,
     pub request_hash: String,
+    pub trace: Option<TraceContext>,
 }
 
 impl NewJob {
@@ -170,6 +191,7 @@ impl NewJob {
             attempts: 0,
             result: None,
             request_hash: self.request_hash.clone(),
+            trace: self.trace.clone(),
         }
     }
 }

@@ -134,6 +134,7 @@ mod tests {
             attempts: 0,
             result: None,
             request_hash: String::new(),
+            trace: None,
         }
     }
 

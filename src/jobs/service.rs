@@ -4,7 +4,13 @@ use super::{
     CreateOutcome, IdempotencyKey, JobError, JobEvent, JobId, JobLimits, JobPage, JobRecord, JobRequest, ListQuery,
     LogOptions, LogStream, NewJob, page,
 };
-use crate::backend::{BackendError, JobBackend};
+use crate::{
+    backend::{BackendError, JobBackend},
+    telemetry::{
+        self,
+        metrics::{Metrics, SubmissionOutcome},
+    },
+};
 use chrono::Utc;
 use std::sync::Arc;
 
@@ -19,11 +25,16 @@ pub struct Submitted {
 pub struct JobService {
     backend: Arc<dyn JobBackend>,
     limits: JobLimits,
+    metrics: Arc<Metrics>,
 }
 
 impl JobService {
-    pub fn new(backend: Arc<dyn JobBackend>, limits: JobLimits) -> Self {
-        Self { backend, limits }
+    pub fn new(backend: Arc<dyn JobBackend>, limits: JobLimits, metrics: Arc<Metrics>) -> Self {
+        Self { backend, limits, metrics }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn limits(&self) -> &JobLimits {
@@ -40,7 +51,25 @@ impl JobService {
 
     /// Create a job. With a key, a retry of the same request returns the first job, and a
     /// different request under the same key is refused.
+    #[tracing::instrument(name = "create job", skip_all, fields(oats.job.id = tracing::field::Empty))]
     pub async fn submit(
+        &self,
+        tenant: &str,
+        request: JobRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<Submitted, JobError> {
+        let result = self.create(tenant, request, idempotency_key).await;
+        let outcome = match &result {
+            Ok(Submitted { created: true, .. }) => SubmissionOutcome::Accepted,
+            Ok(Submitted { created: false, .. }) => SubmissionOutcome::Existing,
+            Err(JobError::Invalid(_) | JobError::IdempotencyConflict(_)) => SubmissionOutcome::Invalid,
+            Err(_) => SubmissionOutcome::Error,
+        };
+        self.metrics.submission(outcome);
+        result
+    }
+
+    async fn create(
         &self,
         tenant: &str,
         request: JobRequest,
@@ -60,8 +89,10 @@ impl JobService {
             Some(key) => JobId::for_idempotency_key(tenant, key),
             None => JobId::random(),
         };
+        tracing::Span::current().record("oats.job.id", id.as_str());
         let request_hash = spec.fingerprint();
-        let job = NewJob { id, tenant: tenant.to_owned(), spec, created_at: Utc::now(), request_hash };
+        let trace = telemetry::trace::current();
+        let job = NewJob { id, tenant: tenant.to_owned(), spec, created_at: Utc::now(), request_hash, trace };
         match self.backend.create(job.clone()).await.map_err(JobError::from)? {
             CreateOutcome::Created(job) => Ok(Submitted { job, created: true }),
             CreateOutcome::Exists(existing) => {

@@ -121,8 +121,11 @@ fn merge(target: &mut Value, patch: &Value) {
 
 async fn backend(fake: &FakeApiServer) -> Arc<KubernetesBackend> {
     let client = fake.clone().start();
-    let backend =
-        Arc::new(KubernetesBackend::start(client, render::AgentTemplate::from_config(&Config::default(), "oats")));
+    let backend = Arc::new(KubernetesBackend::start(
+        client,
+        render::AgentTemplate::from_config(&Config::default(), "oats"),
+        Arc::default(),
+    ));
     for _ in 0..200 {
         if backend.is_ready() {
             return backend;
@@ -139,7 +142,7 @@ fn request(goal: &str) -> JobRequest {
 #[tokio::test]
 async fn create_posts_exactly_the_rendered_job() {
     let fake = FakeApiServer::new(Writes::Accept);
-    let service = JobService::new(backend(&fake).await, JobLimits::default());
+    let service = JobService::new(backend(&fake).await, JobLimits::default(), Arc::default());
     let submitted = service.submit("default", request("Ship it"), None).await.unwrap();
     assert!(submitted.created);
     assert_eq!(submitted.job.status.phase, JobPhase::Pending);
@@ -155,6 +158,7 @@ async fn create_posts_exactly_the_rendered_job() {
             id: submitted.job.id.clone(),
             tenant: "default".into(),
             request_hash: spec.fingerprint(),
+            trace: None,
             spec,
             created_at: submitted.job.created_at,
         },
@@ -166,13 +170,13 @@ async fn create_posts_exactly_the_rendered_job() {
 #[tokio::test]
 async fn idempotent_retry_returns_the_existing_job_and_a_reused_key_conflicts() {
     let fake = FakeApiServer::new(Writes::Accept);
-    let service = JobService::new(backend(&fake).await, JobLimits::default());
+    let service = JobService::new(backend(&fake).await, JobLimits::default(), Arc::default());
     let first = service.submit("default", request("Once"), Some("key-1")).await.unwrap();
     assert!(first.created);
 
     // A second replica (same cluster) sees AlreadyExists and reads the Job back.
     let replica = FakeApiServer { writes: Writes::AlreadyExists, ..fake.clone() };
-    let other = JobService::new(backend(&replica).await, JobLimits::default());
+    let other = JobService::new(backend(&replica).await, JobLimits::default(), Arc::default());
     let retry = other.submit("default", request("Once"), Some("key-1")).await.unwrap();
     assert!(!retry.created);
     assert_eq!(retry.job.id, first.job.id);
@@ -186,7 +190,7 @@ async fn idempotent_retry_returns_the_existing_job_and_a_reused_key_conflicts() 
 #[tokio::test]
 async fn cancel_sets_a_one_second_deadline_and_marks_the_job() {
     let fake = FakeApiServer::new(Writes::Accept);
-    let service = JobService::new(backend(&fake).await, JobLimits::default());
+    let service = JobService::new(backend(&fake).await, JobLimits::default(), Arc::default());
     let job = service.submit("default", request("Long"), None).await.unwrap().job;
     let cancelled = service.cancel("default", job.id.as_str()).await.unwrap();
     assert_eq!(cancelled.status.phase, JobPhase::Cancelled);
@@ -205,7 +209,7 @@ async fn cancel_sets_a_one_second_deadline_and_marks_the_job() {
 #[tokio::test]
 async fn an_unavailable_api_server_is_a_retryable_error_and_nothing_is_claimed() {
     let fake = FakeApiServer::new(Writes::Unavailable);
-    let service = JobService::new(backend(&fake).await, JobLimits::default());
+    let service = JobService::new(backend(&fake).await, JobLimits::default(), Arc::default());
     match service.submit("default", request("Later"), None).await {
         Err(JobError::Unavailable { retry_after, .. }) => assert!(retry_after >= Duration::from_secs(1)),
         other => panic!("expected Unavailable, got {other:?}"),
@@ -218,7 +222,11 @@ async fn an_unavailable_api_server_is_a_retryable_error_and_nothing_is_claimed()
 async fn not_ready_until_both_caches_sync() {
     let (service, _handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "oats");
-    let backend = KubernetesBackend::start(client, render::AgentTemplate::from_config(&Config::default(), "oats"));
+    let backend = KubernetesBackend::start(
+        client,
+        render::AgentTemplate::from_config(&Config::default(), "oats"),
+        Arc::default(),
+    );
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!backend.is_ready(), "ready before any list answered");
     let listed = backend.list().await;

@@ -11,7 +11,13 @@ pub mod status;
 mod mock_tests;
 
 use super::{BackendError, JobBackend};
-use crate::jobs::{CreateOutcome, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob};
+use crate::{
+    jobs::{CreateOutcome, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob},
+    telemetry::{
+        self,
+        metrics::{JobCounts, Metrics, ResourceLabel},
+    },
+};
 use async_trait::async_trait;
 use futures::StreamExt;
 use k8s_openapi::api::{
@@ -29,9 +35,9 @@ use kube::{
 };
 use render::{AGENT_CONTAINER, AgentTemplate, CANCELLED_AT_ANNOTATION, JOB_ID_LABEL};
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -51,37 +57,119 @@ pub struct KubernetesBackend {
     health: Arc<CacheHealth>,
 }
 
-/// Whether each watch has listed once and is currently healthy.
+/// Whether one watch has listed once, and whether it is healthy now.
+struct WatchHealth {
+    resource: &'static str,
+    synced: AtomicBool,
+    healthy: AtomicBool,
+}
+
+impl WatchHealth {
+    fn new(resource: &'static str) -> Self {
+        Self { resource, synced: AtomicBool::new(false), healthy: AtomicBool::new(false) }
+    }
+
+    fn ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed) && self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// The health of both watches.
 ///
 /// A watch that reconnects after an outage yields nothing until an object changes, so the
 /// stream alone cannot say it recovered; after a failure, [`probe_until_reachable`] lists
 /// through the API server until it answers and then marks both watches healthy again.
-#[derive(Default)]
 struct CacheHealth {
-    jobs_synced: AtomicBool,
-    pods_synced: AtomicBool,
-    jobs_healthy: AtomicBool,
-    pods_healthy: AtomicBool,
+    jobs: WatchHealth,
+    pods: WatchHealth,
     failed: Notify,
+    metrics: Arc<Metrics>,
+}
+
+impl CacheHealth {
+    fn publish(&self, watch: &WatchHealth) {
+        let value = i64::from(watch.ready());
+        self.metrics.cache_synced.get_or_create(&ResourceLabel { resource: watch.resource }).set(value);
+    }
+}
+
+/// Counts each job's finish exactly once across replicas: the replica whose annotation patch,
+/// guarded by the Job's resourceVersion, succeeds is the one that counts it (and emits its
+/// lifecycle spans). A replica that loses the race gets 409 Conflict and counts nothing; a job
+/// that changed meanwhile is claimed again on its next watch event.
+struct FinishCounter {
+    api: Api<Job>,
+    metrics: Arc<Metrics>,
+    replica: String,
+    claiming: Mutex<HashSet<String>>,
+}
+
+impl FinishCounter {
+    fn observe(self: &Arc<Self>, job: &Job, record: JobRecord) {
+        let counted = job.annotations().contains_key(render::COUNTED_ANNOTATION);
+        if counted || !record.status.phase.is_terminal() {
+            return;
+        }
+        let name = job.name_any();
+        if !self.claiming.lock().unwrap().insert(name.clone()) {
+            return;
+        }
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": job.resource_version(),
+            "annotations": { render::COUNTED_ANNOTATION: self.replica },
+        }});
+        let counter = self.clone();
+        tokio::spawn(async move {
+            match counter.api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => {
+                    counter.metrics.job_finished(&record);
+                    telemetry::trace::emit_lifecycle(&record);
+                }
+                Err(kube::Error::Api(status)) if status.is_conflict() || status.is_not_found() => {}
+                Err(error) => tracing::warn!(job_id = %name, %error, "cannot mark the job's finish as counted"),
+            }
+            counter.claiming.lock().unwrap().remove(&name);
+        });
+    }
 }
 
 impl KubernetesBackend {
     /// Start the watches (on the current Tokio runtime) and return at once; `is_ready` turns true
     /// when both caches have synced.
-    pub fn start(client: Client, template: AgentTemplate) -> Self {
+    pub fn start(client: Client, template: AgentTemplate, metrics: Arc<Metrics>) -> Self {
         let selector = format!("{}={}", render::APP_LABEL.0, render::APP_LABEL.1);
         let config = watcher::Config::default().labels(&selector);
-        let health = Arc::new(CacheHealth::default());
+        let health = Arc::new(CacheHealth {
+            jobs: WatchHealth::new("jobs"),
+            pods: WatchHealth::new("pods"),
+            failed: Notify::new(),
+            metrics: metrics.clone(),
+        });
+        let job_api: Api<Job> = Api::namespaced(client.clone(), &template.namespace);
+        let finishes = Arc::new(FinishCounter {
+            api: job_api.clone(),
+            metrics,
+            replica: std::env::var("HOSTNAME").unwrap_or_else(|_| "oats".into()),
+            claiming: Mutex::default(),
+        });
 
         let (jobs, job_writer) = reflector::store();
-        let job_api: Api<Job> = Api::namespaced(client.clone(), &template.namespace);
+        let (pods, pod_writer) = reflector::store();
         let job_events = watcher(job_api, config.clone())
             .default_backoff()
             .modify(|job: &mut Job| job.managed_fields_mut().clear())
             .reflect(job_writer);
-        tokio::spawn(drive("jobs", job_events, health.clone(), |h| (&h.jobs_synced, &h.jobs_healthy)));
+        let pod_store: Store<Pod> = pods.clone();
+        let on_job = move |job: &Job| {
+            let name = job.name_any();
+            let pods: Vec<Arc<Pod>> = pods_of(&pod_store, &name);
+            let pods: Vec<&Pod> = pods.iter().map(Arc::as_ref).collect();
+            if let Some(record) = status::job_record(job, &pods) {
+                finishes.observe(job, record);
+            }
+        };
+        tokio::spawn(drive(job_events, health.clone(), |h| &h.jobs, on_job));
 
-        let (pods, pod_writer) = reflector::store();
         let pod_api: Api<Pod> = Api::namespaced(client.clone(), &template.namespace);
         let pod_events = watcher(pod_api, config)
             .default_backoff()
@@ -94,7 +182,7 @@ impl KubernetesBackend {
                 }
             })
             .reflect(pod_writer);
-        tokio::spawn(drive("pods", pod_events, health.clone(), |h| (&h.pods_synced, &h.pods_healthy)));
+        tokio::spawn(drive(pod_events, health.clone(), |h| &h.pods, |_: &Pod| {}));
         tokio::spawn(probe_until_reachable(client.clone(), template.namespace.clone(), selector, health.clone()));
 
         Self { client, template, jobs, pods, health }
@@ -105,7 +193,7 @@ impl KubernetesBackend {
     }
 
     fn pods_of(&self, id: &str) -> Vec<Arc<Pod>> {
-        self.pods.state().into_iter().filter(|p| p.labels().get(JOB_ID_LABEL).is_some_and(|v| v == id)).collect()
+        pods_of(&self.pods, id)
     }
 
     fn record(&self, job: &Job) -> Option<JobRecord> {
@@ -130,35 +218,69 @@ impl KubernetesBackend {
     fn latest_pod(&self, id: &JobId) -> Option<Arc<Pod>> {
         self.pods_of(id.as_str()).into_iter().max_by_key(|p| p.creation_timestamp().map(|t| status::to_chrono(&t)))
     }
+
+    /// Every cached job's record, its pods matched in one pass.
+    fn records(&self) -> Vec<(JobRecord, usize)> {
+        let mut pods_by_job: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+        for pod in self.pods.state() {
+            if let Some(id) = pod.labels().get(JOB_ID_LABEL) {
+                pods_by_job.entry(id.clone()).or_default().push(pod.clone());
+            }
+        }
+        self.jobs
+            .state()
+            .iter()
+            .filter_map(|job| {
+                let pods = pods_by_job.get(&job.name_any()).map(Vec::as_slice).unwrap_or_default();
+                let pods: Vec<&Pod> = pods.iter().map(Arc::as_ref).collect();
+                status::job_record(job, &pods).map(|record| (record, pods.len()))
+            })
+            .collect()
+    }
 }
 
-/// Run one watch forever, keeping its health flags current.
+fn pods_of(store: &Store<Pod>, id: &str) -> Vec<Arc<Pod>> {
+    store.state().into_iter().filter(|p| p.labels().get(JOB_ID_LABEL).is_some_and(|v| v == id)).collect()
+}
+
+/// Run one watch forever, keeping its health and metrics current and showing each object it
+/// delivers to `on_object`.
 async fn drive<S, K>(
-    name: &'static str,
     events: S,
     health: Arc<CacheHealth>,
-    flags: fn(&CacheHealth) -> (&AtomicBool, &AtomicBool),
+    watch: fn(&CacheHealth) -> &WatchHealth,
+    on_object: impl Fn(&K),
 ) where
     S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
-        let (synced, healthy) = flags(&health);
+        let state = watch(&health);
+        let resource = ResourceLabel { resource: state.resource };
         match event {
+            Ok(watcher::Event::Init) => {
+                health.metrics.watch_restarts.get_or_create(&resource).inc();
+            }
             Ok(watcher::Event::InitDone) => {
-                synced.store(true, Ordering::Relaxed);
-                if !healthy.swap(true, Ordering::Relaxed) {
-                    tracing::info!(watch = name, "watch cache synced");
+                state.synced.store(true, Ordering::Relaxed);
+                if !state.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(watch = state.resource, "watch cache synced");
+                }
+                health.publish(state);
+            }
+            Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
+                on_object(&object);
+                if state.synced.load(Ordering::Relaxed) && !state.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(watch = state.resource, "watch recovered");
+                    health.publish(state);
                 }
             }
-            Ok(_) => {
-                if synced.load(Ordering::Relaxed) && !healthy.swap(true, Ordering::Relaxed) {
-                    tracing::info!(watch = name, "watch recovered");
-                }
-            }
+            Ok(watcher::Event::Delete(_)) => {}
             Err(error) => {
-                if healthy.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(watch = name, %error, "watch failed; retrying with backoff");
+                health.metrics.watch_errors.get_or_create(&resource).inc();
+                if state.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(watch = state.resource, %error, "watch failed; retrying with backoff");
+                    health.publish(state);
                 }
                 health.failed.notify_one();
             }
@@ -181,8 +303,13 @@ async fn probe_until_reachable(client: Client, namespace: String, selector: Stri
                 break;
             }
         }
-        let recovered =
-            !health.jobs_healthy.swap(true, Ordering::Relaxed) | !health.pods_healthy.swap(true, Ordering::Relaxed);
+        let mut recovered = false;
+        for watch in [&health.jobs, &health.pods] {
+            if !watch.healthy.swap(true, Ordering::Relaxed) {
+                recovered = true;
+                health.publish(watch);
+            }
+        }
         if recovered {
             tracing::info!("the Kubernetes API answers again; watches marked healthy");
         }
@@ -221,8 +348,19 @@ impl JobBackend for KubernetesBackend {
     }
 
     fn is_ready(&self) -> bool {
-        let h = &self.health;
-        [&h.jobs_synced, &h.pods_synced, &h.jobs_healthy, &h.pods_healthy].iter().all(|f| f.load(Ordering::Relaxed))
+        self.health.jobs.ready() && self.health.pods.ready()
+    }
+
+    fn counts(&self) -> JobCounts {
+        let mut counts = JobCounts::default();
+        let a_minute_ago = chrono::Utc::now() - chrono::Duration::minutes(1);
+        for (record, pods) in self.records() {
+            counts.add(record.status.phase);
+            if !record.status.phase.is_terminal() && pods == 0 && record.created_at < a_minute_ago {
+                counts.without_pod += 1;
+            }
+        }
+        counts
     }
 
     async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError> {
@@ -256,25 +394,10 @@ impl JobBackend for KubernetesBackend {
     }
 
     async fn list(&self) -> Result<Vec<JobRecord>, BackendError> {
-        if !self.health.jobs_synced.load(Ordering::Relaxed) || !self.health.pods_synced.load(Ordering::Relaxed) {
+        if !self.health.jobs.synced.load(Ordering::Relaxed) || !self.health.pods.synced.load(Ordering::Relaxed) {
             return Err(not_ready());
         }
-        let mut pods_by_job: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
-        for pod in self.pods.state() {
-            if let Some(id) = pod.labels().get(JOB_ID_LABEL) {
-                pods_by_job.entry(id.clone()).or_default().push(pod.clone());
-            }
-        }
-        Ok(self
-            .jobs
-            .state()
-            .iter()
-            .filter_map(|job| {
-                let pods = pods_by_job.get(&job.name_any()).map(Vec::as_slice).unwrap_or_default();
-                let pods: Vec<&Pod> = pods.iter().map(Arc::as_ref).collect();
-                status::job_record(job, &pods)
-            })
-            .collect())
+        Ok(self.records().into_iter().map(|(record, _)| record).collect())
     }
 
     async fn cancel(&self, id: &JobId) -> Result<JobRecord, BackendError> {

@@ -224,6 +224,7 @@ mod tests {
             spec,
             created_at: chrono::Utc::now(),
             request_hash: String::new(),
+            trace: None,
         };
         render_job(&job, &AgentTemplate::from_config(&Config::default(), "ns")).spec.unwrap().template
     }

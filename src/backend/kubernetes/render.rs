@@ -28,6 +28,12 @@ pub const TENANT_LABEL: &str = "oats.dev/tenant";
 pub const CREATED_AT_ANNOTATION: &str = "oats.dev/created-at";
 /// Fingerprint of the normalised request, compared on idempotent retries.
 pub const REQUEST_HASH_ANNOTATION: &str = "oats.dev/request-hash";
+/// W3C `traceparent` of the request that created the job.
+pub const TRACEPARENT_ANNOTATION: &str = "oats.dev/traceparent";
+/// W3C `tracestate` of the request that created the job, when it had one.
+pub const TRACESTATE_ANNOTATION: &str = "oats.dev/tracestate";
+/// Set by the replica that counted the job's finish, so it is counted once.
+pub const COUNTED_ANNOTATION: &str = "oats.dev/finish-counted";
 /// Set when a user cancels the job.
 pub const CANCELLED_AT_ANNOTATION: &str = "oats.dev/cancelled-at";
 /// The agent container's name.
@@ -83,6 +89,17 @@ impl AgentTemplate {
     }
 }
 
+/// `TRACEPARENT` and `TRACESTATE` for the agent (the environment-variable carriers of W3C trace
+/// context), never baggage.
+pub fn trace_env(job: &NewJob) -> Vec<(String, String)> {
+    let Some(trace) = &job.trace else { return Vec::new() };
+    let mut env = vec![("TRACEPARENT".to_owned(), trace.traceparent.clone())];
+    if let Some(state) = &trace.tracestate {
+        env.push(("TRACESTATE".to_owned(), state.clone()));
+    }
+    env
+}
+
 /// Build the Job that runs `job`. Pure: the same input always gives the same manifest.
 pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
     let id = job.id.to_string();
@@ -95,10 +112,16 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
     job_labels.insert(TENANT_LABEL.into(), job.tenant.clone());
     job_labels.insert("app.kubernetes.io/managed-by".into(), "oats".into());
 
-    let annotations = BTreeMap::from([
+    let mut annotations = BTreeMap::from([
         (CREATED_AT_ANNOTATION.to_owned(), job.created_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)),
         (REQUEST_HASH_ANNOTATION.to_owned(), job.request_hash.clone()),
     ]);
+    if let Some(trace) = &job.trace {
+        annotations.insert(TRACEPARENT_ANNOTATION.to_owned(), trace.traceparent.clone());
+        if let Some(state) = &trace.tracestate {
+            annotations.insert(TRACESTATE_ANNOTATION.to_owned(), state.clone());
+        }
+    }
 
     let mut env: Vec<EnvVar> = job
         .spec
@@ -260,6 +283,7 @@ mod tests {
             spec,
             created_at: Utc.with_ymd_and_hms(2026, 11, 26, 10, 0, 0).unwrap(),
             request_hash: "feedface".into(),
+            trace: None,
         }
     }
 

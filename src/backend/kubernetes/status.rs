@@ -2,10 +2,11 @@
 
 use super::render::{
     AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, CREATED_AT_ANNOTATION, JOB_ID_LABEL, REQUEST_HASH_ANNOTATION,
-    TENANT_LABEL,
+    TENANT_LABEL, TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION,
 };
 use crate::jobs::{
-    JobId, JobPhase, JobReason, JobRecord, JobSpec, JobStatus, Labels, RESERVED_LABEL_PREFIX, truncate_result,
+    JobId, JobPhase, JobReason, JobRecord, JobSpec, JobStatus, Labels, RESERVED_LABEL_PREFIX, TraceContext,
+    truncate_result,
 };
 use chrono::{DateTime, Utc};
 use k8s_openapi::{
@@ -67,6 +68,10 @@ pub fn job_record(job: &Job, pods: &[&Pod]) -> Option<JobRecord> {
         attempts: observed.attempts,
         result: observed.result,
         request_hash: annotations.get(REQUEST_HASH_ANNOTATION).cloned().unwrap_or_default(),
+        trace: annotations.get(TRACEPARENT_ANNOTATION).map(|traceparent| TraceContext {
+            traceparent: traceparent.clone(),
+            tracestate: annotations.get(TRACESTATE_ANNOTATION).cloned(),
+        }),
     })
 }
 
@@ -254,6 +259,7 @@ mod tests {
             spec,
             created_at: Utc::now(),
             request_hash: "h".into(),
+            trace: None,
         };
         let mut job = render_job(&new, &AgentTemplate::from_config(&Config::default(), "ns"));
         job.status = Some(K8sJobStatus {

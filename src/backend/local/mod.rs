@@ -9,8 +9,12 @@ mod logs;
 mod process;
 
 use super::{BackendError, JobBackend};
-use crate::jobs::{
-    CreateOutcome, JobEvent, JobId, JobPhase, JobReason, JobRecord, JobStatus, LogOptions, LogStream, NewJob,
+use crate::{
+    jobs::{CreateOutcome, JobEvent, JobId, JobPhase, JobReason, JobRecord, JobStatus, LogOptions, LogStream, NewJob},
+    telemetry::{
+        self,
+        metrics::{JobCounts, Metrics},
+    },
 };
 use async_trait::async_trait;
 use chrono::Utc;
@@ -53,6 +57,7 @@ pub struct LocalBackend {
 
 struct Inner {
     settings: LocalSettings,
+    metrics: Arc<Metrics>,
     jobs: Mutex<HashMap<JobId, Entry>>,
     slots: Semaphore,
     write_lock: tokio::sync::Mutex<()>,
@@ -61,7 +66,7 @@ struct Inner {
 impl LocalBackend {
     /// Load every stored job, settle those the last server left running, queue those it left
     /// pending, and start serving.
-    pub async fn start(settings: LocalSettings) -> Result<Self, BackendError> {
+    pub async fn start(settings: LocalSettings, metrics: Arc<Metrics>) -> Result<Self, BackendError> {
         let jobs_dir = settings.state_dir.join("jobs");
         tokio::fs::create_dir_all(&jobs_dir)
             .await
@@ -69,6 +74,7 @@ impl LocalBackend {
         let inner = Arc::new(Inner {
             slots: Semaphore::new(settings.concurrency),
             settings,
+            metrics,
             jobs: Mutex::new(HashMap::new()),
             write_lock: tokio::sync::Mutex::new(()),
         });
@@ -131,6 +137,12 @@ impl Inner {
         self.settings.state_dir.join("jobs").join(id.as_str())
     }
 
+    /// Count a job's finish and emit its lifecycle spans (one process: each job ends once).
+    fn finished(&self, record: &JobRecord) {
+        self.metrics.job_finished(record);
+        telemetry::trace::emit_lifecycle(record);
+    }
+
     fn snapshot(&self, id: &JobId) -> Option<StoredJob> {
         self.jobs.lock().unwrap().get(id).map(|e| e.stored.clone())
     }
@@ -164,6 +176,7 @@ impl Inner {
         let dir = self.job_dir(&id);
         let outcome = match process::spawn_agent(&self.settings, &dir, &stored.record).await {
             Ok(agent) => {
+                self.metrics.local_running.inc();
                 let pgid = agent.pgid();
                 self.update(&id, |s| {
                     s.pgid = Some(pgid);
@@ -175,7 +188,9 @@ impl Inner {
                 if let Err(error) = self.save(&id).await {
                     tracing::error!(%error, "cannot persist job start");
                 }
-                agent.wait(stored.record.spec.timeout_seconds, &cancel).await
+                let outcome = agent.wait(stored.record.spec.timeout_seconds, &cancel).await;
+                self.metrics.local_running.dec();
+                outcome
             }
             Err(outcome) => outcome,
         };
@@ -195,6 +210,11 @@ impl Inner {
         });
         if let Err(error) = self.save(&id).await {
             tracing::error!(%error, "cannot persist job outcome");
+        }
+        if let Some(stored) = self.snapshot(&id) {
+            if stored.record.status.phase != JobPhase::Cancelled {
+                self.finished(&stored.record);
+            }
         }
         tracing::info!(job_id = %id, phase = outcome.status.phase.as_str(), "local job finished");
     }
@@ -226,6 +246,14 @@ impl JobBackend for LocalBackend {
 
     fn is_ready(&self) -> bool {
         true
+    }
+
+    fn counts(&self) -> JobCounts {
+        let mut counts = JobCounts::default();
+        for entry in self.inner.jobs.lock().unwrap().values() {
+            counts.add(entry.stored.record.status.phase);
+        }
+        counts
     }
 
     async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError> {
@@ -275,6 +303,7 @@ impl JobBackend for LocalBackend {
             record.clone()
         };
         self.inner.save(id).await?;
+        self.inner.finished(&record);
         Ok(record)
     }
 

@@ -56,6 +56,10 @@ pub async fn spawn_agent(settings: &LocalSettings, dir: &Path, record: &JobRecor
         .env_clear()
         .envs(settings.env_allowlist.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v))))
         .envs(record.spec.agent_env(&record.id, &result_file.to_string_lossy(), &workspace.to_string_lossy()))
+        .envs(record.trace.iter().flat_map(|t| {
+            std::iter::once(("TRACEPARENT".to_owned(), t.traceparent.clone()))
+                .chain(t.tracestate.clone().map(|s| ("TRACESTATE".to_owned(), s)))
+        }))
         .env("HOME", &workspace)
         .current_dir(&workspace)
         .process_group(0)
