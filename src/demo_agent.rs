@@ -25,6 +25,9 @@ pub async fn run() -> i32 {
     };
 
     say(&format!("demo agent: starting, goal: {short_goal:?}, {max_turns} turns"));
+    if let Ok(traceparent) = std::env::var("TRACEPARENT") {
+        say(&format!("demo agent: continuing trace TRACEPARENT={traceparent}"));
+    }
     for turn in 1..=max_turns {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(delay)) => {}

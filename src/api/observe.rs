@@ -1,50 +1,54 @@
 //! Per-request telemetry: a server span named `{method} {route}` that continues an incoming W3C
 //! `traceparent`, and the HTTP duration histogram (with the trace id as exemplar) and in-flight
-//! gauge. Routes are templates (`/api/v1/jobs/{id}`), never raw paths.
+//! gauge. Routes are templates (`/api/v1/jobs/{id}`), never raw paths: the raw path is not
+//! recorded at all, since it may carry ids.
 
-use crate::telemetry::metrics::{HttpLabels, MethodLabel, Metrics, TraceLabel};
+use crate::telemetry::metrics::{HttpLabels, MethodLabel, Metrics, SubmissionOutcome, TraceLabel};
 use opentelemetry::{global, trace::TraceContextExt};
 use opentelemetry_http::HeaderExtractor;
 use poem::{Endpoint, IntoResponse, Request, Response, http::Method};
-use poem_openapi::OperationId;
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 use tracing::{Instrument, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// Operation ids and fixed paths mapped to their route templates.
+/// The route templates of the API (`/api/v1/jobs/{id}`), to name requests without raw paths.
 pub struct Routes {
-    by_operation: HashMap<String, &'static str>,
-    fixed: HashMap<&'static str, &'static str>,
+    /// Each template with its segments; `None` marks a `{parameter}`.
+    templates: Vec<(&'static str, Vec<Option<String>>)>,
 }
 
 impl Routes {
     /// Build the table from the OpenAPI document, once at start.
     pub fn from_spec(spec: &str) -> Self {
         let spec: serde_json::Value = serde_json::from_str(spec).expect("the generated spec is JSON");
-        let mut by_operation = HashMap::new();
-        for (path, item) in spec["paths"].as_object().into_iter().flatten() {
-            let template: &'static str = Box::leak(path.clone().into_boxed_str());
-            for operation in item.as_object().into_iter().flatten().map(|(_, op)| op) {
-                if let Some(id) = operation["operationId"].as_str() {
-                    by_operation.insert(id.to_owned(), template);
-                }
-            }
-        }
-        let fixed = ["/metrics", "/openapi.json", "/docs"].into_iter().map(|p| (p, p)).collect();
-        Self { by_operation, fixed }
+        let documented = spec["paths"].as_object().into_iter().flatten().map(|(path, _)| path.clone());
+        let fixed = ["/metrics", "/openapi.json", "/docs"].map(String::from);
+        let templates = documented
+            .chain(fixed)
+            .map(|path| {
+                let segments = path
+                    .trim_matches('/')
+                    .split('/')
+                    .map(|s| (!(s.starts_with('{') && s.ends_with('}'))).then(|| s.to_owned()))
+                    .collect();
+                (&*Box::leak(path.into_boxed_str()), segments)
+            })
+            .collect();
+        Self { templates }
     }
 
-    fn route(&self, response: &Response, path: &str) -> &'static str {
-        if let Some(id) = response.data::<OperationId>() {
-            if let Some(template) = self.by_operation.get(id.0) {
-                return template;
-            }
+    /// The template `path` matches, `/docs` for Swagger UI's assets, else `unmatched`.
+    pub fn route(&self, path: &str) -> &'static str {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let matched = self.templates.iter().find(|(_, template)| {
+            template.len() == segments.len()
+                && template.iter().zip(&segments).all(|(t, s)| t.as_deref().is_none_or(|t| t == *s) && !s.is_empty())
+        });
+        match matched {
+            Some((template, _)) => template,
+            None if path.starts_with("/docs/") => "/docs",
+            None => "unmatched",
         }
-        let path = path.trim_end_matches('/');
-        if path.starts_with("/docs") {
-            return "/docs";
-        }
-        self.fixed.get(path).copied().unwrap_or("unmatched")
     }
 }
 
@@ -72,17 +76,16 @@ pub async fn observe<E: Endpoint>(
     routes: Arc<Routes>,
 ) -> poem::Result<Response> {
     let method = method_label(request.method());
-    let path = request.uri().path().to_owned();
+    let route = routes.route(request.uri().path());
     let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
     let span = tracing::info_span!(
         "HTTP request",
-        otel.name = method,
+        otel.name = format!("{method} {route}"),
         otel.kind = "server",
         otel.status_code = Empty,
         http.request.method = method,
-        http.route = Empty,
+        http.route = route,
         http.response.status_code = Empty,
-        url.path = %path,
         url.scheme = "http",
         trace_id = Empty,
         span_id = Empty,
@@ -104,15 +107,43 @@ pub async fn observe<E: Endpoint>(
     let response = response.unwrap_or_else(super::problem::from_poem_error);
 
     let status = response.status().as_u16();
-    let route = routes.route(&response, &path);
-    span.record("otel.name", format!("{method} {route}"));
-    span.record("http.route", route);
     span.record("http.response.status_code", status);
     if status >= 500 {
         span.record("otel.status_code", "ERROR");
+    }
+    // Submissions refused before reaching the job service (unparsable body or header) are
+    // invalid submissions too.
+    if method == "POST" && route == "/api/v1/jobs" && matches!(status, 400 | 413 | 415) {
+        metrics.submission(SubmissionOutcome::Invalid);
     }
     let labels = HttpLabels { http_request_method: method, http_route: route, http_response_status_code: status };
     let exemplar = trace_id.filter(|_| span_context.is_sampled()).map(|trace_id| TraceLabel { trace_id });
     metrics.http_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64(), exemplar, None);
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_templates() {
+        let routes = Routes::from_spec(&crate::api::openapi().spec());
+        for (path, route) in [
+            ("/api/v1/jobs", "/api/v1/jobs"),
+            ("/api/v1/jobs/", "/api/v1/jobs"),
+            ("/api/v1/jobs/job-abcdefghijklmnopqrst", "/api/v1/jobs/{id}"),
+            ("/api/v1/jobs/anything/logs", "/api/v1/jobs/{id}/logs"),
+            ("/api/v1/jobs/x/cancel", "/api/v1/jobs/{id}/cancel"),
+            ("/healthz", "/healthz"),
+            ("/metrics", "/metrics"),
+            ("/docs", "/docs"),
+            ("/docs/swagger-ui.css", "/docs"),
+            ("/api/v1/jobs//logs", "unmatched"),
+            ("/etc/passwd", "unmatched"),
+            ("/api/v1/jobs/x/y/z", "unmatched"),
+        ] {
+            assert_eq!(routes.route(path), route, "{path}");
+        }
+    }
 }

@@ -66,6 +66,9 @@ impl JobService {
             Err(_) => SubmissionOutcome::Error,
         };
         self.metrics.submission(outcome);
+        if let Ok(submitted) = &result {
+            tracing::info!(job_id = %submitted.job.id, created = submitted.created, "job submitted");
+        }
         result
     }
 

@@ -1,0 +1,319 @@
+//! Telemetry end to end: spans received by a real OTLP/gRPC receiver, an exact scrape of
+//! `/metrics`, and logs that never carry secrets.
+
+mod common;
+
+use common::Server;
+use openmetrics_parser::{PrometheusType, PrometheusValue};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{KeyValue, any_value},
+    trace::v1::{Span, span::SpanKind},
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// An OTLP trace receiver: the collector's gRPC service, keeping every span it gets.
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<(String, Span)>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| string_of(kv))
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                spans.extend(scope.spans.into_iter().map(|s| (service.clone(), s)));
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+fn string_of(kv: &KeyValue) -> Option<String> {
+    match kv.value.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        any_value::Value::IntValue(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes.iter().find(|kv| kv.key == key).and_then(string_of)
+}
+
+async fn start_receiver() -> (Receiver, u16) {
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let service = TraceServiceServer::new(receiver.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream_of(listener))
+            .await
+            .unwrap();
+    });
+    (receiver, port)
+}
+
+/// Accepted connections of `listener` as the stream tonic serves from.
+fn tokio_stream_of(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    })
+}
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+#[tokio::test]
+async fn a_submission_is_one_trace_from_the_caller_into_the_agent() {
+    let (receiver, port) = start_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let server = Server::start_local(
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-key=otlp-secret-123"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_SERVICE_NAME", "oats-under-test"),
+        ],
+    )
+    .await;
+
+    let response = server
+        .http
+        .post(server.url("/api/v1/jobs"))
+        .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))
+        .header("authorization", "Bearer caller-token-456")
+        .json(&json!({"goal": "Trace me", "max_turns": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(job["trace_id"], TRACE_ID, "the job links to the caller's trace");
+    let id = job["id"].as_str().unwrap();
+    server.wait_for(id, "succeeded", Duration::from_secs(20)).await;
+
+    // The agent continued the same trace.
+    let logs = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs"))).send().await.unwrap();
+    let logs = logs.text().await.unwrap();
+    assert!(logs.contains(&format!("TRACEPARENT=00-{TRACE_ID}-")), "{logs}");
+
+    // The receiver gets the server span, its child, and the job's lifecycle.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let spans = loop {
+        let spans = receiver.spans.lock().unwrap().clone();
+        let names: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+        if ["POST /api/v1/jobs", "create job", "job pending", "job running"].iter().all(|n| names.contains(n)) {
+            break spans;
+        }
+        assert!(Instant::now() < deadline, "spans never arrived; got {names:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let find = |name: &str| spans.iter().find(|(_, s)| s.name == name).unwrap();
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+
+    let (service, server_span) = find("POST /api/v1/jobs");
+    assert_eq!(service, "oats-under-test");
+    assert_eq!(hex(&server_span.trace_id), TRACE_ID);
+    assert_eq!(hex(&server_span.parent_span_id), CALLER_SPAN, "continues the caller's span");
+    assert_eq!(server_span.kind, SpanKind::Server as i32);
+    assert_eq!(attribute(server_span, "http.request.method").as_deref(), Some("POST"));
+    assert_eq!(attribute(server_span, "http.route").as_deref(), Some("/api/v1/jobs"));
+    assert_eq!(attribute(server_span, "http.response.status_code").as_deref(), Some("201"));
+
+    let (_, create) = find("create job");
+    assert_eq!(hex(&create.trace_id), TRACE_ID);
+    assert_eq!(create.parent_span_id, server_span.span_id, "job creation is a child of the request");
+    assert_eq!(attribute(create, "oats.job.id").as_deref(), Some(id));
+    for name in ["job pending", "job running"] {
+        let (_, lifecycle) = find(name);
+        assert_eq!(hex(&lifecycle.trace_id), TRACE_ID, "{name}");
+        assert_eq!(lifecycle.parent_span_id, create.span_id, "{name} hangs under the job's creation");
+        assert_eq!(attribute(lifecycle, "oats.job.status").as_deref(), Some("succeeded"));
+    }
+    let (_, pending) = find("job pending");
+    let (_, running) = find("job running");
+    assert!(pending.end_time_unix_nano <= running.start_time_unix_nano + 1_000_000, "pending ends as running starts");
+
+    // Exemplars carry the trace id (OpenMetrics only).
+    let scrape = server
+        .http
+        .get(server.url("/metrics"))
+        .header("accept", "application/openmetrics-text")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(scrape.contains(&format!("trace_id=\"{TRACE_ID}\"")), "no exemplar with the trace id");
+
+    // Logs are JSON lines carrying the trace id, and never the secrets.
+    let log = server.log_text();
+    let submitted = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "job submitted")
+        .expect("a log line for the submission");
+    assert_eq!(submitted["trace_id"], TRACE_ID);
+    assert!(submitted["span_id"].as_str().is_some_and(|s| s.len() == 16));
+    for secret in ["otlp-secret-123", "caller-token-456"] {
+        assert!(!log.contains(secret), "{secret} leaked into the logs");
+    }
+    for (_, span) in &spans {
+        for kv in &span.attributes {
+            let value = string_of(kv).unwrap_or_default();
+            assert!(!value.contains("caller-token-456") && !value.contains("otlp-secret-123"), "secret in span");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_dead_collector_never_blocks_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let endpoint = format!("http://127.0.0.1:{closed_port}");
+    let server = Server::start_local(
+        dir.path(),
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")],
+    )
+    .await;
+    for i in 0..20 {
+        let response = server.submit(json!({"goal": format!("no collector {i}"), "max_turns": 1})).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    let (status, list) = server.get_json("/api/v1/jobs?limit=500").await;
+    assert_eq!((status, list["items"].as_array().unwrap().len()), (StatusCode::OK, 20));
+}
+
+type Exposition = openmetrics_parser::MetricsExposition<PrometheusType, PrometheusValue>;
+
+fn family<'a>(
+    scrape: &'a Exposition,
+    name: &str,
+) -> Option<&'a openmetrics_parser::MetricFamily<PrometheusType, PrometheusValue>> {
+    scrape.families.get(name).or_else(|| scrape.families.get(name.trim_end_matches("_total")))
+}
+
+/// The value of the one sample of `name` with these labels (a histogram's count).
+fn sample_value(scrape: &Exposition, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let family = family(scrape, name).unwrap_or_else(|| panic!("no metric {name}"));
+    let sample = family
+        .iter_samples()
+        .find(|s| {
+            let set = s.get_labelset().unwrap();
+            labels.iter().all(|(k, v)| set.get_label_value(k) == Some(*v))
+        })
+        .unwrap_or_else(|| panic!("no sample {name}{labels:?}"));
+    match &sample.value {
+        PrometheusValue::Counter(c) => c.value.as_f64(),
+        PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => n.as_f64(),
+        PrometheusValue::Histogram(h) => h.count.unwrap_or_default() as f64,
+        PrometheusValue::Summary(_) => panic!("{name} is a summary"),
+    }
+}
+
+async fn scrape(server: &Server) -> (String, Exposition) {
+    let text = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let parsed = openmetrics_parser::prometheus::parse_prometheus(&text).expect("the scrape parses");
+    (text, parsed)
+}
+
+#[tokio::test]
+async fn a_scrape_has_every_metric_with_exact_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[]).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(server.create(&format!("count me {i}"), 1).await["id"].as_str().unwrap().to_owned());
+    }
+    let invalid = server.submit(json!({"goal": "   ", "max_turns": 1})).await;
+    assert_eq!(invalid.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let unparsable =
+        server.http.post(server.url("/api/v1/jobs")).header("content-type", "application/json").body("{").send();
+    assert_eq!(unparsable.await.unwrap().status(), StatusCode::BAD_REQUEST);
+    for id in &ids {
+        server.wait_for(id, "succeeded", Duration::from_secs(20)).await;
+    }
+    let get_route =
+        [("http_request_method", "GET"), ("http_route", "/api/v1/jobs/{id}"), ("http_response_status_code", "200")];
+    // wait_for polled GET /api/v1/jobs/{id} an unknown number of times: count a known batch by delta.
+    let (_, before) = scrape(&server).await;
+    for id in &ids {
+        let (status, _) = server.get_json(&format!("/api/v1/jobs/{id}")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (text, scrape) = scrape(&server).await;
+    let gets = sample_value(&scrape, "http_server_request_duration_seconds", &get_route)
+        - sample_value(&before, "http_server_request_duration_seconds", &get_route);
+    assert_eq!(gets, 3.0, "GETs are counted under the route template");
+
+    for (metric, kind) in [
+        ("http_server_request_duration_seconds", PrometheusType::Histogram),
+        ("http_server_active_requests", PrometheusType::Gauge),
+        ("oats_job_submissions_total", PrometheusType::Counter),
+        ("oats_jobs_finished_total", PrometheusType::Counter),
+        ("oats_job_duration_seconds", PrometheusType::Histogram),
+        ("oats_job_queue_wait_seconds", PrometheusType::Histogram),
+        ("oats_jobs", PrometheusType::Gauge),
+        ("oats_jobs_without_pod", PrometheusType::Gauge),
+        ("oats_job_result_bytes", PrometheusType::Histogram),
+        ("oats_log_streams", PrometheusType::Gauge),
+        ("oats_local_running_processes", PrometheusType::Gauge),
+        ("oats_build_info", PrometheusType::Gauge),
+        ("process_resident_memory_bytes", PrometheusType::Gauge),
+        ("process_cpu_seconds_total", PrometheusType::Counter),
+        ("process_open_fds", PrometheusType::Gauge),
+        ("process_start_time_seconds", PrometheusType::Gauge),
+    ] {
+        let declared = family(&scrape, metric).map(|f| f.family_type.clone());
+        assert_eq!(declared, Some(kind), "{metric} is not exported as that type");
+    }
+
+    assert_eq!(sample_value(&scrape, "oats_job_submissions_total", &[("outcome", "accepted")]), 3.0);
+    assert_eq!(sample_value(&scrape, "oats_job_submissions_total", &[("outcome", "invalid")]), 2.0);
+    assert_eq!(sample_value(&scrape, "oats_jobs_finished_total", &[("status", "succeeded"), ("reason", "none")]), 3.0);
+    assert_eq!(sample_value(&scrape, "oats_jobs", &[("status", "succeeded")]), 3.0);
+    assert_eq!(sample_value(&scrape, "oats_jobs", &[("status", "running")]), 0.0);
+    assert_eq!(sample_value(&scrape, "oats_job_duration_seconds", &[("status", "succeeded")]), 3.0);
+    assert_eq!(sample_value(&scrape, "oats_job_queue_wait_seconds", &[]), 3.0);
+    assert_eq!(sample_value(&scrape, "oats_job_result_bytes", &[]), 3.0);
+    let post = |code: &'static str| {
+        sample_value(
+            &scrape,
+            "http_server_request_duration_seconds",
+            &[("http_request_method", "POST"), ("http_route", "/api/v1/jobs"), ("http_response_status_code", code)],
+        )
+    };
+    assert_eq!((post("201"), post("422"), post("400")), (3.0, 1.0, 1.0));
+    assert!(!text.contains("job-"), "no job id in any label");
+    assert_eq!(sample_value(&scrape, "oats_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+}
