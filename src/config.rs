@@ -85,6 +85,16 @@ impl ConfigValue for Option<SocketAddr> {
     }
 }
 
+impl ConfigValue for Option<PathBuf> {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        Ok((!text.is_empty()).then(|| PathBuf::from(text)))
+    }
+    fn show(&self) -> String {
+        self.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+    }
+}
+
 impl ConfigValue for Option<String> {
     fn parse_value(text: &str) -> Result<Self, String> {
         let text = text.trim();
@@ -187,8 +197,26 @@ config_keys! {
     metrics_listen: Option<SocketAddr> = None;
     /// Server log format: `auto` (JSON unless stderr is a terminal), `json` or `text`.
     log_format: LogFormat = LogFormat::Auto;
-    /// Tenant that owns jobs submitted without credentials.
+    /// Tenant of callers while authentication is off (no tokens file and no OIDC issuer).
     tenant: String = "default".into();
+    /// YAML file of API tokens (`tokens: [{name, sha256, tenant, role}]`), mounted from a Secret and reloaded on change. Setting it (or an OIDC issuer) turns authentication on.
+    auth_tokens_file: Option<PathBuf> = None;
+    /// OIDC issuer whose JWTs are accepted (turns authentication on).
+    oidc_issuer: Option<String> = None;
+    /// JWKS address of the issuer. Empty: discovered from the issuer's `.well-known/openid-configuration`.
+    oidc_jwks_url: Option<String> = None;
+    /// Audience (`aud`) a JWT must carry.
+    oidc_audience: String = "oats".into();
+    /// JWT claim holding the tenant.
+    oidc_tenant_claim: String = "tenant".into();
+    /// JWT claim holding the role (`viewer`, `submitter` or `admin`).
+    oidc_role_claim: String = "oats_role".into();
+    /// Clock skew allowed when checking `exp` and `nbf`, in seconds.
+    oidc_clock_skew_seconds: u32 = 60;
+    /// Seconds the issuer's key set is cached before it is fetched again.
+    oidc_jwks_refresh_seconds: u32 = 300;
+    /// YAML policy file (per-tenant limits; see `policies/oats-policy.yaml`), reloaded on change. Empty: built-in limits.
+    policy_file: Option<PathBuf> = None;
     /// Kubernetes namespace for agent Jobs. Empty: the pod's own namespace in a cluster, else the kubeconfig's, else `default`.
     namespace: Option<String> = None;
     /// Container image of the agent.
@@ -347,6 +375,14 @@ impl Config {
         }
         if self.max_body_bytes < 1024 {
             return invalid("max_body_bytes", "must be at least 1024".into());
+        }
+        if self.oidc_issuer.is_some() && self.oidc_audience.is_empty() {
+            return invalid("oidc_audience", "an OIDC issuer needs an audience".into());
+        }
+        if let Err(message) = crate::jobs::check_label_value(&self.tenant)
+            .and_then(|()| if self.tenant.is_empty() { Err("must not be empty".into()) } else { Ok(()) })
+        {
+            return invalid("tenant", message);
         }
         if self.llm_secret_name.is_some() && self.llm_secret_keys.is_empty() {
             return invalid("llm_secret_keys", "name at least one key of llm_secret_name to mount".into());

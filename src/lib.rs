@@ -5,8 +5,10 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod demo_agent;
 pub mod jobs;
+pub mod policy;
 pub mod telemetry;

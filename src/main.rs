@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use oats::{
     api::{self, ApiState, types::CreateJobRequest},
+    auth::{Authenticator, OidcSettings, OidcVerifier, TokenStore},
     backend::{
         JobBackend,
         kubernetes::{KubernetesBackend, render},
@@ -11,6 +12,7 @@ use oats::{
     },
     config::{BackendKind, Config},
     jobs::{JobId, JobRequest, JobService, NewJob},
+    policy::Policy,
     telemetry::{kube_client::KubeMetricsLayer, metrics::Metrics},
 };
 use poem_openapi::types::ParseFromJSON;
@@ -47,6 +49,8 @@ enum Command {
     Config,
     /// Run the demo agent (what the default configuration runs as each job; not an LLM).
     DemoAgent,
+    /// Read an API token on stdin and print its SHA-256, as the tokens file stores it.
+    HashToken,
 }
 
 fn main() -> Result<()> {
@@ -61,6 +65,12 @@ fn main() -> Result<()> {
         }
         Command::Config => {
             print!("{}", Config::markdown_table());
+            Ok(())
+        }
+        Command::HashToken => {
+            let mut token = String::new();
+            std::io::stdin().read_to_string(&mut token).context("cannot read the token from stdin")?;
+            println!("{}", oats::auth::hash_token(&token));
             Ok(())
         }
         Command::RenderJob => render_job(&load_config(cli.config.as_deref())?),
@@ -90,11 +100,23 @@ fn render_job(config: &Config) -> Result<()> {
     let request =
         CreateJobRequest::parse_from_json(Some(value)).map_err(|e| anyhow::anyhow!("{}", e.into_message()))?;
     let spec = JobRequest::from(request).validate(&config.job_limits()).map_err(oats::jobs::JobError::Invalid)?;
+    let rules = match &config.policy_file {
+        Some(path) => Policy::load(path).map_err(anyhow::Error::msg)?.rules_for(&config.tenant),
+        None => Policy::builtin().rules_for(&config.tenant),
+    };
+    let profile = spec.profile.clone().or(rules.default_profile.clone());
+    let resources = match &profile {
+        Some(name) => {
+            Some(rules.resource_profiles.get(name).cloned().with_context(|| format!("no resource profile {name}"))?)
+        }
+        None => None,
+    };
     let job = NewJob {
         id: JobId::random(),
         tenant: config.tenant.clone(),
         request_hash: spec.fingerprint(),
         trace: None,
+        resources,
         spec,
         created_at: chrono::Utc::now(),
     };
@@ -110,8 +132,8 @@ async fn serve(config: Config) -> Result<()> {
     tracing::info!(backend = backend.name(), listen = %config.listen, "starting OATS");
     let counted = backend.clone();
     metrics.count_jobs_with(Box::new(move || counted.counts()));
-    let jobs = Arc::new(JobService::new(backend, config.job_limits(), metrics.clone()));
-    let state = Arc::new(ApiState { jobs, tenant: config.tenant.clone() });
+    let jobs = Arc::new(JobService::new(backend, config.job_limits(), load_policy(&config)?, metrics.clone()));
+    let state = Arc::new(ApiState { jobs, auth: authenticator(&config)? });
     let app = api::build_app(state, config.max_body_bytes);
     if let Some(address) = config.metrics_listen {
         tracing::info!(%address, "serving /metrics on a separate port");
@@ -124,6 +146,53 @@ async fn serve(config: Config) -> Result<()> {
         .context("the HTTP server failed")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the tokens and policy files are checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+fn load_policy(config: &Config) -> Result<Arc<Policy>> {
+    let Some(path) = &config.policy_file else {
+        tracing::info!("no policy file; built-in limits apply");
+        return Ok(Policy::builtin());
+    };
+    let policy = Policy::load(path).map_err(anyhow::Error::msg)?;
+    policy.watch(RELOAD_EVERY);
+    Ok(policy)
+}
+
+fn authenticator(config: &Config) -> Result<Authenticator> {
+    let tokens = match &config.auth_tokens_file {
+        Some(path) => {
+            let store = TokenStore::load(path).map_err(anyhow::Error::msg)?;
+            store.watch(RELOAD_EVERY);
+            Some(store)
+        }
+        None => None,
+    };
+    let oidc = match &config.oidc_issuer {
+        Some(issuer) => Some(
+            OidcVerifier::new(OidcSettings {
+                issuer: issuer.clone(),
+                jwks_url: config.oidc_jwks_url.clone(),
+                audience: config.oidc_audience.clone(),
+                tenant_claim: config.oidc_tenant_claim.clone(),
+                role_claim: config.oidc_role_claim.clone(),
+                clock_skew: Duration::from_secs(config.oidc_clock_skew_seconds.into()),
+                refresh_every: Duration::from_secs(config.oidc_jwks_refresh_seconds.into()),
+            })
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let auth = Authenticator::new(tokens, oidc, &config.tenant);
+    if !auth.is_enabled() {
+        tracing::warn!(
+            tenant = %config.tenant,
+            "authentication is OFF: every caller is an admin of the default tenant; set auth_tokens_file or oidc_issuer"
+        );
+    }
+    Ok(auth)
 }
 
 /// Pick and start the backend, saying which and why.

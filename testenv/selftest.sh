@@ -262,16 +262,23 @@ EOF
 }
 
 apiserver_restart() {
+  # a Job whose pod is due to terminate while the apiserver is down
+  job sel-across-restart "across restart" kwok.oats.dev/run-ms=4000
+  until_true 60 pod_matches sel-across-restart '.status.phase == "Running"'
   "$TE" stop-apiserver
   if k get ns "$NS" --request-timeout=3s >/dev/null 2>&1; then echo "  apiserver still answers" >&2; return 1; fi
   echo "  apiserver down"
-  sleep 3
+  sleep 6
   "$TE" start-apiserver
   k get ns "$NS" >/dev/null
   echo "  apiserver back"
-  # the controllers, scheduler and kwok reconnect: a new Job completes
+  # kwok retries its status patch; the Job controller resyncs (client-go backoff: up to ~30 s)
+  until_true 120 has_job_cond sel-across-restart Complete
+  expect "message (terminated while apiserver was down)" \
+    "$(pod_json sel-across-restart | jq -r '.status.containerStatuses[0].state.terminated.message')" "done: across restart"
+  # the controllers, scheduler and kwok reconnected: a new Job completes
   job sel-after-restart "after restart" kwok.oats.dev/run-ms=500
-  until_true 90 has_job_cond sel-after-restart Complete
+  until_true 120 has_job_cond sel-after-restart Complete
   expect message "$(pod_json sel-after-restart | jq -r '.status.containerStatuses[0].state.terminated.message')" "done: after restart"
 }
 

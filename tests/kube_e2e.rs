@@ -74,6 +74,7 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
             .into(),
         timeout_seconds: Some(120),
         model: None,
+        profile: None,
     }
     .validate(&JobLimits::default())
     .unwrap();
@@ -86,6 +87,7 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
             tenant: "default".into(),
             request_hash: spec.fingerprint(),
             trace: None,
+            resources: None,
             spec,
             created_at,
         },

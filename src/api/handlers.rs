@@ -3,16 +3,43 @@
 use super::{
     ApiState,
     problem::ProblemResponse,
-    types::{CreateJobRequest, Health, Job, JobEventList, JobList, JobStatus},
+    types::{CreateJobRequest, DryRunResult, Health, Job, JobEventList, JobList, JobStatus, RuleVerdict},
 };
-use crate::jobs::{ListQuery, LogOptions};
+use crate::{
+    auth::Caller,
+    jobs::{ListQuery, LogOptions},
+};
 use poem::{Body, web::Data};
 use poem_openapi::{
-    ApiResponse, OpenApi, Tags,
+    ApiResponse, OpenApi, SecurityScheme, Tags,
+    auth::Bearer,
     param::{Header, Path, Query},
     payload::{Binary, Json},
 };
 use std::sync::Arc;
+
+/// An API token or an OIDC access token (JWT), sent as `Authorization: Bearer <token>`.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", bearer_format = "opaque token or JWT")]
+pub struct BearerToken(Bearer);
+
+/// Credentials of a call: a bearer token, or none (accepted only while authentication is off).
+#[derive(SecurityScheme)]
+pub enum Credentials {
+    Bearer(BearerToken),
+    #[oai(fallback)]
+    Absent,
+}
+
+impl Credentials {
+    async fn caller(&self, state: &ApiState) -> std::result::Result<Caller, ProblemResponse> {
+        let token = match self {
+            Self::Bearer(BearerToken(bearer)) => Some(bearer.token.as_str()),
+            Self::Absent => None,
+        };
+        state.auth.authenticate(token).await.map_err(ProblemResponse::from)
+    }
+}
 
 #[derive(Tags)]
 pub enum ApiTags {
@@ -38,6 +65,9 @@ pub enum CreateJobResponse {
     /// nothing new was created.
     #[oai(status = 200)]
     Existing(Json<Job>, #[oai(header = "Location")] String),
+    /// `dry_run=true`: every rule's verdict and what would be submitted; nothing was created.
+    #[oai(status = 202)]
+    DryRun(Json<DryRunResult>),
 }
 
 /// Answer of `getJobLogs`.
@@ -74,13 +104,27 @@ impl JobsApi {
     async fn create_job(
         &self,
         state: Data<&Arc<ApiState>>,
+        credentials: Credentials,
         body: Json<CreateJobRequest>,
         /// Makes retries safe: 1 to 255 printable ASCII characters, unique per intended job
         /// (a UUID is ideal). Scoped to the tenant.
         #[oai(name = "Idempotency-Key", validator(min_length = 1, max_length = 255))]
         idempotency_key: Header<Option<String>>,
+        /// Judge the request by every policy rule and return the verdicts and the rendered job,
+        /// creating nothing.
+        #[oai(default)]
+        dry_run: Query<bool>,
     ) -> Result<CreateJobResponse> {
-        let submitted = state.jobs.submit(&state.tenant, body.0.into(), idempotency_key.0.as_deref()).await?;
+        let caller = credentials.caller(&state).await?;
+        if dry_run.0 {
+            let dry = state.jobs.dry_run(&caller, body.0.into()).await?;
+            return Ok(CreateJobResponse::DryRun(Json(DryRunResult {
+                allowed: dry.allowed(),
+                verdicts: dry.verdicts.into_iter().map(RuleVerdict::from).collect(),
+                job: dry.manifest,
+            })));
+        }
+        let submitted = state.jobs.submit(&caller, body.0.into(), idempotency_key.0.as_deref()).await?;
         let job = Job::from(submitted.job);
         let location = job.links.self_.clone();
         Ok(if submitted.created {
@@ -98,6 +142,7 @@ impl JobsApi {
     async fn list_jobs(
         &self,
         state: Data<&Arc<ApiState>>,
+        credentials: Credentials,
         /// Only jobs in this status.
         status: Query<Option<JobStatus>>,
         /// Only jobs whose labels match this Kubernetes label selector, e.g.
@@ -111,8 +156,9 @@ impl JobsApi {
         #[oai(validator(max_length = 256))]
         page_token: Query<Option<String>>,
     ) -> Result<Json<JobList>> {
+        let caller = credentials.caller(&state).await?;
         let query = ListQuery::parse(status.0.map(Into::into), label.0.as_deref(), limit.0, page_token.0.as_deref())?;
-        let page = state.jobs.list(&state.tenant, &query).await?;
+        let page = state.jobs.list(&caller, &query).await?;
         Ok(Json(JobList {
             items: page.items.into_iter().map(Job::from).collect(),
             next_page_token: page.next_page_token,
@@ -126,10 +172,12 @@ impl JobsApi {
     async fn get_job(
         &self,
         state: Data<&Arc<ApiState>>,
+        credentials: Credentials,
         /// The job id.
         id: Path<String>,
     ) -> Result<Json<Job>> {
-        Ok(Json(state.jobs.get(&state.tenant, &id.0).await?.into()))
+        let caller = credentials.caller(&state).await?;
+        Ok(Json(state.jobs.get(&caller, &id.0).await?.into()))
     }
 
     /// Cancel a job
@@ -140,10 +188,12 @@ impl JobsApi {
     async fn cancel_job(
         &self,
         state: Data<&Arc<ApiState>>,
+        credentials: Credentials,
         /// The job id.
         id: Path<String>,
     ) -> Result<Json<Job>> {
-        Ok(Json(state.jobs.cancel(&state.tenant, &id.0).await?.into()))
+        let caller = credentials.caller(&state).await?;
+        Ok(Json(state.jobs.cancel(&caller, &id.0).await?.into()))
     }
 
     /// Read a job's logs
@@ -154,6 +204,7 @@ impl JobsApi {
     async fn get_job_logs(
         &self,
         state: Data<&Arc<ApiState>>,
+        credentials: Credentials,
         /// The job id.
         id: Path<String>,
         /// Only the last this many lines (1 to 100000).
@@ -175,7 +226,8 @@ impl JobsApi {
             timestamps: timestamps.0,
             follow: follow.0,
         };
-        let lines = state.jobs.logs(&state.tenant, &id.0, options).await?;
+        let caller = credentials.caller(&state).await?;
+        let lines = state.jobs.logs(&caller, &id.0, options).await?;
         Ok(LogsResponse::Ok(Binary(Body::from_bytes_stream(lines))))
     }
 
@@ -187,10 +239,12 @@ impl JobsApi {
     async fn list_job_events(
         &self,
         state: Data<&Arc<ApiState>>,
+        credentials: Credentials,
         /// The job id.
         id: Path<String>,
     ) -> Result<Json<JobEventList>> {
-        let events = state.jobs.events(&state.tenant, &id.0).await?;
+        let caller = credentials.caller(&state).await?;
+        let events = state.jobs.events(&caller, &id.0).await?;
         Ok(Json(JobEventList { items: events.into_iter().map(Into::into).collect() }))
     }
 }

@@ -8,6 +8,7 @@ pub mod problem;
 pub mod types;
 
 use crate::{
+    auth::Authenticator,
     jobs::JobService,
     telemetry::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE},
 };
@@ -24,8 +25,7 @@ use std::sync::Arc;
 /// What every handler can reach.
 pub struct ApiState {
     pub jobs: Arc<JobService>,
-    /// Owner of the jobs submitted through this server (until authentication assigns tenants).
-    pub tenant: String,
+    pub auth: Authenticator,
 }
 
 /// The OpenAPI service; the spec is a function of the code alone, not of configuration.

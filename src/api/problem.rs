@@ -2,7 +2,7 @@
 //! `application/problem+json` with a stable `type`.
 
 use super::types::{FieldProblem, Problem};
-use crate::jobs::JobError;
+use crate::{auth::AuthError, jobs::JobError, policy::Rule};
 use poem::{
     IntoResponse, Response,
     error::{MethodNotAllowedError, NotFoundError},
@@ -24,6 +24,8 @@ pub enum ProblemKind {
     InvalidBody,
     InvalidParameter,
     InvalidPageToken,
+    Unauthenticated,
+    Forbidden,
     ValidationFailed,
     NotFound,
     MethodNotAllowed,
@@ -46,6 +48,8 @@ impl ProblemKind {
                 (S::BAD_REQUEST, "invalid-parameter", "A path, query or header parameter is invalid")
             }
             Self::InvalidPageToken => (S::BAD_REQUEST, "invalid-page-token", "The page token is not valid"),
+            Self::Unauthenticated => (S::UNAUTHORIZED, "unauthenticated", "Valid credentials are required"),
+            Self::Forbidden => (S::FORBIDDEN, "forbidden", "The caller's role does not allow this"),
             Self::ValidationFailed => (S::UNPROCESSABLE_ENTITY, "validation-failed", "The request breaks a rule"),
             Self::NotFound => (S::NOT_FOUND, "not-found", "Not found"),
             Self::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
@@ -91,6 +95,13 @@ pub enum ProblemResponse {
     /// Malformed body, parameter or page token.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
+    /// Missing or invalid credentials.
+    #[oai(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Json<Problem>, #[oai(header = "WWW-Authenticate")] String),
+    /// The caller's role may not do this, or a policy rule forbids it for the tenant
+    /// (`type` names the rule, e.g. `…/policy/allowed-models`).
+    #[oai(status = 403, content_type = "application/problem+json")]
+    Forbidden(Json<Problem>),
     /// No such job (or it belongs to another tenant).
     #[oai(status = 404, content_type = "application/problem+json")]
     NotFound(Json<Problem>),
@@ -103,9 +114,13 @@ pub enum ProblemResponse {
     /// The body is not `application/json`.
     #[oai(status = 415, content_type = "application/problem+json")]
     UnsupportedMediaType(Json<Problem>),
-    /// The request is well-formed but breaks a rule (each field is listed in `errors`).
+    /// The request is well-formed but breaks a rule: a field (each is listed in `errors`) or a
+    /// policy limit (`type` names the rule, e.g. `…/policy/max-turns`).
     #[oai(status = 422, content_type = "application/problem+json")]
     Unprocessable(Json<Problem>),
+    /// A rate or concurrency limit of the tenant's policy; retry after the given seconds.
+    #[oai(status = 429, content_type = "application/problem+json")]
+    TooManyRequests(Json<Problem>, #[oai(header = "Retry-After")] u64),
     /// An unexpected failure; nothing about it is the caller's fault.
     #[oai(status = 500, content_type = "application/problem+json")]
     Internal(Json<Problem>),
@@ -120,6 +135,9 @@ impl ProblemResponse {
         let body = Json(problem);
         match body.0.status {
             400 => Self::BadRequest(body),
+            401 => Self::Unauthorized(body, r#"Bearer realm="oats""#.into()),
+            403 => Self::Forbidden(body),
+            429 => Self::TooManyRequests(body, retry_after.max(1)),
             404 => Self::NotFound(body),
             409 => Self::Conflict(body),
             413 => Self::PayloadTooLarge(body),
@@ -143,6 +161,11 @@ impl From<JobError> for ProblemResponse {
                 problem
             }
             JobError::NotFound(_) => ProblemKind::NotFound.problem(error.to_string()),
+            JobError::Forbidden(_) => ProblemKind::Forbidden.problem(error.to_string()),
+            JobError::PolicyDenied { rule, ref detail, retry_after: after } => {
+                retry_after = after.map_or(0, |a| a.as_secs().max(1));
+                policy_problem(rule, detail)
+            }
             JobError::IdempotencyConflict(_) => ProblemKind::IdempotencyKeyReused.problem(error.to_string()),
             JobError::AlreadyFinished { .. } => ProblemKind::JobFinished.problem(error.to_string()),
             JobError::InvalidPageToken(_) => ProblemKind::InvalidPageToken.problem(error.to_string()),
@@ -156,6 +179,29 @@ impl From<JobError> for ProblemResponse {
             }
         };
         Self::from_problem(problem, retry_after)
+    }
+}
+
+/// A denial by a policy rule: its own `type`, the rule's status.
+fn policy_problem(rule: Rule, detail: &str) -> Problem {
+    Problem {
+        problem_type: format!("{TYPE_BASE}policy/{}", rule.name()),
+        title: format!("Denied by the policy rule {}", rule.name()),
+        status: rule.status(),
+        detail: detail.to_owned(),
+        instance: None,
+        errors: None,
+    }
+}
+
+impl From<AuthError> for ProblemResponse {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::Unavailable => Self::from_problem(ProblemKind::BackendUnavailable.problem(error.to_string()), 5),
+            AuthError::Missing | AuthError::Invalid => {
+                Self::from_problem(ProblemKind::Unauthenticated.problem(error.to_string()), 0)
+            }
+        }
     }
 }
 

@@ -91,6 +91,10 @@ pub struct CreateJobRequest {
     /// letters, digits and `-_./:@`.
     #[oai(validator(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9\-_./:@]+$"))]
     pub model: Option<StrictString>,
+    /// Resource profile defined by the tenant's policy (e.g. `small`, `medium`, `large`): 1 to 32
+    /// characters of a-z, 0-9 and `-`. Default: the policy's default profile.
+    #[oai(validator(min_length = 1, max_length = 32, pattern = r"^[a-z0-9-]+$"))]
+    pub profile: Option<StrictString>,
 }
 
 impl Example for CreateJobRequest {
@@ -101,6 +105,7 @@ impl Example for CreateJobRequest {
             labels: Some(BTreeMap::from([("team".into(), "research".into())])),
             timeout_seconds: Some(600),
             model: None,
+            profile: None,
         }
     }
 }
@@ -113,6 +118,7 @@ impl From<CreateJobRequest> for JobRequest {
             labels: r.labels.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
             timeout_seconds: r.timeout_seconds,
             model: r.model.map(|m| m.0),
+            profile: r.profile.map(|p| p.0),
         }
     }
 }
@@ -241,6 +247,8 @@ pub struct Job {
     pub timeout_seconds: u32,
     /// The model the agent was asked to use, if any.
     pub model: Option<String>,
+    /// The resource profile the job asked for, if any.
+    pub profile: Option<String>,
     /// The job's labels.
     pub labels: BTreeMap<String, String>,
     /// The agent's final answer (at most 4096 bytes), once it succeeded.
@@ -274,6 +282,7 @@ impl From<JobRecord> for Job {
             max_turns: r.spec.max_turns,
             timeout_seconds: r.spec.timeout_seconds,
             model: r.spec.model,
+            profile: r.spec.profile,
             labels: r.spec.labels,
             result: r.result,
             trace_id: r.trace.as_ref().and_then(|t| t.trace_id()).map(str::to_owned),
@@ -306,6 +315,7 @@ impl Example for Job {
             max_turns: request.max_turns,
             timeout_seconds: 600,
             model: None,
+            profile: None,
             labels: request.labels.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
             result: Some("Plan: triage the 12 open issues by area, then fix the 3 crashers first.".into()),
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
@@ -386,6 +396,34 @@ pub struct Problem {
     pub instance: Option<String>,
     /// For `validation-failed`: each invalid field.
     pub errors: Option<Vec<FieldProblem>>,
+}
+
+/// One policy rule's verdict on a submission.
+#[derive(Debug, Clone, Object)]
+pub struct RuleVerdict {
+    /// The rule, e.g. `max-concurrent-jobs`; a denial's problem `type` ends with it.
+    pub rule: String,
+    /// Whether the rule lets the submission through.
+    pub allowed: bool,
+    /// What the rule saw and what it allows.
+    pub detail: String,
+}
+
+impl From<crate::policy::Verdict> for RuleVerdict {
+    fn from(v: crate::policy::Verdict) -> Self {
+        Self { rule: v.rule.name().into(), allowed: v.allowed, detail: v.detail }
+    }
+}
+
+/// The outcome of a dry run: nothing was created.
+#[derive(Debug, Clone, Object)]
+pub struct DryRunResult {
+    /// Whether the submission would be accepted.
+    pub allowed: bool,
+    /// Every rule's verdict, in the order they are checked.
+    pub verdicts: Vec<RuleVerdict>,
+    /// What would be submitted: the Kubernetes Job manifest, or the local command and environment.
+    pub job: serde_json::Value,
 }
 
 /// Whether the service can take work.

@@ -16,6 +16,9 @@ pub enum BackendError {
     /// The job does not exist (or no longer does).
     #[error("job {0} not found")]
     NotFound(String),
+    /// The backend refuses the job as rendered (e.g. it would fail Pod Security).
+    #[error("{0}")]
+    Refused(String),
     /// The job already reached a terminal phase.
     #[error("job {0} already finished")]
     AlreadyFinished(String),
@@ -27,6 +30,13 @@ pub enum BackendError {
     Internal(String),
 }
 
+/// A dry run of creating a job.
+#[derive(Debug, Clone)]
+pub struct Preview {
+    pub manifest: serde_json::Value,
+    pub pod_security_violations: Vec<String>,
+}
+
 /// One place jobs run. Reads are cheap (served from memory); writes reach the system of record.
 #[async_trait]
 pub trait JobBackend: Send + Sync {
@@ -35,6 +45,13 @@ pub trait JobBackend: Send + Sync {
 
     /// Whether reads are complete and writes can be accepted (Kubernetes: watch cache synced).
     fn is_ready(&self) -> bool;
+
+    /// The container image agents run, where there is one (for the image policy).
+    fn agent_image(&self) -> Option<String>;
+
+    /// What creating `job` would submit (the Kubernetes manifest, or the local command), and
+    /// the Pod Security controls it would fail (none, for a correct configuration).
+    fn preview(&self, job: &NewJob) -> Preview;
 
     /// Current jobs by phase, for the `oats_jobs` gauges; cheap enough for every scrape.
     fn counts(&self) -> JobCounts;

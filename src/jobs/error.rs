@@ -25,6 +25,12 @@ pub enum JobError {
     /// The idempotency key was used before with a different request body.
     #[error("idempotency key was already used for job {0} with a different request")]
     IdempotencyConflict(String),
+    /// The caller's role does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A policy rule denies the submission.
+    #[error("denied by policy rule {}: {detail}", rule.name())]
+    PolicyDenied { rule: crate::policy::Rule, detail: String, retry_after: Option<Duration> },
     /// The job finished before it could be cancelled.
     #[error("job {id} already finished as {phase}")]
     AlreadyFinished { id: String, phase: &'static str },

@@ -13,8 +13,8 @@ pub use error::{FieldError, JobError};
 pub use id::{IdempotencyKey, JobId};
 pub use page::{JobPage, ListQuery, PageToken};
 pub use selector::LabelSelector;
-pub use service::{JobService, Submitted};
-pub use spec::{JobLimits, JobRequest, JobSpec, RESERVED_LABEL_PREFIX};
+pub use service::{DryRun, JobService, Submitted};
+pub use spec::{JobLimits, JobRequest, JobSpec, RESERVED_LABEL_PREFIX, check_label_value};
 
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
@@ -175,6 +175,8 @@ pub struct NewJob {
     pub created_at: DateTime<Utc>,
     pub request_hash: String,
     pub trace: Option<TraceContext>,
+    /// Resources of the job's profile; `None` for the server's configured defaults.
+    pub resources: Option<crate::policy::ResourceProfile>,
 }
 
 impl NewJob {

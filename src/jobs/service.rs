@@ -1,14 +1,16 @@
 //! The job service: the one entry point the HTTP layer calls.
 
 use super::{
-    CreateOutcome, IdempotencyKey, JobError, JobEvent, JobId, JobLimits, JobPage, JobRecord, JobRequest, ListQuery,
-    LogOptions, LogStream, NewJob, page,
+    CreateOutcome, IdempotencyKey, JobError, JobEvent, JobId, JobLimits, JobPage, JobPhase, JobRecord, JobRequest,
+    ListQuery, LogOptions, LogStream, NewJob, page,
 };
 use crate::{
+    auth::Caller,
     backend::{BackendError, JobBackend},
+    policy::{Policy, Rule, Submission, Verdict},
     telemetry::{
         self,
-        metrics::{Metrics, SubmissionOutcome},
+        metrics::{Metrics, RuleLabel, SubmissionOutcome},
     },
 };
 use chrono::Utc;
@@ -21,16 +23,31 @@ pub struct Submitted {
     pub created: bool,
 }
 
-/// Validates requests, names jobs, enforces idempotency and tenancy, and delegates to a backend.
+/// What a dry run would do: each rule's verdict and what would be submitted.
+#[derive(Debug)]
+pub struct DryRun {
+    pub verdicts: Vec<Verdict>,
+    pub manifest: serde_json::Value,
+}
+
+impl DryRun {
+    pub fn allowed(&self) -> bool {
+        self.verdicts.iter().all(|v| v.allowed)
+    }
+}
+
+/// Validates requests, applies the policy, names jobs, enforces idempotency and tenancy, and
+/// delegates to a backend.
 pub struct JobService {
     backend: Arc<dyn JobBackend>,
     limits: JobLimits,
+    policy: Arc<Policy>,
     metrics: Arc<Metrics>,
 }
 
 impl JobService {
-    pub fn new(backend: Arc<dyn JobBackend>, limits: JobLimits, metrics: Arc<Metrics>) -> Self {
-        Self { backend, limits, metrics }
+    pub fn new(backend: Arc<dyn JobBackend>, limits: JobLimits, policy: Arc<Policy>, metrics: Arc<Metrics>) -> Self {
+        Self { backend, limits, policy, metrics }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -54,15 +71,20 @@ impl JobService {
     #[tracing::instrument(name = "create job", skip_all, fields(oats.job.id = tracing::field::Empty))]
     pub async fn submit(
         &self,
-        tenant: &str,
+        caller: &Caller,
         request: JobRequest,
         idempotency_key: Option<&str>,
     ) -> Result<Submitted, JobError> {
-        let result = self.create(tenant, request, idempotency_key).await;
+        let result = match self.prepare(caller, request, idempotency_key).await {
+            Ok(Prepared::Existing(job)) => Ok(Submitted { job, created: false }),
+            Ok(Prepared::New(job)) => self.create(job, idempotency_key.is_some()).await,
+            Err(error) => Err(error),
+        };
         let outcome = match &result {
             Ok(Submitted { created: true, .. }) => SubmissionOutcome::Accepted,
             Ok(Submitted { created: false, .. }) => SubmissionOutcome::Existing,
             Err(JobError::Invalid(_) | JobError::IdempotencyConflict(_)) => SubmissionOutcome::Invalid,
+            Err(JobError::PolicyDenied { .. } | JobError::Forbidden(_)) => SubmissionOutcome::Rejected,
             Err(_) => SubmissionOutcome::Error,
         };
         self.metrics.submission(outcome);
@@ -72,12 +94,25 @@ impl JobService {
         result
     }
 
-    async fn create(
+    /// Judge a submission by every rule and show what would be created, creating nothing.
+    pub async fn dry_run(&self, caller: &Caller, request: JobRequest) -> Result<DryRun, JobError> {
+        let job = self.new_job(caller, request, None)?.1;
+        let evaluation = self.evaluate(&job, false).await?;
+        let preview = self.backend.preview(&job);
+        let mut verdicts = evaluation.verdicts;
+        verdicts.push(pod_security_verdict(&preview.pod_security_violations));
+        Ok(DryRun { verdicts, manifest: preview.manifest })
+    }
+
+    fn new_job(
         &self,
-        tenant: &str,
+        caller: &Caller,
         request: JobRequest,
         idempotency_key: Option<&str>,
-    ) -> Result<Submitted, JobError> {
+    ) -> Result<(Option<IdempotencyKey>, NewJob), JobError> {
+        if !caller.may_write() {
+            return Err(JobError::Forbidden(format!("role {:?} may not submit jobs", caller.role)));
+        }
         let key = idempotency_key.map(IdempotencyKey::parse).transpose();
         let spec = request.validate(&self.limits);
         let (key, spec) = match (key, spec) {
@@ -89,64 +124,138 @@ impl JobService {
             }
         };
         let id = match &key {
-            Some(key) => JobId::for_idempotency_key(tenant, key),
+            Some(key) => JobId::for_idempotency_key(&caller.tenant, key),
             None => JobId::random(),
         };
         tracing::Span::current().record("oats.job.id", id.as_str());
-        let request_hash = spec.fingerprint();
-        let trace = telemetry::trace::current();
-        let job = NewJob { id, tenant: tenant.to_owned(), spec, created_at: Utc::now(), request_hash, trace };
-        match self.backend.create(job.clone()).await.map_err(JobError::from)? {
-            CreateOutcome::Created(job) => Ok(Submitted { job, created: true }),
-            CreateOutcome::Exists(existing) => {
-                if existing.tenant == job.tenant && existing.request_hash == job.request_hash {
-                    Ok(Submitted { job: existing, created: false })
-                } else if key.is_some() {
-                    Err(JobError::IdempotencyConflict(existing.id.to_string()))
-                } else {
-                    Err(JobError::Internal(format!("random job id {} collided", job.id)))
-                }
+        let job = NewJob {
+            id,
+            tenant: caller.tenant.clone(),
+            request_hash: spec.fingerprint(),
+            spec,
+            created_at: Utc::now(),
+            trace: telemetry::trace::current(),
+            resources: None,
+        };
+        Ok((key, job))
+    }
+
+    async fn evaluate(&self, job: &NewJob, consume: bool) -> Result<crate::policy::Evaluation, JobError> {
+        let active_jobs = self
+            .backend
+            .list()
+            .await?
+            .iter()
+            .filter(|j| j.tenant == job.tenant && !j.status.phase.is_terminal())
+            .count();
+        let image = self.backend.agent_image();
+        let submission = Submission { tenant: &job.tenant, spec: &job.spec, active_jobs, image: image.as_deref() };
+        Ok(self.policy.evaluate(&submission, consume))
+    }
+
+    /// Validate, find an idempotent replay, or judge a new job by the policy.
+    async fn prepare(
+        &self,
+        caller: &Caller,
+        request: JobRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<Prepared, JobError> {
+        let (key, mut job) = self.new_job(caller, request, idempotency_key)?;
+        if key.is_some() {
+            if let Some(existing) = self.backend.get(&job.id).await? {
+                return replay(existing, &job).map(Prepared::Existing);
             }
+        }
+        let evaluation = self.evaluate(&job, true).await?;
+        if let Some(denial) = evaluation.denial() {
+            self.metrics.policy_denials.get_or_create(&RuleLabel { rule: denial.rule.name() }).inc();
+            return Err(JobError::PolicyDenied {
+                rule: denial.rule,
+                detail: denial.detail.clone(),
+                retry_after: denial.retry_after,
+            });
+        }
+        job.resources = evaluation.resources;
+        Ok(Prepared::New(job))
+    }
+
+    async fn create(&self, job: NewJob, keyed: bool) -> Result<Submitted, JobError> {
+        match self.backend.create(job.clone()).await {
+            Ok(CreateOutcome::Created(job)) => Ok(Submitted { job, created: true }),
+            Ok(CreateOutcome::Exists(existing)) if keyed => {
+                replay(existing, &job).map(|job| Submitted { job, created: false })
+            }
+            Ok(CreateOutcome::Exists(_)) => Err(JobError::Internal(format!("random job id {} collided", job.id))),
+            Err(BackendError::Refused(detail)) => {
+                self.metrics.policy_denials.get_or_create(&RuleLabel { rule: Rule::PodSecurity.name() }).inc();
+                Err(JobError::PolicyDenied { rule: Rule::PodSecurity, detail, retry_after: None })
+            }
+            Err(error) => Err(error.into()),
         }
     }
 
-    pub async fn get(&self, tenant: &str, id: &str) -> Result<JobRecord, JobError> {
+    pub async fn get(&self, caller: &Caller, id: &str) -> Result<JobRecord, JobError> {
         let id = parse_id(id)?;
         match self.backend.get(&id).await? {
-            Some(job) if job.tenant == tenant => Ok(job),
+            Some(job) if caller.sees(&job.tenant) => Ok(job),
             _ => Err(JobError::NotFound(id.to_string())),
         }
     }
 
-    pub async fn list(&self, tenant: &str, query: &ListQuery) -> Result<JobPage, JobError> {
+    pub async fn list(&self, caller: &Caller, query: &ListQuery) -> Result<JobPage, JobError> {
         let mut jobs = self.backend.list().await?;
-        jobs.retain(|j| j.tenant == tenant);
+        jobs.retain(|j| caller.sees(&j.tenant));
         Ok(page::paginate(jobs, query))
     }
 
     /// Cancel a job. Cancelling a cancelled job is harmless; cancelling a finished one is refused.
-    pub async fn cancel(&self, tenant: &str, id: &str) -> Result<JobRecord, JobError> {
-        let job = self.get(tenant, id).await?;
-        if job.status.phase.is_terminal() && job.status.phase != super::JobPhase::Cancelled {
+    pub async fn cancel(&self, caller: &Caller, id: &str) -> Result<JobRecord, JobError> {
+        let job = self.get(caller, id).await?;
+        if !caller.may_write() {
+            return Err(JobError::Forbidden(format!("role {:?} may not cancel jobs", caller.role)));
+        }
+        if job.status.phase.is_terminal() && job.status.phase != JobPhase::Cancelled {
             return Err(JobError::AlreadyFinished { id: job.id.to_string(), phase: job.status.phase.as_str() });
         }
         match self.backend.cancel(&job.id).await {
             Err(BackendError::AlreadyFinished(_)) => {
-                let job = self.get(tenant, id).await?;
+                let job = self.get(caller, id).await?;
                 Err(JobError::AlreadyFinished { id: job.id.to_string(), phase: job.status.phase.as_str() })
             }
             other => Ok(other?),
         }
     }
 
-    pub async fn logs(&self, tenant: &str, id: &str, options: LogOptions) -> Result<LogStream, JobError> {
-        let job = self.get(tenant, id).await?;
+    pub async fn logs(&self, caller: &Caller, id: &str, options: LogOptions) -> Result<LogStream, JobError> {
+        let job = self.get(caller, id).await?;
         Ok(self.backend.logs(&job.id, options).await?)
     }
 
-    pub async fn events(&self, tenant: &str, id: &str) -> Result<Vec<JobEvent>, JobError> {
-        let job = self.get(tenant, id).await?;
+    pub async fn events(&self, caller: &Caller, id: &str) -> Result<Vec<JobEvent>, JobError> {
+        let job = self.get(caller, id).await?;
         Ok(self.backend.events(&job.id).await?)
+    }
+}
+
+enum Prepared {
+    New(NewJob),
+    Existing(JobRecord),
+}
+
+/// An idempotent retry returns the job its key created, if the request is the same.
+fn replay(existing: JobRecord, job: &NewJob) -> Result<JobRecord, JobError> {
+    if existing.tenant == job.tenant && existing.request_hash == job.request_hash {
+        Ok(existing)
+    } else {
+        Err(JobError::IdempotencyConflict(existing.id.to_string()))
+    }
+}
+
+fn pod_security_verdict(violations: &[String]) -> Verdict {
+    if violations.is_empty() {
+        Verdict::allow(Rule::PodSecurity, "the rendered pod meets the restricted profile")
+    } else {
+        Verdict::deny(Rule::PodSecurity, violations.join("; "))
     }
 }
 
@@ -161,6 +270,9 @@ impl From<BackendError> for JobError {
             BackendError::NotFound(id) => JobError::NotFound(id),
             BackendError::AlreadyFinished(id) => JobError::AlreadyFinished { id, phase: "finished" },
             BackendError::Unavailable { detail, retry_after } => JobError::Unavailable { detail, retry_after },
+            BackendError::Refused(detail) => {
+                JobError::PolicyDenied { rule: Rule::PodSecurity, detail, retry_after: None }
+            }
             BackendError::Internal(message) => JobError::Internal(message),
         }
     }

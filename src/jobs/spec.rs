@@ -14,6 +14,7 @@ pub struct JobRequest {
     pub labels: Labels,
     pub timeout_seconds: Option<u32>,
     pub model: Option<String>,
+    pub profile: Option<String>,
 }
 
 /// A validated job: every field within limits and every default applied.
@@ -24,6 +25,9 @@ pub struct JobSpec {
     pub labels: Labels,
     pub timeout_seconds: u32,
     pub model: Option<String>,
+    /// Named resource profile from the policy (`small`, `medium`, …); `None` for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 impl JobSpec {
@@ -135,6 +139,14 @@ impl JobRequest {
                 ));
             }
         }
+        if let Some(profile) = &self.profile {
+            let ok = !profile.is_empty()
+                && profile.len() <= 32
+                && profile.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                errors.push(FieldError::new("profile", "must be 1 to 32 characters of a-z, 0-9 and -"));
+            }
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -144,6 +156,7 @@ impl JobRequest {
             labels: self.labels,
             timeout_seconds,
             model: self.model,
+            profile: self.profile,
         })
     }
 }
@@ -177,7 +190,7 @@ pub(crate) fn check_label_key(key: &str) -> Result<(), String> {
 }
 
 /// Kubernetes label value syntax: empty, or ≤63 characters shaped like a key name.
-pub(crate) fn check_label_value(value: &str) -> Result<(), String> {
+pub fn check_label_value(value: &str) -> Result<(), String> {
     if value.is_empty() || (value.len() <= 63 && is_label_name(value)) {
         Ok(())
     } else {

@@ -3,9 +3,11 @@
 
 use super::{KubernetesBackend, render};
 use crate::{
+    auth::{Caller, Role},
     backend::JobBackend,
     config::Config,
     jobs::{JobError, JobLimits, JobPhase, JobRequest, JobService},
+    policy::Policy,
 };
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::batch::v1::Job;
@@ -135,6 +137,14 @@ async fn backend(fake: &FakeApiServer) -> Arc<KubernetesBackend> {
     panic!("the watch caches never synced against the fake API server");
 }
 
+async fn job_service(fake: &FakeApiServer) -> JobService {
+    JobService::new(backend(fake).await, JobLimits::default(), Policy::builtin(), Arc::default())
+}
+
+fn caller(tenant: &str) -> Caller {
+    Caller { tenant: tenant.into(), role: Role::Submitter, name: "test".into() }
+}
+
 fn request(goal: &str) -> JobRequest {
     JobRequest { goal: goal.into(), max_turns: 2, ..Default::default() }
 }
@@ -142,8 +152,8 @@ fn request(goal: &str) -> JobRequest {
 #[tokio::test]
 async fn create_posts_exactly_the_rendered_job() {
     let fake = FakeApiServer::new(Writes::Accept);
-    let service = JobService::new(backend(&fake).await, JobLimits::default(), Arc::default());
-    let submitted = service.submit("default", request("Ship it"), None).await.unwrap();
+    let service = job_service(&fake).await;
+    let submitted = service.submit(&caller("default"), request("Ship it"), None).await.unwrap();
     assert!(submitted.created);
     assert_eq!(submitted.job.status.phase, JobPhase::Pending);
 
@@ -159,6 +169,7 @@ async fn create_posts_exactly_the_rendered_job() {
             tenant: "default".into(),
             request_hash: spec.fingerprint(),
             trace: None,
+            resources: None,
             spec,
             created_at: submitted.job.created_at,
         },
@@ -170,29 +181,30 @@ async fn create_posts_exactly_the_rendered_job() {
 #[tokio::test]
 async fn idempotent_retry_returns_the_existing_job_and_a_reused_key_conflicts() {
     let fake = FakeApiServer::new(Writes::Accept);
-    let service = JobService::new(backend(&fake).await, JobLimits::default(), Arc::default());
-    let first = service.submit("default", request("Once"), Some("key-1")).await.unwrap();
+    let service = job_service(&fake).await;
+    let first = service.submit(&caller("default"), request("Once"), Some("key-1")).await.unwrap();
     assert!(first.created);
 
-    // A second replica (same cluster) sees AlreadyExists and reads the Job back.
+    // A second replica (same cluster) finds the Job by its key; were both to create at once, the
+    // loser would get AlreadyExists and read the Job back the same way.
     let replica = FakeApiServer { writes: Writes::AlreadyExists, ..fake.clone() };
-    let other = JobService::new(backend(&replica).await, JobLimits::default(), Arc::default());
-    let retry = other.submit("default", request("Once"), Some("key-1")).await.unwrap();
+    let other = job_service(&replica).await;
+    let retry = other.submit(&caller("default"), request("Once"), Some("key-1")).await.unwrap();
     assert!(!retry.created);
     assert_eq!(retry.job.id, first.job.id);
-    let reused = other.submit("default", request("Something else"), Some("key-1")).await;
+    let reused = other.submit(&caller("default"), request("Something else"), Some("key-1")).await;
     assert!(matches!(reused, Err(JobError::IdempotencyConflict(_))), "{reused:?}");
     // The same key of another tenant names another Job.
-    let elsewhere = service.submit("acme", request("Once"), Some("key-1")).await.unwrap();
+    let elsewhere = service.submit(&caller("acme"), request("Once"), Some("key-1")).await.unwrap();
     assert_ne!(elsewhere.job.id, first.job.id);
 }
 
 #[tokio::test]
 async fn cancel_sets_a_one_second_deadline_and_marks_the_job() {
     let fake = FakeApiServer::new(Writes::Accept);
-    let service = JobService::new(backend(&fake).await, JobLimits::default(), Arc::default());
-    let job = service.submit("default", request("Long"), None).await.unwrap().job;
-    let cancelled = service.cancel("default", job.id.as_str()).await.unwrap();
+    let service = job_service(&fake).await;
+    let job = service.submit(&caller("default"), request("Long"), None).await.unwrap().job;
+    let cancelled = service.cancel(&caller("default"), job.id.as_str()).await.unwrap();
     assert_eq!(cancelled.status.phase, JobPhase::Cancelled);
 
     let writes = fake.writes();
@@ -202,19 +214,20 @@ async fn cancel_sets_a_one_second_deadline_and_marks_the_job() {
     assert_eq!(body["spec"]["activeDeadlineSeconds"], 1);
     assert!(body["metadata"]["annotations"][render::CANCELLED_AT_ANNOTATION].is_string());
     // Cancelling again makes no second call.
-    service.cancel("default", job.id.as_str()).await.unwrap();
+    service.cancel(&caller("default"), job.id.as_str()).await.unwrap();
     assert_eq!(fake.writes().len(), writes.len());
 }
 
 #[tokio::test]
 async fn an_unavailable_api_server_is_a_retryable_error_and_nothing_is_claimed() {
     let fake = FakeApiServer::new(Writes::Unavailable);
-    let service = JobService::new(backend(&fake).await, JobLimits::default(), Arc::default());
-    match service.submit("default", request("Later"), None).await {
+    let service = job_service(&fake).await;
+    match service.submit(&caller("default"), request("Later"), None).await {
         Err(JobError::Unavailable { retry_after, .. }) => assert!(retry_after >= Duration::from_secs(1)),
         other => panic!("expected Unavailable, got {other:?}"),
     }
-    let listed = service.list("default", &crate::jobs::ListQuery::parse(None, None, None, None).unwrap()).await;
+    let listed =
+        service.list(&caller("default"), &crate::jobs::ListQuery::parse(None, None, None, None).unwrap()).await;
     assert!(listed.unwrap().items.is_empty());
 }
 

@@ -10,7 +10,7 @@ pub mod status;
 #[cfg(test)]
 mod mock_tests;
 
-use super::{BackendError, JobBackend};
+use super::{BackendError, JobBackend, Preview};
 use crate::{
     jobs::{CreateOutcome, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob},
     telemetry::{
@@ -351,6 +351,18 @@ impl JobBackend for KubernetesBackend {
         self.health.jobs.ready() && self.health.pods.ready()
     }
 
+    fn agent_image(&self) -> Option<String> {
+        Some(self.template.image.clone())
+    }
+
+    fn preview(&self, job: &NewJob) -> Preview {
+        let manifest = render::render_job(job, &self.template);
+        Preview {
+            pod_security_violations: pod_security_violations(&manifest),
+            manifest: serde_json::to_value(&manifest).expect("a Job serialises"),
+        }
+    }
+
     fn counts(&self) -> JobCounts {
         let mut counts = JobCounts::default();
         let a_minute_ago = chrono::Utc::now() - chrono::Duration::minutes(1);
@@ -365,6 +377,13 @@ impl JobBackend for KubernetesBackend {
 
     async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError> {
         let manifest = render::render_job(&job, &self.template);
+        let violations = pod_security_violations(&manifest);
+        if !violations.is_empty() {
+            return Err(BackendError::Refused(format!(
+                "the rendered Job fails Pod Security restricted: {}",
+                violations.join("; ")
+            )));
+        }
         match self.job_api().create(&PostParams::default(), &manifest).await {
             Ok(created) => {
                 tracing::info!(job_id = %job.id, "created Kubernetes Job");
@@ -470,6 +489,16 @@ impl JobBackend for KubernetesBackend {
         events.sort_by(|a, b| b.time.cmp(&a.time));
         Ok(events)
     }
+}
+
+/// Every Pod Security restricted control (and OATS hardening rule) the Job's template fails.
+fn pod_security_violations(job: &Job) -> Vec<String> {
+    let Some(template) = job.spec.as_ref().map(|s| &s.template) else { return vec!["the Job has no spec".into()] };
+    pss::check_restricted(template)
+        .into_iter()
+        .chain(pss::check_hardening(template))
+        .map(|v| format!("{}: {}", v.control, v.detail))
+        .collect()
 }
 
 fn has_started(pod: &Pod) -> bool {

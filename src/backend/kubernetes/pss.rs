@@ -225,6 +225,7 @@ mod tests {
             created_at: chrono::Utc::now(),
             request_hash: String::new(),
             trace: None,
+            resources: None,
         };
         render_job(&job, &AgentTemplate::from_config(&Config::default(), "ns")).spec.unwrap().template
     }

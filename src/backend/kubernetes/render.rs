@@ -32,6 +32,8 @@ pub const REQUEST_HASH_ANNOTATION: &str = "oats.dev/request-hash";
 pub const TRACEPARENT_ANNOTATION: &str = "oats.dev/traceparent";
 /// W3C `tracestate` of the request that created the job, when it had one.
 pub const TRACESTATE_ANNOTATION: &str = "oats.dev/tracestate";
+/// The job's resource profile, when it named one.
+pub const PROFILE_ANNOTATION: &str = "oats.dev/profile";
 /// Set by the replica that counted the job's finish, so it is counted once.
 pub const COUNTED_ANNOTATION: &str = "oats.dev/finish-counted";
 /// Set when a user cancels the job.
@@ -116,6 +118,9 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
         (CREATED_AT_ANNOTATION.to_owned(), job.created_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)),
         (REQUEST_HASH_ANNOTATION.to_owned(), job.request_hash.clone()),
     ]);
+    if let Some(profile) = &job.spec.profile {
+        annotations.insert(PROFILE_ANNOTATION.to_owned(), profile.clone());
+    }
     if let Some(trace) = &job.trace {
         annotations.insert(TRACEPARENT_ANNOTATION.to_owned(), trace.traceparent.clone());
         if let Some(state) = &trace.tracestate {
@@ -185,6 +190,10 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
     }
 
     let uid = i64::from(template.uid);
+    let (cpu_request, cpu_limit, memory_request, memory_limit) = match &job.resources {
+        Some(p) => (&p.cpu_request, &p.cpu_limit, &p.memory_request, &p.memory_limit),
+        None => (&template.cpu_request, &template.cpu_limit, &template.memory_request, &template.memory_limit),
+    };
     let container = Container {
         name: AGENT_CONTAINER.into(),
         image: Some(template.image.clone()),
@@ -193,13 +202,13 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
         env: Some(env),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
-                ("cpu".into(), quantity(&template.cpu_request)),
-                ("memory".into(), quantity(&template.memory_request)),
+                ("cpu".into(), quantity(cpu_request)),
+                ("memory".into(), quantity(memory_request)),
                 ("ephemeral-storage".into(), quantity(&template.ephemeral_storage_request)),
             ])),
             limits: Some(BTreeMap::from([
-                ("cpu".into(), quantity(&template.cpu_limit)),
-                ("memory".into(), quantity(&template.memory_limit)),
+                ("cpu".into(), quantity(cpu_limit)),
+                ("memory".into(), quantity(memory_limit)),
                 ("ephemeral-storage".into(), quantity(&template.ephemeral_storage_limit)),
             ])),
             ..Default::default()
@@ -274,6 +283,7 @@ mod tests {
             labels: [("team".to_string(), "ml".to_string())].into(),
             timeout_seconds: Some(120),
             model: Some("small-model".into()),
+            profile: None,
         }
         .validate(&JobLimits::default())
         .unwrap();
@@ -284,6 +294,7 @@ mod tests {
             created_at: Utc.with_ymd_and_hms(2026, 11, 26, 10, 0, 0).unwrap(),
             request_hash: "feedface".into(),
             trace: None,
+            resources: None,
         }
     }
 
@@ -396,6 +407,24 @@ mod tests {
         assert!(mount.sub_path.is_none());
         assert!(c.env_from.is_none());
         assert!(c.env.as_ref().unwrap().iter().all(|e| e.value_from.is_none()));
+    }
+
+    #[test]
+    fn a_profile_sets_the_resources() {
+        let mut job = job();
+        job.spec.profile = Some("large".into());
+        job.resources = Some(crate::policy::ResourceProfile {
+            cpu_request: "2".into(),
+            cpu_limit: "4".into(),
+            memory_request: "4Gi".into(),
+            memory_limit: "8Gi".into(),
+        });
+        let rendered = render_job(&job, &template());
+        let c = &rendered.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+        let resources = c.resources.as_ref().unwrap();
+        assert_eq!(resources.limits.as_ref().unwrap()["memory"].0, "8Gi");
+        assert_eq!(resources.requests.as_ref().unwrap()["cpu"].0, "2");
+        assert_eq!(rendered.metadata.annotations.as_ref().unwrap()[PROFILE_ANNOTATION], "large");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Pure mapping from a Job and its Pods to a job record. No I/O, so a table of cases pins it.
 
 use super::render::{
-    AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, CREATED_AT_ANNOTATION, JOB_ID_LABEL, REQUEST_HASH_ANNOTATION,
-    TENANT_LABEL, TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION,
+    AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, CREATED_AT_ANNOTATION, JOB_ID_LABEL, PROFILE_ANNOTATION,
+    REQUEST_HASH_ANNOTATION, TENANT_LABEL, TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION,
 };
 use crate::jobs::{
     JobId, JobPhase, JobReason, JobRecord, JobSpec, JobStatus, Labels, RESERVED_LABEL_PREFIX, TraceContext,
@@ -45,6 +45,7 @@ pub fn job_record(job: &Job, pods: &[&Pod]) -> Option<JobRecord> {
         labels: user_labels,
         timeout_seconds: env("OATS_TIMEOUT_SECONDS").and_then(|v| v.parse().ok()).unwrap_or(0),
         model: env("OATS_MODEL"),
+        profile: annotations.get(PROFILE_ANNOTATION).cloned(),
     };
     let created_at = annotations
         .get(CREATED_AT_ANNOTATION)
@@ -260,6 +261,7 @@ mod tests {
             created_at: Utc::now(),
             request_hash: "h".into(),
             trace: None,
+            resources: None,
         };
         let mut job = render_job(&new, &AgentTemplate::from_config(&Config::default(), "ns"));
         job.status = Some(K8sJobStatus {

@@ -8,7 +8,7 @@
 mod logs;
 mod process;
 
-use super::{BackendError, JobBackend};
+use super::{BackendError, JobBackend, Preview};
 use crate::{
     jobs::{CreateOutcome, JobEvent, JobId, JobPhase, JobReason, JobRecord, JobStatus, LogOptions, LogStream, NewJob},
     telemetry::{
@@ -246,6 +246,24 @@ impl JobBackend for LocalBackend {
 
     fn is_ready(&self) -> bool {
         true
+    }
+
+    fn agent_image(&self) -> Option<String> {
+        None
+    }
+
+    fn preview(&self, job: &NewJob) -> Preview {
+        let job_dir = self.inner.job_dir(&job.id);
+        let env: serde_json::Map<String, serde_json::Value> = job
+            .spec
+            .agent_env(&job.id, &job_dir.join("result").to_string_lossy(), &job_dir.join("workspace").to_string_lossy())
+            .into_iter()
+            .map(|(k, v)| (k, v.into()))
+            .collect();
+        Preview {
+            manifest: serde_json::json!({"command": self.inner.settings.command, "environment": env}),
+            pod_security_violations: Vec::new(),
+        }
     }
 
     fn counts(&self) -> JobCounts {

@@ -1,0 +1,135 @@
+//! Who is calling: bearer API tokens (stored as SHA-256 hashes, compared in constant time) and
+//! optional OIDC JWTs, each mapped to a tenant and a role.
+//!
+//! With neither configured, authentication is off and every caller is the configured default
+//! tenant's admin: convenient on a laptop, and logged loudly at start.
+
+mod oidc;
+mod tokens;
+
+pub use oidc::{OidcSettings, OidcVerifier};
+pub use tokens::{TokenFile, TokenStore, hash_token};
+
+use std::{fmt, sync::Arc};
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read the tenant's jobs.
+    Viewer,
+    /// Create, read and cancel the tenant's jobs.
+    Submitter,
+    /// Everything, in every tenant.
+    Admin,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "viewer" => Some(Self::Viewer),
+            "submitter" => Some(Self::Submitter),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub tenant: String,
+    pub role: Role,
+    /// A name for logs (the token's name or the JWT subject), never the credential.
+    pub name: String,
+}
+
+impl fmt::Debug for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{} ({:?})", self.name, self.tenant, self.role)
+    }
+}
+
+impl Caller {
+    /// Whether this caller may see jobs of `tenant`.
+    pub fn sees(&self, tenant: &str) -> bool {
+        self.role == Role::Admin || self.tenant == tenant
+    }
+
+    /// Whether this caller may create and cancel jobs.
+    pub fn may_write(&self) -> bool {
+        matches!(self.role, Role::Submitter | Role::Admin)
+    }
+}
+
+/// Why a caller could not be authenticated. Details go to logs, never to the response.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("credentials are required")]
+    Missing,
+    #[error("the credentials are not valid")]
+    Invalid,
+    #[error("the identity provider's keys cannot be fetched; retry later")]
+    Unavailable,
+}
+
+/// Checks credentials against every configured source.
+pub struct Authenticator {
+    tokens: Option<Arc<TokenStore>>,
+    oidc: Option<Arc<OidcVerifier>>,
+    anonymous: Option<Caller>,
+}
+
+impl Authenticator {
+    /// Authentication is off when neither tokens nor OIDC are configured.
+    pub fn new(tokens: Option<Arc<TokenStore>>, oidc: Option<Arc<OidcVerifier>>, default_tenant: &str) -> Self {
+        let anonymous = (tokens.is_none() && oidc.is_none()).then(|| Caller {
+            tenant: default_tenant.to_owned(),
+            role: Role::Admin,
+            name: "anonymous".into(),
+        });
+        Self { tokens, oidc, anonymous }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.anonymous.is_none()
+    }
+
+    /// The caller a bearer token (or its absence) stands for.
+    pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, AuthError> {
+        let Some(token) = bearer.map(str::trim).filter(|t| !t.is_empty()) else {
+            return self.anonymous.clone().ok_or(AuthError::Missing);
+        };
+        if let Some(anonymous) = &self.anonymous {
+            return Ok(anonymous.clone());
+        }
+        if token.matches('.').count() == 2 {
+            if let Some(oidc) = &self.oidc {
+                return oidc.verify(token).await;
+            }
+        }
+        self.tokens.as_ref().and_then(|store| store.lookup(token)).ok_or(AuthError::Invalid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn without_configuration_everyone_is_the_default_admin() {
+        let auth = Authenticator::new(None, None, "default");
+        assert!(!auth.is_enabled());
+        let caller = auth.authenticate(None).await.unwrap();
+        assert_eq!((caller.tenant.as_str(), caller.role), ("default", Role::Admin));
+    }
+
+    #[test]
+    fn visibility_and_write_rights_follow_the_role() {
+        let caller = |role| Caller { tenant: "a".into(), role, name: "n".into() };
+        assert!(caller(Role::Viewer).sees("a") && !caller(Role::Viewer).sees("b"));
+        assert!(caller(Role::Admin).sees("b"));
+        assert!(!caller(Role::Viewer).may_write());
+        assert!(caller(Role::Submitter).may_write() && caller(Role::Admin).may_write());
+    }
+}

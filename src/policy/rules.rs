@@ -1,0 +1,317 @@
+//! The policy document and the rules of one tenant.
+
+use super::{Rule, Submission, Verdict};
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+/// Requests and limits of the agent container.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceProfile {
+    pub cpu_request: String,
+    pub cpu_limit: String,
+    pub memory_request: String,
+    pub memory_limit: String,
+}
+
+/// The rules a tenant's submissions are held to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantRules {
+    pub max_concurrent_jobs: u32,
+    pub submissions_per_minute: u32,
+    pub max_turns: u32,
+    pub max_timeout_seconds: u32,
+    pub max_goal_bytes: usize,
+    /// Model names, or `*` for any.
+    pub allowed_models: Vec<String>,
+    /// Image prefixes (`registry.example.com/oats/`) or exact digests (`…@sha256:…`); `*` for any.
+    pub allowed_images: Vec<String>,
+    /// Label keys, `prefix/*` for a whole prefix, or `*` for any.
+    pub allowed_label_keys: Vec<String>,
+    pub resource_profiles: BTreeMap<String, ResourceProfile>,
+    /// The profile of jobs that name none; without one, the server's configured resources apply.
+    pub default_profile: Option<String>,
+}
+
+impl Default for TenantRules {
+    fn default() -> Self {
+        Self {
+            max_concurrent_jobs: 1000,
+            submissions_per_minute: 1200,
+            max_turns: 100,
+            max_timeout_seconds: 86_400,
+            max_goal_bytes: 16_384,
+            allowed_models: vec!["*".into()],
+            allowed_images: vec!["*".into()],
+            allowed_label_keys: vec!["*".into()],
+            resource_profiles: BTreeMap::new(),
+            default_profile: None,
+        }
+    }
+}
+
+/// Overrides of some rules, as written in the file.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesPatch {
+    max_concurrent_jobs: Option<u32>,
+    submissions_per_minute: Option<u32>,
+    max_turns: Option<u32>,
+    max_timeout_seconds: Option<u32>,
+    max_goal_bytes: Option<usize>,
+    allowed_models: Option<Vec<String>>,
+    allowed_images: Option<Vec<String>>,
+    allowed_label_keys: Option<Vec<String>>,
+    resource_profiles: Option<BTreeMap<String, ResourceProfile>>,
+    default_profile: Option<String>,
+}
+
+impl RulesPatch {
+    fn apply(&self, rules: &mut TenantRules) {
+        macro_rules! take {
+            ($($field:ident),*) => {$(
+                if let Some(value) = &self.$field {
+                    rules.$field = value.clone();
+                }
+            )*};
+        }
+        take!(
+            max_concurrent_jobs,
+            submissions_per_minute,
+            max_turns,
+            max_timeout_seconds,
+            max_goal_bytes,
+            allowed_models,
+            allowed_images,
+            allowed_label_keys,
+            resource_profiles
+        );
+        if self.default_profile.is_some() {
+            rules.default_profile = self.default_profile.clone();
+        }
+    }
+}
+
+/// The whole file: `defaults`, then per-tenant overrides.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    #[serde(default)]
+    defaults: RulesPatch,
+    #[serde(default)]
+    tenants: BTreeMap<String, RulesPatch>,
+}
+
+impl PolicyDocument {
+    /// How many tenants have rules of their own.
+    pub fn tenant_count(&self) -> usize {
+        self.tenants.len()
+    }
+
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let document: Self = serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        for tenant in std::iter::once("(defaults)").chain(document.tenants.keys().map(String::as_str)) {
+            let rules = document.rules_for(tenant);
+            if let Some(profile) = &rules.default_profile {
+                if !rules.resource_profiles.contains_key(profile) {
+                    return Err(format!(
+                        "{}: tenant {tenant}: default_profile {profile} is not defined",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        Ok(document)
+    }
+
+    pub fn rules_for(&self, tenant: &str) -> TenantRules {
+        let mut rules = TenantRules::default();
+        self.defaults.apply(&mut rules);
+        if let Some(patch) = self.tenants.get(tenant) {
+            patch.apply(&mut rules);
+        }
+        rules
+    }
+}
+
+fn listed(allowed: &[String], value: &str) -> bool {
+    allowed.iter().any(|a| a == "*" || a == value)
+}
+
+fn label_key_allowed(allowed: &[String], key: &str) -> bool {
+    allowed.iter().any(|a| a == "*" || a == key || a.strip_suffix('*').is_some_and(|prefix| key.starts_with(prefix)))
+}
+
+/// An image is allowed by an exact match (digests), or a prefix ending in `/` or `:`.
+fn image_allowed(allowed: &[String], image: &str) -> bool {
+    allowed
+        .iter()
+        .any(|a| a == "*" || a == image || ((a.ends_with('/') || a.ends_with(':')) && image.starts_with(a.as_str())))
+}
+
+impl TenantRules {
+    /// Every rule but the rate limit (which needs the shared buckets).
+    pub(super) fn judge(&self, s: &Submission<'_>) -> (Vec<Verdict>, Option<ResourceProfile>) {
+        let spec = s.spec;
+        let mut verdicts = Vec::new();
+        let mut check = |rule, ok: bool, detail: String| {
+            verdicts.push(if ok { Verdict::allow(rule, detail) } else { Verdict::deny(rule, detail) })
+        };
+        check(
+            Rule::MaxGoalBytes,
+            spec.goal.len() <= self.max_goal_bytes,
+            format!("goal is {} bytes; the limit is {}", spec.goal.len(), self.max_goal_bytes),
+        );
+        check(
+            Rule::MaxTurns,
+            spec.max_turns <= self.max_turns,
+            format!("max_turns is {}; the limit is {}", spec.max_turns, self.max_turns),
+        );
+        check(
+            Rule::MaxTimeout,
+            spec.timeout_seconds <= self.max_timeout_seconds,
+            format!("timeout is {}s; the limit is {}s", spec.timeout_seconds, self.max_timeout_seconds),
+        );
+        match &spec.model {
+            Some(model) => check(
+                Rule::AllowedModels,
+                listed(&self.allowed_models, model),
+                format!("model {model}; allowed: {}", self.allowed_models.join(", ")),
+            ),
+            None => check(Rule::AllowedModels, true, "no model requested".into()),
+        }
+        let refused: Vec<&str> = spec
+            .labels
+            .keys()
+            .filter(|k| !label_key_allowed(&self.allowed_label_keys, k))
+            .map(String::as_str)
+            .collect();
+        check(
+            Rule::AllowedLabelKeys,
+            refused.is_empty(),
+            if refused.is_empty() {
+                "all label keys allowed".into()
+            } else {
+                format!("label keys not allowed: {}", refused.join(", "))
+            },
+        );
+        let profile_name = spec.profile.clone().or_else(|| self.default_profile.clone());
+        let resources = profile_name.as_ref().and_then(|p| self.resource_profiles.get(p)).cloned();
+        match &profile_name {
+            Some(name) => check(
+                Rule::ResourceProfile,
+                resources.is_some(),
+                format!(
+                    "profile {name}; defined: {}",
+                    self.resource_profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ),
+            None => check(Rule::ResourceProfile, true, "the server's default resources".into()),
+        }
+        match s.image {
+            Some(image) => check(
+                Rule::AllowedImages,
+                image_allowed(&self.allowed_images, image),
+                format!("agent image {image}; allowed: {}", self.allowed_images.join(", ")),
+            ),
+            None => check(Rule::AllowedImages, true, "no container image (local backend)".into()),
+        }
+        let concurrency = Verdict {
+            retry_after: (s.active_jobs >= self.max_concurrent_jobs as usize).then_some(Duration::from_secs(10)),
+            ..if s.active_jobs < self.max_concurrent_jobs as usize {
+                Verdict::allow(
+                    Rule::MaxConcurrentJobs,
+                    format!("{} of {} jobs active", s.active_jobs, self.max_concurrent_jobs),
+                )
+            } else {
+                Verdict::deny(
+                    Rule::MaxConcurrentJobs,
+                    format!(
+                        "tenant {} already has {} unfinished jobs; the limit is {}",
+                        s.tenant, s.active_jobs, self.max_concurrent_jobs
+                    ),
+                )
+            }
+        };
+        verdicts.push(concurrency);
+        (verdicts, resources)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::{JobLimits, JobRequest, JobSpec};
+
+    fn spec(change: impl FnOnce(&mut JobRequest)) -> JobSpec {
+        let mut request = JobRequest { goal: "goal".into(), max_turns: 5, ..Default::default() };
+        change(&mut request);
+        request.validate(&JobLimits::default()).unwrap()
+    }
+
+    fn rules() -> TenantRules {
+        let document: PolicyDocument = serde_saphyr::from_str(
+            r#"
+defaults:
+  max_concurrent_jobs: 2
+  max_turns: 10
+  max_timeout_seconds: 600
+  max_goal_bytes: 100
+  allowed_models: [small-model]
+  allowed_images: ["registry.example.com/oats/", "oats-agent:"]
+  allowed_label_keys: [team, "example.com/*"]
+  resource_profiles:
+    small: {cpu_request: 100m, cpu_limit: 500m, memory_request: 128Mi, memory_limit: 256Mi}
+  default_profile: small
+"#,
+        )
+        .unwrap();
+        document.rules_for("t")
+    }
+
+    fn denied(spec: &JobSpec, active: usize, image: Option<&str>) -> Vec<Rule> {
+        let submission = Submission { tenant: "t", spec, active_jobs: active, image };
+        rules().judge(&submission).0.into_iter().filter(|v| !v.allowed).map(|v| v.rule).collect()
+    }
+
+    #[test]
+    fn each_rule_denies_what_it_should() {
+        let image = Some("oats-agent:0.1.0");
+        assert_eq!(denied(&spec(|_| {}), 0, image), vec![]);
+        assert_eq!(denied(&spec(|r| r.goal = "g".repeat(101)), 0, image), vec![Rule::MaxGoalBytes]);
+        assert_eq!(denied(&spec(|r| r.max_turns = 11), 0, image), vec![Rule::MaxTurns]);
+        assert_eq!(denied(&spec(|r| r.timeout_seconds = Some(601)), 0, image), vec![Rule::MaxTimeout]);
+        assert_eq!(denied(&spec(|r| r.model = Some("big-model".into())), 0, image), vec![Rule::AllowedModels]);
+        assert_eq!(denied(&spec(|r| r.model = Some("small-model".into())), 0, image), vec![]);
+        let labels = |k: &str| [(k.to_string(), "v".to_string())].into();
+        assert_eq!(denied(&spec(|r| r.labels = labels("other")), 0, image), vec![Rule::AllowedLabelKeys]);
+        assert_eq!(denied(&spec(|r| r.labels = labels("example.com/run")), 0, image), vec![]);
+        assert_eq!(denied(&spec(|r| r.profile = Some("huge".into())), 0, image), vec![Rule::ResourceProfile]);
+        assert_eq!(denied(&spec(|_| {}), 0, Some("evil.example/agent:1")), vec![Rule::AllowedImages]);
+        assert_eq!(denied(&spec(|_| {}), 0, Some("registry.example.com/oats/agent@sha256:ab")), vec![]);
+        assert_eq!(denied(&spec(|_| {}), 2, image), vec![Rule::MaxConcurrentJobs]);
+    }
+
+    #[test]
+    fn the_default_profile_gives_resources() {
+        let submission = Submission { tenant: "t", spec: &spec(|_| {}), active_jobs: 0, image: None };
+        let (_, resources) = rules().judge(&submission);
+        assert_eq!(resources.unwrap().memory_limit, "256Mi");
+    }
+
+    #[test]
+    fn tenants_override_defaults_key_by_key() {
+        let document: PolicyDocument = serde_saphyr::from_str(
+            "defaults:\n  max_turns: 10\n  max_concurrent_jobs: 3\ntenants:\n  vip:\n    max_turns: 50\n",
+        )
+        .unwrap();
+        let vip = document.rules_for("vip");
+        assert_eq!((vip.max_turns, vip.max_concurrent_jobs), (50, 3));
+        assert_eq!(document.rules_for("other").max_turns, 10);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(serde_saphyr::from_str::<PolicyDocument>("defaults:\n  max_turn: 10\n").is_err());
+    }
+}
