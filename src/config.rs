@@ -273,6 +273,8 @@ config_keys! {
     max_labels: usize = JobLimits::LABELS_CEILING;
     /// Largest request body accepted, in bytes.
     max_body_bytes: usize = 65_536;
+    /// Seconds a client may take to send a request body before the server answers 408.
+    request_read_timeout_seconds: u32 = 30;
 }
 
 /// `$XDG_DATA_HOME/oats`, else `~/.local/share/oats`, else `./oats-state`.
@@ -372,6 +374,9 @@ impl Config {
         }
         if self.local_concurrency == 0 {
             return invalid("local_concurrency", "must be at least 1".into());
+        }
+        if self.request_read_timeout_seconds == 0 {
+            return invalid("request_read_timeout_seconds", "must be at least 1".into());
         }
         if self.max_body_bytes < 1024 {
             return invalid("max_body_bytes", "must be at least 1024".into());

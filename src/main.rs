@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use oats::{
-    api::{self, ApiState, types::CreateJobRequest},
+    api::{self, ApiState, RequestLimits, types::CreateJobRequest},
     auth::{Authenticator, OidcSettings, OidcVerifier, TokenStore},
     backend::{
         JobBackend,
@@ -134,7 +134,11 @@ async fn serve(config: Config) -> Result<()> {
     metrics.count_jobs_with(Box::new(move || counted.counts()));
     let jobs = Arc::new(JobService::new(backend, config.job_limits(), load_policy(&config)?, metrics.clone()));
     let state = Arc::new(ApiState { jobs, auth: authenticator(&config)? });
-    let app = api::build_app(state, config.max_body_bytes);
+    let limits = RequestLimits {
+        max_body_bytes: config.max_body_bytes,
+        read_timeout: Duration::from_secs(config.request_read_timeout_seconds.into()),
+    };
+    let app = api::build_app(state, limits);
     if let Some(address) = config.metrics_listen {
         tracing::info!(%address, "serving /metrics on a separate port");
         let metrics_server = poem::Server::new(poem::listener::TcpListener::bind(address));

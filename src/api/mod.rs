@@ -20,7 +20,7 @@ use poem::{
 };
 use poem_openapi::OpenApiService;
 use problem::{ProblemKind, problem_response};
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 /// What every handler can reach.
 pub struct ApiState {
@@ -38,8 +38,16 @@ pub fn openapi() -> OpenApiService<(JobsApi, HealthApi), ()> {
         .license(poem_openapi::LicenseObject::new("Apache-2.0"))
 }
 
+/// Limits on how clients send requests.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub max_body_bytes: usize,
+    /// Longest a client may take to send its body (slow clients hold a connection otherwise).
+    pub read_timeout: Duration,
+}
+
 /// The whole HTTP application, ready to serve or to drive from tests without a socket.
-pub fn build_app(state: Arc<ApiState>, max_body_bytes: usize) -> impl Endpoint<Output = Response> {
+pub fn build_app(state: Arc<ApiState>, limits: RequestLimits) -> impl Endpoint<Output = Response> {
     let api = openapi();
     let routes = Arc::new(observe::Routes::from_spec(&api.spec()));
     let docs = api.swagger_ui();
@@ -52,7 +60,7 @@ pub fn build_app(state: Arc<ApiState>, max_body_bytes: usize) -> impl Endpoint<O
         .at("/metrics", metrics_endpoint(metrics.clone()))
         .catch_all_error(|error| async move { problem::from_poem_error(error) })
         .with(AddData::new(state))
-        .around(move |endpoint, request| limit_body(endpoint, request, max_body_bytes))
+        .around(move |endpoint, request| limit_body(endpoint, request, limits))
         .around(move |endpoint, request| observe::observe(endpoint, request, metrics.clone(), routes.clone()))
 }
 
@@ -77,7 +85,12 @@ const DRAIN_LIMIT: usize = 1 << 20;
 
 /// Read request bodies up to `max` bytes and refuse larger ones with 413, whether or not the
 /// client sent a Content-Length.
-async fn limit_body<E: Endpoint>(endpoint: Arc<E>, mut request: Request, max: usize) -> poem::Result<Response> {
+async fn limit_body<E: Endpoint>(
+    endpoint: Arc<E>,
+    mut request: Request,
+    limits: RequestLimits,
+) -> poem::Result<Response> {
+    let max = limits.max_body_bytes;
     let too_large =
         || problem_response(ProblemKind::PayloadTooLarge.problem(format!("the body is larger than {max} bytes")));
     if matches!(*request.method(), Method::POST | Method::PUT | Method::PATCH) {
@@ -91,10 +104,17 @@ async fn limit_body<E: Endpoint>(endpoint: Arc<E>, mut request: Request, max: us
         }
         let mut chunks = std::pin::pin!(request.take_body().into_bytes_stream());
         let (mut body, mut seen) = (Vec::new(), 0usize);
-        while let Some(chunk) = futures::StreamExt::next(&mut chunks).await {
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(error) => {
+        let deadline = tokio::time::Instant::now() + limits.read_timeout;
+        loop {
+            let chunk = match tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut chunks)).await {
+                Err(_) => {
+                    let seconds = limits.read_timeout.as_secs();
+                    let detail = format!("the body did not arrive within {seconds}s");
+                    return Ok(problem_response(ProblemKind::RequestTimeout.problem(detail)));
+                }
+                Ok(None) => break,
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(Some(Err(error))) => {
                     let problem = ProblemKind::InvalidBody.problem(format!("cannot read the body: {error}"));
                     return Ok(problem_response(problem));
                 }

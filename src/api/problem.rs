@@ -31,6 +31,7 @@ pub enum ProblemKind {
     MethodNotAllowed,
     IdempotencyKeyReused,
     JobFinished,
+    RequestTimeout,
     PayloadTooLarge,
     UnsupportedMediaType,
     BackendUnavailable,
@@ -57,6 +58,7 @@ impl ProblemKind {
                 (S::CONFLICT, "idempotency-key-reused", "The idempotency key was used for a different request")
             }
             Self::JobFinished => (S::CONFLICT, "job-finished", "The job has already finished"),
+            Self::RequestTimeout => (S::REQUEST_TIMEOUT, "request-timeout", "The request was not sent in time"),
             Self::PayloadTooLarge => (S::PAYLOAD_TOO_LARGE, "payload-too-large", "The request body is too large"),
             Self::UnsupportedMediaType => {
                 (S::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "The request body must be application/json")

@@ -1,0 +1,487 @@
+//! Authentication, tenancy, roles, the policy file, and hostile input, against the real server.
+
+mod common;
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use common::{Server, assert_problem};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::{path::Path, process::Command, time::Duration};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn hash(token: &str) -> String {
+    oats::auth::hash_token(token)
+}
+
+fn write_tokens(path: &Path, tokens: &[(&str, &str, &str, &str)]) {
+    let mut text = String::from("tokens:\n");
+    for (name, token, tenant, role) in tokens {
+        text.push_str(&format!("  - {{name: {name}, sha256: {}, tenant: {tenant}, role: {role}}}\n", hash(token)));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+const ACME: &str = "acme-submitter-token";
+const ACME_VIEWER: &str = "acme-viewer-token";
+const BETA: &str = "beta-submitter-token";
+const ADMIN: &str = "ops-admin-token";
+
+async fn server_with_tokens(dir: &Path, extra: &[(&str, &str)]) -> Server {
+    let tokens = dir.join("tokens.yaml");
+    write_tokens(
+        &tokens,
+        &[
+            ("acme-ci", ACME, "acme", "submitter"),
+            ("acme-dashboard", ACME_VIEWER, "acme", "viewer"),
+            ("beta-ci", BETA, "beta", "submitter"),
+            ("ops", ADMIN, "ops", "admin"),
+        ],
+    );
+    let tokens = tokens.display().to_string();
+    let mut env = vec![("OATS_AUTH_TOKENS_FILE", tokens.as_str()), ("OATS_DEMO_TURN_DELAY_MS", "300")];
+    env.extend_from_slice(extra);
+    Server::start_local(dir, &env).await
+}
+
+async fn call(server: &Server, method: reqwest::Method, path: &str, token: Option<&str>) -> reqwest::Response {
+    let mut request = server.http.request(method.clone(), server.url(path));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if method == reqwest::Method::POST && path == "/api/v1/jobs" {
+        request = request.json(&json!({"goal": "tenant test", "max_turns": 3}));
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn tokens_tenants_and_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_tokens(dir.path(), &[]).await;
+    use reqwest::Method as M;
+
+    // No or bad credentials: 401 with a challenge.
+    for token in [None, Some("wrong-token"), Some("")] {
+        let response = call(&server, M::GET, "/api/v1/jobs", token).await;
+        let challenge = response.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_owned());
+        assert_problem(response, 401, "unauthenticated").await;
+        assert_eq!(challenge.as_deref(), Some(r#"Bearer realm="oats""#));
+    }
+    // Probes, metrics, docs and the spec stay open; the spec declares the scheme.
+    for path in ["/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"] {
+        assert_eq!(call(&server, M::GET, path, None).await.status(), StatusCode::OK, "{path}");
+    }
+    let (_, spec) = server.get_json("/openapi.json").await;
+    assert_eq!(spec["components"]["securitySchemes"]["BearerToken"]["scheme"], "bearer");
+
+    let created = call(&server, M::POST, "/api/v1/jobs", Some(ACME)).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let id = created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let job = format!("/api/v1/jobs/{id}");
+
+    // Another tenant sees nothing: 404, never 403, so ids do not leak.
+    for path in [job.clone(), format!("{job}/logs"), format!("{job}/events")] {
+        assert_problem(call(&server, M::GET, &path, Some(BETA)).await, 404, "not-found").await;
+    }
+    assert_problem(call(&server, M::POST, &format!("{job}/cancel"), Some(BETA)).await, 404, "not-found").await;
+    let beta_list: Value = call(&server, M::GET, "/api/v1/jobs", Some(BETA)).await.json().await.unwrap();
+    assert!(beta_list["items"].as_array().unwrap().is_empty());
+    // The same idempotency key in two tenants names two jobs.
+    let keyed = |token: &'static str| {
+        server
+            .http
+            .post(server.url("/api/v1/jobs"))
+            .bearer_auth(token)
+            .header("Idempotency-Key", "shared-key")
+            .json(&json!({"goal": "same", "max_turns": 1}))
+            .send()
+    };
+    let (a, b) = (keyed(ACME).await.unwrap(), keyed(BETA).await.unwrap());
+    assert_eq!((a.status(), b.status()), (StatusCode::CREATED, StatusCode::CREATED));
+
+    // A viewer reads its tenant's jobs but cannot create or cancel.
+    assert_eq!(call(&server, M::GET, &job, Some(ACME_VIEWER)).await.status(), StatusCode::OK);
+    assert_problem(call(&server, M::POST, "/api/v1/jobs", Some(ACME_VIEWER)).await, 403, "forbidden").await;
+    assert_problem(call(&server, M::POST, &format!("{job}/cancel"), Some(ACME_VIEWER)).await, 403, "forbidden").await;
+    // An admin sees every tenant.
+    let all: Value = call(&server, M::GET, "/api/v1/jobs", Some(ADMIN)).await.json().await.unwrap();
+    assert_eq!(all["items"].as_array().unwrap().len(), 3);
+    assert_eq!(call(&server, M::POST, &format!("{job}/cancel"), Some(ACME)).await.status(), StatusCode::OK);
+
+    // The token file is reloaded: new tokens work, a broken file keeps the old ones.
+    let path = dir.path().join("tokens.yaml");
+    write_tokens(&path, &[("acme-ci", ACME, "acme", "submitter"), ("gamma", "gamma-token", "gamma", "viewer")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while call(&server, M::GET, "/api/v1/jobs", Some("gamma-token")).await.status() != StatusCode::OK {
+        assert!(std::time::Instant::now() < deadline, "the new token file was never loaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(call(&server, M::GET, "/api/v1/jobs", Some(BETA)).await.status(), StatusCode::UNAUTHORIZED);
+    std::fs::write(&path, "tokens: [this is not valid\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(call(&server, M::GET, "/api/v1/jobs", Some("gamma-token")).await.status(), StatusCode::OK);
+    assert!(server.log_text().contains("token file rejected"));
+
+    // No credential ever reaches the logs.
+    let log = server.log_text();
+    for secret in [ACME, ACME_VIEWER, BETA, ADMIN, "gamma-token", "wrong-token"] {
+        assert!(!log.contains(secret), "{secret} leaked into the logs");
+    }
+}
+
+/// An RSA key made by openssl, as PKCS#1 DER for signing and a JWK for the key set.
+struct SigningKey {
+    der: Vec<u8>,
+    jwk: Value,
+}
+
+fn rsa_key(kid: &str, dir: &Path) -> SigningKey {
+    let path = dir.join(format!("{kid}.pem"));
+    let status = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .arg(&path)
+        .status()
+        .expect("openssl runs");
+    assert!(status.success());
+    let der_path = dir.join(format!("{kid}.der"));
+    let status = Command::new("openssl")
+        .args(["rsa", "-traditional", "-outform", "DER", "-in"])
+        .arg(&path)
+        .arg("-out")
+        .arg(&der_path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let modulus = Command::new("openssl").args(["rsa", "-noout", "-modulus", "-in"]).arg(&path).output().unwrap();
+    let hex = String::from_utf8(modulus.stdout).unwrap().trim().trim_start_matches("Modulus=").to_owned();
+    let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    SigningKey {
+        der: std::fs::read(&der_path).unwrap(),
+        jwk: json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": URL_SAFE_NO_PAD.encode(bytes), "e": "AQAB"}),
+    }
+}
+
+/// An identity provider on loopback: discovery document and key set.
+async fn start_issuer(keys: Vec<Value>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    let discovery = json!({"issuer": issuer, "jwks_uri": format!("{issuer}/keys")}).to_string();
+    let jwks = json!({"keys": keys}).to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let (discovery, jwks) = (discovery.clone(), jwks.clone());
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 4096];
+                let n = socket.read(&mut buffer).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buffer[..n]);
+                let body = if request.starts_with("GET /.well-known/openid-configuration") { discovery } else { jwks };
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    issuer
+}
+
+fn jwt(key: &SigningKey, kid: &str, claims: Value) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_rsa_der(&key.der)).unwrap()
+}
+
+#[tokio::test]
+async fn oidc_tokens_are_verified_against_the_issuers_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = rsa_key("key-1", dir.path());
+    let rogue = rsa_key("rogue", dir.path());
+    let issuer = start_issuer(vec![good.jwk.clone()]).await;
+    let server = Server::start_local(
+        dir.path(),
+        &[("OATS_OIDC_ISSUER", &issuer), ("OATS_OIDC_AUDIENCE", "oats-api"), ("OATS_OIDC_CLOCK_SKEW_SECONDS", "30")],
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp();
+    let claims = |changes: Value| {
+        let mut claims = json!({"iss": issuer, "aud": "oats-api", "sub": "alice", "exp": now + 300, "iat": now,
+            "tenant": "acme", "oats_role": "submitter"});
+        for (k, v) in changes.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        claims
+    };
+    let submit = |token: String| {
+        server
+            .http
+            .post(server.url("/api/v1/jobs"))
+            .bearer_auth(token)
+            .json(&json!({"goal": "jwt", "max_turns": 1}))
+            .send()
+    };
+
+    let accepted = submit(jwt(&good, "key-1", claims(json!({})))).await.unwrap();
+    assert_eq!(accepted.status(), StatusCode::CREATED);
+    // Within the clock skew an expired token still passes; beyond it, not.
+    assert_eq!(
+        submit(jwt(&good, "key-1", claims(json!({"exp": now - 10})))).await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    for (why, token) in [
+        ("expired", jwt(&good, "key-1", claims(json!({"exp": now - 600})))),
+        ("wrong audience", jwt(&good, "key-1", claims(json!({"aud": "someone-else"})))),
+        ("wrong issuer", jwt(&good, "key-1", claims(json!({"iss": "http://evil.invalid"})))),
+        ("wrongly signed", jwt(&rogue, "key-1", claims(json!({})))),
+        ("unknown key", jwt(&rogue, "rogue", claims(json!({})))),
+        ("no tenant", jwt(&good, "key-1", claims(json!({"tenant": null})))),
+        ("bad role", jwt(&good, "key-1", claims(json!({"oats_role": "root"})))),
+        (
+            "shared-secret algorithm",
+            jsonwebtoken::encode(
+                &Header { kid: Some("key-1".into()), ..Header::new(Algorithm::HS256) },
+                &claims(json!({})),
+                &EncodingKey::from_secret(b"guess"),
+            )
+            .unwrap(),
+        ),
+        (
+            "unsigned",
+            format!(
+                "{}.{}.",
+                URL_SAFE_NO_PAD.encode(r#"{"alg":"none","kid":"key-1"}"#),
+                URL_SAFE_NO_PAD.encode(claims(json!({})).to_string())
+            ),
+        ),
+    ] {
+        let response = submit(token).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{why} was accepted");
+    }
+    // A viewer from the token's claims may read but not write.
+    let viewer = jwt(&good, "key-1", claims(json!({"oats_role": "viewer"})));
+    assert_eq!(submit(viewer.clone()).await.unwrap().status(), StatusCode::FORBIDDEN);
+    let list = server.http.get(server.url("/api/v1/jobs")).bearer_auth(viewer).send().await.unwrap();
+    let list: Value = list.json().await.unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 2, "the acme jobs");
+}
+
+const POLICY: &str = r#"
+defaults:
+  max_concurrent_jobs: 50
+  submissions_per_minute: 100
+  resource_profiles:
+    small: {cpu_request: 100m, cpu_limit: 500m, memory_request: 128Mi, memory_limit: 256Mi}
+tenants:
+  trial:
+    max_concurrent_jobs: 2
+    submissions_per_minute: 4
+    max_turns: 10
+    allowed_models: [small-model]
+    allowed_label_keys: [team]
+"#;
+
+#[tokio::test]
+async fn the_policy_file_denies_by_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let tokens = dir.path().join("tokens.yaml");
+    write_tokens(&tokens, &[("trial", "trial-token", "trial", "submitter")]);
+    let (policy, tokens) = (policy.display().to_string(), tokens.display().to_string());
+    let server = Server::start_local(
+        dir.path(),
+        &[("OATS_POLICY_FILE", &policy), ("OATS_AUTH_TOKENS_FILE", &tokens), ("OATS_DEMO_TURN_DELAY_MS", "2000")],
+    )
+    .await;
+    let submit =
+        |body: Value| server.http.post(server.url("/api/v1/jobs")).bearer_auth("trial-token").json(&body).send();
+
+    // Rules judged before anything is created; none of these consume the rate limit.
+    let body =
+        assert_problem(submit(json!({"goal": "g", "max_turns": 11})).await.unwrap(), 422, "policy/max-turns").await;
+    assert!(body["detail"].as_str().unwrap().contains("10"));
+    assert_problem(
+        submit(json!({"goal": "g", "max_turns": 1, "model": "big-model"})).await.unwrap(),
+        403,
+        "policy/allowed-models",
+    )
+    .await;
+    assert_problem(
+        submit(json!({"goal": "g", "max_turns": 1, "labels": {"other": "x"}})).await.unwrap(),
+        422,
+        "policy/allowed-label-keys",
+    )
+    .await;
+    assert_problem(
+        submit(json!({"goal": "g", "max_turns": 1, "profile": "huge"})).await.unwrap(),
+        403,
+        "policy/resource-profile",
+    )
+    .await;
+
+    // A dry run shows every verdict and the job, and creates nothing.
+    let dry = server
+        .http
+        .post(server.url("/api/v1/jobs?dry_run=true"))
+        .bearer_auth("trial-token")
+        .json(&json!({"goal": "g", "max_turns": 1, "model": "big-model", "profile": "small"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dry.status(), StatusCode::ACCEPTED);
+    let dry: Value = dry.json().await.unwrap();
+    assert_eq!(dry["allowed"], false);
+    let verdicts: Vec<(&str, bool)> = dry["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["rule"].as_str().unwrap(), v["allowed"].as_bool().unwrap()))
+        .collect();
+    assert!(verdicts.contains(&("allowed-models", false)) && verdicts.contains(&("max-turns", true)), "{verdicts:?}");
+    assert!(
+        verdicts.iter().any(|(r, _)| *r == "pod-security")
+            && verdicts.iter().any(|(r, _)| *r == "submissions-per-minute")
+    );
+    assert!(dry["job"]["environment"]["OATS_GOAL"].is_string(), "the local backend shows its command: {dry}");
+    let listed: Value = server
+        .http
+        .get(server.url("/api/v1/jobs"))
+        .bearer_auth("trial-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(listed["items"].as_array().unwrap().is_empty(), "nothing was created");
+
+    // Concurrency: two long jobs, then 429 with Retry-After.
+    for _ in 0..2 {
+        assert_eq!(submit(json!({"goal": "long", "max_turns": 10})).await.unwrap().status(), StatusCode::CREATED);
+    }
+    let busy = submit(json!({"goal": "third", "max_turns": 1})).await.unwrap();
+    assert!(busy.headers().get("retry-after").is_some());
+    assert_problem(busy, 429, "policy/max-concurrent-jobs").await;
+
+    // Rate: the bucket holds 4 and only accepted submissions take from it (denials do not), so
+    // after the two long jobs (cancelled to free the concurrency slots) two more fit, then 429.
+    let items: Value = server
+        .http
+        .get(server.url("/api/v1/jobs"))
+        .bearer_auth("trial-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for job in items["items"].as_array().unwrap() {
+        let cancel = server.url(&format!("/api/v1/jobs/{}/cancel", job["id"].as_str().unwrap()));
+        server.http.post(cancel).bearer_auth("trial-token").send().await.unwrap();
+    }
+    for _ in 0..2 {
+        let response = submit(json!({"goal": "quick", "max_turns": 1})).await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+        server
+            .http
+            .post(server.url(&format!("/api/v1/jobs/{id}/cancel")))
+            .bearer_auth("trial-token")
+            .send()
+            .await
+            .unwrap();
+    }
+    let limited = submit(json!({"goal": "one too many", "max_turns": 1})).await.unwrap();
+    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_problem(limited, 429, "policy/submissions-per-minute").await;
+
+    // Every denial is counted by rule.
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for rule in [
+        "max-turns",
+        "allowed-models",
+        "allowed-label-keys",
+        "resource-profile",
+        "max-concurrent-jobs",
+        "submissions-per-minute",
+    ] {
+        assert!(
+            metrics.contains(&format!("oats_policy_denials_total{{rule=\"{rule}\"}} 1")),
+            "{rule} not counted:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn hostile_input_never_breaks_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_REQUEST_READ_TIMEOUT_SECONDS", "2")]).await;
+    let post_raw = |body: Vec<u8>| {
+        server.http.post(server.url("/api/v1/jobs")).header("content-type", "application/json").body(body).send()
+    };
+    // Deep nesting, invalid UTF-8, NUL bytes, huge numbers.
+    let deep = format!("{{\"goal\": {}1{}, \"max_turns\": 1}}", "[".repeat(10_000), "]".repeat(10_000));
+    assert_problem(post_raw(deep.into_bytes()).await.unwrap(), 400, "invalid-body").await;
+    let mut invalid_utf8 = br#"{"goal": "bad "#.to_vec();
+    invalid_utf8.extend_from_slice(&[0xff, 0xfe, 0xfd]);
+    invalid_utf8.extend_from_slice(br#"", "max_turns": 1}"#);
+    assert_problem(post_raw(invalid_utf8).await.unwrap(), 400, "invalid-body").await;
+    let nul = json!({"goal": "a\u{0}b", "max_turns": 1}).to_string().into_bytes();
+    assert_problem(post_raw(nul).await.unwrap(), 422, "validation-failed").await;
+    let huge = br#"{"goal": "g", "max_turns": 1e400}"#.to_vec();
+    assert_problem(post_raw(huge).await.unwrap(), 400, "invalid-body").await;
+
+    // A huge header is refused by the HTTP layer, not by a crash.
+    let big_header = "x".repeat(1 << 20);
+    match server.http.get(server.url("/api/v1/jobs")).header("x-filler", big_header).send().await {
+        Ok(response) => assert!(response.status().is_client_error(), "{}", response.status()),
+        Err(error) => assert!(error.is_request() || error.is_connect() || error.is_body(), "{error}"),
+    }
+
+    // A slow client that stops sending its body gets 408 after the read timeout.
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    slow.write_all(b"POST /api/v1/jobs HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"goal\"")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 1024];
+    let read =
+        tokio::time::timeout(Duration::from_secs(10), slow.read(&mut answer)).await.expect("answered in time").unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request-timeout"), "{answer}");
+
+    // A flood: the server keeps answering probes while it works through it.
+    let flood = (0..400).map(|i| server.submit(json!({"goal": format!("flood {i}"), "max_turns": 1})));
+    let probe = async {
+        let started = std::time::Instant::now();
+        let (status, _) = server.get_json("/healthz").await;
+        (status, started.elapsed())
+    };
+    let (responses, (probe_status, _)) = tokio::join!(futures::future::join_all(flood), probe);
+    assert_eq!(probe_status, StatusCode::OK);
+    assert!(responses.iter().all(|r| matches!(r.status().as_u16(), 201 | 429)), "only created or rate-limited");
+    let (status, _) = server.get_json("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!server.log_text().contains("panicked"));
+}
+
+#[tokio::test]
+async fn floods_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "defaults:\n  submissions_per_minute: 30\n").unwrap();
+    let policy = policy.display().to_string();
+    let server = Server::start_local(dir.path(), &[("OATS_POLICY_FILE", &policy)]).await;
+    let flood = (0..100).map(|i| server.submit(json!({"goal": format!("flood {i}"), "max_turns": 1})));
+    let statuses: Vec<u16> = futures::future::join_all(flood).await.iter().map(|r| r.status().as_u16()).collect();
+    let created = statuses.iter().filter(|s| **s == 201).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(created + limited, 100, "{statuses:?}");
+    assert!((30..=32).contains(&created), "the bucket holds 30 (plus refill during the flood): {created}");
+    let (status, _) = server.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+}
