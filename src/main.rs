@@ -59,8 +59,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::DemoAgent => std::process::exit(runtime.block_on(oats::demo_agent::run())),
         Command::Openapi { yaml } => {
-            let spec = api::openapi();
-            println!("{}", if yaml { spec.spec_yaml() } else { spec.spec() });
+            println!("{}", if yaml { api::spec_yaml() } else { api::spec_json() });
             Ok(())
         }
         Command::Config => {

@@ -46,12 +46,50 @@ pub struct RequestLimits {
     pub read_timeout: Duration,
 }
 
+/// Request schemas that reject unknown fields (`deny_unknown_fields`), which poem-openapi does not
+/// state in the document.
+const CLOSED_SCHEMAS: [&str; 1] = ["CreateJobRequest"];
+
+/// The OpenAPI document as served and committed: poem-openapi's, plus what it leaves unsaid about
+/// request bodies: `additionalProperties: false` where unknown fields are refused, and
+/// `nullable: true` on optional fields (the server treats `null` as absent).
+pub fn spec() -> serde_json::Value {
+    let mut spec: serde_json::Value = serde_json::from_str(&openapi().spec()).expect("the generated spec is JSON");
+    for name in CLOSED_SCHEMAS {
+        let schema = &mut spec["components"]["schemas"][name];
+        schema["additionalProperties"] = serde_json::Value::Bool(false);
+        let required: Vec<String> = schema["required"]
+            .as_array()
+            .map(|r| r.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        if let Some(properties) = schema["properties"].as_object_mut() {
+            for (_, property) in properties.iter_mut().filter(|(field, _)| !required.contains(field)) {
+                property["nullable"] = serde_json::Value::Bool(true);
+            }
+        }
+    }
+    spec
+}
+
+/// [`spec`] as pretty JSON.
+pub fn spec_json() -> String {
+    serde_json::to_string_pretty(&spec()).expect("a JSON value serialises")
+}
+
+/// [`spec`] as YAML.
+pub fn spec_yaml() -> String {
+    serde_saphyr::to_string(&spec()).expect("a JSON value serialises as YAML")
+}
+
 /// The whole HTTP application, ready to serve or to drive from tests without a socket.
 pub fn build_app(state: Arc<ApiState>, limits: RequestLimits) -> impl Endpoint<Output = Response> {
     let api = openapi();
-    let routes = Arc::new(observe::Routes::from_spec(&api.spec()));
+    let routes = Arc::new(observe::Routes::from_spec(&spec()));
     let docs = api.swagger_ui();
-    let spec = api.spec_endpoint();
+    let document = spec_json();
+    let spec = poem::endpoint::make_sync(move |_| {
+        Response::builder().content_type("application/json; charset=utf-8").body(document.clone())
+    });
     let metrics = state.jobs.metrics().clone();
     Route::new()
         .nest("/", api)

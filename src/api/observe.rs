@@ -13,39 +13,47 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The route templates of the API (`/api/v1/jobs/{id}`), to name requests without raw paths.
 pub struct Routes {
-    /// Each template with its segments; `None` marks a `{parameter}`.
-    templates: Vec<(&'static str, Vec<Option<String>>)>,
+    /// Each template with its segments (`None` marks a `{parameter}`) and its methods.
+    templates: Vec<(&'static str, Vec<Option<String>>, String)>,
 }
 
 impl Routes {
     /// Build the table from the OpenAPI document, once at start.
-    pub fn from_spec(spec: &str) -> Self {
-        let spec: serde_json::Value = serde_json::from_str(spec).expect("the generated spec is JSON");
-        let documented = spec["paths"].as_object().into_iter().flatten().map(|(path, _)| path.clone());
-        let fixed = ["/metrics", "/openapi.json", "/docs"].map(String::from);
+    pub fn from_spec(spec: &serde_json::Value) -> Self {
+        let documented = spec["paths"].as_object().into_iter().flatten().map(|(path, item)| {
+            let methods: Vec<String> =
+                item.as_object().into_iter().flatten().map(|(method, _)| method.to_ascii_uppercase()).collect();
+            (path.clone(), methods.join(", "))
+        });
+        let fixed = ["/metrics", "/openapi.json", "/docs"].map(|p| (p.to_owned(), "GET".to_owned()));
         let templates = documented
             .chain(fixed)
-            .map(|path| {
+            .map(|(path, methods)| {
                 let segments = path
                     .trim_matches('/')
                     .split('/')
                     .map(|s| (!(s.starts_with('{') && s.ends_with('}'))).then(|| s.to_owned()))
                     .collect();
-                (&*Box::leak(path.into_boxed_str()), segments)
+                (&*Box::leak(path.into_boxed_str()), segments, methods)
             })
             .collect();
         Self { templates }
     }
 
+    /// The methods a route answers, for the `Allow` header of a 405.
+    fn allowed(&self, route: &str) -> Option<&str> {
+        self.templates.iter().find(|(template, _, _)| *template == route).map(|(_, _, methods)| methods.as_str())
+    }
+
     /// The template `path` matches, `/docs` for Swagger UI's assets, else `unmatched`.
     pub fn route(&self, path: &str) -> &'static str {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let matched = self.templates.iter().find(|(_, template)| {
+        let matched = self.templates.iter().find(|(_, template, _)| {
             template.len() == segments.len()
                 && template.iter().zip(&segments).all(|(t, s)| t.as_deref().is_none_or(|t| t == *s) && !s.is_empty())
         });
         match matched {
-            Some((template, _)) => template,
+            Some((template, _, _)) => template,
             None if path.starts_with("/docs/") => "/docs",
             None => "unmatched",
         }
@@ -104,7 +112,12 @@ pub async fn observe<E: Endpoint>(
     let started = Instant::now();
     let response = endpoint.call(request).instrument(span.clone()).await.map(IntoResponse::into_response);
     active.dec();
-    let response = response.unwrap_or_else(super::problem::from_poem_error);
+    let mut response = response.unwrap_or_else(super::problem::from_poem_error);
+    if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
+        if let Some(allowed) = routes.allowed(route).and_then(|m| poem::http::HeaderValue::from_str(m).ok()) {
+            response.headers_mut().insert(poem::http::header::ALLOW, allowed);
+        }
+    }
 
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);
@@ -128,7 +141,7 @@ mod tests {
 
     #[test]
     fn paths_map_to_templates() {
-        let routes = Routes::from_spec(&crate::api::openapi().spec());
+        let routes = Routes::from_spec(&crate::api::spec());
         for (path, route) in [
             ("/api/v1/jobs", "/api/v1/jobs"),
             ("/api/v1/jobs/", "/api/v1/jobs"),
