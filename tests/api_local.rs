@@ -66,11 +66,17 @@ async fn follow_streams_lines_as_they_are_written_until_exit() {
     while let Some(chunk) = body.next().await {
         text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
         chunks += 1;
+        if chunks == 2 {
+            let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+            assert!(metrics.contains("oats_log_streams 1"), "the follower is counted");
+        }
     }
     assert!(chunks >= 3, "lines arrived in {chunks} chunk(s); they were not streamed");
     assert!(text.contains("turn 5/5") && text.contains("demo agent: done"), "{text}");
     // The stream ended because the agent exited, so the job is finished now.
     assert_eq!(server.job(id).await["status"], "succeeded");
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("oats_log_streams 0"), "the follower is gone");
 }
 
 #[tokio::test]

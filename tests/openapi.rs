@@ -18,9 +18,15 @@ fn spec() -> Value {
 #[test]
 fn committed_spec_matches_the_code() {
     let json = std::fs::read_to_string("openapi/openapi.json").expect("openapi/openapi.json exists");
-    assert!(json.trim_end() == oats::api::spec_json().trim_end(), "openapi/openapi.json drifted from the code; {REGENERATE}");
+    assert!(
+        json.trim_end() == oats::api::spec_json().trim_end(),
+        "openapi/openapi.json drifted from the code; {REGENERATE}"
+    );
     let yaml = std::fs::read_to_string("openapi/openapi.yaml").expect("openapi/openapi.yaml exists");
-    assert!(yaml.trim_end() == oats::api::spec_yaml().trim_end(), "openapi/openapi.yaml drifted from the code; {REGENERATE}");
+    assert!(
+        yaml.trim_end() == oats::api::spec_yaml().trim_end(),
+        "openapi/openapi.yaml drifted from the code; {REGENERATE}"
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@ use crate::{
     auth::Caller,
     jobs::{ListQuery, LogOptions},
 };
+use futures::StreamExt;
 use poem::{Body, web::Data};
 use poem_openapi::{
     ApiResponse, OpenApi, SecurityScheme, Tags,
@@ -92,6 +93,15 @@ pub enum ReadyResponse {
 }
 
 type Result<T> = std::result::Result<T, ProblemResponse>;
+
+/// Decrements a gauge when a streamed response ends or its client goes away.
+struct StreamGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 #[OpenApi(prefix_path = "/api/v1", tag = "ApiTags::Jobs")]
 impl JobsApi {
@@ -227,7 +237,19 @@ impl JobsApi {
             follow: follow.0,
         };
         let caller = credentials.caller(&state).await?;
+        let follow = options.follow;
         let lines = state.jobs.logs(&caller, &id.0, options).await?;
+        if !follow {
+            return Ok(LogsResponse::Ok(Binary(Body::from_bytes_stream(lines))));
+        }
+        // Count the follower for as long as its stream lives.
+        let followers = state.jobs.metrics().log_streams.clone();
+        followers.inc();
+        let guard = StreamGuard(followers);
+        let lines = lines.map(move |chunk| {
+            let _alive = &guard;
+            chunk
+        });
         Ok(LogsResponse::Ok(Binary(Body::from_bytes_stream(lines))))
     }
 

@@ -1,0 +1,531 @@
+//! Offline checks of the shipped Kubernetes manifests: `infra/base`, `infra/overlays/dev` and
+//! `infra/overlays/prod` are rendered with `kubectl kustomize` (no cluster needed) and every
+//! object is checked for the security properties the deployment relies on: least-privilege
+//! RBAC, an agent identity with no token and no bindings, default-deny NetworkPolicies, Pod
+//! Security Admission labels, the admission policy's binding, quota and limits.
+//!
+//! Needs `kubectl` (its built-in kustomize) on PATH; it fails, never skips, without it.
+
+use serde_json::{Value, json};
+use std::{collections::BTreeMap, process::Command, sync::OnceLock};
+
+const TARGETS: [&str; 3] = ["infra/base", "infra/overlays/dev", "infra/overlays/prod"];
+const NAMESPACE: &str = "oats";
+const AGENT_SA: &str = "oats-agent";
+const POLICY: &str = "oats-agent-job-guardrails";
+
+// ---------------------------------------------------------------------------------------------
+// Rendering
+// ---------------------------------------------------------------------------------------------
+
+/// `kubectl <args>` in the crate root; stdout, or a panic with everything kubectl said.
+fn kubectl(args: &[&str]) -> String {
+    let out = Command::new("kubectl")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run kubectl (needed to render the manifests): {e}"));
+    assert!(
+        out.status.success(),
+        "kubectl {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("kubectl prints UTF-8")
+}
+
+/// The objects `kubectl kustomize <dir>` renders (rendered once per test binary).
+fn render(dir: &str) -> &'static [Value] {
+    static RENDERED: OnceLock<BTreeMap<&'static str, Vec<Value>>> = OnceLock::new();
+    let all = RENDERED.get_or_init(|| {
+        TARGETS
+            .iter()
+            .map(|&target| {
+                let text = kubectl(&["kustomize", target]);
+                let docs: Vec<Value> =
+                    serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{target}: not YAML: {e}"));
+                let docs: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
+                assert!(docs.len() > 10, "{target} rendered only {} objects", docs.len());
+                for d in &docs {
+                    assert!(d["kind"].is_string() && d["metadata"]["name"].is_string(), "{target}: odd object {d}");
+                }
+                (target, docs)
+            })
+            .collect()
+    });
+    &all[dir]
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> impl Iterator<Item = &'a Value> {
+    let kind = kind.to_owned();
+    docs.iter().filter(move |d| d["kind"] == kind.as_str())
+}
+
+fn one<'a>(docs: &'a [Value], k: &str, name: &str) -> &'a Value {
+    let found: Vec<_> = kind(docs, k).filter(|d| d["metadata"]["name"] == name).collect();
+    assert_eq!(found.len(), 1, "expected exactly one {k} {name}, found {}", found.len());
+    found[0]
+}
+
+fn name(doc: &Value) -> String {
+    format!("{}/{}", doc["kind"].as_str().unwrap_or("?"), doc["metadata"]["name"].as_str().unwrap_or("?"))
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// RBAC
+// ---------------------------------------------------------------------------------------------
+
+/// What is wrong with one RBAC rule (empty: nothing).
+fn rule_violations(rule: &Value) -> Vec<String> {
+    let verbs = strings(&rule["verbs"]);
+    let resources = strings(&rule["resources"]);
+    let groups = strings(&rule["apiGroups"]);
+    let mut bad = Vec::new();
+    for (field, values) in [("verbs", &verbs), ("resources", &resources), ("apiGroups", &groups)]
+        .into_iter()
+        .chain([("nonResourceURLs", &strings(&rule["nonResourceURLs"]))])
+    {
+        if values.iter().any(|v| v.contains('*')) {
+            bad.push(format!("wildcard in {field}: {values:?}"));
+        }
+    }
+    let core = groups.contains(&"");
+    let any_of = |list: &[&str], wanted: &[&str]| wanted.iter().any(|w| list.contains(w));
+    for verb in ["escalate", "bind", "impersonate"] {
+        if verbs.contains(&verb) {
+            bad.push(format!("verb {verb}"));
+        }
+    }
+    if core && resources.contains(&"secrets") && any_of(&verbs, &["get", "list", "watch"]) {
+        bad.push(format!("reads secrets ({verbs:?})"));
+    }
+    for sub in ["pods/exec", "pods/attach", "pods/portforward", "pods/ephemeralcontainers", "serviceaccounts/token"] {
+        if core && resources.contains(&sub) {
+            bad.push(format!("grants {sub} ({verbs:?})"));
+        }
+    }
+    if core && resources.contains(&"namespaces") && any_of(&verbs, &["patch", "update"]) {
+        bad.push(format!("may relabel namespaces ({verbs:?}): that would weaken Pod Security Admission"));
+    }
+    if groups.contains(&"admissionregistration.k8s.io") {
+        bad.push(format!("may change admission policies/webhooks ({resources:?})"));
+    }
+    if groups.contains(&"rbac.authorization.k8s.io") && !verbs.iter().all(|v| ["get", "list", "watch"].contains(v)) {
+        bad.push(format!("may change RBAC ({resources:?} {verbs:?})"));
+    }
+    bad
+}
+
+#[test]
+fn the_rbac_checker_catches_what_it_should() {
+    let bad = [
+        json!({"apiGroups": ["*"], "resources": ["jobs"], "verbs": ["get"]}),
+        json!({"apiGroups": ["batch"], "resources": ["*"], "verbs": ["get"]}),
+        json!({"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["*"]}),
+        json!({"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}),
+        json!({"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]}),
+        json!({"apiGroups": [""], "resources": ["namespaces"], "verbs": ["patch"]}),
+        json!({"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["escalate"]}),
+        json!({"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"], "verbs": ["bind"]}),
+        json!({"apiGroups": [""], "resources": ["users"], "verbs": ["impersonate"]}),
+    ];
+    for rule in bad {
+        assert!(!rule_violations(&rule).is_empty(), "not caught: {rule}");
+    }
+    let fine = json!({"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "patch"]});
+    assert!(rule_violations(&fine).is_empty());
+    let secret_create = json!({"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]});
+    assert!(rule_violations(&secret_create).is_empty(), "create-only on secrets reveals nothing");
+}
+
+#[test]
+fn rbac_is_namespaced_least_privilege_without_wildcards() {
+    for target in TARGETS {
+        let docs = render(target);
+        let roles: Vec<_> = kind(docs, "Role").collect();
+        assert!(!roles.is_empty(), "{target}: no Role at all");
+        for k in ["ClusterRole", "ClusterRoleBinding"] {
+            let found: Vec<_> = kind(docs, k).map(name).collect();
+            assert!(found.is_empty(), "{target}: OATS is namespace-scoped, but ships {found:?}");
+        }
+        let mut problems = Vec::new();
+        for role in roles {
+            assert_eq!(role["metadata"]["namespace"], NAMESPACE, "{target}: {}", name(role));
+            for rule in role["rules"].as_array().expect("rules") {
+                problems.extend(rule_violations(rule).into_iter().map(|p| format!("{}: {p}", name(role))));
+            }
+        }
+        assert!(problems.is_empty(), "{target}: {problems:#?}");
+    }
+}
+
+#[test]
+fn the_agent_service_account_has_no_token_and_no_bindings() {
+    for target in TARGETS {
+        let docs = render(target);
+        for sa in [AGENT_SA, "default"] {
+            let account = one(docs, "ServiceAccount", sa);
+            assert_eq!(account["automountServiceAccountToken"], false, "{target}: ServiceAccount {sa}");
+        }
+        // Groups that include the agent's identity count as binding it.
+        let agent_groups = ["system:serviceaccounts", "system:serviceaccounts:oats", "system:authenticated"];
+        for binding in kind(docs, "RoleBinding").chain(kind(docs, "ClusterRoleBinding")) {
+            for subject in binding["subjects"].as_array().into_iter().flatten() {
+                let (k, n) = (subject["kind"].as_str().unwrap_or(""), subject["name"].as_str().unwrap_or(""));
+                let binds_agent = (k == "ServiceAccount" && n == AGENT_SA)
+                    || (k == "User" && n == "system:serviceaccount:oats:oats-agent")
+                    || (k == "Group" && agent_groups.contains(&n));
+                assert!(!binds_agent, "{target}: {} binds the agent ({subject})", name(binding));
+            }
+        }
+        // The agent Job's identity as configured for the API is that account.
+        let config = api_config(docs);
+        assert_eq!(config["OATS_AGENT_SERVICE_ACCOUNT"], AGENT_SA, "{target}");
+    }
+}
+
+/// The API's generated ConfigMap (`oats-backend-api-config-<hash>`).
+fn api_config(docs: &[Value]) -> &Value {
+    let found: Vec<_> = kind(docs, "ConfigMap")
+        .filter(|d| d["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("oats-backend-api-config")))
+        .collect();
+    assert_eq!(found.len(), 1, "expected one oats-backend-api-config ConfigMap");
+    &found[0]["data"]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Namespace and Pod Security Admission
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn the_namespace_enforces_restricted_pod_security_with_pinned_versions() {
+    for target in TARGETS {
+        let docs = render(target);
+        let ns = one(docs, "Namespace", NAMESPACE);
+        let labels = &ns["metadata"]["labels"];
+        for mode in ["enforce", "audit", "warn"] {
+            assert_eq!(labels[format!("pod-security.kubernetes.io/{mode}")], "restricted", "{target}: {mode}");
+            let version = labels[format!("pod-security.kubernetes.io/{mode}-version")]
+                .as_str()
+                .unwrap_or_else(|| panic!("{target}: {mode}-version is not set (it would float)"));
+            let pinned = version.strip_prefix("v1.").is_some_and(|m| !m.is_empty() && m.parse::<u32>().is_ok());
+            // enforce is pinned to the tested policy version; audit/warn may track `latest` on
+            // purpose, so new checks show up as warnings before enforce is bumped.
+            if mode == "enforce" {
+                assert!(pinned, "{target}: enforce-version must be pinned to v1.N, not {version:?}");
+            } else {
+                assert!(pinned || version == "latest", "{target}: {mode}-version {version:?}");
+            }
+        }
+        // Every namespaced object lands in `oats`; cluster-scoped ones carry no namespace.
+        for doc in docs {
+            let k = doc["kind"].as_str().unwrap();
+            let cluster_scoped = ["Namespace", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"];
+            if cluster_scoped.contains(&k) {
+                assert!(doc["metadata"]["namespace"].is_null(), "{target}: {} has a namespace", name(doc));
+            } else {
+                assert_eq!(doc["metadata"]["namespace"], NAMESPACE, "{target}: {}", name(doc));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NetworkPolicy
+// ---------------------------------------------------------------------------------------------
+
+fn selects_all(selector: &Value) -> bool {
+    selector.as_object().is_some_and(|s| {
+        s.get("matchLabels").is_none_or(|m| m.as_object().is_some_and(|m| m.is_empty()))
+            && s.get("matchExpressions").is_none_or(|m| m.as_array().is_some_and(|m| m.is_empty()))
+    })
+}
+
+fn ip_blocks(rule: &Value) -> Vec<&Value> {
+    rule["to"].as_array().into_iter().flatten().filter_map(|peer| peer.get("ipBlock")).collect()
+}
+
+#[test]
+fn network_policies_deny_by_default_and_isolate_the_agents() {
+    for target in TARGETS {
+        let docs = render(target);
+        let policies: Vec<_> = kind(docs, "NetworkPolicy").collect();
+        for p in &policies {
+            let types = strings(&p["spec"]["policyTypes"]);
+            assert!(!types.is_empty(), "{target}: {} must set policyTypes explicitly", name(p));
+        }
+        // A default deny of both directions for every pod of the namespace.
+        let default_deny = policies.iter().any(|p| {
+            let spec = &p["spec"];
+            let types = strings(&spec["policyTypes"]);
+            selects_all(&spec["podSelector"])
+                && types.contains(&"Ingress")
+                && types.contains(&"Egress")
+                && spec["ingress"].as_array().is_none_or(|r| r.is_empty())
+                && spec["egress"].as_array().is_none_or(|r| r.is_empty())
+        });
+        assert!(default_deny, "{target}: no default-deny (Ingress+Egress, podSelector {{}}) NetworkPolicy");
+
+        // The agents: isolated for ingress, egress only DNS and public HTTPS.
+        let agent = one(docs, "NetworkPolicy", "oats-agent");
+        assert_eq!(agent["spec"]["podSelector"]["matchLabels"], json!({"app": "oats-agent"}), "{target}");
+        assert!(strings(&agent["spec"]["policyTypes"]).contains(&"Ingress"), "{target}");
+        assert!(agent["spec"]["ingress"].as_array().is_none_or(|r| r.is_empty()), "{target}: agent ingress");
+        for policy in &policies {
+            let selects_agents = selects_all(&policy["spec"]["podSelector"])
+                || policy["spec"]["podSelector"]["matchLabels"]["app"] == "oats-agent";
+            if selects_agents {
+                let ingress = policy["spec"]["ingress"].as_array().map_or(0, Vec::len);
+                assert_eq!(ingress, 0, "{target}: {} allows ingress to the agents", name(policy));
+            }
+        }
+        let egress = agent["spec"]["egress"].as_array().expect("agent egress rules");
+        let mut blocks = 0;
+        for rule in egress {
+            for block in ip_blocks(rule) {
+                blocks += 1;
+                let except = strings(&block["except"]);
+                let required: &[&str] = match block["cidr"].as_str() {
+                    Some("0.0.0.0/0") => {
+                        &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"]
+                    }
+                    Some("::/0") => &["fc00::/7", "fe80::/10", "fd00:ec2::254/128"],
+                    other => panic!("{target}: unexpected agent ipBlock {other:?}"),
+                };
+                for cidr in required {
+                    assert!(
+                        except.contains(cidr),
+                        "{target}: agent egress to {:?} does not exclude {cidr}",
+                        block["cidr"]
+                    );
+                }
+                let ports: Vec<_> =
+                    rule["ports"].as_array().expect("ports").iter().map(|p| p["port"].clone()).collect();
+                assert_eq!(ports, [json!(443)], "{target}: internet egress must be HTTPS only");
+            }
+        }
+        assert_eq!(blocks, 2, "{target}: expected the IPv4 and IPv6 internet ipBlocks");
+
+        // The API: ingress only on 8000 (ingress controller) and 9090 (Prometheus).
+        let api = one(docs, "NetworkPolicy", "oats-backend-api");
+        let mut ports: Vec<i64> = api["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r["ports"].as_array().unwrap().iter().map(|p| p["port"].as_i64().unwrap()))
+            .collect();
+        ports.sort();
+        assert_eq!(ports, [8000, 9090], "{target}");
+        for rule in api["spec"]["ingress"].as_array().unwrap() {
+            for peer in rule["from"].as_array().expect("ingress from") {
+                assert!(peer.get("ipBlock").is_none(), "{target}: API ingress from an ipBlock");
+                assert!(!selects_all(&peer["namespaceSelector"]), "{target}: API ingress from every namespace");
+            }
+        }
+        // Its API-server egress is an ipBlock per address, never a range.
+        for rule in api["spec"]["egress"].as_array().unwrap() {
+            for block in ip_blocks(rule) {
+                let cidr = block["cidr"].as_str().unwrap();
+                assert!(cidr.ends_with("/32") || cidr.ends_with("/128"), "{target}: API egress to range {cidr}");
+            }
+        }
+        let api_server: Vec<&str> = api["spec"]["egress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(ip_blocks)
+            .filter_map(|b| b["cidr"].as_str())
+            .collect();
+        if target.ends_with("prod") {
+            assert!(!api_server.contains(&"10.96.0.1/32"), "{target}: the prod patch did not replace the base CIDR");
+        } else {
+            assert_eq!(api_server, ["10.96.0.1/32"], "{target}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admission policy
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn the_admission_policy_is_bound_by_namespace_name_and_denies() {
+    for target in TARGETS {
+        let docs = render(target);
+        let policy = one(docs, "ValidatingAdmissionPolicy", POLICY);
+        assert_eq!(policy["apiVersion"], "admissionregistration.k8s.io/v1", "{target}");
+        assert_eq!(policy["spec"]["failurePolicy"], "Fail", "{target}");
+        let rules = policy["spec"]["matchConstraints"]["resourceRules"].as_array().unwrap();
+        assert!(
+            rules.iter().any(|r| strings(&r["apiGroups"]) == ["batch"]
+                && strings(&r["resources"]) == ["jobs"]
+                && strings(&r["operations"]).contains(&"CREATE")
+                && strings(&r["operations"]).contains(&"UPDATE")),
+            "{target}: the policy must match batch jobs on CREATE and UPDATE"
+        );
+        // No requester-controlled switch: matchConditions must not look at labels/annotations.
+        for condition in policy["spec"]["matchConditions"].as_array().into_iter().flatten() {
+            let expression = condition["expression"].as_str().unwrap();
+            assert!(
+                !expression.contains("labels") && !expression.contains("annotations"),
+                "{target}: matchCondition {} depends on metadata the requester sets",
+                condition["name"]
+            );
+        }
+
+        let bindings: Vec<_> =
+            kind(docs, "ValidatingAdmissionPolicyBinding").filter(|b| b["spec"]["policyName"] == POLICY).collect();
+        assert_eq!(bindings.len(), 1, "{target}: expected one binding of {POLICY}");
+        let binding = &bindings[0]["spec"];
+        assert_eq!(binding["validationActions"], json!(["Deny"]), "{target}");
+        let resources = &binding["matchResources"];
+        assert!(resources["objectSelector"].is_null(), "{target}: objectSelector labels are set by the requester");
+        let selector = resources["namespaceSelector"].as_object().expect("namespaceSelector");
+        let by_name = selector.get("matchLabels") == Some(&json!({"kubernetes.io/metadata.name": NAMESPACE}))
+            && selector.get("matchExpressions").is_none_or(|e| e.as_array().is_some_and(|e| e.is_empty()))
+            || selector.get("matchExpressions")
+                == Some(&json!([{"key": "kubernetes.io/metadata.name", "operator": "In", "values": [NAMESPACE]}]))
+                && selector.get("matchLabels").is_none_or(|m| m.as_object().is_some_and(|m| m.is_empty()));
+        assert!(by_name, "{target}: the binding must select namespace {NAMESPACE} by kubernetes.io/metadata.name only");
+
+        // The parameters exist, fail closed, and fit what OATS renders in this environment.
+        let param_ref = &binding["paramRef"];
+        assert_eq!(param_ref["parameterNotFoundAction"], "Deny", "{target}");
+        assert_eq!(param_ref["namespace"], NAMESPACE, "{target}");
+        let params = &one(docs, "ConfigMap", param_ref["name"].as_str().unwrap())["data"];
+        let prefixes: Vec<&str> = params["allowedImagePrefixes"].as_str().unwrap().split(',').map(str::trim).collect();
+        assert!(prefixes.iter().all(|p| p.ends_with('/') || p.ends_with(':')), "{target}: prefix {prefixes:?}");
+        let config = api_config(docs);
+        let image = config["OATS_AGENT_IMAGE"].as_str().unwrap();
+        assert!(prefixes.iter().any(|p| image.starts_with(p)), "{target}: {image} is not allowed by {prefixes:?}");
+        if target == "infra/base" {
+            assert!(prefixes.contains(&"oats-agent:") && prefixes.contains(&"registry.example.com/oats/"));
+        }
+        assert_eq!(params["serviceAccountName"], config["OATS_AGENT_SERVICE_ACCOUNT"], "{target}");
+        let max: u32 = params["maxActiveDeadlineSeconds"].as_str().unwrap().parse().unwrap();
+        let default_max = oats::config::Config::default().max_timeout_seconds;
+        assert!(
+            max >= default_max,
+            "{target}: maxActiveDeadlineSeconds {max} < OATS' max_timeout_seconds {default_max}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ResourceQuota and LimitRange
+// ---------------------------------------------------------------------------------------------
+
+/// A Kubernetes quantity in base units (cores, bytes); enough for the suffixes used here.
+fn quantity(q: &Value) -> f64 {
+    let s = match q {
+        Value::String(s) => s.as_str(),
+        Value::Number(n) => return n.as_f64().unwrap(),
+        other => panic!("not a quantity: {other}"),
+    };
+    let units =
+        [("Ki", 1024f64), ("Mi", 1024f64.powi(2)), ("Gi", 1024f64.powi(3)), ("Ti", 1024f64.powi(4)), ("m", 1e-3)];
+    for (suffix, factor) in units {
+        if let Some(n) = s.strip_suffix(suffix) {
+            return n.parse::<f64>().unwrap_or_else(|_| panic!("bad quantity {s}")) * factor;
+        }
+    }
+    s.parse().unwrap_or_else(|_| panic!("bad quantity {s}"))
+}
+
+#[test]
+fn quota_and_limit_range_fit_the_agent_and_the_api() {
+    let config = oats::config::Config::default();
+    for target in TARGETS {
+        let docs = render(target);
+        let quota: Vec<_> = kind(docs, "ResourceQuota").collect();
+        assert_eq!(quota.len(), 1, "{target}: one ResourceQuota");
+        let hard = &quota[0]["spec"]["hard"];
+        for key in ["pods", "requests.cpu", "requests.memory", "limits.cpu", "limits.memory", "count/jobs.batch"] {
+            assert!(!hard[key].is_null(), "{target}: the quota does not cap {key}");
+        }
+        let ranges: Vec<_> = kind(docs, "LimitRange").collect();
+        assert_eq!(ranges.len(), 1, "{target}: one LimitRange");
+        let container = ranges[0]["spec"]["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["type"] == "Container")
+            .expect("a Container limit");
+
+        // The defaults are the agent's defaults (src/config.rs).
+        for (field, key, value) in [
+            ("defaultRequest", "cpu", &config.agent_cpu_request),
+            ("defaultRequest", "memory", &config.agent_memory_request),
+            ("defaultRequest", "ephemeral-storage", &config.agent_ephemeral_storage_request),
+            ("default", "cpu", &config.agent_cpu_limit),
+            ("default", "memory", &config.agent_memory_limit),
+            ("default", "ephemeral-storage", &config.agent_ephemeral_storage_limit),
+        ] {
+            assert_eq!(
+                quantity(&container[field][key]),
+                quantity(&json!(value)),
+                "{target}: LimitRange {field}.{key} differs from the agent default {value}"
+            );
+        }
+        // Every container of every workload here fits between min and max.
+        let in_range = |what: &str, resources: &Value| {
+            for section in ["requests", "limits"] {
+                for (key, value) in resources[section].as_object().into_iter().flatten() {
+                    let v = quantity(value);
+                    if let Some(max) = container["max"].get(key) {
+                        assert!(v <= quantity(max), "{target}: {what} {section}.{key} {value} > max {max}");
+                    }
+                    if let Some(min) = container["min"].get(key) {
+                        assert!(v >= quantity(min), "{target}: {what} {section}.{key} {value} < min {min}");
+                    }
+                }
+            }
+        };
+        for deployment in kind(docs, "Deployment") {
+            for c in deployment["spec"]["template"]["spec"]["containers"].as_array().unwrap() {
+                in_range(&name(deployment), &c["resources"]);
+            }
+        }
+        // ... and so does the agent, with its defaults and with every resource profile of the
+        // shipped service policy (policies/oats-policy.yaml).
+        let agent = json!({
+            "requests": {"cpu": config.agent_cpu_request, "memory": config.agent_memory_request},
+            "limits": {"cpu": config.agent_cpu_limit, "memory": config.agent_memory_limit},
+        });
+        in_range("agent (defaults)", &agent);
+        let profiles = shipped_resource_profiles();
+        assert!(!profiles.is_empty(), "policies/oats-policy.yaml has no resource_profiles");
+        for (profile, p) in profiles {
+            let resources = json!({
+                "requests": {"cpu": p["cpu_request"], "memory": p["memory_request"]},
+                "limits": {"cpu": p["cpu_limit"], "memory": p["memory_limit"]},
+            });
+            in_range(&format!("agent (profile {profile})"), &resources);
+        }
+        // The quota holds at least one agent and the API replicas.
+        assert!(quantity(&hard["limits.cpu"]) >= quantity(&json!(config.agent_cpu_limit)) * 10.0, "{target}");
+    }
+}
+
+/// Every `resource_profiles` entry of policies/oats-policy.yaml (defaults and tenants).
+fn shipped_resource_profiles() -> Vec<(String, Value)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/policies/oats-policy.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let doc: Value = serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut sections = vec![("defaults".to_owned(), &doc["defaults"])];
+    for (tenant, rules) in doc["tenants"].as_object().into_iter().flatten() {
+        sections.push((format!("tenants.{tenant}"), rules));
+    }
+    let mut out = Vec::new();
+    for (section, rules) in sections {
+        for (name, profile) in rules["resource_profiles"].as_object().into_iter().flatten() {
+            out.push((format!("{section}.{name}"), profile.clone()));
+        }
+    }
+    out
+}
