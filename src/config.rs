@@ -273,6 +273,10 @@ config_keys! {
     max_labels: usize = JobLimits::LABELS_CEILING;
     /// Largest request body accepted, in bytes.
     max_body_bytes: usize = 65_536;
+    /// Seconds between SIGTERM (readiness turns 503, streams end) and closing the listener, so load balancers stop sending first.
+    shutdown_delay_seconds: u32 = 5;
+    /// Seconds in-flight requests get to finish after the listener closes; keep delay + grace below the pod's terminationGracePeriodSeconds.
+    shutdown_grace_seconds: u32 = 20;
     /// Seconds a client may take to send a request body before the server answers 408.
     request_read_timeout_seconds: u32 = 30;
 }

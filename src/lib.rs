@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod demo_agent;
 pub mod jobs;

@@ -17,6 +17,7 @@ use oats::{
 };
 use poem_openapi::types::ParseFromJSON;
 use std::{io::Read, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "oats", version, about = "Run LLM agents as jobs on Kubernetes or locally")]
@@ -35,6 +36,13 @@ enum Command {
         /// Address to listen on (overrides the `listen` key).
         #[arg(long)]
         listen: Option<SocketAddr>,
+    },
+    /// Talk to a running server: submit, get, list, logs, cancel, watch.
+    Jobs {
+        #[command(flatten)]
+        connection: oats::cli::Connection,
+        #[command(subcommand)]
+        command: oats::cli::JobsCommand,
     },
     /// Print the OpenAPI document.
     Openapi {
@@ -58,6 +66,9 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::DemoAgent => std::process::exit(runtime.block_on(oats::demo_agent::run())),
+        Command::Jobs { connection, command } => {
+            std::process::exit(runtime.block_on(oats::cli::run(connection, command)))
+        }
         Command::Openapi { yaml } => {
             println!("{}", if yaml { api::spec_yaml() } else { api::spec_json() });
             Ok(())
@@ -132,7 +143,8 @@ async fn serve(config: Config) -> Result<()> {
     let counted = backend.clone();
     metrics.count_jobs_with(Box::new(move || counted.counts()));
     let jobs = Arc::new(JobService::new(backend, config.job_limits(), load_policy(&config)?, metrics.clone()));
-    let state = Arc::new(ApiState { jobs, auth: authenticator(&config)? });
+    let shutdown = CancellationToken::new();
+    let state = Arc::new(ApiState { jobs, auth: authenticator(&config)?, shutdown: shutdown.clone() });
     let limits = RequestLimits {
         max_body_bytes: config.max_body_bytes,
         read_timeout: Duration::from_secs(config.request_read_timeout_seconds.into()),
@@ -143,8 +155,10 @@ async fn serve(config: Config) -> Result<()> {
         let metrics_server = poem::Server::new(poem::listener::TcpListener::bind(address));
         tokio::spawn(metrics_server.run(api::metrics_app(metrics)));
     }
+    let delay = Duration::from_secs(config.shutdown_delay_seconds.into());
+    let grace = Duration::from_secs(config.shutdown_grace_seconds.into());
     poem::Server::new(poem::listener::TcpListener::bind(config.listen))
-        .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(20)))
+        .run_with_graceful_shutdown(app, drain(shutdown, delay), Some(grace))
         .await
         .context("the HTTP server failed")?;
     tracing::info!("stopped");
@@ -256,7 +270,17 @@ async fn kube_client(metrics: &Arc<Metrics>) -> Result<kube::Client> {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM, starting a graceful shutdown.
+/// On Ctrl-C or SIGTERM: report not ready and end streams at once, keep serving for `delay` so
+/// endpoints can update, then resolve, which closes the listener and lets in-flight requests finish.
+async fn drain(shutdown: CancellationToken, delay: Duration) {
+    shutdown_signal().await;
+    tracing::info!(delay_seconds = delay.as_secs(), "shutting down: readiness is now 503");
+    shutdown.cancel();
+    tokio::time::sleep(delay).await;
+    tracing::info!("closing the listener; finishing in-flight requests");
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -264,5 +288,4 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term.recv() => {}
     }
-    tracing::info!("shutting down");
 }

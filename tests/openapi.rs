@@ -56,7 +56,17 @@ fn every_operation_is_documented() {
     ids.sort();
     assert_eq!(
         ids,
-        ["cancelJob", "createJob", "getHealth", "getJob", "getJobLogs", "getReadiness", "listJobEvents", "listJobs"]
+        [
+            "cancelJob",
+            "createJob",
+            "getHealth",
+            "getJob",
+            "getJobLogs",
+            "getReadiness",
+            "listJobEvents",
+            "listJobs",
+            "watchJob"
+        ]
     );
     let examples = ["CreateJobRequest", "Job"];
     for schema in examples {

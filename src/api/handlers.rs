@@ -3,12 +3,22 @@
 use super::{
     ApiState,
     problem::ProblemResponse,
-    types::{CreateJobRequest, DryRunResult, Health, Job, JobEventList, JobList, JobStatus, RuleVerdict},
+    types::{
+        CreateJobRequest, DryRunResult, Health, Job, JobChange, JobEventList, JobList, JobStatus, RuleVerdict,
+        WatchEventKind,
+    },
 };
 use crate::{
     auth::Caller,
-    jobs::{ListQuery, LogOptions},
+    jobs::{ListQuery, LogOptions, StreamKind, WatchEvent},
 };
+use futures::stream::BoxStream;
+use poem::web::sse::Event;
+use poem_openapi::payload::EventStream;
+use std::time::Duration;
+
+/// Comment lines sent on idle streams so proxies keep them open.
+const HEARTBEAT: Duration = Duration::from_secs(15);
 use futures::StreamExt;
 use poem::{Body, web::Data};
 use poem_openapi::{
@@ -81,6 +91,17 @@ pub enum LogsResponse {
     Ok(Binary<Body>),
 }
 
+/// Answer of `watchJob`.
+#[derive(ApiResponse)]
+pub enum WatchResponse {
+    /// Server-Sent Events: `event: job` with the job now, then one per change until it finishes;
+    /// each `id` names the job's state, so reconnecting with `Last-Event-ID` sends only what
+    /// changed since. `event: shutdown` ends the stream when the server stops. Comment lines every
+    /// 15 s keep idle connections open.
+    #[oai(status = 200)]
+    Events(EventStream<BoxStream<'static, JobChange>>),
+}
+
 /// Answer of the readiness probe.
 #[derive(ApiResponse)]
 pub enum ReadyResponse {
@@ -93,15 +114,6 @@ pub enum ReadyResponse {
 }
 
 type Result<T> = std::result::Result<T, ProblemResponse>;
-
-/// Decrements a gauge when a streamed response ends or its client goes away.
-struct StreamGuard(prometheus_client::metrics::gauge::Gauge);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
 
 #[OpenApi(prefix_path = "/api/v1", tag = "ApiTags::Jobs")]
 impl JobsApi {
@@ -238,19 +250,54 @@ impl JobsApi {
         };
         let caller = credentials.caller(&state).await?;
         let follow = options.follow;
+        let slot = if follow { Some(state.jobs.open_stream(&caller, StreamKind::Logs)?) } else { None };
         let lines = state.jobs.logs(&caller, &id.0, options).await?;
-        if !follow {
-            return Ok(LogsResponse::Ok(Binary(Body::from_bytes_stream(lines))));
-        }
-        // Count the follower for as long as its stream lives.
-        let followers = state.jobs.metrics().log_streams.clone();
-        followers.inc();
-        let guard = StreamGuard(followers);
-        let lines = lines.map(move |chunk| {
-            let _alive = &guard;
+        // A follower holds its slot for as long as its stream lives, and stops at shutdown.
+        let lines = lines.take_until(state.shutdown.clone().cancelled_owned()).map(move |chunk| {
+            let _held = &slot;
             chunk
         });
         Ok(LogsResponse::Ok(Binary(Body::from_bytes_stream(lines))))
+    }
+
+    /// Watch a job
+    ///
+    /// Server-Sent Events with the job's state: now, then on every change until it finishes.
+    /// `Last-Event-ID` resumes without resending what the client has seen.
+    #[oai(path = "/jobs/:id/watch", method = "get", operation_id = "watchJob")]
+    async fn watch_job(
+        &self,
+        state: Data<&Arc<ApiState>>,
+        credentials: Credentials,
+        /// The job id.
+        id: Path<String>,
+        /// The `id` of the last event received, to resume after a reconnect.
+        #[oai(name = "Last-Event-ID", validator(max_length = 64))]
+        last_event_id: Header<Option<String>>,
+    ) -> Result<WatchResponse> {
+        let caller = credentials.caller(&state).await?;
+        let slot = state.jobs.open_stream(&caller, StreamKind::Watch)?;
+        let events = state.jobs.watch(&caller, &id.0, last_event_id.0, state.shutdown.clone()).await?;
+        let changes = events
+            .map(move |event| {
+                let _held = &slot;
+                let (event, state, job) = match event {
+                    WatchEvent::Changed { id, job } => (WatchEventKind::Job, id, job),
+                    WatchEvent::Closing { id, job } => (WatchEventKind::Shutdown, id, job),
+                };
+                JobChange { event, state, job: job.into() }
+            })
+            .boxed();
+        let stream = EventStream::new(changes).keep_alive(HEARTBEAT).to_event(|change| {
+            let kind = match change.event {
+                WatchEventKind::Job => "job",
+                WatchEventKind::Shutdown => "shutdown",
+            };
+            let id = change.state.clone();
+            let json = poem_openapi::types::ToJSON::to_json(&change).map(|v| v.to_string()).unwrap_or_default();
+            Event::message(json).event_type(kind).id(id)
+        });
+        Ok(WatchResponse::Events(stream))
     }
 
     /// List a job's events
@@ -288,7 +335,7 @@ impl HealthApi {
     #[oai(path = "/readyz", method = "get", operation_id = "getReadiness")]
     async fn readyz(&self, state: Data<&Arc<ApiState>>) -> ReadyResponse {
         let backend = state.jobs.backend_name().to_owned();
-        if state.jobs.is_ready() {
+        if state.jobs.is_ready() && !state.shutdown.is_cancelled() {
             ReadyResponse::Ready(Json(Health { status: "ok".into(), backend }))
         } else {
             ReadyResponse::NotReady(Json(Health { status: "unavailable".into(), backend }))

@@ -26,6 +26,8 @@ use std::{sync::Arc, time::Duration};
 pub struct ApiState {
     pub jobs: Arc<JobService>,
     pub auth: Authenticator,
+    /// Cancelled when the server starts shutting down: readiness turns 503 and streams end.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The OpenAPI service; the spec is a function of the code alone, not of configuration.

@@ -398,6 +398,27 @@ pub struct Problem {
     pub errors: Option<Vec<FieldProblem>>,
 }
 
+/// Why a watch event was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum WatchEventKind {
+    /// The job as it is now (the first event, and each change after it).
+    Job,
+    /// The server is shutting down; reconnect (to any replica) with `Last-Event-ID`.
+    Shutdown,
+}
+
+/// One Server-Sent Event of `watchJob`.
+#[derive(Debug, Clone, Object)]
+pub struct JobChange {
+    /// What this event is.
+    pub event: WatchEventKind,
+    /// Names this state of the job (also the SSE `id`): send it as `Last-Event-ID` to resume.
+    pub state: String,
+    /// The job at this point.
+    pub job: Job,
+}
+
 /// One policy rule's verdict on a submission.
 #[derive(Debug, Clone, Object)]
 pub struct RuleVerdict {

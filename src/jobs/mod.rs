@@ -13,7 +13,7 @@ pub use error::{FieldError, JobError};
 pub use id::{IdempotencyKey, JobId};
 pub use page::{JobPage, ListQuery, PageToken};
 pub use selector::LabelSelector;
-pub use service::{DryRun, JobService, Submitted};
+pub use service::{DryRun, JobService, StreamKind, StreamSlot, Submitted, WatchEvent};
 pub use spec::{JobLimits, JobRequest, JobSpec, RESERVED_LABEL_PREFIX, check_label_value};
 
 use chrono::{DateTime, Utc};

@@ -14,7 +14,58 @@ use crate::{
     },
 };
 use chrono::Utc;
-use std::sync::Arc;
+use futures::stream::BoxStream;
+use prometheus_client::metrics::gauge::Gauge;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio_util::sync::CancellationToken;
+
+/// How often a watched job is re-read (from the backend's cache).
+const WATCH_POLL: Duration = Duration::from_millis(250);
+
+/// One of a tenant's stream slots (watch or log follow), released when dropped.
+pub struct StreamSlot {
+    open: Arc<Mutex<HashMap<String, u32>>>,
+    tenant: String,
+    gauge: Gauge,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Some(count) = self.open.lock().unwrap().get_mut(&self.tenant) {
+            *count = count.saturating_sub(1);
+        }
+        self.gauge.dec();
+    }
+}
+
+/// Which kind of long-lived stream a slot is for (each has its own gauge).
+#[derive(Debug, Clone, Copy)]
+pub enum StreamKind {
+    Logs,
+    Watch,
+}
+
+/// What a watch reports.
+#[derive(Debug, Clone)]
+pub enum WatchEvent {
+    /// The job as it is now; `id` identifies this state (for `Last-Event-ID`).
+    Changed { id: String, job: JobRecord },
+    /// The server is shutting down; reconnect elsewhere with the last id.
+    Closing { id: String, job: JobRecord },
+}
+
+/// A short name for a job's observable state: its phase and a hash of the rest.
+fn state_id(job: &JobRecord) -> String {
+    use sha2::{Digest, Sha256};
+    let state = serde_json::json!([job.status, job.attempts, job.started_at, job.finished_at, job.result]);
+    let digest = Sha256::digest(state.to_string());
+    let short: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{short}", job.status.phase.as_str())
+}
 
 /// A successful submission: the job, and whether this call created it or found it by its key.
 #[derive(Debug)]
@@ -43,11 +94,77 @@ pub struct JobService {
     limits: JobLimits,
     policy: Arc<Policy>,
     metrics: Arc<Metrics>,
+    streams: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl JobService {
     pub fn new(backend: Arc<dyn JobBackend>, limits: JobLimits, policy: Arc<Policy>, metrics: Arc<Metrics>) -> Self {
-        Self { backend, limits, policy, metrics }
+        Self { backend, limits, policy, metrics, streams: Arc::default() }
+    }
+
+    /// Take one of the tenant's stream slots, or refuse with the `max-streams` rule.
+    pub fn open_stream(&self, caller: &Caller, kind: StreamKind) -> Result<StreamSlot, JobError> {
+        let max = self.policy.rules_for(&caller.tenant).max_streams;
+        let mut open = self.streams.lock().unwrap();
+        let count = open.entry(caller.tenant.clone()).or_default();
+        if *count >= max {
+            self.metrics.policy_denials.get_or_create(&RuleLabel { rule: Rule::MaxStreams.name() }).inc();
+            return Err(JobError::PolicyDenied {
+                rule: Rule::MaxStreams,
+                detail: format!("tenant {} already has {count} open streams; the limit is {max}", caller.tenant),
+                retry_after: Some(Duration::from_secs(5)),
+            });
+        }
+        *count += 1;
+        let gauge = match kind {
+            StreamKind::Logs => self.metrics.log_streams.clone(),
+            StreamKind::Watch => self.metrics.watch_streams.clone(),
+        };
+        gauge.inc();
+        Ok(StreamSlot { open: self.streams.clone(), tenant: caller.tenant.clone(), gauge })
+    }
+
+    /// The job now (unless its state is `last_seen`), then each change until it finishes or
+    /// `stop` fires (then a closing event).
+    pub async fn watch(
+        &self,
+        caller: &Caller,
+        id: &str,
+        last_seen: Option<String>,
+        stop: CancellationToken,
+    ) -> Result<BoxStream<'static, WatchEvent>, JobError> {
+        let job = self.get(caller, id).await?;
+        let backend = self.backend.clone();
+        let start = (backend, job.id, last_seen, false);
+        let events = futures::stream::unfold(start, move |(backend, id, last, done)| {
+            let stop = stop.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let job = backend.get(&id).await.ok().flatten()?;
+                    let state = state_id(&job);
+                    if last.as_deref() != Some(state.as_str()) {
+                        let finished = job.status.phase.is_terminal();
+                        return Some((
+                            WatchEvent::Changed { id: state.clone(), job },
+                            (backend, id, Some(state), finished),
+                        ));
+                    }
+                    if job.status.phase.is_terminal() {
+                        return None;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(WATCH_POLL) => {}
+                        () = stop.cancelled() => {
+                            return Some((WatchEvent::Closing { id: state, job }, (backend, id, last, true)));
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(events))
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -30,6 +30,7 @@ pub enum Rule {
     PodSecurity,
     MaxConcurrentJobs,
     SubmissionsPerMinute,
+    MaxStreams,
 }
 
 impl Rule {
@@ -45,6 +46,7 @@ impl Rule {
             Self::PodSecurity => "pod-security",
             Self::MaxConcurrentJobs => "max-concurrent-jobs",
             Self::SubmissionsPerMinute => "submissions-per-minute",
+            Self::MaxStreams => "max-streams",
         }
     }
 
@@ -54,7 +56,7 @@ impl Rule {
         match self {
             Self::MaxGoalBytes | Self::MaxTurns | Self::MaxTimeout | Self::AllowedLabelKeys => 422,
             Self::AllowedModels | Self::ResourceProfile | Self::AllowedImages | Self::PodSecurity => 403,
-            Self::MaxConcurrentJobs | Self::SubmissionsPerMinute => 429,
+            Self::MaxConcurrentJobs | Self::SubmissionsPerMinute | Self::MaxStreams => 429,
         }
     }
 }

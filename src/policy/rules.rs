@@ -18,6 +18,8 @@ pub struct ResourceProfile {
 pub struct TenantRules {
     pub max_concurrent_jobs: u32,
     pub submissions_per_minute: u32,
+    /// Open watch and log-follow streams per tenant (per replica).
+    pub max_streams: u32,
     pub max_turns: u32,
     pub max_timeout_seconds: u32,
     pub max_goal_bytes: usize,
@@ -37,6 +39,7 @@ impl Default for TenantRules {
         Self {
             max_concurrent_jobs: 1000,
             submissions_per_minute: 1200,
+            max_streams: 100,
             max_turns: 100,
             max_timeout_seconds: 86_400,
             max_goal_bytes: 16_384,
@@ -55,6 +58,7 @@ impl Default for TenantRules {
 struct RulesPatch {
     max_concurrent_jobs: Option<u32>,
     submissions_per_minute: Option<u32>,
+    max_streams: Option<u32>,
     max_turns: Option<u32>,
     max_timeout_seconds: Option<u32>,
     max_goal_bytes: Option<usize>,
@@ -77,6 +81,7 @@ impl RulesPatch {
         take!(
             max_concurrent_jobs,
             submissions_per_minute,
+            max_streams,
             max_turns,
             max_timeout_seconds,
             max_goal_bytes,

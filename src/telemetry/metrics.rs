@@ -144,6 +144,7 @@ pub struct Metrics {
     pub queue_wait: Histogram,
     pub result_bytes: Histogram,
     pub log_streams: Gauge,
+    pub watch_streams: Gauge,
     pub policy_denials: Family<RuleLabel, Counter>,
     pub kube_requests: Family<KubeLabels, Counter>,
     pub kube_duration: HistogramFamily<KubeOperationLabels>,
@@ -198,6 +199,8 @@ impl Metrics {
         oats.register_with_unit("job_result", "Size of results of succeeded jobs", Unit::Bytes, result_bytes.clone());
         let log_streams = Gauge::default();
         oats.register("log_streams", "Clients following job logs", log_streams.clone());
+        let watch_streams = Gauge::default();
+        oats.register("watch_streams", "Clients watching jobs (Server-Sent Events)", watch_streams.clone());
         let policy_denials = Family::<RuleLabel, Counter>::default();
         oats.register("policy_denials", "Submissions denied by a policy rule", policy_denials.clone());
         let kube_requests = Family::<KubeLabels, Counter>::default();
@@ -236,6 +239,7 @@ impl Metrics {
             queue_wait,
             result_bytes,
             log_streams,
+            watch_streams,
             policy_denials,
             kube_requests,
             kube_duration,

@@ -1,0 +1,202 @@
+//! How the CLI prints: aligned tables with relative times for people (coloured on a terminal
+//! unless NO_COLOR is set), or the API objects exactly as JSON or YAML.
+
+use super::Format;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::io::{IsTerminal, Write};
+
+fn colour_enabled() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// A status word, coloured when the terminal allows.
+pub fn paint_status(status: &str) -> String {
+    let code = match status {
+        "succeeded" => "32",
+        "failed" => "31",
+        "cancelled" => "33",
+        "running" => "36",
+        _ => "2",
+    };
+    if colour_enabled() { format!("\x1b[{code}m{status}\x1b[0m") } else { status.to_owned() }
+}
+
+/// "12s ago", "5m ago", "3h ago", "2d ago".
+pub fn relative(time: &str, now: DateTime<Utc>) -> String {
+    let Ok(time) = DateTime::parse_from_rfc3339(time) else { return "-".into() };
+    let seconds = (now - time.with_timezone(&Utc)).num_seconds().max(0);
+    match seconds {
+        0..60 => format!("{seconds}s ago"),
+        60..3600 => format!("{}m ago", seconds / 60),
+        3600..86_400 => format!("{}h ago", seconds / 3600),
+        _ => format!("{}d ago", seconds / 86_400),
+    }
+}
+
+fn duration(job: &Value) -> String {
+    let parse = |key: &str| job[key].as_str().and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+    match (parse("started_at"), parse("finished_at")) {
+        (Some(start), Some(end)) => format!("{:.1}s", (end - start).as_seconds_f64()),
+        (Some(start), None) => format!("{:.0}s", (Utc::now() - start.with_timezone(&Utc)).as_seconds_f64()),
+        _ => "-".into(),
+    }
+}
+
+fn print_structured(out: &mut impl Write, value: &Value, format: Format) {
+    let text = match format {
+        Format::Yaml => serde_saphyr::to_string(value).unwrap_or_default(),
+        _ => serde_json::to_string_pretty(value).unwrap_or_default() + "\n",
+    };
+    let _ = out.write_all(text.as_bytes());
+}
+
+/// One job: key/value lines, or the object.
+pub fn print_job(out: &mut impl Write, job: &Value, format: Format) {
+    if format != Format::Table {
+        return print_structured(out, job, format);
+    }
+    let now = Utc::now();
+    let mut rows = vec![
+        ("id", job["id"].as_str().unwrap_or_default().to_owned()),
+        ("status", paint_status(job["status"].as_str().unwrap_or("?"))),
+    ];
+    for key in ["reason", "message"] {
+        if let Some(value) = job[key].as_str() {
+            rows.push((key, value.to_owned()));
+        }
+    }
+    rows.push(("created", relative(job["created_at"].as_str().unwrap_or_default(), now)));
+    rows.push(("duration", duration(job)));
+    rows.push(("attempts", job["attempts"].to_string()));
+    rows.push(("max_turns", job["max_turns"].to_string()));
+    if let Some(labels) = job["labels"].as_object().filter(|l| !l.is_empty()) {
+        let text: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect();
+        rows.push(("labels", text.join(",")));
+    }
+    if let Some(trace) = job["trace_id"].as_str() {
+        rows.push(("trace_id", trace.to_owned()));
+    }
+    rows.push(("goal", job["goal"].as_str().unwrap_or_default().to_owned()));
+    if let Some(result) = job["result"].as_str() {
+        rows.push(("result", result.to_owned()));
+    }
+    for (key, value) in rows {
+        let _ = writeln!(out, "{key:<10} {value}");
+    }
+}
+
+/// Jobs as an aligned table (or the page object).
+pub fn print_list(out: &mut impl Write, items: &[Value], next_page_token: Option<&str>, format: Format) {
+    if format != Format::Table {
+        let mut page = serde_json::json!({"items": items});
+        if let Some(token) = next_page_token {
+            page["next_page_token"] = token.into();
+        }
+        return print_structured(out, &page, format);
+    }
+    let now = Utc::now();
+    let rows: Vec<[String; 6]> = items
+        .iter()
+        .map(|job| {
+            let goal: String = job["goal"].as_str().unwrap_or_default().chars().take(40).collect();
+            [
+                job["id"].as_str().unwrap_or_default().to_owned(),
+                job["status"].as_str().unwrap_or_default().to_owned(),
+                job["reason"].as_str().unwrap_or("-").to_owned(),
+                relative(job["created_at"].as_str().unwrap_or_default(), now),
+                duration(job),
+                goal.replace(['\n', '\r'], " "),
+            ]
+        })
+        .collect();
+    let header = ["ID", "STATUS", "REASON", "CREATED", "DURATION", "GOAL"];
+    let widths: Vec<usize> =
+        (0..6).map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0)).collect();
+    let line = |cells: [&str; 6], status_painted: Option<String>| {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            let padding = " ".repeat(widths[i].saturating_sub(cell.chars().count()));
+            let shown =
+                if i == 1 { status_painted.clone().unwrap_or_else(|| cell.to_string()) } else { cell.to_string() };
+            text.push_str(&shown);
+            if i < 5 {
+                text.push_str(&padding);
+                text.push_str("  ");
+            }
+        }
+        text
+    };
+    let _ = writeln!(out, "{}", line(header, None));
+    for row in &rows {
+        let cells = [&*row[0], &*row[1], &*row[2], &*row[3], &*row[4], &*row[5]];
+        let _ = writeln!(out, "{}", line(cells, Some(paint_status(&row[1]))));
+    }
+    if let Some(token) = next_page_token {
+        let _ = writeln!(out, "(more: --all, or the API's page_token {token})");
+    }
+}
+
+/// A one-line progress indicator on stderr, only on a terminal.
+pub struct Spinner {
+    enabled: bool,
+    frame: usize,
+    shown: bool,
+}
+
+impl Spinner {
+    pub fn new(wanted: bool) -> Self {
+        Self { enabled: wanted && std::io::stderr().is_terminal(), frame: 0, shown: false }
+    }
+
+    pub fn tick(&mut self, job: &Value) {
+        if !self.enabled {
+            return;
+        }
+        const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+        self.frame = (self.frame + 1) % FRAMES.len();
+        let reason = job["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
+        eprint!("\r{} pending{reason}   ", FRAMES[self.frame]);
+        self.shown = true;
+    }
+
+    pub fn clear(&mut self) {
+        if self.shown {
+            eprint!("\r\x1b[2K");
+            self.shown = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn relative_times() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0).unwrap();
+        assert_eq!(relative("2026-11-26T11:59:50Z", now), "10s ago");
+        assert_eq!(relative("2026-11-26T11:55:00Z", now), "5m ago");
+        assert_eq!(relative("2026-11-26T09:00:00Z", now), "3h ago");
+        assert_eq!(relative("2026-11-23T12:00:00Z", now), "3d ago");
+        assert_eq!(relative("garbage", now), "-");
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let jobs = vec![
+            serde_json::json!({"id": "job-a", "status": "running", "created_at": "2026-11-26T11:59:50Z", "goal": "short"}),
+            serde_json::json!({"id": "job-bbbb", "status": "succeeded", "reason": null, "created_at": "2026-11-26T11:00:00Z", "goal": "a\\nb"}),
+        ];
+        let mut out = Vec::new();
+        print_list(&mut out, &jobs, None, Format::Table);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let column =
+            |line: &str| line.find("STATUS").or_else(|| line.find("running")).or_else(|| line.find("succeeded"));
+        assert_eq!(column(lines[0]), column(lines[1]));
+        assert_eq!(column(lines[1]), column(lines[2]));
+    }
+}

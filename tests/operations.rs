@@ -1,0 +1,263 @@
+//! The CLI against a live server, live status over Server-Sent Events, and graceful shutdown.
+
+mod common;
+
+use common::Server;
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::{
+    process::{Command, Output},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+fn cli(server: &Server, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_oats"))
+        .arg("jobs")
+        .args(args)
+        .env("OATS_URL", &server.base)
+        .env("NO_COLOR", "1")
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .output()
+        .expect("the CLI runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn the_cli_drives_jobs_with_meaningful_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_DEMO_TURN_DELAY_MS", "100")]).await;
+
+    let ok = cli(&server, &["submit", "--goal", "from the cli", "--max-turns", "3", "--label", "team=ml", "--follow"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stderr));
+    let stdout = text(&ok.stdout);
+    assert!(stdout.contains("turn 3/3") && stdout.contains("demo result: finished 3 turns"), "{stdout}");
+    assert!(text(&ok.stderr).contains("succeeded"));
+
+    let failed = cli(&server, &["submit", "--goal", "please #fail", "--follow"]);
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(
+        text(&failed.stderr).contains("failed (AgentError): the agent exited with code 3"),
+        "{}",
+        text(&failed.stderr)
+    );
+
+    let created = cli(&server, &["submit", "--goal", "json please", "--max-turns", "100", "-o", "json"]);
+    let job: Value = serde_json::from_slice(&created.stdout).expect("-o json prints the API object");
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert_eq!(job["links"]["self"], format!("/api/v1/jobs/{id}"));
+    let yaml = cli(&server, &["get", &id, "-o", "yaml"]);
+    assert!(text(&yaml.stdout).contains(&format!("id: {id}")), "{}", text(&yaml.stdout));
+
+    let table = text(&cli(&server, &["list"]).stdout);
+    let header = table.lines().next().unwrap();
+    assert!(header.starts_with("ID") && header.contains("STATUS") && header.contains("CREATED"), "{table}");
+    assert!(table.contains(&id) && table.contains("ago"), "{table}");
+    assert!(!table.contains('\x1b'), "no colour when piped");
+
+    let watcher = {
+        let base = server.base.clone();
+        let id = id.clone();
+        std::thread::spawn(move || {
+            Command::new(env!("CARGO_BIN_EXE_oats"))
+                .args(["jobs", "watch", &id, "--url", &base])
+                .env("NO_COLOR", "1")
+                .output()
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let cancelled = cli(&server, &["cancel", &id]);
+    assert_eq!(cancelled.status.code(), Some(0));
+    let watched = tokio::task::spawn_blocking(move || watcher.join().unwrap()).await.unwrap();
+    assert_eq!(watched.status.code(), Some(2), "a cancelled job exits 2: {}", text(&watched.stdout));
+    assert!(text(&watched.stdout).contains("cancelled (Cancelled)"), "{}", text(&watched.stdout));
+
+    let logs = cli(&server, &["logs", &id, "--tail", "1"]);
+    assert_eq!(text(&logs.stdout).lines().count(), 1);
+
+    let missing = cli(&server, &["get", "job-aaaaaaaaaaaaaaaaaaaa"]);
+    assert_eq!(missing.status.code(), Some(3));
+    let line = text(&missing.stderr);
+    assert_eq!(line.lines().count(), 1, "{line}");
+    assert!(line.contains("HTTP 404") && line.contains("not found"), "{line}");
+    let invalid = cli(&server, &["submit", "--goal", "x", "--label", "bad key=v"]);
+    assert_eq!(invalid.status.code(), Some(3));
+    assert!(text(&invalid.stderr).contains("validation-failed"), "{}", text(&invalid.stderr));
+    let unreachable = cli(&server, &["list", "--url", "http://127.0.0.1:9"]);
+    assert_eq!(unreachable.status.code(), Some(3));
+    assert!(text(&unreachable.stderr).contains("cannot reach http://127.0.0.1:9"), "{}", text(&unreachable.stderr));
+}
+
+/// Read SSE events from a response until `stop` says so; returns (event, id, data) triples.
+async fn read_events(
+    response: reqwest::Response,
+    mut stop: impl FnMut(&str, &Value) -> bool,
+) -> Vec<(String, String, Value)> {
+    let mut events = Vec::new();
+    let mut buffer = String::new();
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| {
+                block.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).map(String::from)).unwrap_or_default()
+            };
+            if field("data").is_empty() {
+                continue;
+            }
+            let data: Value = serde_json::from_str(&field("data")).unwrap();
+            let done = stop(&field("event"), &data);
+            events.push((field("event"), field("id"), data));
+            if done {
+                return events;
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn watch_streams_changes_and_resumes_from_the_last_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_DEMO_TURN_DELAY_MS", "300")]).await;
+    let job = server.create("watch me", 4).await;
+    let id = job["id"].as_str().unwrap();
+    let url = server.url(&format!("/api/v1/jobs/{id}/watch"));
+
+    let response = server.http.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let first = read_events(response, |_, _| true).await;
+    let (event, first_id, data) = &first[0];
+    assert_eq!(event, "job");
+    assert_eq!(&data["state"], first_id);
+    assert_eq!(data["job"]["id"], id);
+
+    // Resuming from the first event never repeats it, and ends with the final state.
+    let resumed = server.http.get(&url).header("Last-Event-ID", first_id).send().await.unwrap();
+    let rest = read_events(resumed, |_, data| data["job"]["status"] == "succeeded").await;
+    assert!(rest.iter().all(|(_, event_id, _)| event_id != first_id), "{rest:?}");
+    let statuses: Vec<&str> = rest.iter().map(|(_, _, d)| d["job"]["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses.last(), Some(&"succeeded"), "{statuses:?}");
+    let final_id = rest.last().unwrap().1.clone();
+
+    // Resuming from the final state sends nothing and ends.
+    let after = server.http.get(&url).header("Last-Event-ID", final_id).send().await.unwrap();
+    let nothing = tokio::time::timeout(Duration::from_secs(5), read_events(after, |_, _| false)).await.unwrap();
+    assert!(nothing.is_empty(), "{nothing:?}");
+
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("oats_watch_streams 0"), "every watcher was released");
+}
+
+#[tokio::test]
+async fn streams_per_tenant_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "defaults:\n  max_streams: 2\n").unwrap();
+    let policy = policy.display().to_string();
+    let server =
+        Server::start_local(dir.path(), &[("OATS_POLICY_FILE", &policy), ("OATS_DEMO_TURN_DELAY_MS", "1000")]).await;
+    let id = server.create("long", 100).await["id"].as_str().unwrap().to_owned();
+    let watch = server.url(&format!("/api/v1/jobs/{id}/watch"));
+    let one = server.http.get(&watch).send().await.unwrap();
+    let two = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs?follow=true"))).send().await.unwrap();
+    assert_eq!((one.status(), two.status()), (StatusCode::OK, StatusCode::OK));
+    let third = server.http.get(&watch).send().await.unwrap();
+    assert!(third.headers().get("retry-after").is_some());
+    common::assert_problem(third, 429, "policy/max-streams").await;
+    drop((one, two));
+    // The server notices a client is gone at its next write (a log line, or the 15 s heartbeat).
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while server.http.get(&watch).send().await.unwrap().status() != StatusCode::OK {
+        assert!(Instant::now() < deadline, "the slots were never released");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_without_failing_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_local(
+        dir.path(),
+        &[
+            ("OATS_SHUTDOWN_DELAY_SECONDS", "2"),
+            ("OATS_SHUTDOWN_GRACE_SECONDS", "10"),
+            ("OATS_DEMO_TURN_DELAY_MS", "1000"),
+        ],
+    )
+    .await;
+    let long = server.create("outlives the server", 100).await["id"].as_str().unwrap().to_owned();
+    server.wait_for(&long, "running", Duration::from_secs(10)).await;
+    let follow = server.http.get(server.url(&format!("/api/v1/jobs/{long}/logs?follow=true"))).send().await.unwrap();
+    let watch = server.http.get(server.url(&format!("/api/v1/jobs/{long}/watch"))).send().await.unwrap();
+
+    // Load, as a load balancer would send it: until readiness says stop.
+    let draining = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for worker in 0..4 {
+        let (http, base) = (reqwest::Client::new(), server.base.clone());
+        let (draining, done, failures) = (draining.clone(), done.clone(), failures.clone());
+        workers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !draining.load(Ordering::SeqCst) {
+                let result = if i % 2 == 0 {
+                    http.post(format!("{base}/api/v1/jobs"))
+                        .json(&json!({"goal": format!("load {worker}-{i}"), "max_turns": 1}))
+                        .send()
+                        .await
+                } else {
+                    http.get(format!("{base}/api/v1/jobs?limit=5")).send().await
+                };
+                match result {
+                    Ok(r) if r.status().is_success() => {
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(r) => failures.lock().unwrap().push(format!("HTTP {}", r.status())),
+                    Err(e) => failures.lock().unwrap().push(format!("{e:?}")),
+                }
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = server.pid();
+    let sent = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    loop {
+        let ready = server.http.get(server.url("/readyz")).send().await.map(|r| r.status());
+        if matches!(ready, Ok(StatusCode::SERVICE_UNAVAILABLE)) {
+            break;
+        }
+        assert!(sent.elapsed() < Duration::from_secs(2), "readiness did not flip: {ready:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sent.elapsed() < Duration::from_secs(1), "readiness must flip at once");
+    draining.store(true, Ordering::SeqCst);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert!(failures.lock().unwrap().is_empty(), "requests failed during shutdown: {:?}", failures.lock().unwrap());
+    assert!(done.load(Ordering::SeqCst) > 10, "the load ran");
+
+    // Streams end cleanly: the log body completes, the watch says goodbye.
+    let body = tokio::time::timeout(Duration::from_secs(5), follow.bytes()).await.expect("the log stream ended");
+    assert!(body.is_ok(), "the log stream ended with an error: {body:?}");
+    let events =
+        tokio::time::timeout(Duration::from_secs(5), read_events(watch, |event, _| event == "shutdown")).await.unwrap();
+    assert_eq!(events.last().map(|e| e.0.as_str()), Some("shutdown"), "{events:?}");
+
+    let status = server.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "the server exits cleanly within the grace period");
+}
