@@ -53,10 +53,42 @@ pub struct RequestLimits {
 const CLOSED_SCHEMAS: [&str; 1] = ["CreateJobRequest"];
 
 /// The OpenAPI document as served and committed: poem-openapi's, plus what it leaves unsaid about
-/// request bodies: `additionalProperties: false` where unknown fields are refused, and
-/// `nullable: true` on optional fields (the server treats `null` as absent).
+/// request bodies (`additionalProperties: false` where unknown fields are refused, `nullable: true`
+/// on optional fields, which the server treats as absent), and event streams described as one
+/// Server-Sent Event (its `data` holds the payload's JSON) rather than poem-openapi's array.
 pub fn spec() -> serde_json::Value {
     let mut spec: serde_json::Value = serde_json::from_str(&openapi().spec()).expect("the generated spec is JSON");
+    for item in spec["paths"].as_object_mut().into_iter().flat_map(|paths| paths.values_mut()) {
+        for operation in item.as_object_mut().into_iter().flat_map(|ops| ops.values_mut()) {
+            let responses = operation.get_mut("responses").and_then(|r| r.as_object_mut());
+            for response in responses.into_iter().flat_map(|r| r.values_mut()) {
+                let schema = response
+                    .get_mut("content")
+                    .and_then(|c| c.get_mut("text/event-stream"))
+                    .and_then(|c| c.get_mut("schema"));
+                if let Some(schema) = schema.filter(|s| s.get("format").is_some_and(|f| f == "event-stream")) {
+                    let payload = schema["items"]["$ref"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    *schema = serde_json::json!({
+                        "type": "object",
+                        "description": "One Server-Sent Event.",
+                        "required": ["data"],
+                        "properties": {
+                            "event": {"type": "string", "description": "The event type."},
+                            "id": {"type": "string", "description": "Send as `Last-Event-ID` to resume after it."},
+                            "data": {"type": "string", "description": format!("A `{payload}` object as JSON.")},
+                            "retry": {"type": "integer", "description": "Reconnection delay in milliseconds."},
+                        },
+                    });
+                }
+            }
+        }
+    }
     for name in CLOSED_SCHEMAS {
         let schema = &mut spec["components"]["schemas"][name];
         schema["additionalProperties"] = serde_json::Value::Bool(false);
