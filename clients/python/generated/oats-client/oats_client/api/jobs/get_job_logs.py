@@ -1,0 +1,283 @@
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from ... import errors
+from ...client import AuthenticatedClient, Client
+from ...models.problem import Problem
+from ...types import UNSET, Response, Unset
+
+
+def _get_kwargs(
+    id: str,
+    *,
+    tail_lines: int | Unset = UNSET,
+    since_seconds: int | Unset = UNSET,
+    timestamps: bool | Unset = False,
+    follow: bool | Unset = False,
+) -> dict[str, Any]:
+
+    params: dict[str, Any] = {}
+
+    params["tail_lines"] = tail_lines
+
+    params["since_seconds"] = since_seconds
+
+    params["timestamps"] = timestamps
+
+    params["follow"] = follow
+
+    params = {k: v for k, v in params.items() if v is not UNSET and v is not None}
+
+    _kwargs: dict[str, Any] = {
+        "method": "get",
+        "url": "/api/v1/jobs/{id}/logs".format(
+            id=quote(str(id), safe=""),
+        ),
+        "params": params,
+    }
+
+    return _kwargs
+
+
+def _parse_response(*, client: AuthenticatedClient | Client, response: httpx.Response) -> Problem | str | None:
+    if response.status_code == 200:
+        response_200 = response.text
+        return response_200
+
+    if response.status_code == 400:
+        response_400 = Problem.from_dict(response.json())
+
+        return response_400
+
+    if response.status_code == 401:
+        response_401 = Problem.from_dict(response.json())
+
+        return response_401
+
+    if response.status_code == 403:
+        response_403 = Problem.from_dict(response.json())
+
+        return response_403
+
+    if response.status_code == 404:
+        response_404 = Problem.from_dict(response.json())
+
+        return response_404
+
+    if response.status_code == 409:
+        response_409 = Problem.from_dict(response.json())
+
+        return response_409
+
+    if response.status_code == 413:
+        response_413 = Problem.from_dict(response.json())
+
+        return response_413
+
+    if response.status_code == 415:
+        response_415 = Problem.from_dict(response.json())
+
+        return response_415
+
+    if response.status_code == 422:
+        response_422 = Problem.from_dict(response.json())
+
+        return response_422
+
+    if response.status_code == 429:
+        response_429 = Problem.from_dict(response.json())
+
+        return response_429
+
+    if response.status_code == 500:
+        response_500 = Problem.from_dict(response.json())
+
+        return response_500
+
+    if response.status_code == 503:
+        response_503 = Problem.from_dict(response.json())
+
+        return response_503
+
+    if client.raise_on_unexpected_status:
+        raise errors.UnexpectedStatus(response.status_code, response.content)
+    else:
+        return None
+
+
+def _build_response(*, client: AuthenticatedClient | Client, response: httpx.Response) -> Response[Problem | str]:
+    return Response(
+        status_code=HTTPStatus(response.status_code),
+        content=response.content,
+        headers=response.headers,
+        parsed=_parse_response(client=client, response=response),
+    )
+
+
+def sync_detailed(
+    id: str,
+    *,
+    client: AuthenticatedClient,
+    tail_lines: int | Unset = UNSET,
+    since_seconds: int | Unset = UNSET,
+    timestamps: bool | Unset = False,
+    follow: bool | Unset = False,
+) -> Response[Problem | str]:
+    """Read a job's logs
+
+     The agent's output as plain text. `follow=true` streams new lines (chunked transfer
+    encoding, not SSE) until the agent exits; a job that has not started yet is waited for.
+
+    Args:
+        id (str):
+        tail_lines (int | Unset):
+        since_seconds (int | Unset):
+        timestamps (bool | Unset):  Default: False.
+        follow (bool | Unset):  Default: False.
+
+    Raises:
+        errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
+        httpx.TimeoutException: If the request takes longer than Client.timeout.
+
+    Returns:
+        Response[Problem | str]
+    """
+
+    kwargs = _get_kwargs(
+        id=id,
+        tail_lines=tail_lines,
+        since_seconds=since_seconds,
+        timestamps=timestamps,
+        follow=follow,
+    )
+
+    response = client.get_httpx_client().request(
+        **kwargs,
+    )
+
+    return _build_response(client=client, response=response)
+
+
+def sync(
+    id: str,
+    *,
+    client: AuthenticatedClient,
+    tail_lines: int | Unset = UNSET,
+    since_seconds: int | Unset = UNSET,
+    timestamps: bool | Unset = False,
+    follow: bool | Unset = False,
+) -> Problem | str | None:
+    """Read a job's logs
+
+     The agent's output as plain text. `follow=true` streams new lines (chunked transfer
+    encoding, not SSE) until the agent exits; a job that has not started yet is waited for.
+
+    Args:
+        id (str):
+        tail_lines (int | Unset):
+        since_seconds (int | Unset):
+        timestamps (bool | Unset):  Default: False.
+        follow (bool | Unset):  Default: False.
+
+    Raises:
+        errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
+        httpx.TimeoutException: If the request takes longer than Client.timeout.
+
+    Returns:
+        Problem | str
+    """
+
+    return sync_detailed(
+        id=id,
+        client=client,
+        tail_lines=tail_lines,
+        since_seconds=since_seconds,
+        timestamps=timestamps,
+        follow=follow,
+    ).parsed
+
+
+async def asyncio_detailed(
+    id: str,
+    *,
+    client: AuthenticatedClient,
+    tail_lines: int | Unset = UNSET,
+    since_seconds: int | Unset = UNSET,
+    timestamps: bool | Unset = False,
+    follow: bool | Unset = False,
+) -> Response[Problem | str]:
+    """Read a job's logs
+
+     The agent's output as plain text. `follow=true` streams new lines (chunked transfer
+    encoding, not SSE) until the agent exits; a job that has not started yet is waited for.
+
+    Args:
+        id (str):
+        tail_lines (int | Unset):
+        since_seconds (int | Unset):
+        timestamps (bool | Unset):  Default: False.
+        follow (bool | Unset):  Default: False.
+
+    Raises:
+        errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
+        httpx.TimeoutException: If the request takes longer than Client.timeout.
+
+    Returns:
+        Response[Problem | str]
+    """
+
+    kwargs = _get_kwargs(
+        id=id,
+        tail_lines=tail_lines,
+        since_seconds=since_seconds,
+        timestamps=timestamps,
+        follow=follow,
+    )
+
+    response = await client.get_async_httpx_client().request(**kwargs)
+
+    return _build_response(client=client, response=response)
+
+
+async def asyncio(
+    id: str,
+    *,
+    client: AuthenticatedClient,
+    tail_lines: int | Unset = UNSET,
+    since_seconds: int | Unset = UNSET,
+    timestamps: bool | Unset = False,
+    follow: bool | Unset = False,
+) -> Problem | str | None:
+    """Read a job's logs
+
+     The agent's output as plain text. `follow=true` streams new lines (chunked transfer
+    encoding, not SSE) until the agent exits; a job that has not started yet is waited for.
+
+    Args:
+        id (str):
+        tail_lines (int | Unset):
+        since_seconds (int | Unset):
+        timestamps (bool | Unset):  Default: False.
+        follow (bool | Unset):  Default: False.
+
+    Raises:
+        errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
+        httpx.TimeoutException: If the request takes longer than Client.timeout.
+
+    Returns:
+        Problem | str
+    """
+
+    return (
+        await asyncio_detailed(
+            id=id,
+            client=client,
+            tail_lines=tail_lines,
+            since_seconds=since_seconds,
+            timestamps=timestamps,
+            follow=follow,
+        )
+    ).parsed
