@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as README.md and CI run it:
-#   1. schemathesis against the live server's own OpenAPI document (scripts/fuzz-api.sh);
+#   1. against live servers: schemathesis with the server's own OpenAPI document
+#      (scripts/fuzz-api.sh), generated TypeScript and Python clients (scripts/clients-test.sh),
+#      and Swagger UI in headless Chromium (scripts/swagger-ui-test.sh);
 #   2. cargo test: unit tests, the OpenAPI drift check, HTTP end-to-end tests on the local
 #      backend, telemetry, security and monitoring tests, and end-to-end tests of the Kubernetes
 #      backend against a real control plane that testenv/ builds (once, cached) and starts on
@@ -12,6 +14,8 @@ cd "$(dirname "$0")/.."
 in_ci() { [ -n "${CI:-}" ] && [ "${CI}" != "false" ]; }
 
 scripts/fuzz-api.sh
+scripts/clients-test.sh
+scripts/swagger-ui-test.sh
 
 if in_ci || [ "${OATS_SKIP_KUBE_E2E:-}" != "1" ]; then
   unset OATS_SKIP_KUBE_E2E

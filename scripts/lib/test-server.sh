@@ -1,5 +1,5 @@
-# Sourced by the client and browser test scripts: builds oats and starts a local-backend server on
-# a free loopback port with one admin bearer token, exactly as scripts/fuzz-api.sh does.
+# Sourced by the fuzz, client and browser test scripts: builds oats and starts a local-backend
+# server on a free loopback port with one admin bearer token.
 #
 #   . scripts/lib/test-server.sh
 #   start_test_server NAME      # sets OATS_URL, OATS_TOKEN, OATS_SERVER_PID, OATS_TEST_WORK
@@ -30,9 +30,11 @@ start_test_server() {
   printf 'tokens:\n  - {name: %s, sha256: %s, tenant: %s, role: admin}\n' "$name" "$hash" "$name" \
     > "$OATS_TEST_WORK/tokens.yaml"
 
-  # Demo agents take 200 ms a turn: a job with many turns stays running long enough to cancel.
+  # Demo agents take 200 ms a turn by default (OATS_TEST_TURN_DELAY_MS): a job with many turns
+  # stays running long enough to cancel.
   OATS_BACKEND=local OATS_STATE_DIR="$OATS_TEST_WORK/state" OATS_AUTH_TOKENS_FILE="$OATS_TEST_WORK/tokens.yaml" \
-    OATS_LOG_FORMAT=json OATS_DEMO_TURN_DELAY_MS=200 OATS_LOCAL_ENV_ALLOWLIST=PATH,OATS_DEMO_TURN_DELAY_MS \
+    OATS_LOG_FORMAT=json OATS_DEMO_TURN_DELAY_MS="${OATS_TEST_TURN_DELAY_MS:-200}" \
+    OATS_LOCAL_ENV_ALLOWLIST=PATH,OATS_DEMO_TURN_DELAY_MS \
     target/debug/oats serve --listen "127.0.0.1:$port" > "$OATS_TEST_WORK/server.log" 2>&1 &
   OATS_SERVER_PID=$!
   OATS_URL="http://127.0.0.1:$port"

@@ -52,10 +52,12 @@ pub struct RequestLimits {
 /// state in the document.
 const CLOSED_SCHEMAS: [&str; 1] = ["CreateJobRequest"];
 
-/// The OpenAPI document as served and committed: poem-openapi's, plus what it leaves unsaid about
-/// request bodies (`additionalProperties: false` where unknown fields are refused, `nullable: true`
-/// on optional fields, which the server treats as absent), and event streams described as one
-/// Server-Sent Event (its `data` holds the payload's JSON) rather than poem-openapi's array.
+/// The OpenAPI document as served and committed: poem-openapi's, adjusted so that client
+/// generators read it without loss: request bodies say what the server enforces
+/// (`additionalProperties: false` where unknown fields are refused, `nullable: true` on optional
+/// fields, which the server treats as absent), references to enums and objects are plain `$ref`s,
+/// and streamed text (logs, Server-Sent Events) is a string rather than poem-openapi's binary or
+/// array conventions.
 pub fn spec() -> serde_json::Value {
     let mut spec: serde_json::Value = serde_json::from_str(&openapi().spec()).expect("the generated spec is JSON");
     for item in spec["paths"].as_object_mut().into_iter().flat_map(|paths| paths.values_mut()) {
@@ -75,17 +77,30 @@ pub fn spec() -> serde_json::Value {
                         .unwrap_or_default()
                         .to_owned();
                     *schema = serde_json::json!({
-                        "type": "object",
-                        "description": "One Server-Sent Event.",
-                        "required": ["data"],
-                        "properties": {
-                            "event": {"type": "string", "description": "The event type."},
-                            "id": {"type": "string", "description": "Send as `Last-Event-ID` to resume after it."},
-                            "data": {"type": "string", "description": format!("A `{payload}` object as JSON.")},
-                            "retry": {"type": "integer", "description": "Reconnection delay in milliseconds."},
-                        },
+                        "type": "string",
+                        "description": format!("Server-Sent Events; each event's `data` is a `{payload}` object as JSON."),
                     });
                 }
+                let text =
+                    response.get_mut("content").and_then(|c| c.as_object_mut()).into_iter().flat_map(|c| c.iter_mut());
+                for (media_type, content) in text {
+                    if media_type.starts_with("text/plain") && content["schema"]["format"] == "binary" {
+                        content["schema"] = serde_json::json!({"type": "string"});
+                    }
+                }
+            }
+        }
+    }
+    // A documented field of an enum or object type comes out as `allOf: [{$ref}, {description}]`,
+    // which generators read as a new anonymous type; the referenced schema carries the text.
+    for schema in spec["components"]["schemas"].as_object_mut().into_iter().flat_map(|s| s.values_mut()) {
+        for property in
+            schema.get_mut("properties").and_then(|p| p.as_object_mut()).into_iter().flat_map(|p| p.values_mut())
+        {
+            let reference =
+                property["allOf"].as_array().and_then(|all| all.iter().find_map(|s| s.get("$ref").cloned()));
+            if let Some(reference) = reference {
+                *property = serde_json::json!({"$ref": reference});
             }
         }
     }

@@ -1,0 +1,111 @@
+{{/*
+Namespace of every namespaced object: .Values.namespace, else the release namespace.
+*/}}
+{{- define "oats.namespace" -}}
+{{- .Values.namespace | default .Release.Namespace -}}
+{{- end -}}
+
+{{/*
+Labels: the object's own labels (a dict), then .Values.commonLabels, then the two labels the
+kustomize base puts on every object (part-of, managed-by). Earlier ones win. Call with
+(list $ (dict ...)). Never used for selectors.
+*/}}
+{{- define "oats.labels" -}}
+{{- $ctx := index . 0 -}}
+{{- $own := index . 1 -}}
+{{- $fixed := dict "app.kubernetes.io/part-of" "oats" "app.kubernetes.io/managed-by" $ctx.Release.Service -}}
+{{- toYaml (merge (dict) $own ($ctx.Values.commonLabels | default dict) $fixed) -}}
+{{- end -}}
+
+{{- define "oats.labels.common" -}}
+{{- include "oats.labels" (list . (dict)) -}}
+{{- end -}}
+
+{{- define "oats.labels.api" -}}
+{{- include "oats.labels" (list . (dict "app" "oats-backend-api" "app.kubernetes.io/name" "oats-backend-api" "app.kubernetes.io/component" "api")) -}}
+{{- end -}}
+
+{{- define "oats.labels.agent" -}}
+{{- include "oats.labels" (list . (dict "app" "oats-agent" "app.kubernetes.io/name" "oats-agent" "app.kubernetes.io/component" "agent")) -}}
+{{- end -}}
+
+{{- define "oats.labels.admission" -}}
+{{- include "oats.labels" (list . (dict "app.kubernetes.io/name" "oats-agent-job-guardrails" "app.kubernetes.io/component" "admission-policy")) -}}
+{{- end -}}
+
+{{- define "oats.labels.monitoring" -}}
+{{- $own := merge (dict "app.kubernetes.io/name" "oats-backend-api" "app.kubernetes.io/component" "api") (.Values.monitoring.labels | default dict) -}}
+{{- include "oats.labels" (list . $own) -}}
+{{- end -}}
+
+{{/*
+Image reference repository:tag[@digest]; call with (list $ .Values.image).
+*/}}
+{{- define "oats.image" -}}
+{{- $ctx := index . 0 -}}
+{{- $img := index . 1 -}}
+{{- $ref := printf "%s:%s" $img.repository ($img.tag | default $ctx.Chart.AppVersion | toString) -}}
+{{- if $img.digest -}}
+{{- $ref = printf "%s@%s" $ref $img.digest -}}
+{{- end -}}
+{{- $ref -}}
+{{- end -}}
+
+{{/*
+Data of the API's ConfigMap, as sorted `KEY: "value"` lines. The derived keys win over
+.Values.config.
+*/}}
+{{- define "oats.configData" -}}
+{{- $derived := dict
+  "OATS_AGENT_IMAGE" (include "oats.image" (list . .Values.agent.image))
+  "OATS_AGENT_IMAGE_PULL_POLICY" .Values.agent.image.pullPolicy
+  "OATS_AGENT_SERVICE_ACCOUNT" .Values.agent.serviceAccountName
+  "OATS_LLM_SECRET_NAME" .Values.llmSecret.name
+  "OATS_LLM_SECRET_KEYS" (join "," .Values.llmSecret.keys)
+-}}
+{{- if .Values.policy -}}
+{{- $_ := set $derived "OATS_POLICY_FILE" (printf "%s/policy.yaml" (trimSuffix "/" .Values.policyMountPath)) -}}
+{{- end -}}
+{{- with .Values.auth.tokensSecret -}}
+{{- if .name -}}
+{{- $_ := set $derived "OATS_AUTH_TOKENS_FILE" (printf "%s/%s" (trimSuffix "/" .mountPath) .key) -}}
+{{- end -}}
+{{- end -}}
+{{- with .Values.otel -}}
+{{- if .endpoint -}}
+{{- $_ := set $derived "OTEL_EXPORTER_OTLP_ENDPOINT" .endpoint -}}
+{{- end -}}
+{{- if .protocol -}}
+{{- $_ := set $derived "OTEL_EXPORTER_OTLP_PROTOCOL" .protocol -}}
+{{- end -}}
+{{- end -}}
+{{- range $key, $value := merge $derived (.Values.config | default dict) }}
+{{ $key }}: {{ $value | toString | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Name of the API's ConfigMap: oats-backend-api-config-<hash of its data>, so that a change rolls
+the Deployment (kustomize's configMapGenerator does the same with its own hash).
+*/}}
+{{- define "oats.configName" -}}
+{{- printf "oats-backend-api-config-%s" (include "oats.configData" . | sha256sum | trunc 10) -}}
+{{- end -}}
+
+{{/*
+Fail early on values that would deploy an API whose agent Jobs are all denied.
+*/}}
+{{- define "oats.validate" -}}
+{{- if .Values.admissionPolicy.enabled -}}
+{{- $image := include "oats.image" (list . .Values.agent.image) -}}
+{{- $ok := false -}}
+{{- range .Values.admissionPolicy.allowedImagePrefixes -}}
+{{- if and . (hasPrefix . $image) -}}
+{{- $ok = true -}}
+{{- end -}}
+{{- end -}}
+{{- if not $ok -}}
+{{- fail (printf "agent image %q does not start with any of admissionPolicy.allowedImagePrefixes %v: the admission policy would deny every agent Job" $image .Values.admissionPolicy.allowedImagePrefixes) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,493 @@
+//! The Helm chart in `infra/helm/oats` against the kustomize manifests it mirrors. No cluster:
+//! `helm` (built from its Go module by `testenv/helm.sh`, cached) lints and renders the chart,
+//! `kubectl kustomize` renders `infra/base`, the overlays and `infra/monitoring`, and the objects
+//! are compared keyed by kind/namespace/name, whole (apiVersion, metadata, spec, data, rules...).
+//!
+//! Differences that are by design, and normalised here before comparing:
+//! - the API's ConfigMap is `oats-backend-api-config-<hash>` on both sides, but kustomize's hash
+//!   and the chart's (sha256 of the data) differ: both become `oats-backend-api-config-<hash>`;
+//! - `app.kubernetes.io/managed-by` is `Helm` in the chart (`kustomize` in the base);
+//! - kustomize (go-yaml v3) reads a folded scalar (`>-`) with more-indented lines with one extra
+//!   line break before each of them, so the CEL expressions of the ValidatingAdmissionPolicy
+//!   differ in whitespace only; that spec is compared with `policies/vap/agent-job-policy.yaml`
+//!   itself instead (read by a spec-compliant parser), and with `\n\n` folded back in kustomize's.
+//!
+//! Needs Go (to build helm once) and kubectl; fails, never skips, without them.
+
+use serde_json::{Value, json};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::OnceLock,
+};
+
+const CHART: &str = "infra/helm/oats";
+const CONFIG_PREFIX: &str = "oats-backend-api-config-";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn run(program: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(program);
+    command.args(args).current_dir(root());
+    // Keep helm away from the user's repositories, plugins and caches.
+    let home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("helm-home");
+    for (var, dir) in [("HELM_CONFIG_HOME", "config"), ("HELM_CACHE_HOME", "cache"), ("HELM_DATA_HOME", "data")] {
+        command.env(var, home.join(dir));
+    }
+    command.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
+}
+
+/// The helm binary, built on first use (once per test binary; testenv/helm.sh also locks).
+fn helm_bin() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| {
+        let out = run(Path::new("testenv/helm.sh"), &[]);
+        assert!(
+            out.status.success(),
+            "testenv/helm.sh could not build helm (needs Go >= 1.26 and the Go module proxy):\n{}",
+            text(&out)
+        );
+        let helm = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        assert!(helm.is_file(), "testenv/helm.sh printed {helm:?}, which is not a file");
+        helm
+    })
+}
+
+fn helm(args: &[&str]) -> Output {
+    run(helm_bin(), args)
+}
+
+fn parse(yaml: &str, what: &str) -> Vec<Value> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).unwrap_or_else(|e| panic!("{what}: not YAML: {e}"));
+    docs.into_iter().filter(|d| !d.is_null()).collect()
+}
+
+/// `helm template oats infra/helm/oats ARGS...`, parsed.
+fn template(args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["template", "oats", CHART];
+    all.extend_from_slice(args);
+    let out = helm(&all);
+    assert!(out.status.success(), "helm {}:\n{}", all.join(" "), text(&out));
+    parse(&String::from_utf8(out.stdout).unwrap(), &format!("helm {}", all.join(" ")))
+}
+
+/// `kubectl kustomize DIR`, parsed.
+fn kustomize(dir: &str) -> Vec<Value> {
+    let out = run(Path::new("kubectl"), &["kustomize", dir]);
+    assert!(out.status.success(), "kubectl kustomize {dir}:\n{}", text(&out));
+    parse(&String::from_utf8(out.stdout).unwrap(), &format!("kubectl kustomize {dir}"))
+}
+
+fn key(doc: &Value) -> String {
+    let meta = &doc["metadata"];
+    format!(
+        "{}/{}/{}",
+        doc["kind"].as_str().unwrap_or("?"),
+        meta["namespace"].as_str().unwrap_or(""),
+        meta["name"].as_str().unwrap_or("?")
+    )
+}
+
+fn by_key(docs: &[Value]) -> BTreeMap<String, Value> {
+    let mut map = BTreeMap::new();
+    for doc in docs {
+        assert!(map.insert(key(doc), doc.clone()).is_none(), "{} is rendered twice", key(doc));
+    }
+    map
+}
+
+fn is_config_name(s: &str) -> bool {
+    s.strip_prefix(CONFIG_PREFIX)
+        .is_some_and(|hash| hash.len() == 10 && hash.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+}
+
+/// Replace the generated ConfigMap's hash (its name and every reference to it) by `<hash>`.
+fn normalise_config_hash(value: &mut Value) {
+    match value {
+        Value::String(s) if is_config_name(s) => *s = format!("{CONFIG_PREFIX}<hash>"),
+        Value::Array(items) => items.iter_mut().for_each(normalise_config_hash),
+        Value::Object(map) => map.values_mut().for_each(normalise_config_hash),
+        _ => {}
+    }
+}
+
+/// The chart's `app.kubernetes.io/managed-by: Helm` is the base's `kustomize`.
+fn normalise_managed_by(value: &mut Value) {
+    match value {
+        Value::Array(items) => items.iter_mut().for_each(normalise_managed_by),
+        Value::Object(map) => {
+            if let Some(Value::Object(labels)) = map.get_mut("labels")
+                && let Some(v) = labels.get_mut("app.kubernetes.io/managed-by")
+            {
+                assert_eq!(v, "Helm", "the chart's managed-by label");
+                *v = json!("kustomize");
+            }
+            map.values_mut().for_each(normalise_managed_by);
+        }
+        _ => {}
+    }
+}
+
+/// kustomize's extra line breaks in folded scalars (see the module docs): `\n\n` -> `\n`.
+fn unfold_kustomize_artefact(value: &mut Value) {
+    match value {
+        Value::String(s) => {
+            while s.contains("\n\n") {
+                *s = s.replace("\n\n", "\n");
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(unfold_kustomize_artefact),
+        Value::Object(map) => map.values_mut().for_each(unfold_kustomize_artefact),
+        _ => {}
+    }
+}
+
+const VAP: &str = "ValidatingAdmissionPolicy//oats-agent-job-guardrails";
+
+fn helm_objects(args: &[&str]) -> BTreeMap<String, Value> {
+    let mut docs = template(args);
+    for doc in &mut docs {
+        normalise_config_hash(doc);
+        normalise_managed_by(doc);
+    }
+    by_key(&docs)
+}
+
+fn kustomize_objects(dir: &str) -> BTreeMap<String, Value> {
+    let mut docs = kustomize(dir);
+    for doc in &mut docs {
+        normalise_config_hash(doc);
+        if key(doc) == VAP {
+            unfold_kustomize_artefact(doc);
+        }
+    }
+    by_key(&docs)
+}
+
+/// Paths where two values differ (at most a few per object).
+fn diff(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for k in x.keys().chain(y.keys().filter(|k| !x.contains_key(*k))) {
+                let p = format!("{path}.{k}");
+                match (x.get(k), y.get(k)) {
+                    (Some(va), Some(vb)) => diff(&p, va, vb, out),
+                    (va, vb) => out.push(format!("{p}: {va:?} != {vb:?}")),
+                }
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (va, vb)) in x.iter().zip(y).enumerate() {
+                diff(&format!("{path}[{i}]"), va, vb, out);
+            }
+        }
+        _ if a != b => out.push(format!("{path}: {a} != {b}")),
+        _ => {}
+    }
+}
+
+/// Same keys, and equal objects; the message lists every difference.
+fn assert_same_objects(expected: &BTreeMap<String, Value>, actual: &BTreeMap<String, Value>, what: &str) {
+    let mut problems = Vec::new();
+    for k in expected.keys().filter(|k| !actual.contains_key(*k)) {
+        problems.push(format!("missing from the chart: {k}"));
+    }
+    for k in actual.keys().filter(|k| !expected.contains_key(*k)) {
+        problems.push(format!("only in the chart: {k}"));
+    }
+    for (k, e) in expected {
+        if let Some(a) = actual.get(k) {
+            let mut d = Vec::new();
+            diff("", e, a, &mut d);
+            problems.extend(d.into_iter().map(|d| format!("{k}: {d}  (expected != chart)")));
+        }
+    }
+    assert!(problems.is_empty(), "{what}:\n  {}", problems.join("\n  "));
+}
+
+fn get<'a>(objects: &'a BTreeMap<String, Value>, key: &str) -> &'a Value {
+    objects.get(key).unwrap_or_else(|| panic!("{key} is not rendered; rendered: {:?}", objects.keys()))
+}
+
+fn config_data(docs: &[Value]) -> (String, serde_json::Map<String, Value>) {
+    let config: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"].as_str().is_some_and(is_config_name))
+        .collect();
+    assert_eq!(config.len(), 1, "exactly one {CONFIG_PREFIX}<hash> ConfigMap");
+    let name = config[0]["metadata"]["name"].as_str().unwrap().to_owned();
+    (name, config[0]["data"].as_object().cloned().unwrap_or_default())
+}
+
+fn deployment(docs: &[Value]) -> &Value {
+    docs.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "oats-backend-api").expect("Deployment")
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn chart_metadata() {
+    let chart: Value = serde_saphyr::from_str(&read(&format!("{CHART}/Chart.yaml"))).unwrap();
+    assert_eq!(chart["apiVersion"], "v2");
+    assert_eq!(chart["name"], "oats");
+    assert_eq!(chart["version"], "0.1.0");
+    assert_eq!(chart["appVersion"], "0.1.0");
+}
+
+#[test]
+fn lint_passes() {
+    for args in [
+        vec![],
+        vec!["-f", "infra/helm/oats/values-dev.yaml"],
+        vec!["-f", "infra/helm/oats/values-prod.yaml"],
+        vec![
+            "--set-file",
+            "policy=policies/oats-policy.yaml",
+            "--set",
+            "auth.tokensSecret.name=oats-api-tokens,otel.endpoint=http://otel-collector.observability:4318",
+            "--set",
+            "monitoring.serviceMonitor.enabled=true,monitoring.prometheusRule.enabled=true",
+        ],
+    ] {
+        let mut all = vec!["lint", "--strict", CHART];
+        all.extend_from_slice(&args);
+        let out = helm(&all);
+        let output = text(&out);
+        assert!(out.status.success(), "helm {} failed:\n{output}", all.join(" "));
+        assert!(!output.contains("[ERROR]") && !output.contains("[WARNING]"), "helm {}:\n{output}", all.join(" "));
+        assert!(output.contains("0 chart(s) failed"), "helm {}:\n{output}", all.join(" "));
+    }
+}
+
+/// files/ holds verbatim copies of what the chart cannot reach outside its directory.
+#[test]
+fn chart_copies_are_verbatim() {
+    for (copy, source) in [
+        ("files/agent-job-policy.yaml", "policies/vap/agent-job-policy.yaml"),
+        ("files/prometheusrule.yaml", "infra/monitoring/prometheusrule.yaml"),
+    ] {
+        assert!(
+            read(&format!("{CHART}/{copy}")) == read(source),
+            "{CHART}/{copy} is out of date: cp {source} {CHART}/{copy}"
+        );
+    }
+}
+
+#[test]
+fn default_values_render_infra_base() {
+    let chart = helm_objects(&[]);
+    assert_same_objects(
+        &kustomize_objects("infra/base"),
+        &chart,
+        "helm template (default values) vs kubectl kustomize infra/base",
+    );
+
+    // The admission policy, against its source file read by a spec-compliant YAML parser.
+    let source: Value = serde_saphyr::from_str(&read("policies/vap/agent-job-policy.yaml")).unwrap();
+    let mut d = Vec::new();
+    diff("spec", &source["spec"], &get(&chart, VAP)["spec"], &mut d);
+    assert!(d.is_empty(), "{VAP} vs policies/vap/agent-job-policy.yaml:\n  {}", d.join("\n  "));
+
+    // Nothing optional by default: no policy, no tokens, no tracing, no monitoring.
+    let docs = template(&[]);
+    let (_, data) = config_data(&docs);
+    for absent in ["OATS_POLICY_FILE", "OATS_AUTH_TOKENS_FILE", "OTEL_EXPORTER_OTLP_ENDPOINT"] {
+        assert!(!data.contains_key(absent), "{absent} is set by default");
+    }
+}
+
+#[test]
+fn dev_and_prod_values_render_the_overlays() {
+    let dev = helm_objects(&["-f", "infra/helm/oats/values-dev.yaml"]);
+    assert_same_objects(&kustomize_objects("infra/overlays/dev"), &dev, "values-dev.yaml vs infra/overlays/dev");
+
+    // The prod overlay also ships the Grafana dashboards (infra/monitoring -> dashboards/), which
+    // the chart does not.
+    let mut prod_overlay = kustomize_objects("infra/overlays/prod");
+    let dashboards: Vec<String> = prod_overlay
+        .iter()
+        .filter(|(_, d)| d["kind"] == "ConfigMap" && d["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(!dashboards.is_empty(), "the prod overlay has dashboard ConfigMaps");
+    for k in &dashboards {
+        prod_overlay.remove(k);
+    }
+    let prod = helm_objects(&["-f", "infra/helm/oats/values-prod.yaml"]);
+    assert_same_objects(&prod_overlay, &prod, "values-prod.yaml vs infra/overlays/prod (without dashboards)");
+}
+
+#[test]
+fn monitoring_toggles_render_infra_monitoring() {
+    let monitoring = kustomize_objects("infra/monitoring");
+    let default = helm_objects(&[]);
+    let both =
+        helm_objects(&["--set", "monitoring.serviceMonitor.enabled=true,monitoring.prometheusRule.enabled=true"]);
+    let mut expected = default.clone();
+    for k in ["ServiceMonitor/oats/oats-backend-api", "PrometheusRule/oats/oats-backend-api"] {
+        assert!(!default.contains_key(k), "{k} is rendered by default");
+        expected.insert(k.to_owned(), get(&monitoring, k).clone());
+    }
+    assert_same_objects(&expected, &both, "monitoring on vs infra/base + infra/monitoring");
+
+    let only_rules = helm_objects(&["--set", "monitoring.prometheusRule.enabled=true"]);
+    assert!(only_rules.contains_key("PrometheusRule/oats/oats-backend-api"));
+    assert!(!only_rules.contains_key("ServiceMonitor/oats/oats-backend-api"));
+
+    // The release label follows monitoring.labels (Prometheus' serviceMonitorSelector/ruleSelector).
+    let relabelled = helm_objects(&["--set", "monitoring.serviceMonitor.enabled=true,monitoring.labels.release=prom"]);
+    assert_eq!(get(&relabelled, "ServiceMonitor/oats/oats-backend-api")["metadata"]["labels"]["release"], "prom");
+}
+
+#[test]
+fn policy_tokens_and_otlp_values() {
+    let default_docs = template(&[]);
+    let (default_name, default_data) = config_data(&default_docs);
+    let docs = template(&[
+        "--set-file",
+        "policy=policies/oats-policy.yaml",
+        "--set",
+        "auth.tokensSecret.name=oats-api-tokens",
+        "--set",
+        "otel.endpoint=http://otel-collector.observability:4318,otel.protocol=grpc",
+    ]);
+
+    // The API's configuration: the base's keys plus the three files/endpoints.
+    let (name, data) = config_data(&docs);
+    assert_ne!(name, default_name, "a configuration change must change the ConfigMap's name (rolls the Deployment)");
+    let mut expected = default_data.clone();
+    expected.insert("OATS_POLICY_FILE".into(), json!("/etc/oats/policy/policy.yaml"));
+    expected.insert("OATS_AUTH_TOKENS_FILE".into(), json!("/etc/oats/auth/tokens.yaml"));
+    expected.insert("OTEL_EXPORTER_OTLP_ENDPOINT".into(), json!("http://otel-collector.observability:4318"));
+    expected.insert("OTEL_EXPORTER_OTLP_PROTOCOL".into(), json!("grpc"));
+    assert_eq!(data, expected);
+
+    // OATS itself reads that environment as intended (unknown OATS_* keys would be ignored).
+    let known: Vec<String> =
+        oats::config::Config::keys().into_iter().map(|(k, _, _)| format!("OATS_{}", k.to_ascii_uppercase())).collect();
+    for k in data.keys().filter(|k| k.starts_with("OATS_")) {
+        assert!(known.contains(k), "{k} is not an OATS setting (README.md, Configuration)");
+    }
+    let env = data.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()));
+    let config = oats::config::Config::load(None, env).expect("the chart's configuration loads");
+    assert_eq!(config.policy_file.as_deref(), Some(Path::new("/etc/oats/policy/policy.yaml")));
+    assert_eq!(config.auth_tokens_file.as_deref(), Some(Path::new("/etc/oats/auth/tokens.yaml")));
+
+    // The policy ConfigMap holds the file as given, and OATS loads it.
+    let policy = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "oats-backend-api-policy")
+        .expect("ConfigMap oats-backend-api-policy");
+    assert_eq!(policy["metadata"]["namespace"], "oats");
+    let content = policy["data"]["policy.yaml"].as_str().expect("data.policy.yaml");
+    assert_eq!(content, read("policies/oats-policy.yaml"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), content).unwrap();
+    oats::policy::Policy::load(&dir.path().join("policy.yaml")).expect("OATS loads the rendered policy");
+
+    // The Deployment loads the new ConfigMap and mounts both files' directories (no subPath:
+    // kubelet updates reach the files, which OATS reloads).
+    let deploy = deployment(&docs);
+    let pod = &deploy["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["envFrom"][0]["configMapRef"]["name"], name.as_str());
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    let volumes = pod["volumes"].as_array().unwrap();
+    for (volume, dir, source) in [
+        ("policy", "/etc/oats/policy", json!({"configMap": {"name": "oats-backend-api-policy"}})),
+        ("auth-tokens", "/etc/oats/auth", json!({"secret": {"secretName": "oats-api-tokens"}})),
+    ] {
+        let mount = mounts.iter().find(|m| m["name"] == volume).unwrap_or_else(|| panic!("no mount {volume}"));
+        assert_eq!(mount, &json!({"name": volume, "mountPath": dir, "readOnly": true}));
+        let mut expected = source;
+        expected["name"] = json!(volume);
+        assert!(volumes.contains(&expected), "volume {volume}: {volumes:?}");
+    }
+
+    // Everything else is the default render.
+    let mut changed = by_key(&docs);
+    let mut default = by_key(&default_docs);
+    for objects in [&mut changed, &mut default] {
+        objects.retain(|k, _| !k.starts_with("Deployment/") && !k.starts_with("ConfigMap/oats/oats-backend-api-"));
+    }
+    assert_same_objects(&default, &changed, "objects other than the Deployment and its ConfigMaps");
+
+    // A policy given as a YAML mapping is rendered as that YAML.
+    let source: Value = serde_saphyr::from_str(&read("policies/oats-policy.yaml")).unwrap();
+    let values = dir.path().join("values.json");
+    std::fs::write(&values, serde_json::to_string(&json!({"policy": source})).unwrap()).unwrap();
+    let docs = template(&["-f", values.to_str().unwrap()]);
+    let policy = docs.iter().find(|d| d["metadata"]["name"] == "oats-backend-api-policy").expect("policy ConfigMap");
+    let rendered: Value = serde_saphyr::from_str(policy["data"]["policy.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(rendered, source);
+}
+
+#[test]
+fn namespace_and_image_values() {
+    let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let docs = template(&[
+        "--set",
+        "namespace=oats-staging,image.repository=registry.example.com/oats/oats-backend-api,image.tag=1.2.3",
+        "--set",
+        &format!("image.digest={digest},image.pullPolicy=Always"),
+        "--set",
+        "agent.image.repository=registry.example.com/oats/oats-agent,agent.image.tag=1.2.3,agent.image.pullPolicy=Always",
+        "--set",
+        "replicaCount=4,resources.limits.cpu=2",
+    ]);
+    let objects = by_key(&docs);
+    for doc in &docs {
+        let cluster_scoped = ["Namespace", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"];
+        if !cluster_scoped.contains(&doc["kind"].as_str().unwrap()) {
+            assert_eq!(doc["metadata"]["namespace"], "oats-staging", "{}", key(doc));
+        }
+    }
+    assert!(objects.contains_key("Namespace//oats-staging"));
+    let binding = get(&objects, "RoleBinding/oats-staging/oats-backend-api-job-manager");
+    assert_eq!(binding["subjects"][0]["namespace"], "oats-staging");
+    let vapb = get(&objects, "ValidatingAdmissionPolicyBinding//oats-agent-job-guardrails");
+    assert_eq!(vapb["spec"]["paramRef"]["namespace"], "oats-staging");
+    assert_eq!(
+        vapb["spec"]["matchResources"]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "oats-staging"
+    );
+
+    let deploy = deployment(&docs);
+    assert_eq!(deploy["spec"]["replicas"], 4);
+    let container = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], format!("registry.example.com/oats/oats-backend-api:1.2.3@{digest}"));
+    assert_eq!(container["imagePullPolicy"], "Always");
+    assert_eq!(container["resources"]["limits"]["cpu"], 2);
+    let (_, data) = config_data(&docs);
+    assert_eq!(data["OATS_AGENT_IMAGE"], "registry.example.com/oats/oats-agent:1.2.3");
+    assert_eq!(data["OATS_AGENT_IMAGE_PULL_POLICY"], "Always");
+
+    // namespace "" = the release namespace; createNamespace=false leaves the Namespace out.
+    let docs = template(&["--namespace", "team-a", "--set", "namespace=,createNamespace=false"]);
+    assert!(docs.iter().all(|d| d["kind"] != "Namespace"));
+    assert_eq!(deployment(&docs)["metadata"]["namespace"], "team-a");
+}
+
+#[test]
+fn agent_image_outside_the_admission_policy_is_refused() {
+    let out = helm(&["template", "oats", CHART, "--set", "agent.image.repository=evil.example/agent"]);
+    assert!(!out.status.success(), "an agent image every Job of which would be denied must not render");
+    let message = text(&out);
+    assert!(message.contains("allowedImagePrefixes") && message.contains("evil.example/agent:0.1.0"), "{message}");
+
+    // Without the admission policy there is nothing to contradict.
+    let docs = template(&["--set", "agent.image.repository=evil.example/agent,admissionPolicy.enabled=false"]);
+    assert!(docs.iter().all(|d| !d["kind"].as_str().unwrap().starts_with("ValidatingAdmissionPolicy")));
+    assert!(docs.iter().all(|d| d["metadata"]["name"] != "oats-agent-job-guardrails-params"));
+}
