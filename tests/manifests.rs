@@ -529,3 +529,131 @@ fn shipped_resource_profiles() -> Vec<(String, Value)> {
     }
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// Authentication and the service policy of the API
+// ---------------------------------------------------------------------------------------------
+
+/// The API container's environment as OATS sees it: the ConfigMaps of `envFrom`, then the literal
+/// values of `env` (downward-API values such as OATS_NAMESPACE are left out).
+fn api_environment(docs: &[Value], target: &str) -> BTreeMap<String, String> {
+    let deployment = one(docs, "Deployment", "oats-backend-api");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let mut env = BTreeMap::new();
+    for source in container["envFrom"].as_array().into_iter().flatten() {
+        let name = source["configMapRef"]["name"].as_str().unwrap_or_else(|| panic!("{target}: envFrom {source}"));
+        for (k, v) in one(docs, "ConfigMap", name)["data"].as_object().into_iter().flatten() {
+            env.insert(k.clone(), v.as_str().unwrap_or_default().to_owned());
+        }
+    }
+    for var in container["env"].as_array().into_iter().flatten() {
+        if let Some(value) = var["value"].as_str() {
+            env.insert(var["name"].as_str().unwrap().to_owned(), value.to_owned());
+        }
+    }
+    env
+}
+
+/// The volume of the API container that holds `file` (mounted on a directory above it, without
+/// subPath, read-only), and the key of that volume the file is.
+fn volume_of<'a>(docs: &'a [Value], target: &str, file: &str) -> (&'a Value, String) {
+    let pod = &one(docs, "Deployment", "oats-backend-api")["spec"]["template"]["spec"];
+    let mounts = pod["containers"][0]["volumeMounts"].as_array().expect("volumeMounts");
+    let mount = mounts
+        .iter()
+        .find(|m| {
+            m["mountPath"].as_str().is_some_and(|dir| file.starts_with(&format!("{}/", dir.trim_end_matches('/'))))
+        })
+        .unwrap_or_else(|| panic!("{target}: no volume is mounted above {file}: {mounts:?}"));
+    assert!(
+        mount["subPath"].is_null() && mount["subPathExpr"].is_null(),
+        "{target}: {file} is mounted with subPath, so Kubernetes never updates it (OATS reloads it on change)"
+    );
+    assert_eq!(mount["readOnly"], true, "{target}: the mount of {file} must be read-only");
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap_or_else(|| panic!("{target}: no volume {} for {file}", mount["name"]));
+    let dir = mount["mountPath"].as_str().unwrap().trim_end_matches('/');
+    (volume, file[dir.len() + 1..].to_owned())
+}
+
+/// Authentication must not silently be off: the API's environment names a tokens file
+/// (OATS_AUTH_TOKENS_FILE; with neither it nor OATS_OIDC_ISSUER every caller is an anonymous
+/// admin), and that file comes from the Secret `oats-api-tokens`. Base and dev ship that Secret
+/// as a placeholder which lets nobody in; prod leaves it out (created out of band), and nothing
+/// shipped ever holds the hash of a real token.
+#[test]
+fn the_api_requires_credentials() {
+    for target in TARGETS {
+        let docs = render(target);
+        let env = api_environment(docs, target);
+        let file = env.get("OATS_AUTH_TOKENS_FILE").unwrap_or_else(|| {
+            panic!("{target}: OATS_AUTH_TOKENS_FILE is not set: the API would run with authentication OFF")
+        });
+        assert_eq!(file, "/etc/oats/auth/tokens.yaml", "{target}");
+        // OATS reads the setting as intended (a typo'd key would be ignored, leaving auth off).
+        let config = oats::config::Config::load(None, env.clone()).unwrap_or_else(|e| panic!("{target}: {e}"));
+        assert_eq!(config.auth_tokens_file.as_deref(), Some(std::path::Path::new(file)), "{target}");
+
+        let (volume, key) = volume_of(docs, target, file);
+        let secret = &volume["secret"];
+        assert_eq!(secret["secretName"], "oats-api-tokens", "{target}: the tokens file must come from that Secret");
+        assert!(secret["optional"] != true, "{target}: an optional tokens Secret would let the pod start without it");
+        if let Some(items) = secret["items"].as_array() {
+            assert!(items.iter().any(|i| i["path"] == key.as_str()), "{target}: {key} is not projected: {items:?}");
+        }
+
+        let secrets: Vec<_> = kind(docs, "Secret").filter(|s| s["metadata"]["name"] == "oats-api-tokens").collect();
+        if target.ends_with("prod") {
+            assert!(secrets.is_empty(), "{target}: the placeholder tokens would overwrite the real ones on apply");
+            continue;
+        }
+        assert_eq!(secrets.len(), 1, "{target}: the placeholder Secret oats-api-tokens");
+        let text = secrets[0]["stringData"][key.as_str()]
+            .as_str()
+            .unwrap_or_else(|| panic!("{target}: oats-api-tokens has no stringData.{key}"));
+        // A tokens file OATS loads, that lets nobody in.
+        let parsed: oats::auth::TokenFile =
+            serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("{target}: not a tokens file: {e}"));
+        assert_eq!(parsed.tokens.len(), 1, "{target}: one placeholder entry");
+        for token in &parsed.tokens {
+            assert_eq!(token.sha256, "0".repeat(64), "{target}: token {}: commit no real token's hash", token.name);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokens.yaml"), text).unwrap();
+        let store = oats::auth::TokenStore::load(&dir.path().join("tokens.yaml")).expect("OATS loads the placeholder");
+        for guess in [
+            "",
+            "REPLACE_ME",
+            "placeholder-replace-me",
+            "0000000000000000000000000000000000000000000000000000000000000000",
+        ] {
+            assert!(store.lookup(guess).is_none(), "{target}: the placeholder accepts {guess:?}");
+        }
+    }
+}
+
+/// The shipped service policy (policies/oats-policy.yaml, the single source) is what the API
+/// loads: OATS_POLICY_FILE names a file of the ConfigMap `oats-backend-api-policy`, mounted as a
+/// directory so that edits reach the pods.
+#[test]
+fn the_api_loads_the_shipped_service_policy() {
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/oats-policy.yaml")).unwrap();
+    for target in TARGETS {
+        let docs = render(target);
+        let env = api_environment(docs, target);
+        let file = env.get("OATS_POLICY_FILE").unwrap_or_else(|| panic!("{target}: OATS_POLICY_FILE is not set"));
+        assert_eq!(file, "/etc/oats/policy/oats-policy.yaml", "{target}");
+        let (volume, key) = volume_of(docs, target, file);
+        assert_eq!(volume["configMap"]["name"], "oats-backend-api-policy", "{target}: {volume}");
+        let policy = one(docs, "ConfigMap", "oats-backend-api-policy");
+        let text = policy["data"][key.as_str()].as_str().unwrap_or_else(|| panic!("{target}: no data.{key}"));
+        assert_eq!(text, source, "{target}: the ConfigMap differs from policies/oats-policy.yaml");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(&key), text).unwrap();
+        oats::policy::Policy::load(&dir.path().join(&key)).unwrap_or_else(|e| panic!("{target}: {e}"));
+    }
+}

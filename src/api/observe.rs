@@ -113,10 +113,10 @@ pub async fn observe<E: Endpoint>(
     let response = endpoint.call(request).instrument(span.clone()).await.map(IntoResponse::into_response);
     active.dec();
     let mut response = response.unwrap_or_else(super::problem::from_poem_error);
-    if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
-        if let Some(allowed) = routes.allowed(route).and_then(|m| poem::http::HeaderValue::from_str(m).ok()) {
-            response.headers_mut().insert(poem::http::header::ALLOW, allowed);
-        }
+    if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED
+        && let Some(allowed) = routes.allowed(route).and_then(|m| poem::http::HeaderValue::from_str(m).ok())
+    {
+        response.headers_mut().insert(poem::http::header::ALLOW, allowed);
     }
 
     let status = response.status().as_u16();

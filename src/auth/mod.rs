@@ -103,10 +103,10 @@ impl Authenticator {
         if let Some(anonymous) = &self.anonymous {
             return Ok(anonymous.clone());
         }
-        if token.matches('.').count() == 2 {
-            if let Some(oidc) = &self.oidc {
-                return oidc.verify(token).await;
-            }
+        if token.matches('.').count() == 2
+            && let Some(oidc) = &self.oidc
+        {
+            return oidc.verify(token).await;
         }
         self.tokens.as_ref().and_then(|store| store.lookup(token)).ok_or(AuthError::Invalid)
     }

@@ -81,10 +81,11 @@ impl OidcVerifier {
     /// The key set: cached while fresh; on a failed refresh, the stale set if there is one.
     async fn keys(&self, force: bool) -> Result<Arc<CachedKeys>, AuthError> {
         let cached = self.keys.read().unwrap().clone();
-        if let Some(keys) = &cached {
-            if !force && keys.fetched.elapsed() < self.settings.refresh_every {
-                return Ok(keys.clone());
-            }
+        if let Some(keys) = &cached
+            && !force
+            && keys.fetched.elapsed() < self.settings.refresh_every
+        {
+            return Ok(keys.clone());
         }
         match self.fetch().await {
             Ok(keys) => Ok(keys),

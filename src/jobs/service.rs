@@ -171,10 +171,6 @@ impl JobService {
         &self.metrics
     }
 
-    pub fn limits(&self) -> &JobLimits {
-        &self.limits
-    }
-
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
     }
@@ -278,10 +274,10 @@ impl JobService {
         idempotency_key: Option<&str>,
     ) -> Result<Prepared, JobError> {
         let (key, mut job) = self.new_job(caller, request, idempotency_key)?;
-        if key.is_some() {
-            if let Some(existing) = self.backend.get(&job.id).await? {
-                return replay(existing, &job).map(Prepared::Existing);
-            }
+        if key.is_some()
+            && let Some(existing) = self.backend.get(&job.id).await?
+        {
+            return replay(existing, &job).map(Prepared::Existing);
         }
         let evaluation = self.evaluate(&job, true).await?;
         if let Some(denial) = evaluation.denial() {

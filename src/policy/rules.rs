@@ -117,13 +117,10 @@ impl PolicyDocument {
         let document: Self = serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         for tenant in std::iter::once("(defaults)").chain(document.tenants.keys().map(String::as_str)) {
             let rules = document.rules_for(tenant);
-            if let Some(profile) = &rules.default_profile {
-                if !rules.resource_profiles.contains_key(profile) {
-                    return Err(format!(
-                        "{}: tenant {tenant}: default_profile {profile} is not defined",
-                        path.display()
-                    ));
-                }
+            if let Some(profile) = &rules.default_profile
+                && !rules.resource_profiles.contains_key(profile)
+            {
+                return Err(format!("{}: tenant {tenant}: default_profile {profile} is not defined", path.display()));
             }
         }
         Ok(document)

@@ -26,10 +26,10 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for TraceIdLayer {
     fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
         let mut ids = TraceIds::default();
         attrs.record(&mut IdVisitor(&mut ids));
-        if ids.trace_id.is_some() {
-            if let Some(span) = ctx.span(id) {
-                span.extensions_mut().insert(ids);
-            }
+        if ids.trace_id.is_some()
+            && let Some(span) = ctx.span(id)
+        {
+            span.extensions_mut().insert(ids);
         }
     }
 

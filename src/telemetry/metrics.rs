@@ -206,7 +206,7 @@ impl Metrics {
         let kube_requests = Family::<KubeLabels, Counter>::default();
         oats.register("kube_requests", "Kubernetes API calls by verb, resource and status code", kube_requests.clone());
         let kube_duration: HistogramFamily<KubeOperationLabels> =
-            Family::new_with_constructor(|| Histogram::new(HTTP_BUCKETS.into_iter()));
+            Family::new_with_constructor(|| Histogram::new(HTTP_BUCKETS));
         oats.register_with_unit(
             "kube_request_duration",
             "Latency of Kubernetes API calls (watches excluded)",

@@ -33,10 +33,10 @@ pub struct Telemetry {
 impl Telemetry {
     /// Export the spans still queued (bounded by the exporter's timeout).
     pub fn shutdown(self) {
-        if let Some(provider) = self.provider {
-            if let Err(error) = provider.shutdown() {
-                tracing::warn!(%error, "trace export did not shut down cleanly");
-            }
+        if let Some(provider) = self.provider
+            && let Err(error) = provider.shutdown()
+        {
+            tracing::warn!(%error, "trace export did not shut down cleanly");
         }
     }
 }

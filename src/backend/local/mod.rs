@@ -211,10 +211,10 @@ impl Inner {
         if let Err(error) = self.save(&id).await {
             tracing::error!(%error, "cannot persist job outcome");
         }
-        if let Some(stored) = self.snapshot(&id) {
-            if stored.record.status.phase != JobPhase::Cancelled {
-                self.finished(&stored.record);
-            }
+        if let Some(stored) = self.snapshot(&id)
+            && stored.record.status.phase != JobPhase::Cancelled
+        {
+            self.finished(&stored.record);
         }
         tracing::info!(job_id = %id, phase = outcome.status.phase.as_str(), "local job finished");
     }

@@ -63,8 +63,8 @@ Data of the API's ConfigMap, as sorted `KEY: "value"` lines. The derived keys wi
   "OATS_LLM_SECRET_NAME" .Values.llmSecret.name
   "OATS_LLM_SECRET_KEYS" (join "," .Values.llmSecret.keys)
 -}}
-{{- if .Values.policy -}}
-{{- $_ := set $derived "OATS_POLICY_FILE" (printf "%s/policy.yaml" (trimSuffix "/" .Values.policyMountPath)) -}}
+{{- if .Values.policy.enabled -}}
+{{- $_ := set $derived "OATS_POLICY_FILE" (printf "%s/oats-policy.yaml" (trimSuffix "/" .Values.policy.mountPath)) -}}
 {{- end -}}
 {{- with .Values.auth.tokensSecret -}}
 {{- if .name -}}
