@@ -38,7 +38,10 @@ WORKDIR /build
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src \
  && echo 'fn main() {}' > src/main.rs \
- && cargo build --release --locked --target "${TARGET}" \
+ && for bin in $(grep -o 'path = "src/[^"]*\.rs"' Cargo.toml | cut -d'"' -f2); do \
+      mkdir -p "$(dirname "$bin")" && echo 'fn main() {}' > "$bin"; \
+    done \
+ && cargo build --release --locked --target "${TARGET}" --bin oats \
  && rm -rf src \
       "target/${TARGET}/release/oats" \
       "target/${TARGET}/release/oats.d" \
@@ -50,8 +53,11 @@ RUN mkdir -p src \
 #    older than the dummy build: touch them so cargo always rebuilds `oats`.
 #    (If the crate grows a build.rs or other non-src inputs, COPY them here.)
 COPY src ./src
+# The git revision reported by oats_build_info: docker build --build-arg OATS_REVISION=$(git rev-parse HEAD)
+ARG OATS_REVISION=unknown
+ENV OATS_REVISION=${OATS_REVISION}
 RUN find src -type f -exec touch {} + \
- && cargo build --release --locked --target "${TARGET}" \
+ && cargo build --release --locked --target "${TARGET}" --bin oats \
  && install -D -m 0755 "target/${TARGET}/release/oats" /out/oats \
  && if readelf -d /out/oats | grep -q NEEDED; then \
       echo "error: /out/oats is dynamically linked" >&2; exit 1; \
