@@ -54,7 +54,62 @@ pub struct KubernetesBackend {
     template: AgentTemplate,
     jobs: Store<Job>,
     pods: Store<Pod>,
+    pod_index: Arc<PodIndex>,
     health: Arc<CacheHealth>,
+}
+
+/// Pod names by job id, kept current from the pod watch, so reading one job does not scan every
+/// cached pod. A re-list builds a fresh index that replaces the old one when the list completes,
+/// as the reflector's store does.
+#[derive(Default)]
+struct PodIndex {
+    current: std::sync::RwLock<HashMap<String, HashSet<String>>>,
+    relisting: Mutex<Option<HashMap<String, HashSet<String>>>>,
+}
+
+impl PodIndex {
+    fn job_of(pod: &Pod) -> Option<String> {
+        pod.labels().get(JOB_ID_LABEL).cloned()
+    }
+
+    fn observe(&self, event: &watcher::Event<Pod>) {
+        match event {
+            watcher::Event::Init => *self.relisting.lock().unwrap() = Some(HashMap::new()),
+            watcher::Event::InitApply(pod) => {
+                if let (Some(job), Some(index)) = (Self::job_of(pod), self.relisting.lock().unwrap().as_mut()) {
+                    index.entry(job).or_default().insert(pod.name_any());
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(index) = self.relisting.lock().unwrap().take() {
+                    *self.current.write().unwrap() = index;
+                }
+            }
+            watcher::Event::Apply(pod) => {
+                if let Some(job) = Self::job_of(pod) {
+                    self.current.write().unwrap().entry(job).or_default().insert(pod.name_any());
+                }
+            }
+            watcher::Event::Delete(pod) => {
+                if let Some(job) = Self::job_of(pod) {
+                    let mut current = self.current.write().unwrap();
+                    if let Some(names) = current.get_mut(&job) {
+                        names.remove(&pod.name_any());
+                        if names.is_empty() {
+                            current.remove(&job);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The cached pods of a job.
+    fn pods(&self, store: &Store<Pod>, namespace: &str, job: &str) -> Vec<Arc<Pod>> {
+        let current = self.current.read().unwrap();
+        let names = current.get(job).into_iter().flatten();
+        names.filter_map(|name| store.get(&ObjectRef::new(name).within(namespace))).collect()
+    }
 }
 
 /// Whether one watch has listed once, and whether it is healthy now.
@@ -159,13 +214,15 @@ impl KubernetesBackend {
             .default_backoff()
             .modify(|job: &mut Job| job.managed_fields_mut().clear())
             .reflect(job_writer);
-        let pod_store: Store<Pod> = pods.clone();
-        let on_job = move |job: &Job| {
-            let name = job.name_any();
-            let pods: Vec<Arc<Pod>> = pods_of(&pod_store, &name);
-            let pods: Vec<&Pod> = pods.iter().map(Arc::as_ref).collect();
-            if let Some(record) = status::job_record(job, &pods) {
-                finishes.observe(job, record);
+        let pod_index = Arc::new(PodIndex::default());
+        let (pod_store, index, namespace) = (pods.clone(), pod_index.clone(), template.namespace.clone());
+        let on_job = move |event: &watcher::Event<Job>| {
+            if let watcher::Event::Apply(job) | watcher::Event::InitApply(job) = event {
+                let pods = index.pods(&pod_store, &namespace, &job.name_any());
+                let pods: Vec<&Pod> = pods.iter().map(Arc::as_ref).collect();
+                if let Some(record) = status::job_record(job, &pods) {
+                    finishes.observe(job, record);
+                }
             }
         };
         tokio::spawn(drive(job_events, health.clone(), |h| &h.jobs, on_job));
@@ -182,10 +239,16 @@ impl KubernetesBackend {
                 }
             })
             .reflect(pod_writer);
-        tokio::spawn(drive(pod_events, health.clone(), |h| &h.pods, |_: &Pod| {}));
+        let index = pod_index.clone();
+        tokio::spawn(drive(
+            pod_events,
+            health.clone(),
+            |h| &h.pods,
+            move |event: &watcher::Event<Pod>| index.observe(event),
+        ));
         tokio::spawn(probe_until_reachable(client.clone(), template.namespace.clone(), selector, health.clone()));
 
-        Self { client, template, jobs, pods, health }
+        Self { client, template, jobs, pods, pod_index, health }
     }
 
     fn job_api(&self) -> Api<Job> {
@@ -193,7 +256,7 @@ impl KubernetesBackend {
     }
 
     fn pods_of(&self, id: &str) -> Vec<Arc<Pod>> {
-        pods_of(&self.pods, id)
+        self.pod_index.pods(&self.pods, &self.template.namespace, id)
     }
 
     fn record(&self, job: &Job) -> Option<JobRecord> {
@@ -239,17 +302,13 @@ impl KubernetesBackend {
     }
 }
 
-fn pods_of(store: &Store<Pod>, id: &str) -> Vec<Arc<Pod>> {
-    store.state().into_iter().filter(|p| p.labels().get(JOB_ID_LABEL).is_some_and(|v| v == id)).collect()
-}
-
-/// Run one watch forever, keeping its health and metrics current and showing each object it
-/// delivers to `on_object`.
+/// Run one watch forever, keeping its health and metrics current and showing each event to
+/// `on_event` (after the reflector has stored it).
 async fn drive<S, K>(
     events: S,
     health: Arc<CacheHealth>,
     watch: fn(&CacheHealth) -> &WatchHealth,
-    on_object: impl Fn(&K),
+    on_event: impl Fn(&watcher::Event<K>),
 ) where
     S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
@@ -257,6 +316,9 @@ async fn drive<S, K>(
     while let Some(event) = events.next().await {
         let state = watch(&health);
         let resource = ResourceLabel { resource: state.resource };
+        if let Ok(event) = &event {
+            on_event(event);
+        }
         match event {
             Ok(watcher::Event::Init) => {
                 health.metrics.watch_restarts.get_or_create(&resource).inc();
@@ -268,8 +330,7 @@ async fn drive<S, K>(
                 }
                 health.publish(state);
             }
-            Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
-                on_object(&object);
+            Ok(watcher::Event::Apply(_) | watcher::Event::InitApply(_)) => {
                 if state.synced.load(Ordering::Relaxed) && !state.healthy.swap(true, Ordering::Relaxed) {
                     tracing::info!(watch = state.resource, "watch recovered");
                     health.publish(state);
