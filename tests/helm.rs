@@ -253,12 +253,15 @@ fn lint_passes() {
         vec!["-f", "infra/helm/oats/values-prod.yaml"],
         vec![
             "--set-file",
-            "policy=policies/oats-policy.yaml",
+            "policy.content=policies/oats-policy.yaml",
             "--set",
-            "auth.tokensSecret.name=oats-api-tokens,otel.endpoint=http://otel-collector.observability:4318",
+            "auth.tokensSecret.name=team-tokens,auth.tokensSecret.create=false",
+            "--set",
+            "otel.endpoint=http://otel-collector.observability:4318",
             "--set",
             "monitoring.serviceMonitor.enabled=true,monitoring.prometheusRule.enabled=true",
         ],
+        vec!["--set", "policy.enabled=false,auth.tokensSecret.name="],
     ] {
         let mut all = vec!["lint", "--strict", CHART];
         all.extend_from_slice(&args);
@@ -276,6 +279,7 @@ fn chart_copies_are_verbatim() {
     for (copy, source) in [
         ("files/agent-job-policy.yaml", "policies/vap/agent-job-policy.yaml"),
         ("files/prometheusrule.yaml", "infra/monitoring/prometheusrule.yaml"),
+        ("files/oats-policy.yaml", "policies/oats-policy.yaml"),
     ] {
         assert!(
             read(&format!("{CHART}/{copy}")) == read(source),
@@ -299,12 +303,12 @@ fn default_values_render_infra_base() {
     diff("spec", &source["spec"], &get(&chart, VAP)["spec"], &mut d);
     assert!(d.is_empty(), "{VAP} vs policies/vap/agent-job-policy.yaml:\n  {}", d.join("\n  "));
 
-    // Nothing optional by default: no policy, no tokens, no tracing, no monitoring.
+    // Authentication and the shipped policy are on by default (as in the base); tracing is not.
     let docs = template(&[]);
     let (_, data) = config_data(&docs);
-    for absent in ["OATS_POLICY_FILE", "OATS_AUTH_TOKENS_FILE", "OTEL_EXPORTER_OTLP_ENDPOINT"] {
-        assert!(!data.contains_key(absent), "{absent} is set by default");
-    }
+    assert_eq!(data["OATS_AUTH_TOKENS_FILE"], "/etc/oats/auth/tokens.yaml");
+    assert_eq!(data["OATS_POLICY_FILE"], "/etc/oats/policy/oats-policy.yaml");
+    assert!(!data.contains_key("OTEL_EXPORTER_OTLP_ENDPOINT"), "OTEL_EXPORTER_OTLP_ENDPOINT is set by default");
 }
 
 #[test]
@@ -350,25 +354,85 @@ fn monitoring_toggles_render_infra_monitoring() {
     assert_eq!(get(&relabelled, "ServiceMonitor/oats/oats-backend-api")["metadata"]["labels"]["release"], "prom");
 }
 
+/// The Deployment's mounts of the policy and tokens files: (volume, mountPath, source) each, as
+/// `volumeMounts` entries (read-only, no subPath) and `volumes` sources; panics on a mismatch.
+fn assert_mounts(docs: &[Value], expected: &[(&str, &str, Value)]) {
+    let pod = &deployment(docs)["spec"]["template"]["spec"];
+    let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
+    let volumes = pod["volumes"].as_array().unwrap();
+    let names: Vec<&str> = mounts.iter().filter_map(|m| m["name"].as_str()).filter(|n| *n != "tmp").collect();
+    let wanted: Vec<&str> = expected.iter().map(|(v, _, _)| *v).collect();
+    assert_eq!(names, wanted, "mounts besides /tmp");
+    assert_eq!(volumes.len(), expected.len() + 1, "volumes: {volumes:?}");
+    for (volume, dir, source) in expected {
+        // Directories, no subPath: kubelet updates reach the files, which OATS reloads.
+        let mount = mounts.iter().find(|m| m["name"] == *volume).unwrap_or_else(|| panic!("no mount {volume}"));
+        assert_eq!(mount, &json!({"name": volume, "mountPath": dir, "readOnly": true}));
+        let mut expected = source.clone();
+        expected["name"] = json!(volume);
+        assert!(volumes.contains(&expected), "volume {volume}: {volumes:?}");
+    }
+}
+
 #[test]
 fn policy_tokens_and_otlp_values() {
+    // Defaults: the shipped policy and a placeholder tokens Secret, mounted (as infra/base).
     let default_docs = template(&[]);
     let (default_name, default_data) = config_data(&default_docs);
+    let env = default_data.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()));
+    let config = oats::config::Config::load(None, env).expect("the chart's configuration loads");
+    assert_eq!(config.policy_file.as_deref(), Some(Path::new("/etc/oats/policy/oats-policy.yaml")));
+    assert_eq!(config.auth_tokens_file.as_deref(), Some(Path::new("/etc/oats/auth/tokens.yaml")));
+    assert_mounts(
+        &default_docs,
+        &[
+            ("policy", "/etc/oats/policy", json!({"configMap": {"name": "oats-backend-api-policy"}})),
+            ("auth-tokens", "/etc/oats/auth", json!({"secret": {"secretName": "oats-api-tokens"}})),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // The policy ConfigMap is the chart's copy of policies/oats-policy.yaml, and OATS loads it.
+    let policy = default_docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "oats-backend-api-policy")
+        .expect("ConfigMap oats-backend-api-policy");
+    assert_eq!(policy["metadata"]["namespace"], "oats");
+    let content = policy["data"]["oats-policy.yaml"].as_str().expect("data.oats-policy.yaml");
+    assert_eq!(content, read("policies/oats-policy.yaml"));
+    std::fs::write(dir.path().join("oats-policy.yaml"), content).unwrap();
+    oats::policy::Policy::load(&dir.path().join("oats-policy.yaml")).expect("OATS loads the rendered policy");
+    // The tokens placeholder is a tokens file OATS loads and that lets nobody in.
+    let secret = default_docs
+        .iter()
+        .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "oats-api-tokens")
+        .expect("Secret oats-api-tokens");
+    let tokens = secret["stringData"]["tokens.yaml"].as_str().expect("stringData.tokens.yaml");
+    std::fs::write(dir.path().join("tokens.yaml"), tokens).unwrap();
+    let store = oats::auth::TokenStore::load(&dir.path().join("tokens.yaml")).expect("OATS loads the placeholder");
+    assert!(store.lookup("").is_none() && store.lookup("REPLACE_ME").is_none());
+
+    // Another policy, an existing tokens Secret elsewhere, and tracing.
+    let custom_policy = "defaults:\n  max_turns: 5\n";
+    std::fs::write(dir.path().join("custom-policy.yaml"), custom_policy).unwrap();
     let docs = template(&[
         "--set-file",
-        "policy=policies/oats-policy.yaml",
+        &format!("policy.content={}", dir.path().join("custom-policy.yaml").display()),
         "--set",
-        "auth.tokensSecret.name=oats-api-tokens",
+        "policy.mountPath=/etc/oats/limits",
+        "--set",
+        "auth.tokensSecret.name=team-tokens,auth.tokensSecret.create=false",
+        "--set",
+        "auth.tokensSecret.key=api-tokens.yaml,auth.tokensSecret.mountPath=/var/run/oats-auth",
         "--set",
         "otel.endpoint=http://otel-collector.observability:4318,otel.protocol=grpc",
     ]);
 
-    // The API's configuration: the base's keys plus the three files/endpoints.
+    // The API's configuration: the base's keys with the moved files, plus the OTLP endpoint.
     let (name, data) = config_data(&docs);
     assert_ne!(name, default_name, "a configuration change must change the ConfigMap's name (rolls the Deployment)");
     let mut expected = default_data.clone();
-    expected.insert("OATS_POLICY_FILE".into(), json!("/etc/oats/policy/policy.yaml"));
-    expected.insert("OATS_AUTH_TOKENS_FILE".into(), json!("/etc/oats/auth/tokens.yaml"));
+    expected.insert("OATS_POLICY_FILE".into(), json!("/etc/oats/limits/oats-policy.yaml"));
+    expected.insert("OATS_AUTH_TOKENS_FILE".into(), json!("/var/run/oats-auth/api-tokens.yaml"));
     expected.insert("OTEL_EXPORTER_OTLP_ENDPOINT".into(), json!("http://otel-collector.observability:4318"));
     expected.insert("OTEL_EXPORTER_OTLP_PROTOCOL".into(), json!("grpc"));
     assert_eq!(data, expected);
@@ -381,56 +445,79 @@ fn policy_tokens_and_otlp_values() {
     }
     let env = data.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()));
     let config = oats::config::Config::load(None, env).expect("the chart's configuration loads");
-    assert_eq!(config.policy_file.as_deref(), Some(Path::new("/etc/oats/policy/policy.yaml")));
-    assert_eq!(config.auth_tokens_file.as_deref(), Some(Path::new("/etc/oats/auth/tokens.yaml")));
+    assert_eq!(config.policy_file.as_deref(), Some(Path::new("/etc/oats/limits/oats-policy.yaml")));
+    assert_eq!(config.auth_tokens_file.as_deref(), Some(Path::new("/var/run/oats-auth/api-tokens.yaml")));
 
-    // The policy ConfigMap holds the file as given, and OATS loads it.
+    // The policy ConfigMap holds the file as given.
     let policy = docs
         .iter()
         .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "oats-backend-api-policy")
         .expect("ConfigMap oats-backend-api-policy");
-    assert_eq!(policy["metadata"]["namespace"], "oats");
-    let content = policy["data"]["policy.yaml"].as_str().expect("data.policy.yaml");
-    assert_eq!(content, read("policies/oats-policy.yaml"));
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.yaml"), content).unwrap();
-    oats::policy::Policy::load(&dir.path().join("policy.yaml")).expect("OATS loads the rendered policy");
+    assert_eq!(policy["data"]["oats-policy.yaml"], custom_policy);
 
-    // The Deployment loads the new ConfigMap and mounts both files' directories (no subPath:
-    // kubelet updates reach the files, which OATS reloads).
-    let deploy = deployment(&docs);
-    let pod = &deploy["spec"]["template"]["spec"];
-    let container = &pod["containers"][0];
-    assert_eq!(container["envFrom"][0]["configMapRef"]["name"], name.as_str());
-    let mounts = container["volumeMounts"].as_array().unwrap();
-    let volumes = pod["volumes"].as_array().unwrap();
-    for (volume, dir, source) in [
-        ("policy", "/etc/oats/policy", json!({"configMap": {"name": "oats-backend-api-policy"}})),
-        ("auth-tokens", "/etc/oats/auth", json!({"secret": {"secretName": "oats-api-tokens"}})),
-    ] {
-        let mount = mounts.iter().find(|m| m["name"] == volume).unwrap_or_else(|| panic!("no mount {volume}"));
-        assert_eq!(mount, &json!({"name": volume, "mountPath": dir, "readOnly": true}));
-        let mut expected = source;
-        expected["name"] = json!(volume);
-        assert!(volumes.contains(&expected), "volume {volume}: {volumes:?}");
-    }
+    // The Deployment loads the new ConfigMap and mounts the existing Secret; none is rendered.
+    assert_eq!(
+        deployment(&docs)["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"],
+        name.as_str()
+    );
+    assert_mounts(
+        &docs,
+        &[
+            ("policy", "/etc/oats/limits", json!({"configMap": {"name": "oats-backend-api-policy"}})),
+            ("auth-tokens", "/var/run/oats-auth", json!({"secret": {"secretName": "team-tokens"}})),
+        ],
+    );
+    assert!(docs.iter().all(|d| d["kind"] != "Secret" || d["metadata"]["name"] == "oats-llm-credentials"));
 
     // Everything else is the default render.
     let mut changed = by_key(&docs);
     let mut default = by_key(&default_docs);
     for objects in [&mut changed, &mut default] {
-        objects.retain(|k, _| !k.starts_with("Deployment/") && !k.starts_with("ConfigMap/oats/oats-backend-api-"));
+        objects.retain(|k, _| {
+            !k.starts_with("Deployment/")
+                && !k.starts_with("ConfigMap/oats/oats-backend-api-")
+                && k != "Secret/oats/oats-api-tokens"
+        });
     }
-    assert_same_objects(&default, &changed, "objects other than the Deployment and its ConfigMaps");
+    assert_same_objects(&default, &changed, "objects other than the Deployment, its ConfigMaps and the tokens Secret");
 
     // A policy given as a YAML mapping is rendered as that YAML.
     let source: Value = serde_saphyr::from_str(&read("policies/oats-policy.yaml")).unwrap();
     let values = dir.path().join("values.json");
-    std::fs::write(&values, serde_json::to_string(&json!({"policy": source})).unwrap()).unwrap();
+    std::fs::write(&values, serde_json::to_string(&json!({"policy": {"content": source}})).unwrap()).unwrap();
     let docs = template(&["-f", values.to_str().unwrap()]);
     let policy = docs.iter().find(|d| d["metadata"]["name"] == "oats-backend-api-policy").expect("policy ConfigMap");
-    let rendered: Value = serde_saphyr::from_str(policy["data"]["policy.yaml"].as_str().unwrap()).unwrap();
+    let rendered: Value = serde_saphyr::from_str(policy["data"]["oats-policy.yaml"].as_str().unwrap()).unwrap();
     assert_eq!(rendered, source);
+}
+
+/// Both can be turned off (authentication off is the laptop default, not a deployment).
+#[test]
+fn policy_and_tokens_can_be_disabled() {
+    // The policy value is a mapping; a file given the old way is refused with a hint.
+    let out = helm(&["template", "oats", CHART, "--set-file", "policy=policies/oats-policy.yaml"]);
+    assert!(!out.status.success() && text(&out).contains("policy.content"), "{}", text(&out));
+
+    let docs = template(&["--set", "policy.enabled=false,auth.tokensSecret.name="]);
+    let (_, data) = config_data(&docs);
+    for absent in ["OATS_POLICY_FILE", "OATS_AUTH_TOKENS_FILE"] {
+        assert!(!data.contains_key(absent), "{absent} is set");
+    }
+    assert_mounts(&docs, &[]);
+    assert!(docs.iter().all(|d| d["metadata"]["name"] != "oats-backend-api-policy"));
+    assert!(docs.iter().all(|d| d["metadata"]["name"] != "oats-api-tokens"));
+
+    // An existing Secret: mounted, not rendered (values-prod.yaml does this).
+    let docs = template(&["--set", "auth.tokensSecret.create=false"]);
+    assert!(docs.iter().all(|d| d["metadata"]["name"] != "oats-api-tokens"), "the Secret is rendered");
+    assert_eq!(config_data(&docs).1["OATS_AUTH_TOKENS_FILE"], "/etc/oats/auth/tokens.yaml");
+    assert_mounts(
+        &docs,
+        &[
+            ("policy", "/etc/oats/policy", json!({"configMap": {"name": "oats-backend-api-policy"}})),
+            ("auth-tokens", "/etc/oats/auth", json!({"secret": {"secretName": "oats-api-tokens"}})),
+        ],
+    );
 }
 
 #[test]

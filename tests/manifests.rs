@@ -2,7 +2,8 @@
 //! `infra/overlays/prod` are rendered with `kubectl kustomize` (no cluster needed) and every
 //! object is checked for the security properties the deployment relies on: least-privilege
 //! RBAC, an agent identity with no token and no bindings, default-deny NetworkPolicies, Pod
-//! Security Admission labels, the admission policy's binding, quota and limits.
+//! Security Admission labels, the admission policy's binding, quota and limits, and an API that
+//! requires credentials (a tokens file from a Secret) and loads the shipped service policy.
 //!
 //! Needs `kubectl` (its built-in kustomize) on PATH; it fails, never skips, without it.
 

@@ -56,6 +56,9 @@ Data of the API's ConfigMap, as sorted `KEY: "value"` lines. The derived keys wi
 .Values.config.
 */}}
 {{- define "oats.configData" -}}
+{{- if not (kindIs "map" .Values.policy) -}}
+{{- fail "policy is a mapping {enabled, content, mountPath}: give a policy file with --set-file policy.content=FILE" -}}
+{{- end -}}
 {{- $derived := dict
   "OATS_AGENT_IMAGE" (include "oats.image" (list . .Values.agent.image))
   "OATS_AGENT_IMAGE_PULL_POLICY" .Values.agent.image.pullPolicy

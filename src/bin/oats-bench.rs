@@ -1,0 +1,1568 @@
+//! `oats-bench`: the benchmark suite of issue 7. It starts the real `oats` binary (and, for the
+//! references, a bare poem server, an OTLP/HTTP sink and a kube client) on loopback, drives it
+//! with a fixed-concurrency or fixed-rate HTTP load, and prints a results table that it also
+//! writes to `bench/results.md`.
+//!
+//! ```text
+//! bench/run.sh                       # build both binaries in release mode, run every scenario
+//! target/release/oats-bench --all    # the same, once built
+//! target/release/oats-bench --scenarios 1,5 --duration 5
+//! ```
+//!
+//! Scenarios (see README "Benchmarks"):
+//! 1. `GET /api/v1/jobs/{id}` with 10,000 jobs vs a bare poem handler with a body of the same size;
+//! 2. `GET /api/v1/jobs?limit=50` first and deep page vs a bare handler with a body of the same size;
+//! 3. `POST /api/v1/jobs` on the test control plane vs creating the same Job with a kube client;
+//! 4. 1,000 concurrent watch streams: memory (and CPU) per stream;
+//! 5. scenario 1 with tracing exported to a local OTLP receiver and metrics scraped vs off;
+//! 6. resident memory with 0, 10,000 and 100,000 jobs; time to ready; the Kubernetes cache.
+//!
+//! On a machine with two or more cores, load scenarios pin the server under test to CPU 1 and
+//! this program (the load generator) to CPU 0, so client and server never steal each other's
+//! core and the server's throughput is that of one core.
+
+use anyhow::{Context, Result, anyhow, bail};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use oats::jobs::{JobId, JobLimits, JobPhase, JobRecord, JobRequest, JobStatus, NewJob};
+use reqwest::Client;
+use serde_json::json;
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::Write as _,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+#[derive(Parser)]
+#[command(name = "oats-bench", about = "Benchmarks of the OATS server against bare references (issue 7)")]
+struct Args {
+    /// Run every scenario (1-6, including the Kubernetes ones).
+    #[arg(long)]
+    all: bool,
+    /// Scenarios to run, e.g. `1,2,5` (`6k` = the Kubernetes-cache part of 6; `6` includes it).
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Seconds of each measured load window (after 1 s of warm-up).
+    #[arg(long, default_value_t = 8)]
+    duration: u64,
+    /// Concurrent connections of the saturating (closed-loop) load.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// The `oats` binary to benchmark (default: next to this program).
+    #[arg(long)]
+    oats: Option<PathBuf>,
+    /// Where to write the results table.
+    #[arg(long, default_value = "bench/results.md")]
+    out: PathBuf,
+    /// Use this kubeconfig instead of starting the test control plane (testenv/).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Do not pin the server and the load generator to separate cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Skip the scenarios that need a Kubernetes API server (3 and the cache part of 6).
+    #[arg(long)]
+    skip_kube: bool,
+    #[command(subcommand)]
+    command: Option<Helper>,
+}
+
+#[derive(Subcommand)]
+enum Helper {
+    /// (internal) The bare poem reference server: fixed bodies on the OATS routes.
+    #[command(hide = true)]
+    BareServer {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        job_body: PathBuf,
+        #[arg(long)]
+        list_body: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(Helper::BareServer { listen, job_body, list_body }) = &args.command {
+        return bare_server(*listen, job_body, list_body);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pin = !args.no_pin && cores >= 2;
+    if pin {
+        // Before the runtime exists, so every thread of the load generator inherits CPU 0.
+        let pid = std::process::id().to_string();
+        let status = Command::new("taskset").args(["-a", "-p", "-c", "0", &pid]).stdout(Stdio::null()).status();
+        if !status.is_ok_and(|s| s.success()) {
+            bail!("taskset failed; install util-linux or pass --no-pin");
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(args, cores, pin))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run: scenarios in an order that reuses state, then the table.
+// ---------------------------------------------------------------------------------------------
+
+struct Bench {
+    oats: PathBuf,
+    work: PathBuf,
+    pin: bool,
+    duration: Duration,
+    concurrency: usize,
+    clk_tck: f64,
+    http: Client,
+    rows: Vec<Row>,
+    notes: Vec<String>,
+}
+
+struct Row {
+    scenario: String,
+    figure: String,
+    value: String,
+    reference: String,
+    ratio: String,
+    target: String,
+    verdict: String,
+}
+
+const WARMUP: Duration = Duration::from_secs(1);
+const JOBS_10K: usize = 10_000;
+const JOBS_100K: usize = 100_000;
+const STREAMS: usize = 1_000;
+
+async fn run(args: Args, cores: usize, pin: bool) -> Result<()> {
+    let wanted = |s: &str| {
+        args.all
+            || args.scenarios.iter().any(|x| x == s || (s == "6k" && x == "6"))
+            || (args.scenarios.is_empty() && s != "none")
+    };
+    let oats = match &args.oats {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("oats"),
+    };
+    if !oats.exists() {
+        bail!("{} does not exist; build it first (cargo build --release --bin oats) or pass --oats", oats.display());
+    }
+    let work = std::env::temp_dir().join(format!("oats-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let clk_tck = command_output("getconf", &["CLK_TCK"]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(100.0);
+    let mut bench = Bench {
+        oats,
+        work: work.clone(),
+        pin,
+        duration: Duration::from_secs(args.duration),
+        concurrency: args.concurrency,
+        clk_tck,
+        http: Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(4096)
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(30))
+            .build()?,
+        rows: Vec::new(),
+        notes: Vec::new(),
+    };
+    let started = Instant::now();
+    let header = machine_header(cores, pin, &args);
+    println!("{header}");
+
+    let result = async {
+        if wanted("1") || wanted("2") || wanted("5") || wanted("6") {
+            let dir = work.join("state-10k");
+            let took = preload(&dir, JOBS_10K, JobPhase::Succeeded)?;
+            println!("preloaded {JOBS_10K} job records in {:.1}s", took.as_secs_f64());
+            if wanted("1") || wanted("2") || wanted("5") {
+                bench.get_scenarios(&dir, wanted("1"), wanted("2"), wanted("5")).await?;
+            }
+            if wanted("4") {
+                bench.streams_scenario().await?;
+            }
+            if wanted("6") {
+                bench.memory_scenario(&dir).await?;
+            }
+        } else if wanted("4") {
+            bench.streams_scenario().await?;
+        }
+        if !args.skip_kube && (wanted("3") || wanted("6k")) {
+            bench.kube_scenarios(args.kubeconfig.clone(), wanted("3"), wanted("6k")).await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(error) = &result {
+        bench.notes.push(format!("The run stopped early: {error:#}"));
+    }
+    let _ = std::fs::remove_dir_all(&work);
+
+    let table = bench.table();
+    let mut document = String::new();
+    writeln!(document, "# OATS benchmark results\n\n{header}\n")?;
+    writeln!(document, "{table}")?;
+    if !bench.notes.is_empty() {
+        writeln!(document, "## Details\n")?;
+        for note in &bench.notes {
+            writeln!(document, "- {note}")?;
+        }
+    }
+    writeln!(document, "\nTotal run time: {:.0} s.", started.elapsed().as_secs_f64())?;
+    println!("\n{table}");
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, &document).with_context(|| format!("cannot write {}", args.out.display()))?;
+    println!("written to {}", args.out.display());
+    result
+}
+
+fn machine_header(cores: usize, pin: bool, args: &Args) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    let revision =
+        command_output("git", &["rev-parse", "--short", "HEAD"]).map(|s| s.trim().to_owned()).unwrap_or_default();
+    let dirty =
+        command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_ok_and(|s| !s.trim().is_empty());
+    let pinning = if pin {
+        "server under test pinned to CPU 1, load generator to CPU 0 (taskset) in scenarios 1, 2 and 5"
+    } else {
+        "no CPU pinning"
+    };
+    format!(
+        "- Machine: **{cores} cores** ({cpu}), load average at start {}\n- Date: {}, revision `{revision}`{}\n- Load: {} s measured per window after 1 s warm-up, {} connections when saturating; {pinning}",
+        load.join(" "),
+        Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        if dirty { " (with uncommitted changes)" } else { "" },
+        args.duration,
+        args.concurrency,
+    )
+}
+
+fn command_output(program: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(program).args(args).stderr(Stdio::null()).output()?;
+    if !output.status.success() {
+        bail!("{program} failed");
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+impl Bench {
+    fn row(
+        &mut self,
+        scenario: &str,
+        figure: &str,
+        value: String,
+        reference: String,
+        ratio: Option<f64>,
+        target: &str,
+        pass: Option<bool>,
+    ) {
+        let row = Row {
+            scenario: scenario.into(),
+            figure: figure.into(),
+            value,
+            reference,
+            ratio: ratio.map_or("".into(), |r| format!("{r:.2}")),
+            target: target.into(),
+            verdict: match pass {
+                Some(true) => "pass".into(),
+                Some(false) => "**miss**".into(),
+                None => "".into(),
+            },
+        };
+        println!(
+            "  [{}] {}: {} | ref {} | ratio {} | target {} {}",
+            row.scenario, row.figure, row.value, row.reference, row.ratio, row.target, row.verdict
+        );
+        self.rows.push(row);
+    }
+
+    fn note(&mut self, text: String) {
+        println!("  note: {text}");
+        self.notes.push(text);
+    }
+
+    fn table(&self) -> String {
+        let mut out = String::from(
+            "| # | figure | OATS | reference | ratio | target | result |\n|---|---|---|---|---|---|---|\n",
+        );
+        for r in &self.rows {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                r.scenario, r.figure, r.value, r.reference, r.ratio, r.target, r.verdict
+            );
+        }
+        out
+    }
+
+    fn load_note(&mut self, name: &str, load: &Load) {
+        let text = format!(
+            "{name}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, {} errors; server {:.2} CPU s ({:.0} µs CPU/request, {:.0}% of one core), peak RSS {:.1} MiB; load generator {:.0}% of its core",
+            load.rps(),
+            load.pct(0.50),
+            load.pct(0.99),
+            load.pct(0.999),
+            load.errors,
+            load.server_cpu,
+            load.server_cpu / load.requests.max(1) as f64 * 1e6,
+            load.server_cpu / load.secs * 100.0,
+            load.server_hwm_kib as f64 / 1024.0,
+            load.client_cpu / load.secs * 100.0,
+        );
+        self.note(text);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Scenarios 1, 2 and 5: GET throughput and latency.
+    // -----------------------------------------------------------------------------------------
+
+    async fn get_scenarios(&mut self, dir: &Path, s1: bool, s2: bool, s5: bool) -> Result<()> {
+        println!("== scenarios 1/2/5: GET with {JOBS_10K} jobs");
+        let oats = self.start_oats("oats-off", &local_env(dir), self.pin).await?;
+        let ids = job_ids(dir)?;
+        // Bodies of the same size for the bare reference: the very bytes OATS answers.
+        let job_body = self.http.get(oats.url(&format!("/api/v1/jobs/{}", ids[0]))).send().await?.bytes().await?;
+        let list_body = self.http.get(oats.url("/api/v1/jobs?limit=50")).send().await?.bytes().await?;
+        let deep_token = self.deep_page_token(&oats, 9_000).await?;
+        let deep_body = self
+            .http
+            .get(oats.url(&format!("/api/v1/jobs?limit=50&page_token={deep_token}")))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        let job_file = self.work.join("job-body.json");
+        let list_file = self.work.join("list-body.json");
+        std::fs::write(&job_file, &job_body)?;
+        std::fs::write(&list_file, &list_body)?;
+        let bare = self.start_bare(&job_file, &list_file).await?;
+        let job_urls =
+            |base: &Proc| Arc::new(ids.iter().map(|id| base.url(&format!("/api/v1/jobs/{id}"))).collect::<Vec<_>>());
+
+        if s1 {
+            println!("-- scenario 1: GET /api/v1/jobs/{{id}} ({} bytes) vs bare poem handler", job_body.len());
+            let bare_sat = self.closed(&job_urls(&bare), &bare).await;
+            self.load_note("1 bare handler, saturated", &bare_sat);
+            let oats_sat = self.closed(&job_urls(&oats), &oats).await;
+            self.load_note("1 OATS GET job, saturated", &oats_sat);
+            let ratio = oats_sat.rps() / bare_sat.rps();
+            self.row(
+                "1",
+                &format!("GET job, 10k jobs, saturated (c={}): req/s", self.concurrency),
+                format!("{:.0}", oats_sat.rps()),
+                format!("{:.0} (bare poem, {} B body)", bare_sat.rps(), job_body.len()),
+                Some(ratio),
+                "≥ 0.60",
+                Some(ratio >= 0.60),
+            );
+            let per_req = |l: &Load| l.server_cpu / l.requests.max(1) as f64 * 1e6;
+            self.row(
+                "1",
+                "GET job: server CPU per request",
+                format!("{:.0} µs", per_req(&oats_sat)),
+                format!("{:.0} µs", per_req(&bare_sat)),
+                Some(per_req(&oats_sat) / per_req(&bare_sat)),
+                "",
+                None,
+            );
+            let rate = oats_sat.rps() / 2.0;
+            let oats_half = self.open(&job_urls(&oats), &oats, rate).await;
+            self.load_note(&format!("1 OATS GET job at half saturation ({rate:.0} req/s offered)"), &oats_half);
+            let bare_half = self.open(&job_urls(&bare), &bare, rate).await;
+            self.load_note(&format!("1 bare handler at {rate:.0} req/s offered"), &bare_half);
+            self.row(
+                "1",
+                &format!("GET job at half saturation ({rate:.0} req/s): p99"),
+                format!(
+                    "{:.2} ms (p50 {:.2}, p99.9 {:.2})",
+                    oats_half.pct(0.99),
+                    oats_half.pct(0.5),
+                    oats_half.pct(0.999)
+                ),
+                format!("{:.2} ms (bare, same rate)", bare_half.pct(0.99)),
+                Some(oats_half.pct(0.99) / bare_half.pct(0.99)),
+                "p99 < 5 ms",
+                Some(oats_half.pct(0.99) < 5.0),
+            );
+            self.row(
+                "1",
+                "GET job: server peak RSS while saturated",
+                format!("{:.1} MiB", oats_sat.server_hwm_kib as f64 / 1024.0),
+                format!("{:.1} MiB", bare_sat.server_hwm_kib as f64 / 1024.0),
+                None,
+                "",
+                None,
+            );
+        }
+
+        if s2 {
+            println!("-- scenario 2: GET /api/v1/jobs?limit=50 ({} bytes) vs bare poem handler", list_body.len());
+            let bare_list = self.closed(&Arc::new(vec![bare.url("/api/v1/jobs?limit=50")]), &bare).await;
+            self.load_note("2 bare handler, list-sized body, saturated", &bare_list);
+            let first = self.closed(&Arc::new(vec![oats.url("/api/v1/jobs?limit=50")]), &oats).await;
+            self.load_note("2 OATS list first page, saturated", &first);
+            let deep_url = oats.url(&format!("/api/v1/jobs?limit=50&page_token={deep_token}"));
+            let deep = self.closed(&Arc::new(vec![deep_url]), &oats).await;
+            self.load_note("2 OATS list page after 9,000 jobs, saturated", &deep);
+            self.row(
+                "2",
+                "list first page (limit=50), 10k jobs: req/s",
+                format!("{:.0} (p50 {:.1} ms, p99 {:.1} ms)", first.rps(), first.pct(0.5), first.pct(0.99)),
+                format!("{:.0} (bare, {} B body)", bare_list.rps(), list_body.len()),
+                Some(first.rps() / bare_list.rps()),
+                "",
+                None,
+            );
+            self.row(
+                "2",
+                "list deep page (after 9,000 jobs): req/s",
+                format!("{:.0} (p50 {:.1} ms, p99 {:.1} ms)", deep.rps(), deep.pct(0.5), deep.pct(0.99)),
+                format!("{:.0} (bare, {} B body)", bare_list.rps(), deep_body.len()),
+                Some(deep.rps() / bare_list.rps()),
+                "",
+                None,
+            );
+            let per_req = |l: &Load| l.server_cpu / l.requests.max(1) as f64 * 1e3;
+            self.row(
+                "2",
+                "list first page: server CPU per request",
+                format!("{:.2} ms", per_req(&first)),
+                format!("{:.3} ms (bare)", per_req(&bare_list)),
+                Some(per_req(&first) / per_req(&bare_list)),
+                "",
+                None,
+            );
+            self.row(
+                "2",
+                "list: server peak RSS while saturated",
+                format!("{:.1} MiB", first.server_hwm_kib.max(deep.server_hwm_kib) as f64 / 1024.0),
+                format!("{:.1} MiB (bare)", bare_list.server_hwm_kib as f64 / 1024.0),
+                None,
+                "",
+                None,
+            );
+        }
+        drop(bare);
+
+        if s5 {
+            println!(
+                "-- scenario 5: telemetry on (OTLP traces to a local receiver, always_on, /metrics scraped) vs off"
+            );
+            let sink = OtlpSink::start().await?;
+            let mut env = local_env(dir);
+            env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), sink.endpoint.clone()));
+            env.push(("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "http/protobuf".into()));
+            env.push(("OTEL_TRACES_SAMPLER".into(), "always_on".into()));
+            let traced = self.start_oats("oats-on", &env, self.pin).await?;
+            let (mut off, mut on) = (Vec::new(), Vec::new());
+            let spans_before = sink.spans.load(Ordering::Relaxed);
+            for round in 0..2 {
+                let l = self.closed(&job_urls(&oats), &oats).await;
+                self.load_note(&format!("5 telemetry off, round {}", round + 1), &l);
+                off.push(l);
+                let scraper = spawn_scraper(self.http.clone(), traced.url("/metrics"));
+                let l = self.closed(&job_urls(&traced), &traced).await;
+                scraper.abort();
+                self.load_note(&format!("5 telemetry on, round {}", round + 1), &l);
+                on.push(l);
+            }
+            // Let the batch processor's last export (every 5 s) arrive.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            let spans = sink.spans.load(Ordering::Relaxed) - spans_before;
+            let exports = sink.requests.load(Ordering::Relaxed);
+            let served: u64 = on.iter().map(|l| l.total).sum();
+            let rps = |v: &[Load]| v.iter().map(Load::rps).sum::<f64>() / v.len() as f64;
+            let (off_rps, on_rps) = (rps(&off), rps(&on));
+            let ratio = on_rps / off_rps;
+            self.row(
+                "5",
+                "GET job, telemetry on vs off (saturated, mean of 2 alternating rounds): req/s",
+                format!("{on_rps:.0}"),
+                format!("{off_rps:.0} (tracing off)"),
+                Some(ratio),
+                "≥ 0.95 (< 5% cost)",
+                Some(ratio >= 0.95),
+            );
+            let p99 = |v: &[Load]| v.iter().map(|l| l.pct(0.99)).sum::<f64>() / v.len() as f64;
+            self.row(
+                "5",
+                "GET job, telemetry on vs off: p99 at saturation",
+                format!("{:.2} ms", p99(&on)),
+                format!("{:.2} ms", p99(&off)),
+                Some(p99(&on) / p99(&off)),
+                "",
+                None,
+            );
+            self.note(format!(
+                "5: the receiver got {spans} spans in {exports} OTLP/HTTP exports for {served} requests served with tracing on \
+                 (the SDK's batch processor drops spans beyond its 2,048-span queue; metrics are always recorded, \
+                 so \"off\" means tracing off and /metrics not scraped; \"on\" scrapes /metrics every second)"
+            ));
+            drop(traced);
+        }
+        drop(oats);
+        Ok(())
+    }
+
+    async fn deep_page_token(&self, oats: &Proc, depth: usize) -> Result<String> {
+        let mut token: Option<String> = None;
+        let mut seen = 0;
+        while seen < depth {
+            let mut url = oats.url("/api/v1/jobs?limit=500");
+            if let Some(t) = &token {
+                url.push_str(&format!("&page_token={t}"));
+            }
+            let page: serde_json::Value = self.http.get(url).send().await?.json().await?;
+            seen += page["items"].as_array().map_or(0, Vec::len);
+            token = page["next_page_token"].as_str().map(String::from);
+            if token.is_none() {
+                bail!("the listing ended after {seen} jobs");
+            }
+        }
+        token.ok_or_else(|| anyhow!("no page token"))
+    }
+
+    async fn closed(&self, urls: &Arc<Vec<String>>, server: &Proc) -> Load {
+        closed_loop(&self.http, urls.clone(), self.concurrency, self.duration, server, self.clk_tck).await
+    }
+
+    async fn open(&self, urls: &Arc<Vec<String>>, server: &Proc, rate: f64) -> Load {
+        open_loop(&self.http, urls.clone(), rate, 128, self.duration, server, self.clk_tck).await
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Scenario 4: 1,000 watch streams.
+    // -----------------------------------------------------------------------------------------
+
+    async fn streams_scenario(&mut self) -> Result<()> {
+        println!("== scenario 4: {STREAMS} concurrent watch streams");
+        let dir = self.work.join("state-streams");
+        preload(&dir, STREAMS + 1, JobPhase::Pending)?;
+        let policy = self.work.join("policy-streams.yaml");
+        std::fs::write(&policy, format!("defaults:\n  max_streams: {}\n", STREAMS * 2))?;
+        let mut env = local_env(&dir);
+        env.push(("OATS_POLICY_FILE".into(), policy.display().to_string()));
+        // One slot, taken by a long sleep: every other job stays pending, so its watch stays open.
+        env.push(("OATS_LOCAL_CONCURRENCY".into(), "1".into()));
+        env.push(("OATS_LOCAL_AGENT_COMMAND".into(), "sleep,300".into()));
+        let oats = self.start_oats("oats-streams", &env, false).await?;
+        let ids = job_ids(&dir)?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let cpu0 = proc_cpu(oats.pid, self.clk_tck);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle_cpu = (proc_cpu(oats.pid, self.clk_tck) - cpu0) / 3.0;
+        let before = proc_status(oats.pid, "VmRSS");
+        let client = Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(4096)
+            .connect_timeout(Duration::from_secs(10))
+            .build()?;
+        let opened = Arc::new(AtomicU64::new(0));
+        let events = Arc::new(AtomicU64::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut tasks = Vec::new();
+        let open_started = Instant::now();
+        for id in ids.iter().take(STREAMS) {
+            let (client, url) = (client.clone(), oats.url(&format!("/api/v1/jobs/{id}/watch")));
+            let (opened, events, stop) = (opened.clone(), events.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let Ok(response) = client.get(url).send().await else { return };
+                if !response.status().is_success() {
+                    return;
+                }
+                let mut body = response.bytes_stream();
+                let mut counted = false;
+                loop {
+                    tokio::select! {
+                        chunk = body.next() => match chunk {
+                            Some(Ok(bytes)) => {
+                                let n = bytes.windows(10).filter(|w| *w == b"event: job").count() as u64;
+                                events.fetch_add(n, Ordering::Relaxed);
+                                if n > 0 && !counted {
+                                    counted = true;
+                                    opened.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            _ => return,
+                        },
+                        () = stop.cancelled() => return,
+                    }
+                }
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while opened.load(Ordering::Relaxed) < STREAMS as u64 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let open_took = open_started.elapsed();
+        let open = opened.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let cpu1 = proc_cpu(oats.pid, self.clk_tck);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let held_cpu = (proc_cpu(oats.pid, self.clk_tck) - cpu1) / 5.0;
+        let with = proc_status(oats.pid, "VmRSS");
+        let still_open = tasks.iter().filter(|t| !t.is_finished()).count();
+        stop.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        drop(client);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = proc_status(oats.pid, "VmRSS");
+        let per_stream = (with as f64 - before as f64) / open.max(1) as f64;
+        self.row(
+            "4",
+            &format!("{open} watch streams held open: RSS"),
+            format!("{:.1} MiB", with as f64 / 1024.0),
+            format!("{:.1} MiB (same server, no streams)", before as f64 / 1024.0),
+            Some(with as f64 / before as f64),
+            "",
+            None,
+        );
+        self.row("4", "memory per open watch stream", format!("{per_stream:.1} KiB"), "".into(), None, "", None);
+        self.row(
+            "4",
+            "server CPU while holding the streams (idle jobs)",
+            format!("{:.0}% of a core", held_cpu * 100.0),
+            format!("{:.1}% (no streams)", idle_cpu * 100.0),
+            None,
+            "",
+            None,
+        );
+        self.note(format!(
+            "4: {open} of {STREAMS} streams got their first event within {:.1} s; {still_open} still open after 7 s; \
+             {} `job` events received in all; RSS {:.1} MiB after the clients disconnected. Each watch re-reads its job every 250 ms \
+             (src/jobs/service.rs WATCH_POLL), so 1,000 idle streams cost ~4,000 backend reads and state hashes per second.",
+            open_took.as_secs_f64(),
+            events.load(Ordering::Relaxed),
+            after as f64 / 1024.0,
+        ));
+        drop(oats);
+        kill_agents(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Scenario 6: memory and start-up with the local store.
+    // -----------------------------------------------------------------------------------------
+
+    async fn memory_scenario(&mut self, dir_10k: &Path) -> Result<()> {
+        println!("== scenario 6: resident memory and time to ready");
+        let empty = self.work.join("state-empty");
+        std::fs::create_dir_all(&empty)?;
+        let idle = self.start_oats("oats-idle", &local_env(&empty), false).await?;
+        let rss_idle = settled_rss(&idle).await;
+        drop(idle);
+
+        let mut ready = Vec::new();
+        let mut rss_10k = 0;
+        for _ in 0..3 {
+            let oats = self.start_oats("oats-10k", &local_env(dir_10k), false).await?;
+            ready.push(oats.ready_after);
+            rss_10k = settled_rss(&oats).await;
+        }
+        ready.sort();
+        let ready_10k = ready[1];
+
+        let dir_100k = self.work.join("state-100k");
+        let took = preload(&dir_100k, JOBS_100K, JobPhase::Succeeded)?;
+        println!("preloaded {JOBS_100K} job records in {:.1}s", took.as_secs_f64());
+        let oats = self.start_oats("oats-100k", &local_env(&dir_100k), false).await?;
+        let ready_100k = oats.ready_after;
+        let rss_100k = settled_rss(&oats).await;
+        drop(oats);
+        let _ = std::fs::remove_dir_all(&dir_100k);
+
+        let mib = |k: u64| k as f64 / 1024.0;
+        self.row(
+            "6",
+            "RSS at idle (local backend, 0 jobs)",
+            format!("{:.1} MiB", mib(rss_idle)),
+            "".into(),
+            None,
+            "",
+            None,
+        );
+        self.row(
+            "6",
+            "RSS with 10,000 jobs (200-byte goals)",
+            format!("{:.1} MiB", mib(rss_10k)),
+            format!("{:.1} MiB (idle)", mib(rss_idle)),
+            Some(rss_10k as f64 / rss_idle as f64),
+            "< 64 MiB",
+            Some(mib(rss_10k) < 64.0),
+        );
+        self.row(
+            "6",
+            "RSS with 100,000 jobs",
+            format!("{:.1} MiB", mib(rss_100k)),
+            format!("{:.1} MiB (10k)", mib(rss_10k)),
+            Some(rss_100k as f64 / rss_10k as f64),
+            "",
+            None,
+        );
+        let slope = (rss_100k as f64 - rss_10k as f64) / (JOBS_100K - JOBS_10K) as f64;
+        let first = (rss_10k as f64 - rss_idle as f64) / JOBS_10K as f64;
+        self.row(
+            "6",
+            "memory per cached job (10k→100k slope)",
+            format!("{slope:.2} KiB"),
+            format!("{first:.2} KiB (0→10k)"),
+            None,
+            "< 4 KiB",
+            Some(slope < 4.0),
+        );
+        self.row(
+            "6",
+            "time from start to ready, 10,000 jobs (median of 3)",
+            format!("{:.2} s", ready_10k.as_secs_f64()),
+            format!("{:.2} s (100,000 jobs)", ready_100k.as_secs_f64()),
+            None,
+            "< 2 s",
+            Some(ready_10k < Duration::from_secs(2)),
+        );
+        self.note(format!(
+            "6: ready times of the three 10k starts: {}; a record on disk is ~{} bytes of JSON (3 events, 200-byte goal, 2 labels, a result).",
+            ready.iter().map(|d| format!("{:.2} s", d.as_secs_f64())).collect::<Vec<_>>().join(", "),
+            std::fs::read_dir(dir_10k.join("jobs"))?
+                .next()
+                .and_then(|e| e.ok())
+                .and_then(|e| std::fs::metadata(e.path().join("record.json")).ok())
+                .map_or(0, |m| m.len()),
+        ));
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Scenario 3 and the Kubernetes part of 6.
+    // -----------------------------------------------------------------------------------------
+
+    async fn kube_scenarios(&mut self, kubeconfig: Option<PathBuf>, s3: bool, s6k: bool) -> Result<()> {
+        println!("== Kubernetes scenarios (3: POST vs direct create; 6k: watch-cache memory)");
+        let testenv = match kubeconfig {
+            Some(path) => TestEnv { dir: None, kubeconfig: path },
+            None => TestEnv::up().await?,
+        };
+        let result = self.kube_inner(&testenv.kubeconfig, s3, s6k).await;
+        testenv.down();
+        result
+    }
+
+    async fn kube_inner(&mut self, kubeconfig: &Path, s3: bool, s6k: bool) -> Result<()> {
+        use k8s_openapi::api::{
+            batch::v1::Job,
+            core::v1::{Namespace, ServiceAccount},
+        };
+        use kube::{Api, api::PostParams};
+        let options = kube::config::KubeConfigOptions::default();
+        let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+        let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &options).await?)?;
+        let suffix: String = JobId::random().as_str()[4..12].to_owned();
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let make_ns = |name: String| {
+            let namespaces = namespaces.clone();
+            let client = client.clone();
+            async move {
+                namespaces
+                    .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name}}))?)
+                    .await?;
+                let sas: Api<ServiceAccount> = Api::namespaced(client, &name);
+                sas.create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({"metadata": {"name": "oats-agent"}}))?,
+                )
+                .await?;
+                anyhow::Ok(name)
+            }
+        };
+        let kube_env = |ns: &str| -> Vec<(String, String)> {
+            vec![
+                ("OATS_BACKEND".into(), "kubernetes".into()),
+                ("OATS_NAMESPACE".into(), ns.into()),
+                ("KUBECONFIG".into(), kubeconfig.display().to_string()),
+                ("OATS_LOG_FORMAT".into(), "json".into()),
+            ]
+        };
+        let config = oats::config::Config::default();
+        let request = || JobRequest {
+            goal: goal_text(0),
+            max_turns: 5,
+            labels: BTreeMap::from([("kwok.oats.dev/outcome".to_owned(), "run".to_owned())]),
+            ..Default::default()
+        };
+        let new_job = |template_ns: &str| -> Result<Job> {
+            let spec = request().validate(&JobLimits::default()).map_err(|e| anyhow!("invalid request: {e:?}"))?;
+            let job = NewJob {
+                id: JobId::random(),
+                tenant: config.tenant.clone(),
+                request_hash: spec.fingerprint(),
+                spec,
+                created_at: Utc::now(),
+                trace: None,
+                resources: None,
+            };
+            Ok(oats::backend::kubernetes::render::render_job(
+                &job,
+                &oats::backend::kubernetes::render::AgentTemplate::from_config(&config, template_ns),
+            ))
+        };
+
+        if s3 {
+            println!("-- scenario 3: POST /api/v1/jobs through OATS vs the same Job created directly");
+            let ns = make_ns(format!("oats-bench-post-{suffix}")).await?;
+            let oats = self.start_oats("oats-kube", &kube_env(&ns), false).await?;
+            let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+            let body = json!({"goal": goal_text(0), "max_turns": 5, "labels": {"kwok.oats.dev/outcome": "run"}});
+            let url = oats.url("/api/v1/jobs");
+            let post = |http: Client, url: String, body: serde_json::Value| async move {
+                let t = Instant::now();
+                let r = http.post(url).json(&body).send().await?;
+                let status = r.status();
+                let text = r.text().await?;
+                if status.as_u16() != 201 {
+                    bail!("POST answered {status}: {text}");
+                }
+                anyhow::Ok(t.elapsed())
+            };
+            let direct = |jobs: Api<Job>, job: Job| async move {
+                let t = Instant::now();
+                jobs.create(&PostParams::default(), &job).await?;
+                anyhow::Ok(t.elapsed())
+            };
+            for _ in 0..5 {
+                post(self.http.clone(), url.clone(), body.clone()).await?;
+                direct(jobs.clone(), new_job(&ns)?).await?;
+            }
+            let pairs = 100;
+            let (mut via, mut raw) = (Vec::new(), Vec::new());
+            let cpu0 = proc_cpu(oats.pid, self.clk_tck);
+            for i in 0..pairs {
+                // Alternate which goes first, so neither always meets the API server right after the other.
+                if i % 2 == 0 {
+                    via.push(post(self.http.clone(), url.clone(), body.clone()).await?);
+                    raw.push(direct(jobs.clone(), new_job(&ns)?).await?);
+                } else {
+                    raw.push(direct(jobs.clone(), new_job(&ns)?).await?);
+                    via.push(post(self.http.clone(), url.clone(), body.clone()).await?);
+                }
+            }
+            let oats_cpu = proc_cpu(oats.pid, self.clk_tck) - cpu0;
+            let ms = |v: &mut Vec<Duration>, p: f64| {
+                v.sort();
+                v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1].as_secs_f64() * 1e3
+            };
+            let (v50, r50) = (ms(&mut via, 0.5), ms(&mut raw, 0.5));
+            let (v90, r90) = (ms(&mut via, 0.9), ms(&mut raw, 0.9));
+            let (v99, r99) = (ms(&mut via, 0.99), ms(&mut raw, 0.99));
+            self.row(
+                "3",
+                &format!("POST job on the test control plane, median of {pairs} (sequential)"),
+                format!("{v50:.2} ms (p90 {v90:.2}, p99 {v99:.2})"),
+                format!("{r50:.2} ms direct kube create (p90 {r90:.2}, p99 {r99:.2})"),
+                Some(v50 / r50),
+                "≤ 1.20 (< 20% added)",
+                Some(v50 / r50 <= 1.20),
+            );
+            self.note(format!(
+                "3: OATS overhead at the median {:.2} ms; OATS server CPU {:.1} ms per POST (including its watch-cache updates); \
+                 jobs carry label kwok.oats.dev/outcome=run so their pods stay Running",
+                v50 - r50,
+                oats_cpu / pairs as f64 * 1e3,
+            ));
+            drop(oats);
+            if s6k {
+                // The same namespace now holds ~210 Jobs and (some of) their pods: the cache as it is in use.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+                let pod_count = pods.list(&Default::default()).await?.items.len();
+                let job_count = jobs.list(&Default::default()).await?.items.len();
+                let full = self.start_oats("oats-kube-full", &kube_env(&ns), false).await?;
+                let rss = settled_rss(&full).await;
+                drop(full);
+                let empty = make_ns(format!("oats-bench-empty-{suffix}")).await?;
+                let base = self.start_oats("oats-kube-empty", &kube_env(&empty), false).await?;
+                let rss0 = settled_rss(&base).await;
+                drop(base);
+                self.row(
+                    "6k",
+                    &format!("kube cache: RSS with {job_count} Jobs + {pod_count} Pods (running)"),
+                    format!("{:.1} MiB", rss as f64 / 1024.0),
+                    format!("{:.1} MiB (empty namespace)", rss0 as f64 / 1024.0),
+                    None,
+                    "",
+                    None,
+                );
+                self.row(
+                    "6k",
+                    "kube cache: memory per job with its pod",
+                    format!("{:.1} KiB", (rss as f64 - rss0 as f64) / job_count.max(1) as f64),
+                    "".into(),
+                    None,
+                    "< 4 KiB",
+                    Some((rss as f64 - rss0 as f64) / (job_count.max(1) as f64) < 4.0),
+                );
+            }
+        }
+
+        if s6k {
+            let n = 2_000;
+            println!("-- scenario 6k: OATS watch cache with {n} Jobs (suspended: no pods)");
+            let ns = make_ns(format!("oats-bench-cache-{suffix}")).await?;
+            let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+            let t = Instant::now();
+            let manifests: Vec<Job> = (0..n)
+                .map(|_| {
+                    let mut job = new_job(&ns)?;
+                    job.spec.as_mut().expect("rendered Jobs have a spec").suspend = Some(true);
+                    Ok(job)
+                })
+                .collect::<Result<_>>()?;
+            let created: Vec<Result<Job, kube::Error>> = futures::stream::iter(manifests)
+                .map(|job| {
+                    let jobs = jobs.clone();
+                    async move { jobs.create(&PostParams::default(), &job).await }
+                })
+                .buffer_unordered(8)
+                .collect()
+                .await;
+            let failed = created.iter().filter(|r| r.is_err()).count();
+            println!("created {n} Jobs in {:.1}s ({failed} failed)", t.elapsed().as_secs_f64());
+            let empty = make_ns(format!("oats-bench-none-{suffix}")).await?;
+            let base = self.start_oats("oats-kube-none", &kube_env(&empty), false).await?;
+            let rss0 = settled_rss(&base).await;
+            drop(base);
+            let full = self.start_oats("oats-kube-2k", &kube_env(&ns), false).await?;
+            let ready = full.ready_after;
+            let rss = settled_rss(&full).await;
+            let hwm = proc_status(full.pid, "VmHWM");
+            drop(full);
+            let per_job = (rss as f64 - rss0 as f64) / (n - failed) as f64;
+            self.row(
+                "6k",
+                &format!("kube cache: RSS with {} Jobs (no pods)", n - failed),
+                format!("{:.1} MiB (peak {:.1})", rss as f64 / 1024.0, hwm as f64 / 1024.0),
+                format!("{:.1} MiB (empty namespace)", rss0 as f64 / 1024.0),
+                Some(rss as f64 / rss0 as f64),
+                "",
+                None,
+            );
+            self.row(
+                "6k",
+                "kube cache: memory per cached Job",
+                format!("{per_job:.1} KiB"),
+                "".into(),
+                None,
+                "< 4 KiB",
+                Some(per_job < 4.0),
+            );
+            self.row(
+                "6k",
+                &format!("kube: time from start to ready, {} Jobs", n - failed),
+                format!("{:.2} s", ready.as_secs_f64()),
+                "".into(),
+                None,
+                "",
+                None,
+            );
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Processes.
+    // -----------------------------------------------------------------------------------------
+
+    async fn start_oats(&self, name: &str, env: &[(String, String)], pin: bool) -> Result<Proc> {
+        let port = free_port()?;
+        let log = self.work.join(format!("{name}-{port}.log"));
+        let mut command = if pin {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "1"]).arg(&self.oats);
+            c
+        } else {
+            Command::new(&self.oats)
+        };
+        command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("OATS_") || key.starts_with("OTEL_") || key == "KUBECONFIG" || key == "RUST_LOG" {
+                command.env_remove(key);
+            }
+        }
+        command.env("OATS_SHUTDOWN_DELAY_SECONDS", "0").envs(env.iter().cloned());
+        Proc::spawn(command, port, log, &self.http).await
+    }
+
+    async fn start_bare(&self, job_body: &Path, list_body: &Path) -> Result<Proc> {
+        let port = free_port()?;
+        let log = self.work.join(format!("bare-{port}.log"));
+        let exe = std::env::current_exe()?;
+        let mut command = if self.pin {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "1"]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        };
+        command.args(["bare-server", "--listen", &format!("127.0.0.1:{port}")]);
+        command.arg("--job-body").arg(job_body).arg("--list-body").arg(list_body);
+        Proc::spawn(command, port, log, &self.http).await
+    }
+}
+
+fn local_env(dir: &Path) -> Vec<(String, String)> {
+    vec![
+        ("OATS_BACKEND".into(), "local".into()),
+        ("OATS_STATE_DIR".into(), dir.display().to_string()),
+        ("OATS_LOG_FORMAT".into(), "json".into()),
+    ]
+}
+
+async fn settled_rss(proc: &Proc) -> u64 {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proc_status(proc.pid, "VmRSS")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A server process of this run, killed when dropped.
+struct Proc {
+    child: Child,
+    pid: i32,
+    base: String,
+    log: PathBuf,
+    ready_after: Duration,
+}
+
+impl Proc {
+    async fn spawn(mut command: Command, port: u16, log: PathBuf, http: &Client) -> Result<Self> {
+        let log_file = std::fs::File::create(&log)?;
+        let started = Instant::now();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("cannot start a server")?;
+        let mut proc = Self {
+            pid: child.id() as i32,
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            ready_after: Duration::ZERO,
+        };
+        let deadline = started + Duration::from_secs(120);
+        loop {
+            let answer = http.get(proc.url("/readyz")).timeout(Duration::from_secs(2)).send().await;
+            if answer.is_ok_and(|r| r.status().is_success()) {
+                proc.ready_after = started.elapsed();
+                return Ok(proc);
+            }
+            if let Some(status) = proc.child.try_wait()? {
+                bail!("the server exited ({status}) before it was ready:\n{}", proc.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!("the server was not ready within 120 s:\n{}", proc.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A field of `/proc/<pid>/status`, in KiB.
+fn proc_status(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User plus system CPU seconds of a process (all its threads).
+fn proc_cpu(pid: i32, clk_tck: f64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
+    let ticks = |i: usize| rest.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / clk_tck
+}
+
+/// Reset the peak resident set (`VmHWM`) so it covers only what follows.
+fn reset_peak(pid: i32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load generation.
+// ---------------------------------------------------------------------------------------------
+
+struct Load {
+    /// Requests completed within the window.
+    requests: u64,
+    /// Requests completed in all, warm-up included.
+    total: u64,
+    errors: u64,
+    secs: f64,
+    /// Sorted latencies in microseconds.
+    latencies: Vec<u32>,
+    server_cpu: f64,
+    server_hwm_kib: u64,
+    client_cpu: f64,
+}
+
+impl Load {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.secs
+    }
+
+    /// Latency percentile in milliseconds.
+    fn pct(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((p * self.latencies.len() as f64).ceil() as usize).clamp(1, self.latencies.len()) - 1;
+        f64::from(self.latencies[i]) / 1e3
+    }
+}
+
+struct WorkerResult {
+    latencies: Vec<u32>,
+    errors: u64,
+    total: u64,
+}
+
+async fn get_ok(http: &Client, url: &str) -> bool {
+    match http.get(url).send().await {
+        Ok(response) => {
+            let ok = response.status().is_success();
+            response.bytes().await.is_ok() && ok
+        }
+        Err(_) => false,
+    }
+}
+
+/// Measure the window between `from` and `to`: server CPU and peak RSS, our own CPU.
+async fn observe_window(pid: i32, from: Instant, to: Instant, clk_tck: f64) -> (f64, u64, f64) {
+    let me = std::process::id() as i32;
+    tokio::time::sleep_until(from.into()).await;
+    reset_peak(pid);
+    let (server0, client0) = (proc_cpu(pid, clk_tck), proc_cpu(me, clk_tck));
+    tokio::time::sleep_until(to.into()).await;
+    let (server1, client1) = (proc_cpu(pid, clk_tck), proc_cpu(me, clk_tck));
+    (server1 - server0, proc_status(pid, "VmHWM"), client1 - client0)
+}
+
+/// `concurrency` workers, each sending its next request as soon as the last one is answered.
+async fn closed_loop(
+    http: &Client,
+    urls: Arc<Vec<String>>,
+    concurrency: usize,
+    duration: Duration,
+    server: &Proc,
+    clk_tck: f64,
+) -> Load {
+    let start = Instant::now();
+    let (from, to) = (start + WARMUP, start + WARMUP + duration);
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let (http, urls) = (http.clone(), urls.clone());
+            tokio::spawn(async move {
+                let mut result = WorkerResult { latencies: Vec::with_capacity(1 << 16), errors: 0, total: 0 };
+                let mut i = w * urls.len() / concurrency.max(1);
+                loop {
+                    let t0 = Instant::now();
+                    if t0 >= to {
+                        break;
+                    }
+                    let ok = get_ok(&http, &urls[i % urls.len()]).await;
+                    i += 1;
+                    result.total += 1;
+                    if t0 >= from {
+                        if ok {
+                            result.latencies.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        } else {
+                            result.errors += 1;
+                        }
+                    }
+                }
+                result
+            })
+        })
+        .collect();
+    let (server_cpu, server_hwm_kib, client_cpu) = observe_window(server.pid, from, to, clk_tck).await;
+    collect(workers, duration, server_cpu, server_hwm_kib, client_cpu).await
+}
+
+/// Requests at a fixed rate (an open loop: sends do not wait for earlier answers, up to `workers`
+/// in flight); latency is measured from each request's send.
+async fn open_loop(
+    http: &Client,
+    urls: Arc<Vec<String>>,
+    rate: f64,
+    workers: usize,
+    duration: Duration,
+    server: &Proc,
+    clk_tck: f64,
+) -> Load {
+    let start = Instant::now();
+    let (from, to) = (start + WARMUP, start + WARMUP + duration);
+    let next = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let (http, urls, next) = (http.clone(), urls.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut result = WorkerResult { latencies: Vec::with_capacity(1 << 14), errors: 0, total: 0 };
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let due = start + Duration::from_secs_f64(n as f64 / rate);
+                    if due >= to {
+                        break;
+                    }
+                    tokio::time::sleep_until(due.into()).await;
+                    let t0 = Instant::now();
+                    let ok = get_ok(&http, &urls[n as usize % urls.len()]).await;
+                    result.total += 1;
+                    if due >= from {
+                        if ok {
+                            result.latencies.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        } else {
+                            result.errors += 1;
+                        }
+                    }
+                }
+                result
+            })
+        })
+        .collect();
+    let (server_cpu, server_hwm_kib, client_cpu) = observe_window(server.pid, from, to, clk_tck).await;
+    collect(handles, duration, server_cpu, server_hwm_kib, client_cpu).await
+}
+
+async fn collect(
+    workers: Vec<tokio::task::JoinHandle<WorkerResult>>,
+    duration: Duration,
+    server_cpu: f64,
+    server_hwm_kib: u64,
+    client_cpu: f64,
+) -> Load {
+    let mut load = Load {
+        requests: 0,
+        total: 0,
+        errors: 0,
+        secs: duration.as_secs_f64(),
+        latencies: Vec::new(),
+        server_cpu,
+        server_hwm_kib,
+        client_cpu,
+    };
+    for worker in workers {
+        if let Ok(r) = worker.await {
+            load.errors += r.errors;
+            load.total += r.total;
+            load.latencies.extend(r.latencies);
+        }
+    }
+    load.requests = load.latencies.len() as u64;
+    load.latencies.sort_unstable();
+    load
+}
+
+fn spawn_scraper(http: Client, url: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let _ = get_ok(&http, &url).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Preloaded job records (the local backend's on-disk layout).
+// ---------------------------------------------------------------------------------------------
+
+fn goal_text(i: usize) -> String {
+    let mut goal = format!("Benchmark job {i:06}: ");
+    while goal.len() < 200 {
+        goal.push_str("summarise the open issues of the repository and propose a plan. ");
+    }
+    goal.truncate(200);
+    goal
+}
+
+fn event(time: DateTime<Utc>, reason: &str, message: &str) -> serde_json::Value {
+    json!({"time": time, "kind": "Normal", "reason": reason, "message": message, "object": "Process/agent", "count": 1})
+}
+
+/// Write `n` job records into a fresh `<dir>/jobs/`, as the local backend stores them.
+fn preload(dir: &Path, n: usize, phase: JobPhase) -> Result<Duration> {
+    let started = Instant::now();
+    let _ = std::fs::remove_dir_all(dir);
+    let jobs = dir.join("jobs");
+    std::fs::create_dir_all(&jobs)?;
+    let base = Utc::now() - chrono::Duration::seconds(n as i64 * 10 + 3600);
+    for i in 0..n {
+        let spec = JobRequest {
+            goal: goal_text(i),
+            max_turns: 5,
+            labels: BTreeMap::from([
+                ("team".to_owned(), format!("team-{}", i % 10)),
+                ("env".to_owned(), "prod".to_owned()),
+            ]),
+            model: Some("gpt-4o-mini".into()),
+            ..Default::default()
+        }
+        .validate(&JobLimits::default())
+        .map_err(|e| anyhow!("invalid job: {e:?}"))?;
+        let created = base + chrono::Duration::seconds(i as i64 * 10);
+        let finished = phase.is_terminal();
+        let record = JobRecord {
+            id: JobId::random(),
+            tenant: "default".into(),
+            request_hash: spec.fingerprint(),
+            spec,
+            status: JobStatus::new(phase),
+            created_at: created,
+            started_at: finished.then(|| created + chrono::Duration::seconds(1)),
+            finished_at: finished.then(|| created + chrono::Duration::seconds(9)),
+            attempts: u32::from(finished),
+            result: finished.then(|| format!("done: benchmark job {i} finished after 3 turns")),
+            trace: None,
+        };
+        let mut events = vec![event(created, "Submitted", "job accepted; waiting for a free slot")];
+        if finished {
+            events.push(event(
+                created + chrono::Duration::seconds(1),
+                "Started",
+                "agent started as process group 4242",
+            ));
+            events.push(event(created + chrono::Duration::seconds(9), "Completed", "the agent finished"));
+        }
+        let stored = json!({"record": record, "events": events, "pgid": null});
+        let job_dir = jobs.join(record.id.as_str());
+        std::fs::create_dir(&job_dir)?;
+        std::fs::write(job_dir.join("record.json"), serde_json::to_vec_pretty(&stored)?)?;
+    }
+    Ok(started.elapsed())
+}
+
+/// The ids of the preloaded jobs, in directory order (arbitrary, so not cache-friendly).
+fn job_ids(dir: &Path) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(dir.join("jobs"))? {
+        ids.push(entry?.file_name().to_string_lossy().into_owned());
+    }
+    Ok(ids)
+}
+
+/// Kill the agent process groups a local-backend state directory records as running.
+fn kill_agents(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir.join("jobs")) else { return };
+    for entry in entries.flatten() {
+        let Ok(text) = std::fs::read(entry.path().join("record.json")) else { continue };
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&text) else { continue };
+        if let Some(pgid) = value["pgid"].as_i64().filter(|p| *p > 1) {
+            let _ =
+                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// References: the bare poem server and the OTLP receiver.
+// ---------------------------------------------------------------------------------------------
+
+fn bare_server(listen: std::net::SocketAddr, job_body: &Path, list_body: &Path) -> Result<()> {
+    use poem::{EndpointExt as _, Response, Route, endpoint::make_sync, get};
+    let job = bytes::Bytes::from(std::fs::read(job_body)?);
+    let list = bytes::Bytes::from(std::fs::read(list_body)?);
+    let json = |body: bytes::Bytes| {
+        make_sync(move |_| Response::builder().content_type("application/json; charset=utf-8").body(body.clone()))
+    };
+    let app = Route::new()
+        .at("/api/v1/jobs/:id", get(json(job)))
+        .at("/api/v1/jobs", get(json(list)))
+        .at("/readyz", get(json(bytes::Bytes::from_static(b"{\"status\":\"ok\"}"))))
+        .map_to_response();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(poem::Server::new(poem::listener::TcpListener::bind(listen)).run(app))?;
+    Ok(())
+}
+
+/// An OTLP/HTTP trace receiver (`POST /v1/traces`, protobuf) that counts what it gets.
+struct OtlpSink {
+    endpoint: String,
+    spans: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OtlpSink {
+    async fn start() -> Result<Self> {
+        use poem::{Body, EndpointExt as _, Response, Route, handler, post, web::Data};
+        #[handler]
+        async fn traces(body: Body, counters: Data<&(Arc<AtomicU64>, Arc<AtomicU64>)>) -> Response {
+            let bytes = body.into_bytes().await.unwrap_or_default();
+            let (spans, requests) = counters.0;
+            spans.fetch_add(count_spans(&bytes), Ordering::Relaxed);
+            requests.fetch_add(1, Ordering::Relaxed);
+            Response::builder().content_type("application/x-protobuf").body(Vec::<u8>::new())
+        }
+        let spans = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
+        let port = free_port()?;
+        let app = Route::new().at("/v1/traces", post(traces)).data((spans.clone(), requests.clone()));
+        let task = tokio::spawn(async move {
+            let _ = poem::Server::new(poem::listener::TcpListener::bind(("127.0.0.1", port))).run(app).await;
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(Self { endpoint: format!("http://127.0.0.1:{port}"), spans, requests, task })
+    }
+}
+
+impl Drop for OtlpSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Length-delimited fields number `field` of a protobuf message.
+fn proto_fields(mut buf: &[u8], field: u64) -> Vec<&[u8]> {
+    fn varint(buf: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = buf.split_first()?;
+            *buf = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    let mut out = Vec::new();
+    while let Some(key) = varint(&mut buf) {
+        let skip = match key & 7 {
+            0 => {
+                varint(&mut buf);
+                0
+            }
+            1 => 8,
+            5 => 4,
+            2 => {
+                let Some(len) = varint(&mut buf) else { break };
+                let len = len as usize;
+                if len > buf.len() {
+                    break;
+                }
+                if key >> 3 == field {
+                    out.push(&buf[..len]);
+                }
+                len
+            }
+            _ => break,
+        };
+        if skip > buf.len() {
+            break;
+        }
+        buf = &buf[skip..];
+    }
+    out
+}
+
+/// Spans in an `ExportTraceServiceRequest` (resource_spans = 1, scope_spans = 2, spans = 2).
+fn count_spans(request: &[u8]) -> u64 {
+    proto_fields(request, 1)
+        .into_iter()
+        .flat_map(|rs| proto_fields(rs, 2))
+        .map(|ss| proto_fields(ss, 2).len() as u64)
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test control plane.
+// ---------------------------------------------------------------------------------------------
+
+struct TestEnv {
+    /// Set when this run started it (and so stops it).
+    dir: Option<PathBuf>,
+    kubeconfig: PathBuf,
+}
+
+impl TestEnv {
+    const DIR: &'static str = "/tmp/oats-te-bench";
+
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("testenv/testenv.sh")
+    }
+
+    async fn up() -> Result<Self> {
+        println!("starting the test control plane in {} (testenv/testenv.sh up)", Self::DIR);
+        let t = Instant::now();
+        let log = std::fs::File::create(std::env::temp_dir().join("oats-bench-testenv.log"))?;
+        let status = tokio::process::Command::new(Self::script())
+            .arg("up")
+            .env("OATS_TESTENV_DIR", Self::DIR)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .await?;
+        let env =
+            Self { dir: Some(PathBuf::from(Self::DIR)), kubeconfig: Path::new(Self::DIR).join("admin.kubeconfig") };
+        if !status.success() {
+            env.down();
+            bail!(
+                "testenv/testenv.sh up failed; see {}",
+                std::env::temp_dir().join("oats-bench-testenv.log").display()
+            );
+        }
+        println!("control plane up in {:.0}s", t.elapsed().as_secs_f64());
+        Ok(env)
+    }
+
+    fn down(&self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::io::stdout().flush();
+            let _ = Command::new(Self::script())
+                .arg("down")
+                .env("OATS_TESTENV_DIR", dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
