@@ -210,10 +210,7 @@ impl KubernetesBackend {
 
         let (jobs, job_writer) = reflector::store();
         let (pods, pod_writer) = reflector::store();
-        let job_events = watcher(job_api, config.clone())
-            .default_backoff()
-            .modify(|job: &mut Job| job.managed_fields_mut().clear())
-            .reflect(job_writer);
+        let job_events = watcher(job_api, config.clone()).default_backoff().modify(compact_job).reflect(job_writer);
         let pod_index = Arc::new(PodIndex::default());
         let (pod_store, index, namespace) = (pods.clone(), pod_index.clone(), template.namespace.clone());
         let on_job = move |event: &watcher::Event<Job>| {
@@ -228,17 +225,7 @@ impl KubernetesBackend {
         tokio::spawn(drive(job_events, health.clone(), |h| &h.jobs, on_job));
 
         let pod_api: Api<Pod> = Api::namespaced(client.clone(), &template.namespace);
-        let pod_events = watcher(pod_api, config)
-            .default_backoff()
-            .modify(|pod: &mut Pod| {
-                pod.managed_fields_mut().clear();
-                if let Some(spec) = pod.spec.as_mut() {
-                    for c in &mut spec.containers {
-                        c.env = None;
-                    }
-                }
-            })
-            .reflect(pod_writer);
+        let pod_events = watcher(pod_api, config).default_backoff().modify(compact_pod).reflect(pod_writer);
         let index = pod_index.clone();
         tokio::spawn(drive(
             pod_events,
@@ -299,6 +286,53 @@ impl KubernetesBackend {
                 status::job_record(job, &pods).map(|record| (record, pods.len()))
             })
             .collect()
+    }
+}
+
+/// Keep only what the status mapping reads from a Job: metadata without managed fields, the
+/// agent container's `OATS_*` environment, the status. The cache then costs a fraction of the
+/// full objects.
+fn compact_job(job: &mut Job) {
+    job.managed_fields_mut().clear();
+    job.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+    if let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+        pod.containers.retain(|c| c.name == AGENT_CONTAINER);
+        for container in &mut pod.containers {
+            if let Some(env) = container.env.as_mut() {
+                env.retain(|e| {
+                    e.name.starts_with("OATS_") && e.name != "OATS_RESULT_FILE" && e.name != "OATS_WORKSPACE"
+                });
+            }
+            *container = k8s_openapi::api::core::v1::Container {
+                name: std::mem::take(&mut container.name),
+                env: container.env.take(),
+                ..Default::default()
+            };
+        }
+        *pod = k8s_openapi::api::core::v1::PodSpec {
+            containers: std::mem::take(&mut pod.containers),
+            ..Default::default()
+        };
+    }
+    if let Some(template) = job.spec.as_mut().map(|s| &mut s.template) {
+        template.metadata = None;
+    }
+}
+
+/// Keep only what the status mapping reads from a Pod: name, labels, creation time, status.
+fn compact_pod(pod: &mut Pod) {
+    pod.managed_fields_mut().clear();
+    pod.spec = None;
+    pod.metadata.annotations = None;
+    pod.metadata.owner_references = None;
+    if let Some(status) = pod.status.as_mut() {
+        status.host_ip = None;
+        status.host_ips = None;
+        status.pod_ip = None;
+        status.pod_ips = None;
+        status.qos_class = None;
+        status.init_container_statuses = None;
+        status.ephemeral_container_statuses = None;
     }
 }
 
