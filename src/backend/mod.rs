@@ -53,6 +53,10 @@ pub trait JobBackend: Send + Sync {
     /// the Pod Security controls it would fail (none, for a correct configuration).
     fn preview(&self, job: &NewJob) -> Preview;
 
+    /// How many of a tenant's jobs have not finished (for the concurrency rule), without copying
+    /// records.
+    fn active_jobs(&self, tenant: &str) -> usize;
+
     /// Current jobs by phase, for the `oats_jobs` gauges; cheap enough for every scrape.
     fn counts(&self) -> JobCounts;
 

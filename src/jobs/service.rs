@@ -210,7 +210,7 @@ impl JobService {
     /// Judge a submission by every rule and show what would be created, creating nothing.
     pub async fn dry_run(&self, caller: &Caller, request: JobRequest) -> Result<DryRun, JobError> {
         let job = self.new_job(caller, request, None)?.1;
-        let evaluation = self.evaluate(&job, false).await?;
+        let evaluation = self.evaluate(&job, false);
         let preview = self.backend.preview(&job);
         let mut verdicts = evaluation.verdicts;
         verdicts.push(pod_security_verdict(&preview.pod_security_violations));
@@ -253,17 +253,11 @@ impl JobService {
         Ok((key, job))
     }
 
-    async fn evaluate(&self, job: &NewJob, consume: bool) -> Result<crate::policy::Evaluation, JobError> {
-        let active_jobs = self
-            .backend
-            .list()
-            .await?
-            .iter()
-            .filter(|j| j.tenant == job.tenant && !j.status.phase.is_terminal())
-            .count();
+    fn evaluate(&self, job: &NewJob, consume: bool) -> crate::policy::Evaluation {
+        let active_jobs = self.backend.active_jobs(&job.tenant);
         let image = self.backend.agent_image();
         let submission = Submission { tenant: &job.tenant, spec: &job.spec, active_jobs, image: image.as_deref() };
-        Ok(self.policy.evaluate(&submission, consume))
+        self.policy.evaluate(&submission, consume)
     }
 
     /// Validate, find an idempotent replay, or judge a new job by the policy.
@@ -279,7 +273,7 @@ impl JobService {
         {
             return replay(existing, &job).map(Prepared::Existing);
         }
-        let evaluation = self.evaluate(&job, true).await?;
+        let evaluation = self.evaluate(&job, true);
         if let Some(denial) = evaluation.denial() {
             self.metrics.policy_denials.get_or_create(&RuleLabel { rule: denial.rule.name() }).inc();
             return Err(JobError::PolicyDenied {

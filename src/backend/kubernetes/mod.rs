@@ -458,6 +458,16 @@ impl JobBackend for KubernetesBackend {
         }
     }
 
+    fn active_jobs(&self, tenant: &str) -> usize {
+        self.jobs
+            .state()
+            .iter()
+            .filter(|job| {
+                job.labels().get(render::TENANT_LABEL).is_some_and(|t| t == tenant) && !status::is_finished(job)
+            })
+            .count()
+    }
+
     fn counts(&self) -> JobCounts {
         let mut counts = JobCounts::default();
         let a_minute_ago = chrono::Utc::now() - chrono::Duration::minutes(1);

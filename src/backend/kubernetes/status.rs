@@ -76,6 +76,18 @@ pub fn job_record(job: &Job, pods: &[&Pod]) -> Option<JobRecord> {
     })
 }
 
+/// Whether a Job has reached a final status: the same judgement as [`job_record`], from the Job
+/// alone (pods only add detail to a final status, never decide it).
+pub fn is_finished(job: &Job) -> bool {
+    let cancelled = job.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(CANCELLED_AT_ANNOTATION));
+    let conditions = job.status.as_ref().and_then(|s| s.conditions.as_ref());
+    cancelled
+        || conditions.into_iter().flatten().any(|c| {
+            c.status == "True"
+                && matches!(c.type_.as_str(), "Complete" | "SuccessCriteriaMet" | "Failed" | "FailureTarget")
+        })
+}
+
 struct Observed {
     status: JobStatus,
     started_at: Option<DateTime<Utc>>,
@@ -465,6 +477,20 @@ mod tests {
         assert_eq!(record.attempts, 1);
         assert_eq!(record.request_hash, "h");
         assert!(record.spec.labels.is_empty());
+    }
+
+    #[test]
+    fn is_finished_agrees_with_the_record() {
+        let cases = [
+            job(&[], (1, 0, 0)),
+            job(&[("Complete", "")], (0, 1, 0)),
+            job(&[("SuccessCriteriaMet", "CompletionsReached")], (0, 1, 0)),
+            job(&[("Failed", "DeadlineExceeded")], (0, 0, 1)),
+            job(&[("FailureTarget", "BackoffLimitExceeded")], (1, 0, 0)),
+        ];
+        for j in cases {
+            assert_eq!(is_finished(&j), job_record(&j, &[]).unwrap().status.phase.is_terminal(), "{:?}", j.status);
+        }
     }
 
     #[test]

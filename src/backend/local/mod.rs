@@ -266,6 +266,13 @@ impl JobBackend for LocalBackend {
         }
     }
 
+    fn active_jobs(&self, tenant: &str) -> usize {
+        let jobs = self.inner.jobs.lock().unwrap();
+        jobs.values()
+            .filter(|e| e.stored.record.tenant == tenant && !e.stored.record.status.phase.is_terminal())
+            .count()
+    }
+
     fn counts(&self) -> JobCounts {
         let mut counts = JobCounts::default();
         for entry in self.inner.jobs.lock().unwrap().values() {
