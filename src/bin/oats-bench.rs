@@ -351,14 +351,13 @@ impl Bench {
         std::fs::write(&job_file, &job_body)?;
         std::fs::write(&list_file, &list_body)?;
         let bare = self.start_bare(&job_file, &list_file).await?;
-        let job_urls =
-            |base: &Proc| Arc::new(ids.iter().map(|id| base.url(&format!("/api/v1/jobs/{id}"))).collect::<Vec<_>>());
+        let job_paths = |server: &Proc| Target::new(server, ids.iter().map(|id| format!("/api/v1/jobs/{id}")));
 
         if s1 {
             println!("-- scenario 1: GET /api/v1/jobs/{{id}} ({} bytes) vs bare poem handler", job_body.len());
-            let bare_sat = self.closed(&job_urls(&bare), &bare).await;
+            let bare_sat = self.closed(job_paths(&bare), &bare).await;
             self.load_note("1 bare handler, saturated", &bare_sat);
-            let oats_sat = self.closed(&job_urls(&oats), &oats).await;
+            let oats_sat = self.closed(job_paths(&oats), &oats).await;
             self.load_note("1 OATS GET job, saturated", &oats_sat);
             let ratio = oats_sat.rps() / bare_sat.rps();
             self.row(
@@ -381,9 +380,9 @@ impl Bench {
                 None,
             );
             let rate = oats_sat.rps() / 2.0;
-            let oats_half = self.open(&job_urls(&oats), &oats, rate).await;
+            let oats_half = self.open(job_paths(&oats), &oats, rate).await;
             self.load_note(&format!("1 OATS GET job at half saturation ({rate:.0} req/s offered)"), &oats_half);
-            let bare_half = self.open(&job_urls(&bare), &bare, rate).await;
+            let bare_half = self.open(job_paths(&bare), &bare, rate).await;
             self.load_note(&format!("1 bare handler at {rate:.0} req/s offered"), &bare_half);
             self.row(
                 "1",
@@ -412,12 +411,12 @@ impl Bench {
 
         if s2 {
             println!("-- scenario 2: GET /api/v1/jobs?limit=50 ({} bytes) vs bare poem handler", list_body.len());
-            let bare_list = self.closed(&Arc::new(vec![bare.url("/api/v1/jobs?limit=50")]), &bare).await;
+            let bare_list = self.closed(Target::new(&bare, ["/api/v1/jobs?limit=50".to_owned()]), &bare).await;
             self.load_note("2 bare handler, list-sized body, saturated", &bare_list);
-            let first = self.closed(&Arc::new(vec![oats.url("/api/v1/jobs?limit=50")]), &oats).await;
+            let first = self.closed(Target::new(&oats, ["/api/v1/jobs?limit=50".to_owned()]), &oats).await;
             self.load_note("2 OATS list first page, saturated", &first);
-            let deep_url = oats.url(&format!("/api/v1/jobs?limit=50&page_token={deep_token}"));
-            let deep = self.closed(&Arc::new(vec![deep_url]), &oats).await;
+            let deep_path = format!("/api/v1/jobs?limit=50&page_token={deep_token}");
+            let deep = self.closed(Target::new(&oats, [deep_path]), &oats).await;
             self.load_note("2 OATS list page after 9,000 jobs, saturated", &deep);
             self.row(
                 "2",
@@ -472,11 +471,11 @@ impl Bench {
             let (mut off, mut on) = (Vec::new(), Vec::new());
             let spans_before = sink.spans.load(Ordering::Relaxed);
             for round in 0..2 {
-                let l = self.closed(&job_urls(&oats), &oats).await;
+                let l = self.closed(job_paths(&oats), &oats).await;
                 self.load_note(&format!("5 telemetry off, round {}", round + 1), &l);
                 off.push(l);
                 let scraper = spawn_scraper(self.http.clone(), traced.url("/metrics"));
-                let l = self.closed(&job_urls(&traced), &traced).await;
+                let l = self.closed(job_paths(&traced), &traced).await;
                 scraper.abort();
                 self.load_note(&format!("5 telemetry on, round {}", round + 1), &l);
                 on.push(l);
@@ -537,12 +536,12 @@ impl Bench {
         token.ok_or_else(|| anyhow!("no page token"))
     }
 
-    async fn closed(&self, urls: &Arc<Vec<String>>, server: &Proc) -> Load {
-        closed_loop(&self.http, urls.clone(), self.concurrency, self.duration, server, self.clk_tck).await
+    async fn closed(&self, target: Target, server: &Proc) -> Load {
+        closed_loop(target, self.concurrency, self.duration, server.pid, self.clk_tck).await
     }
 
-    async fn open(&self, urls: &Arc<Vec<String>>, server: &Proc, rate: f64) -> Load {
-        open_loop(&self.http, urls.clone(), rate, 128, self.duration, server, self.clk_tck).await
+    async fn open(&self, target: Target, server: &Proc, rate: f64) -> Load {
+        open_loop(target, rate, 128, self.duration, server.pid, self.clk_tck).await
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1046,6 +1045,7 @@ fn free_port() -> Result<u16> {
 struct Proc {
     child: Child,
     pid: i32,
+    addr: std::net::SocketAddr,
     base: String,
     log: PathBuf,
     ready_after: Duration,
@@ -1064,6 +1064,7 @@ impl Proc {
         let mut proc = Self {
             pid: child.id() as i32,
             child,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
             base: format!("http://127.0.0.1:{port}"),
             log,
             ready_after: Duration::ZERO,
@@ -1166,13 +1167,82 @@ struct WorkerResult {
     total: u64,
 }
 
-async fn get_ok(http: &Client, url: &str) -> bool {
-    match http.get(url).send().await {
-        Ok(response) => {
-            let ok = response.status().is_success();
-            response.bytes().await.is_ok() && ok
+impl WorkerResult {
+    fn record(&mut self, ok: bool, in_window: bool, since: Instant) {
+        self.total += 1;
+        if in_window {
+            if ok {
+                self.latencies.push(since.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            } else {
+                self.errors += 1;
+            }
         }
-        Err(_) => false,
+    }
+}
+
+/// Where load goes: the server's address and the request targets (`/api/v1/jobs/...`).
+#[derive(Clone)]
+struct Target {
+    addr: std::net::SocketAddr,
+    host: hyper::header::HeaderValue,
+    paths: Arc<Vec<hyper::Uri>>,
+}
+
+impl Target {
+    fn new(server: &Proc, paths: impl IntoIterator<Item = String>) -> Self {
+        let paths = paths.into_iter().map(|p| p.parse().expect("a valid request target")).collect();
+        Self { addr: server.addr, host: server.addr.to_string().parse().expect("a valid host"), paths: Arc::new(paths) }
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection of the load generator (hyper's client connection: no
+/// pool, no URL parsing per request, so the generator spends its core on requests).
+struct Connection {
+    target: Target,
+    sender: Option<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>>,
+}
+
+impl Connection {
+    fn new(target: Target) -> Self {
+        Self { target, sender: None }
+    }
+
+    async fn connect(&mut self) -> Option<()> {
+        let stream = tokio::net::TcpStream::connect(self.target.addr).await.ok()?;
+        stream.set_nodelay(true).ok()?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
+        tokio::spawn(connection);
+        self.sender = Some(sender);
+        Some(())
+    }
+
+    /// GET the `i`-th path; true for a 2xx answer read to its end.
+    async fn get(&mut self, i: usize) -> bool {
+        use http_body_util::BodyExt as _;
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) && self.connect().await.is_none() {
+            return false;
+        }
+        let sender = self.sender.as_mut().expect("connected");
+        if sender.ready().await.is_err() {
+            self.sender = None;
+            return false;
+        }
+        let uri = self.target.paths[i % self.target.paths.len()].clone();
+        let request = hyper::Request::get(uri)
+            .header(hyper::header::HOST, self.target.host.clone())
+            .body(http_body_util::Empty::new())
+            .expect("a valid request");
+        match sender.send_request(request).await {
+            Ok(response) => {
+                let ok = response.status().is_success();
+                response.into_body().collect().await.is_ok() && ok
+            }
+            Err(_) => {
+                self.sender = None;
+                false
+            }
+        }
     }
 }
 
@@ -1187,90 +1257,78 @@ async fn observe_window(pid: i32, from: Instant, to: Instant, clk_tck: f64) -> (
     (server1 - server0, proc_status(pid, "VmHWM"), client1 - client0)
 }
 
-/// `concurrency` workers, each sending its next request as soon as the last one is answered.
-async fn closed_loop(
-    http: &Client,
-    urls: Arc<Vec<String>>,
-    concurrency: usize,
-    duration: Duration,
-    server: &Proc,
-    clk_tck: f64,
-) -> Load {
+/// `concurrency` connections, each sending its next request as soon as the last one is answered.
+async fn closed_loop(target: Target, concurrency: usize, duration: Duration, pid: i32, clk_tck: f64) -> Load {
     let start = Instant::now();
     let (from, to) = (start + WARMUP, start + WARMUP + duration);
     let workers: Vec<_> = (0..concurrency)
         .map(|w| {
-            let (http, urls) = (http.clone(), urls.clone());
+            let mut connection = Connection::new(target.clone());
+            let mut i = w * target.paths.len() / concurrency.max(1);
             tokio::spawn(async move {
                 let mut result = WorkerResult { latencies: Vec::with_capacity(1 << 16), errors: 0, total: 0 };
-                let mut i = w * urls.len() / concurrency.max(1);
                 loop {
                     let t0 = Instant::now();
                     if t0 >= to {
                         break;
                     }
-                    let ok = get_ok(&http, &urls[i % urls.len()]).await;
+                    let ok = connection.get(i).await;
                     i += 1;
-                    result.total += 1;
-                    if t0 >= from {
-                        if ok {
-                            result.latencies.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                        } else {
-                            result.errors += 1;
-                        }
-                    }
+                    result.record(ok, t0 >= from, t0);
                 }
                 result
             })
         })
         .collect();
-    let (server_cpu, server_hwm_kib, client_cpu) = observe_window(server.pid, from, to, clk_tck).await;
+    let (server_cpu, server_hwm_kib, client_cpu) = observe_window(pid, from, to, clk_tck).await;
     collect(workers, duration, server_cpu, server_hwm_kib, client_cpu).await
 }
 
-/// Requests at a fixed rate (an open loop: sends do not wait for earlier answers, up to `workers`
-/// in flight); latency is measured from each request's send.
-async fn open_loop(
-    http: &Client,
-    urls: Arc<Vec<String>>,
-    rate: f64,
-    workers: usize,
-    duration: Duration,
-    server: &Proc,
-    clk_tck: f64,
-) -> Load {
+/// Requests at a fixed rate over up to `workers` connections (an open loop: a request is due at
+/// its time whether or not earlier ones were answered). A pacing thread releases due requests
+/// every 100 µs; latency counts from the request's due time, so time spent waiting for a free
+/// connection is included (no coordinated omission).
+async fn open_loop(target: Target, rate: f64, workers: usize, duration: Duration, pid: i32, clk_tck: f64) -> Load {
     let start = Instant::now();
     let (from, to) = (start + WARMUP, start + WARMUP + duration);
+    let total = ((WARMUP + duration).as_secs_f64() * rate) as u64;
+    let permits = Arc::new(tokio::sync::Semaphore::new(0));
+    let pacer = {
+        let permits = permits.clone();
+        std::thread::spawn(move || {
+            let mut released = 0u64;
+            while released < total {
+                std::thread::sleep(Duration::from_micros(100));
+                let due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
+                if due > released {
+                    permits.add_permits((due - released) as usize);
+                    released = due;
+                }
+            }
+            permits.close();
+        })
+    };
     let next = Arc::new(AtomicU64::new(0));
     let handles: Vec<_> = (0..workers)
         .map(|_| {
-            let (http, urls, next) = (http.clone(), urls.clone(), next.clone());
+            let (mut connection, next, permits) = (Connection::new(target.clone()), next.clone(), permits.clone());
             tokio::spawn(async move {
                 let mut result = WorkerResult { latencies: Vec::with_capacity(1 << 14), errors: 0, total: 0 };
-                loop {
+                while let Ok(permit) = permits.acquire().await {
+                    permit.forget();
                     let n = next.fetch_add(1, Ordering::Relaxed);
                     let due = start + Duration::from_secs_f64(n as f64 / rate);
-                    if due >= to {
-                        break;
-                    }
-                    tokio::time::sleep_until(due.into()).await;
-                    let t0 = Instant::now();
-                    let ok = get_ok(&http, &urls[n as usize % urls.len()]).await;
-                    result.total += 1;
-                    if due >= from {
-                        if ok {
-                            result.latencies.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                        } else {
-                            result.errors += 1;
-                        }
-                    }
+                    let ok = connection.get(n as usize).await;
+                    result.record(ok, due >= from && due < to, due);
                 }
                 result
             })
         })
         .collect();
-    let (server_cpu, server_hwm_kib, client_cpu) = observe_window(server.pid, from, to, clk_tck).await;
-    collect(handles, duration, server_cpu, server_hwm_kib, client_cpu).await
+    let (server_cpu, server_hwm_kib, client_cpu) = observe_window(pid, from, to, clk_tck).await;
+    let load = collect(handles, duration, server_cpu, server_hwm_kib, client_cpu).await;
+    let _ = pacer.join();
+    load
 }
 
 async fn collect(
@@ -1300,6 +1358,16 @@ async fn collect(
     load.requests = load.latencies.len() as u64;
     load.latencies.sort_unstable();
     load
+}
+
+async fn get_ok(http: &Client, url: &str) -> bool {
+    match http.get(url).send().await {
+        Ok(response) => {
+            let ok = response.status().is_success();
+            response.bytes().await.is_ok() && ok
+        }
+        Err(_) => false,
+    }
 }
 
 fn spawn_scraper(http: Client, url: String) -> tokio::task::JoinHandle<()> {
