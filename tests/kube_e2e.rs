@@ -386,3 +386,53 @@ fn the_shipped_rbac_is_enough_and_no_more() {
     let sa = cluster.kubectl_json(&["get", "serviceaccount", "oats-agent", "-n", kube::NAMESPACE]);
     assert_eq!(sa["automountServiceAccountToken"], false);
 }
+
+#[tokio::test]
+async fn kubernetes_calls_are_child_spans_of_the_job_creation() {
+    let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("spans");
+    let (receiver, port) = common::otlp::start_receiver().await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let server = cluster
+        .start_oats_with(
+            dir.path(),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ],
+        )
+        .await;
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let response = server
+        .http
+        .post(server.url("/api/v1/jobs"))
+        .header("traceparent", format!("00-{trace}-b7ad6b7169203331-01"))
+        .json(&json!({"goal": "traced", "max_turns": 1, "labels": {"e2e": run, "kwok.oats.dev/outcome": "run"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let spans = receiver.spans.lock().unwrap().clone();
+        let in_trace: Vec<_> = spans.iter().map(|(_, s)| s).filter(|s| hex(&s.trace_id) == trace).collect();
+        let create = in_trace.iter().find(|s| s.name == "create job");
+        let client = create.and_then(|create| {
+            in_trace.iter().find(|s| {
+                s.parent_span_id == create.span_id
+                    && s.kind == opentelemetry_proto::tonic::trace::v1::span::SpanKind::Client as i32
+            })
+        });
+        if let Some(client) = client {
+            assert_eq!(client.name, "create", "the kube client names its span by verb");
+            break;
+        }
+        let names: Vec<&str> = in_trace.iter().map(|s| s.name.as_str()).collect();
+        assert!(std::time::Instant::now() < deadline, "no client span under `create job`: {names:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.delete_jobs(&format!("e2e={run}"));
+}

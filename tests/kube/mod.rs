@@ -122,7 +122,12 @@ impl Cluster {
 
     /// Start OATS against this cluster as the `oats-backend-api` service account.
     pub async fn start_oats(&self, log_dir: &Path) -> Server {
-        let env = vec![
+        self.start_oats_with(log_dir, &[]).await
+    }
+
+    /// [`Cluster::start_oats`] with extra environment.
+    pub async fn start_oats_with(&self, log_dir: &Path, extra: &[(&str, &str)]) -> Server {
+        let mut env = vec![
             ("OATS_BACKEND".to_owned(), "kubernetes".to_owned()),
             ("OATS_NAMESPACE".to_owned(), NAMESPACE.to_owned()),
             ("KUBECONFIG".to_owned(), self.oats_kubeconfig.display().to_string()),
@@ -130,6 +135,7 @@ impl Cluster {
             ("OATS_LLM_SECRET_NAME".to_owned(), "oats-llm-credentials".to_owned()),
             ("OATS_LLM_SECRET_KEYS".to_owned(), "api-key".to_owned()),
         ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Server::start(env, log_dir).await
     }
 
