@@ -4,7 +4,7 @@
 # with none, every scenario runs (~4 minutes on 2 cores) and bench/results.md is rewritten.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bin oats --bin oats-bench
+cargo build --release --features bench --bin oats --bin oats-bench
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--all)
 exec target/release/oats-bench "${args[@]}"
