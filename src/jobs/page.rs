@@ -101,9 +101,14 @@ pub fn paginate(mut records: Vec<JobRecord>, query: &ListQuery) -> JobPage {
             && query.selector.as_ref().is_none_or(|sel| sel.matches(&r.spec.labels))
             && query.page_token.as_ref().is_none_or(|t| sort_key(r) < t.sort_key())
     });
-    records.sort_unstable_by(|a, b| sort_key(b).cmp(&sort_key(a)));
+    let newest_first = |a: &JobRecord, b: &JobRecord| sort_key(b).cmp(&sort_key(a));
     let more = records.len() > query.limit;
-    records.truncate(query.limit);
+    if more {
+        // Only the page needs ordering: move its records to the front, then sort just those.
+        records.select_nth_unstable_by(query.limit, newest_first);
+        records.truncate(query.limit);
+    }
+    records.sort_unstable_by(newest_first);
     let next_page_token = if more { records.last().map(|r| PageToken::of(r).encode()) } else { None };
     JobPage { items: records, next_page_token }
 }
