@@ -30,45 +30,23 @@ case "$VERSION" in
   v3.*) ;;
   *) die "OATS_HELM_VERSION must be a v3 release (v3.X.Y), got $VERSION" ;;
 esac
-command -v go >/dev/null || die "go is not installed (needed to build $MODULE/cmd/helm@$VERSION)"
-gover=$(GOTOOLCHAIN=local go env GOVERSION) || die "go env GOVERSION failed"
-dir="$CACHE/bin/helm-$VERSION-$gover"
-bin="$dir/helm"
-
-if [ ! -x "$bin" ]; then
-  mkdir -p "$dir"
-  exec 9>"$CACHE/helm-build.lock"
-  flock 9
-  if [ ! -x "$bin" ]; then   # another process may have built it while we waited
-    tmp=$(mktemp -d "$dir/.build.XXXXXX")
-    trap 'rm -rf "$tmp"' EXIT
-    start=$(date +%s)
-    log "building $MODULE/cmd/helm@$VERSION with $gover ..."
-    # As in netpol.sh: `go install $MODULE/cmd/helm@$VERSION` would also ask the proxy for the
-    # module's version list, which the proxy may refuse; so download the module (a no-op when
-    # cached) and build inside it, with helm's own go.mod/go.sum as the main module.
-    json=$(cd / && GOTOOLCHAIN=local GOWORK=off GOFLAGS=-mod=mod go mod download -json "$MODULE@$VERSION") ||
-      die "go mod download $MODULE@$VERSION failed: $json"
-    src=$(printf '%s\n' "$json" | sed -nE 's/^[[:space:]]*"Dir": "(.*)",?$/\1/p' | head -n1)
-    [ -n "$src" ] && [ -f "$src/go.mod" ] || die "go mod download did not report a module directory: $json"
-    # helm's Makefile: Kubernetes version = client-go v0.<minor>.x -> 1.<minor>.
-    k8s_minor=$(sed -nE 's|^[[:space:]]*k8s\.io/client-go v0\.([0-9]+)\..*|\1|p' "$src/go.mod" | head -n1)
-    [ -n "$k8s_minor" ] || die "cannot find the k8s.io/client-go version in $src/go.mod"
-    ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$VERSION"
-    ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
-    for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
-      ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
-    done
-    if ! (cd "$src" && GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=readonly \
-            nice -n "$NICE" go build -trimpath -ldflags "$ldflags" -o "$tmp/helm" ./cmd/helm >&2); then
-      die "go build of $MODULE/cmd/helm@$VERSION failed"
-    fi
-    [ -x "$tmp/helm" ] || die "go build of $MODULE/cmd/helm@$VERSION produced no helm binary"
-    mv -f "$tmp/helm" "$bin"
-    log "built $bin in $(( $(date +%s) - start ))s"
-  fi
-  flock -u 9
-fi
+. "$(dirname "$0")/lib/gobuild.sh"
+# helm's Makefile: version string, and the Kubernetes version `template`/`lint` assume
+# (client-go v0.<minor>.x -> 1.<minor>).
+build_helm() {
+  local src=$1 out=$2 k8s_minor ldflags pkg
+  k8s_minor=$(sed -nE 's|^[[:space:]]*k8s\.io/client-go v0\.([0-9]+)\..*|\1|p' "$src/go.mod" | head -n1)
+  [ -n "$k8s_minor" ] || die "cannot find the k8s.io/client-go version in $src/go.mod"
+  ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$VERSION"
+  ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
+  done
+  gobuild_go "$src" ./cmd/helm "$out" "$ldflags"
+}
+gobuild_cached helm helm "$MODULE" "$VERSION" build_helm
+bin=$GOBUILD_BIN
+dir=$(dirname "$bin")
 
 "$bin" version --short >/dev/null 2>&1 || die "$bin does not run (delete $dir to rebuild)"
 echo "$bin"

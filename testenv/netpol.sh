@@ -25,38 +25,11 @@ NICE=${OATS_TESTENV_NICE:-15}
 die() { echo "netpol: ERROR: $*" >&2; exit 1; }
 log() { echo "netpol: $*" >&2; }
 
-command -v go >/dev/null || die "go is not installed (needed to build $PKG@$VERSION)"
-gover=$(GOTOOLCHAIN=local go env GOVERSION) || die "go env GOVERSION failed"
-dir="$CACHE/bin/netpol-analyzer-$VERSION-$gover"
-bin="$dir/netpolicy"
-
-if [ ! -x "$bin" ]; then
-  mkdir -p "$dir"
-  exec 9>"$CACHE/netpol-build.lock"
-  flock 9
-  if [ ! -x "$bin" ]; then   # another process may have built it while we waited
-    tmp=$(mktemp -d "$dir/.build.XXXXXX")
-    trap 'rm -rf "$tmp"' EXIT
-    start=$(date +%s)
-    log "building $PKG@$VERSION with $gover ..."
-    # `go install $PKG@$VERSION` would also ask the proxy for the module's version list (to look
-    # for a deprecation notice), which the proxy refuses here; so download the module (a no-op
-    # when cached) and build inside it: the main module is then netpol-analyzer itself, with its
-    # own go.mod/go.sum, exactly as upstream builds it.
-    json=$(cd / && GOTOOLCHAIN=local GOWORK=off GOFLAGS=-mod=mod go mod download -json "$MODULE@$VERSION") ||
-      die "go mod download $MODULE@$VERSION failed: $json"
-    src=$(printf '%s\n' "$json" | sed -nE 's/^[[:space:]]*"Dir": "(.*)",?$/\1/p' | head -n1)
-    [ -n "$src" ] && [ -f "$src/go.mod" ] || die "go mod download did not report a module directory: $json"
-    if ! (cd "$src" && GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=readonly \
-            nice -n "$NICE" go build -trimpath -ldflags "-s -w" -o "$tmp/netpolicy" ./cmd/netpolicy >&2); then
-      die "go build of $PKG@$VERSION failed"
-    fi
-    [ -x "$tmp/netpolicy" ] || die "go build of $PKG@$VERSION produced no netpolicy binary"
-    mv -f "$tmp/netpolicy" "$bin"
-    log "built $bin in $(( $(date +%s) - start ))s"
-  fi
-  flock -u 9
-fi
+. "$(dirname "$0")/lib/gobuild.sh"
+build_netpolicy() { gobuild_go "$1" ./cmd/netpolicy "$2" "-s -w"; }
+gobuild_cached netpol-analyzer netpolicy "$MODULE" "$VERSION" build_netpolicy
+bin=$GOBUILD_BIN
+dir=$(dirname "$bin")
 
 "$bin" --help >/dev/null 2>&1 || die "$bin does not run (delete $dir to rebuild)"
 echo "$bin"
