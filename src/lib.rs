@@ -12,4 +12,5 @@ pub mod config;
 pub mod demo_agent;
 pub mod jobs;
 pub mod policy;
+pub mod reload;
 pub mod telemetry;

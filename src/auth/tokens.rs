@@ -75,23 +75,20 @@ impl TokenStore {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let tokens = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         tracing::info!(path = %path.display(), tokens = tokens.len(), "API tokens loaded");
-        Ok(Arc::new(Self { path: path.to_owned(), tokens: RwLock::new(tokens), loaded: RwLock::new(modified(path)) }))
+        Ok(Arc::new(Self {
+            path: path.to_owned(),
+            tokens: RwLock::new(tokens),
+            loaded: RwLock::new(crate::reload::stamp(path)),
+        }))
     }
 
     /// Check the file every `every` and reload it when it changed (Secret volumes update in place).
     pub fn watch(self: &Arc<Self>, every: Duration) {
-        let store = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(store) = store.upgrade() else { return };
-                store.reload_if_changed();
-            }
-        });
+        crate::reload::poll(self, every, Self::reload_if_changed);
     }
 
     fn reload_if_changed(&self) {
-        let current = modified(&self.path);
+        let current = crate::reload::stamp(&self.path);
         if current == *self.loaded.read().unwrap() {
             return;
         }
@@ -119,12 +116,6 @@ impl TokenStore {
         }
         found
     }
-}
-
-/// Modification time plus length, so a rewrite within the same second is still noticed.
-fn modified(path: &Path) -> Option<SystemTime> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some(meta.modified().ok()? + Duration::from_nanos(meta.len()))
 }
 
 #[cfg(test)]

@@ -125,7 +125,7 @@ impl Policy {
     }
 
     fn with_document(path: Option<PathBuf>, document: PolicyDocument) -> Self {
-        let loaded = path.as_deref().and_then(modified);
+        let loaded = path.as_deref().and_then(crate::reload::stamp);
         Self { path, document: RwLock::new(Arc::new(document)), loaded: Mutex::new(loaded), buckets: Mutex::default() }
     }
 
@@ -138,19 +138,12 @@ impl Policy {
 
     /// Check the file every `every` and reload it when it changed.
     pub fn watch(self: &Arc<Self>, every: Duration) {
-        let policy = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(policy) = policy.upgrade() else { return };
-                policy.reload_if_changed();
-            }
-        });
+        crate::reload::poll(self, every, Self::reload_if_changed);
     }
 
     pub fn reload_if_changed(&self) {
         let Some(path) = &self.path else { return };
-        let current = modified(path);
+        let current = crate::reload::stamp(path);
         {
             let mut loaded = self.loaded.lock().unwrap();
             if *loaded == current {
@@ -207,11 +200,6 @@ impl Policy {
             )
         }
     }
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some(meta.modified().ok()? + Duration::from_nanos(meta.len()))
 }
 
 #[cfg(test)]
