@@ -180,7 +180,11 @@ impl Inner {
                 let pgid = agent.pgid();
                 self.update(&id, |s| {
                     s.pgid = Some(pgid);
-                    s.record.status = JobStatus::new(JobPhase::Running);
+                    // A cancel that landed while the agent was starting stays in force; the
+                    // agent is stopped as soon as it is waited on.
+                    if s.record.status.phase == JobPhase::Pending {
+                        s.record.status = JobStatus::new(JobPhase::Running);
+                    }
                     s.record.started_at = Some(Utc::now());
                     s.record.attempts = 1;
                     s.events.push(event("Normal", "Started", &format!("agent started as process group {pgid}")));
