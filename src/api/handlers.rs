@@ -147,7 +147,7 @@ impl JobsApi {
             })));
         }
         let submitted = state.jobs.submit(&caller, body.0.into(), idempotency_key.0.as_deref()).await?;
-        let job = Job::from(submitted.job);
+        let job = Job::from(&submitted.job);
         let location = job.links.self_.clone();
         Ok(if submitted.created {
             CreateJobResponse::Created(Json(job), location)
@@ -182,7 +182,7 @@ impl JobsApi {
         let query = ListQuery::parse(status.0.map(Into::into), label.0.as_deref(), limit.0, page_token.0.as_deref())?;
         let page = state.jobs.list(&caller, &query).await?;
         Ok(Json(JobList {
-            items: page.items.into_iter().map(Job::from).collect(),
+            items: page.items.iter().map(|record| Job::from(&**record)).collect(),
             next_page_token: page.next_page_token,
         }))
     }
@@ -199,7 +199,7 @@ impl JobsApi {
         id: Path<String>,
     ) -> Result<Json<Job>> {
         let caller = credentials.caller(&state).await?;
-        Ok(Json(state.jobs.get(&caller, &id.0).await?.into()))
+        Ok(Json(Job::from(&*state.jobs.get(&caller, &id.0).await?)))
     }
 
     /// Cancel a job
@@ -215,7 +215,7 @@ impl JobsApi {
         id: Path<String>,
     ) -> Result<Json<Job>> {
         let caller = credentials.caller(&state).await?;
-        Ok(Json(state.jobs.cancel(&caller, &id.0).await?.into()))
+        Ok(Json(Job::from(&state.jobs.cancel(&caller, &id.0).await?)))
     }
 
     /// Read a job's logs
@@ -285,7 +285,7 @@ impl JobsApi {
                     WatchEvent::Changed { id, job } => (WatchEventKind::Job, id, job),
                     WatchEvent::Closing { id, job } => (WatchEventKind::Shutdown, id, job),
                 };
-                JobChange { event, state, job: job.into() }
+                JobChange { event, state, job: Job::from(&*job) }
             })
             .boxed();
         let stream = EventStream::new(changes).keep_alive(HEARTBEAT).to_event(|change| {

@@ -266,25 +266,25 @@ impl Job {
     }
 }
 
-impl From<JobRecord> for Job {
-    fn from(r: JobRecord) -> Self {
+impl From<&JobRecord> for Job {
+    fn from(r: &JobRecord) -> Self {
         let path = Self::path(r.id.as_str());
         Self {
             id: r.id.to_string(),
             status: r.status.phase.into(),
             reason: r.status.reason.map(Into::into),
-            message: r.status.message,
+            message: r.status.message.clone(),
             created_at: r.created_at,
             started_at: r.started_at,
             finished_at: r.finished_at,
             attempts: r.attempts,
-            goal: r.spec.goal,
+            goal: r.spec.goal.clone(),
             max_turns: r.spec.max_turns,
             timeout_seconds: r.spec.timeout_seconds,
-            model: r.spec.model,
-            profile: r.spec.profile,
-            labels: r.spec.labels,
-            result: r.result,
+            model: r.spec.model.clone(),
+            profile: r.spec.profile.clone(),
+            labels: r.spec.labels.clone(),
+            result: r.result.clone(),
             trace_id: r.trace.as_ref().and_then(|t| t.trace_id()).map(str::to_owned),
             links: JobLinks {
                 logs: format!("{path}/logs"),

@@ -8,7 +8,7 @@ use crate::{
     telemetry::metrics::JobCounts,
 };
 use async_trait::async_trait;
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 /// Why a backend call failed, in terms the domain can act on.
 #[derive(Debug, thiserror::Error)]
@@ -63,10 +63,11 @@ pub trait JobBackend: Send + Sync {
     /// Create the job, or report the one that already holds its id.
     async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError>;
 
-    async fn get(&self, id: &JobId) -> Result<Option<JobRecord>, BackendError>;
+    /// The job's current record, shared with the backend's cache (reads copy nothing).
+    async fn get(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, BackendError>;
 
     /// Every job this backend knows, in no particular order.
-    async fn list(&self) -> Result<Vec<JobRecord>, BackendError>;
+    async fn list(&self) -> Result<Vec<Arc<JobRecord>>, BackendError>;
 
     /// Stop the agent and mark the job cancelled; the record stays readable. Cancelling a
     /// cancelled job returns it unchanged.

@@ -7,6 +7,7 @@
 use super::{FieldError, JobError, JobPhase, JobRecord, LabelSelector};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
+use std::sync::Arc;
 
 /// What to list.
 #[derive(Debug, Clone)]
@@ -51,7 +52,7 @@ impl ListQuery {
 /// One page of a listing.
 #[derive(Debug, Clone)]
 pub struct JobPage {
-    pub items: Vec<JobRecord>,
+    pub items: Vec<Arc<JobRecord>>,
     pub next_page_token: Option<String>,
 }
 
@@ -95,13 +96,13 @@ fn sort_key(record: &JobRecord) -> (DateTime<Utc>, &str) {
 }
 
 /// Filter, order newest first and cut one page out of `records`.
-pub fn paginate(mut records: Vec<JobRecord>, query: &ListQuery) -> JobPage {
+pub fn paginate(mut records: Vec<Arc<JobRecord>>, query: &ListQuery) -> JobPage {
     records.retain(|r| {
         query.status.is_none_or(|s| r.status.phase == s)
             && query.selector.as_ref().is_none_or(|sel| sel.matches(&r.spec.labels))
             && query.page_token.as_ref().is_none_or(|t| sort_key(r) < t.sort_key())
     });
-    let newest_first = |a: &JobRecord, b: &JobRecord| sort_key(b).cmp(&sort_key(a));
+    let newest_first = |a: &Arc<JobRecord>, b: &Arc<JobRecord>| sort_key(b).cmp(&sort_key(a));
     let more = records.len() > query.limit;
     if more {
         // Only the page needs ordering: move its records to the front, then sort just those.
@@ -119,7 +120,7 @@ mod tests {
     use crate::jobs::{JobId, JobLimits, JobRequest, JobStatus};
     use chrono::TimeZone;
 
-    fn record(second: i64, phase: JobPhase, team: &str) -> JobRecord {
+    fn record(second: i64, phase: JobPhase, team: &str) -> Arc<JobRecord> {
         let spec = JobRequest {
             goal: "g".into(),
             max_turns: 1,
@@ -128,7 +129,7 @@ mod tests {
         }
         .validate(&JobLimits::default())
         .unwrap();
-        JobRecord {
+        Arc::new(JobRecord {
             id: JobId::random(),
             tenant: "default".into(),
             spec,
@@ -140,12 +141,12 @@ mod tests {
             result: None,
             request_hash: String::new(),
             trace: None,
-        }
+        })
     }
 
     #[test]
     fn pages_walk_every_job_once_newest_first_despite_inserts() {
-        let mut all: Vec<JobRecord> = (0..25).map(|i| record(i / 2, JobPhase::Pending, "a")).collect();
+        let mut all: Vec<Arc<JobRecord>> = (0..25).map(|i| record(i / 2, JobPhase::Pending, "a")).collect();
         let mut seen = Vec::new();
         let mut token = None;
         loop {
@@ -159,10 +160,10 @@ mod tests {
                 None => break,
             }
         }
-        let mut expected: Vec<JobRecord> =
+        let mut expected: Vec<Arc<JobRecord>> =
             all.iter().filter(|r| r.created_at.timestamp() < 1_700_001_000).cloned().collect();
         expected.sort_by(|a, b| sort_key(b).cmp(&sort_key(a)));
-        assert_eq!(seen, expected.into_iter().map(|r| r.id).collect::<Vec<_>>());
+        assert_eq!(seen, expected.iter().map(|r| r.id.clone()).collect::<Vec<_>>());
     }
 
     #[test]

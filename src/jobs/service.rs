@@ -53,9 +53,9 @@ pub enum StreamKind {
 #[derive(Debug, Clone)]
 pub enum WatchEvent {
     /// The job as it is now; `id` identifies this state (for `Last-Event-ID`).
-    Changed { id: String, job: JobRecord },
+    Changed { id: String, job: Arc<JobRecord> },
     /// The server is shutting down; reconnect elsewhere with the last id.
-    Closing { id: String, job: JobRecord },
+    Closing { id: String, job: Arc<JobRecord> },
 }
 
 /// A short name for a job's observable state: its phase and a hash of the rest.
@@ -135,7 +135,7 @@ impl JobService {
     ) -> Result<BoxStream<'static, WatchEvent>, JobError> {
         let job = self.get(caller, id).await?;
         let backend = self.backend.clone();
-        let start = (backend, job.id, last_seen, false);
+        let start = (backend, job.id.clone(), last_seen, false);
         let events = futures::stream::unfold(start, move |(backend, id, last, done)| {
             let stop = stop.clone();
             async move {
@@ -271,7 +271,7 @@ impl JobService {
         if key.is_some()
             && let Some(existing) = self.backend.get(&job.id).await?
         {
-            return replay(existing, &job).map(Prepared::Existing);
+            return replay(JobRecord::clone(&existing), &job).map(Prepared::Existing);
         }
         let evaluation = self.evaluate(&job, true);
         if let Some(denial) = evaluation.denial() {
@@ -301,7 +301,7 @@ impl JobService {
         }
     }
 
-    pub async fn get(&self, caller: &Caller, id: &str) -> Result<JobRecord, JobError> {
+    pub async fn get(&self, caller: &Caller, id: &str) -> Result<Arc<JobRecord>, JobError> {
         let id = parse_id(id)?;
         match self.backend.get(&id).await? {
             Some(job) if caller.sees(&job.tenant) => Ok(job),

@@ -3,6 +3,7 @@
 //! Reads come from watch-backed caches of the Jobs and Pods labelled `app=oats-agent`; writes go
 //! to the API server, which is the only source of truth, so any number of replicas agree.
 
+pub mod cache;
 pub mod pss;
 pub mod render;
 pub mod status;
@@ -11,6 +12,7 @@ pub mod status;
 mod mock_tests;
 
 use super::{BackendError, JobBackend, Preview};
+use cache::{CachedJob, CachedPod, JobCache};
 use crate::{
     jobs::{CreateOutcome, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob},
     telemetry::{
@@ -27,15 +29,11 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, LogParams, Patch, PatchParams, PostParams},
-    runtime::{
-        WatchStreamExt,
-        reflector::{self, ObjectRef, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt, watcher},
 };
-use render::{AGENT_CONTAINER, AgentTemplate, CANCELLED_AT_ANNOTATION, JOB_ID_LABEL};
+use render::{AGENT_CONTAINER, AgentTemplate, CANCELLED_AT_ANNOTATION};
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -52,64 +50,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 pub struct KubernetesBackend {
     client: Client,
     template: AgentTemplate,
-    jobs: Store<Job>,
-    pods: Store<Pod>,
-    pod_index: Arc<PodIndex>,
+    cache: Arc<JobCache>,
     health: Arc<CacheHealth>,
-}
-
-/// Pod names by job id, kept current from the pod watch, so reading one job does not scan every
-/// cached pod. A re-list builds a fresh index that replaces the old one when the list completes,
-/// as the reflector's store does.
-#[derive(Default)]
-struct PodIndex {
-    current: std::sync::RwLock<HashMap<String, HashSet<String>>>,
-    relisting: Mutex<Option<HashMap<String, HashSet<String>>>>,
-}
-
-impl PodIndex {
-    fn job_of(pod: &Pod) -> Option<String> {
-        pod.labels().get(JOB_ID_LABEL).cloned()
-    }
-
-    fn observe(&self, event: &watcher::Event<Pod>) {
-        match event {
-            watcher::Event::Init => *self.relisting.lock().unwrap() = Some(HashMap::new()),
-            watcher::Event::InitApply(pod) => {
-                if let (Some(job), Some(index)) = (Self::job_of(pod), self.relisting.lock().unwrap().as_mut()) {
-                    index.entry(job).or_default().insert(pod.name_any());
-                }
-            }
-            watcher::Event::InitDone => {
-                if let Some(index) = self.relisting.lock().unwrap().take() {
-                    *self.current.write().unwrap() = index;
-                }
-            }
-            watcher::Event::Apply(pod) => {
-                if let Some(job) = Self::job_of(pod) {
-                    self.current.write().unwrap().entry(job).or_default().insert(pod.name_any());
-                }
-            }
-            watcher::Event::Delete(pod) => {
-                if let Some(job) = Self::job_of(pod) {
-                    let mut current = self.current.write().unwrap();
-                    if let Some(names) = current.get_mut(&job) {
-                        names.remove(&pod.name_any());
-                        if names.is_empty() {
-                            current.remove(&job);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// The cached pods of a job.
-    fn pods(&self, store: &Store<Pod>, namespace: &str, job: &str) -> Vec<Arc<Pod>> {
-        let current = self.current.read().unwrap();
-        let names = current.get(job).into_iter().flatten();
-        names.filter_map(|name| store.get(&ObjectRef::new(name).within(namespace))).collect()
-    }
 }
 
 /// Whether one watch has listed once, and whether it is healthy now.
@@ -153,27 +95,26 @@ impl CacheHealth {
 /// lifecycle spans). A replica that loses the race gets 409 Conflict and counts nothing; a job
 /// that changed meanwhile is claimed again on its next watch event.
 struct FinishCounter {
-    api: Api<Job>,
+    api: Api<CachedJob>,
     metrics: Arc<Metrics>,
     replica: String,
     claiming: Mutex<HashSet<String>>,
 }
 
 impl FinishCounter {
-    fn observe(self: &Arc<Self>, job: &Job, record: JobRecord) {
-        let counted = job.annotations().contains_key(render::COUNTED_ANNOTATION);
-        if counted || !record.status.phase.is_terminal() {
+    fn observe(self: &Arc<Self>, name: String, entry: &cache::Entry) {
+        if entry.facts.counted || !entry.record.status.phase.is_terminal() {
             return;
         }
-        let name = job.name_any();
         if !self.claiming.lock().unwrap().insert(name.clone()) {
             return;
         }
         let patch = serde_json::json!({"metadata": {
-            "resourceVersion": job.resource_version(),
+            "resourceVersion": entry.facts.resource_version,
             "annotations": { render::COUNTED_ANNOTATION: self.replica },
         }});
         let counter = self.clone();
+        let record = entry.record.clone();
         tokio::spawn(async move {
             match counter.api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => {
@@ -200,149 +141,73 @@ impl KubernetesBackend {
             failed: Notify::new(),
             metrics: metrics.clone(),
         });
-        let job_api: Api<Job> = Api::namespaced(client.clone(), &template.namespace);
+        let job_api: Api<CachedJob> = Api::namespaced(client.clone(), &template.namespace);
         let finishes = Arc::new(FinishCounter {
             api: job_api.clone(),
             metrics,
             replica: std::env::var("HOSTNAME").unwrap_or_else(|_| "oats".into()),
             claiming: Mutex::default(),
         });
+        let cache = Arc::new(JobCache::default());
 
-        let (jobs, job_writer) = reflector::store();
-        let (pods, pod_writer) = reflector::store();
-        let job_events = watcher(job_api, config.clone()).default_backoff().modify(compact_job).reflect(job_writer);
-        let pod_index = Arc::new(PodIndex::default());
-        let (pod_store, index, namespace) = (pods.clone(), pod_index.clone(), template.namespace.clone());
-        let on_job = move |event: &watcher::Event<Job>| {
-            if let watcher::Event::Apply(job) | watcher::Event::InitApply(job) = event {
-                let pods = index.pods(&pod_store, &namespace, &job.name_any());
-                let pods: Vec<&Pod> = pods.iter().map(Arc::as_ref).collect();
-                if let Some(record) = status::job_record(job, &pods) {
-                    finishes.observe(job, record);
-                }
+        let job_events = watcher(job_api, config.clone()).default_backoff();
+        let jobs = cache.clone();
+        let on_job = move |event: watcher::Event<CachedJob>| {
+            if let Some((name, entry)) = jobs.observe_job(event) {
+                finishes.observe(name, &entry);
             }
         };
         tokio::spawn(drive(job_events, health.clone(), |h| &h.jobs, on_job));
 
-        let pod_api: Api<Pod> = Api::namespaced(client.clone(), &template.namespace);
-        let pod_events = watcher(pod_api, config).default_backoff().modify(compact_pod).reflect(pod_writer);
-        let index = pod_index.clone();
-        tokio::spawn(drive(
-            pod_events,
-            health.clone(),
-            |h| &h.pods,
-            move |event: &watcher::Event<Pod>| index.observe(event),
-        ));
+        let pod_api: Api<CachedPod> = Api::namespaced(client.clone(), &template.namespace);
+        let pod_events = watcher(pod_api, config).default_backoff();
+        let pods = cache.clone();
+        tokio::spawn(drive(pod_events, health.clone(), |h| &h.pods, move |event| pods.observe_pod(event)));
         tokio::spawn(probe_until_reachable(client.clone(), template.namespace.clone(), selector, health.clone()));
 
-        Self { client, template, jobs, pods, pod_index, health }
+        Self { client, template, cache, health }
     }
 
     fn job_api(&self) -> Api<Job> {
         Api::namespaced(self.client.clone(), &self.template.namespace)
     }
 
-    fn pods_of(&self, id: &str) -> Vec<Arc<Pod>> {
-        self.pod_index.pods(&self.pods, &self.template.namespace, id)
+    fn cached_job_api(&self) -> Api<CachedJob> {
+        Api::namespaced(self.client.clone(), &self.template.namespace)
     }
 
-    fn record(&self, job: &Job) -> Option<JobRecord> {
-        let pods = self.pods_of(&job.name_any());
-        let pods: Vec<&Pod> = pods.iter().map(Arc::as_ref).collect();
+    /// The record of a Job read from the API server, with the cached pods of its job.
+    fn record(&self, job: &CachedJob) -> Option<JobRecord> {
+        let pods = self.cache.pods(&job.name_any());
+        let pods: Vec<&CachedPod> = pods.iter().map(Arc::as_ref).collect();
         status::job_record(job, &pods)
-    }
-
-    fn cached(&self, id: &JobId) -> Option<Arc<Job>> {
-        self.jobs.get(&ObjectRef::new(id.as_str()).within(&self.template.namespace))
     }
 
     /// The cached job, or (for a job created a moment ago that the watch has not delivered yet)
     /// the API server's copy.
-    async fn fetch(&self, id: &JobId) -> Result<Option<Job>, BackendError> {
-        if let Some(job) = self.cached(id) {
-            return Ok(Some(job.as_ref().clone()));
+    async fn fetch(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, BackendError> {
+        if let Some(record) = self.cache.get(id.as_str()) {
+            return Ok(Some(record));
         }
-        self.job_api().get_opt(id.as_str()).await.map_err(api_error)
+        let job = self.cached_job_api().get_opt(id.as_str()).await.map_err(api_error)?;
+        Ok(job.and_then(|job| self.record(&job)).map(Arc::new))
     }
 
-    fn latest_pod(&self, id: &JobId) -> Option<Arc<Pod>> {
-        self.pods_of(id.as_str()).into_iter().max_by_key(|p| p.creation_timestamp().map(|t| status::to_chrono(&t)))
-    }
-
-    /// Every cached job's record, its pods matched in one pass.
-    fn records(&self) -> Vec<(JobRecord, usize)> {
-        let mut pods_by_job: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
-        for pod in self.pods.state() {
-            if let Some(id) = pod.labels().get(JOB_ID_LABEL) {
-                pods_by_job.entry(id.clone()).or_default().push(pod.clone());
-            }
-        }
-        self.jobs
-            .state()
-            .iter()
-            .filter_map(|job| {
-                let pods = pods_by_job.get(&job.name_any()).map(Vec::as_slice).unwrap_or_default();
-                let pods: Vec<&Pod> = pods.iter().map(Arc::as_ref).collect();
-                status::job_record(job, &pods).map(|record| (record, pods.len()))
-            })
-            .collect()
+    fn latest_pod(&self, id: &JobId) -> Option<Arc<CachedPod>> {
+        self.cache
+            .pods(id.as_str())
+            .into_iter()
+            .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(status::to_chrono))
     }
 }
 
-/// Keep only what the status mapping reads from a Job: metadata without managed fields, the
-/// agent container's `OATS_*` environment, the status. The cache then costs a fraction of the
-/// full objects.
-fn compact_job(job: &mut Job) {
-    job.managed_fields_mut().clear();
-    job.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
-    if let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
-        pod.containers.retain(|c| c.name == AGENT_CONTAINER);
-        for container in &mut pod.containers {
-            if let Some(env) = container.env.as_mut() {
-                env.retain(|e| {
-                    e.name.starts_with("OATS_") && e.name != "OATS_RESULT_FILE" && e.name != "OATS_WORKSPACE"
-                });
-            }
-            *container = k8s_openapi::api::core::v1::Container {
-                name: std::mem::take(&mut container.name),
-                env: container.env.take(),
-                ..Default::default()
-            };
-        }
-        *pod = k8s_openapi::api::core::v1::PodSpec {
-            containers: std::mem::take(&mut pod.containers),
-            ..Default::default()
-        };
-    }
-    if let Some(template) = job.spec.as_mut().map(|s| &mut s.template) {
-        template.metadata = None;
-    }
-}
-
-/// Keep only what the status mapping reads from a Pod: name, labels, creation time, status.
-fn compact_pod(pod: &mut Pod) {
-    pod.managed_fields_mut().clear();
-    pod.spec = None;
-    pod.metadata.annotations = None;
-    pod.metadata.owner_references = None;
-    if let Some(status) = pod.status.as_mut() {
-        status.host_ip = None;
-        status.host_ips = None;
-        status.pod_ip = None;
-        status.pod_ips = None;
-        status.qos_class = None;
-        status.init_container_statuses = None;
-        status.ephemeral_container_statuses = None;
-    }
-}
-
-/// Run one watch forever, keeping its health and metrics current and showing each event to
-/// `on_event` (after the reflector has stored it).
+/// Run one watch forever, keeping its health and metrics current and handing each event to
+/// `on_event` (which keeps the cache).
 async fn drive<S, K>(
     events: S,
     health: Arc<CacheHealth>,
     watch: fn(&CacheHealth) -> &WatchHealth,
-    on_event: impl Fn(&watcher::Event<K>),
+    on_event: impl Fn(watcher::Event<K>),
 ) where
     S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
@@ -350,27 +215,8 @@ async fn drive<S, K>(
     while let Some(event) = events.next().await {
         let state = watch(&health);
         let resource = ResourceLabel { resource: state.resource };
-        if let Ok(event) = &event {
-            on_event(event);
-        }
-        match event {
-            Ok(watcher::Event::Init) => {
-                health.metrics.watch_restarts.get_or_create(&resource).inc();
-            }
-            Ok(watcher::Event::InitDone) => {
-                state.synced.store(true, Ordering::Relaxed);
-                if !state.healthy.swap(true, Ordering::Relaxed) {
-                    tracing::info!(watch = state.resource, "watch cache synced");
-                }
-                health.publish(state);
-            }
-            Ok(watcher::Event::Apply(_) | watcher::Event::InitApply(_)) => {
-                if state.synced.load(Ordering::Relaxed) && !state.healthy.swap(true, Ordering::Relaxed) {
-                    tracing::info!(watch = state.resource, "watch recovered");
-                    health.publish(state);
-                }
-            }
-            Ok(watcher::Event::Delete(_)) => {}
+        let event = match event {
+            Ok(event) => event,
             Err(error) => {
                 health.metrics.watch_errors.get_or_create(&resource).inc();
                 if state.healthy.swap(false, Ordering::Relaxed) {
@@ -378,7 +224,26 @@ async fn drive<S, K>(
                     health.publish(state);
                 }
                 health.failed.notify_one();
+                continue;
             }
+        };
+        let (restarted, listed, applied) = (
+            matches!(event, watcher::Event::Init),
+            matches!(event, watcher::Event::InitDone),
+            matches!(event, watcher::Event::Apply(_) | watcher::Event::InitApply(_)),
+        );
+        on_event(event);
+        if restarted {
+            health.metrics.watch_restarts.get_or_create(&resource).inc();
+        } else if listed {
+            state.synced.store(true, Ordering::Relaxed);
+            if !state.healthy.swap(true, Ordering::Relaxed) {
+                tracing::info!(watch = state.resource, "watch cache synced");
+            }
+            health.publish(state);
+        } else if applied && state.synced.load(Ordering::Relaxed) && !state.healthy.swap(true, Ordering::Relaxed) {
+            tracing::info!(watch = state.resource, "watch recovered");
+            health.publish(state);
         }
     }
 }
@@ -459,25 +324,11 @@ impl JobBackend for KubernetesBackend {
     }
 
     fn active_jobs(&self, tenant: &str) -> usize {
-        self.jobs
-            .state()
-            .iter()
-            .filter(|job| {
-                job.labels().get(render::TENANT_LABEL).is_some_and(|t| t == tenant) && !status::is_finished(job)
-            })
-            .count()
+        self.cache.active_jobs(tenant)
     }
 
     fn counts(&self) -> JobCounts {
-        let mut counts = JobCounts::default();
-        let a_minute_ago = chrono::Utc::now() - chrono::Duration::minutes(1);
-        for (record, pods) in self.records() {
-            counts.add(record.status.phase);
-            if !record.status.phase.is_terminal() && pods == 0 && record.created_at < a_minute_ago {
-                counts.without_pod += 1;
-            }
-        }
-        counts
+        self.cache.counts(chrono::Utc::now())
     }
 
     async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError> {
@@ -492,11 +343,12 @@ impl JobBackend for KubernetesBackend {
         match self.job_api().create(&PostParams::default(), &manifest).await {
             Ok(created) => {
                 tracing::info!(job_id = %job.id, "created Kubernetes Job");
-                Ok(CreateOutcome::Created(status::job_record(&created, &[]).unwrap_or_else(|| job.pending_record())))
+                let record = CachedJob::from_job(&created).and_then(|created| status::job_record(&created, &[]));
+                Ok(CreateOutcome::Created(record.unwrap_or_else(|| job.pending_record())))
             }
             Err(kube::Error::Api(status)) if status.is_already_exists() => {
                 let existing = self
-                    .job_api()
+                    .cached_job_api()
                     .get_opt(job.id.as_str())
                     .await
                     .map_err(api_error)?
@@ -510,25 +362,27 @@ impl JobBackend for KubernetesBackend {
         }
     }
 
-    async fn get(&self, id: &JobId) -> Result<Option<JobRecord>, BackendError> {
-        if !self.is_ready() && self.cached(id).is_none() {
+    async fn get(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, BackendError> {
+        if let Some(record) = self.cache.get(id.as_str()) {
+            return Ok(Some(record));
+        }
+        if !self.is_ready() {
             return Err(not_ready());
         }
-        Ok(self.fetch(id).await?.and_then(|job| self.record(&job)))
+        self.fetch(id).await
     }
 
-    async fn list(&self) -> Result<Vec<JobRecord>, BackendError> {
+    async fn list(&self) -> Result<Vec<Arc<JobRecord>>, BackendError> {
         if !self.health.jobs.synced.load(Ordering::Relaxed) || !self.health.pods.synced.load(Ordering::Relaxed) {
             return Err(not_ready());
         }
-        Ok(self.records().into_iter().map(|(record, _)| record).collect())
+        Ok(self.cache.records())
     }
 
     async fn cancel(&self, id: &JobId) -> Result<JobRecord, BackendError> {
-        let job = self.fetch(id).await?.ok_or_else(|| BackendError::NotFound(id.to_string()))?;
-        let record = self.record(&job).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+        let record = self.fetch(id).await?.ok_or_else(|| BackendError::NotFound(id.to_string()))?;
         if record.status.phase == crate::jobs::JobPhase::Cancelled {
-            return Ok(record);
+            return Ok(JobRecord::clone(&record));
         }
         if record.status.phase.is_terminal() {
             return Err(BackendError::AlreadyFinished(id.to_string()));
@@ -541,7 +395,7 @@ impl JobBackend for KubernetesBackend {
             }},
             "spec": { "activeDeadlineSeconds": 1 },
         });
-        let patched = self.job_api().patch(id.as_str(), &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(
+        let patched = self.cached_job_api().patch(id.as_str(), &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(
             |e| match e {
                 kube::Error::Api(s) if s.is_not_found() => BackendError::NotFound(id.to_string()),
                 other => api_error(other),
@@ -583,7 +437,7 @@ impl JobBackend for KubernetesBackend {
     async fn events(&self, id: &JobId) -> Result<Vec<JobEvent>, BackendError> {
         let api: Api<Event> = Api::namespaced(self.client.clone(), &self.template.namespace);
         let mut objects = vec![("Job".to_owned(), id.to_string())];
-        objects.extend(self.pods_of(id.as_str()).iter().map(|p| ("Pod".to_owned(), p.name_any())));
+        objects.extend(self.cache.pods(id.as_str()).iter().map(|p| ("Pod".to_owned(), p.name_any())));
         let mut events = Vec::new();
         for (kind, name) in objects {
             let params =
@@ -606,7 +460,7 @@ fn pod_security_violations(job: &Job) -> Vec<String> {
         .collect()
 }
 
-fn has_started(pod: &Pod) -> bool {
+fn has_started(pod: &CachedPod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.container_statuses.as_ref())

@@ -1,7 +1,7 @@
 //! Pure mapping from a Job and its Pods to a job record. No I/O, so a table of cases pins it.
 
 use super::render::{
-    AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, CREATED_AT_ANNOTATION, JOB_ID_LABEL, PROFILE_ANNOTATION,
+    AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, COUNTED_ANNOTATION, CREATED_AT_ANNOTATION, JOB_ID_LABEL, PROFILE_ANNOTATION,
     REQUEST_HASH_ANNOTATION, TENANT_LABEL, TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION,
 };
 use crate::jobs::{
@@ -9,11 +9,9 @@ use crate::jobs::{
     truncate_result,
 };
 use chrono::{DateTime, Utc};
+use super::cache::{CachedJob, CachedPod};
 use k8s_openapi::{
-    api::{
-        batch::v1::Job,
-        core::v1::{ContainerStatus, Pod},
-    },
+    api::{batch::v1::JobCondition, core::v1::ContainerStatus},
     apimachinery::pkg::apis::meta::v1::Time,
 };
 
@@ -22,16 +20,83 @@ pub fn to_chrono(time: &Time) -> DateTime<Utc> {
     DateTime::from_timestamp(time.0.as_second(), time.0.subsec_nanosecond().max(0) as u32).unwrap_or_default()
 }
 
+/// What the status mapping reads from a Job besides the job's spec: its status and OATS's
+/// annotations. Kept beside a cached record so a pod's change can recompute it.
+#[derive(Clone, Debug, Default)]
+pub struct JobFacts {
+    pub resource_version: Option<String>,
+    /// Whether a replica already counted the job's finish ([`COUNTED_ANNOTATION`]).
+    pub counted: bool,
+    pub cancelled_at: Option<String>,
+    /// Only the conditions that hold (`status: "True"`).
+    pub conditions: Vec<JobCondition>,
+    /// Pods the Job controller counted as active, succeeded or failed, plus terminated ones not
+    /// yet counted.
+    pub pods_seen: usize,
+    pub completion_time: Option<Time>,
+}
+
+impl JobFacts {
+    pub fn of(job: &CachedJob) -> Self {
+        let annotations = job.metadata.annotations.as_ref();
+        let annotation = |key: &str| annotations.and_then(|a| a.get(key)).cloned();
+        let status = job.status.as_ref();
+        // Pods that finished but are not yet folded into the counters sit in uncountedTerminatedPods.
+        let uncounted = status.and_then(|s| s.uncounted_terminated_pods.as_ref()).map_or(0, |u| {
+            u.succeeded.as_ref().map_or(0, Vec::len) + u.failed.as_ref().map_or(0, Vec::len)
+        });
+        let counted = status.map_or(0, |s| s.active.unwrap_or(0) + s.succeeded.unwrap_or(0) + s.failed.unwrap_or(0));
+        Self {
+            resource_version: job.metadata.resource_version.clone(),
+            counted: annotations.is_some_and(|a| a.contains_key(COUNTED_ANNOTATION)),
+            cancelled_at: annotation(CANCELLED_AT_ANNOTATION),
+            conditions: status
+                .and_then(|s| s.conditions.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|c| c.status == "True")
+                .cloned()
+                .collect(),
+            pods_seen: counted.max(0) as usize + uncounted,
+            completion_time: status.and_then(|s| s.completion_time.clone()),
+        }
+    }
+
+    fn condition(&self, kind: &str) -> Option<&JobCondition> {
+        self.conditions.iter().find(|c| c.type_ == kind)
+    }
+
+    /// Whether the Job has reached a final status: the same judgement as [`observe`], from the
+    /// Job alone (pods only add detail to a final status, never decide it).
+    pub fn is_finished(&self) -> bool {
+        self.cancelled_at.is_some()
+            || ["Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"].iter().any(|k| self.condition(k).is_some())
+    }
+}
+
 /// The record of `job`, given its pods (any order). `None` for a Job OATS did not create.
-pub fn job_record(job: &Job, pods: &[&Pod]) -> Option<JobRecord> {
+pub fn job_record(job: &CachedJob, pods: &[&CachedPod]) -> Option<JobRecord> {
+    job_record_with(job, &JobFacts::of(job), pods)
+}
+
+/// [`job_record`] with the Job's facts already taken.
+pub fn job_record_with(job: &CachedJob, facts: &JobFacts, pods: &[&CachedPod]) -> Option<JobRecord> {
+    let mut record = submitted(job)?;
+    observe(&mut record, facts, pods);
+    Some(record)
+}
+
+/// The job as it was submitted (pending; nothing observed yet), read back from its Job.
+fn submitted(job: &CachedJob) -> Option<JobRecord> {
     let meta = &job.metadata;
     let labels = meta.labels.as_ref()?;
     let id = JobId::parse(labels.get(JOB_ID_LABEL)?).ok()?;
     let tenant = labels.get(TENANT_LABEL)?.clone();
-    let annotations = meta.annotations.clone().unwrap_or_default();
+    let annotations = meta.annotations.as_ref();
+    let annotation = |key: &str| annotations.and_then(|a| a.get(key)).cloned();
     let spec = job.spec.as_ref()?;
     let container = spec.template.spec.as_ref()?.containers.iter().find(|c| c.name == AGENT_CONTAINER)?;
-    let env = |name: &str| container.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone());
+    let env = |name: &str| container.env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
     let user_labels: Labels = labels
         .iter()
         .filter(|(k, _)| {
@@ -45,63 +110,35 @@ pub fn job_record(job: &Job, pods: &[&Pod]) -> Option<JobRecord> {
         labels: user_labels,
         timeout_seconds: env("OATS_TIMEOUT_SECONDS").and_then(|v| v.parse().ok()).unwrap_or(0),
         model: env("OATS_MODEL"),
-        profile: annotations.get(PROFILE_ANNOTATION).cloned(),
+        profile: annotation(PROFILE_ANNOTATION),
     };
-    let created_at = annotations
-        .get(CREATED_AT_ANNOTATION)
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+    let created_at = annotation(CREATED_AT_ANNOTATION)
+        .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
         .map(|t| t.with_timezone(&Utc))
         .or_else(|| meta.creation_timestamp.as_ref().map(to_chrono))
         .unwrap_or_default();
-
-    let mut pods: Vec<&Pod> = pods.to_vec();
-    pods.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(to_chrono));
-    let observed = observe(job, &pods, annotations.get(CANCELLED_AT_ANNOTATION));
-
     Some(JobRecord {
         id,
         tenant,
         spec: job_spec,
-        status: observed.status,
+        status: JobStatus::new(JobPhase::Pending),
         created_at,
-        started_at: observed.started_at,
-        finished_at: observed.finished_at,
-        attempts: observed.attempts,
-        result: observed.result,
-        request_hash: annotations.get(REQUEST_HASH_ANNOTATION).cloned().unwrap_or_default(),
-        trace: annotations.get(TRACEPARENT_ANNOTATION).map(|traceparent| TraceContext {
-            traceparent: traceparent.clone(),
-            tracestate: annotations.get(TRACESTATE_ANNOTATION).cloned(),
-        }),
+        started_at: None,
+        finished_at: None,
+        attempts: 0,
+        result: None,
+        request_hash: annotation(REQUEST_HASH_ANNOTATION).unwrap_or_default(),
+        trace: annotation(TRACEPARENT_ANNOTATION)
+            .map(|traceparent| TraceContext { traceparent, tracestate: annotation(TRACESTATE_ANNOTATION) }),
     })
 }
 
-/// Whether a Job has reached a final status: the same judgement as [`job_record`], from the Job
-/// alone (pods only add detail to a final status, never decide it).
-pub fn is_finished(job: &Job) -> bool {
-    let cancelled = job.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(CANCELLED_AT_ANNOTATION));
-    let conditions = job.status.as_ref().and_then(|s| s.conditions.as_ref());
-    cancelled
-        || conditions.into_iter().flatten().any(|c| {
-            c.status == "True"
-                && matches!(c.type_.as_str(), "Complete" | "SuccessCriteriaMet" | "Failed" | "FailureTarget")
-        })
-}
-
-struct Observed {
-    status: JobStatus,
-    started_at: Option<DateTime<Utc>>,
-    finished_at: Option<DateTime<Utc>>,
-    attempts: u32,
-    result: Option<String>,
-}
-
-fn agent_status(pod: &Pod) -> Option<&ContainerStatus> {
+fn agent_status(pod: &CachedPod) -> Option<&ContainerStatus> {
     pod.status.as_ref()?.container_statuses.as_ref()?.iter().find(|c| c.name == AGENT_CONTAINER)
 }
 
 /// When the agent container first started, across attempts.
-fn agent_started_at(pods: &[&Pod]) -> Option<DateTime<Utc>> {
+fn agent_started_at(pods: &[&CachedPod]) -> Option<DateTime<Utc>> {
     pods.iter()
         .filter_map(|p| {
             let state = agent_status(p)?.state.as_ref()?;
@@ -115,94 +152,77 @@ fn agent_started_at(pods: &[&Pod]) -> Option<DateTime<Utc>> {
         .min()
 }
 
-fn observe(job: &Job, pods: &[&Pod], cancelled_at: Option<&String>) -> Observed {
-    let status = job.status.clone().unwrap_or_default();
-    let condition = |kind: &str| status.conditions.iter().flatten().find(|c| c.type_ == kind && c.status == "True");
-    // Pods that finished but are not yet folded into the counters sit in uncountedTerminatedPods.
-    let uncounted = status
-        .uncounted_terminated_pods
-        .as_ref()
-        .map_or(0, |u| u.succeeded.as_ref().map_or(0, Vec::len) + u.failed.as_ref().map_or(0, Vec::len));
-    let counted = status.active.unwrap_or(0) + status.succeeded.unwrap_or(0) + status.failed.unwrap_or(0);
-    let attempts = (counted.max(0) as usize + uncounted).max(pods.len()) as u32;
-    let started_at = agent_started_at(pods);
+/// Set what Kubernetes says about the job (status, times, attempts, result) on its record.
+pub fn observe(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod]) {
+    let mut pods: Vec<&CachedPod> = pods.to_vec();
+    pods.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(to_chrono));
+    let attempts = facts.pods_seen.max(pods.len()) as u32;
+    let started_at = agent_started_at(&pods);
     let latest = pods.last().copied();
-    let latest_terminated = latest.and_then(agent_status).and_then(|c| c.state.as_ref()?.terminated.clone());
+    let latest_terminated = latest.and_then(agent_status).and_then(|c| c.state.as_ref()?.terminated.as_ref());
     let message_of = |text: Option<&String>| text.map(|m| truncate_result(m.trim_end().to_owned()));
+    record.attempts = attempts;
+    record.started_at = started_at;
+    record.finished_at = None;
+    record.result = None;
 
-    if let Some(done) = condition("Complete").or_else(|| condition("SuccessCriteriaMet")) {
-        let result = latest_terminated.as_ref().and_then(|t| message_of(t.message.as_ref()));
-        return Observed {
-            status: JobStatus::new(JobPhase::Succeeded),
-            started_at,
-            finished_at: status.completion_time.as_ref().or(done.last_transition_time.as_ref()).map(to_chrono),
-            attempts,
-            result,
-        };
+    if let Some(done) = facts.condition("Complete").or_else(|| facts.condition("SuccessCriteriaMet")) {
+        record.status = JobStatus::new(JobPhase::Succeeded);
+        record.finished_at =
+            facts.completion_time.as_ref().or(done.last_transition_time.as_ref()).map(to_chrono);
+        record.result = latest_terminated.and_then(|t| message_of(t.message.as_ref()));
+        return;
     }
-    let failed = condition("Failed").or_else(|| condition("FailureTarget"));
-    if let Some(at) = cancelled_at {
+    let failed = facts.condition("Failed").or_else(|| facts.condition("FailureTarget"));
+    if let Some(at) = &facts.cancelled_at {
         let cancelled = DateTime::parse_from_rfc3339(at).ok().map(|t| t.with_timezone(&Utc));
-        return Observed {
-            status: JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request"),
-            started_at,
-            finished_at: cancelled.or_else(|| failed.and_then(|c| c.last_transition_time.as_ref()).map(to_chrono)),
-            attempts,
-            result: None,
-        };
+        record.status = JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
+        record.finished_at =
+            cancelled.or_else(|| failed.and_then(|c| c.last_transition_time.as_ref()).map(to_chrono));
+        return;
     }
-    if let Some(failed) = failed {
-        let finished_at = failed.last_transition_time.as_ref().map(to_chrono);
-        let pod_reason = latest.and_then(|p| p.status.as_ref()?.reason.clone());
-        let status = match failed.reason.as_deref() {
-            Some("DeadlineExceeded") => JobStatus::with_reason(
+    let Some(failed) = failed else {
+        record.status = active_status(latest);
+        return;
+    };
+    record.finished_at = failed.last_transition_time.as_ref().map(to_chrono);
+    let pod_reason = latest.and_then(|p| p.status.as_ref()?.reason.as_deref());
+    record.status = match failed.reason.as_deref() {
+        Some("DeadlineExceeded") => JobStatus::with_reason(
+            JobPhase::Failed,
+            JobReason::DeadlineExceeded,
+            format!("the job ran longer than its timeout of {}s", record.spec.timeout_seconds),
+        ),
+        _ if pod_reason == Some("Evicted") => {
+            JobStatus::with_reason(JobPhase::Failed, JobReason::Evicted, "the node evicted the agent pod")
+        }
+        _ => match latest_terminated {
+            Some(t) if t.reason.as_deref() == Some("OOMKilled") => JobStatus::with_reason(
                 JobPhase::Failed,
-                JobReason::DeadlineExceeded,
-                format!("the job ran longer than its timeout of {}s", job_timeout(job)),
+                JobReason::OOMKilled,
+                "the agent was killed for exceeding its memory limit",
             ),
-            _ if pod_reason.as_deref() == Some("Evicted") => {
-                JobStatus::with_reason(JobPhase::Failed, JobReason::Evicted, "the node evicted the agent pod")
-            }
-            _ => match &latest_terminated {
-                Some(t) if t.reason.as_deref() == Some("OOMKilled") => JobStatus::with_reason(
-                    JobPhase::Failed,
-                    JobReason::OOMKilled,
-                    "the agent was killed for exceeding its memory limit",
-                ),
-                Some(t) if attempts > 1 => JobStatus::with_reason(
-                    JobPhase::Failed,
-                    JobReason::BackoffLimitExceeded,
-                    format!("the agent failed {attempts} times; last exit code {}", t.exit_code),
-                ),
-                Some(t) => JobStatus::with_reason(
-                    JobPhase::Failed,
-                    JobReason::AgentError,
-                    format!("the agent exited with code {}", t.exit_code),
-                ),
-                None => JobStatus::with_reason(
-                    JobPhase::Failed,
-                    JobReason::BackoffLimitExceeded,
-                    failed.message.clone().unwrap_or_else(|| "the job failed".into()),
-                ),
-            },
-        };
-        return Observed { status, started_at, finished_at, attempts, result: None };
-    }
-    Observed { status: active_status(latest), started_at, finished_at: None, attempts, result: None }
-}
-
-fn job_timeout(job: &Job) -> String {
-    job.spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .and_then(|p| p.containers.iter().find(|c| c.name == AGENT_CONTAINER))
-        .and_then(|c| c.env.iter().flatten().find(|e| e.name == "OATS_TIMEOUT_SECONDS"))
-        .and_then(|e| e.value.clone())
-        .unwrap_or_else(|| "?".into())
+            Some(t) if attempts > 1 => JobStatus::with_reason(
+                JobPhase::Failed,
+                JobReason::BackoffLimitExceeded,
+                format!("the agent failed {attempts} times; last exit code {}", t.exit_code),
+            ),
+            Some(t) => JobStatus::with_reason(
+                JobPhase::Failed,
+                JobReason::AgentError,
+                format!("the agent exited with code {}", t.exit_code),
+            ),
+            None => JobStatus::with_reason(
+                JobPhase::Failed,
+                JobReason::BackoffLimitExceeded,
+                failed.message.clone().unwrap_or_else(|| "the job failed".into()),
+            ),
+        },
+    };
 }
 
 /// A job that has not finished: pending (with why, when Kubernetes says) or running.
-fn active_status(latest: Option<&Pod>) -> JobStatus {
+fn active_status(latest: Option<&CachedPod>) -> JobStatus {
     let Some(pod) = latest else { return JobStatus::new(JobPhase::Pending) };
     let pod_status = pod.status.clone().unwrap_or_default();
     if let Some(waiting) = agent_status(pod).and_then(|c| c.state.as_ref()?.waiting.clone()) {
@@ -251,12 +271,20 @@ mod tests {
         jobs::{JobLimits, JobRequest, NewJob},
     };
     use k8s_openapi::api::{
-        batch::v1::{JobCondition, JobStatus as K8sJobStatus},
+        batch::v1::{Job, JobStatus as K8sJobStatus},
         core::v1::{
+            Pod,
             ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, PodCondition,
             PodStatus,
         },
     };
+
+    /// The record of a Job and its Pods as the watches would cache them.
+    fn record_of(job: &Job, pods: &[Pod]) -> Option<JobRecord> {
+        let pods: Vec<CachedPod> = pods.iter().map(|p| CachedPod::from_pod(p).unwrap()).collect();
+        let pods: Vec<&CachedPod> = pods.iter().collect();
+        job_record(&CachedJob::from_job(job).unwrap(), &pods)
+    }
 
     fn time(second: i64) -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + second).unwrap())
@@ -440,8 +468,7 @@ mod tests {
             ("evicted", job(&[("Failed", "BackoffLimitExceeded")], (0, 0, 1)), vec![evicted()], Failed, Some(Evicted)),
         ];
         for (name, job, pods, phase, reason) in cases {
-            let pods: Vec<&Pod> = pods.iter().collect();
-            let record = job_record(&job, &pods).unwrap();
+            let record = record_of(&job, &pods).unwrap();
             assert_eq!((record.status.phase, record.status.reason), (phase, reason), "{name}");
             if reason.is_some() {
                 assert!(record.status.message.is_some(), "{name} has no message");
@@ -453,21 +480,21 @@ mod tests {
     fn cancelled_jobs_report_cancelled_until_their_ttl() {
         let mut j = job(&[("Failed", "DeadlineExceeded")], (0, 0, 1));
         j.metadata.annotations.as_mut().unwrap().insert(CANCELLED_AT_ANNOTATION.into(), "2027-01-15T08:00:00Z".into());
-        let record = job_record(&j, &[]).unwrap();
+        let record = record_of(&j, &[]).unwrap();
         assert_eq!(record.status.phase, JobPhase::Cancelled);
         assert_eq!(record.status.reason, Some(JobReason::Cancelled));
         assert!(record.finished_at.is_some());
         // Cancelled while still running: already reported cancelled.
         let mut running_job = job(&[], (1, 0, 0));
         running_job.metadata.annotations.as_mut().unwrap().insert(CANCELLED_AT_ANNOTATION.into(), "x".into());
-        assert_eq!(job_record(&running_job, &[]).unwrap().status.phase, JobPhase::Cancelled);
+        assert_eq!(record_of(&running_job, &[]).unwrap().status.phase, JobPhase::Cancelled);
     }
 
     #[test]
     fn record_carries_spec_result_times_and_attempts() {
         let j = job(&[("Complete", "")], (0, 1, 0));
         let p = pod("Succeeded", terminated(0, "Completed", Some("the answer\n")));
-        let record = job_record(&j, &[&p]).unwrap();
+        let record = record_of(&j, &[p]).unwrap();
         assert_eq!(record.spec.goal, "do it");
         assert_eq!(record.spec.max_turns, 3);
         assert_eq!(record.spec.timeout_seconds, 60);
@@ -489,7 +516,7 @@ mod tests {
             job(&[("FailureTarget", "BackoffLimitExceeded")], (1, 0, 0)),
         ];
         for j in cases {
-            assert_eq!(is_finished(&j), job_record(&j, &[]).unwrap().status.phase.is_terminal(), "{:?}", j.status);
+            assert_eq!(JobFacts::of(&CachedJob::from_job(&j).unwrap()).is_finished(), record_of(&j, &[]).unwrap().status.phase.is_terminal(), "{:?}", j.status);
         }
     }
 
@@ -497,6 +524,6 @@ mod tests {
     fn foreign_jobs_are_ignored() {
         let mut j = job(&[], (0, 0, 0));
         j.metadata.labels = None;
-        assert!(job_record(&j, &[]).is_none());
+        assert!(record_of(&j, &[]).is_none());
     }
 }

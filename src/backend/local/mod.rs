@@ -39,7 +39,8 @@ pub struct LocalSettings {
 /// What is persisted per job.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct StoredJob {
-    record: JobRecord,
+    /// Shared with readers; changed copy-on-write.
+    record: Arc<JobRecord>,
     events: Vec<JobEvent>,
     /// Process group of the running agent, to clean up after a crash of the server.
     pgid: Option<i32>,
@@ -99,12 +100,13 @@ impl LocalBackend {
                         process::kill_orphan(pgid, &stored.record.id);
                     }
                     let now = Utc::now();
-                    stored.record.status = JobStatus::with_reason(
+                    let record = Arc::make_mut(&mut stored.record);
+                    record.status = JobStatus::with_reason(
                         JobPhase::Failed,
                         JobReason::ServerRestarted,
                         "the server stopped while the agent was running",
                     );
-                    stored.record.finished_at = Some(now);
+                    record.finished_at = Some(now);
                     stored.events.push(event("Warning", "ServerRestarted", "the server restarted; the run was lost"));
                     interrupted.push(stored.record.id.clone());
                 }
@@ -183,10 +185,11 @@ impl Inner {
                     // A cancel that landed while the agent was starting stays in force; the
                     // agent is stopped as soon as it is waited on.
                     if s.record.status.phase == JobPhase::Pending {
-                        s.record.status = JobStatus::new(JobPhase::Running);
+                        Arc::make_mut(&mut s.record).status = JobStatus::new(JobPhase::Running);
                     }
-                    s.record.started_at = Some(Utc::now());
-                    s.record.attempts = 1;
+                    let record = Arc::make_mut(&mut s.record);
+                    record.started_at = Some(Utc::now());
+                    record.attempts = 1;
                     s.events.push(event("Normal", "Started", &format!("agent started as process group {pgid}")));
                 });
                 if let Err(error) = self.save(&id).await {
@@ -203,14 +206,15 @@ impl Inner {
             if s.record.status.phase == JobPhase::Cancelled {
                 return;
             }
-            s.record.finished_at = Some(Utc::now());
-            s.record.result = outcome.result.clone();
+            let record = Arc::make_mut(&mut s.record);
+            record.finished_at = Some(Utc::now());
+            record.result = outcome.result.clone();
             s.events.push(event(
                 if outcome.status.phase == JobPhase::Succeeded { "Normal" } else { "Warning" },
                 outcome.status.reason.map_or("Completed", |r| r.as_str()),
                 outcome.status.message.as_deref().unwrap_or("the agent finished"),
             ));
-            s.record.status = outcome.status.clone();
+            Arc::make_mut(&mut s.record).status = outcome.status.clone();
         });
         if let Err(error) = self.save(&id).await {
             tracing::error!(%error, "cannot persist job outcome");
@@ -290,10 +294,10 @@ impl JobBackend for LocalBackend {
         {
             let mut jobs = self.inner.jobs.lock().unwrap();
             if let Some(existing) = jobs.get(&id) {
-                return Ok(CreateOutcome::Exists(existing.stored.record.clone()));
+                return Ok(CreateOutcome::Exists(JobRecord::clone(&existing.stored.record)));
             }
             let stored = StoredJob {
-                record: job.pending_record(),
+                record: Arc::new(job.pending_record()),
                 events: vec![event("Normal", "Submitted", "job accepted; waiting for a free slot")],
                 pgid: None,
             };
@@ -307,11 +311,11 @@ impl JobBackend for LocalBackend {
         Ok(CreateOutcome::Created(job.pending_record()))
     }
 
-    async fn get(&self, id: &JobId) -> Result<Option<JobRecord>, BackendError> {
-        Ok(self.inner.snapshot(id).map(|s| s.record))
+    async fn get(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, BackendError> {
+        Ok(self.inner.jobs.lock().unwrap().get(id).map(|e| e.stored.record.clone()))
     }
 
-    async fn list(&self) -> Result<Vec<JobRecord>, BackendError> {
+    async fn list(&self) -> Result<Vec<Arc<JobRecord>>, BackendError> {
         Ok(self.inner.jobs.lock().unwrap().values().map(|e| e.stored.record.clone()).collect())
     }
 
@@ -319,17 +323,18 @@ impl JobBackend for LocalBackend {
         let record = {
             let mut jobs = self.inner.jobs.lock().unwrap();
             let entry = jobs.get_mut(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
-            let record = &mut entry.stored.record;
-            match record.status.phase {
-                JobPhase::Cancelled => return Ok(record.clone()),
+            match entry.stored.record.status.phase {
+                JobPhase::Cancelled => return Ok(JobRecord::clone(&entry.stored.record)),
                 phase if phase.is_terminal() => return Err(BackendError::AlreadyFinished(id.to_string())),
                 _ => {}
             }
+            let record = Arc::make_mut(&mut entry.stored.record);
             record.status = JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
             record.finished_at = Some(Utc::now());
+            let record = record.clone();
             entry.stored.events.push(event("Normal", "Cancelled", "cancelled by request; stopping the agent"));
             entry.cancel.notify_one();
-            record.clone()
+            record
         };
         self.inner.save(id).await?;
         self.inner.finished(&record);
@@ -340,13 +345,15 @@ impl JobBackend for LocalBackend {
         let path = self.inner.job_dir(id).join(process::OUTPUT_FILE);
         let inner = self.inner.clone();
         let id = id.clone();
-        let finished =
-            move || inner.snapshot(&id).is_none_or(|s| s.record.status.phase.is_terminal() && s.pgid.is_none());
+        let finished = move || {
+            let jobs = inner.jobs.lock().unwrap();
+            jobs.get(&id).is_none_or(|e| e.stored.record.status.phase.is_terminal() && e.stored.pgid.is_none())
+        };
         Ok(logs::read(path, options, finished))
     }
 
     async fn events(&self, id: &JobId) -> Result<Vec<JobEvent>, BackendError> {
-        let mut events = self.inner.snapshot(id).map(|s| s.events).unwrap_or_default();
+        let mut events = self.inner.jobs.lock().unwrap().get(id).map(|e| e.stored.events.clone()).unwrap_or_default();
         events.reverse();
         Ok(events)
     }

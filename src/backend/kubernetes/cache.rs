@@ -1,0 +1,478 @@
+//! The watch cache of the Kubernetes backend.
+//!
+//! Jobs and Pods are read from the API server's JSON straight into [`CachedJob`] and
+//! [`CachedPod`], which name only the fields the status mapping reads (managed fields, the pod
+//! template and everything else are skipped while parsing, never allocated). A Job is then kept
+//! as its finished record plus the few [`JobFacts`] needed to recompute it when one of its pods
+//! changes, so a read is a map lookup or a pass over shared records, and a cached job costs
+//! about the size of its record.
+
+use super::{
+    render::JOB_ID_LABEL,
+    status::{self, JobFacts},
+};
+use crate::{jobs::JobRecord, telemetry::metrics::JobCounts};
+use k8s_openapi::{
+    NamespaceResourceScope,
+    api::{
+        batch::v1::Job,
+        core::v1::{Pod, PodStatus},
+    },
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+};
+use kube::{Resource, ResourceExt, runtime::watcher::Event};
+use serde::{Deserialize, Deserializer};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, RwLock},
+};
+
+/// A `batch/v1` Job, as much of it as OATS reads.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct CachedJob {
+    #[serde(default, deserialize_with = "compact_meta")]
+    pub metadata: ObjectMeta,
+    pub spec: Option<CachedJobSpec>,
+    pub status: Option<k8s_openapi::api::batch::v1::JobStatus>,
+}
+
+/// `spec.template.spec.containers[].env[]` of a Job: where the job's spec travels.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct CachedJobSpec {
+    #[serde(default)]
+    pub template: CachedPodTemplate,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct CachedPodTemplate {
+    pub spec: Option<CachedPodSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct CachedPodSpec {
+    #[serde(default)]
+    pub containers: Vec<CachedContainer>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct CachedContainer {
+    pub name: String,
+    #[serde(default)]
+    pub env: Vec<CachedEnvVar>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct CachedEnvVar {
+    pub name: String,
+    pub value: Option<String>,
+}
+
+/// A Pod of an agent, as much of it as OATS reads: name, labels, creation time and status.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct CachedPod {
+    #[serde(default, deserialize_with = "compact_meta")]
+    pub metadata: ObjectMeta,
+    pub status: Option<PodStatus>,
+}
+
+impl CachedJob {
+    /// The cached form of a Job the API server returned whole (a create's answer, a test's Job).
+    pub fn from_job(job: &Job) -> Option<Self> {
+        serde_json::to_value(job).ok().and_then(|value| serde_json::from_value(value).ok())
+    }
+}
+
+impl CachedPod {
+    pub fn from_pod(pod: &Pod) -> Option<Self> {
+        serde_json::to_value(pod).ok().and_then(|value| serde_json::from_value(value).ok())
+    }
+
+    fn job_id(&self) -> Option<&String> {
+        self.labels().get(JOB_ID_LABEL)
+    }
+}
+
+/// The metadata fields OATS reads; the rest (managed fields above all) is skipped unparsed.
+fn compact_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Wire {
+        name: Option<String>,
+        namespace: Option<String>,
+        resource_version: Option<String>,
+        creation_timestamp: Option<Time>,
+        labels: Option<BTreeMap<String, String>>,
+        annotations: Option<BTreeMap<String, String>>,
+    }
+    let wire = Wire::deserialize(deserializer)?;
+    let annotations = wire.annotations.map(|mut a| {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        a
+    });
+    Ok(ObjectMeta {
+        name: wire.name,
+        namespace: wire.namespace,
+        resource_version: wire.resource_version,
+        creation_timestamp: wire.creation_timestamp,
+        labels: wire.labels,
+        annotations,
+        ..Default::default()
+    })
+}
+
+impl Resource for CachedJob {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        Job::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        Job::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        Job::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        Job::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl Resource for CachedPod {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        Pod::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        Pod::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        Pod::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        Pod::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// Drop the parts of a pod's status the mapping never reads (it is kept while the pod lives).
+fn compact_pod_status(pod: &mut CachedPod) {
+    if let Some(status) = pod.status.as_mut() {
+        status.host_ip = None;
+        status.host_ips = None;
+        status.pod_ip = None;
+        status.pod_ips = None;
+        status.qos_class = None;
+        status.init_container_statuses = None;
+        status.ephemeral_container_statuses = None;
+        status.resource_claim_statuses = None;
+        for container in status.container_statuses.iter_mut().flatten() {
+            container.image_id = String::new();
+            container.container_id = None;
+            container.last_state = None;
+            container.volume_mounts = None;
+            container.allocated_resources = None;
+            container.resources = None;
+        }
+    }
+}
+
+/// One cached job: its record, and what recomputing the record needs.
+#[derive(Clone)]
+pub struct Entry {
+    pub facts: JobFacts,
+    pub record: Arc<JobRecord>,
+}
+
+impl Entry {
+    fn of(job: &CachedJob, pods: &[Arc<CachedPod>]) -> Option<Self> {
+        let pods: Vec<&CachedPod> = pods.iter().map(Arc::as_ref).collect();
+        let facts = JobFacts::of(job);
+        let record = Arc::new(status::job_record_with(job, &facts, &pods)?);
+        Some(Self { facts, record })
+    }
+
+    fn refresh(&mut self, pods: &[Arc<CachedPod>]) {
+        let pods: Vec<&CachedPod> = pods.iter().map(Arc::as_ref).collect();
+        let mut record = JobRecord::clone(&self.record);
+        status::observe(&mut record, &self.facts, &pods);
+        self.record = Arc::new(record);
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// By job id (the Job's name).
+    jobs: HashMap<String, Entry>,
+    /// By job id, then in no order; pods may arrive before their Job.
+    pods: HashMap<String, Vec<Arc<CachedPod>>>,
+}
+
+impl State {
+    fn pods_of(&self, id: &str) -> &[Arc<CachedPod>] {
+        self.pods.get(id).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    fn refresh_all(&mut self) {
+        let Self { jobs, pods } = self;
+        for (id, entry) in jobs.iter_mut() {
+            entry.refresh(pods.get(id).map(Vec::as_slice).unwrap_or_default());
+        }
+    }
+}
+
+/// The jobs and pods the watches have seen. A re-list builds fresh maps that replace the old ones
+/// when it completes, so readers never see a half-listed cache.
+#[derive(Default)]
+pub struct JobCache {
+    state: RwLock<State>,
+    listing_jobs: Mutex<Option<HashMap<String, Entry>>>,
+    listing_pods: Mutex<Option<HashMap<String, Vec<Arc<CachedPod>>>>>,
+}
+
+impl JobCache {
+    /// Apply one event of the Job watch; returns the entry an applied Job now has.
+    pub fn observe_job(&self, event: Event<CachedJob>) -> Option<(String, Entry)> {
+        match event {
+            Event::Init => *self.listing_jobs.lock().unwrap() = Some(HashMap::new()),
+            Event::InitApply(job) => {
+                let id = job.name_any();
+                let entry = Entry::of(&job, self.state.read().unwrap().pods_of(&id))?;
+                if let Some(listing) = self.listing_jobs.lock().unwrap().as_mut() {
+                    listing.insert(id.clone(), entry.clone());
+                }
+                return Some((id, entry));
+            }
+            Event::InitDone => {
+                if let Some(listing) = self.listing_jobs.lock().unwrap().take() {
+                    let mut state = self.state.write().unwrap();
+                    state.jobs = listing;
+                    // Pods that changed while the list ran.
+                    state.refresh_all();
+                }
+            }
+            Event::Apply(job) => {
+                let id = job.name_any();
+                let mut state = self.state.write().unwrap();
+                let Some(entry) = Entry::of(&job, state.pods_of(&id)) else {
+                    state.jobs.remove(&id);
+                    return None;
+                };
+                state.jobs.insert(id.clone(), entry.clone());
+                return Some((id, entry));
+            }
+            Event::Delete(job) => {
+                self.state.write().unwrap().jobs.remove(&job.name_any());
+            }
+        }
+        None
+    }
+
+    /// Apply one event of the Pod watch, recomputing the record of the pod's job.
+    pub fn observe_pod(&self, event: Event<CachedPod>) {
+        match event {
+            Event::Init => *self.listing_pods.lock().unwrap() = Some(HashMap::new()),
+            Event::InitApply(mut pod) => {
+                compact_pod_status(&mut pod);
+                if let (Some(id), Some(listing)) = (pod.job_id().cloned(), self.listing_pods.lock().unwrap().as_mut()) {
+                    listing.entry(id).or_default().push(Arc::new(pod));
+                }
+            }
+            Event::InitDone => {
+                if let Some(listing) = self.listing_pods.lock().unwrap().take() {
+                    let mut state = self.state.write().unwrap();
+                    state.pods = listing;
+                    state.refresh_all();
+                }
+            }
+            Event::Apply(mut pod) => {
+                compact_pod_status(&mut pod);
+                let Some(id) = pod.job_id().cloned() else { return };
+                let name = pod.name_any();
+                let mut state = self.state.write().unwrap();
+                let pods = state.pods.entry(id.clone()).or_default();
+                pods.retain(|p| p.name_any() != name);
+                pods.push(Arc::new(pod));
+                Self::refresh(&mut state, &id);
+            }
+            Event::Delete(pod) => {
+                let Some(id) = pod.job_id().cloned() else { return };
+                let name = pod.name_any();
+                let mut state = self.state.write().unwrap();
+                if let Some(pods) = state.pods.get_mut(&id) {
+                    pods.retain(|p| p.name_any() != name);
+                    if pods.is_empty() {
+                        state.pods.remove(&id);
+                    }
+                }
+                Self::refresh(&mut state, &id);
+            }
+        }
+    }
+
+    fn refresh(state: &mut State, id: &str) {
+        let State { jobs, pods } = state;
+        if let Some(entry) = jobs.get_mut(id) {
+            entry.refresh(pods.get(id).map(Vec::as_slice).unwrap_or_default());
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<JobRecord>> {
+        self.state.read().unwrap().jobs.get(id).map(|e| e.record.clone())
+    }
+
+    pub fn records(&self) -> Vec<Arc<JobRecord>> {
+        self.state.read().unwrap().jobs.values().map(|e| e.record.clone()).collect()
+    }
+
+    pub fn pods(&self, id: &str) -> Vec<Arc<CachedPod>> {
+        self.state.read().unwrap().pods_of(id).to_vec()
+    }
+
+    /// How many of a tenant's jobs have not finished (judged from the Jobs alone).
+    pub fn active_jobs(&self, tenant: &str) -> usize {
+        let state = self.state.read().unwrap();
+        state.jobs.values().filter(|e| e.record.tenant == tenant && !e.facts.is_finished()).count()
+    }
+
+    pub fn counts(&self, now: chrono::DateTime<chrono::Utc>) -> JobCounts {
+        let a_minute_ago = now - chrono::Duration::minutes(1);
+        let state = self.state.read().unwrap();
+        let mut counts = JobCounts::default();
+        for (id, entry) in &state.jobs {
+            let record = &entry.record;
+            counts.add(record.status.phase);
+            if !record.status.phase.is_terminal() && state.pods_of(id).is_empty() && record.created_at < a_minute_ago {
+                counts.without_pod += 1;
+            }
+        }
+        counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        backend::kubernetes::render::{AgentTemplate, render_job},
+        config::Config,
+        jobs::{JobId, JobLimits, JobPhase, JobRequest, NewJob},
+    };
+    use serde_json::json;
+
+    fn job(id: &str, tenant: &str) -> CachedJob {
+        let spec = JobRequest { goal: "do it".into(), max_turns: 3, ..Default::default() }
+            .validate(&JobLimits::default())
+            .unwrap();
+        let new = NewJob {
+            id: JobId::parse(id).unwrap(),
+            tenant: tenant.into(),
+            spec,
+            created_at: chrono::Utc::now(),
+            request_hash: "h".into(),
+            trace: None,
+            resources: None,
+        };
+        CachedJob::from_job(&render_job(&new, &AgentTemplate::from_config(&Config::default(), "ns"))).unwrap()
+    }
+
+    fn pod(name: &str, job: &str, phase: &str) -> CachedPod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {JOB_ID_LABEL: job}, "creationTimestamp": "2026-11-26T10:00:00Z"},
+            "status": {"phase": phase, "containerStatuses": [{
+                "name": "agent", "image": "i", "imageID": "sha256:1", "ready": true, "restartCount": 0,
+                "state": {"running": {"startedAt": "2026-11-26T10:00:01Z"}},
+            }]},
+        }))
+        .unwrap()
+    }
+
+    const A: &str = "job-aaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "job-bbbbbbbbbbbbbbbbbbbb";
+
+    #[test]
+    fn parsing_keeps_only_what_the_mapping_reads() {
+        let parsed: CachedJob = serde_json::from_value(json!({
+            "metadata": {
+                "name": A, "uid": "u", "resourceVersion": "7",
+                "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", "oats.dev/profile": "small"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "x", "uid": "y"}],
+            },
+            "spec": {"template": {"metadata": {"labels": {"a": "b"}}, "spec": {
+                "containers": [{"name": "agent", "image": "i", "env": [{"name": "OATS_GOAL", "value": "g"}]}],
+                "volumes": [{"name": "v", "emptyDir": {}}],
+            }}},
+        }))
+        .unwrap();
+        assert_eq!(parsed.metadata.resource_version.as_deref(), Some("7"));
+        assert!(parsed.metadata.managed_fields.is_none() && parsed.metadata.uid.is_none());
+        assert!(parsed.metadata.owner_references.is_none());
+        assert_eq!(parsed.metadata.annotations.unwrap().keys().collect::<Vec<_>>(), ["oats.dev/profile"]);
+        let container = &parsed.spec.unwrap().template.spec.unwrap().containers[0];
+        assert_eq!((container.name.as_str(), container.env[0].value.as_deref()), ("agent", Some("g")));
+    }
+
+    #[test]
+    fn a_pod_seen_before_its_job_counts_and_changes_update_the_record() {
+        let cache = JobCache::default();
+        cache.observe_pod(Event::Apply(pod("a-1", A, "Running")));
+        let (_, entry) = cache.observe_job(Event::Apply(job(A, "t1"))).unwrap();
+        assert_eq!(entry.record.status.phase, JobPhase::Running);
+        assert_eq!(cache.get(A).unwrap().attempts, 1);
+
+        cache.observe_pod(Event::Delete(pod("a-1", A, "Running")));
+        assert_eq!(cache.get(A).unwrap().status.phase, JobPhase::Pending);
+        assert!(cache.pods(A).is_empty());
+
+        cache.observe_job(Event::Delete(job(A, "t1")));
+        assert!(cache.get(A).is_none());
+    }
+
+    #[test]
+    fn a_relist_replaces_the_cache_when_it_completes() {
+        let cache = JobCache::default();
+        cache.observe_job(Event::Apply(job(A, "t1")));
+        cache.observe_job(Event::Init);
+        cache.observe_job(Event::InitApply(job(B, "t1")));
+        // Until the list completes, readers see the old cache.
+        assert!(cache.get(A).is_some() && cache.get(B).is_none());
+        // A pod that arrives mid-list is reflected once the list lands.
+        cache.observe_pod(Event::Apply(pod("b-1", B, "Running")));
+        cache.observe_job(Event::InitDone);
+        assert!(cache.get(A).is_none());
+        assert_eq!(cache.get(B).unwrap().status.phase, JobPhase::Running);
+    }
+
+    #[test]
+    fn foreign_jobs_are_not_cached_and_counts_follow_the_cache() {
+        let cache = JobCache::default();
+        let mut foreign = job(A, "t1");
+        foreign.metadata.labels = None;
+        assert!(cache.observe_job(Event::Apply(foreign)).is_none());
+        assert!(cache.records().is_empty());
+
+        cache.observe_job(Event::Apply(job(A, "t1")));
+        cache.observe_job(Event::Apply(job(B, "t2")));
+        assert_eq!((cache.active_jobs("t1"), cache.active_jobs("t2"), cache.active_jobs("t3")), (1, 1, 0));
+        let counts = cache.counts(chrono::Utc::now() + chrono::Duration::minutes(5));
+        assert_eq!(counts.by_phase.iter().sum::<u64>(), 2);
+        assert_eq!(counts.without_pod, 2);
+        cache.observe_pod(Event::Apply(pod("a-1", A, "Running")));
+        assert_eq!(cache.counts(chrono::Utc::now() + chrono::Duration::minutes(5)).without_pod, 1);
+    }
+}
