@@ -2,6 +2,7 @@
 
 use super::{
     ApiState,
+    json::JsonBody,
     problem::ProblemResponse,
     types::{
         CreateJobRequest, DryRunResult, Health, Job, JobChange, JobEventList, JobList, JobStatus, RuleVerdict,
@@ -71,11 +72,11 @@ pub struct HealthApi;
 pub enum CreateJobResponse {
     /// The job was created and is pending.
     #[oai(status = 201)]
-    Created(Json<Job>, #[oai(header = "Location")] String),
+    Created(JsonBody<Job>, #[oai(header = "Location")] String),
     /// An earlier request with the same `Idempotency-Key` and the same body created this job;
     /// nothing new was created.
     #[oai(status = 200)]
-    Existing(Json<Job>, #[oai(header = "Location")] String),
+    Existing(JsonBody<Job>, #[oai(header = "Location")] String),
     /// `dry_run=true`: every rule's verdict and what would be submitted; nothing was created.
     #[oai(status = 202)]
     DryRun(Json<DryRunResult>),
@@ -107,10 +108,10 @@ pub enum WatchResponse {
 pub enum ReadyResponse {
     /// The backend can serve reads and writes.
     #[oai(status = 200)]
-    Ready(Json<Health>),
+    Ready(JsonBody<Health>),
     /// The backend is not ready (e.g. the Kubernetes watch cache has not synced).
     #[oai(status = 503)]
-    NotReady(Json<Health>),
+    NotReady(JsonBody<Health>),
 }
 
 type Result<T> = std::result::Result<T, ProblemResponse>;
@@ -150,9 +151,9 @@ impl JobsApi {
         let job = Job::from(&submitted.job);
         let location = job.links.self_.clone();
         Ok(if submitted.created {
-            CreateJobResponse::Created(Json(job), location)
+            CreateJobResponse::Created(JsonBody(job), location)
         } else {
-            CreateJobResponse::Existing(Json(job), location)
+            CreateJobResponse::Existing(JsonBody(job), location)
         })
     }
 
@@ -177,11 +178,11 @@ impl JobsApi {
         /// `next_page_token` of the previous page.
         #[oai(validator(max_length = 256))]
         page_token: Query<Option<String>>,
-    ) -> Result<Json<JobList>> {
+    ) -> Result<JsonBody<JobList>> {
         let caller = credentials.caller(&state).await?;
         let query = ListQuery::parse(status.0.map(Into::into), label.0.as_deref(), limit.0, page_token.0.as_deref())?;
         let page = state.jobs.list(&caller, &query).await?;
-        Ok(Json(JobList {
+        Ok(JsonBody(JobList {
             items: page.items.iter().map(|record| Job::from(&**record)).collect(),
             next_page_token: page.next_page_token,
         }))
@@ -197,9 +198,9 @@ impl JobsApi {
         credentials: Credentials,
         /// The job id.
         id: Path<String>,
-    ) -> Result<Json<Job>> {
+    ) -> Result<JsonBody<Job>> {
         let caller = credentials.caller(&state).await?;
-        Ok(Json(Job::from(&*state.jobs.get(&caller, &id.0).await?)))
+        Ok(JsonBody(Job::from(&*state.jobs.get(&caller, &id.0).await?)))
     }
 
     /// Cancel a job
@@ -213,9 +214,9 @@ impl JobsApi {
         credentials: Credentials,
         /// The job id.
         id: Path<String>,
-    ) -> Result<Json<Job>> {
+    ) -> Result<JsonBody<Job>> {
         let caller = credentials.caller(&state).await?;
-        Ok(Json(Job::from(&state.jobs.cancel(&caller, &id.0).await?)))
+        Ok(JsonBody(Job::from(&state.jobs.cancel(&caller, &id.0).await?)))
     }
 
     /// Read a job's logs
@@ -324,8 +325,8 @@ impl HealthApi {
     ///
     /// 200 while the process is alive.
     #[oai(path = "/healthz", method = "get", operation_id = "getHealth")]
-    async fn healthz(&self, state: Data<&Arc<ApiState>>) -> Json<Health> {
-        Json(Health { status: "ok".into(), backend: state.jobs.backend_name().into() })
+    async fn healthz(&self, state: Data<&Arc<ApiState>>) -> JsonBody<Health> {
+        JsonBody(Health { status: "ok".into(), backend: state.jobs.backend_name().into() })
     }
 
     /// Readiness
@@ -336,9 +337,9 @@ impl HealthApi {
     async fn readyz(&self, state: Data<&Arc<ApiState>>) -> ReadyResponse {
         let backend = state.jobs.backend_name().to_owned();
         if state.jobs.is_ready() && !state.shutdown.is_cancelled() {
-            ReadyResponse::Ready(Json(Health { status: "ok".into(), backend }))
+            ReadyResponse::Ready(JsonBody(Health { status: "ok".into(), backend }))
         } else {
-            ReadyResponse::NotReady(Json(Health { status: "unavailable".into(), backend }))
+            ReadyResponse::NotReady(JsonBody(Health { status: "unavailable".into(), backend }))
         }
     }
 }

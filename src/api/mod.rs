@@ -3,6 +3,7 @@
 //! Handlers speak only the domain's language ([`crate::jobs`]); nothing Kubernetes is visible here.
 
 mod handlers;
+mod json;
 mod observe;
 pub mod problem;
 pub mod types;

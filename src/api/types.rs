@@ -1,5 +1,6 @@
 //! The JSON shapes of the API. Their doc comments and bounds become the OpenAPI schema.
 
+use super::json;
 use crate::jobs::{self, JobPhase, JobReason, JobRecord, JobRequest};
 use chrono::{DateTime, Utc};
 use poem_openapi::{
@@ -7,6 +8,7 @@ use poem_openapi::{
     registry::MetaSchemaRef,
     types::{Example, ParseError, ParseFromJSON, ParseResult, ToJSON, Type},
 };
+use serde::Serialize;
 use serde_json::Value;
 use std::{borrow::Cow, collections::BTreeMap};
 
@@ -124,8 +126,9 @@ impl From<CreateJobRequest> for JobRequest {
 }
 
 /// Where a job is in its life. `succeeded`, `failed` and `cancelled` are final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Serialize)]
 #[oai(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     Pending,
     Running,
@@ -159,7 +162,7 @@ impl From<JobStatus> for JobPhase {
 }
 
 /// Why a job is in its status. Stable: values are only ever added.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Serialize)]
 #[oai(rename_all = "PascalCase")]
 pub enum JobStatusReason {
     /// The job ran past its timeout.
@@ -174,6 +177,7 @@ pub enum JobStatusReason {
     Unschedulable,
     /// The agent exceeded its memory limit.
     #[oai(rename = "OOMKilled")]
+    #[serde(rename = "OOMKilled")]
     OomKilled,
     /// The node evicted the agent.
     Evicted,
@@ -206,10 +210,11 @@ impl From<JobReason> for JobStatusReason {
 }
 
 /// Links to a job's related resources.
-#[derive(Debug, Clone, Object)]
+#[derive(Debug, Clone, Object, Serialize)]
 pub struct JobLinks {
     /// This job.
     #[oai(rename = "self")]
+    #[serde(rename = "self")]
     pub self_: String,
     /// The agent's output (`GET`).
     pub logs: String,
@@ -220,7 +225,7 @@ pub struct JobLinks {
 }
 
 /// An agent job.
-#[derive(Debug, Clone, Object)]
+#[derive(Debug, Clone, Object, Serialize)]
 #[oai(skip_serializing_if_is_none, example)]
 pub struct Job {
     /// Server-assigned id: `job-` and 20 characters of a-z, 2-7. Also the Kubernetes Job name.
@@ -228,14 +233,19 @@ pub struct Job {
     /// Where the job is in its life.
     pub status: JobStatus,
     /// Machine-readable reason for the status, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<JobStatusReason>,
     /// Human-readable explanation of the status.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// When the job was accepted.
+    #[serde(serialize_with = "json::rfc3339")]
     pub created_at: DateTime<Utc>,
     /// When the agent first started running.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "json::rfc3339_opt")]
     pub started_at: Option<DateTime<Utc>>,
     /// When the job reached a final status.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "json::rfc3339_opt")]
     pub finished_at: Option<DateTime<Utc>>,
     /// How many times the agent was started.
     pub attempts: u32,
@@ -246,15 +256,19 @@ pub struct Job {
     /// The timeout in force, in seconds.
     pub timeout_seconds: u32,
     /// The model the agent was asked to use, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// The resource profile the job asked for, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
     /// The job's labels.
     pub labels: BTreeMap<String, String>,
     /// The agent's final answer (at most 4096 bytes), once it succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<String>,
     /// Id of the distributed trace that created the job (and that the agent continues), when
     /// tracing is on: look it up in the trace backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
     /// Related resources.
     pub links: JobLinks,
@@ -330,12 +344,13 @@ impl Example for Job {
 }
 
 /// One page of jobs, newest first.
-#[derive(Debug, Clone, Object)]
+#[derive(Debug, Clone, Object, Serialize)]
 #[oai(skip_serializing_if_is_none)]
 pub struct JobList {
     /// At most `limit` jobs, newest first.
     pub items: Vec<Job>,
     /// Pass as `page_token` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub next_page_token: Option<String>,
 }
 
@@ -448,7 +463,7 @@ pub struct DryRunResult {
 }
 
 /// Whether the service can take work.
-#[derive(Debug, Clone, Object)]
+#[derive(Debug, Clone, Object, Serialize)]
 pub struct Health {
     /// `ok`, or `unavailable` while the backend is not ready.
     pub status: String,

@@ -53,7 +53,12 @@ pub fn init(format: LogFormat) -> Telemetry {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
     let fmt_layer = if json {
-        fmt::layer().event_format(logs::JsonWithTrace).with_writer(std::io::stderr).with_filter(filter).boxed()
+        fmt::layer()
+            .event_format(logs::JsonWithTrace)
+            .fmt_fields(logs::NoSpanFields)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
     } else {
         fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).with_filter(filter).boxed()
     };
