@@ -17,7 +17,6 @@ use handlers::{HealthApi, JobsApi};
 use poem::{
     Body, Endpoint, EndpointExt, IntoResponse, Request, Response, Route,
     http::{Method, header},
-    middleware::AddData,
 };
 use poem_openapi::OpenApiService;
 use problem::{ProblemKind, problem_response};
@@ -141,15 +140,45 @@ pub fn build_app(state: Arc<ApiState>, limits: RequestLimits) -> impl Endpoint<O
         Response::builder().content_type("application/json; charset=utf-8").body(document.clone())
     });
     let metrics = state.jobs.metrics().clone();
+    let pipeline = Arc::new(Pipeline { state, limits, metrics: metrics.clone(), routes });
     Route::new()
         .nest("/", api)
         .nest("/docs", docs)
         .at("/openapi.json", spec)
-        .at("/metrics", metrics_endpoint(metrics.clone()))
-        .catch_all_error(|error| async move { problem::from_poem_error(error) })
-        .with(AddData::new(state))
-        .around(move |endpoint, request| limit_body(endpoint, request, limits))
-        .around(move |endpoint, request| observe::observe(endpoint, request, metrics.clone(), routes.clone()))
+        .at("/metrics", metrics_endpoint(metrics))
+        .around(move |endpoint, request| pipeline.clone().serve(endpoint, request))
+}
+
+/// What every request goes through around the routes, in one layer: its telemetry, the body
+/// limit, the state handlers read, and errors as problem responses. (One layer, not a middleware
+/// each: every layer's future holds the request and the inner future, and poem moves the whole
+/// nest into the heap per request; that copying was the largest cost of a small GET.)
+struct Pipeline {
+    state: Arc<ApiState>,
+    limits: RequestLimits,
+    metrics: Arc<Metrics>,
+    routes: Arc<observe::Routes>,
+}
+
+impl Pipeline {
+    async fn serve<E: Endpoint>(self: Arc<Self>, endpoint: Arc<E>, request: Request) -> poem::Result<Response> {
+        let (state, limits) = (self.state.clone(), self.limits);
+        let handle = |mut request: Request| async move {
+            request.extensions_mut().insert(state);
+            if matches!(*request.method(), Method::POST | Method::PUT | Method::PATCH) {
+                request = match Box::pin(read_body(request, limits)).await {
+                    Ok(request) => request,
+                    Err(refusal) => return refusal,
+                };
+            }
+            // Boxed so that the routes' (large) future is moved into the heap once.
+            match Box::pin(endpoint.call(request)).await {
+                Ok(output) => output.into_response(),
+                Err(error) => problem::from_poem_error(error),
+            }
+        };
+        Ok(observe::observe(request, &self.metrics, &self.routes, handle).await)
+    }
 }
 
 /// Only `/metrics`, for a separate metrics port.
@@ -171,53 +200,48 @@ fn metrics_endpoint(metrics: Arc<Metrics>) -> impl Endpoint<Output = Response> {
 /// can read the answer instead of seeing the connection reset.
 const DRAIN_LIMIT: usize = 1 << 20;
 
-/// Read request bodies up to `max` bytes and refuse larger ones with 413, whether or not the
-/// client sent a Content-Length.
-async fn limit_body<E: Endpoint>(
-    endpoint: Arc<E>,
-    mut request: Request,
-    limits: RequestLimits,
-) -> poem::Result<Response> {
+/// Read a request's body up to `max` bytes, or refuse it: 413 when larger (whether or not the
+/// client sent a Content-Length), 408 when it does not arrive in time.
+async fn read_body(mut request: Request, limits: RequestLimits) -> Result<Request, Response> {
     let max = limits.max_body_bytes;
     let too_large =
         || problem_response(ProblemKind::PayloadTooLarge.problem(format!("the body is larger than {max} bytes")));
-    if matches!(*request.method(), Method::POST | Method::PUT | Method::PATCH) {
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|len| len > DRAIN_LIMIT) {
-            return Ok(too_large());
-        }
-        let mut chunks = std::pin::pin!(request.take_body().into_bytes_stream());
-        let (mut body, mut seen) = (Vec::new(), 0usize);
-        let deadline = tokio::time::Instant::now() + limits.read_timeout;
-        loop {
-            let chunk = match tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut chunks)).await {
-                Err(_) => {
-                    let seconds = limits.read_timeout.as_secs();
-                    let detail = format!("the body did not arrive within {seconds}s");
-                    return Ok(problem_response(ProblemKind::RequestTimeout.problem(detail)));
-                }
-                Ok(None) => break,
-                Ok(Some(Ok(chunk))) => chunk,
-                Ok(Some(Err(error))) => {
-                    let problem = ProblemKind::InvalidBody.problem(format!("cannot read the body: {error}"));
-                    return Ok(problem_response(problem));
-                }
-            };
-            seen += chunk.len();
-            if seen <= max {
-                body.extend_from_slice(&chunk);
-            } else if seen > DRAIN_LIMIT {
-                break;
-            }
-        }
-        if seen > max {
-            return Ok(too_large());
-        }
-        request.set_body(Body::from(body));
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > DRAIN_LIMIT) {
+        return Err(too_large());
     }
-    Ok(endpoint.call(request).await.map(IntoResponse::into_response).unwrap_or_else(problem::from_poem_error))
+    let mut chunks = std::pin::pin!(request.take_body().into_bytes_stream());
+    let (mut body, mut seen) = (Vec::new(), 0usize);
+    let deadline = tokio::time::Instant::now() + limits.read_timeout;
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut chunks)).await {
+            Err(_) => {
+                let seconds = limits.read_timeout.as_secs();
+                let detail = format!("the body did not arrive within {seconds}s");
+                return Err(problem_response(ProblemKind::RequestTimeout.problem(detail)));
+            }
+            Ok(None) => break,
+            Ok(Some(Ok(chunk))) => chunk,
+            Ok(Some(Err(error))) => {
+                let problem = ProblemKind::InvalidBody.problem(format!("cannot read the body: {error}"));
+                return Err(problem_response(problem));
+            }
+        };
+        seen += chunk.len();
+        if seen <= max {
+            body.extend_from_slice(&chunk);
+        } else if seen > DRAIN_LIMIT {
+            break;
+        }
+    }
+    if seen > max {
+        return Err(too_large());
+    }
+    request.set_body(Body::from(body));
+    Ok(request)
 }
+

@@ -6,8 +6,8 @@
 use crate::telemetry::metrics::{HttpLabels, MethodLabel, Metrics, SubmissionOutcome, TraceLabel};
 use opentelemetry::{global, trace::TraceContextExt};
 use opentelemetry_http::HeaderExtractor;
-use poem::{Endpoint, IntoResponse, Request, Response, http::Method};
-use std::{sync::Arc, time::Instant};
+use poem::{Request, Response, http::Method};
+use std::{collections::HashMap, time::Instant};
 use tracing::{Instrument, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -15,6 +15,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub struct Routes {
     /// Each template with its segments (`None` marks a `{parameter}`) and its methods.
     templates: Vec<(&'static str, Vec<Option<String>>, String)>,
+    /// `{method} {route}` of every method and route: span names, built once rather than per request.
+    span_names: HashMap<(&'static str, &'static str), &'static str>,
 }
 
 impl Routes {
@@ -36,8 +38,17 @@ impl Routes {
                     .collect();
                 (&*Box::leak(path.into_boxed_str()), segments, methods)
             })
+            .collect::<Vec<_>>();
+        let routes = templates.iter().map(|(template, _, _)| *template).chain(["/docs", "unmatched"]);
+        let span_names = routes
+            .flat_map(|route| METHODS.map(|method| ((method, route), &*format!("{method} {route}").leak())))
             .collect();
-        Self { templates }
+        Self { templates, span_names }
+    }
+
+    /// The server span's name for a request.
+    pub fn span_name(&self, method: &'static str, route: &'static str) -> &'static str {
+        self.span_names.get(&(method, route)).copied().unwrap_or("HTTP request")
     }
 
     /// The methods a route answers, for the `Allow` header of a 405.
@@ -60,6 +71,9 @@ impl Routes {
     }
 }
 
+/// The method labels [`method_label`] gives.
+const METHODS: [&str; 10] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "CONNECT", "_OTHER"];
+
 /// The semantic-convention value of a method: known methods as they are, anything else `_OTHER`.
 fn method_label(method: &Method) -> &'static str {
     match *method {
@@ -76,19 +90,18 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// Run one request inside its server span and record its metrics.
-pub async fn observe<E: Endpoint>(
-    endpoint: Arc<E>,
-    request: Request,
-    metrics: Arc<Metrics>,
-    routes: Arc<Routes>,
-) -> poem::Result<Response> {
+/// Run one request (`handle`) inside its server span and record its metrics.
+pub async fn observe<F, Fut>(request: Request, metrics: &Metrics, routes: &Routes, handle: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let method = method_label(request.method());
     let route = routes.route(request.uri().path());
     let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
     let span = tracing::info_span!(
         "HTTP request",
-        otel.name = format!("{method} {route}"),
+        otel.name = routes.span_name(method, route),
         otel.kind = "server",
         otel.status_code = Empty,
         http.request.method = method,
@@ -110,9 +123,8 @@ pub async fn observe<E: Endpoint>(
     let active = metrics.http_active.get_or_create(&MethodLabel { http_request_method: method }).clone();
     active.inc();
     let started = Instant::now();
-    let response = endpoint.call(request).instrument(span.clone()).await.map(IntoResponse::into_response);
+    let mut response = handle(request).instrument(span.clone()).await;
     active.dec();
-    let mut response = response.unwrap_or_else(super::problem::from_poem_error);
     if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED
         && let Some(allowed) = routes.allowed(route).and_then(|m| poem::http::HeaderValue::from_str(m).ok())
     {
@@ -132,7 +144,7 @@ pub async fn observe<E: Endpoint>(
     let labels = HttpLabels { http_request_method: method, http_route: route, http_response_status_code: status };
     let exemplar = trace_id.filter(|_| span_context.is_sampled()).map(|trace_id| TraceLabel { trace_id });
     metrics.http_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64(), exemplar, None);
-    Ok(response)
+    response
 }
 
 #[cfg(test)]

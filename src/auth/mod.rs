@@ -106,7 +106,9 @@ impl Authenticator {
         if token.matches('.').count() == 2
             && let Some(oidc) = &self.oidc
         {
-            return oidc.verify(token).await;
+            // Boxed: verifying may fetch keys over HTTP, a large future that would otherwise sit
+            // inline in every request's future (and be copied with it) even when no JWT is used.
+            return Box::pin(oidc.verify(token)).await;
         }
         self.tokens.as_ref().and_then(|store| store.lookup(token)).ok_or(AuthError::Invalid)
     }
