@@ -109,10 +109,12 @@ impl Text {
         self.len += 1;
     }
 
-    fn digits(&mut self, value: u32, width: u32) {
+    fn digits(&mut self, mut value: u32, width: usize) {
         for place in (0..width).rev() {
-            self.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
+            self.bytes[self.len + place] = b'0' + (value % 10) as u8;
+            value /= 10;
         }
+        self.len += width;
     }
 }
 

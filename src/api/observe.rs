@@ -8,7 +8,8 @@ use opentelemetry::{global, trace::TraceContextExt};
 use opentelemetry_http::HeaderExtractor;
 use poem::{Request, Response, http::Method};
 use std::{collections::HashMap, time::Instant};
-use tracing::{Instrument, field::Empty};
+use crate::telemetry;
+use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The route templates of the API (`/api/v1/jobs/{id}`), to name requests without raw paths.
@@ -58,10 +59,10 @@ impl Routes {
 
     /// The template `path` matches, `/docs` for Swagger UI's assets, else `unmatched`.
     pub fn route(&self, path: &str) -> &'static str {
-        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let matched = self.templates.iter().find(|(_, template, _)| {
-            template.len() == segments.len()
-                && template.iter().zip(&segments).all(|(t, s)| t.as_deref().is_none_or(|t| t == *s) && !s.is_empty())
+            let mut segments = path.trim_matches('/').split('/');
+            template.iter().all(|t| segments.next().is_some_and(|s| !s.is_empty() && t.as_deref().is_none_or(|t| t == s)))
+                && segments.next().is_none()
         });
         match matched {
             Some((template, _, _)) => template,
@@ -98,20 +99,7 @@ where
 {
     let method = method_label(request.method());
     let route = routes.route(request.uri().path());
-    let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
-    let span = tracing::info_span!(
-        "HTTP request",
-        otel.name = routes.span_name(method, route),
-        otel.kind = "server",
-        otel.status_code = Empty,
-        http.request.method = method,
-        http.route = route,
-        http.response.status_code = Empty,
-        url.scheme = "http",
-        trace_id = Empty,
-        span_id = Empty,
-    );
-    let _ = span.set_parent(parent);
+    let span = if telemetry::traces_exported() { server_span(&request, routes, method, route) } else { Span::none() };
     let context = span.context();
     let span_context = context.span().span_context().clone();
     let trace_id = span_context.is_valid().then(|| span_context.trace_id().to_string());
@@ -145,6 +133,25 @@ where
     let exemplar = trace_id.filter(|_| span_context.is_sampled()).map(|trace_id| TraceLabel { trace_id });
     metrics.http_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64(), exemplar, None);
     response
+}
+
+/// The server span `{method} {route}`, continuing the caller's `traceparent`.
+fn server_span(request: &Request, routes: &Routes, method: &'static str, route: &'static str) -> Span {
+    let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+    let span = tracing::info_span!(
+        "HTTP request",
+        otel.name = routes.span_name(method, route),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = method,
+        http.route = route,
+        http.response.status_code = Empty,
+        url.scheme = "http",
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    let _ = span.set_parent(parent);
+    span
 }
 
 #[cfg(test)]

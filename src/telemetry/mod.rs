@@ -25,6 +25,15 @@ pub const REVISION: &str = match option_env!("OATS_REVISION") {
     None => "unknown",
 };
 
+/// Whether spans are exported (an OTLP endpoint is configured); set once by [`init`].
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans go anywhere. Without an exporter, a request's span would only cost time: nothing
+/// reads it (JSON log lines carry trace ids only when there is a trace).
+pub fn traces_exported() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Keeps the trace pipeline alive; [`Telemetry::shutdown`] flushes it.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -74,6 +83,7 @@ pub fn init(format: LogFormat) -> Telemetry {
     });
     if let Some(provider) = &provider {
         global::set_tracer_provider(provider.clone());
+        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     tracing_subscriber::registry().with(logs::TraceIdLayer).with(fmt_layer).with(otel_layer).init();
     match (&provider, problem) {
