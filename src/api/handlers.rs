@@ -2,7 +2,7 @@
 
 use super::{
     ApiState,
-    json::JsonBody,
+    json::{JobJson, JobListJson, JsonBody},
     problem::ProblemResponse,
     types::{
         CreateJobRequest, DryRunResult, Health, Job, JobChange, JobEventList, JobList, JobStatus, RuleVerdict,
@@ -151,9 +151,9 @@ impl JobsApi {
         let job = Job::from(&submitted.job);
         let location = job.links.self_.clone();
         Ok(if submitted.created {
-            CreateJobResponse::Created(JsonBody(job), location)
+            CreateJobResponse::Created(JsonBody::new(job), location)
         } else {
-            CreateJobResponse::Existing(JsonBody(job), location)
+            CreateJobResponse::Existing(JsonBody::new(job), location)
         })
     }
 
@@ -178,14 +178,11 @@ impl JobsApi {
         /// `next_page_token` of the previous page.
         #[oai(validator(max_length = 256))]
         page_token: Query<Option<String>>,
-    ) -> Result<JsonBody<JobList>> {
+    ) -> Result<JsonBody<JobList, JobListJson>> {
         let caller = credentials.caller(&state).await?;
         let query = ListQuery::parse(status.0.map(Into::into), label.0.as_deref(), limit.0, page_token.0.as_deref())?;
         let page = state.jobs.list(&caller, &query).await?;
-        Ok(JsonBody(JobList {
-            items: page.items.iter().map(|record| Job::from(&**record)).collect(),
-            next_page_token: page.next_page_token,
-        }))
+        Ok(JsonBody::new(JobListJson { items: page.items, next_page_token: page.next_page_token }))
     }
 
     /// Get a job
@@ -198,9 +195,9 @@ impl JobsApi {
         credentials: Credentials,
         /// The job id.
         id: Path<String>,
-    ) -> Result<JsonBody<Job>> {
+    ) -> Result<JsonBody<Job, JobJson>> {
         let caller = credentials.caller(&state).await?;
-        Ok(JsonBody(Job::from(&*state.jobs.get(&caller, &id.0).await?)))
+        Ok(JsonBody::new(JobJson(state.jobs.get(&caller, &id.0).await?)))
     }
 
     /// Cancel a job
@@ -216,7 +213,7 @@ impl JobsApi {
         id: Path<String>,
     ) -> Result<JsonBody<Job>> {
         let caller = credentials.caller(&state).await?;
-        Ok(JsonBody(Job::from(&state.jobs.cancel(&caller, &id.0).await?)))
+        Ok(JsonBody::new(Job::from(&state.jobs.cancel(&caller, &id.0).await?)))
     }
 
     /// Read a job's logs
@@ -326,7 +323,7 @@ impl HealthApi {
     /// 200 while the process is alive.
     #[oai(path = "/healthz", method = "get", operation_id = "getHealth")]
     async fn healthz(&self, state: Data<&Arc<ApiState>>) -> JsonBody<Health> {
-        JsonBody(Health { status: "ok".into(), backend: state.jobs.backend_name().into() })
+        JsonBody::new(Health { status: "ok".into(), backend: state.jobs.backend_name().into() })
     }
 
     /// Readiness
@@ -337,9 +334,9 @@ impl HealthApi {
     async fn readyz(&self, state: Data<&Arc<ApiState>>) -> ReadyResponse {
         let backend = state.jobs.backend_name().to_owned();
         if state.jobs.is_ready() && !state.shutdown.is_cancelled() {
-            ReadyResponse::Ready(JsonBody(Health { status: "ok".into(), backend }))
+            ReadyResponse::Ready(JsonBody::new(Health { status: "ok".into(), backend }))
         } else {
-            ReadyResponse::NotReady(JsonBody(Health { status: "unavailable".into(), backend }))
+            ReadyResponse::NotReady(JsonBody::new(Health { status: "unavailable".into(), backend }))
         }
     }
 }

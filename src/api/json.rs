@@ -1,9 +1,11 @@
-//! A JSON payload written straight from the value with serde.
+//! JSON responses written straight with serde.
 //!
 //! poem-openapi's `Json<T>` converts the value into a `serde_json::Value` tree first (an
-//! allocation per field), which was the largest single cost of `GET /api/v1/jobs/{id}`. The hot
+//! allocation per field), which was the largest single cost of `GET /api/v1/jobs/{id}`. Here the
 //! response types derive `serde::Serialize` with the same names and formats as their OpenAPI
-//! schema; `tests` below checks that both give the same JSON, so the document stays the truth.
+//! schema, and jobs are written from their shared records ([`JobJson`], [`JobListJson`]) without
+//! copying them into the API types first. `tests` below checks that every path gives the bytes
+//! poem-openapi would, so the document stays the truth.
 
 use poem::{IntoResponse, Response, http::header};
 use poem_openapi::{
@@ -12,28 +14,38 @@ use poem_openapi::{
     registry::{MetaResponses, MetaSchemaRef, Registry},
     types::{ToJSON, Type},
 };
+use super::types::{JobStatus, JobStatusReason};
+use crate::jobs::JobRecord;
 use serde::Serialize;
+use std::{marker::PhantomData, sync::Arc};
 
-/// A JSON response body, documented like `Json<T>`, serialised with serde.
-pub struct JsonBody<T>(pub T);
+/// A JSON response body documented as the schema `S` (like `Json<S>`) and written with serde from
+/// `T`: `S` itself, or a view that writes the same JSON without building an `S` first.
+pub struct JsonBody<S, T = S>(T, PhantomData<fn() -> S>);
 
-impl<T: Type> Payload for JsonBody<T> {
-    const CONTENT_TYPE: &'static str = Json::<T>::CONTENT_TYPE;
-
-    fn check_content_type(content_type: &str) -> bool {
-        Json::<T>::check_content_type(content_type)
-    }
-
-    fn schema_ref() -> MetaSchemaRef {
-        T::schema_ref()
-    }
-
-    fn register(registry: &mut Registry) {
-        T::register(registry);
+impl<S, T> JsonBody<S, T> {
+    pub fn new(value: T) -> Self {
+        Self(value, PhantomData)
     }
 }
 
-impl<T: Type + Serialize + Send> IntoResponse for JsonBody<T> {
+impl<S: Type, T: Send> Payload for JsonBody<S, T> {
+    const CONTENT_TYPE: &'static str = Json::<S>::CONTENT_TYPE;
+
+    fn check_content_type(content_type: &str) -> bool {
+        Json::<S>::check_content_type(content_type)
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        S::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        S::register(registry);
+    }
+}
+
+impl<S: Type, T: Serialize + Send> IntoResponse for JsonBody<S, T> {
     fn into_response(self) -> Response {
         match serde_json::to_vec(&self.0) {
             Ok(body) => Response::builder().header(header::CONTENT_TYPE, Self::CONTENT_TYPE).body(body),
@@ -46,13 +58,111 @@ impl<T: Type + Serialize + Send> IntoResponse for JsonBody<T> {
     }
 }
 
-impl<T: Type + ToJSON + Serialize + Send> ApiResponse for JsonBody<T> {
+impl<S: Type + ToJSON, T: Serialize + Send> ApiResponse for JsonBody<S, T> {
     fn meta() -> MetaResponses {
-        Json::<T>::meta()
+        Json::<S>::meta()
     }
 
     fn register(registry: &mut Registry) {
-        T::register(registry);
+        S::register(registry);
+    }
+}
+
+/// A job's JSON (schema [`Job`](super::types::Job)) written straight from its shared record.
+pub struct JobJson(pub Arc<JobRecord>);
+
+impl Serialize for JobJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = &*self.0;
+        let status: JobStatus = r.status.phase.into();
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("id", r.id.as_str())?;
+        map.serialize_entry("status", &status)?;
+        if let Some(reason) = r.status.reason {
+            map.serialize_entry("reason", &JobStatusReason::from(reason))?;
+        }
+        if let Some(message) = &r.status.message {
+            map.serialize_entry("message", message)?;
+        }
+        map.serialize_entry("created_at", &Timestamp(r.created_at))?;
+        if let Some(started_at) = r.started_at {
+            map.serialize_entry("started_at", &Timestamp(started_at))?;
+        }
+        if let Some(finished_at) = r.finished_at {
+            map.serialize_entry("finished_at", &Timestamp(finished_at))?;
+        }
+        map.serialize_entry("attempts", &r.attempts)?;
+        map.serialize_entry("goal", &r.spec.goal)?;
+        map.serialize_entry("max_turns", &r.spec.max_turns)?;
+        map.serialize_entry("timeout_seconds", &r.spec.timeout_seconds)?;
+        if let Some(model) = &r.spec.model {
+            map.serialize_entry("model", model)?;
+        }
+        if let Some(profile) = &r.spec.profile {
+            map.serialize_entry("profile", profile)?;
+        }
+        map.serialize_entry("labels", &r.spec.labels)?;
+        if let Some(result) = &r.result {
+            map.serialize_entry("result", result)?;
+        }
+        if let Some(trace_id) = r.trace.as_ref().and_then(|t| t.trace_id()) {
+            map.serialize_entry("trace_id", trace_id)?;
+        }
+        map.serialize_entry("links", &Links(r.id.as_str()))?;
+        map.end()
+    }
+}
+
+/// A page of jobs (schema [`JobList`](super::types::JobList)) written from shared records.
+pub struct JobListJson {
+    pub items: Vec<Arc<JobRecord>>,
+    pub next_page_token: Option<String>,
+}
+
+impl Serialize for JobListJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        struct Items<'a>(&'a [Arc<JobRecord>]);
+        impl Serialize for Items<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+                for record in self.0 {
+                    seq.serialize_element(&JobJson(record.clone()))?;
+                }
+                seq.end()
+            }
+        }
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("items", &Items(&self.items))?;
+        if let Some(token) = &self.next_page_token {
+            map.serialize_entry("next_page_token", token)?;
+        }
+        map.end()
+    }
+}
+
+/// `links` of a job, written without building the strings first.
+struct Links<'a>(&'a str);
+
+impl Serialize for Links<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let id = self.0;
+        let mut map = serializer.serialize_map(Some(4))?;
+        map.serialize_entry("self", &format_args!("/api/v1/jobs/{id}"))?;
+        map.serialize_entry("logs", &format_args!("/api/v1/jobs/{id}/logs"))?;
+        map.serialize_entry("events", &format_args!("/api/v1/jobs/{id}/events"))?;
+        map.serialize_entry("cancel", &format_args!("/api/v1/jobs/{id}/cancel"))?;
+        map.end()
+    }
+}
+
+struct Timestamp(chrono::DateTime<chrono::Utc>);
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        rfc3339(&self.0, serializer)
     }
 }
 
@@ -132,7 +242,7 @@ pub fn rfc3339_opt<S: serde::Serializer>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::types::{Health, Job, JobList, JobStatus, JobStatusReason};
+    use crate::api::types::{Health, Job, JobList};
     use poem_openapi::types::Example;
 
     /// serde and poem-openapi write the same bytes, so the OpenAPI document describes what is sent.
@@ -155,6 +265,56 @@ mod tests {
         for time in times {
             assert_eq!(serde_json::to_value(At(time)).unwrap(), time.to_rfc3339(), "{time:?}");
         }
+    }
+
+    fn record(every_field: bool) -> Arc<JobRecord> {
+        use crate::jobs::{JobId, JobLimits, JobPhase, JobReason, JobRequest, TraceContext};
+        let spec = JobRequest {
+            goal: "say \"hi\" ü\n".into(),
+            max_turns: 3,
+            labels: if every_field { [("team".to_string(), "a".to_string())].into() } else { Default::default() },
+            model: every_field.then(|| "m".into()),
+            ..Default::default()
+        }
+        .validate(&JobLimits::default())
+        .unwrap();
+        let now = chrono::Utc::now();
+        Arc::new(JobRecord {
+            id: JobId::random(),
+            tenant: "t".into(),
+            spec: crate::jobs::JobSpec { profile: every_field.then(|| "small".into()), ..spec },
+            status: if every_field {
+                crate::jobs::JobStatus::with_reason(JobPhase::Failed, JobReason::OOMKilled, "killed")
+            } else {
+                crate::jobs::JobStatus::new(JobPhase::Pending)
+            },
+            created_at: now,
+            started_at: every_field.then_some(now),
+            finished_at: every_field.then(|| chrono::DateTime::from_timestamp(1_800_000_000, 5_000).unwrap()),
+            attempts: 2,
+            result: every_field.then(|| "the answer".into()),
+            request_hash: "h".into(),
+            trace: every_field.then(|| TraceContext {
+                traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+                tracestate: None,
+            }),
+        })
+    }
+
+    #[test]
+    fn views_of_records_write_what_the_schema_documents() {
+        for every_field in [false, true] {
+            let record = record(every_field);
+            let documented = Job::from(&*record).to_json().unwrap().to_string();
+            assert_eq!(serde_json::to_string(&JobJson(record)).unwrap(), documented);
+        }
+        let items = vec![record(true), record(false)];
+        let documented = JobList { items: items.iter().map(|r| Job::from(&**r)).collect(), next_page_token: None };
+        let view = JobListJson { items: items.clone(), next_page_token: None };
+        assert_eq!(serde_json::to_string(&view).unwrap(), documented.to_json().unwrap().to_string());
+        let view = JobListJson { items, next_page_token: Some("t".into()) };
+        let documented = JobList { next_page_token: Some("t".into()), ..documented };
+        assert_eq!(serde_json::to_string(&view).unwrap(), documented.to_json().unwrap().to_string());
     }
 
     #[test]
