@@ -123,6 +123,58 @@ async fn a_submission_is_one_trace_from_the_caller_into_the_agent() {
     }
 }
 
+/// With a ratio of 0 for new traces, untraced reads get no span; submissions and callers' traces
+/// still do.
+#[tokio::test]
+async fn sampling_spares_untraced_reads_but_never_submissions() {
+    let (receiver, port) = start_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let server = Server::start_local(
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0"),
+        ],
+    )
+    .await;
+    let job = server.create("sampled", 1).await;
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(job["trace_id"].as_str().map(str::len), Some(32), "a submission starts a trace");
+    for _ in 0..20 {
+        server.job(id).await;
+    }
+    let traced = server
+        .http
+        .get(server.url(&format!("/api/v1/jobs/{id}")))
+        .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(traced.status(), StatusCode::OK);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans = receiver.spans.lock().unwrap().clone();
+        let gets: Vec<_> = spans.iter().filter(|(_, s)| s.name == "GET /api/v1/jobs/{id}").collect();
+        let posts = spans.iter().filter(|(_, s)| s.name == "POST /api/v1/jobs").count();
+        if posts == 1 && !gets.is_empty() {
+            let hex: String = gets[0].1.trace_id.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(hex, TRACE_ID, "the only traced read is the one with a caller's trace");
+            break;
+        }
+        assert!(Instant::now() < deadline, "spans never arrived: {} GET, {posts} POST", gets.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Everything exported by now (the batch is flushed every 100 ms): still one traced read.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spans = receiver.spans.lock().unwrap().clone();
+    assert_eq!(spans.iter().filter(|(_, s)| s.name == "GET /api/v1/jobs/{id}").count(), 1);
+}
+
 #[tokio::test]
 async fn a_dead_collector_never_blocks_requests() {
     let dir = tempfile::tempdir().unwrap();

@@ -99,7 +99,13 @@ where
 {
     let method = method_label(request.method());
     let route = routes.route(request.uri().path());
-    let span = if telemetry::traces_exported() { server_span(&request, routes, method, route) } else { Span::none() };
+    let has_traceparent = request.headers().contains_key("traceparent");
+    let read_only = matches!(method, "GET" | "HEAD" | "OPTIONS");
+    let span = if telemetry::trace_request(has_traceparent, read_only) {
+        server_span(&request, routes, method, route)
+    } else {
+        Span::none()
+    };
     let context = span.context();
     let span_context = context.span().span_context().clone();
     let trace_id = span_context.is_valid().then(|| span_context.trace_id().to_string());

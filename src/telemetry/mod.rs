@@ -2,10 +2,12 @@
 //!
 //! Traces are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific
 //! variable) is set, with the protocol of `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc` or
-//! `http/protobuf`, the default); headers, sampler, service name and resource attributes come from
-//! the standard `OTEL_*` variables, read by the OpenTelemetry SDK itself. Export runs on the batch
-//! processor's own thread with a bounded queue, so a slow or absent collector never blocks a
-//! request: spans are dropped instead.
+//! `http/protobuf`, the default); headers, service name and resource attributes come from
+//! the standard `OTEL_*` variables, read by the OpenTelemetry SDK itself. Sampling follows
+//! `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG` with one refinement (see [`trace_request`]): the
+//! ratio applies to reads; a caller's `traceparent` and every write (a submission starts the trace
+//! the agent continues) are always traced. Export runs on the batch processor's own thread with a
+//! bounded queue, so a slow or absent collector never blocks a request: spans are dropped instead.
 
 pub mod kube_client;
 mod logs;
@@ -15,7 +17,11 @@ pub mod trace;
 
 use crate::config::LogFormat;
 use opentelemetry::{KeyValue, global, trace::TracerProvider as _};
-use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{Sampler, SamplingResult, SdkTracerProvider, ShouldSample},
+};
 use std::io::IsTerminal;
 use tracing_subscriber::{EnvFilter, Layer, filter::Targets, fmt, prelude::*};
 
@@ -28,10 +34,27 @@ pub const REVISION: &str = match option_env!("OATS_REVISION") {
 /// Whether spans are exported (an OTLP endpoint is configured); set once by [`init`].
 static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether spans go anywhere. Without an exporter, a request's span would only cost time: nothing
-/// reads it (JSON log lines carry trace ids only when there is a trace).
-pub fn traces_exported() -> bool {
-    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+/// The share of untraced reads that start a trace, as `f64` bits, and whether writes start one;
+/// set once by [`init`].
+static READ_RATIO: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static TRACE_WRITES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a request gets a server span. Without an exporter, never: nothing would read it (JSON
+/// log lines carry trace ids only when there is a trace). With one: when the caller sent a
+/// `traceparent` (the sampler follows the caller's decision), for every write (submissions start
+/// the traces the agent continues), and for the sampler's share of reads. Deciding before the span
+/// exists keeps an unsampled poll as cheap as with tracing off.
+pub fn trace_request(has_traceparent: bool, read_only: bool) -> bool {
+    if !EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    let ratio = f64::from_bits(READ_RATIO.load(std::sync::atomic::Ordering::Relaxed));
+    has_traceparent
+        || if read_only {
+            ratio >= 1.0 || (ratio > 0.0 && rand::random::<f64>() < ratio)
+        } else {
+            TRACE_WRITES.load(std::sync::atomic::Ordering::Relaxed)
+        }
 }
 
 /// Keeps the trace pipeline alive; [`Telemetry::shutdown`] flushes it.
@@ -75,16 +98,19 @@ pub fn init(format: LogFormat) -> Telemetry {
         Ok(provider) => (provider, None),
         Err(problem) => (None, Some(problem)),
     };
-    let otel_layer = provider.as_ref().map(|provider| {
+    let otel_layer = provider.as_ref().map(|(provider, _)| {
         // Our own spans, plus kube-client's per-request client spans (created at debug level).
         let spans =
             Targets::new().with_target("oats", tracing::Level::INFO).with_target("kube_client", tracing::Level::DEBUG);
         tracing_opentelemetry::layer().with_tracer(provider.tracer("oats")).with_filter(spans)
     });
-    if let Some(provider) = &provider {
+    if let Some((provider, roots)) = &provider {
         global::set_tracer_provider(provider.clone());
+        READ_RATIO.store(roots.reads.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        TRACE_WRITES.store(roots.writes, std::sync::atomic::Ordering::Relaxed);
         EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    let provider = provider.map(|(provider, _)| provider);
     tracing_subscriber::registry().with(logs::TraceIdLayer).with(fmt_layer).with(otel_layer).init();
     match (&provider, problem) {
         (Some(_), _) => tracing::info!("exporting traces over OTLP"),
@@ -98,8 +124,9 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// The tracer provider the `OTEL_*` variables ask for, `None` when tracing is off.
-fn tracer_provider() -> Result<Option<SdkTracerProvider>, String> {
+/// The tracer provider the `OTEL_*` variables ask for and which requests start traces, `None` when
+/// tracing is off.
+fn tracer_provider() -> Result<Option<(SdkTracerProvider, Roots)>, String> {
     if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
         || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v == "none")
     {
@@ -126,5 +153,106 @@ fn tracer_provider() -> Result<Option<SdkTracerProvider>, String> {
     if env("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name("oats");
     }
-    Ok(Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build()))
+    let roots = roots(env("OTEL_TRACES_SAMPLER").as_deref(), env("OTEL_TRACES_SAMPLER_ARG").as_deref())?;
+    let sampler = Sampler::ParentBased(Box::new(RootSampler { roots }));
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(sampler)
+        .with_resource(resource.build())
+        .build();
+    Ok(Some((provider, roots)))
+}
+
+/// Which requests without a caller's trace start one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Roots {
+    /// Writes (submissions, cancels): all of them, unless the sampler is `always_off`.
+    writes: bool,
+    /// The share of reads (and of background work).
+    reads: f64,
+}
+
+/// The new traces `OTEL_TRACES_SAMPLER` (and `_ARG`) ask for: everything for `always_on` and
+/// `parentbased_always_on` (the default), nothing for the `always_off` ones, every write and the
+/// argument's share (default 1) of reads for `traceidratio` and `parentbased_traceidratio`.
+/// Spans with a parent always follow the parent (the `parentbased_` behaviour, whichever form is
+/// named).
+fn roots(sampler: Option<&str>, arg: Option<&str>) -> Result<Roots, String> {
+    let all = |reads| Roots { writes: true, reads };
+    match sampler.unwrap_or("parentbased_always_on") {
+        "always_on" | "parentbased_always_on" => Ok(all(1.0)),
+        "always_off" | "parentbased_always_off" => Ok(Roots { writes: false, reads: 0.0 }),
+        "traceidratio" | "parentbased_traceidratio" => match arg {
+            None => Ok(all(1.0)),
+            Some(arg) => arg
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .map(all)
+                .ok_or_else(|| format!("OTEL_TRACES_SAMPLER_ARG={arg} is not a ratio between 0 and 1")),
+        },
+        other => Err(format!(
+            "OTEL_TRACES_SAMPLER={other} is not supported (use always_on, always_off, traceidratio or their \
+             parentbased_ forms)"
+        )),
+    }
+}
+
+/// How a span without a parent is sampled. Server spans exist only for requests that
+/// [`trace_request`] chose, so they are kept; other roots (background work) get the reads' ratio.
+#[derive(Clone, Debug)]
+struct RootSampler {
+    roots: Roots,
+}
+
+impl ShouldSample for RootSampler {
+    fn should_sample(
+        &self,
+        parent: Option<&opentelemetry::Context>,
+        trace_id: opentelemetry::trace::TraceId,
+        name: &str,
+        kind: &opentelemetry::trace::SpanKind,
+        attributes: &[KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> SamplingResult {
+        let sampler = match kind {
+            opentelemetry::trace::SpanKind::Server if self.roots.writes || self.roots.reads > 0.0 => Sampler::AlwaysOn,
+            _ => Sampler::TraceIdRatioBased(self.roots.reads),
+        };
+        sampler.should_sample(parent, trace_id, name, kind, attributes, links)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{SpanKind, TraceId};
+    use opentelemetry_sdk::trace::SamplingDecision;
+
+    #[test]
+    fn the_standard_sampler_variables_give_the_share_of_new_traces() {
+        let all = |reads| Ok(Roots { writes: true, reads });
+        assert_eq!(roots(None, None), all(1.0));
+        assert_eq!(roots(Some("always_on"), None), all(1.0));
+        assert_eq!(roots(Some("parentbased_always_off"), None), Ok(Roots { writes: false, reads: 0.0 }));
+        assert_eq!(roots(Some("parentbased_traceidratio"), Some("0.1")), all(0.1));
+        assert_eq!(roots(Some("traceidratio"), Some("0")), all(0.0));
+        assert_eq!(roots(Some("traceidratio"), None), all(1.0));
+        for (sampler, arg) in [("traceidratio", Some("1.5")), ("traceidratio", Some("x")), ("jaeger_remote", None)] {
+            assert!(roots(Some(sampler), arg).is_err(), "{sampler} {arg:?}");
+        }
+    }
+
+    #[test]
+    fn chosen_requests_keep_their_span_and_background_roots_get_the_ratio() {
+        let decide = |writes: bool, reads: f64, kind: SpanKind| {
+            let trace_id = TraceId::from_hex("ffffffffffffffffffffffffffffffff").unwrap();
+            RootSampler { roots: Roots { writes, reads } }.should_sample(None, trace_id, "x", &kind, &[], &[]).decision
+        };
+        assert_eq!(decide(true, 0.0, SpanKind::Server), SamplingDecision::RecordAndSample);
+        assert_eq!(decide(false, 0.0, SpanKind::Server), SamplingDecision::Drop);
+        assert_eq!(decide(true, 0.1, SpanKind::Client), SamplingDecision::Drop);
+        assert_eq!(decide(true, 1.0, SpanKind::Client), SamplingDecision::RecordAndSample);
+    }
 }

@@ -81,6 +81,12 @@ Data of the API's ConfigMap, as sorted `KEY: "value"` lines. The derived keys wi
 {{- if .protocol -}}
 {{- $_ := set $derived "OTEL_EXPORTER_OTLP_PROTOCOL" .protocol -}}
 {{- end -}}
+{{- if .sampler -}}
+{{- $_ := set $derived "OTEL_TRACES_SAMPLER" .sampler -}}
+{{- end -}}
+{{- if .samplerArg -}}
+{{- $_ := set $derived "OTEL_TRACES_SAMPLER_ARG" (toString .samplerArg) -}}
+{{- end -}}
 {{- end -}}
 {{- range $key, $value := merge $derived (.Values.config | default dict) }}
 {{ $key }}: {{ $value | toString | quote }}
