@@ -108,11 +108,7 @@ where
     };
     let context = span.context();
     let span_context = context.span().span_context().clone();
-    let trace_id = span_context.is_valid().then(|| span_context.trace_id().to_string());
-    if let Some(trace_id) = &trace_id {
-        span.record("trace_id", trace_id.as_str());
-        span.record("span_id", span_context.span_id().to_string().as_str());
-    }
+    let trace_id = span_context.is_sampled().then(|| span_context.trace_id().to_string());
 
     let active = metrics.http_active.get_or_create(&MethodLabel { http_request_method: method }).clone();
     active.inc();
@@ -136,7 +132,7 @@ where
         metrics.submission(SubmissionOutcome::Invalid);
     }
     let labels = HttpLabels { http_request_method: method, http_route: route, http_response_status_code: status };
-    let exemplar = trace_id.filter(|_| span_context.is_sampled()).map(|trace_id| TraceLabel { trace_id });
+    let exemplar = trace_id.map(|trace_id| TraceLabel { trace_id });
     metrics.http_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64(), exemplar, None);
     response
 }
@@ -153,8 +149,6 @@ fn server_span(request: &Request, routes: &Routes, method: &'static str, route: 
         http.route = route,
         http.response.status_code = Empty,
         url.scheme = "http",
-        trace_id = Empty,
-        span_id = Empty,
     );
     let _ = span.set_parent(parent);
     span

@@ -23,7 +23,12 @@ use opentelemetry_sdk::{
     trace::{Sampler, SamplingResult, SdkTracerProvider, ShouldSample},
 };
 use std::io::IsTerminal;
-use tracing_subscriber::{EnvFilter, Layer, filter::Targets, fmt, prelude::*};
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    filter::{FilterExt, Targets, filter_fn},
+    fmt,
+    prelude::*,
+};
 
 /// The git revision this binary was built from (`OATS_REVISION` at build time).
 pub const REVISION: &str = match option_env!("OATS_REVISION") {
@@ -85,11 +90,12 @@ pub fn init(format: LogFormat) -> Telemetry {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
     let fmt_layer = if json {
+        // JSON lines read the current span themselves: the layer need not follow spans at all.
         fmt::layer()
             .event_format(logs::JsonWithTrace)
             .fmt_fields(logs::NoSpanFields)
             .with_writer(std::io::stderr)
-            .with_filter(filter)
+            .with_filter(filter.and(filter_fn(|metadata| metadata.is_event())))
             .boxed()
     } else {
         fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).with_filter(filter).boxed()
@@ -102,7 +108,14 @@ pub fn init(format: LogFormat) -> Telemetry {
         // Our own spans, plus kube-client's per-request client spans (created at debug level).
         let spans =
             Targets::new().with_target("oats", tracing::Level::INFO).with_target("kube_client", tracing::Level::DEBUG);
-        tracing_opentelemetry::layer().with_tracer(provider.tracer("oats")).with_filter(spans)
+        // No busy/idle timing, code location or thread attributes: they cost clock reads and
+        // allocations on every span, and the semantic-convention attributes say what matters.
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("oats"))
+            .with_tracked_inactivity(false)
+            .with_location(false)
+            .with_threads(false)
+            .with_filter(spans)
     });
     if let Some((provider, roots)) = &provider {
         global::set_tracer_provider(provider.clone());
@@ -111,7 +124,7 @@ pub fn init(format: LogFormat) -> Telemetry {
         EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     let provider = provider.map(|(provider, _)| provider);
-    tracing_subscriber::registry().with(logs::TraceIdLayer).with(fmt_layer).with(otel_layer).init();
+    tracing_subscriber::registry().with(fmt_layer).with(otel_layer).init();
     match (&provider, problem) {
         (Some(_), _) => tracing::info!("exporting traces over OTLP"),
         (None, Some(problem)) => tracing::warn!(%problem, "traces are not exported"),
