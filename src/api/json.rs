@@ -45,9 +45,33 @@ impl<S: Type, T: Send> Payload for JsonBody<S, T> {
     }
 }
 
-impl<S: Type, T: Serialize + Send> IntoResponse for JsonBody<S, T> {
+/// A response body's bytes.
+pub trait Render {
+    fn render(&self) -> serde_json::Result<bytes::Bytes>;
+}
+
+/// Types written as they are.
+macro_rules! render_with_serde {
+    ($($type:ty),*) => {$(
+        impl Render for $type {
+            fn render(&self) -> serde_json::Result<bytes::Bytes> {
+                serde_json::to_vec(self).map(bytes::Bytes::from)
+            }
+        }
+    )*};
+}
+render_with_serde!(super::types::Job, super::types::JobList, super::types::Health, JobListJson);
+
+/// A job is written once per version of its record: polls of an unchanged job reuse the bytes.
+impl Render for JobJson {
+    fn render(&self) -> serde_json::Result<bytes::Bytes> {
+        self.0.rendered.get_or_try_init(|| serde_json::to_vec(self).map(bytes::Bytes::from))
+    }
+}
+
+impl<S: Type, T: Render + Send> IntoResponse for JsonBody<S, T> {
     fn into_response(self) -> Response {
-        match serde_json::to_vec(&self.0) {
+        match self.0.render() {
             Ok(body) => Response::builder().header(header::CONTENT_TYPE, Self::CONTENT_TYPE).body(body),
             Err(error) => poem::Error::from_string(
                 format!("cannot serialise the response: {error}"),
@@ -58,7 +82,7 @@ impl<S: Type, T: Serialize + Send> IntoResponse for JsonBody<S, T> {
     }
 }
 
-impl<S: Type + ToJSON, T: Serialize + Send> ApiResponse for JsonBody<S, T> {
+impl<S: Type + ToJSON, T: Render + Send> ApiResponse for JsonBody<S, T> {
     fn meta() -> MetaResponses {
         Json::<S>::meta()
     }
@@ -298,6 +322,7 @@ mod tests {
                 traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
                 tracestate: None,
             }),
+            rendered: Default::default(),
         })
     }
 
@@ -306,7 +331,15 @@ mod tests {
         for every_field in [false, true] {
             let record = record(every_field);
             let documented = Job::from(&*record).to_json().unwrap().to_string();
-            assert_eq!(serde_json::to_string(&JobJson(record)).unwrap(), documented);
+            assert_eq!(serde_json::to_string(&JobJson(record.clone())).unwrap(), documented);
+            // Rendered once, then reused; a changed copy renders afresh.
+            assert_eq!(JobJson(record.clone()).render().unwrap(), documented.as_bytes());
+            assert_eq!(JobJson(record.clone()).render().unwrap(), documented.as_bytes());
+            let mut changed = JobRecord::clone(&record);
+            changed.attempts += 1;
+            let changed = Arc::new(changed);
+            let expected = Job::from(&*changed).to_json().unwrap().to_string();
+            assert_eq!(JobJson(changed).render().unwrap(), expected.as_bytes());
         }
         let items = vec![record(true), record(false)];
         let documented = JobList { items: items.iter().map(|r| Job::from(&**r)).collect(), next_page_token: None };

@@ -1025,65 +1025,82 @@ impl Bench {
         }
 
         if s6k {
-            let n = 2_000;
-            println!("-- scenario 6k: OATS watch cache with {n} Jobs (suspended: no pods)");
+            const STEPS: [usize; 2] = [2_000, 10_000];
+            println!("-- scenario 6k: OATS watch cache with {STEPS:?} Jobs (suspended: no pods)");
             let ns = make_ns(format!("oats-bench-cache-{suffix}")).await?;
             let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-            let t = Instant::now();
-            let manifests: Vec<Job> = (0..n)
-                .map(|_| {
-                    let mut job = new_job(&ns)?;
-                    job.spec.as_mut().expect("rendered Jobs have a spec").suspend = Some(true);
-                    Ok(job)
-                })
-                .collect::<Result<_>>()?;
-            let created: Vec<Result<Job, kube::Error>> = futures::stream::iter(manifests)
-                .map(|job| {
-                    let jobs = jobs.clone();
-                    async move { jobs.create(&PostParams::default(), &job).await }
-                })
-                .buffer_unordered(8)
-                .collect()
-                .await;
-            let failed = created.iter().filter(|r| r.is_err()).count();
-            println!("created {n} Jobs in {:.1}s ({failed} failed)", t.elapsed().as_secs_f64());
             let empty = make_ns(format!("oats-bench-none-{suffix}")).await?;
             let base = self.start_oats("oats-kube-none", &kube_env(&empty), false).await?;
             let rss0 = settled_rss(&base).await;
             drop(base);
-            let full = self.start_oats("oats-kube-2k", &kube_env(&ns), false).await?;
-            let ready = full.ready_after;
-            let rss = settled_rss(&full).await;
-            let hwm = proc_status(full.pid, "VmHWM");
-            drop(full);
-            let per_job = (rss as f64 - rss0 as f64) / (n - failed) as f64;
             self.row(
                 "6k",
-                &format!("kube cache: RSS with {} Jobs (no pods)", n - failed),
-                format!("{:.1} MiB (peak {:.1})", rss as f64 / 1024.0, hwm as f64 / 1024.0),
-                format!("{:.1} MiB (empty namespace)", rss0 as f64 / 1024.0),
-                Some(rss as f64 / rss0 as f64),
-                "",
-                None,
-            );
-            self.row(
-                "6k",
-                "kube cache: memory per cached Job",
-                format!("{per_job:.1} KiB"),
-                "".into(),
-                None,
-                "< 4 KiB",
-                Some(per_job < 4.0),
-            );
-            self.row(
-                "6k",
-                &format!("kube: time from start to ready, {} Jobs", n - failed),
-                format!("{:.2} s", ready.as_secs_f64()),
+                "kube cache: RSS with an empty namespace (baseline)",
+                format!("{:.1} MiB", rss0 as f64 / 1024.0),
                 "".into(),
                 None,
                 "",
                 None,
             );
+            let (mut cached, mut previous) = (0usize, None::<(usize, u64)>);
+            for step in STEPS {
+                let t = Instant::now();
+                let manifests: Vec<Job> = (cached..step)
+                    .map(|_| {
+                        let mut job = new_job(&ns)?;
+                        job.spec.as_mut().expect("rendered Jobs have a spec").suspend = Some(true);
+                        Ok(job)
+                    })
+                    .collect::<Result<_>>()?;
+                let created: Vec<Result<Job, kube::Error>> = futures::stream::iter(manifests)
+                    .map(|job| {
+                        let jobs = jobs.clone();
+                        async move { jobs.create(&PostParams::default(), &job).await }
+                    })
+                    .buffer_unordered(8)
+                    .collect()
+                    .await;
+                let failed = created.iter().filter(|r| r.is_err()).count();
+                cached += created.len() - failed;
+                println!("created {} Jobs in {:.1}s ({failed} failed)", created.len(), t.elapsed().as_secs_f64());
+                let full = self.start_oats(&format!("oats-kube-{step}"), &kube_env(&ns), false).await?;
+                let ready = full.ready_after;
+                let rss = settled_rss(&full).await;
+                let hwm = proc_status(full.pid, "VmHWM");
+                drop(full);
+                self.row(
+                    "6k",
+                    &format!("kube cache: RSS with {cached} Jobs (no pods)"),
+                    format!("{:.1} MiB (peak {:.1})", rss as f64 / 1024.0, hwm as f64 / 1024.0),
+                    format!("{:.1} MiB (empty namespace)", rss0 as f64 / 1024.0),
+                    Some(rss as f64 / rss0 as f64),
+                    if step == 10_000 { "< 64 MiB" } else { "" },
+                    (step == 10_000).then_some(rss < 64 * 1024),
+                );
+                self.row(
+                    "6k",
+                    &format!("kube: time from start to ready, {cached} Jobs"),
+                    format!("{:.2} s", ready.as_secs_f64()),
+                    "".into(),
+                    None,
+                    if step == 10_000 { "< 2 s" } else { "" },
+                    (step == 10_000).then_some(ready < Duration::from_secs(2)),
+                );
+                if let Some((before, rss_before)) = previous {
+                    let slope = (rss as f64 - rss_before as f64) / (cached - before) as f64;
+                    let average = (rss as f64 - rss0 as f64) / cached as f64;
+                    self.row(
+                        "6k",
+                        &format!("kube cache: memory per cached Job ({before}→{cached} slope)"),
+                        format!("{slope:.2} KiB"),
+                        format!("{average:.2} KiB (average over the empty namespace)"),
+                        None,
+                        "< 4 KiB",
+                        Some(slope < 4.0),
+                    );
+                }
+                previous = Some((cached, rss));
+            }
         }
         Ok(())
     }
@@ -1546,6 +1563,7 @@ fn preload(dir: &Path, n: usize, phase: JobPhase) -> Result<Duration> {
             attempts: u32::from(finished),
             result: finished.then(|| format!("done: benchmark job {i} finished after 3 turns")),
             trace: None,
+            rendered: Default::default(),
         };
         let mut events = vec![event(created, "Submitted", "job accepted; waiting for a free slot")];
         if finished {

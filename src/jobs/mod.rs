@@ -164,6 +164,44 @@ pub struct JobRecord {
     /// The trace that created the job, when tracing was on.
     #[serde(default)]
     pub trace: Option<TraceContext>,
+    /// How the API last wrote this record (records are shared immutably, so a poll of an
+    /// unchanged job reuses it). Not part of the record's value: never stored, compared or copied.
+    #[serde(skip)]
+    pub rendered: Rendered,
+}
+
+/// A memo of a record's rendering, filled on first use by whoever renders it. A copy starts
+/// empty, so a record changed after copying (copy-on-write) is never served its old rendering.
+#[derive(Default)]
+pub struct Rendered(std::sync::OnceLock<bytes::Bytes>);
+
+impl Rendered {
+    /// The memoized rendering, made by `render` the first time.
+    pub fn get_or_try_init<E>(&self, render: impl FnOnce() -> Result<bytes::Bytes, E>) -> Result<bytes::Bytes, E> {
+        if let Some(bytes) = self.0.get() {
+            return Ok(bytes.clone());
+        }
+        let bytes = render()?;
+        Ok(self.0.get_or_init(|| bytes).clone())
+    }
+}
+
+impl Clone for Rendered {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for Rendered {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Rendered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "Rendered" } else { "Rendered(empty)" })
+    }
 }
 
 /// A job the domain has validated and named, ready for a backend to create.
@@ -194,6 +232,7 @@ impl NewJob {
             result: None,
             request_hash: self.request_hash.clone(),
             trace: self.trace.clone(),
+            rendered: Rendered::default(),
         }
     }
 }

@@ -141,6 +141,7 @@ mod tests {
             result: None,
             request_hash: String::new(),
             trace: None,
+            rendered: Default::default(),
         })
     }
 

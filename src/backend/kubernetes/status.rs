@@ -130,6 +130,7 @@ fn submitted(job: &CachedJob) -> Option<JobRecord> {
         request_hash: annotation(REQUEST_HASH_ANNOTATION).unwrap_or_default(),
         trace: annotation(TRACEPARENT_ANNOTATION)
             .map(|traceparent| TraceContext { traceparent, tracestate: annotation(TRACESTATE_ANNOTATION) }),
+        rendered: Default::default(),
     })
 }
 

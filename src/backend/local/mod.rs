@@ -10,7 +10,10 @@ mod process;
 
 use super::{BackendError, JobBackend, Preview};
 use crate::{
-    jobs::{CreateOutcome, JobEvent, JobId, JobPhase, JobReason, JobRecord, JobStatus, LogOptions, LogStream, NewJob},
+    jobs::{
+        CreateOutcome, JobEvent, JobId, JobPhase, JobReason, JobRecord, JobStatus, LogOptions, LogStream, NewJob,
+        Rendered,
+    },
     telemetry::{
         self,
         metrics::{JobCounts, Metrics},
@@ -44,6 +47,16 @@ struct StoredJob {
     events: Vec<JobEvent>,
     /// Process group of the running agent, to clean up after a crash of the server.
     pgid: Option<i32>,
+}
+
+impl StoredJob {
+    /// The record, to change: copied first if a reader still holds it, and without the memo of
+    /// its old rendering.
+    fn record_mut(&mut self) -> &mut JobRecord {
+        let record = Arc::make_mut(&mut self.record);
+        record.rendered = Rendered::default();
+        record
+    }
 }
 
 struct Entry {
@@ -100,7 +113,7 @@ impl LocalBackend {
                         process::kill_orphan(pgid, &stored.record.id);
                     }
                     let now = Utc::now();
-                    let record = Arc::make_mut(&mut stored.record);
+                    let record = stored.record_mut();
                     record.status = JobStatus::with_reason(
                         JobPhase::Failed,
                         JobReason::ServerRestarted,
@@ -185,9 +198,9 @@ impl Inner {
                     // A cancel that landed while the agent was starting stays in force; the
                     // agent is stopped as soon as it is waited on.
                     if s.record.status.phase == JobPhase::Pending {
-                        Arc::make_mut(&mut s.record).status = JobStatus::new(JobPhase::Running);
+                        s.record_mut().status = JobStatus::new(JobPhase::Running);
                     }
-                    let record = Arc::make_mut(&mut s.record);
+                    let record = s.record_mut();
                     record.started_at = Some(Utc::now());
                     record.attempts = 1;
                     s.events.push(event("Normal", "Started", &format!("agent started as process group {pgid}")));
@@ -206,7 +219,7 @@ impl Inner {
             if s.record.status.phase == JobPhase::Cancelled {
                 return;
             }
-            let record = Arc::make_mut(&mut s.record);
+            let record = s.record_mut();
             record.finished_at = Some(Utc::now());
             record.result = outcome.result.clone();
             s.events.push(event(
@@ -214,7 +227,7 @@ impl Inner {
                 outcome.status.reason.map_or("Completed", |r| r.as_str()),
                 outcome.status.message.as_deref().unwrap_or("the agent finished"),
             ));
-            Arc::make_mut(&mut s.record).status = outcome.status.clone();
+            s.record_mut().status = outcome.status.clone();
         });
         if let Err(error) = self.save(&id).await {
             tracing::error!(%error, "cannot persist job outcome");
@@ -328,7 +341,7 @@ impl JobBackend for LocalBackend {
                 phase if phase.is_terminal() => return Err(BackendError::AlreadyFinished(id.to_string())),
                 _ => {}
             }
-            let record = Arc::make_mut(&mut entry.stored.record);
+            let record = entry.stored.record_mut();
             record.status = JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
             record.finished_at = Some(Utc::now());
             let record = record.clone();
@@ -356,5 +369,35 @@ impl JobBackend for LocalBackend {
         let mut events = self.inner.jobs.lock().unwrap().get(id).map(|e| e.stored.events.clone()).unwrap_or_default();
         events.reverse();
         Ok(events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::{JobLimits, JobRequest};
+
+    #[test]
+    fn a_record_changed_in_place_drops_its_old_rendering() {
+        let spec = JobRequest { goal: "g".into(), max_turns: 1, ..Default::default() }
+            .validate(&JobLimits::default())
+            .unwrap();
+        let new = NewJob {
+            id: JobId::random(),
+            tenant: "t".into(),
+            spec,
+            created_at: Utc::now(),
+            request_hash: "h".into(),
+            trace: None,
+            resources: None,
+        };
+        let mut stored = StoredJob { record: Arc::new(new.pending_record()), events: vec![], pgid: None };
+        let rendered = |record: &JobRecord| {
+            record.rendered.get_or_try_init(|| Ok::<_, ()>(record.status.phase.as_str().to_owned().into())).unwrap()
+        };
+        assert_eq!(rendered(&stored.record), "pending");
+        // No other holder: the record is changed in place, and must render afresh.
+        stored.record_mut().status = JobStatus::new(JobPhase::Running);
+        assert_eq!(rendered(&stored.record), "running");
     }
 }
