@@ -7,6 +7,8 @@
 //! copying them into the API types first. `tests` below checks that every path gives the bytes
 //! poem-openapi would, so the document stays the truth.
 
+use super::types::{JobStatus, JobStatusReason};
+use crate::jobs::JobRecord;
 use poem::{IntoResponse, Response, http::header};
 use poem_openapi::{
     ApiResponse,
@@ -14,8 +16,6 @@ use poem_openapi::{
     registry::{MetaResponses, MetaSchemaRef, Registry},
     types::{ToJSON, Type},
 };
-use super::types::{JobStatus, JobStatusReason};
-use crate::jobs::JobRecord;
 use serde::Serialize;
 use std::{marker::PhantomData, sync::Arc};
 

@@ -244,4 +244,3 @@ async fn read_body(mut request: Request, limits: RequestLimits) -> Result<Reques
     request.set_body(Body::from(body));
     Ok(request)
 }
-

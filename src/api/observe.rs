@@ -3,12 +3,12 @@
 //! gauge. Routes are templates (`/api/v1/jobs/{id}`), never raw paths: the raw path is not
 //! recorded at all, since it may carry ids.
 
+use crate::telemetry;
 use crate::telemetry::metrics::{HttpLabels, MethodLabel, Metrics, SubmissionOutcome, TraceLabel};
 use opentelemetry::{global, trace::TraceContextExt};
 use opentelemetry_http::HeaderExtractor;
 use poem::{Request, Response, http::Method};
 use std::{collections::HashMap, time::Instant};
-use crate::telemetry;
 use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -61,7 +61,9 @@ impl Routes {
     pub fn route(&self, path: &str) -> &'static str {
         let matched = self.templates.iter().find(|(_, template, _)| {
             let mut segments = path.trim_matches('/').split('/');
-            template.iter().all(|t| segments.next().is_some_and(|s| !s.is_empty() && t.as_deref().is_none_or(|t| t == s)))
+            template
+                .iter()
+                .all(|t| segments.next().is_some_and(|s| !s.is_empty() && t.as_deref().is_none_or(|t| t == s)))
                 && segments.next().is_none()
         });
         match matched {

@@ -12,7 +12,6 @@ pub mod status;
 mod mock_tests;
 
 use super::{BackendError, JobBackend, Preview};
-use cache::{CachedJob, CachedPod, JobCache};
 use crate::{
     jobs::{CreateOutcome, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob},
     telemetry::{
@@ -21,6 +20,7 @@ use crate::{
     },
 };
 use async_trait::async_trait;
+use cache::{CachedJob, CachedPod, JobCache};
 use futures::StreamExt;
 use k8s_openapi::api::{
     batch::v1::Job,
@@ -395,12 +395,13 @@ impl JobBackend for KubernetesBackend {
             }},
             "spec": { "activeDeadlineSeconds": 1 },
         });
-        let patched = self.cached_job_api().patch(id.as_str(), &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(
-            |e| match e {
-                kube::Error::Api(s) if s.is_not_found() => BackendError::NotFound(id.to_string()),
-                other => api_error(other),
-            },
-        )?;
+        let patched =
+            self.cached_job_api().patch(id.as_str(), &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(
+                |e| match e {
+                    kube::Error::Api(s) if s.is_not_found() => BackendError::NotFound(id.to_string()),
+                    other => api_error(other),
+                },
+            )?;
         tracing::info!(job_id = %id, "cancelled Kubernetes Job");
         self.record(&patched).ok_or_else(|| BackendError::NotFound(id.to_string()))
     }

@@ -1,15 +1,15 @@
 //! Pure mapping from a Job and its Pods to a job record. No I/O, so a table of cases pins it.
 
+use super::cache::{CachedJob, CachedPod};
 use super::render::{
-    AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, COUNTED_ANNOTATION, CREATED_AT_ANNOTATION, JOB_ID_LABEL, PROFILE_ANNOTATION,
-    REQUEST_HASH_ANNOTATION, TENANT_LABEL, TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION,
+    AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, COUNTED_ANNOTATION, CREATED_AT_ANNOTATION, JOB_ID_LABEL,
+    PROFILE_ANNOTATION, REQUEST_HASH_ANNOTATION, TENANT_LABEL, TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION,
 };
 use crate::jobs::{
     JobId, JobPhase, JobReason, JobRecord, JobSpec, JobStatus, Labels, RESERVED_LABEL_PREFIX, TraceContext,
     truncate_result,
 };
 use chrono::{DateTime, Utc};
-use super::cache::{CachedJob, CachedPod};
 use k8s_openapi::{
     api::{batch::v1::JobCondition, core::v1::ContainerStatus},
     apimachinery::pkg::apis::meta::v1::Time,
@@ -42,9 +42,9 @@ impl JobFacts {
         let annotation = |key: &str| annotations.and_then(|a| a.get(key)).cloned();
         let status = job.status.as_ref();
         // Pods that finished but are not yet folded into the counters sit in uncountedTerminatedPods.
-        let uncounted = status.and_then(|s| s.uncounted_terminated_pods.as_ref()).map_or(0, |u| {
-            u.succeeded.as_ref().map_or(0, Vec::len) + u.failed.as_ref().map_or(0, Vec::len)
-        });
+        let uncounted = status
+            .and_then(|s| s.uncounted_terminated_pods.as_ref())
+            .map_or(0, |u| u.succeeded.as_ref().map_or(0, Vec::len) + u.failed.as_ref().map_or(0, Vec::len));
         let counted = status.map_or(0, |s| s.active.unwrap_or(0) + s.succeeded.unwrap_or(0) + s.failed.unwrap_or(0));
         Self {
             resource_version: job.metadata.resource_version.clone(),
@@ -169,8 +169,7 @@ pub fn observe(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod]) {
 
     if let Some(done) = facts.condition("Complete").or_else(|| facts.condition("SuccessCriteriaMet")) {
         record.status = JobStatus::new(JobPhase::Succeeded);
-        record.finished_at =
-            facts.completion_time.as_ref().or(done.last_transition_time.as_ref()).map(to_chrono);
+        record.finished_at = facts.completion_time.as_ref().or(done.last_transition_time.as_ref()).map(to_chrono);
         record.result = latest_terminated.and_then(|t| message_of(t.message.as_ref()));
         return;
     }
@@ -178,8 +177,7 @@ pub fn observe(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod]) {
     if let Some(at) = &facts.cancelled_at {
         let cancelled = DateTime::parse_from_rfc3339(at).ok().map(|t| t.with_timezone(&Utc));
         record.status = JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
-        record.finished_at =
-            cancelled.or_else(|| failed.and_then(|c| c.last_transition_time.as_ref()).map(to_chrono));
+        record.finished_at = cancelled.or_else(|| failed.and_then(|c| c.last_transition_time.as_ref()).map(to_chrono));
         return;
     }
     let Some(failed) = failed else {
@@ -274,8 +272,7 @@ mod tests {
     use k8s_openapi::api::{
         batch::v1::{Job, JobStatus as K8sJobStatus},
         core::v1::{
-            Pod,
-            ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, PodCondition,
+            ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, Pod, PodCondition,
             PodStatus,
         },
     };
@@ -517,7 +514,12 @@ mod tests {
             job(&[("FailureTarget", "BackoffLimitExceeded")], (1, 0, 0)),
         ];
         for j in cases {
-            assert_eq!(JobFacts::of(&CachedJob::from_job(&j).unwrap()).is_finished(), record_of(&j, &[]).unwrap().status.phase.is_terminal(), "{:?}", j.status);
+            assert_eq!(
+                JobFacts::of(&CachedJob::from_job(&j).unwrap()).is_finished(),
+                record_of(&j, &[]).unwrap().status.phase.is_terminal(),
+                "{:?}",
+                j.status
+            );
         }
     }
 
