@@ -543,7 +543,7 @@ impl Bench {
         if s5 {
             println!(
                 "-- scenario 5: telemetry on (OTLP traces to a local receiver, /metrics scraped) vs off; \
-                 sampled as shipped (parentbased_traceidratio 0.1) and always_on"
+                 sampled as shipped (parentbased_traceidratio 0.05) and always_on"
             );
             let sink = OtlpSink::start().await?;
             let traced_env = |sampler: &str, arg: Option<&str>| {
@@ -556,8 +556,9 @@ impl Bench {
                 }
                 env
             };
-            let shipped =
-                self.start_oats("oats-sampled", &traced_env("parentbased_traceidratio", Some("0.1")), self.pin).await?;
+            let shipped = self
+                .start_oats("oats-sampled", &traced_env("parentbased_traceidratio", Some("0.05")), self.pin)
+                .await?;
             let always = self.start_oats("oats-always-on", &traced_env("always_on", None), self.pin).await?;
             let (mut off, mut sampled, mut every) = (Vec::new(), Vec::new(), Vec::new());
             let mut served_always = 0;
@@ -567,7 +568,7 @@ impl Bench {
                 self.load_note(&format!("5 telemetry off, round {}", round + 1), &l);
                 off.push(l);
                 for (server, runs, name) in
-                    [(&shipped, &mut sampled, "sampled 10% (as shipped)"), (&always, &mut every, "always_on")]
+                    [(&shipped, &mut sampled, "reads sampled 5% (as shipped)"), (&always, &mut every, "always_on")]
                 {
                     let before = sink.spans.load(Ordering::Relaxed);
                     let scraper = spawn_scraper(self.http.clone(), server.url("/metrics"));
@@ -587,7 +588,7 @@ impl Bench {
             let p99 = |v: &[Load]| v.iter().map(|l| l.pct(0.99)).sum::<f64>() / v.len() as f64;
             let off_rps = rps(&off);
             for (runs, name, judged) in
-                [(&sampled, "sampled 10% as shipped", true), (&every, "every request sampled (always_on)", false)]
+                [(&sampled, "reads sampled 5%, as shipped", true), (&every, "every request sampled, always_on", false)]
             {
                 let ratio = rps(runs) / off_rps;
                 self.row(
@@ -614,8 +615,8 @@ impl Bench {
                  is exported, none dropped by the batch processor's queue). \"Off\" is the default deployment: no OTLP \
                  endpoint, so no request spans; metrics are always recorded (they cannot be turned off) and /metrics is \
                  scraped every second only in the \"on\" runs. \"Sampled as shipped\" is the sampler the manifests set \
-                 (parentbased_traceidratio 0.1: a caller's sampled trace is always continued, 10% of untraced requests \
-                 start one); the batch processor's export thread shares the server's core"
+                 (parentbased_traceidratio 0.05: a caller's sampled trace is always continued, every write and 5% of \
+                 untraced reads start one); the batch processor's export thread shares the server's core"
             ));
             drop(shipped);
             drop(always);
@@ -1064,10 +1065,16 @@ impl Bench {
                 cached += created.len() - failed;
                 println!("created {} Jobs in {:.1}s ({failed} failed)", created.len(), t.elapsed().as_secs_f64());
                 let full = self.start_oats(&format!("oats-kube-{step}"), &kube_env(&ns), false).await?;
-                let ready = full.ready_after;
+                let mut readies = vec![full.ready_after];
                 let rss = settled_rss(&full).await;
                 let hwm = proc_status(full.pid, "VmHWM");
                 drop(full);
+                for again in 1..3 {
+                    let server = self.start_oats(&format!("oats-kube-{step}-{again}"), &kube_env(&ns), false).await?;
+                    readies.push(server.ready_after);
+                }
+                readies.sort();
+                let ready = readies[1];
                 self.row(
                     "6k",
                     &format!("kube cache: RSS with {cached} Jobs (no pods)"),
@@ -1079,9 +1086,9 @@ impl Bench {
                 );
                 self.row(
                     "6k",
-                    &format!("kube: time from start to ready, {cached} Jobs"),
+                    &format!("kube: time from start to ready, {cached} Jobs (median of 3)"),
                     format!("{:.2} s", ready.as_secs_f64()),
-                    "".into(),
+                    format!("{:.2} s, {:.2} s (the others)", readies[0].as_secs_f64(), readies[2].as_secs_f64()),
                     None,
                     if step == 10_000 { "< 2 s" } else { "" },
                     (step == 10_000).then_some(ready < Duration::from_secs(2)),
