@@ -1043,7 +1043,7 @@ impl Bench {
                 "",
                 None,
             );
-            let (mut cached, mut previous) = (0usize, None::<(usize, u64)>);
+            let (mut cached, mut previous, mut names) = (0usize, None::<(usize, u64)>, Vec::new());
             for step in STEPS {
                 let t = Instant::now();
                 let manifests: Vec<Job> = (cached..step)
@@ -1063,11 +1063,30 @@ impl Bench {
                     .await;
                 let failed = created.iter().filter(|r| r.is_err()).count();
                 cached += created.len() - failed;
+                names.extend(created.iter().flatten().filter_map(|job| job.metadata.name.clone()));
                 println!("created {} Jobs in {:.1}s ({failed} failed)", created.len(), t.elapsed().as_secs_f64());
                 let full = self.start_oats(&format!("oats-kube-{step}"), &kube_env(&ns), false).await?;
                 let mut readies = vec![full.ready_after];
                 let rss = settled_rss(&full).await;
                 let hwm = proc_status(full.pid, "VmHWM");
+                if step == 10_000 {
+                    // Reads on the Kubernetes backend: the same shared records, from the watch cache.
+                    let paths = names.iter().map(|name| format!("/api/v1/jobs/{name}"));
+                    let load = self.closed(Target::new(&full, paths), &full).await;
+                    self.load_note(&format!("6k GET job on the Kubernetes backend, {cached} Jobs, saturated"), &load);
+                    self.row(
+                        "6k",
+                        &format!(
+                            "kube backend: GET job, {cached} cached Jobs, saturated (not pinned; the control plane shares \
+                             the cores): req/s"
+                        ),
+                        format!("{:.0} ({:.1} µs CPU/request)", load.rps(), load.server_cpu / load.requests.max(1) as f64 * 1e6),
+                        "".into(),
+                        None,
+                        "",
+                        None,
+                    );
+                }
                 drop(full);
                 for again in 1..3 {
                     let server = self.start_oats(&format!("oats-kube-{step}-{again}"), &kube_env(&ns), false).await?;
