@@ -77,13 +77,15 @@ pub struct CachedPod {
 }
 
 impl CachedJob {
-    /// The cached form of a Job the API server returned whole (a create's answer, a test's Job).
+    /// The cached form of a whole Job (tests build Jobs with the renderer and k8s-openapi types).
+    #[cfg(test)]
     pub fn from_job(job: &Job) -> Option<Self> {
         serde_json::to_value(job).ok().and_then(|value| serde_json::from_value(value).ok())
     }
 }
 
 impl CachedPod {
+    #[cfg(test)]
     pub fn from_pod(pod: &Pod) -> Option<Self> {
         serde_json::to_value(pod).ok().and_then(|value| serde_json::from_value(value).ok())
     }

@@ -27,7 +27,7 @@ use k8s_openapi::api::{
     core::v1::{Event, Pod},
 };
 use kube::{
-    Api, Client, ResourceExt,
+    Api, Client, Resource, ResourceExt,
     api::{ListParams, LogParams, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
@@ -168,11 +168,17 @@ impl KubernetesBackend {
         Self { client, template, cache, health }
     }
 
-    fn job_api(&self) -> Api<Job> {
-        Api::namespaced(self.client.clone(), &self.template.namespace)
+    /// Create `manifest`, reading the API server's answer straight into the compact type (the
+    /// whole Job, managed fields and all, is never built).
+    async fn create_job(&self, manifest: &Job) -> Result<CachedJob, kube::Error> {
+        let body = serde_json::to_vec(manifest).map_err(kube::Error::SerdeError)?;
+        let jobs = kube::core::Request::new(Job::url_path(&(), Some(&self.template.namespace)));
+        let mut request = jobs.create(&PostParams::default(), body).map_err(kube::Error::BuildRequest)?;
+        request.extensions_mut().insert("create");
+        self.client.request::<CachedJob>(request).await
     }
 
-    fn cached_job_api(&self) -> Api<CachedJob> {
+    fn job_api(&self) -> Api<CachedJob> {
         Api::namespaced(self.client.clone(), &self.template.namespace)
     }
 
@@ -189,7 +195,7 @@ impl KubernetesBackend {
         if let Some(record) = self.cache.get(id.as_str()) {
             return Ok(Some(record));
         }
-        let job = self.cached_job_api().get_opt(id.as_str()).await.map_err(api_error)?;
+        let job = self.job_api().get_opt(id.as_str()).await.map_err(api_error)?;
         Ok(job.and_then(|job| self.record(&job)).map(Arc::new))
     }
 
@@ -340,15 +346,15 @@ impl JobBackend for KubernetesBackend {
                 violations.join("; ")
             )));
         }
-        match self.job_api().create(&PostParams::default(), &manifest).await {
+        match self.create_job(&manifest).await {
             Ok(created) => {
                 tracing::info!(job_id = %job.id, "created Kubernetes Job");
-                let record = CachedJob::from_job(&created).and_then(|created| status::job_record(&created, &[]));
+                let record = status::job_record(&created, &[]);
                 Ok(CreateOutcome::Created(record.unwrap_or_else(|| job.pending_record())))
             }
             Err(kube::Error::Api(status)) if status.is_already_exists() => {
                 let existing = self
-                    .cached_job_api()
+                    .job_api()
                     .get_opt(job.id.as_str())
                     .await
                     .map_err(api_error)?
@@ -395,13 +401,12 @@ impl JobBackend for KubernetesBackend {
             }},
             "spec": { "activeDeadlineSeconds": 1 },
         });
-        let patched =
-            self.cached_job_api().patch(id.as_str(), &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(
-                |e| match e {
-                    kube::Error::Api(s) if s.is_not_found() => BackendError::NotFound(id.to_string()),
-                    other => api_error(other),
-                },
-            )?;
+        let patched = self.job_api().patch(id.as_str(), &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(
+            |e| match e {
+                kube::Error::Api(s) if s.is_not_found() => BackendError::NotFound(id.to_string()),
+                other => api_error(other),
+            },
+        )?;
         tracing::info!(job_id = %id, "cancelled Kubernetes Job");
         self.record(&patched).ok_or_else(|| BackendError::NotFound(id.to_string()))
     }
