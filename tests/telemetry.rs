@@ -16,20 +16,27 @@ use std::time::{Duration, Instant};
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
 
+/// A local-backend server exporting spans over OTLP/gRPC to `port` every 100 ms, with `extra`
+/// variables.
+async fn traced_server(dir: &std::path::Path, port: u16, extra: &[(&str, &str)]) -> Server {
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    env.extend_from_slice(extra);
+    Server::start_local(dir, &env).await
+}
+
 #[tokio::test]
 async fn a_submission_is_one_trace_from_the_caller_into_the_agent() {
     let (receiver, port) = start_receiver().await;
     let dir = tempfile::tempdir().unwrap();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let server = Server::start_local(
+    let server = traced_server(
         dir.path(),
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            ("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-key=otlp-secret-123"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-            ("OTEL_SERVICE_NAME", "oats-under-test"),
-        ],
+        port,
+        &[("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-key=otlp-secret-123"), ("OTEL_SERVICE_NAME", "oats-under-test")],
     )
     .await;
 
@@ -129,18 +136,8 @@ async fn a_submission_is_one_trace_from_the_caller_into_the_agent() {
 async fn sampling_spares_untraced_reads_but_never_submissions() {
     let (receiver, port) = start_receiver().await;
     let dir = tempfile::tempdir().unwrap();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let server = Server::start_local(
-        dir.path(),
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
-            ("OTEL_TRACES_SAMPLER_ARG", "0"),
-        ],
-    )
-    .await;
+    let sampler = [("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "0")];
+    let server = traced_server(dir.path(), port, &sampler).await;
     let job = server.create("sampled", 1).await;
     let id = job["id"].as_str().unwrap();
     assert_eq!(job["trace_id"].as_str().map(str::len), Some(32), "a submission starts a trace");

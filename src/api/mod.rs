@@ -140,7 +140,7 @@ pub fn build_app(state: Arc<ApiState>, limits: RequestLimits) -> impl Endpoint<O
         Response::builder().content_type("application/json; charset=utf-8").body(document.clone())
     });
     let metrics = state.jobs.metrics().clone();
-    let pipeline = Arc::new(Pipeline { state, limits, metrics: metrics.clone(), routes });
+    let pipeline = Arc::new(Pipeline { state, limits, routes });
     Route::new()
         .nest("/", api)
         .nest("/docs", docs)
@@ -156,7 +156,6 @@ pub fn build_app(state: Arc<ApiState>, limits: RequestLimits) -> impl Endpoint<O
 struct Pipeline {
     state: Arc<ApiState>,
     limits: RequestLimits,
-    metrics: Arc<Metrics>,
     routes: Arc<observe::Routes>,
 }
 
@@ -177,7 +176,7 @@ impl Pipeline {
                 Err(error) => problem::from_poem_error(error),
             }
         };
-        Ok(observe::observe(request, &self.metrics, &self.routes, handle).await)
+        Ok(observe::observe(request, self.state.jobs.metrics(), &self.routes, handle).await)
     }
 }
 

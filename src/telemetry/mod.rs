@@ -36,13 +36,8 @@ pub const REVISION: &str = match option_env!("OATS_REVISION") {
     None => "unknown",
 };
 
-/// Whether spans are exported (an OTLP endpoint is configured); set once by [`init`].
-static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// The share of untraced reads that start a trace, as `f64` bits, and whether writes start one;
-/// set once by [`init`].
-static READ_RATIO: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-static TRACE_WRITES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Which requests start traces; set once by [`init`], and only when spans are exported.
+static ROOTS: std::sync::OnceLock<Roots> = std::sync::OnceLock::new();
 
 /// Whether a request gets a server span. Without an exporter, never: nothing would read it (JSON
 /// log lines carry trace ids only when there is a trace). With one: when the caller sent a
@@ -50,15 +45,12 @@ static TRACE_WRITES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 /// the traces the agent continues), and for the sampler's share of reads. Deciding before the span
 /// exists keeps an unsampled poll as cheap as with tracing off.
 pub fn trace_request(has_traceparent: bool, read_only: bool) -> bool {
-    if !EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
-        return false;
-    }
-    let ratio = f64::from_bits(READ_RATIO.load(std::sync::atomic::Ordering::Relaxed));
+    let Some(roots) = ROOTS.get() else { return false };
     has_traceparent
         || if read_only {
-            ratio >= 1.0 || (ratio > 0.0 && rand::random::<f64>() < ratio)
+            roots.reads >= 1.0 || (roots.reads > 0.0 && rand::random::<f64>() < roots.reads)
         } else {
-            TRACE_WRITES.load(std::sync::atomic::Ordering::Relaxed)
+            roots.writes
         }
 }
 
@@ -119,9 +111,7 @@ pub fn init(format: LogFormat) -> Telemetry {
     });
     if let Some((provider, roots)) = &provider {
         global::set_tracer_provider(provider.clone());
-        READ_RATIO.store(roots.reads.to_bits(), std::sync::atomic::Ordering::Relaxed);
-        TRACE_WRITES.store(roots.writes, std::sync::atomic::Ordering::Relaxed);
-        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = ROOTS.set(*roots);
     }
     let provider = provider.map(|(provider, _)| provider);
     tracing_subscriber::registry().with(fmt_layer).with(otel_layer).init();

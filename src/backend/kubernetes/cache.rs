@@ -123,53 +123,36 @@ fn compact_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta
     })
 }
 
-impl Resource for CachedJob {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
+/// `Resource` of a compact type: the API coordinates of the full type it stands for.
+macro_rules! resource_like {
+    ($compact:ty, $full:ty) => {
+        impl Resource for $compact {
+            type DynamicType = ();
+            type Scope = NamespaceResourceScope;
 
-    fn kind(dt: &()) -> Cow<'_, str> {
-        Job::kind(dt)
-    }
-    fn group(dt: &()) -> Cow<'_, str> {
-        Job::group(dt)
-    }
-    fn version(dt: &()) -> Cow<'_, str> {
-        Job::version(dt)
-    }
-    fn plural(dt: &()) -> Cow<'_, str> {
-        Job::plural(dt)
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+            fn kind(dt: &()) -> Cow<'_, str> {
+                <$full>::kind(dt)
+            }
+            fn group(dt: &()) -> Cow<'_, str> {
+                <$full>::group(dt)
+            }
+            fn version(dt: &()) -> Cow<'_, str> {
+                <$full>::version(dt)
+            }
+            fn plural(dt: &()) -> Cow<'_, str> {
+                <$full>::plural(dt)
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
 }
-
-impl Resource for CachedPod {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-
-    fn kind(dt: &()) -> Cow<'_, str> {
-        Pod::kind(dt)
-    }
-    fn group(dt: &()) -> Cow<'_, str> {
-        Pod::group(dt)
-    }
-    fn version(dt: &()) -> Cow<'_, str> {
-        Pod::version(dt)
-    }
-    fn plural(dt: &()) -> Cow<'_, str> {
-        Pod::plural(dt)
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+resource_like!(CachedJob, Job);
+resource_like!(CachedPod, Pod);
 
 /// Drop the parts of a pod's status the mapping never reads (it is kept while the pod lives).
 fn compact_pod_status(pod: &mut CachedPod) {
