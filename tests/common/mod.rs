@@ -1,6 +1,7 @@
 //! Shared helpers: start the real `oats` binary on a free loopback port and talk to it over HTTP.
 #![allow(dead_code)] // each test binary uses a part
 
+pub mod fake_llm;
 pub mod otlp;
 
 use reqwest::{Client, Response, StatusCode};
