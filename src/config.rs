@@ -105,6 +105,33 @@ impl ConfigValue for Option<String> {
     }
 }
 
+/// A value that must never be printed (a database URL with its password): `Debug` and `show`
+/// redact it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl ConfigValue for Option<Secret> {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        Ok((!text.is_empty()).then(|| Secret(text.to_owned())))
+    }
+    fn show(&self) -> String {
+        self.as_ref().map(|_| "<redacted>".to_owned()).unwrap_or_default()
+    }
+}
+
 /// Lists are comma-separated in environment variables; YAML lists work in the file.
 impl ConfigValue for Vec<String> {
     fn parse_value(text: &str) -> Result<Self, String> {
@@ -279,6 +306,18 @@ config_keys! {
     shutdown_grace_seconds: u32 = 20;
     /// Seconds a client may take to send a request body before the server answers 408.
     request_read_timeout_seconds: u32 = 30;
+    /// Database of the store (the LLM ledger): `postgres://…` for several replicas (prefer `database_url_file` when it holds a password), or `sqlite:<path>`. Empty: SQLite file `oats.db` in `state_dir`.
+    database_url: Option<Secret> = None;
+    /// File holding the database URL (a mounted Secret); wins over `database_url`.
+    database_url_file: Option<PathBuf> = None;
+    /// YAML file of LLM providers (see `examples/providers.yaml`), reloaded on change. Setting it turns the LLM gateway on; local jobs then run `oats agent` unless `local_agent_command` says otherwise.
+    llm_providers_file: Option<PathBuf> = None;
+    /// Address the LLM gateway (OpenAI-compatible, for agents only) listens on.
+    llm_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8001));
+    /// Base URL agents are given as `OPENAI_BASE_URL`. Empty: `http://<llm_listen>/v1` (local backend) or `http://oats-llm-gateway.<namespace>.svc:8001/v1` (Kubernetes).
+    llm_gateway_url: Option<String> = None;
+    /// Largest request body an agent may send to the gateway, in bytes.
+    llm_max_body_bytes: usize = 4 * 1024 * 1024;
 }
 
 /// `$XDG_DATA_HOME/oats`, else `~/.local/share/oats`, else `./oats-state`.
@@ -393,10 +432,31 @@ impl Config {
         {
             return invalid("tenant", message);
         }
+        if self.llm_max_body_bytes < 1024 {
+            return invalid("llm_max_body_bytes", "must be at least 1024".into());
+        }
+        if let Some(url) = &self.llm_gateway_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return invalid("llm_gateway_url", "must be an http:// or https:// URL".into());
+        }
         if self.llm_secret_name.is_some() && self.llm_secret_keys.is_empty() {
             return invalid("llm_secret_keys", "name at least one key of llm_secret_name to mount".into());
         }
         Ok(())
+    }
+
+    /// The store's database URL: from `database_url_file`, else `database_url`; `None` for the
+    /// embedded SQLite default. The URL may hold a password: never log it.
+    pub fn database_url(&self) -> Result<Option<String>, ConfigError> {
+        match &self.database_url_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                Ok(Some(text.trim().to_owned()).filter(|u| !u.is_empty()))
+            }
+            None => Ok(self.database_url.as_ref().map(|url| url.expose().to_owned())),
+        }
     }
 
     /// The request limits this configuration sets.
@@ -464,6 +524,19 @@ mod tests {
         ] {
             assert!(Config::load(None, env(&[(key, value)])).is_err(), "{key}={value} accepted");
         }
+    }
+
+    #[test]
+    fn the_database_url_is_never_printed() {
+        let config = Config::load(None, env(&[("OATS_DATABASE_URL", "postgres://oats:s3cret@db/oats")])).unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert_eq!(config.database_url().unwrap().as_deref(), Some("postgres://oats:s3cret@db/oats"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(&file, "postgres://oats:fromfile@db/oats\n").unwrap();
+        let env = env(&[("OATS_DATABASE_URL_FILE", file.to_str().unwrap()), ("OATS_DATABASE_URL", "ignored")]);
+        let config = Config::load(None, env).unwrap();
+        assert_eq!(config.database_url().unwrap().as_deref(), Some("postgres://oats:fromfile@db/oats"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! [`backend::JobBackend`] (`kubernetes` or `local`).
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
 pub mod auth;
 pub mod backend;
@@ -11,6 +12,8 @@ pub mod cli;
 pub mod config;
 pub mod demo_agent;
 pub mod jobs;
+pub mod llm;
 pub mod policy;
 pub mod reload;
+pub mod store;
 pub mod telemetry;

@@ -8,11 +8,13 @@ use oats::{
     backend::{
         JobBackend,
         kubernetes::{KubernetesBackend, render},
-        local::{LocalBackend, LocalSettings},
+        local::{AgentGateway, LocalBackend, LocalSettings},
     },
     config::{BackendKind, Config},
-    jobs::{JobId, JobRequest, JobService, NewJob},
+    jobs::{AgentCredentials, JobId, JobRequest, JobService, NewJob},
+    llm::{Gateway, LlmMetrics, Providers},
     policy::Policy,
+    store::Store,
     telemetry::{kube_client::KubeMetricsLayer, metrics::Metrics},
 };
 use poem_openapi::types::ParseFromJSON;
@@ -57,6 +59,9 @@ enum Command {
     Config,
     /// Run the demo agent (what the default configuration runs as each job; not an LLM).
     DemoAgent,
+    /// Run the agent: work the job's goal through the LLM gateway with tools in its workspace
+    /// (what local jobs run when a providers file is configured).
+    Agent,
     /// Read an API token on stdin and print its SHA-256, as the tokens file stores it.
     HashToken,
 }
@@ -66,6 +71,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::DemoAgent => std::process::exit(runtime.block_on(oats::demo_agent::run())),
+        Command::Agent => std::process::exit(runtime.block_on(oats::agent::run())),
         Command::Jobs { connection, command } => {
             std::process::exit(runtime.block_on(oats::cli::run(connection, command)))
         }
@@ -137,12 +143,31 @@ fn render_job(config: &Config) -> Result<()> {
 }
 
 async fn serve(config: Config) -> Result<()> {
-    let metrics = Arc::new(Metrics::new());
-    let backend = select_backend(&config, &metrics).await?;
+    let mut metrics = Metrics::new();
+    let llm_metrics = LlmMetrics::default();
+    llm_metrics.register(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
+    let providers = load_providers(&config)?;
+    let credentials = Arc::new(AgentCredentials::random());
+    let gateway_url = providers.as_ref().map(|_| agent_gateway_url(&config));
+    let agent_gateway = gateway_url.map(|base_url| AgentGateway { base_url, credentials: credentials.clone() });
+    let backend = select_backend(&config, &metrics, agent_gateway).await?;
     tracing::info!(backend = backend.name(), listen = %config.listen, "starting OATS");
     let counted = backend.clone();
     metrics.count_jobs_with(Box::new(move || counted.counts()));
-    let jobs = Arc::new(JobService::new(backend, config.job_limits(), load_policy(&config)?, metrics.clone()));
+    let mut jobs = JobService::new(backend, config.job_limits(), load_policy(&config)?, metrics.clone());
+    let store = open_store(&config, providers.is_some()).await?;
+    if let Some(store) = &store {
+        jobs = jobs.with_usage(Arc::new(store.clone()));
+    }
+    let jobs = Arc::new(jobs);
+    if let (Some(providers), Some(store)) = (providers, store) {
+        let gateway = Gateway::new(jobs.clone(), credentials, providers, store, llm_metrics, config.llm_max_body_bytes);
+        gateway.sweep_abandoned_calls();
+        tracing::info!(address = %config.llm_listen, "serving the LLM gateway for agents");
+        let listener = poem::listener::TcpListener::bind(config.llm_listen);
+        tokio::spawn(poem::Server::new(listener).run(oats::llm::app(gateway)));
+    }
     let shutdown = CancellationToken::new();
     let state = Arc::new(ApiState { jobs, auth: authenticator(&config)?, shutdown: shutdown.clone() });
     let limits = RequestLimits {
@@ -163,6 +188,33 @@ async fn serve(config: Config) -> Result<()> {
         .context("the HTTP server failed")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The providers file, when the gateway is on.
+fn load_providers(config: &Config) -> Result<Option<Arc<Providers>>> {
+    let Some(path) = &config.llm_providers_file else {
+        tracing::info!("no llm_providers_file; the LLM gateway is off");
+        return Ok(None);
+    };
+    let providers = Providers::load(path)?;
+    providers.watch(RELOAD_EVERY);
+    Ok(Some(providers))
+}
+
+/// The store, when something needs it (the gateway's ledger, or a configured database).
+async fn open_store(config: &Config, gateway_on: bool) -> Result<Option<Store>> {
+    let store = match config.database_url()? {
+        Some(url) => Store::open(&url).await?,
+        None if gateway_on => Store::open_in(&config.state_dir).await?,
+        None => return Ok(None),
+    };
+    tracing::info!(engine = store.engine().as_str(), "store opened");
+    Ok(Some(store))
+}
+
+/// The gateway's address as agents see it.
+fn agent_gateway_url(config: &Config) -> String {
+    config.llm_gateway_url.clone().unwrap_or_else(|| format!("http://{}/v1", config.llm_listen))
 }
 
 /// How often the tokens and policy files are checked for changes.
@@ -213,7 +265,11 @@ fn authenticator(config: &Config) -> Result<Authenticator> {
 }
 
 /// Pick and start the backend, saying which and why.
-async fn select_backend(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<dyn JobBackend>> {
+async fn select_backend(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    gateway: Option<AgentGateway>,
+) -> Result<Arc<dyn JobBackend>> {
     let kubernetes = match config.backend {
         BackendKind::Local => None,
         BackendKind::Kubernetes => {
@@ -237,8 +293,10 @@ async fn select_backend(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<d
         return Ok(Arc::new(KubernetesBackend::start(client, template, metrics.clone())));
     }
     let command = if config.local_agent_command.is_empty() {
-        let exe = std::env::current_exe().context("cannot locate the oats binary for the demo agent")?;
-        vec![exe.to_string_lossy().into_owned(), "demo-agent".into()]
+        let exe = std::env::current_exe().context("cannot locate the oats binary for the agent")?;
+        // With a model to talk to, the real agent; without one, the demo.
+        let agent = if gateway.is_some() { "agent" } else { "demo-agent" };
+        vec![exe.to_string_lossy().into_owned(), agent.into()]
     } else {
         config.local_agent_command.clone()
     };
@@ -247,6 +305,7 @@ async fn select_backend(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<d
         concurrency: config.local_concurrency,
         command,
         env_allowlist: config.local_env_allowlist.clone(),
+        gateway,
     };
     tracing::info!(state_dir = %settings.state_dir.display(), "local backend state directory");
     Ok(Arc::new(LocalBackend::start(settings, metrics.clone()).await?))

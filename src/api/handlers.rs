@@ -182,7 +182,9 @@ impl JobsApi {
         let caller = credentials.caller(&state).await?;
         let query = ListQuery::parse(status.0.map(Into::into), label.0.as_deref(), limit.0, page_token.0.as_deref())?;
         let page = state.jobs.list(&caller, &query).await?;
-        Ok(JsonBody::new(JobListJson { items: page.items, next_page_token: page.next_page_token }))
+        let ids: Vec<_> = page.items.iter().map(|job| job.id.clone()).collect();
+        let usage = state.jobs.usage_of(&ids).await;
+        Ok(JsonBody::new(JobListJson { items: page.items, next_page_token: page.next_page_token, usage }))
     }
 
     /// Get a job
@@ -197,7 +199,9 @@ impl JobsApi {
         id: Path<String>,
     ) -> Result<JsonBody<Job, JobJson>> {
         let caller = credentials.caller(&state).await?;
-        Ok(JsonBody::new(JobJson(state.jobs.get(&caller, &id.0).await?)))
+        let job = state.jobs.get(&caller, &id.0).await?;
+        let usage = state.jobs.usage(&job.id).await;
+        Ok(JsonBody::new(JobJson(job, usage)))
     }
 
     /// Cancel a job
@@ -279,11 +283,11 @@ impl JobsApi {
         let changes = events
             .map(move |event| {
                 let _held = &slot;
-                let (event, state, job) = match event {
-                    WatchEvent::Changed { id, job } => (WatchEventKind::Job, id, job),
-                    WatchEvent::Closing { id, job } => (WatchEventKind::Shutdown, id, job),
+                let (event, state, job, usage) = match event {
+                    WatchEvent::Changed { id, job, usage } => (WatchEventKind::Job, id, job, usage),
+                    WatchEvent::Closing { id, job, usage } => (WatchEventKind::Shutdown, id, job, usage),
                 };
-                JobChange { event, state, job: Job::from(&*job) }
+                JobChange { event, state, job: Job::with_usage(&job, usage.as_ref()) }
             })
             .boxed();
         let stream = EventStream::new(changes).keep_alive(HEARTBEAT).to_event(|change| {

@@ -7,8 +7,8 @@
 //! copying them into the API types first. `tests` below checks that every path gives the bytes
 //! poem-openapi would, so the document stays the truth.
 
-use super::types::{JobStatus, JobStatusReason};
-use crate::jobs::JobRecord;
+use super::types::{JobBudget, JobStatus, JobStatusReason, Usage};
+use crate::jobs::{JobId, JobRecord, JobUsage};
 use poem::{IntoResponse, Response, http::header};
 use poem_openapi::{
     ApiResponse,
@@ -17,7 +17,7 @@ use poem_openapi::{
     types::{ToJSON, Type},
 };
 use serde::Serialize;
-use std::{marker::PhantomData, sync::Arc};
+use std::{collections::HashMap, marker::PhantomData, sync::Arc};
 
 /// A JSON response body documented as the schema `S` (like `Json<S>`) and written with serde from
 /// `T`: `S` itself, or a view that writes the same JSON without building an `S` first.
@@ -63,9 +63,13 @@ macro_rules! render_with_serde {
 render_with_serde!(super::types::Job, super::types::JobList, super::types::Health, JobListJson);
 
 /// A job is written once per version of its record: polls of an unchanged job reuse the bytes.
+/// Usage changes without the record, so a job with usage is written afresh.
 impl Render for JobJson {
     fn render(&self) -> serde_json::Result<bytes::Bytes> {
-        self.0.rendered.get_or_try_init(|| serde_json::to_vec(self).map(bytes::Bytes::from))
+        match self.1 {
+            Some(_) => serde_json::to_vec(self).map(bytes::Bytes::from),
+            None => self.0.rendered.get_or_try_init(|| serde_json::to_vec(self).map(bytes::Bytes::from)),
+        }
     }
 }
 
@@ -92,8 +96,9 @@ impl<S: Type + ToJSON, T: Render + Send> ApiResponse for JsonBody<S, T> {
     }
 }
 
-/// A job's JSON (schema [`Job`](super::types::Job)) written straight from its shared record.
-pub struct JobJson(pub Arc<JobRecord>);
+/// A job's JSON (schema [`Job`](super::types::Job)) written straight from its shared record, with
+/// what it spent on model calls.
+pub struct JobJson(pub Arc<JobRecord>, pub Option<JobUsage>);
 
 impl Serialize for JobJson {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -127,6 +132,12 @@ impl Serialize for JobJson {
             map.serialize_entry("profile", profile)?;
         }
         map.serialize_entry("labels", &r.spec.labels)?;
+        if !r.spec.budget.is_unlimited() {
+            map.serialize_entry("budget", &JobBudget::from(r.spec.budget))?;
+        }
+        if let Some(usage) = &self.1 {
+            map.serialize_entry("usage", &Usage::from(usage))?;
+        }
         if let Some(result) = &r.result {
             map.serialize_entry("result", result)?;
         }
@@ -142,23 +153,25 @@ impl Serialize for JobJson {
 pub struct JobListJson {
     pub items: Vec<Arc<JobRecord>>,
     pub next_page_token: Option<String>,
+    /// What the listed jobs spent on model calls (jobs that made none are absent).
+    pub usage: HashMap<JobId, JobUsage>,
 }
 
 impl Serialize for JobListJson {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::{SerializeMap, SerializeSeq};
-        struct Items<'a>(&'a [Arc<JobRecord>]);
+        struct Items<'a>(&'a [Arc<JobRecord>], &'a HashMap<JobId, JobUsage>);
         impl Serialize for Items<'_> {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
                 for record in self.0 {
-                    seq.serialize_element(&JobJson(record.clone()))?;
+                    seq.serialize_element(&JobJson(record.clone(), self.1.get(&record.id).copied()))?;
                 }
                 seq.end()
             }
         }
         let mut map = serializer.serialize_map(None)?;
-        map.serialize_entry("items", &Items(&self.items))?;
+        map.serialize_entry("items", &Items(&self.items, &self.usage))?;
         if let Some(token) = &self.next_page_token {
             map.serialize_entry("next_page_token", token)?;
         }
@@ -291,6 +304,18 @@ mod tests {
         }
     }
 
+    fn usage(every_field: bool) -> JobUsage {
+        use crate::jobs::{NanoUsd, Refusal, TokenCounts};
+        JobUsage {
+            model_calls: 3,
+            tokens: TokenCounts { input: 120, output: 45, cached_input: 20, reasoning: 5 },
+            cost: NanoUsd(1_234_567),
+            tokens_left: every_field.then_some(835),
+            cost_left: every_field.then_some(NanoUsd(98_765_433)),
+            refused: every_field.then_some(Refusal::JobTokens),
+        }
+    }
+
     fn record(every_field: bool) -> Arc<JobRecord> {
         use crate::jobs::{JobId, JobLimits, JobPhase, JobReason, JobRequest, TraceContext};
         let spec = JobRequest {
@@ -298,6 +323,10 @@ mod tests {
             max_turns: 3,
             labels: if every_field { [("team".to_string(), "a".to_string())].into() } else { Default::default() },
             model: every_field.then(|| "m".into()),
+            budget: crate::jobs::Budget {
+                max_tokens: every_field.then_some(1000),
+                max_cost: every_field.then_some(crate::jobs::NanoUsd(100_000_000)),
+            },
             ..Default::default()
         }
         .validate(&JobLimits::default())
@@ -331,21 +360,25 @@ mod tests {
         for every_field in [false, true] {
             let record = record(every_field);
             let documented = Job::from(&*record).to_json().unwrap().to_string();
-            assert_eq!(serde_json::to_string(&JobJson(record.clone())).unwrap(), documented);
+            assert_eq!(serde_json::to_string(&JobJson(record.clone(), None)).unwrap(), documented);
             // Rendered once, then reused; a changed copy renders afresh.
-            assert_eq!(JobJson(record.clone()).render().unwrap(), documented.as_bytes());
-            assert_eq!(JobJson(record.clone()).render().unwrap(), documented.as_bytes());
+            assert_eq!(JobJson(record.clone(), None).render().unwrap(), documented.as_bytes());
+            assert_eq!(JobJson(record.clone(), None).render().unwrap(), documented.as_bytes());
+            // Usage is written afresh each time, beside the memoized record.
+            let usage = usage(every_field);
+            let with_usage = Job::with_usage(&record, Some(&usage)).to_json().unwrap().to_string();
+            assert_eq!(JobJson(record.clone(), Some(usage)).render().unwrap(), with_usage.as_bytes());
             let mut changed = JobRecord::clone(&record);
             changed.attempts += 1;
             let changed = Arc::new(changed);
             let expected = Job::from(&*changed).to_json().unwrap().to_string();
-            assert_eq!(JobJson(changed).render().unwrap(), expected.as_bytes());
+            assert_eq!(JobJson(changed, None).render().unwrap(), expected.as_bytes());
         }
         let items = vec![record(true), record(false)];
         let documented = JobList { items: items.iter().map(|r| Job::from(&**r)).collect(), next_page_token: None };
-        let view = JobListJson { items: items.clone(), next_page_token: None };
+        let view = JobListJson { items: items.clone(), next_page_token: None, usage: HashMap::new() };
         assert_eq!(serde_json::to_string(&view).unwrap(), documented.to_json().unwrap().to_string());
-        let view = JobListJson { items, next_page_token: Some("t".into()) };
+        let view = JobListJson { items, next_page_token: Some("t".into()), usage: HashMap::new() };
         let documented = JobList { next_page_token: Some("t".into()), ..documented };
         assert_eq!(serde_json::to_string(&view).unwrap(), documented.to_json().unwrap().to_string());
     }

@@ -1,7 +1,7 @@
 //! The JSON shapes of the API. Their doc comments and bounds become the OpenAPI schema.
 
 use super::json;
-use crate::jobs::{self, JobPhase, JobReason, JobRecord, JobRequest};
+use crate::jobs::{self, Budget, JobPhase, JobReason, JobRecord, JobRequest, JobUsage, NanoUsd};
 use chrono::{DateTime, Utc};
 use poem_openapi::{
     Enum, Object,
@@ -97,6 +97,119 @@ pub struct CreateJobRequest {
     /// characters of a-z, 0-9 and `-`. Default: the policy's default profile.
     #[oai(validator(min_length = 1, max_length = 32, pattern = r"^[a-z0-9-]+$"))]
     pub profile: Option<StrictString>,
+    /// What the job may spend on model calls through the LLM gateway. Unset limits take the
+    /// tenant's defaults; limits above the tenant's ceiling are refused (`policy/max-budget`).
+    /// `max_turns` also caps the number of model calls.
+    pub budget: Option<JobBudget>,
+}
+
+/// Limits on a job's model calls, enforced before each call is forwarded: a call that the
+/// remaining budget cannot pay for is refused, never charged after the fact.
+#[derive(Debug, Clone, Copy, PartialEq, Object, Serialize)]
+#[oai(deny_unknown_fields, skip_serializing_if_is_none)]
+pub struct JobBudget {
+    /// Most input plus output tokens: 1 to 1000000000.
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000000")))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    /// Most money, in US dollars, at the configured prices: 0 to 1000000.
+    #[oai(validator(minimum(value = "0"), maximum(value = "1000000")))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+}
+
+impl From<JobBudget> for Budget {
+    fn from(b: JobBudget) -> Self {
+        Self { max_tokens: b.max_tokens, max_cost: b.max_cost_usd.and_then(NanoUsd::from_usd) }
+    }
+}
+
+impl From<Budget> for JobBudget {
+    fn from(b: Budget) -> Self {
+        Self { max_tokens: b.max_tokens, max_cost_usd: b.max_cost.map(NanoUsd::as_usd) }
+    }
+}
+
+/// What is left of a job's budget.
+#[derive(Debug, Clone, Copy, PartialEq, Object, Serialize)]
+#[oai(skip_serializing_if_is_none)]
+pub struct BudgetLeft {
+    /// Tokens left, when the budget limits tokens (reservations of calls in flight excluded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    /// Dollars left, when the budget limits cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+}
+
+/// Why the gateway refused one of the job's model calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Serialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum UsageRefusal {
+    /// The job's token budget could not pay for the call.
+    JobTokens,
+    /// The job's cost budget could not pay for the call.
+    JobCost,
+    /// The tenant's daily spend limit was reached.
+    TenantDailySpend,
+    /// The job had made `max_turns` calls.
+    CallCap,
+    /// Too many of the job's calls were in flight at once.
+    InFlight,
+}
+
+impl From<jobs::Refusal> for UsageRefusal {
+    fn from(r: jobs::Refusal) -> Self {
+        match r {
+            jobs::Refusal::JobTokens => Self::JobTokens,
+            jobs::Refusal::JobCost => Self::JobCost,
+            jobs::Refusal::TenantDailySpend => Self::TenantDailySpend,
+            jobs::Refusal::CallCap => Self::CallCap,
+            jobs::Refusal::InFlight => Self::InFlight,
+        }
+    }
+}
+
+/// What a job spent on model calls through the LLM gateway, live while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Object, Serialize)]
+#[oai(skip_serializing_if_is_none)]
+pub struct Usage {
+    /// Calls answered by a provider (refused calls are not counted).
+    pub model_calls: u64,
+    /// Input (prompt) tokens, as the providers reported them.
+    pub input_tokens: u64,
+    /// Output (completion) tokens.
+    pub output_tokens: u64,
+    /// Part of `input_tokens` served from a provider's prompt cache.
+    pub cached_tokens: u64,
+    /// Part of `output_tokens` spent on reasoning.
+    pub reasoning_tokens: u64,
+    /// Cost in US dollars at the configured prices.
+    pub cost_usd: f64,
+    /// What the budget has left, when it sets limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_left: Option<BudgetLeft>,
+    /// The first refusal the gateway gave the job, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<UsageRefusal>,
+}
+
+impl From<&JobUsage> for Usage {
+    fn from(u: &JobUsage) -> Self {
+        let limited = u.tokens_left.is_some() || u.cost_left.is_some();
+        Self {
+            model_calls: u.model_calls,
+            input_tokens: u.tokens.input,
+            output_tokens: u.tokens.output,
+            cached_tokens: u.tokens.cached_input,
+            reasoning_tokens: u.tokens.reasoning,
+            cost_usd: u.cost.as_usd(),
+            budget_left: limited
+                .then(|| BudgetLeft { tokens: u.tokens_left, cost_usd: u.cost_left.map(NanoUsd::as_usd) }),
+            refused: u.refused.map(Into::into),
+        }
+    }
 }
 
 impl Example for CreateJobRequest {
@@ -108,6 +221,7 @@ impl Example for CreateJobRequest {
             timeout_seconds: Some(600),
             model: None,
             profile: None,
+            budget: Some(JobBudget { max_tokens: Some(200_000), max_cost_usd: Some(2.5) }),
         }
     }
 }
@@ -121,6 +235,7 @@ impl From<CreateJobRequest> for JobRequest {
             timeout_seconds: r.timeout_seconds,
             model: r.model.map(|m| m.0),
             profile: r.profile.map(|p| p.0),
+            budget: r.budget.map(Budget::from).unwrap_or_default(),
         }
     }
 }
@@ -189,6 +304,10 @@ pub enum JobStatusReason {
     ServerRestarted,
     /// The agent could not be started.
     StartFailed,
+    /// The job's budget (or its tenant's daily spend limit) could not pay for another model call.
+    BudgetExhausted,
+    /// The job made `max_turns` model calls.
+    MaxTurnsReached,
 }
 
 impl From<JobReason> for JobStatusReason {
@@ -205,6 +324,8 @@ impl From<JobReason> for JobStatusReason {
             JobReason::AgentError => Self::AgentError,
             JobReason::ServerRestarted => Self::ServerRestarted,
             JobReason::StartFailed => Self::StartFailed,
+            JobReason::BudgetExhausted => Self::BudgetExhausted,
+            JobReason::MaxTurnsReached => Self::MaxTurnsReached,
         }
     }
 }
@@ -263,6 +384,12 @@ pub struct Job {
     pub profile: Option<String>,
     /// The job's labels.
     pub labels: BTreeMap<String, String>,
+    /// The limits on the job's model calls in force, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<JobBudget>,
+    /// What the job spent on model calls, once it made one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
     /// The agent's final answer (at most 4096 bytes), once it succeeded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<String>,
@@ -282,6 +409,13 @@ impl Job {
 
 impl From<&JobRecord> for Job {
     fn from(r: &JobRecord) -> Self {
+        Self::with_usage(r, None)
+    }
+}
+
+impl Job {
+    /// The job and what it spent on model calls.
+    pub fn with_usage(r: &JobRecord, usage: Option<&JobUsage>) -> Self {
         let path = Self::path(r.id.as_str());
         Self {
             id: r.id.to_string(),
@@ -298,6 +432,8 @@ impl From<&JobRecord> for Job {
             model: r.spec.model.clone(),
             profile: r.spec.profile.clone(),
             labels: r.spec.labels.clone(),
+            budget: (!r.spec.budget.is_unlimited()).then(|| r.spec.budget.into()),
+            usage: usage.map(Usage::from),
             result: r.result.clone(),
             trace_id: r.trace.as_ref().and_then(|t| t.trace_id()).map(str::to_owned),
             links: JobLinks {
@@ -331,6 +467,17 @@ impl Example for Job {
             model: None,
             profile: None,
             labels: request.labels.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
+            budget: request.budget,
+            usage: Some(Usage {
+                model_calls: 4,
+                input_tokens: 5210,
+                output_tokens: 830,
+                cached_tokens: 1024,
+                reasoning_tokens: 0,
+                cost_usd: 0.01875,
+                budget_left: Some(BudgetLeft { tokens: Some(193_960), cost_usd: Some(2.48125) }),
+                refused: None,
+            }),
             result: Some("Plan: triage the 12 open issues by area, then fix the 3 crashers first.".into()),
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             links: JobLinks {

@@ -2,6 +2,8 @@
 //!
 //! Nothing here knows about HTTP or Kubernetes; both backends speak in these types.
 
+mod budget;
+mod credential;
 mod error;
 mod id;
 mod page;
@@ -9,12 +11,14 @@ mod selector;
 mod service;
 mod spec;
 
+pub use budget::{Budget, JobUsage, NanoUsd, Prices, Refusal, TokenCounts};
+pub use credential::AgentCredentials;
 pub use error::{FieldError, JobError};
 pub use id::{IdempotencyKey, JobId};
 pub use page::{JobPage, ListQuery, PageToken};
 pub use selector::LabelSelector;
 pub use service::{DryRun, JobService, StreamKind, StreamSlot, Submitted, WatchEvent};
-pub use spec::{JobLimits, JobRequest, JobSpec, RESERVED_LABEL_PREFIX, check_label_value};
+pub use spec::{JobLimits, JobRequest, JobSpec, RESERVED_LABEL_PREFIX, agent_env, check_label_value};
 
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
@@ -76,6 +80,11 @@ pub enum JobReason {
     ServerRestarted,
     /// The agent process or pod could not be started at all.
     StartFailed,
+    /// The job's budget (tokens, cost, or its tenant's daily spend) could not pay for another
+    /// model call, and the agent stopped.
+    BudgetExhausted,
+    /// The job made `max_turns` model calls, and the agent stopped.
+    MaxTurnsReached,
 }
 
 impl JobReason {
@@ -92,6 +101,8 @@ impl JobReason {
             Self::AgentError => "AgentError",
             Self::ServerRestarted => "ServerRestarted",
             Self::StartFailed => "StartFailed",
+            Self::BudgetExhausted => "BudgetExhausted",
+            Self::MaxTurnsReached => "MaxTurnsReached",
         }
     }
 }
@@ -256,6 +267,14 @@ pub struct JobEvent {
     /// What the event is about, e.g. `Job/job-abc` or `Pod/job-abc-x7k2p`.
     pub object: String,
     pub count: u32,
+}
+
+/// Where jobs' model usage is read (the LLM gateway's ledger); the API shows it beside each job.
+#[async_trait::async_trait]
+pub trait UsageSource: Send + Sync {
+    /// The usage of each of `ids` that made a model call. A source that cannot answer right now
+    /// answers with nothing: usage is shown when it can be, and never stops a read.
+    async fn usage_of(&self, ids: &[JobId]) -> std::collections::HashMap<JobId, JobUsage>;
 }
 
 /// Which part of a job's output to read.

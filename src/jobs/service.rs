@@ -2,7 +2,7 @@
 
 use super::{
     CreateOutcome, IdempotencyKey, JobError, JobEvent, JobId, JobLimits, JobPage, JobPhase, JobRecord, JobRequest,
-    ListQuery, LogOptions, LogStream, NewJob, page,
+    JobUsage, ListQuery, LogOptions, LogStream, NewJob, UsageSource, page,
 };
 use crate::{
     auth::Caller,
@@ -53,15 +53,16 @@ pub enum StreamKind {
 #[derive(Debug, Clone)]
 pub enum WatchEvent {
     /// The job as it is now; `id` identifies this state (for `Last-Event-ID`).
-    Changed { id: String, job: Arc<JobRecord> },
+    Changed { id: String, job: Arc<JobRecord>, usage: Option<JobUsage> },
     /// The server is shutting down; reconnect elsewhere with the last id.
-    Closing { id: String, job: Arc<JobRecord> },
+    Closing { id: String, job: Arc<JobRecord>, usage: Option<JobUsage> },
 }
 
 /// A short name for a job's observable state: its phase and a hash of the rest.
-fn state_id(job: &JobRecord) -> String {
+fn state_id(job: &JobRecord, usage: Option<&JobUsage>) -> String {
     use sha2::{Digest, Sha256};
-    let state = serde_json::json!([job.status, job.attempts, job.started_at, job.finished_at, job.result]);
+    let spent = usage.map(|u| (u.model_calls, u.tokens.total(), u.cost.0, u.refused));
+    let state = serde_json::json!([job.status, job.attempts, job.started_at, job.finished_at, job.result, spent]);
     let digest = Sha256::digest(state.to_string());
     let short: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
     format!("{}-{short}", job.status.phase.as_str())
@@ -95,11 +96,31 @@ pub struct JobService {
     policy: Arc<Policy>,
     metrics: Arc<Metrics>,
     streams: Arc<Mutex<HashMap<String, u32>>>,
+    usage: Option<Arc<dyn UsageSource>>,
 }
 
 impl JobService {
     pub fn new(backend: Arc<dyn JobBackend>, limits: JobLimits, policy: Arc<Policy>, metrics: Arc<Metrics>) -> Self {
-        Self { backend, limits, policy, metrics, streams: Arc::default() }
+        Self { backend, limits, policy, metrics, streams: Arc::default(), usage: None }
+    }
+
+    /// Show jobs' model usage from `source`.
+    pub fn with_usage(mut self, source: Arc<dyn UsageSource>) -> Self {
+        self.usage = Some(source);
+        self
+    }
+
+    /// What each of `ids` spent on model calls (jobs that made none are absent).
+    pub async fn usage_of(&self, ids: &[JobId]) -> HashMap<JobId, JobUsage> {
+        match &self.usage {
+            Some(source) if !ids.is_empty() => source.usage_of(ids).await,
+            _ => HashMap::new(),
+        }
+    }
+
+    /// What one job spent on model calls, if it made any.
+    pub async fn usage(&self, id: &JobId) -> Option<JobUsage> {
+        self.usage_of(std::slice::from_ref(id)).await.remove(id)
     }
 
     /// Take one of the tenant's stream slots, or refuse with the `max-streams` rule.
@@ -134,9 +155,9 @@ impl JobService {
         stop: CancellationToken,
     ) -> Result<BoxStream<'static, WatchEvent>, JobError> {
         let job = self.get(caller, id).await?;
-        let backend = self.backend.clone();
-        let start = (backend, job.id.clone(), last_seen, false);
-        let events = futures::stream::unfold(start, move |(backend, id, last, done)| {
+        let (backend, usage) = (self.backend.clone(), self.usage.clone());
+        let start = (backend, usage, job.id.clone(), last_seen, false);
+        let events = futures::stream::unfold(start, move |(backend, usage, id, last, done)| {
             let stop = stop.clone();
             async move {
                 if done {
@@ -144,12 +165,16 @@ impl JobService {
                 }
                 loop {
                     let job = backend.get(&id).await.ok().flatten()?;
-                    let state = state_id(&job);
+                    let spent = match &usage {
+                        Some(source) => source.usage_of(std::slice::from_ref(&id)).await.remove(&id),
+                        None => None,
+                    };
+                    let state = state_id(&job, spent.as_ref());
                     if last.as_deref() != Some(state.as_str()) {
                         let finished = job.status.phase.is_terminal();
                         return Some((
-                            WatchEvent::Changed { id: state.clone(), job },
-                            (backend, id, Some(state), finished),
+                            WatchEvent::Changed { id: state.clone(), job, usage: spent },
+                            (backend, usage, id, Some(state), finished),
                         ));
                     }
                     if job.status.phase.is_terminal() {
@@ -158,7 +183,8 @@ impl JobService {
                     tokio::select! {
                         () = tokio::time::sleep(WATCH_POLL) => {}
                         () = stop.cancelled() => {
-                            return Some((WatchEvent::Closing { id: state, job }, (backend, id, last, true)));
+                            let closing = WatchEvent::Closing { id: state, job, usage: spent };
+                            return Some((closing, (backend, usage, id, last, true)));
                         }
                     }
                 }
@@ -228,7 +254,7 @@ impl JobService {
         }
         let key = idempotency_key.map(IdempotencyKey::parse).transpose();
         let spec = request.validate(&self.limits);
-        let (key, spec) = match (key, spec) {
+        let (key, mut spec) = match (key, spec) {
             (Ok(key), Ok(spec)) => (key, spec),
             (key, spec) => {
                 let mut errors = key.err().into_iter().collect::<Vec<_>>();
@@ -236,6 +262,7 @@ impl JobService {
                 return Err(JobError::Invalid(errors));
             }
         };
+        spec.budget = spec.budget.or(self.policy.rules_for(&caller.tenant).default_budget);
         let id = match &key {
             Some(key) => JobId::for_idempotency_key(&caller.tenant, key),
             None => JobId::random(),
@@ -299,6 +326,17 @@ impl JobService {
             }
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// A job by id for a trusted caller inside the service (the LLM gateway, which has already
+    /// identified the job by its credential); tenancy is the caller's business.
+    pub async fn job(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, JobError> {
+        Ok(self.backend.get(id).await?)
+    }
+
+    /// The policy's rules for `tenant` now.
+    pub fn rules_for(&self, tenant: &str) -> crate::policy::TenantRules {
+        self.policy.rules_for(tenant)
     }
 
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<Arc<JobRecord>, JobError> {

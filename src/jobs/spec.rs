@@ -1,6 +1,6 @@
 //! What a client asks for, the limits it must meet, and the normalised spec both backends run.
 
-use super::{FieldError, Labels};
+use super::{Budget, FieldError, Labels};
 use sha2::{Digest, Sha256};
 
 /// Label keys under this prefix (and `app`) belong to OATS itself; users cannot set them.
@@ -15,6 +15,8 @@ pub struct JobRequest {
     pub timeout_seconds: Option<u32>,
     pub model: Option<String>,
     pub profile: Option<String>,
+    /// Limits on the job's model calls; the tenant's default budget fills what is unset.
+    pub budget: Budget,
 }
 
 /// A validated job: every field within limits and every default applied.
@@ -28,6 +30,20 @@ pub struct JobSpec {
     /// Named resource profile from the policy (`small`, `medium`, …); `None` for the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// What the job may spend on model calls (the tenant's default fills unset limits at submit).
+    #[serde(default, skip_serializing_if = "Budget::is_unlimited")]
+    pub budget: Budget,
+}
+
+/// Names of the environment variables of the agent contract (docs/agent-contract.md).
+pub mod agent_env {
+    /// The job's budget, for agents that plan their spending (the gateway enforces it anyway).
+    pub const BUDGET_MAX_TOKENS: &str = "OATS_BUDGET_MAX_TOKENS";
+    pub const BUDGET_MAX_COST_USD: &str = "OATS_BUDGET_MAX_COST_USD";
+    /// The LLM gateway's OpenAI-compatible base URL, as the OpenAI SDKs read it.
+    pub const OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
+    /// The job's credential for the gateway, as the OpenAI SDKs read it.
+    pub const OPENAI_API_KEY: &str = "OPENAI_API_KEY";
 }
 
 impl JobSpec {
@@ -43,6 +59,12 @@ impl JobSpec {
         ];
         if let Some(model) = &self.model {
             env.push(("OATS_MODEL".to_owned(), model.clone()));
+        }
+        if let Some(tokens) = self.budget.max_tokens {
+            env.push((agent_env::BUDGET_MAX_TOKENS.to_owned(), tokens.to_string()));
+        }
+        if let Some(cost) = self.budget.max_cost {
+            env.push((agent_env::BUDGET_MAX_COST_USD.to_owned(), cost.as_usd().to_string()));
         }
         env
     }
@@ -147,6 +169,9 @@ impl JobRequest {
                 errors.push(FieldError::new("profile", "must be 1 to 32 characters of a-z, 0-9 and -"));
             }
         }
+        if self.budget.max_tokens == Some(0) {
+            errors.push(FieldError::new("budget.max_tokens", "must be at least 1"));
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -157,6 +182,7 @@ impl JobRequest {
             timeout_seconds,
             model: self.model,
             profile: self.profile,
+            budget: self.budget,
         })
     }
 }

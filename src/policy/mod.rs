@@ -31,6 +31,7 @@ pub enum Rule {
     MaxConcurrentJobs,
     SubmissionsPerMinute,
     MaxStreams,
+    MaxBudget,
 }
 
 impl Rule {
@@ -47,6 +48,7 @@ impl Rule {
             Self::MaxConcurrentJobs => "max-concurrent-jobs",
             Self::SubmissionsPerMinute => "submissions-per-minute",
             Self::MaxStreams => "max-streams",
+            Self::MaxBudget => "max-budget",
         }
     }
 
@@ -54,7 +56,7 @@ impl Rule {
     /// tenant may not use, 429 (with Retry-After) for rate and concurrency limits.
     pub fn status(self) -> u16 {
         match self {
-            Self::MaxGoalBytes | Self::MaxTurns | Self::MaxTimeout | Self::AllowedLabelKeys => 422,
+            Self::MaxGoalBytes | Self::MaxTurns | Self::MaxTimeout | Self::AllowedLabelKeys | Self::MaxBudget => 422,
             Self::AllowedModels | Self::ResourceProfile | Self::AllowedImages | Self::PodSecurity => 403,
             Self::MaxConcurrentJobs | Self::SubmissionsPerMinute | Self::MaxStreams => 429,
         }

@@ -1,6 +1,7 @@
 //! The policy document and the rules of one tenant.
 
 use super::{Rule, Submission, Verdict};
+use crate::jobs::{Budget, NanoUsd};
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 /// Requests and limits of the agent container.
@@ -32,6 +33,16 @@ pub struct TenantRules {
     pub resource_profiles: BTreeMap<String, ResourceProfile>,
     /// The profile of jobs that name none; without one, the server's configured resources apply.
     pub default_profile: Option<String>,
+    /// The budget of jobs that set none (each limit on its own).
+    pub default_budget: Budget,
+    /// The most budget a job may ask for.
+    pub max_budget: Budget,
+    /// The tenant's spend on model calls per UTC day, across replicas.
+    pub daily_spend_limit: Option<NanoUsd>,
+    /// Model calls of one job in flight at once.
+    pub max_in_flight_calls: u32,
+    /// Whether prompts and completions may be recorded in spans (off: only counts and names).
+    pub record_llm_content: bool,
 }
 
 impl Default for TenantRules {
@@ -48,7 +59,30 @@ impl Default for TenantRules {
             allowed_label_keys: vec!["*".into()],
             resource_profiles: BTreeMap::new(),
             default_profile: None,
+            default_budget: Budget::default(),
+            max_budget: Budget::default(),
+            daily_spend_limit: None,
+            max_in_flight_calls: 4,
+            record_llm_content: false,
         }
+    }
+}
+
+/// A budget as written in the file: dollars, not nano-dollars.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetPatch {
+    max_tokens: Option<u64>,
+    max_cost_usd: Option<f64>,
+}
+
+impl BudgetPatch {
+    fn budget(self) -> Result<Budget, String> {
+        let max_cost = match self.max_cost_usd {
+            Some(usd) => Some(NanoUsd::from_usd(usd).ok_or_else(|| format!("max_cost_usd {usd} is not an amount"))?),
+            None => None,
+        };
+        Ok(Budget { max_tokens: self.max_tokens, max_cost })
     }
 }
 
@@ -67,6 +101,11 @@ struct RulesPatch {
     allowed_label_keys: Option<Vec<String>>,
     resource_profiles: Option<BTreeMap<String, ResourceProfile>>,
     default_profile: Option<String>,
+    default_budget: Option<BudgetPatch>,
+    max_budget: Option<BudgetPatch>,
+    daily_spend_limit_usd: Option<f64>,
+    max_in_flight_calls: Option<u32>,
+    record_llm_content: Option<bool>,
 }
 
 impl RulesPatch {
@@ -93,6 +132,33 @@ impl RulesPatch {
         if self.default_profile.is_some() {
             rules.default_profile = self.default_profile.clone();
         }
+        take!(max_in_flight_calls, record_llm_content);
+        // Amounts were checked when the file was read.
+        if let Some(budget) = self.default_budget.and_then(|b| b.budget().ok()) {
+            rules.default_budget = budget;
+        }
+        if let Some(budget) = self.max_budget.and_then(|b| b.budget().ok()) {
+            rules.max_budget = budget;
+        }
+        if let Some(limit) = self.daily_spend_limit_usd.and_then(NanoUsd::from_usd) {
+            rules.daily_spend_limit = Some(limit);
+        }
+    }
+
+    /// Amounts that are not amounts, named.
+    fn check_amounts(&self) -> Result<(), String> {
+        for budget in [self.default_budget, self.max_budget].into_iter().flatten() {
+            budget.budget()?;
+        }
+        if let Some(usd) = self.daily_spend_limit_usd
+            && NanoUsd::from_usd(usd).is_none()
+        {
+            return Err(format!("daily_spend_limit_usd {usd} is not an amount"));
+        }
+        if self.max_in_flight_calls == Some(0) {
+            return Err("max_in_flight_calls must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -115,6 +181,11 @@ impl PolicyDocument {
     pub fn read(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let document: Self = serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        for (tenant, patch) in std::iter::once(("(defaults)", &document.defaults))
+            .chain(document.tenants.iter().map(|(name, patch)| (name.as_str(), patch)))
+        {
+            patch.check_amounts().map_err(|e| format!("{}: tenant {tenant}: {e}", path.display()))?;
+        }
         for tenant in std::iter::once("(defaults)").chain(document.tenants.keys().map(String::as_str)) {
             let rules = document.rules_for(tenant);
             if let Some(profile) = &rules.default_profile
@@ -152,6 +223,11 @@ fn image_allowed(allowed: &[String], image: &str) -> bool {
 }
 
 impl TenantRules {
+    /// Whether the tenant may use the model called any of `names` (its name and aliases).
+    pub fn allows_model<'a>(&self, mut names: impl Iterator<Item = &'a str>) -> bool {
+        names.any(|name| listed(&self.allowed_models, name))
+    }
+
     /// Every rule but the rate limit (which needs the shared buckets).
     pub(super) fn judge(&self, s: &Submission<'_>) -> (Vec<Verdict>, Option<ResourceProfile>) {
         let spec = s.spec;
@@ -182,6 +258,11 @@ impl TenantRules {
             ),
             None => check(Rule::AllowedModels, true, "no model requested".into()),
         }
+        check(
+            Rule::MaxBudget,
+            spec.budget.exceeds(&self.max_budget).is_none(),
+            spec.budget.exceeds(&self.max_budget).unwrap_or_else(|| "the budget is within the tenant's ceiling".into()),
+        );
         let refused: Vec<&str> = spec
             .labels
             .keys()

@@ -252,6 +252,11 @@ impl Metrics {
     }
 
     /// Let scrapes count jobs through `source` (the backend, once it exists).
+    /// The registry, for subsystems that register their own metrics (`register(&mut Registry)`).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     pub fn count_jobs_with(&self, source: JobCountSource) {
         let _ = self.job_counts.set(source);
     }

@@ -23,6 +23,22 @@ pub fn current() -> Option<TraceContext> {
     })
 }
 
+/// The OpenTelemetry context a W3C trace context names (to parent spans on it).
+pub fn context_of(trace: &TraceContext) -> Context {
+    extract(trace)
+}
+
+/// The `traceparent` header that continues `span`'s trace, when it is traced.
+pub fn context_header(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    global::get_text_map_propagator(|propagator| propagator.inject_context(&cx, &mut carrier));
+    carrier.remove("traceparent")
+}
+
 fn extract(trace: &TraceContext) -> Context {
     let mut carrier = HashMap::from([("traceparent".to_owned(), trace.traceparent.clone())]);
     if let Some(state) = &trace.tracestate {

@@ -6,6 +6,7 @@ use super::render::{
     PROFILE_ANNOTATION, REQUEST_HASH_ANNOTATION, TENANT_LABEL, TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION,
 };
 use crate::jobs::{
+    Budget, NanoUsd, agent_env,
     JobId, JobPhase, JobReason, JobRecord, JobSpec, JobStatus, Labels, RESERVED_LABEL_PREFIX, TraceContext,
     truncate_result,
 };
@@ -111,6 +112,10 @@ fn submitted(job: &CachedJob) -> Option<JobRecord> {
         timeout_seconds: env("OATS_TIMEOUT_SECONDS").and_then(|v| v.parse().ok()).unwrap_or(0),
         model: env("OATS_MODEL"),
         profile: annotation(PROFILE_ANNOTATION),
+        budget: Budget {
+            max_tokens: env(agent_env::BUDGET_MAX_TOKENS).and_then(|v| v.parse().ok()),
+            max_cost: env(agent_env::BUDGET_MAX_COST_USD).and_then(|v| v.parse().ok()).and_then(NanoUsd::from_usd),
+        },
     };
     let created_at = annotation(CREATED_AT_ANNOTATION)
         .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())

@@ -11,7 +11,7 @@ mod process;
 use super::{BackendError, JobBackend, Preview};
 use crate::{
     jobs::{
-        CreateOutcome, JobEvent, JobId, JobPhase, JobReason, JobRecord, JobStatus, LogOptions, LogStream, NewJob,
+        CreateOutcome, JobEvent, agent_env, JobId, JobPhase, JobReason, JobRecord, JobStatus, LogOptions, LogStream, NewJob,
         Rendered,
     },
     telemetry::{
@@ -37,6 +37,21 @@ pub struct LocalSettings {
     pub command: Vec<String>,
     /// Variables passed through from the server's environment.
     pub env_allowlist: Vec<String>,
+    /// The LLM gateway agents call, when it is on.
+    pub gateway: Option<AgentGateway>,
+}
+
+/// How local agents reach the LLM gateway: its URL and a credential per job.
+#[derive(Clone)]
+pub struct AgentGateway {
+    pub base_url: String,
+    pub credentials: Arc<crate::jobs::AgentCredentials>,
+}
+
+impl std::fmt::Debug for AgentGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentGateway").field("base_url", &self.base_url).finish_non_exhaustive()
+    }
 }
 
 /// What is persisted per job.
@@ -217,6 +232,10 @@ impl Inner {
         self.update(&id, |s| {
             s.pgid = None;
             if s.record.status.phase == JobPhase::Cancelled {
+                // The agent's partial result, written when it was stopped.
+                if outcome.result.is_some() {
+                    s.record_mut().result = outcome.result.clone();
+                }
                 return;
             }
             let record = s.record_mut();
@@ -281,6 +300,12 @@ impl JobBackend for LocalBackend {
             .into_iter()
             .map(|(k, v)| (k, v.into()))
             .collect();
+        let mut env = env;
+        if let Some(gateway) = &self.inner.settings.gateway {
+            env.insert(agent_env::OPENAI_BASE_URL.into(), gateway.base_url.clone().into());
+            // The credential itself is minted at start and never shown.
+            env.insert(agent_env::OPENAI_API_KEY.into(), "(a credential of this job, valid while it runs)".into());
+        }
         Preview {
             manifest: serde_json::json!({"command": self.inner.settings.command, "environment": env}),
             pod_security_violations: Vec::new(),

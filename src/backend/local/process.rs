@@ -1,7 +1,7 @@
 //! Starting, timing out, cancelling and reaping one agent process group.
 
 use super::LocalSettings;
-use crate::jobs::{JobId, JobPhase, JobReason, JobRecord, JobStatus, MAX_RESULT_BYTES, truncate_result};
+use crate::jobs::{JobId, JobPhase, JobReason, JobRecord, JobStatus, MAX_RESULT_BYTES, agent_env, truncate_result};
 use nix::{sys::signal::Signal, unistd::Pid};
 use std::{path::Path, process::Stdio, time::Duration};
 use tokio::{
@@ -14,6 +14,10 @@ use tokio::{
 /// The agent's combined stdout and stderr, one `<RFC 3339 time> <line>` per line.
 pub const OUTPUT_FILE: &str = "output.log";
 const RESULT_FILE: &str = "result";
+/// Exit code of an agent that stopped because its budget could not pay for another call.
+pub const EXIT_BUDGET_EXHAUSTED: i32 = 10;
+/// Exit code of an agent that stopped at its call cap (`max_turns`).
+pub const EXIT_MAX_TURNS_REACHED: i32 = 11;
 /// Longest output line kept; longer lines are split.
 const MAX_LINE_BYTES: u64 = 16 * 1024;
 /// Time between SIGTERM and SIGKILL when stopping an agent.
@@ -60,6 +64,12 @@ pub async fn spawn_agent(settings: &LocalSettings, dir: &Path, record: &JobRecor
             std::iter::once(("TRACEPARENT".to_owned(), t.traceparent.clone()))
                 .chain(t.tracestate.clone().map(|s| ("TRACESTATE".to_owned(), s)))
         }))
+        .envs(settings.gateway.iter().flat_map(|gateway| {
+            [
+                (agent_env::OPENAI_BASE_URL.to_owned(), gateway.base_url.clone()),
+                (agent_env::OPENAI_API_KEY.to_owned(), gateway.credentials.mint(&record.id)),
+            ]
+        }))
         .env("HOME", &workspace)
         .current_dir(&workspace)
         .process_group(0)
@@ -98,19 +108,33 @@ impl RunningAgent {
                     let result = read_result(&self.result_file).await;
                     Outcome { status: JobStatus::new(JobPhase::Succeeded), result }
                 }
-                Ok(status) => match status.code() {
-                    Some(code) => Outcome::failed(JobReason::AgentError, format!("the agent exited with code {code}")),
-                    None => Outcome::failed(JobReason::AgentError, "the agent was killed by a signal"),
-                },
+                Ok(status) => {
+                    // A failed agent's result is its partial answer or why it stopped.
+                    let result = read_result(&self.result_file).await;
+                    let failed = match status.code() {
+                        Some(EXIT_BUDGET_EXHAUSTED) => Outcome::failed(
+                            JobReason::BudgetExhausted,
+                            "the job's budget could not pay for another model call",
+                        ),
+                        Some(EXIT_MAX_TURNS_REACHED) => {
+                            Outcome::failed(JobReason::MaxTurnsReached, "the job made its max_turns model calls")
+                        }
+                        Some(code) => Outcome::failed(JobReason::AgentError, format!("the agent exited with code {code}")),
+                        None => Outcome::failed(JobReason::AgentError, "the agent was killed by a signal"),
+                    };
+                    Outcome { result, ..failed }
+                }
                 Err(e) => Outcome::failed(JobReason::AgentError, format!("cannot wait for the agent: {e}")),
             },
             () = timeout => {
                 self.stop().await;
-                Outcome::failed(JobReason::DeadlineExceeded, format!("the job ran longer than its timeout of {timeout_seconds}s"))
+                let failed = Outcome::failed(JobReason::DeadlineExceeded, format!("the job ran longer than its timeout of {timeout_seconds}s"));
+                Outcome { result: read_result(&self.result_file).await, ..failed }
             }
             () = cancel.notified() => {
                 self.stop().await;
-                Outcome { status: JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request"), result: None }
+                let result = read_result(&self.result_file).await;
+                Outcome { status: JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request"), result }
             }
         };
         // Make sure no stray member of the group outlives the job, then flush its output.

@@ -1,0 +1,520 @@
+//! One chat completion through the gateway: check, size, reserve, forward, settle.
+
+use super::{
+    ApiError, Gateway,
+    metrics::{CostLabels, DurationLabels, LEDGER_UNAVAILABLE, MODEL_NOT_ALLOWED, ModelLabels, Outcome, ProviderLabel, TokenLabels},
+    openai, relay,
+    providers::Model,
+    sizing,
+};
+use crate::{
+    jobs::{JobRecord, NanoUsd, Refusal, TokenCounts},
+    store::{CallTicket, LedgerLimits},
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use poem::{Body, Response, http::StatusCode};
+use serde_json::{Map, Value};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// How often a refused reservation is re-sized against the budget that concurrent calls left.
+const RESERVE_ATTEMPTS: usize = 3;
+/// Longest wait for a provider's concurrency slot.
+const SLOT_WAIT: Duration = Duration::from_secs(30);
+/// Largest non-streamed answer read from a provider.
+const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+/// A call in flight: what it reserved and what settling it must report.
+pub(super) struct Call {
+    gateway: Arc<Gateway>,
+    job: Arc<JobRecord>,
+    model: Arc<Model>,
+    ticket: CallTicket,
+    input_bound: u64,
+    max_output_tokens: u64,
+    started: Instant,
+    pub(super) span: tracing::Span,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// What a finished call used, as far as the gateway knows.
+pub(super) enum Used {
+    /// The provider reported its usage.
+    Reported(TokenCounts),
+    /// The provider answered but reported nothing (or the stream broke): the reservation is
+    /// charged, the most the call could have cost.
+    Unknown,
+    /// No answer came: nothing is charged.
+    Nothing,
+}
+
+pub(super) async fn chat(
+    gateway: Arc<Gateway>,
+    job: Arc<JobRecord>,
+    body: Body,
+    traceparent: Option<String>,
+) -> Result<Response, ApiError> {
+    let bytes = body.into_bytes_limit(gateway.max_body_bytes).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("the request body is over {} bytes", gateway.max_body_bytes),
+        )
+    })?;
+    let mut request: Map<String, Value> = match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(map)) => map,
+        _ => return Err(ApiError::invalid("the body must be a JSON object (a chat completion request)")),
+    };
+    let model_name = match request.get("model") {
+        Some(Value::String(name)) => name.clone(),
+        _ => return Err(ApiError::invalid("`model` must be a string")),
+    };
+    if !request.get("messages").is_some_and(Value::is_array) {
+        return Err(ApiError::invalid("`messages` must be an array"));
+    }
+    let model = gateway.providers.catalog().model(&model_name).cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("the model `{model_name}` does not exist here; GET /v1/models lists this job's models"),
+        )
+    })?;
+    let rules = gateway.jobs.rules_for(&job.tenant);
+    if !rules.allows_model(std::iter::once(model.name.as_str()).chain(model.aliases.iter().map(String::as_str))) {
+        gateway.metrics.refused(MODEL_NOT_ALLOWED);
+        gateway.metrics.request(&model.provider.name, &model.name, Outcome::Refused);
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "model_not_allowed",
+            format!("tenant {} may not use the model `{}`", job.tenant, model.name),
+        ));
+    }
+    let limits = LedgerLimits {
+        budget: job.spec.budget,
+        max_calls: job.spec.max_turns,
+        max_in_flight: rules.max_in_flight_calls,
+        daily_limit: rules.daily_spend_limit,
+    };
+    let requested_field = ["max_completion_tokens", "max_tokens"].into_iter().find(|f| request.contains_key(*f));
+    let requested = requested_field.and_then(|f| request.get(f)).and_then(Value::as_u64);
+    let input_bound = bytes.len() as u64;
+    let (ticket, size) = reserve(&gateway, &job, &model, &limits, input_bound, requested).await?;
+
+    request.insert("model".into(), Value::String(model.upstream.clone()));
+    request.insert(requested_field.unwrap_or("max_tokens").into(), size.max_output_tokens.into());
+    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let client_wants_usage = stream
+        && request
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+    if stream {
+        let options = request.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(options) = options {
+            options.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    let slot = match tokio::time::timeout(SLOT_WAIT, model.provider.slots.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => slot,
+        _ => {
+            let error = ApiError::unavailable(
+                format!("provider {} is at its concurrency cap", model.provider.name),
+                Duration::from_secs(2),
+            );
+            gateway.store.settle(&ticket, TokenCounts::default(), NanoUsd(0)).await.ok();
+            return Err(error);
+        }
+    };
+    let span = call_span(&model, &job, stream, size.max_output_tokens, traceparent.as_deref());
+    let call = Call {
+        gateway: gateway.clone(),
+        job,
+        model,
+        ticket,
+        input_bound,
+        max_output_tokens: size.max_output_tokens,
+        started: Instant::now(),
+        span,
+        _slot: slot,
+    };
+    let body = serde_json::to_vec(&request).expect("a JSON map serialises");
+    call.gateway.metrics.in_flight.get_or_create(&ProviderLabel { provider: call.model.provider.name.clone() }).inc();
+    let upstream = match forward(&call, body).await {
+        Ok(upstream) => upstream,
+        Err((error_type, error)) => {
+            call.finish(Used::Nothing, Some(error_type), &[]).await;
+            return Err(error);
+        }
+    };
+    if stream && upstream.status().is_success() {
+        return Ok(relay::stream(call, upstream, client_wants_usage));
+    }
+    answer(call, upstream).await
+}
+
+/// Size the call and reserve it, re-sizing when concurrent calls took what it was sized for.
+async fn reserve(
+    gateway: &Gateway,
+    job: &JobRecord,
+    model: &Model,
+    limits: &LedgerLimits,
+    input_bound: u64,
+    requested: Option<u64>,
+) -> Result<(CallTicket, sizing::CallSize), ApiError> {
+    let unavailable = |error: crate::store::StoreError| {
+        tracing::error!(%error, job_id = %job.id, "the ledger is unavailable; refusing the model call");
+        gateway.metrics.refused(LEDGER_UNAVAILABLE);
+        ApiError::unavailable("the budget ledger is unavailable; no call is forwarded without it", Duration::from_secs(5))
+    };
+    gateway.store.open_ledger(&job.id, &job.tenant, limits).await.map_err(unavailable)?;
+    let mut refusal = Refusal::JobTokens;
+    for _ in 0..RESERVE_ATTEMPTS {
+        let usage = gateway.store.job_usage(&job.id).await.map_err(unavailable)?;
+        let size = match sizing::size(
+            input_bound,
+            requested,
+            model.max_output_tokens,
+            &model.prices,
+            usage.as_ref(),
+            &limits.budget,
+        ) {
+            Ok(size) => size,
+            Err(why) => {
+                refusal = why;
+                break;
+            }
+        };
+        let route = (model.provider.name.as_str(), model.name.as_str());
+        match gateway
+            .store
+            .reserve(&job.id, &job.tenant, limits, route, size.reserved_tokens, size.reserved_cost)
+            .await
+            .map_err(unavailable)?
+        {
+            Ok(ticket) => return Ok((ticket, size)),
+            Err(why @ (Refusal::JobTokens | Refusal::JobCost)) => refusal = why,
+            Err(why) => {
+                refusal = why;
+                break;
+            }
+        }
+    }
+    Err(refuse(gateway, job, model, refusal).await)
+}
+
+/// Count and remember a refusal, and say it in OpenAI's terms.
+async fn refuse(gateway: &Gateway, job: &JobRecord, model: &Model, refusal: Refusal) -> ApiError {
+    gateway.metrics.refused(refusal.as_str());
+    gateway.metrics.request(&model.provider.name, &model.name, Outcome::Refused);
+    if refusal != Refusal::InFlight
+        && let Err(error) = gateway.store.record_refusal(&job.id, refusal).await
+    {
+        tracing::warn!(%error, "cannot record the refusal");
+    }
+    tracing::info!(job_id = %job.id, reason = refusal.as_str(), "model call refused");
+    match refusal {
+        Refusal::CallCap => ApiError::quota(
+            "max_calls_reached",
+            format!("job {} made its {} model calls (max_turns)", job.id, job.spec.max_turns),
+        ),
+        Refusal::InFlight => ApiError {
+            retry_after: Some(Duration::from_secs(1)),
+            retryable: true,
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                "too_many_calls_in_flight",
+                "too many of this job's model calls are in flight; retry when one finishes",
+            )
+        },
+        Refusal::JobTokens => ApiError::quota("insufficient_quota", "the job's token budget cannot pay for this call"),
+        Refusal::JobCost => ApiError::quota("insufficient_quota", "the job's cost budget cannot pay for this call"),
+        Refusal::TenantDailySpend => {
+            ApiError::quota("insufficient_quota", format!("tenant {} reached its daily spend limit", job.tenant))
+        }
+    }
+}
+
+/// The `chat {model}` CLIENT span, a child of the agent's `traceparent` if it sent one, else of
+/// the trace that created the job.
+fn call_span(model: &Model, job: &JobRecord, stream: bool, max_tokens: u64, traceparent: Option<&str>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "chat",
+        otel.name = format!("chat {}", model.name),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        gen_ai.operation.name = "chat",
+        gen_ai.provider.name = model.provider.name.as_str(),
+        gen_ai.request.model = model.name.as_str(),
+        gen_ai.request.max_tokens = max_tokens,
+        gen_ai.request.stream = stream,
+        gen_ai.response.model = tracing::field::Empty,
+        gen_ai.response.finish_reasons = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        gen_ai.usage.cache_read.input_tokens = tracing::field::Empty,
+        gen_ai.usage.reasoning.output_tokens = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        oats.job.id = job.id.as_str(),
+        oats.llm.cost_usd = tracing::field::Empty,
+    );
+    let parent = traceparent
+        .map(|tp| crate::jobs::TraceContext { traceparent: tp.to_owned(), tracestate: None })
+        .or_else(|| job.trace.clone());
+    if let Some(parent) = parent {
+        let _ = span.set_parent(crate::telemetry::trace::context_of(&parent));
+    }
+    span
+}
+
+/// Send the call, retrying 429, 5xx and connection failures with backoff (honouring
+/// `Retry-After`) within the provider's count and time bounds. Nothing is retried once a byte
+/// of an answer was relayed: retries happen before the answer's status is passed on.
+async fn forward(call: &Call, body: Vec<u8>) -> Result<reqwest::Response, (&'static str, ApiError)> {
+    let provider = &call.model.provider;
+    let url = format!("{}/chat/completions", provider.base_url);
+    let body = Bytes::from(body);
+    let deadline = Instant::now() + provider.retry_window;
+    let mut attempt = 0;
+    loop {
+        let mut request = call
+            .gateway
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .timeout(provider.timeout)
+            .body(body.clone());
+        if let Some(key) = &provider.api_key {
+            request = request.bearer_auth(key.expose());
+        }
+        if let Some(traceparent) = crate::telemetry::trace::context_header(&call.span) {
+            request = request.header("traceparent", traceparent);
+        }
+        let (error_type, retry_after) = match request.send().await {
+            Ok(response) if response.status() == 429 || response.status().is_server_error() => {
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let error_type = if response.status() == 429 { "upstream_429" } else { "upstream_5xx" };
+                if !retry(call, &mut attempt, deadline, retry_after).await {
+                    return Err((error_type, upstream_error(call, response).await));
+                }
+                continue;
+            }
+            Ok(response) => return Ok(response),
+            Err(error) if error.is_timeout() => ("timeout", None),
+            Err(_) => ("connection", None),
+        };
+        if !retry(call, &mut attempt, deadline, retry_after).await {
+            let message = match error_type {
+                "timeout" => format!("provider {} did not answer within {:?}", provider.name, provider.timeout),
+                _ => format!("provider {} cannot be reached", provider.name),
+            };
+            let status = if error_type == "timeout" { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
+            return Err((error_type, ApiError { retryable: true, ..ApiError::new(status, "api_error", "upstream_unavailable", message) }));
+        }
+    }
+}
+
+/// Wait before the next attempt, if one is left; `false` when retries are spent.
+async fn retry(call: &Call, attempt: &mut u32, deadline: Instant, retry_after: Option<Duration>) -> bool {
+    let provider = &call.model.provider;
+    if *attempt >= provider.max_retries {
+        return false;
+    }
+    let backoff = Duration::from_millis(200 * 2u64.pow(*attempt)).min(Duration::from_secs(5));
+    let wait = retry_after.unwrap_or(backoff);
+    if Instant::now() + wait > deadline {
+        return false;
+    }
+    *attempt += 1;
+    call.gateway.metrics.retries.get_or_create(&ProviderLabel { provider: provider.name.clone() }).inc();
+    tokio::time::sleep(wait).await;
+    true
+}
+
+/// An upstream error, in OpenAI's format with the provider's message sanitised. Errors about
+/// the gateway's own credentials are not the agent's to see.
+async fn upstream_error(call: &Call, response: reqwest::Response) -> ApiError {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let text = response.text().await.unwrap_or_default();
+    let upstream: Option<String> = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned));
+    let provider = &call.model.provider;
+    let key = provider.api_key.as_ref().map(|k| k.expose());
+    let detail = upstream.map(|m| openai::sanitize(&m, key)).unwrap_or_default();
+    let (status, kind, code, message) = match status.as_u16() {
+        401 | 403 => (
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "upstream_auth",
+            format!("provider {} refused the gateway's credentials; tell the operator", provider.name),
+        ),
+        429 => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "upstream_rate_limited", format!("provider {} is rate limiting: {detail}", provider.name)),
+        code if code >= 500 => (StatusCode::BAD_GATEWAY, "api_error", "upstream_error", format!("provider {} failed ({code}): {detail}", provider.name)),
+        code => (
+            StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+            "invalid_request_error",
+            "upstream_rejected",
+            format!("provider {} refused the request ({code}): {detail}", provider.name),
+        ),
+    };
+    ApiError { retry_after, retryable: status.as_u16() == 429 || status.is_server_error(), ..ApiError::new(status, kind, code, message) }
+}
+
+/// A non-streamed answer: read it whole, settle, pass it on.
+async fn answer(call: Call, upstream: reqwest::Response) -> Result<Response, ApiError> {
+    let status = upstream.status();
+    if !status.is_success() {
+        let error = upstream_error(&call, upstream).await;
+        call.finish(Used::Nothing, Some("upstream_4xx"), &[]).await;
+        return Err(error);
+    }
+    let mut bytes = Vec::new();
+    let mut chunks = upstream.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        match chunk {
+            Ok(chunk) if bytes.len() + chunk.len() <= MAX_ANSWER_BYTES => bytes.extend_from_slice(&chunk),
+            Ok(_) | Err(_) => {
+                call.finish(Used::Unknown, Some("stream_interrupted"), &[]).await;
+                return Err(ApiError {
+                    retryable: true,
+                    ..ApiError::new(StatusCode::BAD_GATEWAY, "api_error", "upstream_interrupted", "the provider's answer broke off")
+                });
+            }
+        }
+    }
+    let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let used = answer.get("usage").and_then(openai::usage_of).map_or(Used::Unknown, Used::Reported);
+    if let Some(model) = answer.get("model").and_then(Value::as_str) {
+        call.span.record("gen_ai.response.model", model);
+    }
+    call.finish(used, None, &openai::finish_reasons(&answer)).await;
+    Ok(Response::builder().status(StatusCode::OK).content_type("application/json").body(bytes))
+}
+
+impl Call {
+    /// Settle the reservation to what was used, and report the call in metrics and its span.
+    pub(super) async fn finish(self, used: Used, error_type: Option<&'static str>, finish_reasons: &[String]) {
+        let prices = self.model.prices;
+        let (tokens, cost) = match used {
+            Used::Reported(tokens) => (tokens, prices.cost(&tokens)),
+            Used::Unknown => (
+                TokenCounts { input: self.input_bound, output: self.max_output_tokens, ..TokenCounts::default() },
+                self.ticket.reserved_cost,
+            ),
+            Used::Nothing => (TokenCounts::default(), NanoUsd(0)),
+        };
+        let metrics = &self.gateway.metrics;
+        let provider = self.model.provider.name.clone();
+        metrics.in_flight.get_or_create(&ProviderLabel { provider: provider.clone() }).dec();
+        if let Err(error) = self.gateway.store.settle(&self.ticket, tokens, cost).await {
+            // The reservation stays charged (the most the call could cost) until the sweeper
+            // settles it; never less than what was used.
+            tracing::error!(%error, job_id = %self.job.id, "cannot settle a model call; its reservation stays charged");
+        }
+        let model = self.model.name.clone();
+        metrics
+            .operation_duration
+            .get_or_create(&DurationLabels {
+                gen_ai_operation_name: "chat",
+                gen_ai_provider_name: provider.clone(),
+                gen_ai_request_model: model.clone(),
+                error_type: error_type.unwrap_or(""),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+        if tokens.total() > 0 {
+            for (token_type, count) in [("input", tokens.input), ("output", tokens.output)] {
+                metrics
+                    .token_usage
+                    .get_or_create(&TokenLabels {
+                        gen_ai_operation_name: "chat",
+                        gen_ai_provider_name: provider.clone(),
+                        gen_ai_request_model: model.clone(),
+                        gen_ai_token_type: token_type,
+                    })
+                    .observe(count as f64);
+            }
+        }
+        metrics.cost.get_or_create(&CostLabels { provider: provider.clone(), model: model.clone() }).inc_by(cost.as_usd());
+        let outcome = if error_type.is_some() { Outcome::UpstreamError } else { Outcome::Ok };
+        metrics.request(&provider, &model, outcome);
+        self.update_tenant_gauges().await;
+        let span = &self.span;
+        span.record("gen_ai.usage.input_tokens", tokens.input);
+        span.record("gen_ai.usage.output_tokens", tokens.output);
+        span.record("gen_ai.usage.cache_read.input_tokens", tokens.cached_input);
+        span.record("gen_ai.usage.reasoning.output_tokens", tokens.reasoning);
+        span.record("oats.llm.cost_usd", cost.as_usd());
+        if !finish_reasons.is_empty() {
+            span.record("gen_ai.response.finish_reasons", format!("{finish_reasons:?}"));
+        }
+        if let Some(error_type) = error_type {
+            span.record("error.type", error_type);
+            span.record("otel.status_code", "ERROR");
+        }
+        tracing::info!(
+            parent: span,
+            job_id = %self.job.id,
+            model = %model,
+            input_tokens = tokens.input,
+            output_tokens = tokens.output,
+            cost_usd = cost.as_usd(),
+            error_type = error_type.unwrap_or(""),
+            "model call"
+        );
+    }
+
+    /// The tenant's spend today and limit, for the near-the-limit alert.
+    async fn update_tenant_gauges(&self) {
+        use super::metrics::TenantLabel;
+        let tenant = TenantLabel { tenant: self.job.tenant.clone() };
+        if let Ok(spent) = self.gateway.store.tenant_spend_today(&self.job.tenant).await {
+            self.gateway.metrics.tenant_spend_today.get_or_create(&tenant).set(spent.as_usd());
+        }
+        if let Some(limit) = self.gateway.jobs.rules_for(&self.job.tenant).daily_spend_limit {
+            self.gateway.metrics.tenant_daily_limit.get_or_create(&tenant).set(limit.as_usd());
+        }
+    }
+
+    /// Time to the first chunk of a stream.
+    pub(super) fn first_chunk(&self) {
+        self.gateway
+            .metrics
+            .time_to_first_chunk
+            .get_or_create(&ModelLabels {
+                gen_ai_operation_name: "chat",
+                gen_ai_provider_name: self.model.provider.name.clone(),
+                gen_ai_request_model: self.model.name.clone(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Build a streamed response from relayed bytes.
+pub(super) fn stream_response(body: impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static) -> Response {
+    Response::builder()
+        .status(StatusCode::OK)
+        .content_type("text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_bytes_stream(body))
+}
