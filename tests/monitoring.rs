@@ -21,7 +21,7 @@ use promql_parser::parser::{self, Expr, VectorSelector};
 use promql_parser::util::{ExprVisitor, walk_expr};
 use serde_json::Value;
 
-const DASHBOARDS: [&str; 3] = ["oats-api.json", "oats-jobs.json", "oats-kubernetes.json"];
+const DASHBOARDS: [&str; 4] = ["oats-api.json", "oats-jobs.json", "oats-kubernetes.json", "oats-llm.json"];
 const PROMETHEUS_RULE: &str = "infra/monitoring/prometheusrule.yaml";
 const RUNBOOK: &str = "docs/runbook.md";
 const RUNBOOK_URL: &str = "https://github.com/oats-dev/oats/blob/main/docs/runbook.md";
