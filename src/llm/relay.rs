@@ -2,7 +2,8 @@
 //!
 //! The gateway always asks the provider for the usage chunk (`stream_options.include_usage`), so
 //! the call is charged what it used; a client that did not ask for that chunk does not get it.
-//! The call is settled when the stream ends, breaks, or the client goes away.
+//! The call is settled when the stream ends, breaks, or the client goes away. A stream that
+//! breaks upstream ends with an error event, as OpenAI's own do.
 
 use super::{
     call::{Call, Used, stream_response},
@@ -87,7 +88,11 @@ fn events(relay: Relay) -> impl Stream<Item = std::io::Result<Bytes>> + Send + '
                 }
                 Some(Err(_)) => {
                     relay.unsettled.settle(Some("stream_interrupted")).await;
-                    return Some((Err(std::io::Error::other("the provider's stream broke off")), relay));
+                    // As OpenAI reports a failure mid-stream: an event with an error object,
+                    // which the SDKs raise as an API error. No `[DONE]` follows.
+                    let error = serde_json::json!({"error": {"message": "the provider's stream broke off",
+                        "type": "api_error", "param": null, "code": "upstream_interrupted"}});
+                    return Some((Ok(Bytes::from(format!("data: {error}\n\n"))), relay));
                 }
                 None => {
                     let rest = relay.pending.split().freeze();

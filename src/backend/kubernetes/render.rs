@@ -284,6 +284,7 @@ mod tests {
             timeout_seconds: Some(120),
             model: Some("small-model".into()),
             profile: None,
+            budget: Default::default(),
         }
         .validate(&JobLimits::default())
         .unwrap();

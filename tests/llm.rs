@@ -1,0 +1,465 @@
+//! The LLM gateway and the agent, end to end on the local backend: a real `oats serve`, its
+//! gateway, the scripted fake upstream (tests/common/fake_llm.rs), the built-in `oats agent`, and
+//! the official `openai` Python SDK as a client.
+
+mod common;
+
+use common::{
+    Server,
+    fake_llm::{FakeLlm, Reply},
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+/// The provider key the gateway holds; it must reach the upstream and nothing else.
+const PROVIDER_KEY: &str = "sk-test-provider-key-7f3a9c2e5b";
+
+struct Gateway {
+    fake: FakeLlm,
+    server: Server,
+    /// The gateway's base URL (`http://127.0.0.1:PORT/v1`).
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A providers file pointing at `fake`, in `dir`.
+fn providers_file(dir: &Path, fake: &FakeLlm) -> PathBuf {
+    std::fs::write(dir.join("provider.key"), format!("{PROVIDER_KEY}\n")).unwrap();
+    let path = dir.join("providers.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "providers:\n  - name: fake\n    base_url: {}\n    api_key_file: provider.key\n    timeout_seconds: 3\n    max_retries: 2\n    retry_window_seconds: 10\n    models:\n      - name: test-model\n        upstream: fake-model\n        aliases: [small-model]\n        input_per_million_usd: 1\n        output_per_million_usd: 2\n",
+            fake.base_url
+        ),
+    )
+    .unwrap();
+    path
+}
+
+impl Gateway {
+    /// `oats serve` on the local backend with the gateway on, plus `extra` settings.
+    async fn start(extra: &[(&str, &str)]) -> Self {
+        let fake = FakeLlm::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let providers = providers_file(dir.path(), &fake);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut env = vec![
+            ("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap().to_owned()),
+            ("OATS_LLM_LISTEN", listen.clone()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let server = Server::start_local(&dir.path().join("state"), &env).await;
+        Self { fake, server, url: format!("http://{listen}/v1"), dir }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn workspace(&self, id: &str) -> PathBuf {
+        self.state_dir().join("jobs").join(id).join("workspace")
+    }
+
+    async fn submit(&self, body: Value) -> Value {
+        let response = self.server.submit(body).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        response.json().await.unwrap()
+    }
+
+    /// Wait for a final status.
+    async fn finished(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let job = self.server.job(id).await;
+            if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap()) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job {id} never finished: {job}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn logs(&self, id: &str) -> String {
+        let url = self.server.url(&format!("/api/v1/jobs/{id}/logs"));
+        self.server.http.get(url).send().await.unwrap().text().await.unwrap()
+    }
+
+    fn chat_requests(&self) -> Vec<common::fake_llm::Recorded> {
+        self.fake.requests().into_iter().filter(|r| r.path.ends_with("/chat/completions")).collect()
+    }
+
+    async fn metrics(&self) -> String {
+        self.server.http.get(self.server.url("/metrics")).send().await.unwrap().text().await.unwrap()
+    }
+
+    /// Nothing the server wrote or serves contains the provider key.
+    async fn assert_key_never_leaked(&self) {
+        assert!(!self.server.log_text().contains(PROVIDER_KEY), "the provider key is in the server log");
+        assert!(!self.metrics().await.contains(PROVIDER_KEY), "the provider key is in the metrics");
+        let jobs = self.server.http.get(self.server.url("/api/v1/jobs")).send().await.unwrap().text().await.unwrap();
+        assert!(!jobs.contains(PROVIDER_KEY));
+    }
+}
+
+/// The value of one sample in a Prometheus text page (`name{labels} value`), 0 when absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_agent_works_a_goal_with_tools_through_the_gateway() {
+    let gateway = Gateway::start(&[]).await;
+    gateway.fake.push(Reply::tool("write_file", json!({"path": "plan.md", "content": "1. picnic\n2. rain plan\n"}), 100, 20));
+    gateway.fake.push(Reply::tool("read_file", json!({"path": "plan.md"}), 150, 10));
+    gateway.fake.push(Reply::text("The plan is in plan.md: picnic, with a rain plan.", 200, 30));
+    let job = gateway.submit(json!({"goal": "Plan a picnic in plan.md", "max_turns": 5, "model": "small-model"})).await;
+    let id = job["id"].as_str().unwrap();
+    let job = gateway.finished(id).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", gateway.logs(id).await);
+    assert_eq!(job["result"], "The plan is in plan.md: picnic, with a rain plan.");
+    assert_eq!(std::fs::read_to_string(gateway.workspace(id).join("plan.md")).unwrap(), "1. picnic\n2. rain plan\n");
+    let usage = &job["usage"];
+    assert_eq!(usage["model_calls"], 3, "{job}");
+    assert_eq!((usage["input_tokens"].as_u64(), usage["output_tokens"].as_u64()), (Some(450), Some(60)));
+    // $1 per million input tokens and $2 per million output tokens.
+    assert!((usage["cost_usd"].as_f64().unwrap() - (450.0 + 120.0) / 1e6).abs() < 1e-12, "{usage}");
+    let reported = gateway.fake.reported_usage();
+    assert_eq!((reported.prompt_tokens, reported.completion_tokens), (450, 60));
+
+    let logs = gateway.logs(id).await;
+    for line in ["turn=1 tools=write_file input_tokens=100 output_tokens=20", "turn=2 tools=read_file", "turn=3 tools=-"] {
+        assert!(logs.contains(line), "no {line:?} in the logs:\n{logs}");
+    }
+    // The upstream saw the provider's key and the provider's model name, never the job's credential.
+    let requests = gateway.chat_requests();
+    assert_eq!(requests.len(), 3);
+    for request in &requests {
+        assert_eq!(request.header("authorization"), Some(format!("Bearer {PROVIDER_KEY}").as_str()));
+        assert_eq!(request.body["model"], "fake-model");
+        assert!(request.body["max_tokens"].as_u64().is_some_and(|m| m >= 1), "{}", request.body);
+    }
+    // The second call carried the result of the first tool call back to the model.
+    let tool_message = requests[1].body["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(tool_message["role"], "tool");
+    assert!(tool_message["content"].as_str().unwrap().starts_with("wrote 23 bytes to plan.md"), "{tool_message}");
+
+    let metrics = gateway.metrics().await;
+    let labels = r#"gen_ai_operation_name="chat",gen_ai_provider_name="fake",gen_ai_request_model="test-model""#;
+    assert_eq!(sample(&metrics, &format!("gen_ai_client_token_usage_count{{{labels},gen_ai_token_type=\"input\"}}")), 3.0);
+    assert_eq!(sample(&metrics, &format!("gen_ai_client_token_usage_sum{{{labels},gen_ai_token_type=\"output\"}}")), 60.0);
+    assert_eq!(sample(&metrics, r#"oats_llm_requests_total{provider="fake",model="test-model",outcome="ok"}"#), 3.0);
+    gateway.assert_key_never_leaked().await;
+}
+
+#[tokio::test]
+async fn a_model_that_keeps_calling_tools_stops_at_the_call_cap() {
+    let gateway = Gateway::start(&[]).await;
+    for i in 0..5 {
+        gateway.fake.push(Reply::tool("list_files", json!({}), 10 + i, 5));
+    }
+    let job = gateway.submit(json!({"goal": "Look around forever", "max_turns": 2})).await;
+    let job = gateway.finished(job["id"].as_str().unwrap()).await;
+    assert_eq!((job["status"].as_str(), job["reason"].as_str()), (Some("failed"), Some("MaxTurnsReached")), "{job}");
+    let result = job["result"].as_str().unwrap();
+    assert!(result.contains("cap of 2 model calls") && result.contains("list_files"), "{result}");
+    assert_eq!(job["usage"]["model_calls"], 2);
+    assert_eq!(gateway.chat_requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_budget_that_runs_out_mid_run_stops_the_job_with_budget_exhausted() {
+    let gateway = Gateway::start(&[]).await;
+    // The first call uses 9,000 of the 10,000 tokens; the next call's input alone is bounded by
+    // more than the 1,000 left, so it cannot be paid for.
+    gateway.fake.push(Reply::tool("write_file", json!({"path": "a.txt", "content": "partial"}), 5000, 4000));
+    let job = gateway.submit(json!({"goal": "Write a long essay", "max_turns": 10, "budget": {"max_tokens": 10_000}})).await;
+    let job = gateway.finished(job["id"].as_str().unwrap()).await;
+    assert_eq!((job["status"].as_str(), job["reason"].as_str()), (Some("failed"), Some("BudgetExhausted")), "{job}");
+    assert!(job["result"].as_str().unwrap().contains("a.txt"), "the partial result names what was done: {job}");
+    let usage = &job["usage"];
+    assert_eq!((usage["model_calls"].as_u64(), usage["refused"].as_str()), (Some(1), Some("job_tokens")), "{job}");
+    assert_eq!(usage["budget_left"]["tokens"], 1000);
+    assert_eq!(job["budget"]["max_tokens"], 10_000);
+    assert_eq!(gateway.chat_requests().len(), 1, "the refused call never reached the upstream");
+    let metrics = gateway.metrics().await;
+    assert_eq!(sample(&metrics, r#"oats_llm_budget_refusals_total{reason="job_tokens"}"#), 1.0);
+}
+
+#[tokio::test]
+async fn tools_refuse_paths_out_of_the_workspace_and_bad_arguments_and_the_job_goes_on() {
+    let gateway = Gateway::start(&[]).await;
+    gateway.fake.push(Reply::tool("read_file", json!({"path": "../../etc/passwd"}), 10, 5));
+    gateway.fake.push(Reply::ToolCalls { calls: vec![("write_file".into(), "{\"path\": \"x\", ".into())], usage: Default::default() });
+    gateway.fake.push(Reply::tool("final_answer", json!({"answer": "done despite errors"}), 10, 5));
+    let job = gateway.submit(json!({"goal": "Read the password file", "max_turns": 5})).await;
+    let job = gateway.finished(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["result"], "done despite errors");
+    let requests = gateway.chat_requests();
+    let tool_reply = |i: usize| requests[i].body["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_owned();
+    assert!(tool_reply(1).starts_with("error:") && tool_reply(1).contains("`..` is not allowed"), "{}", tool_reply(1));
+    assert!(!tool_reply(1).contains("root:"));
+    assert!(tool_reply(2).starts_with("error: the arguments of write_file must be a JSON object"), "{}", tool_reply(2));
+}
+
+#[tokio::test]
+async fn cancel_mid_turn_leaves_a_partial_result() {
+    let gateway = Gateway::start(&[]).await;
+    gateway.fake.push(Reply::tool("write_file", json!({"path": "draft.md", "content": "draft"}), 10, 5));
+    gateway.fake.push(Reply::Slow { delay: Duration::from_secs(20), then: Box::new(Reply::text("too late", 1, 1)) });
+    let job = gateway.submit(json!({"goal": "Draft, then think for a long time", "max_turns": 5})).await;
+    let id = job["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gateway.chat_requests().len() < 2 {
+        assert!(Instant::now() < deadline, "the agent never made its second call");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cancel = gateway.server.http.post(gateway.server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(cancel.status(), StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let job = loop {
+        let job = gateway.server.job(id).await;
+        if job["result"].is_string() {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "no partial result after cancel: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["status"], "cancelled");
+    let result = job["result"].as_str().unwrap();
+    assert!(result.contains("SIGTERM") && result.contains("draft.md"), "{result}");
+}
+
+/// The credential of a running job, written by an agent that only waits.
+async fn credential_of(gateway: &Gateway, id: &str) -> String {
+    let path = gateway.workspace(id).join("key");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(key) = std::fs::read_to_string(&path)
+            && !key.trim().is_empty()
+        {
+            return key.trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "the agent never wrote its credential");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An agent that hands its credential to the test and waits to be cancelled.
+const WAITING_AGENT: &str = "sh,-c,echo \"$OPENAI_API_KEY\" > key; exec sleep 60";
+
+async fn chat(gateway: &Gateway, key: &str, body: Value) -> reqwest::Response {
+    gateway.server.http.post(format!("{}/chat/completions", gateway.url)).bearer_auth(key).json(&body).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn streams_are_relayed_and_charged_and_the_usage_chunk_is_only_for_clients_that_ask() {
+    let gateway = Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", WAITING_AGENT)]).await;
+    let job = gateway.submit(json!({"goal": "wait", "max_turns": 10})).await;
+    let id = job["id"].as_str().unwrap();
+    let key = credential_of(&gateway, id).await;
+    let messages = json!([{"role": "user", "content": "hi"}]);
+
+    gateway.fake.push(Reply::text("streamed answer", 12, 7));
+    let response = chat(&gateway, &key, json!({"model": "test-model", "messages": messages, "stream": true})).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let body = response.text().await.unwrap();
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    assert!(!body.contains("\"usage\":{"), "the client did not ask for usage: {body}");
+    let upstream = gateway.chat_requests().pop().unwrap();
+    assert_eq!(upstream.body["stream_options"]["include_usage"], true, "usage is always asked upstream");
+
+    gateway.fake.push(Reply::text("with usage", 20, 3));
+    let asked = json!({"model": "test-model", "messages": messages, "stream": true, "stream_options": {"include_usage": true}});
+    let body = chat(&gateway, &key, asked).await.text().await.unwrap();
+    assert!(body.contains("\"prompt_tokens\":20"), "{body}");
+
+    gateway.fake.push(Reply::text("plain", 5, 2));
+    let answer: Value = chat(&gateway, &key, json!({"model": "test-model", "messages": messages})).await.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "plain");
+
+    let usage = gateway.server.job(id).await["usage"].clone();
+    assert_eq!((usage["model_calls"].as_u64(), usage["input_tokens"].as_u64(), usage["output_tokens"].as_u64()), (Some(3), Some(37), Some(12)), "{usage}");
+    let metrics = gateway.metrics().await;
+    assert_eq!(sample(&metrics, r#"gen_ai_client_operation_time_to_first_chunk_seconds_count{gen_ai_operation_name="chat",gen_ai_provider_name="fake",gen_ai_request_model="test-model"}"#), 2.0);
+}
+
+#[tokio::test]
+async fn upstream_faults_are_retried_within_bounds_and_answered_in_openai_format() {
+    let gateway = Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", WAITING_AGENT)]).await;
+    let job = gateway.submit(json!({"goal": "wait", "max_turns": 20})).await;
+    let id = job["id"].as_str().unwrap();
+    let key = credential_of(&gateway, id).await;
+    let ask = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]});
+
+    // A 429 with Retry-After is waited out, then the answer comes.
+    gateway.fake.push(Reply::Status { code: 429, retry_after: Some(1), body: json!({"error": {"message": "slow down"}}) });
+    gateway.fake.push(Reply::text("after the 429", 3, 3));
+    let started = Instant::now();
+    let response = chat(&gateway, &key, ask.clone()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_millis(900), "Retry-After was not honoured");
+
+    // 500s are retried twice (max_retries), then answered as a sanitised 502.
+    for _ in 0..3 {
+        gateway.fake.push(Reply::Status { code: 500, retry_after: None, body: json!({"error": {"message": format!("boom with key {PROVIDER_KEY}")}}) });
+    }
+    let before = gateway.chat_requests().len();
+    let response = chat(&gateway, &key, ask.clone()).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "api_error", "{error}");
+    assert!(!error.to_string().contains(PROVIDER_KEY), "{error}");
+    assert_eq!(gateway.chat_requests().len() - before, 3);
+
+    // A stream that dies is charged its reservation; the client gets an error event, no [DONE].
+    gateway.fake.push(Reply::DieMidStream { content: "half an answer".into() });
+    let response = chat(&gateway, &key, json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "stream": true})).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.unwrap();
+    assert!(text.contains(r#""code":"upstream_interrupted""#) && !text.contains("[DONE]"), "{text}");
+
+    // A slow upstream times out (timeout_seconds: 3) and is not charged.
+    for _ in 0..3 {
+        gateway.fake.push(Reply::Slow { delay: Duration::from_secs(5), then: Box::new(Reply::text("late", 1, 1)) });
+    }
+    let response = chat(&gateway, &key, ask.clone()).await;
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+
+    let usage = gateway.server.job(id).await["usage"].clone();
+    assert_eq!(usage["input_tokens"], 3 + body_bytes_of_stream_call(&gateway), "{usage}");
+    let metrics = gateway.metrics().await;
+    assert!(sample(&metrics, r#"oats_llm_upstream_retries_total{provider="fake"}"#) >= 5.0, "{metrics}");
+    gateway.assert_key_never_leaked().await;
+}
+
+/// The input bound charged for the broken stream: the length of the body the client sent
+/// (reqwest writes the JSON compactly, as `to_string` does).
+fn body_bytes_of_stream_call(_gateway: &Gateway) -> u64 {
+    json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string().len() as u64
+}
+
+#[tokio::test]
+async fn credentials_die_with_the_job_and_others_are_refused() {
+    let gateway = Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", WAITING_AGENT)]).await;
+    let job = gateway.submit(json!({"goal": "wait", "max_turns": 10})).await;
+    let id = job["id"].as_str().unwrap();
+    let key = credential_of(&gateway, id).await;
+    let ask = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]});
+    let models: Value = gateway.server.http.get(format!("{}/models", gateway.url)).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "test-model");
+    assert_eq!(chat(&gateway, &key, ask.clone()).await.status(), StatusCode::OK);
+    for bad in ["", "sk-anything", &key.replace(id, "job-aaaaaaaaaaaaaaaaaaaa")] {
+        let response = chat(&gateway, bad, ask.clone()).await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{bad}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "invalid_api_key");
+    }
+    gateway.server.http.post(gateway.server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    gateway.server.wait_for(id, "cancelled", Duration::from_secs(10)).await;
+    let response = chat(&gateway, &key, ask).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "a cancelled job's credential is dead");
+    assert!(!gateway.server.log_text().contains(&key), "the job's credential is in the log");
+}
+
+#[tokio::test]
+async fn concurrent_calls_never_spend_past_the_budget() {
+    let gateway = Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", WAITING_AGENT)]).await;
+    // Each call is bounded by ~100 bytes of input and asks for 100 output tokens: about 200
+    // tokens reserved each, so a budget of 2,000 fits about 10 of the 50.
+    let job = gateway.submit(json!({"goal": "wait", "max_turns": 100, "budget": {"max_tokens": 2000}})).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let key = credential_of(&gateway, &id).await;
+    for _ in 0..50 {
+        gateway.fake.push(Reply::text("x", 60, 90));
+    }
+    let calls = (0..50).map(|_| {
+        let body = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100});
+        let (http, url, key) = (gateway.server.http.clone(), format!("{}/chat/completions", gateway.url), key.clone());
+        tokio::spawn(async move { http.post(url).bearer_auth(key).json(&body).send().await.unwrap() })
+    });
+    let mut succeeded = 0;
+    for call in futures::future::join_all(calls).await {
+        let response = call.unwrap();
+        match response.status() {
+            StatusCode::OK => succeeded += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                let error: Value = response.json().await.unwrap();
+                assert!(["insufficient_quota", "too_many_calls_in_flight"].contains(&error["error"]["code"].as_str().unwrap()), "{error}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let usage = gateway.server.job(&id).await["usage"].clone();
+    let charged = usage["input_tokens"].as_u64().unwrap() + usage["output_tokens"].as_u64().unwrap();
+    assert!(charged <= 2000, "charged {charged} tokens against a budget of 2000");
+    assert!(succeeded >= 1);
+    assert_eq!(usage["model_calls"], succeeded);
+    let reported = gateway.fake.reported_usage();
+    assert_eq!(charged, reported.prompt_tokens + reported.completion_tokens, "usage equals what the upstream reported");
+}
+
+/// The interpreter with the `openai` package (scripts/install-test-tools.sh makes it).
+fn python_with_openai() -> String {
+    let python = std::env::var("OATS_TEST_PYTHON")
+        .expect("OATS_TEST_PYTHON is not set: run scripts/install-test-tools.sh (scripts/test.sh does) for the openai SDK");
+    let probe = std::process::Command::new(&python).args(["-c", "import openai"]).status();
+    assert!(probe.is_ok_and(|s| s.success()), "{python} cannot import openai");
+    python
+}
+
+#[tokio::test]
+async fn the_official_openai_sdk_streams_calls_and_meets_insufficient_quota() {
+    let python = python_with_openai();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/llm/openai_sdk_client.py");
+    let command = format!("{python},{}", script.display());
+    let gateway = Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", &command)]).await;
+    gateway.fake.push(Reply::text("non-streamed", 10, 5));
+    gateway.fake.push(Reply::text("streamed", 10, 5));
+    for _ in 0..20 {
+        gateway.fake.push(Reply::text("spend", 60, 400));
+    }
+    let job = gateway.submit(json!({"goal": "sdk", "max_turns": 50, "budget": {"max_tokens": 2000}})).await;
+    let id = job["id"].as_str().unwrap();
+    let job = gateway.finished(id).await;
+    let logs = gateway.logs(id).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{logs}");
+    assert!(logs.contains("non-streamed: non-streamed") && logs.contains("streamed: streamed"), "{logs}");
+    assert!(logs.contains("refused: insufficient_quota"), "{logs}");
+    let usage = &job["usage"];
+    assert!(usage["model_calls"].as_u64().unwrap() >= 3, "{job}");
+    assert_eq!(usage["refused"], "job_tokens");
+}
+
+#[tokio::test]
+async fn the_python_example_agent_meets_the_same_contract() {
+    let python = python_with_openai();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/agents/python-openai/agent.py");
+    let command = format!("{python},{}", script.display());
+    let gateway = Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", &command)]).await;
+    gateway.fake.push(Reply::tool("write_file", json!({"path": "plan.md", "content": "1. picnic\n"}), 100, 20));
+    gateway.fake.push(Reply::tool("read_file", json!({"path": "plan.md"}), 150, 10));
+    gateway.fake.push(Reply::text("The plan is in plan.md.", 200, 30));
+    let job = gateway.submit(json!({"goal": "Plan a picnic in plan.md", "max_turns": 5, "model": "test-model"})).await;
+    let id = job["id"].as_str().unwrap();
+    let job = gateway.finished(id).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", gateway.logs(id).await);
+    assert_eq!(job["result"], "The plan is in plan.md.");
+    assert_eq!(std::fs::read_to_string(gateway.workspace(id).join("plan.md")).unwrap(), "1. picnic\n");
+    assert_eq!(job["usage"]["model_calls"], 3);
+}
