@@ -75,6 +75,7 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
         timeout_seconds: Some(120),
         model: None,
         profile: None,
+        budget: Default::default(),
     }
     .validate(&JobLimits::default())
     .unwrap();

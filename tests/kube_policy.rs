@@ -51,6 +51,7 @@ fn rendered_with(
         timeout_seconds: Some(timeout),
         model: None,
         profile: None,
+        budget: Default::default(),
     }
     .validate(&JobLimits::default())
     .unwrap();

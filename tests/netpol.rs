@@ -163,6 +163,7 @@ fn agent_job() -> NewJob {
         timeout_seconds: Some(600),
         model: None,
         profile: None,
+        budget: Default::default(),
     }
     .validate(&JobLimits::default())
     .unwrap();

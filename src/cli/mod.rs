@@ -244,6 +244,9 @@ async fn follow_job(client: &ApiClient, id: &str, format: Format) -> Result<i32,
             let reason = final_job["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
             let message = final_job["message"].as_str().map(|m| format!(": {m}")).unwrap_or_default();
             eprintln!("{id} {}{reason}{message}", output::paint_status(final_job["status"].as_str().unwrap_or("?")));
+            if final_job["usage"].is_object() {
+                eprintln!("usage: {}", output::usage_summary(&final_job));
+            }
             if let Some(result) = final_job["result"].as_str() {
                 println!("{result}");
             }

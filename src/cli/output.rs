@@ -78,12 +78,32 @@ pub fn print_job(out: &mut impl Write, job: &Value, format: Format) {
         rows.push(("trace_id", trace.to_owned()));
     }
     rows.push(("goal", job["goal"].as_str().unwrap_or_default().to_owned()));
+    if job["usage"].is_object() {
+        rows.push(("usage", usage_summary(job)));
+    }
     if let Some(result) = job["result"].as_str() {
         rows.push(("result", result.to_owned()));
     }
     for (key, value) in rows {
         let _ = writeln!(out, "{key:<10} {value}");
     }
+}
+
+/// A job's model usage in one line (`3 calls, 1,234 tokens in / 567 out, $0.0123`), or `-`.
+pub fn usage_summary(job: &Value) -> String {
+    let usage = &job["usage"];
+    let Some(calls) = usage["model_calls"].as_u64() else { return "-".into() };
+    let count = |key: &str| usage[key].as_u64().unwrap_or(0);
+    let mut text = format!(
+        "{calls} calls, {} tokens in / {} out, ${:.4}",
+        count("input_tokens"),
+        count("output_tokens"),
+        usage["cost_usd"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(refused) = usage["refused"].as_str() {
+        text.push_str(&format!(", refused: {refused}"));
+    }
+    text
 }
 
 /// Jobs as an aligned table (or the page object).
@@ -96,7 +116,7 @@ pub fn print_list(out: &mut impl Write, items: &[Value], next_page_token: Option
         return print_structured(out, &page, format);
     }
     let now = Utc::now();
-    let rows: Vec<[String; 6]> = items
+    let rows: Vec<[String; 7]> = items
         .iter()
         .map(|job| {
             let goal: String = job["goal"].as_str().unwrap_or_default().chars().take(40).collect();
@@ -106,21 +126,22 @@ pub fn print_list(out: &mut impl Write, items: &[Value], next_page_token: Option
                 job["reason"].as_str().unwrap_or("-").to_owned(),
                 relative(job["created_at"].as_str().unwrap_or_default(), now),
                 duration(job),
+                tokens_and_cost(job),
                 goal.replace(['\n', '\r'], " "),
             ]
         })
         .collect();
-    let header = ["ID", "STATUS", "REASON", "CREATED", "DURATION", "GOAL"];
+    let header = ["ID", "STATUS", "REASON", "CREATED", "DURATION", "TOKENS/COST", "GOAL"];
     let widths: Vec<usize> =
-        (0..6).map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0)).collect();
-    let line = |cells: [&str; 6], status_painted: Option<String>| {
+        (0..7).map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0)).collect();
+    let line = |cells: [&str; 7], status_painted: Option<String>| {
         let mut text = String::new();
         for (i, cell) in cells.iter().enumerate() {
             let padding = " ".repeat(widths[i].saturating_sub(cell.chars().count()));
             let shown =
                 if i == 1 { status_painted.clone().unwrap_or_else(|| cell.to_string()) } else { cell.to_string() };
             text.push_str(&shown);
-            if i < 5 {
+            if i < 6 {
                 text.push_str(&padding);
                 text.push_str("  ");
             }
@@ -129,11 +150,23 @@ pub fn print_list(out: &mut impl Write, items: &[Value], next_page_token: Option
     };
     let _ = writeln!(out, "{}", line(header, None));
     for row in &rows {
-        let cells = [&*row[0], &*row[1], &*row[2], &*row[3], &*row[4], &*row[5]];
+        let cells = [&*row[0], &*row[1], &*row[2], &*row[3], &*row[4], &*row[5], &*row[6]];
         let _ = writeln!(out, "{}", line(cells, Some(paint_status(&row[1]))));
     }
     if let Some(token) = next_page_token {
         let _ = writeln!(out, "(more: --all, or the API's page_token {token})");
+    }
+}
+
+/// Tokens and cost for the list's column: `6,051/$0.0188`, or `-` for a job without model calls.
+fn tokens_and_cost(job: &Value) -> String {
+    let usage = &job["usage"];
+    match usage["model_calls"].as_u64() {
+        Some(_) => {
+            let tokens = usage["input_tokens"].as_u64().unwrap_or(0) + usage["output_tokens"].as_u64().unwrap_or(0);
+            format!("{tokens}/${:.4}", usage["cost_usd"].as_f64().unwrap_or(0.0))
+        }
+        None => "-".into(),
     }
 }
 

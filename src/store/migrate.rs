@@ -26,7 +26,7 @@ pub(super) async fn run(store: &Store) -> Result<(), StoreError> {
 }
 
 async fn apply_pending(engine: Engine, conn: &mut sqlx::AnyConnection) -> Result<(), StoreError> {
-    sqlx::raw_sql(
+    sqlx::query(
         "CREATE TABLE IF NOT EXISTS oats_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
     )
     .execute(&mut *conn)
@@ -44,7 +44,9 @@ async fn apply_pending(engine: Engine, conn: &mut sqlx::AnyConnection) -> Result
         if done > 0 {
             continue;
         }
-        sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(failed)?;
+        for statement in statements(sql) {
+            sqlx::query(&statement).execute(&mut *tx).await.map_err(failed)?;
+        }
         sqlx::query("INSERT INTO oats_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
             .bind(version)
             .bind(name)
@@ -56,4 +58,23 @@ async fn apply_pending(engine: Engine, conn: &mut sqlx::AnyConnection) -> Result
         tracing::info!(version, name, engine = engine.as_str(), "store migration applied");
     }
     Ok(())
+}
+
+/// The statements of a migration file: `--` comments dropped, split at `;`.
+fn statements(sql: &str) -> Vec<String> {
+    let code: String = sql
+        .lines()
+        .map(|line| line.split_once("--").map_or(line, |(code, _)| code))
+        .collect::<Vec<_>>()
+        .join("\n");
+    code.split(';').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn migration_files_split_into_statements() {
+        let statements = super::statements("-- a comment; with a semicolon\nCREATE TABLE t (a TEXT); -- trailing\nCREATE INDEX i ON t (a);\n");
+        assert_eq!(statements, ["CREATE TABLE t (a TEXT)", "CREATE INDEX i ON t (a)"]);
+    }
 }
