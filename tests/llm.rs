@@ -157,6 +157,21 @@ async fn the_agent_works_a_goal_with_tools_through_the_gateway() {
     assert_eq!(tool_message["role"], "tool");
     assert!(tool_message["content"].as_str().unwrap().starts_with("wrote 23 bytes to plan.md"), "{tool_message}");
 
+    // Spend for chargeback, by tenant, model and day.
+    let (status, report) = gateway.server.get_json("/api/v1/usage").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let items = report["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{report}");
+    assert_eq!((items[0]["tenant"].as_str(), items[0]["model"].as_str()), (Some("default"), Some("test-model")));
+    assert_eq!((items[0]["model_calls"].as_u64(), items[0]["input_tokens"].as_u64()), (Some(3), Some(450)));
+    assert_eq!(report["total_cost_usd"], usage["cost_usd"]);
+    let (status, _) = gateway.server.get_json("/api/v1/usage?from=2026-02-30").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "not a date");
+    let (status, problem) = gateway.server.get_json("/api/v1/usage?from=2026-12-02&to=2026-12-01").await;
+    assert_eq!((status, problem["type"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("https://oats.dev/problems/validation-failed")));
+    let (status, _) = gateway.server.get_json("/api/v1/usage?from=2024-01-01&to=2026-01-01").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "over 366 days");
+
     let metrics = gateway.metrics().await;
     let labels = r#"gen_ai_operation_name="chat",gen_ai_provider_name="fake",gen_ai_request_model="test-model""#;
     assert_eq!(sample(&metrics, &format!("gen_ai_client_token_usage_count{{{labels},gen_ai_token_type=\"input\"}}")), 3.0);

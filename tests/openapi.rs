@@ -63,6 +63,7 @@ fn every_operation_is_documented() {
             "getJob",
             "getJobLogs",
             "getReadiness",
+            "getUsage",
             "listJobEvents",
             "listJobs",
             "watchJob"

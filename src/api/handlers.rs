@@ -6,7 +6,7 @@ use super::{
     problem::ProblemResponse,
     types::{
         CreateJobRequest, DryRunResult, Health, Job, JobChange, JobEventList, JobList, JobStatus, RuleVerdict,
-        WatchEventKind,
+        UsageReport, WatchEventKind,
     },
 };
 use crate::{
@@ -317,6 +317,29 @@ impl JobsApi {
         let caller = credentials.caller(&state).await?;
         let events = state.jobs.events(&caller, &id.0).await?;
         Ok(Json(JobEventList { items: events.into_iter().map(Into::into).collect() }))
+    }
+
+    /// Report model spend
+    ///
+    /// Tokens and cost of the model calls that went through the LLM gateway, by tenant, model
+    /// and UTC day, for chargeback. Admins see every tenant (or the one named by `tenant`);
+    /// other callers see their own tenant.
+    #[oai(path = "/usage", method = "get", operation_id = "getUsage")]
+    async fn get_usage(
+        &self,
+        state: Data<&Arc<ApiState>>,
+        credentials: Credentials,
+        /// First day (UTC), `YYYY-MM-DD`. Default: 29 days before `to`.
+        from: Query<Option<chrono::NaiveDate>>,
+        /// Last day (UTC), included. Default: today. The range spans at most 366 days.
+        to: Query<Option<chrono::NaiveDate>>,
+        /// Only this tenant (admins; others may name only their own).
+        #[oai(validator(min_length = 1, max_length = 63))]
+        tenant: Query<Option<String>>,
+    ) -> Result<Json<UsageReport>> {
+        let caller = credentials.caller(&state).await?;
+        let report = state.jobs.daily_spend(&caller, from.0, to.0, tenant.0.as_deref()).await?;
+        Ok(Json(UsageReport::from(report)))
     }
 }
 

@@ -330,6 +330,64 @@ impl From<JobReason> for JobStatusReason {
     }
 }
 
+/// Model spend of one tenant on one model on one UTC day.
+#[derive(Debug, Clone, PartialEq, Object)]
+pub struct DailyUsage {
+    /// The tenant that spent.
+    pub tenant: String,
+    /// The model's configured name (aliases are counted under it).
+    pub model: String,
+    /// The UTC day, `YYYY-MM-DD`.
+    pub day: String,
+    /// Calls answered by a provider.
+    pub model_calls: u64,
+    /// Input (prompt) tokens.
+    pub input_tokens: u64,
+    /// Output (completion) tokens.
+    pub output_tokens: u64,
+    /// Part of `input_tokens` served from a provider's prompt cache.
+    pub cached_tokens: u64,
+    /// Part of `output_tokens` spent on reasoning.
+    pub reasoning_tokens: u64,
+    /// Cost in US dollars at the configured prices.
+    pub cost_usd: f64,
+}
+
+/// Model spend over a range of days.
+#[derive(Debug, Clone, PartialEq, Object)]
+pub struct UsageReport {
+    /// First day covered (UTC).
+    pub from: chrono::NaiveDate,
+    /// Last day covered (UTC), included.
+    pub to: chrono::NaiveDate,
+    /// One entry per tenant, model and day with spend, by day, then tenant, then model.
+    pub items: Vec<DailyUsage>,
+    /// Sum of `cost_usd` over `items`.
+    pub total_cost_usd: f64,
+}
+
+impl From<jobs::SpendReport> for UsageReport {
+    fn from(report: jobs::SpendReport) -> Self {
+        let total: u64 = report.rows.iter().map(|r| r.cost.0).sum();
+        let items = report
+            .rows
+            .into_iter()
+            .map(|r| DailyUsage {
+                tenant: r.tenant,
+                model: r.model,
+                day: r.day,
+                model_calls: r.calls,
+                input_tokens: r.tokens.input,
+                output_tokens: r.tokens.output,
+                cached_tokens: r.tokens.cached_input,
+                reasoning_tokens: r.tokens.reasoning,
+                cost_usd: r.cost.as_usd(),
+            })
+            .collect();
+        Self { from: report.from, to: report.to, items, total_cost_usd: NanoUsd(total).as_usd() }
+    }
+}
+
 /// Links to a job's related resources.
 #[derive(Debug, Clone, Object, Serialize)]
 pub struct JobLinks {

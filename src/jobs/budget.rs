@@ -163,6 +163,18 @@ pub struct JobUsage {
     pub refused: Option<Refusal>,
 }
 
+/// Spend of one tenant on one model on one UTC day (settled calls), for chargeback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailySpend {
+    pub tenant: String,
+    pub model: String,
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    pub calls: u64,
+    pub tokens: TokenCounts,
+    pub cost: NanoUsd,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,13 +11,13 @@ mod selector;
 mod service;
 mod spec;
 
-pub use budget::{Budget, JobUsage, NanoUsd, Prices, Refusal, TokenCounts};
+pub use budget::{Budget, DailySpend, JobUsage, NanoUsd, Prices, Refusal, TokenCounts};
 pub use credential::AgentCredentials;
 pub use error::{FieldError, JobError};
 pub use id::{IdempotencyKey, JobId};
 pub use page::{JobPage, ListQuery, PageToken};
 pub use selector::LabelSelector;
-pub use service::{DryRun, JobService, StreamKind, StreamSlot, Submitted, WatchEvent};
+pub use service::{DryRun, JobService, SpendReport, StreamKind, StreamSlot, Submitted, WatchEvent};
 pub use spec::{JobLimits, JobRequest, JobSpec, RESERVED_LABEL_PREFIX, agent_env, check_label_value};
 
 use chrono::{DateTime, Utc};
@@ -275,6 +275,14 @@ pub trait UsageSource: Send + Sync {
     /// The usage of each of `ids` that made a model call. A source that cannot answer right now
     /// answers with nothing: usage is shown when it can be, and never stops a read.
     async fn usage_of(&self, ids: &[JobId]) -> std::collections::HashMap<JobId, JobUsage>;
+
+    /// Settled spend by tenant, model and day for `from..=to`, of one tenant or all.
+    async fn daily_spend(
+        &self,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+        tenant: Option<&str>,
+    ) -> Result<Vec<DailySpend>, String>;
 }
 
 /// Which part of a job's output to read.

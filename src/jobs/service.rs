@@ -1,11 +1,11 @@
 //! The job service: the one entry point the HTTP layer calls.
 
 use super::{
-    CreateOutcome, IdempotencyKey, JobError, JobEvent, JobId, JobLimits, JobPage, JobPhase, JobRecord, JobRequest,
+    CreateOutcome, FieldError, IdempotencyKey, JobError, JobEvent, JobId, JobLimits, JobPage, JobPhase, JobRecord, JobRequest,
     JobUsage, ListQuery, LogOptions, LogStream, NewJob, UsageSource, page,
 };
 use crate::{
-    auth::Caller,
+    auth::{Caller, Role},
     backend::{BackendError, JobBackend},
     policy::{Policy, Rule, Submission, Verdict},
     telemetry::{
@@ -68,6 +68,17 @@ fn state_id(job: &JobRecord, usage: Option<&JobUsage>) -> String {
     format!("{}-{short}", job.status.phase.as_str())
 }
 
+/// The longest range of days one spend report covers.
+const MAX_SPEND_DAYS: i64 = 366;
+
+/// Spend over a range of days.
+#[derive(Debug)]
+pub struct SpendReport {
+    pub from: chrono::NaiveDate,
+    pub to: chrono::NaiveDate,
+    pub rows: Vec<super::DailySpend>,
+}
+
 /// A successful submission: the job, and whether this call created it or found it by its key.
 #[derive(Debug)]
 pub struct Submitted {
@@ -116,6 +127,42 @@ impl JobService {
             Some(source) if !ids.is_empty() => source.usage_of(ids).await,
             _ => HashMap::new(),
         }
+    }
+
+    /// Settled model spend by tenant, model and day over `from..=to` (default: the last 30 days):
+    /// admins see every tenant (or the one they name), others only their own.
+    pub async fn daily_spend(
+        &self,
+        caller: &Caller,
+        from: Option<chrono::NaiveDate>,
+        to: Option<chrono::NaiveDate>,
+        tenant: Option<&str>,
+    ) -> Result<SpendReport, JobError> {
+        let to = to.unwrap_or_else(|| Utc::now().date_naive());
+        let from = from.unwrap_or(to - chrono::Days::new(29));
+        if from > to {
+            return Err(JobError::Invalid(vec![FieldError::new("from", "must not be after `to`")]));
+        }
+        if (to - from).num_days() >= MAX_SPEND_DAYS {
+            let message = format!("the range may span at most {MAX_SPEND_DAYS} days");
+            return Err(JobError::Invalid(vec![FieldError::new("to", message)]));
+        }
+        let tenant = match tenant {
+            Some(tenant) if !caller.sees(tenant) => {
+                return Err(JobError::Forbidden(format!("tenant {} may not see the spend of tenant {tenant}", caller.tenant)));
+            }
+            Some(tenant) => Some(tenant),
+            None if caller.role == Role::Admin => None,
+            None => Some(caller.tenant.as_str()),
+        };
+        let rows = match &self.usage {
+            Some(source) => source
+                .daily_spend(from, to, tenant)
+                .await
+                .map_err(|detail| JobError::Unavailable { detail, retry_after: Duration::from_secs(5) })?,
+            None => Vec::new(),
+        };
+        Ok(SpendReport { from, to, rows })
     }
 
     /// What one job spent on model calls, if it made any.

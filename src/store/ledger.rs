@@ -7,7 +7,7 @@
 //! the answer, the call is settled to what the upstream reported.
 
 use super::{Store, StoreError, db_int, from_db, now_millis};
-use crate::jobs::{Budget, JobId, JobUsage, NanoUsd, Refusal, TokenCounts};
+use crate::jobs::{Budget, DailySpend, JobId, JobUsage, NanoUsd, Refusal, TokenCounts};
 use sqlx::{Any, Row, Transaction};
 
 /// A job's limits, written to its ledger row on its first call.
@@ -31,17 +31,6 @@ pub struct CallTicket {
     pub day: String,
     pub reserved_tokens: u64,
     pub reserved_cost: NanoUsd,
-}
-
-/// Spend of one tenant on one model on one day.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageRow {
-    pub tenant: String,
-    pub model: String,
-    pub day: String,
-    pub calls: u64,
-    pub tokens: TokenCounts,
-    pub cost: NanoUsd,
 }
 
 /// The UTC day a call is charged to.
@@ -296,7 +285,7 @@ impl Store {
 
     /// Settled spend grouped by tenant, model and day, for days `from..=to` (YYYY-MM-DD), of one
     /// tenant or all.
-    pub async fn usage_report(&self, from: &str, to: &str, tenant: Option<&str>) -> Result<Vec<UsageRow>, StoreError> {
+    pub async fn usage_report(&self, from: &str, to: &str, tenant: Option<&str>) -> Result<Vec<DailySpend>, StoreError> {
         let sql = format!(
             "SELECT tenant, model, day, COUNT(*) AS calls, CAST(SUM(input_tokens) AS BIGINT) AS input_tokens, \
              CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens, \
@@ -312,7 +301,7 @@ impl Store {
         let rows = query.fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| {
-                Ok(UsageRow {
+                Ok(DailySpend {
                     tenant: row.try_get("tenant")?,
                     model: row.try_get("model")?,
                     day: row.try_get("day")?,
@@ -387,5 +376,15 @@ impl crate::jobs::UsageSource for Store {
             }
         }
         found
+    }
+
+    async fn daily_spend(
+        &self,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+        tenant: Option<&str>,
+    ) -> Result<Vec<DailySpend>, String> {
+        let day = |d: chrono::NaiveDate| d.format("%Y-%m-%d").to_string();
+        self.usage_report(&day(from), &day(to), tenant).await.map_err(|e| e.to_string())
     }
 }

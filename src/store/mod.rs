@@ -6,7 +6,7 @@
 mod ledger;
 mod migrate;
 
-pub use ledger::{CallTicket, LedgerLimits, UsageRow};
+pub use ledger::{CallTicket, LedgerLimits};
 
 use sqlx::{
     AnyPool,
