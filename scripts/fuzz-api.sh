@@ -5,7 +5,7 @@
 # Which checks run, and why two are relaxed: scripts/schemathesis.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v schemathesis >/dev/null || { echo "fuzz-api: schemathesis is missing (pip install schemathesis==4.32.5)" >&2; exit 1; }
+command -v schemathesis >/dev/null || { echo 'fuzz-api: schemathesis is missing (eval "$(scripts/install-test-tools.sh)" installs it and puts it on PATH)' >&2; exit 1; }
 
 . scripts/lib/test-server.sh
 OATS_TEST_TURN_DELAY_MS=10 start_test_server fuzz

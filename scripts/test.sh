@@ -1,17 +1,43 @@
 #!/usr/bin/env bash
-# The whole test suite, as README.md and CI run it:
+# The whole test suite, as README.md and CI (.ci/run) run it. On a fresh Debian machine with the
+# toolchains (Rust, Go, Python 3, Node) this alone is enough:
+#   0. scripts/install-test-tools.sh installs what is missing (Debian packages, PostgreSQL,
+#      schemathesis, the openai venv for OATS_TEST_PYTHON, kubectl); a second run installs nothing;
+#      then a throwaway PostgreSQL on 127.0.0.1 (scripts/lib/postgres.sh) with databases oats_test
+#      and oats_test2 (OATS_TEST_DATABASE_URL, OATS_TEST_DATABASE_URL2), always, for the whole run;
 #   1. against live servers: schemathesis with the server's own OpenAPI document
 #      (scripts/fuzz-api.sh), generated TypeScript and Python clients (scripts/clients-test.sh),
 #      and Swagger UI in headless Chromium (scripts/swagger-ui-test.sh);
-#   2. cargo test: unit tests, the OpenAPI drift check, HTTP end-to-end tests on the local
+#   2. the test control plane (testenv/testenv.sh up: built once from Go modules, cached) and its
+#      self-test (testenv/selftest.sh, which leaves it up);
+#   3. cargo test: unit tests, the OpenAPI drift check, HTTP end-to-end tests on the local
 #      backend, telemetry, security and monitoring tests, and end-to-end tests of the Kubernetes
-#      backend against a real control plane that testenv/ builds (once, cached) and starts on
-#      loopback.
+#      backend against that control plane.
 # Locally, OATS_SKIP_KUBE_E2E=1 skips the control plane and the tests that need it; CI never does.
+# Everything this script starts (PostgreSQL, the control plane) is stopped when it exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 in_ci() { [ -n "${CI:-}" ] && [ "${CI}" != "false" ]; }
+
+tools_env=$(scripts/install-test-tools.sh)
+eval "$tools_env"
+export OATS_TEST_PYTHON
+
+. scripts/lib/postgres.sh
+
+testenv_started=false
+cleanup() {
+  local rc=$?
+  if [ "$testenv_started" = true ]; then testenv/testenv.sh down || true; fi
+  test_postgres_stop || true
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+test_postgres_start
 
 scripts/fuzz-api.sh
 scripts/clients-test.sh
@@ -20,13 +46,19 @@ scripts/swagger-ui-test.sh
 if in_ci || [ "${OATS_SKIP_KUBE_E2E:-}" != "1" ]; then
   unset OATS_SKIP_KUBE_E2E
   export OATS_TESTENV_DIR="${OATS_TESTENV_DIR:-$(mktemp -d /tmp/oats-testenv.XXXXXX)}"
-  trap 'testenv/testenv.sh down || true' EXIT
+  testenv_started=true
   if ! testenv/testenv.sh up; then
     echo "scripts/test.sh: the test control plane did not start" >&2
     testenv/testenv.sh logs || true
     exit 1
   fi
   eval "$(testenv/testenv.sh env)"
+  # The control plane's own checks (Job outcomes, PodSecurity, RBAC, TokenRequest, VAP, an
+  # apiserver restart); it leaves the environment up and removes what it created.
+  if ! testenv/selftest.sh; then
+    echo "scripts/test.sh: testenv/selftest.sh failed" >&2
+    exit 1
+  fi
 fi
 
 if ! cargo test --locked --all-targets; then

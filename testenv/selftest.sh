@@ -3,6 +3,10 @@
 # PodSecurity-restricted namespace with real batch/v1 Jobs, checks activeDeadlineSeconds,
 # RBAC, TokenRequest, ValidatingAdmissionPolicy and stop-apiserver/start-apiserver, then
 # brings it down. Prints "N passed, M failed" last; exits non-zero on any failure.
+#
+# If the environment in $OATS_TESTENV_DIR is already up (scripts/test.sh runs this right after
+# `testenv.sh up`), it is used and left up: the self-test then deletes what it created (its
+# namespace, its ValidatingAdmissionPolicy and binding) instead of running `down`.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -13,9 +17,22 @@ PASSED=0
 FAILED=0
 FAILED_NAMES=()
 
-"$TE" up
+if "$TE" status >/dev/null 2>&1; then
+  WAS_UP=true
+  echo "selftest: using the environment already up in ${OATS_TESTENV_DIR:-/tmp/oats-testenv} (it stays up)"
+else
+  WAS_UP=false
+  "$TE" up
+fi
 eval "$("$TE" env)"
 export KUBECONFIG OATS_TESTENV_DIR OATS_TESTENV_APISERVER
+
+# remove_own_objects: what the checks create, so that a shared environment is left as found.
+remove_own_objects() {
+  "$KUBECTL" delete validatingadmissionpolicybinding oats-selftest-deny --ignore-not-found >/dev/null &&
+    "$KUBECTL" delete validatingadmissionpolicy oats-selftest-deny --ignore-not-found >/dev/null &&
+    "$KUBECTL" delete namespace "$NS" --ignore-not-found --timeout=120s >/dev/null
+}
 
 finish() {
   local rc=$?
@@ -23,7 +40,14 @@ finish() {
     echo "selftest: failures: ${FAILED_NAMES[*]:-(aborted, exit $rc)}; component logs follow" >&2
     "$TE" logs >&2 || true
   fi
-  "$TE" down || true
+  if [ "$WAS_UP" = true ]; then
+    if ! remove_own_objects; then
+      echo "selftest: could not remove namespace $NS / ValidatingAdmissionPolicy oats-selftest-deny" >&2
+      FAILED=$((FAILED + 1))
+    fi
+  else
+    "$TE" down || true
+  fi
   echo "$PASSED passed, $FAILED failed"
   if [ "$FAILED" -gt 0 ] && [ "$rc" -eq 0 ]; then rc=1; fi
   exit "$rc"
@@ -281,6 +305,9 @@ apiserver_restart() {
   until_true 120 has_job_cond sel-after-restart Complete
   expect message "$(pod_json sel-after-restart | jq -r '.status.containerStatuses[0].state.terminated.message')" "done: after restart"
 }
+
+# a shared environment may hold the objects of an interrupted earlier run
+if [ "$WAS_UP" = true ]; then remove_own_objects; fi
 
 check "namespace with PodSecurity restricted" setup_namespace
 check "PodSecurity rejects a privileged pod" podsecurity_enforced

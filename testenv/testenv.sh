@@ -90,22 +90,49 @@ build() {
 
 pid_of() { [ -f "$DIR/pids/$1.pid" ] && cat "$DIR/pids/$1.pid" || true; }
 
-# alive <name>: the recorded PID exists and still runs the binary we started.
+# proc_stat <pid>: "<state> <starttime>" from /proc/<pid>/stat (fields 3 and 22; the command name
+# in field 2 may contain spaces, so the fields are counted after its closing parenthesis).
+proc_stat() {
+  local s
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  s=${s##*) }
+  # shellcheck disable=SC2086
+  set -- $s
+  [ $# -ge 20 ] || return 1
+  echo "$1 ${20}"
+}
+
+# alive <name>: the recorded process still runs. Identity is PID + start time (recorded by
+# start_proc), which a fork shares with its exec: right after `&` the child may still be the
+# shell's copy (its /proc/PID/cmdline is bash's until exec), so the binary's name cannot be used
+# as the test. A zombie (exited, not yet reaped) is not alive. Readiness is checked separately,
+# on each component's health endpoint (wait_for).
 alive() {
-  local pid exe
+  local pid st want exe
   pid=$(pid_of "$1")
-  [ -n "$pid" ] && [ -d "/proc/$pid" ] || return 1
-  exe=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n1)
-  [ "$(basename "$exe")" = "$1" ]
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  st=$(proc_stat "$pid") || return 1
+  case "${st%% *}" in Z|X|x) return 1 ;; esac
+  want=$(cat "$DIR/pids/$1.start" 2>/dev/null || true)
+  if [ -n "$want" ]; then
+    [ "${st#* }" = "$want" ]
+  else
+    # a PID file from an older testenv.sh without start times: fall back to the binary's name
+    exe=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n1)
+    [ "$(basename "$exe")" = "$1" ]
+  fi
 }
 
 # start_proc <name> <binary> <args...>  (environment for the child may be set by the caller)
 start_proc() {
-  local name=$1; shift
+  local name=$1 pid st; shift
   mkdir -p "$DIR/logs" "$DIR/pids"
   echo "=== $(date -u +%FT%TZ) starting $name" >>"$DIR/logs/$name.log"
   "$@" </dev/null >>"$DIR/logs/$name.log" 2>&1 &
-  echo $! >"$DIR/pids/$name.pid"
+  pid=$!
+  st=$(proc_stat "$pid" || true)
+  echo "${st#* }" >"$DIR/pids/$name.start"
+  echo "$pid" >"$DIR/pids/$name.pid"
 }
 
 stop_proc() {
@@ -124,7 +151,7 @@ stop_proc() {
       for i in $(seq 1 50); do alive "$name" || break; sleep 0.1; done
     fi
   fi
-  rm -f "$DIR/pids/$name.pid"
+  rm -f "$DIR/pids/$name.pid" "$DIR/pids/$name.start"
 }
 
 tail_log() {
@@ -225,6 +252,18 @@ node_ready() {
   api "https://127.0.0.1:$API_PORT/api/v1/nodes/$NODE_NAME" | jq -e '
     ([.status.conditions[]? | select(.type == "Ready" and .status == "True")] | length == 1)
     and ([.spec.taints[]? | select(.key | startswith("node.kubernetes.io/"))] | length == 0)'
+}
+
+# authn_config_readable <token>: the identity behind <token> can read the configmap
+# kube-system/extension-apiserver-authentication and it holds the client CA. kube-controller-manager
+# and kube-scheduler read it once at startup (delegated authentication) and exit with "unable to
+# load configmap based request-header-client-ca-file" if that read fails (e.g. Forbidden while the
+# RBAC authorizer's cache has not yet seen the bootstrap RoleBinding). The apiserver creates it
+# from a post-start hook that /readyz does not wait for.
+authn_config_readable() {
+  curl -fsS --max-time 10 --cacert "$DIR/pki/ca.crt" -H "Authorization: Bearer $1" \
+    "https://127.0.0.1:$API_PORT/api/v1/namespaces/kube-system/configmaps/extension-apiserver-authentication" |
+    jq -e '.data["client-ca-file"] | length > 0'
 }
 
 default_sa_exists() { api "https://127.0.0.1:$API_PORT/api/v1/namespaces/default/serviceaccounts/default"; }
@@ -339,11 +378,17 @@ EOF
 EOF
   start_apiserver
 
-  # --- kube-controller-manager
+  # --- kube-controller-manager: only once its identity can read the authentication configmap
+  # (see authn_config_readable); --authentication-tolerate-lookup-failure keeps a late read (a
+  # timeout on a loaded machine) from being fatal: nothing here uses request-header auth on the
+  # component's own port, whose health paths are always allowed.
+  wait_for kube-apiserver "configmap kube-system/extension-apiserver-authentication readable by system:kube-controller-manager" \
+    authn_config_readable "$kcm_token"
   start_proc kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig="$DIR/kube-controller-manager.kubeconfig" \
     --authentication-kubeconfig="$DIR/kube-controller-manager.kubeconfig" \
     --authorization-kubeconfig="$DIR/kube-controller-manager.kubeconfig" \
+    --authentication-tolerate-lookup-failure=true \
     --bind-address=127.0.0.1 --secure-port="$KCM_PORT" \
     --leader-elect=false --use-service-account-credentials=true \
     --controllers='*' \
@@ -362,9 +407,12 @@ clientConnection:
 leaderElection:
   leaderElect: false
 EOF
+  wait_for kube-apiserver "configmap kube-system/extension-apiserver-authentication readable by system:kube-scheduler" \
+    authn_config_readable "$sched_token"
   start_proc kube-scheduler "$BIN/kube-scheduler" --config="$DIR/kube-scheduler.yaml" \
     --authentication-kubeconfig="$DIR/kube-scheduler.kubeconfig" \
     --authorization-kubeconfig="$DIR/kube-scheduler.kubeconfig" \
+    --authentication-tolerate-lookup-failure=true \
     --bind-address=127.0.0.1 --secure-port="$SCHED_PORT" --profiling=false --v=1
   wait_for kube-scheduler "kube-scheduler /readyz on 127.0.0.1:$SCHED_PORT" \
     curl -fsSk --max-time 5 "https://127.0.0.1:$SCHED_PORT/readyz"
