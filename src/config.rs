@@ -316,6 +316,8 @@ config_keys! {
     llm_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8001));
     /// Base URL agents are given as `OPENAI_BASE_URL`. Empty: `http://<llm_listen>/v1` (local backend) or `http://oats-llm-gateway.<namespace>.svc:8001/v1` (Kubernetes).
     llm_gateway_url: Option<String> = None;
+    /// Audience of the projected service-account token agents on Kubernetes present to the gateway.
+    llm_token_audience: String = "oats-llm".into();
     /// Largest request body an agent may send to the gateway, in bytes.
     llm_max_body_bytes: usize = 4 * 1024 * 1024;
 }

@@ -12,7 +12,10 @@ use oats::{
     },
     config::{BackendKind, Config},
     jobs::{AgentCredentials, JobId, JobRequest, JobService, NewJob},
-    llm::{Gateway, LlmMetrics, Providers},
+    llm::{
+        Gateway, LlmMetrics, Providers,
+        identity::{Identities, ServiceAccountRules, ServiceAccountVerifier},
+    },
     policy::Policy,
     store::Store,
     telemetry::{kube_client::KubeMetricsLayer, metrics::Metrics},
@@ -62,6 +65,13 @@ enum Command {
     /// Run the agent: work the job's goal through the LLM gateway with tools in its workspace
     /// (what local jobs run when a providers file is configured).
     Agent,
+    /// Run another agent with OPENAI_API_KEY set from the job's token file (Kubernetes), e.g.
+    /// `oats launch -- python agent.py`.
+    Launch {
+        /// The agent's program and arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
     /// Read an API token on stdin and print its SHA-256, as the tokens file stores it.
     HashToken,
 }
@@ -72,6 +82,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::DemoAgent => std::process::exit(runtime.block_on(oats::demo_agent::run())),
         Command::Agent => std::process::exit(runtime.block_on(oats::agent::run())),
+        Command::Launch { command } => std::process::exit(oats::agent::launch(&command)),
         Command::Jobs { connection, command } => {
             std::process::exit(runtime.block_on(oats::cli::run(connection, command)))
         }
@@ -151,7 +162,7 @@ async fn serve(config: Config) -> Result<()> {
     let credentials = Arc::new(AgentCredentials::random());
     let gateway_url = providers.as_ref().map(|_| agent_gateway_url(&config));
     let agent_gateway = gateway_url.map(|base_url| AgentGateway { base_url, credentials: credentials.clone() });
-    let backend = select_backend(&config, &metrics, agent_gateway).await?;
+    let (backend, kube) = select_backend(&config, &metrics, agent_gateway).await?;
     tracing::info!(backend = backend.name(), listen = %config.listen, "starting OATS");
     let counted = backend.clone();
     metrics.count_jobs_with(Box::new(move || counted.counts()));
@@ -162,7 +173,16 @@ async fn serve(config: Config) -> Result<()> {
     }
     let jobs = Arc::new(jobs);
     if let (Some(providers), Some(store)) = (providers, store) {
-        let gateway = Gateway::new(jobs.clone(), credentials, providers, store, llm_metrics, config.llm_max_body_bytes);
+        let kubernetes = kube.map(|(client, namespace)| {
+            let rules = ServiceAccountRules {
+                audience: config.llm_token_audience.clone(),
+                namespace,
+                service_account: config.agent_service_account.clone(),
+            };
+            ServiceAccountVerifier::new(client, rules)
+        });
+        let identities = Identities { local: credentials, kubernetes };
+        let gateway = Gateway::new(jobs.clone(), identities, providers, store, llm_metrics, config.llm_max_body_bytes);
         gateway.sweep_abandoned_calls();
         tracing::info!(address = %config.llm_listen, "serving the LLM gateway for agents");
         let listener = poem::listener::TcpListener::bind(config.llm_listen);
@@ -264,12 +284,15 @@ fn authenticator(config: &Config) -> Result<Authenticator> {
     Ok(auth)
 }
 
+/// A Kubernetes client and the agents' namespace, when jobs run on Kubernetes.
+type KubeAccess = Option<(kube::Client, String)>;
+
 /// Pick and start the backend, saying which and why.
 async fn select_backend(
     config: &Config,
     metrics: &Arc<Metrics>,
     gateway: Option<AgentGateway>,
-) -> Result<Arc<dyn JobBackend>> {
+) -> Result<(Arc<dyn JobBackend>, KubeAccess)> {
     let kubernetes = match config.backend {
         BackendKind::Local => None,
         BackendKind::Kubernetes => {
@@ -290,7 +313,8 @@ async fn select_backend(
         let namespace = config.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
         tracing::info!(%namespace, "agent Jobs go to this namespace");
         let template = render::AgentTemplate::from_config(config, &namespace);
-        return Ok(Arc::new(KubernetesBackend::start(client, template, metrics.clone())));
+        let backend = Arc::new(KubernetesBackend::start(client.clone(), template, metrics.clone()));
+        return Ok((backend, Some((client, namespace))));
     }
     let command = if config.local_agent_command.is_empty() {
         let exe = std::env::current_exe().context("cannot locate the oats binary for the agent")?;
@@ -308,7 +332,7 @@ async fn select_backend(
         gateway,
     };
     tracing::info!(state_dir = %settings.state_dir.display(), "local backend state directory");
-    Ok(Arc::new(LocalBackend::start(settings, metrics.clone()).await?))
+    Ok((Arc::new(LocalBackend::start(settings, metrics.clone()).await?), None))
 }
 
 /// A client for the in-cluster service account or the kubeconfig, checked by asking the server

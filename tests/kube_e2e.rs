@@ -26,7 +26,10 @@ async fn submit(server: &Server, goal: &str, labels: Value, timeout: Option<u32>
     let response = server.submit(body).await;
     let status = response.status();
     let job: Value = response.json().await.unwrap();
-    assert_eq!(status, StatusCode::CREATED, "{job}");
+    if status != StatusCode::CREATED {
+        let errors: Vec<_> = server.log_text().lines().filter(|l| l.contains("ERROR")).map(str::to_owned).collect();
+        panic!("submission answered {status}: {job}\nserver errors: {errors:#?}");
+    }
     job
 }
 
@@ -435,5 +438,85 @@ async fn kubernetes_calls_are_child_spans_of_the_job_creation() {
         assert!(std::time::Instant::now() < deadline, "no client span under `create job`: {names:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    cluster.delete_jobs(&format!("e2e={run}"));
+}
+
+/// A providers file for the fake upstream, in `dir`.
+fn providers_file(dir: &std::path::Path, fake: &common::fake_llm::FakeLlm) -> std::path::PathBuf {
+    let path = dir.join("providers.yaml");
+    let yaml = format!(
+        "providers:\n  - name: fake\n    base_url: {}\n    models:\n      - name: test-model\n        input_per_million_usd: 1\n        output_per_million_usd: 2\n",
+        fake.base_url
+    );
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_runs() {
+    let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("llm");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = common::fake_llm::FakeLlm::start().await;
+    let providers = providers_file(dir.path(), &fake);
+    let listen = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let gateway = format!("http://{listen}/v1");
+    let extra = [
+        ("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap()),
+        ("OATS_LLM_LISTEN", listen.as_str()),
+        ("OATS_STATE_DIR", dir.path().to_str().unwrap()),
+    ];
+    let server = cluster.start_oats_with(dir.path(), &extra).await;
+    let id = id_of(&submit(&server, "Use the model", json!({"e2e": run, "kwok.oats.dev/outcome": "run"}), Some(600)).await);
+    server.wait_for(&id, "running", SOON).await;
+
+    // The Job carries the gateway's address and a projected token for it, and no secret of a provider.
+    let stored = cluster.kubectl_json(&["get", "job", &id, "-n", kube::NAMESPACE]);
+    let pod_spec = &stored["spec"]["template"]["spec"];
+    let env = pod_spec["containers"][0]["env"].as_array().unwrap();
+    let value = |name: &str| env.iter().find(|e| e["name"] == name).map(|e| e["value"].clone());
+    assert_eq!(value("OPENAI_BASE_URL"), Some(json!("http://oats-llm-gateway.oats.svc:8001/v1")));
+    assert_eq!(value("OATS_LLM_TOKEN_FILE"), Some(json!("/var/run/secrets/oats/llm-token/token")));
+    assert_eq!(value("OPENAI_API_KEY"), None, "no credential in the pod spec");
+    let token_volume = pod_spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "llm-token").unwrap().clone();
+    let projection = &token_volume["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!((projection["audience"].as_str(), projection["expirationSeconds"].as_i64()), (Some("oats-llm"), Some(1200)));
+    assert_eq!(pod_spec["automountServiceAccountToken"], false);
+
+    let selector = format!("oats.dev/job-id={id}");
+    let pod = cluster.kubectl_ok(&["get", "pods", "-n", kube::NAMESPACE, "-l", &selector, "-o", "jsonpath={.items[0].metadata.name}"]);
+    let token = |extra: &[&str]| {
+        let mut args = vec!["create", "token", "oats-agent", "-n", kube::NAMESPACE, "--duration=10m"];
+        args.extend_from_slice(extra);
+        cluster.kubectl_ok(&args).trim().to_owned()
+    };
+    let bound = token(&["--audience", "oats-llm", "--bound-object-kind", "Pod", "--bound-object-name", &pod]);
+    let http = reqwest::Client::new();
+    let ask = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]});
+    let call = |credential: String| {
+        let (http, url, ask) = (http.clone(), format!("{gateway}/chat/completions"), ask.clone());
+        async move { http.post(url).bearer_auth(credential).json(&ask).send().await.unwrap().status() }
+    };
+    assert_eq!(call(bound.clone()).await, StatusCode::OK, "a token bound to the job's pod is accepted while it runs");
+    assert_eq!(fake.requests().len(), 1);
+    let other_audience = token(&["--audience", "somebody-else", "--bound-object-kind", "Pod", "--bound-object-name", &pod]);
+    assert_eq!(call(other_audience).await, StatusCode::UNAUTHORIZED, "another audience");
+    assert_eq!(call(token(&["--audience", "oats-llm"])).await, StatusCode::UNAUTHORIZED, "not bound to a pod");
+    let stray = "job-aaaaaaaaaaaaaaaaaaaa-stray";
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {stray}, namespace: {ns}, labels: {{e2e: {run}}}}}\nspec:\n  serviceAccountName: oats-agent\n  automountServiceAccountToken: false\n  securityContext: {{runAsNonRoot: true, runAsUser: 65532, seccompProfile: {{type: RuntimeDefault}}}}\n  containers:\n  - name: c\n    image: busybox\n    securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}\n",
+        ns = kube::NAMESPACE
+    );
+    let manifest_path = dir.path().join("stray.yaml");
+    std::fs::write(&manifest_path, manifest).unwrap();
+    cluster.kubectl_ok(&["apply", "-f", manifest_path.to_str().unwrap()]);
+    let stray_token = token(&["--audience", "oats-llm", "--bound-object-kind", "Pod", "--bound-object-name", stray]);
+    assert_eq!(call(stray_token).await, StatusCode::UNAUTHORIZED, "a pod of no job");
+
+    let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(cancel.status(), StatusCode::OK);
+    assert_eq!(call(bound).await, StatusCode::UNAUTHORIZED, "the token dies with the job");
+    assert_eq!(fake.requests().len(), 1, "no refused call reached the upstream");
+    cluster.kubectl_ok(&["delete", "pod", stray, "-n", kube::NAMESPACE, "--wait=false"]);
     cluster.delete_jobs(&format!("e2e={run}"));
 }

@@ -272,7 +272,19 @@ fn the_policy_denies_each_violation_with_its_own_message() {
                     ]},
                 }))
             }),
-            "no serviceAccountToken); not: kube-api-access",
+            "and the LLM gateway's token (volume llm-token, audience oats-llm); not: kube-api-access",
+        ),
+        (
+            "the gateway's token volume with another audience",
+            Box::new(|j| {
+                pod_spec(j)["volumes"].as_array_mut().unwrap().push(json!({
+                    "name": "llm-token",
+                    "projected": {"sources": [
+                        {"serviceAccountToken": {"path": "token", "audience": "https://kubernetes.default.svc", "expirationSeconds": 3600}},
+                    ]},
+                }))
+            }),
+            "and the LLM gateway's token (volume llm-token, audience oats-llm); not: llm-token",
         ),
         (
             "disallowed image",

@@ -29,10 +29,27 @@ pub struct Answer {
     pub output_tokens: u64,
 }
 
+/// The job's credential: given once (local backend), or a file the kubelet rotates in place
+/// (Kubernetes: a projected service-account token), read for each call.
+#[derive(Clone)]
+pub enum Credential {
+    Fixed(String),
+    File(std::path::PathBuf),
+}
+
+impl Credential {
+    fn current(&self) -> String {
+        match self {
+            Self::Fixed(key) => key.clone(),
+            Self::File(path) => std::fs::read_to_string(path).map(|t| t.trim().to_owned()).unwrap_or_default(),
+        }
+    }
+}
+
 pub struct ModelClient {
     http: reqwest::Client,
     base_url: String,
-    api_key: String,
+    credential: Credential,
     traceparent: Option<String>,
 }
 
@@ -40,16 +57,16 @@ pub struct ModelClient {
 const RETRIES: u32 = 3;
 
 impl ModelClient {
-    pub fn new(base_url: &str, api_key: &str, traceparent: Option<String>) -> Self {
+    pub fn new(base_url: &str, credential: Credential, traceparent: Option<String>) -> Self {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(600))
             .build()
             .expect("an HTTP client builds");
-        Self { http, base_url: base_url.trim_end_matches('/').to_owned(), api_key: api_key.to_owned(), traceparent }
+        Self { http, base_url: base_url.trim_end_matches('/').to_owned(), credential, traceparent }
     }
 
     fn request(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        let builder = builder.bearer_auth(&self.api_key);
+        let builder = builder.bearer_auth(self.credential.current());
         match &self.traceparent {
             Some(traceparent) => builder.header("traceparent", traceparent),
             None => builder,

@@ -7,23 +7,27 @@
 //! answer, or why it stopped and what it had so far. Exit codes tell OATS which.
 
 mod client;
+mod launch;
 pub mod tools;
 
-use client::{ChatError, ModelClient};
+pub use launch::launch;
+
+use client::{ChatError, Credential, ModelClient};
 use serde_json::{Value, json};
 use std::{
     io::Write,
     path::PathBuf,
     time::{Duration, Instant},
 };
+use crate::jobs::agent_env;
 use tools::{ToolOutcome, Workspace};
 
 /// The job's answer, within the result limit.
 const EXIT_ANSWERED: i32 = 0;
 const EXIT_FAILED: i32 = 1;
 /// As the local backend and the Kubernetes status mapping read them.
-const EXIT_BUDGET_EXHAUSTED: i32 = 10;
-const EXIT_MAX_TURNS_REACHED: i32 = 11;
+const EXIT_BUDGET_EXHAUSTED: i32 = crate::jobs::agent_exit::BUDGET_EXHAUSTED;
+const EXIT_MAX_TURNS_REACHED: i32 = crate::jobs::agent_exit::MAX_TURNS_REACHED;
 /// 128 + SIGTERM, as shells report it.
 const EXIT_TERMINATED: i32 = 143;
 /// Time kept back before the deadline to write the result and exit.
@@ -43,7 +47,7 @@ struct Contract {
     result_file: PathBuf,
     timeout: Duration,
     base_url: String,
-    api_key: String,
+    credential: Credential,
     traceparent: Option<String>,
 }
 
@@ -58,8 +62,12 @@ impl Contract {
             workspace: PathBuf::from(var("OATS_WORKSPACE").unwrap_or_else(|| ".".into())),
             result_file: PathBuf::from(var("OATS_RESULT_FILE").unwrap_or_else(|| "/dev/termination-log".into())),
             timeout: Duration::from_secs(var("OATS_TIMEOUT_SECONDS").and_then(|v| v.parse().ok()).unwrap_or(600)),
-            base_url: need("OPENAI_BASE_URL")?,
-            api_key: need("OPENAI_API_KEY")?,
+            base_url: need(agent_env::OPENAI_BASE_URL)?,
+            credential: match (var(agent_env::OPENAI_API_KEY), var(agent_env::LLM_TOKEN_FILE)) {
+                (Some(key), _) => Credential::Fixed(key),
+                (None, Some(file)) => Credential::File(file.into()),
+                (None, None) => return Err(format!("neither {} nor {} is set", agent_env::OPENAI_API_KEY, agent_env::LLM_TOKEN_FILE)),
+            },
             traceparent: var("TRACEPARENT"),
         })
     }
@@ -124,7 +132,7 @@ pub async fn run() -> i32 {
 
 /// The loop; returns the exit code and the result text.
 async fn work(contract: &Contract, workspace: &Workspace, progress: &mut Progress, deadline: Instant) -> (i32, String) {
-    let client = ModelClient::new(&contract.base_url, &contract.api_key, contract.traceparent.clone());
+    let client = ModelClient::new(&contract.base_url, contract.credential.clone(), contract.traceparent.clone());
     let model = match &contract.model {
         Some(model) => model.clone(),
         None => match client.first_model().await {

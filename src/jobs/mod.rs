@@ -18,7 +18,7 @@ pub use id::{IdempotencyKey, JobId};
 pub use page::{JobPage, ListQuery, PageToken};
 pub use selector::LabelSelector;
 pub use service::{DryRun, JobService, SpendReport, StreamKind, StreamSlot, Submitted, WatchEvent};
-pub use spec::{JobLimits, JobRequest, JobSpec, RESERVED_LABEL_PREFIX, agent_env, check_label_value};
+pub use spec::{JobLimits, JobRequest, JobSpec, RESERVED_LABEL_PREFIX, agent_env, agent_exit, check_label_value};
 
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;

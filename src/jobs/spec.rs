@@ -44,6 +44,31 @@ pub mod agent_env {
     pub const OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
     /// The job's credential for the gateway, as the OpenAI SDKs read it.
     pub const OPENAI_API_KEY: &str = "OPENAI_API_KEY";
+    /// On Kubernetes: the file holding the job's credential (a projected service-account token,
+    /// rotated in place), for agents that read it per call or through `oats launch`.
+    pub const LLM_TOKEN_FILE: &str = "OATS_LLM_TOKEN_FILE";
+}
+
+/// Exit codes of the agent contract beyond 0 (answered) and other failures.
+pub mod agent_exit {
+    /// The agent stopped because its budget could not pay for another model call.
+    pub const BUDGET_EXHAUSTED: i32 = 10;
+    /// The agent stopped at its call cap (`max_turns`).
+    pub const MAX_TURNS_REACHED: i32 = 11;
+
+    /// The stable reason a failed agent's exit code stands for, if it is one of the contract's.
+    pub fn reason(code: i32) -> Option<(crate::jobs::JobReason, &'static str)> {
+        match code {
+            BUDGET_EXHAUSTED => Some((
+                crate::jobs::JobReason::BudgetExhausted,
+                "the job's budget could not pay for another model call",
+            )),
+            MAX_TURNS_REACHED => {
+                Some((crate::jobs::JobReason::MaxTurnsReached, "the job made its max_turns model calls"))
+            }
+            _ => None,
+        }
+    }
 }
 
 impl JobSpec {

@@ -7,6 +7,7 @@
 //! Every call is a `chat {model}` span in the job's trace and a set of GenAI metrics.
 
 mod call;
+pub mod identity;
 pub mod metrics;
 mod openai;
 pub mod providers;
@@ -18,9 +19,10 @@ pub use openai::ApiError;
 pub use providers::{Catalog, Providers, ProvidersError};
 
 use crate::{
-    jobs::{AgentCredentials, JobRecord, JobService},
+    jobs::{JobRecord, JobService},
     store::Store,
 };
+use identity::{IdentityError, Identities};
 use poem::{
     Endpoint, EndpointExt, Request, Response, Route, get, handler, http::StatusCode, post, web::Data,
 };
@@ -29,7 +31,7 @@ use std::{sync::Arc, time::Duration};
 /// Everything a call needs, shared by all calls.
 pub struct Gateway {
     pub jobs: Arc<JobService>,
-    pub credentials: Arc<AgentCredentials>,
+    pub identities: Identities,
     pub providers: Arc<Providers>,
     pub store: Store,
     pub metrics: LlmMetrics,
@@ -40,7 +42,7 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(
         jobs: Arc<JobService>,
-        credentials: Arc<AgentCredentials>,
+        identities: Identities,
         providers: Arc<Providers>,
         store: Store,
         metrics: LlmMetrics,
@@ -52,7 +54,7 @@ impl Gateway {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .expect("a TLS-capable HTTP client builds");
-        Arc::new(Self { jobs, credentials, providers, store, metrics, max_body_bytes, http })
+        Arc::new(Self { jobs, identities, providers, store, metrics, max_body_bytes, http })
     }
 
     /// Settle calls that a dead replica left reserved, every minute, for as long as `self` lives.
@@ -78,10 +80,13 @@ impl Gateway {
             .header("authorization")
             .and_then(|h| h.strip_prefix("Bearer "))
             .ok_or_else(|| ApiError::unauthenticated("send the job's credential as `Authorization: Bearer <OPENAI_API_KEY>`"))?;
-        let id = self
-            .credentials
-            .verify(credential.trim())
-            .ok_or_else(|| ApiError::unauthenticated("the credential is not one of a job of this OATS"))?;
+        let id = self.identities.job_of(credential.trim()).await.map_err(|error| match error {
+            IdentityError::KeysUnavailable => ApiError::unavailable(error.to_string(), Duration::from_secs(2)),
+            other => {
+                tracing::info!(reason = %other, "gateway credential refused");
+                ApiError::unauthenticated(other.to_string())
+            }
+        })?;
         let job = self
             .jobs
             .job(&id)

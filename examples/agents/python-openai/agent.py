@@ -22,8 +22,8 @@ import openai
 
 EXIT_ANSWERED = 0
 EXIT_FAILED = 1
-EXIT_BUDGET_EXHAUSTED = 3
-EXIT_CALL_CAP = 4
+EXIT_BUDGET_EXHAUSTED = 10
+EXIT_CALL_CAP = 11
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process ended by SIGTERM
 
 MAX_READ_BYTES = 64 * 1024  # largest read_file answer the model gets

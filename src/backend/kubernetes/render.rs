@@ -4,14 +4,17 @@
 //! no service-account token, no service links, size-limited scratch space, and LLM credentials
 //! only as read-only files of the keys configured.
 
-use crate::{config::Config, jobs::NewJob};
+use crate::{
+    config::Config,
+    jobs::{NewJob, agent_env},
+};
 use k8s_openapi::{
     api::{
         batch::v1::{Job, JobSpec as K8sJobSpec},
         core::v1::{
             Capabilities, Container, EmptyDirVolumeSource, EnvVar, KeyToPath, PodSecurityContext, PodSpec,
-            PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
-            VolumeMount,
+            PodTemplateSpec, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+            SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
         },
     },
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
@@ -42,6 +45,19 @@ pub const CANCELLED_AT_ANNOTATION: &str = "oats.dev/cancelled-at";
 pub const AGENT_CONTAINER: &str = "agent";
 /// Where the configured LLM credential keys appear as files.
 pub const LLM_CREDENTIALS_DIR: &str = "/var/run/secrets/oats/llm";
+/// Where the agent's projected service-account token for the LLM gateway appears.
+pub const LLM_TOKEN_DIR: &str = "/var/run/secrets/oats/llm-token";
+/// The token file in [`LLM_TOKEN_DIR`], named to agents by `OATS_LLM_TOKEN_FILE`.
+pub const LLM_TOKEN_FILE: &str = "/var/run/secrets/oats/llm-token/token";
+
+/// How agents reach the LLM gateway on Kubernetes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayAccess {
+    /// `OPENAI_BASE_URL` of agents.
+    pub url: String,
+    /// Audience of the projected service-account token the gateway accepts.
+    pub audience: String,
+}
 
 /// Everything about the agent pod that comes from configuration rather than the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +80,8 @@ pub struct AgentTemplate {
     pub backoff_limit: u32,
     pub llm_secret_name: Option<String>,
     pub llm_secret_keys: Vec<String>,
+    /// The LLM gateway, when it is on.
+    pub llm_gateway: Option<GatewayAccess>,
 }
 
 impl AgentTemplate {
@@ -87,6 +105,13 @@ impl AgentTemplate {
             backoff_limit: config.backoff_limit,
             llm_secret_name: config.llm_secret_name.clone(),
             llm_secret_keys: config.llm_secret_keys.clone(),
+            llm_gateway: config.llm_providers_file.as_ref().map(|_| GatewayAccess {
+                url: config
+                    .llm_gateway_url
+                    .clone()
+                    .unwrap_or_else(|| format!("http://oats-llm-gateway.{namespace}.svc:8001/v1")),
+                audience: config.llm_token_audience.clone(),
+            }),
         }
     }
 }
@@ -100,6 +125,38 @@ pub fn trace_env(job: &NewJob) -> Vec<(String, String)> {
         env.push(("TRACESTATE".to_owned(), state.clone()));
     }
     env
+}
+
+/// The agent's way to the gateway: a projected service-account token (audience of the gateway,
+/// valid past the job's deadline, rotated by the kubelet, read-only), its path, and the URL.
+/// No long-lived secret is in the pod; the token is refused once the job has finished.
+fn gateway_token(gateway: &GatewayAccess, timeout_seconds: u32) -> (Volume, VolumeMount, Vec<EnvVar>) {
+    let volume = Volume {
+        name: "llm-token".into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(gateway.audience.clone()),
+                    // At least the API server's minimum of 10 minutes, and past the deadline.
+                    expiration_seconds: Some(i64::from(timeout_seconds) + 600),
+                    path: "token".into(),
+                }),
+                ..Default::default()
+            }]),
+            default_mode: Some(0o440),
+        }),
+        ..Default::default()
+    };
+    let mount = VolumeMount {
+        name: "llm-token".into(),
+        mount_path: LLM_TOKEN_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    let env = [(agent_env::OPENAI_BASE_URL, gateway.url.as_str()), (agent_env::LLM_TOKEN_FILE, LLM_TOKEN_FILE)]
+        .map(|(name, value)| EnvVar { name: name.into(), value: Some(value.into()), value_from: None })
+        .to_vec();
+    (volume, mount, env)
 }
 
 /// Build the Job that runs `job`. Pure: the same input always gives the same manifest.
@@ -187,6 +244,13 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
             value: Some(LLM_CREDENTIALS_DIR.into()),
             value_from: None,
         });
+    }
+
+    if let Some(gateway) = &template.llm_gateway {
+        let (volume, mount, gateway_env) = gateway_token(gateway, job.spec.timeout_seconds);
+        volumes.push(volume);
+        mounts.push(mount);
+        env.extend(gateway_env);
     }
 
     let uid = i64::from(template.uid);

@@ -6,7 +6,7 @@ use super::render::{
     PROFILE_ANNOTATION, REQUEST_HASH_ANNOTATION, TENANT_LABEL, TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION,
 };
 use crate::jobs::{
-    Budget, NanoUsd, agent_env,
+    Budget, NanoUsd, agent_env, agent_exit,
     JobId, JobPhase, JobReason, JobRecord, JobSpec, JobStatus, Labels, RESERVED_LABEL_PREFIX, TraceContext,
     truncate_result,
 };
@@ -206,6 +206,9 @@ pub fn observe(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod]) {
                 JobReason::OOMKilled,
                 "the agent was killed for exceeding its memory limit",
             ),
+            Some(t) if let Some((reason, message)) = agent_exit::reason(t.exit_code) => {
+                JobStatus::with_reason(JobPhase::Failed, reason, message)
+            }
             Some(t) if attempts > 1 => JobStatus::with_reason(
                 JobPhase::Failed,
                 JobReason::BackoffLimitExceeded,

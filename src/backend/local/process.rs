@@ -1,7 +1,7 @@
 //! Starting, timing out, cancelling and reaping one agent process group.
 
 use super::LocalSettings;
-use crate::jobs::{JobId, JobPhase, JobReason, JobRecord, JobStatus, MAX_RESULT_BYTES, agent_env, truncate_result};
+use crate::jobs::{JobId, JobPhase, JobReason, JobRecord, JobStatus, MAX_RESULT_BYTES, agent_env, agent_exit, truncate_result};
 use nix::{sys::signal::Signal, unistd::Pid};
 use std::{path::Path, process::Stdio, time::Duration};
 use tokio::{
@@ -14,10 +14,7 @@ use tokio::{
 /// The agent's combined stdout and stderr, one `<RFC 3339 time> <line>` per line.
 pub const OUTPUT_FILE: &str = "output.log";
 const RESULT_FILE: &str = "result";
-/// Exit code of an agent that stopped because its budget could not pay for another call.
-pub const EXIT_BUDGET_EXHAUSTED: i32 = 10;
-/// Exit code of an agent that stopped at its call cap (`max_turns`).
-pub const EXIT_MAX_TURNS_REACHED: i32 = 11;
+
 /// Longest output line kept; longer lines are split.
 const MAX_LINE_BYTES: u64 = 16 * 1024;
 /// Time between SIGTERM and SIGKILL when stopping an agent.
@@ -112,14 +109,10 @@ impl RunningAgent {
                     // A failed agent's result is its partial answer or why it stopped.
                     let result = read_result(&self.result_file).await;
                     let failed = match status.code() {
-                        Some(EXIT_BUDGET_EXHAUSTED) => Outcome::failed(
-                            JobReason::BudgetExhausted,
-                            "the job's budget could not pay for another model call",
-                        ),
-                        Some(EXIT_MAX_TURNS_REACHED) => {
-                            Outcome::failed(JobReason::MaxTurnsReached, "the job made its max_turns model calls")
-                        }
-                        Some(code) => Outcome::failed(JobReason::AgentError, format!("the agent exited with code {code}")),
+                        Some(code) => match agent_exit::reason(code) {
+                            Some((reason, message)) => Outcome::failed(reason, message),
+                            None => Outcome::failed(JobReason::AgentError, format!("the agent exited with code {code}")),
+                        },
                         None => Outcome::failed(JobReason::AgentError, "the agent was killed by a signal"),
                     };
                     Outcome { result, ..failed }
