@@ -478,3 +478,82 @@ async fn the_python_example_agent_meets_the_same_contract() {
     assert_eq!(std::fs::read_to_string(gateway.workspace(id).join("plan.md")).unwrap(), "1. picnic\n");
     assert_eq!(job["usage"]["model_calls"], 3);
 }
+
+/// The spans of `trace_id` the receiver got, by name, once `expected` names have all arrived.
+async fn spans_of(
+    receiver: &common::otlp::Receiver,
+    trace_id: &str,
+    expected: &[&str],
+) -> Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans: Vec<_> = receiver
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| hex(&s.trace_id) == trace_id)
+            .cloned()
+            .collect();
+        if expected.iter().all(|name| spans.iter().any(|(_, s)| s.name == *name)) {
+            return spans;
+        }
+        let names: Vec<_> = spans.iter().map(|(_, s)| s.name.clone()).collect();
+        assert!(Instant::now() < deadline, "missing spans of {expected:?}; got {names:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn one_trace_runs_from_the_caller_through_the_job_into_every_model_call() {
+    let (receiver, port) = common::otlp::start_receiver().await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let gateway = Gateway::start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        // Agents export too: the endpoint is passed to them.
+        ("OATS_LOCAL_ENV_ALLOWLIST", "PATH,OTEL_EXPORTER_OTLP_ENDPOINT,OTEL_EXPORTER_OTLP_PROTOCOL,OTEL_BSP_SCHEDULE_DELAY"),
+    ])
+    .await;
+    gateway.fake.push(Reply::tool("write_file", json!({"path": "a.txt", "content": "x"}), 40, 8));
+    gateway.fake.push(Reply::text("done", 50, 4));
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let response = gateway
+        .server
+        .http
+        .post(gateway.server.url("/api/v1/jobs"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"goal": "Trace me", "max_turns": 3, "model": "test-model"}))
+        .send()
+        .await
+        .unwrap();
+    let job: Value = response.json().await.unwrap();
+    let job = gateway.finished(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    let spans = spans_of(&receiver, trace_id, &["invoke_agent oats", "execute_tool write_file", "chat test-model"]).await;
+    let chats: Vec<_> = spans.iter().filter(|(_, s)| s.name == "chat test-model").collect();
+    assert_eq!(chats.len(), 2, "one span per model call");
+    let agent = spans.iter().find(|(_, s)| s.name == "invoke_agent oats").unwrap();
+    assert_eq!(agent.0, "oats-agent", "the agent's spans carry its own service name");
+    for (service, chat) in &chats {
+        assert_eq!(service, "oats");
+        assert_eq!(chat.kind, 3, "CLIENT");
+        assert_eq!(chat.parent_span_id, agent.1.span_id, "a child of the agent's span");
+        let attribute = |key: &str| common::otlp::attribute(chat, key);
+        assert_eq!(attribute("gen_ai.operation.name").as_deref(), Some("chat"));
+        assert_eq!(attribute("gen_ai.provider.name").as_deref(), Some("fake"));
+        assert_eq!(attribute("gen_ai.request.model").as_deref(), Some("test-model"));
+        assert_eq!(attribute("gen_ai.response.model").as_deref(), Some("fake-model"));
+        assert!(attribute("gen_ai.usage.input_tokens").is_some_and(|t| t == "40" || t == "50"));
+        assert_eq!(attribute("gen_ai.input.messages"), None, "no content unless the tenant's policy opts in");
+    }
+    // Secrets appear nowhere in what was exported.
+    let exported = format!("{:?}", receiver.spans.lock().unwrap());
+    assert!(!exported.contains(PROVIDER_KEY) && !exported.contains("oats-job."), "a credential was exported");
+}

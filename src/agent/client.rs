@@ -67,7 +67,9 @@ impl ModelClient {
 
     fn request(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         let builder = builder.bearer_auth(self.credential.current());
-        match &self.traceparent {
+        // The current span's context when the agent exports spans, else the job's own.
+        let traceparent = crate::telemetry::trace::context_header(&tracing::Span::current()).or(self.traceparent.clone());
+        match traceparent {
             Some(traceparent) => builder.header("traceparent", traceparent),
             None => builder,
         }

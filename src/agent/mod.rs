@@ -20,6 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 use crate::jobs::agent_env;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tools::{ToolOutcome, Workspace};
 
 /// The job's answer, within the result limit.
@@ -101,8 +103,21 @@ impl Progress {
     }
 }
 
-/// Run the agent; returns its exit code.
+/// Run the agent; returns its exit code. Its spans (`invoke_agent`, `execute_tool {name}`) are
+/// exported when an OTLP endpoint is configured for agents, in the job's trace.
 pub async fn run() -> i32 {
+    let exporting = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|e| !e.is_empty()));
+    let telemetry = exporting.then(|| crate::telemetry::init_as(crate::config::LogFormat::Json, "oats-agent"));
+    let code = run_traced().await;
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
+    }
+    code
+}
+
+async fn run_traced() -> i32 {
     let contract = match Contract::from_env() {
         Ok(contract) => contract,
         Err(problem) => {
@@ -122,12 +137,33 @@ pub async fn run() -> i32 {
     };
     let mut progress = Progress::default();
     let deadline = Instant::now() + contract.timeout.saturating_sub(DEADLINE_MARGIN);
+    let span = agent_span(&contract);
     let (code, text) = tokio::select! {
-        outcome = work(&contract, &workspace, &mut progress, deadline) => outcome,
+        outcome = work(&contract, &workspace, &mut progress, deadline).instrument(span.clone()) => outcome,
         _ = terminate.recv() => (EXIT_TERMINATED, String::new()),
     };
+    span.record("oats.agent.exit_code", code);
+    drop(span);
     let text = if code == EXIT_TERMINATED { progress.summary("SIGTERM (cancelled, or the deadline).") } else { text };
     finish(&contract.result_file, Some(&workspace), code, &text)
+}
+
+/// The `invoke_agent` span, a child of the job's trace (`TRACEPARENT`).
+fn agent_span(contract: &Contract) -> tracing::Span {
+    let span = tracing::info_span!(
+        "invoke_agent",
+        otel.name = "invoke_agent oats",
+        otel.kind = "internal",
+        gen_ai.operation.name = "invoke_agent",
+        gen_ai.agent.name = "oats",
+        gen_ai.request.model = contract.model.as_deref().unwrap_or(""),
+        oats.agent.exit_code = tracing::field::Empty,
+    );
+    if let Some(traceparent) = &contract.traceparent {
+        let parent = crate::jobs::TraceContext { traceparent: traceparent.clone(), tracestate: None };
+        let _ = span.set_parent(crate::telemetry::trace::context_of(&parent));
+    }
+    span
 }
 
 /// The loop; returns the exit code and the result text.
@@ -186,7 +222,15 @@ async fn work(contract: &Contract, workspace: &Workspace, progress: &mut Progres
             let id = call.get("id").and_then(Value::as_str).unwrap_or_default();
             let arguments = call.pointer("/function/arguments").and_then(Value::as_str).unwrap_or("{}");
             progress.tool_calls.push(name.clone());
-            let outcome = workspace.run(name, arguments);
+            let outcome = tracing::info_span!(
+                "execute_tool",
+                otel.name = format!("execute_tool {name}"),
+                otel.kind = "internal",
+                gen_ai.operation.name = "execute_tool",
+                gen_ai.tool.name = name.as_str(),
+                gen_ai.tool.call.id = id,
+            )
+            .in_scope(|| workspace.run(name, arguments));
             let output = match outcome {
                 ToolOutcome::Answer(answer) => return (EXIT_ANSWERED, answer),
                 ToolOutcome::Output(output) => output,

@@ -6,6 +6,29 @@ use sha2::{Digest, Sha256};
 /// Label keys under this prefix (and `app`) belong to OATS itself; users cannot set them.
 pub const RESERVED_LABEL_PREFIX: &str = "oats.dev/";
 
+/// Why a label key is not the user's to set, if it is not: OATS's own keys, and every key that
+/// Kubernetes or its controllers own or act on (the Job controller's `job-name` and
+/// `controller-uid`, `batch.kubernetes.io/*`, `kubernetes.io/*`, `*.kubernetes.io/*`, `k8s.io/*`,
+/// `*.k8s.io/*`). The recommended `app.kubernetes.io/*` labels stay the user's, except
+/// `app.kubernetes.io/managed-by`, which OATS sets.
+pub fn reserved_label_key(key: &str) -> Option<&'static str> {
+    if key == "app" || key.starts_with(RESERVED_LABEL_PREFIX) {
+        return Some("this key is reserved for OATS");
+    }
+    if key == "app.kubernetes.io/managed-by" {
+        return Some("this key is reserved: OATS sets it on every Job");
+    }
+    if ["job-name", "controller-uid", "pod-template-hash"].contains(&key) {
+        return Some("this key is reserved: the Kubernetes Job controller sets it");
+    }
+    let Some((prefix, _)) = key.rsplit_once('/') else { return None };
+    let under = |domain: &str| prefix == domain || prefix.ends_with(&format!(".{domain}"));
+    if prefix != "app.kubernetes.io" && (under("kubernetes.io") || under("k8s.io")) {
+        return Some("this key is reserved: keys under kubernetes.io and k8s.io belong to Kubernetes");
+    }
+    None
+}
+
 /// A submission as the client sent it, before defaults and limits.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobRequest {
@@ -161,8 +184,8 @@ impl JobRequest {
         for (key, value) in &self.labels {
             if let Err(message) = check_label_key(key) {
                 errors.push(FieldError::new(format!("labels.{key}"), message));
-            } else if key == "app" || key.starts_with(RESERVED_LABEL_PREFIX) {
-                errors.push(FieldError::new(format!("labels.{key}"), "this key is reserved for OATS"));
+            } else if let Some(message) = reserved_label_key(key) {
+                errors.push(FieldError::new(format!("labels.{key}"), format!("`{key}`: {message}")));
             }
             if let Err(message) = check_label_value(value) {
                 errors.push(FieldError::new(format!("labels.{key}"), message));
@@ -334,6 +357,34 @@ mod tests {
             let labels: Labels = [(key.to_string(), value.to_string())].into();
             let result = JobRequest { labels, ..request() }.validate(&limits);
             assert!(result.is_err(), "{key}={value} accepted");
+        }
+    }
+
+    #[test]
+    fn keys_kubernetes_owns_are_reserved_and_named() {
+        let limits = JobLimits::default();
+        for key in [
+            "job-name",
+            "controller-uid",
+            "batch.kubernetes.io/job-name",
+            "batch.kubernetes.io/controller-uid",
+            "kubernetes.io/metadata.name",
+            "topology.kubernetes.io/zone",
+            "pod-security.kubernetes.io/enforce",
+            "k8s.io/anything",
+            "jobset.sigs.k8s.io/jobset-name",
+            "app.kubernetes.io/managed-by",
+        ] {
+            let labels: Labels = [(key.to_string(), "v".to_string())].into();
+            let errors = JobRequest { labels, ..request() }.validate(&limits).unwrap_err();
+            assert_eq!(errors.len(), 1, "{key}: {errors:?}");
+            assert_eq!(errors[0].field, format!("labels.{key}"));
+            assert!(errors[0].message.contains(key) && errors[0].message.contains("reserved"), "{errors:?}");
+        }
+        // The recommended labels stay the user's, and look-alike domains are not Kubernetes'.
+        for key in ["app.kubernetes.io/name", "app.kubernetes.io/part-of", "notkubernetes.io/x", "x-k8s.io.example.com/y"] {
+            let labels: Labels = [(key.to_string(), "v".to_string())].into();
+            assert!(JobRequest { labels, ..request() }.validate(&limits).is_ok(), "{key} refused");
         }
     }
 

@@ -39,7 +39,24 @@ pub(super) struct Call {
     max_output_tokens: u64,
     started: Instant,
     pub(super) span: tracing::Span,
+    /// The tenant's policy lets prompts and completions be recorded in spans.
+    record_content: bool,
     _slot: OwnedSemaphorePermit,
+}
+
+/// Most bytes of content recorded in one span attribute, when a tenant opts in.
+const MAX_CONTENT_BYTES: usize = 16 * 1024;
+
+/// `text` cut to [`MAX_CONTENT_BYTES`] on a character boundary.
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_CONTENT_BYTES {
+        let mut end = MAX_CONTENT_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 /// What a finished call used, as far as the gateway knows.
@@ -135,6 +152,11 @@ pub(super) async fn chat(
         }
     };
     let span = call_span(&model, &job, stream, size.max_output_tokens, traceparent.as_deref());
+    if rules.record_llm_content
+        && let Some(messages) = request.get("messages")
+    {
+        span.record("gen_ai.input.messages", bounded(messages.to_string()));
+    }
     let call = Call {
         gateway: gateway.clone(),
         job,
@@ -144,6 +166,7 @@ pub(super) async fn chat(
         max_output_tokens: size.max_output_tokens,
         started: Instant::now(),
         span,
+        record_content: rules.record_llm_content,
         _slot: slot,
     };
     let body = serde_json::to_vec(&request).expect("a JSON map serialises");
@@ -259,6 +282,8 @@ fn call_span(model: &Model, job: &JobRecord, stream: bool, max_tokens: u64, trac
         gen_ai.request.stream = stream,
         gen_ai.response.model = tracing::field::Empty,
         gen_ai.response.finish_reasons = tracing::field::Empty,
+        gen_ai.input.messages = tracing::field::Empty,
+        gen_ai.output.messages = tracing::field::Empty,
         gen_ai.usage.input_tokens = tracing::field::Empty,
         gen_ai.usage.output_tokens = tracing::field::Empty,
         gen_ai.usage.cache_read.input_tokens = tracing::field::Empty,
@@ -407,6 +432,11 @@ async fn answer(call: Call, upstream: reqwest::Response) -> Result<Response, Api
     let used = answer.get("usage").and_then(openai::usage_of).map_or(Used::Unknown, Used::Reported);
     if let Some(model) = answer.get("model").and_then(Value::as_str) {
         call.span.record("gen_ai.response.model", model);
+    }
+    if call.record_content
+        && let Some(choices) = answer.get("choices")
+    {
+        call.span.record("gen_ai.output.messages", bounded(choices.to_string()));
     }
     call.finish(used, None, &openai::finish_reasons(&answer)).await;
     Ok(Response::builder().status(StatusCode::OK).content_type("application/json").body(bytes))

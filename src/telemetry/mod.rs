@@ -74,6 +74,12 @@ impl Telemetry {
 /// (with `trace_id`/`span_id` inside a traced request) or text; plus OTLP traces when configured.
 /// Must run inside the Tokio runtime (the gRPC exporter binds to it).
 pub fn init(format: LogFormat) -> Telemetry {
+    init_as(format, "oats")
+}
+
+/// [`init`] for a process that is not the server (the agent), named `service` in its spans
+/// unless `OTEL_SERVICE_NAME` says otherwise.
+pub fn init_as(format: LogFormat, service: &'static str) -> Telemetry {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match format {
@@ -92,7 +98,7 @@ pub fn init(format: LogFormat) -> Telemetry {
     } else {
         fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).with_filter(filter).boxed()
     };
-    let (provider, problem) = match tracer_provider() {
+    let (provider, problem) = match tracer_provider(service) {
         Ok(provider) => (provider, None),
         Err(problem) => (None, Some(problem)),
     };
@@ -129,7 +135,7 @@ fn env(name: &str) -> Option<String> {
 
 /// The tracer provider the `OTEL_*` variables ask for and which requests start traces, `None` when
 /// tracing is off.
-fn tracer_provider() -> Result<Option<(SdkTracerProvider, Roots)>, String> {
+fn tracer_provider(service: &'static str) -> Result<Option<(SdkTracerProvider, Roots)>, String> {
     if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
         || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v == "none")
     {
@@ -154,7 +160,7 @@ fn tracer_provider() -> Result<Option<(SdkTracerProvider, Roots)>, String> {
     .map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
     let mut resource = Resource::builder().with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
     if env("OTEL_SERVICE_NAME").is_none() {
-        resource = resource.with_service_name("oats");
+        resource = resource.with_service_name(service);
     }
     let roots = roots(env("OTEL_TRACES_SAMPLER").as_deref(), env("OTEL_TRACES_SAMPLER_ARG").as_deref())?;
     let sampler = Sampler::ParentBased(Box::new(RootSampler { roots }));
