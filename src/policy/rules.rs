@@ -188,6 +188,9 @@ impl PolicyDocument {
         }
         for tenant in std::iter::once("(defaults)").chain(document.tenants.keys().map(String::as_str)) {
             let rules = document.rules_for(tenant);
+            if let Some(why) = rules.default_budget.exceeds(&rules.max_budget) {
+                return Err(format!("{}: tenant {tenant}: default_budget is above max_budget: {why}", path.display()));
+            }
             if let Some(profile) = &rules.default_profile
                 && !rules.resource_profiles.contains_key(profile)
             {
@@ -211,8 +214,24 @@ fn listed(allowed: &[String], value: &str) -> bool {
     allowed.iter().any(|a| a == "*" || a == value)
 }
 
+/// Domains of label keys that service meshes and batch queues act on (sidecar injection, queue
+/// admission: `sidecar.istio.io/inject`, `kueue.x-k8s.io/queue-name`, …), with their subdomains.
+/// A tenant may set them only when its `allowed_label_keys` names them: a bare `*` is not enough.
+pub const GUARDED_LABEL_DOMAINS: [&str; 7] =
+    ["istio.io", "linkerd.io", "x-k8s.io", "kuma.io", "volcano.sh", "yunikorn.apache.org", "consul.hashicorp.com"];
+
+fn guarded_label_key(key: &str) -> bool {
+    key.rsplit_once('/').is_some_and(|(prefix, _)| {
+        GUARDED_LABEL_DOMAINS.iter().any(|d| prefix == *d || prefix.ends_with(&format!(".{d}")))
+    })
+}
+
 fn label_key_allowed(allowed: &[String], key: &str) -> bool {
-    allowed.iter().any(|a| a == "*" || a == key || a.strip_suffix('*').is_some_and(|prefix| key.starts_with(prefix)))
+    let named = |a: &String| a == key || (a != "*" && a.strip_suffix('*').is_some_and(|prefix| key.starts_with(prefix)));
+    if guarded_label_key(key) {
+        return allowed.iter().any(named);
+    }
+    allowed.iter().any(|a| a == "*" || named(a))
 }
 
 /// An image is allowed by an exact match (digests), or a prefix ending in `/` or `:`.
@@ -274,6 +293,12 @@ impl TenantRules {
             refused.is_empty(),
             if refused.is_empty() {
                 "all label keys allowed".into()
+            } else if refused.iter().any(|k| guarded_label_key(k)) {
+                format!(
+                    "label keys not allowed: {} (keys of service meshes and batch queues must be named in \
+                     allowed_label_keys)",
+                    refused.join(", ")
+                )
             } else {
                 format!("label keys not allowed: {}", refused.join(", "))
             },
@@ -376,6 +401,25 @@ defaults:
     }
 
     #[test]
+    fn mesh_and_queue_label_keys_need_an_explicit_entry() {
+        let labels = |k: &str| [(k.to_string(), "v".to_string())].into();
+        let judge = |allowed: &[&str], key: &str| {
+            let rules = TenantRules { allowed_label_keys: allowed.iter().map(|a| a.to_string()).collect(), ..Default::default() };
+            let spec = spec(|r| r.labels = labels(key));
+            let submission = Submission { tenant: "t", spec: &spec, active_jobs: 0, image: None };
+            rules.judge(&submission).0.into_iter().find(|v| v.rule == Rule::AllowedLabelKeys).unwrap()
+        };
+        for key in ["sidecar.istio.io/inject", "istio.io/rev", "kueue.x-k8s.io/queue-name", "linkerd.io/inject"] {
+            let verdict = judge(&["*"], key);
+            assert!(!verdict.allowed && verdict.detail.contains(key), "{key}: {verdict:?}");
+        }
+        assert!(judge(&["*", "sidecar.istio.io/*"], "sidecar.istio.io/inject").allowed);
+        assert!(judge(&["kueue.x-k8s.io/queue-name"], "kueue.x-k8s.io/queue-name").allowed);
+        assert!(!judge(&["kueue.x-k8s.io/queue-name"], "kueue.x-k8s.io/priority-class").allowed);
+        assert!(judge(&["*"], "example.com/istio.io").allowed, "only the key's prefix counts");
+    }
+
+    #[test]
     fn the_default_profile_gives_resources() {
         let submission = Submission { tenant: "t", spec: &spec(|_| {}), active_jobs: 0, image: None };
         let (_, resources) = rules().judge(&submission);
@@ -396,5 +440,28 @@ defaults:
     #[test]
     fn unknown_keys_are_errors() {
         assert!(serde_saphyr::from_str::<PolicyDocument>("defaults:\n  max_turn: 10\n").is_err());
+    }
+
+    #[test]
+    fn budgets_are_read_in_dollars_and_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(
+            &path,
+            "defaults:\n  default_budget: {max_tokens: 1000, max_cost_usd: 0.5}\n  daily_spend_limit_usd: 20\n  max_in_flight_calls: 2\n",
+        )
+        .unwrap();
+        let rules = PolicyDocument::read(&path).unwrap().rules_for("any");
+        assert_eq!(rules.default_budget, Budget { max_tokens: Some(1000), max_cost: Some(NanoUsd(500_000_000)) });
+        assert_eq!((rules.daily_spend_limit, rules.max_in_flight_calls), (Some(NanoUsd(20_000_000_000)), 2));
+        for (yaml, expected) in [
+            ("defaults:\n  default_budget: {max_tokens: 10}\n  max_budget: {max_tokens: 5}\n", "above max_budget"),
+            ("defaults:\n  daily_spend_limit_usd: -1\n", "not an amount"),
+            ("defaults:\n  max_in_flight_calls: 0\n", "at least 1"),
+        ] {
+            std::fs::write(&path, yaml).unwrap();
+            let error = PolicyDocument::read(&path).unwrap_err();
+            assert!(error.contains(expected), "{yaml}: {error}");
+        }
     }
 }
