@@ -114,3 +114,28 @@ fn schema_bounds_are_the_server_limits() {
     let limit = list.as_array().unwrap().iter().find(|p| p["name"] == "limit").unwrap();
     assert_eq!(num(&limit["schema"]["maximum"]), oats::jobs::ListQuery::MAX_LIMIT as f64);
 }
+
+/// JSON bodies are declared as plain `application/json`: a `charset` parameter ends up in the
+/// method names some generators produce (`CreateJobWithApplicationJSONCharsetUTF8BodyWithResponse`).
+#[test]
+fn json_bodies_are_plain_application_json() {
+    let spec = spec();
+    let mut json_bodies = 0;
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let request = op["requestBody"]["content"].as_object().into_iter().flatten();
+            let responses = op["responses"].as_object().into_iter().flatten();
+            let contents = responses.flat_map(|(_, r)| r["content"].as_object().into_iter().flatten()).chain(request);
+            for (media_type, _) in contents {
+                assert!(
+                    !(media_type.contains("json") && media_type.contains(';')),
+                    "{method} {path} declares {media_type}"
+                );
+                json_bodies += usize::from(media_type == "application/json");
+            }
+        }
+    }
+    assert!(json_bodies >= 8, "only {json_bodies} JSON bodies");
+    let create = &spec["paths"]["/api/v1/jobs"]["post"];
+    assert!(create["requestBody"]["content"]["application/json"].is_object(), "{create}");
+}

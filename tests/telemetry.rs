@@ -172,6 +172,70 @@ async fn sampling_spares_untraced_reads_but_never_submissions() {
     assert_eq!(spans.iter().filter(|(_, s)| s.name == "GET /api/v1/jobs/{id}").count(), 1);
 }
 
+/// A `traceparent` forces a span (and continues the caller's trace) only for a caller who
+/// authenticated: anonymous or wrongly authenticated callers cannot push requests into the trace
+/// pipeline or choose our trace ids.
+#[tokio::test]
+async fn only_authenticated_callers_traces_are_followed() {
+    let (receiver, port) = start_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.yaml");
+    let hash = oats::auth::hash_token("good-token");
+    std::fs::write(&tokens, format!("tokens:\n  - {{name: ci, sha256: {hash}, tenant: acme, role: submitter}}\n"))
+        .unwrap();
+    let tokens = tokens.display().to_string();
+    let env = [
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0"),
+        ("OATS_AUTH_TOKENS_FILE", tokens.as_str()),
+    ];
+    let server = traced_server(dir.path(), port, &env).await;
+    let untrusted = "11111111111111111111111111111111";
+    let traceparent = |trace: &str| format!("00-{trace}-{CALLER_SPAN}-01");
+    let get = |path: &str, trace: &str, token: Option<&str>| {
+        let mut request = server.http.get(server.url(path)).header("traceparent", traceparent(trace));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    for _ in 0..5 {
+        assert_eq!(get("/api/v1/jobs", untrusted, None).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(get("/api/v1/jobs", untrusted, Some("bad-token")).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(get("/healthz", untrusted, None).await.unwrap().status(), StatusCode::OK);
+    }
+    // A write is always traced, but an unauthenticated caller's trace is not continued.
+    let refused = server
+        .http
+        .post(server.url("/api/v1/jobs"))
+        .header("traceparent", traceparent(untrusted))
+        .json(&json!({"goal": "anonymous", "max_turns": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(get("/api/v1/jobs", TRACE_ID, Some("good-token")).await.unwrap().status(), StatusCode::OK);
+
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans = receiver.spans.lock().unwrap().clone();
+        let trusted = spans.iter().any(|(_, s)| s.name == "GET /api/v1/jobs" && hex(&s.trace_id) == TRACE_ID);
+        let post = spans.iter().any(|(_, s)| s.name == "POST /api/v1/jobs");
+        if trusted && post {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the spans never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spans = receiver.spans.lock().unwrap().clone();
+    let names: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+    assert!(spans.iter().all(|(_, s)| hex(&s.trace_id) != untrusted), "an anonymous caller's trace was followed");
+    assert_eq!(names.iter().filter(|n| **n == "GET /api/v1/jobs").count(), 1, "{names:?}");
+    assert!(!names.contains(&"GET /healthz"), "{names:?}");
+}
+
 #[tokio::test]
 async fn a_dead_collector_never_blocks_requests() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,7 @@
 
 use super::{
     ApiState,
-    json::{JobJson, JobListJson, JsonBody},
+    json::{JobJson, JobListJson, JsonBody, PlainJson as Json},
     problem::ProblemResponse,
     types::{
         CreateJobRequest, DryRunResult, Health, Job, JobChange, JobEventList, JobList, JobStatus, RuleVerdict,
@@ -26,7 +26,7 @@ use poem_openapi::{
     ApiResponse, OpenApi, SecurityScheme, Tags,
     auth::Bearer,
     param::{Header, Path, Query},
-    payload::{Binary, Json},
+    payload::Binary,
 };
 use std::sync::Arc;
 

@@ -9,15 +9,109 @@
 
 use super::types::{JobBudget, JobStatus, JobStatusReason, Usage};
 use crate::jobs::{JobId, JobRecord, JobUsage};
-use poem::{IntoResponse, Response, http::header};
+use poem::{IntoResponse, Request, RequestBody, Response, http::header};
 use poem_openapi::{
-    ApiResponse,
-    payload::{Json, Payload},
-    registry::{MetaResponses, MetaSchemaRef, Registry},
-    types::{ToJSON, Type},
+    ApiExtractor, ApiExtractorType, ApiResponse, ExtractParamOptions,
+    error::ContentTypeError,
+    payload::{Json, ParsePayload, Payload},
+    registry::{MetaMediaType, MetaRequest, MetaResponse, MetaResponses, MetaSchemaRef, Registry},
+    types::{ParseFromJSON, ToJSON, Type},
 };
 use serde::Serialize;
 use std::{collections::HashMap, marker::PhantomData, sync::Arc};
+
+/// The media type of JSON bodies, in the document and on the wire: plain `application/json`.
+/// (poem-openapi's `Json` declares `application/json; charset=utf-8`, and some client generators
+/// turn that parameter into method and type names such as `CreateJobWithApplicationJSONCharsetUTF8Body`.)
+pub const JSON: &str = "application/json";
+
+/// A JSON request or response body: poem-openapi's [`Json`], declared as plain [`JSON`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainJson<T>(pub T);
+
+impl<T: Type> Payload for PlainJson<T> {
+    const CONTENT_TYPE: &'static str = JSON;
+
+    fn check_content_type(content_type: &str) -> bool {
+        Json::<T>::check_content_type(content_type)
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+}
+
+impl<T: ParseFromJSON> ParsePayload for PlainJson<T> {
+    const IS_REQUIRED: bool = T::IS_REQUIRED;
+
+    async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
+        <Json<T> as ParsePayload>::from_request(request, body).await.map(|json| Self(json.0))
+    }
+}
+
+impl<'a, T: ParseFromJSON> ApiExtractor<'a> for PlainJson<T> {
+    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
+
+    type ParamType = ();
+    type ParamRawType = ();
+
+    fn register(registry: &mut Registry) {
+        <Self as Payload>::register(registry);
+    }
+
+    fn request_meta() -> Option<MetaRequest> {
+        Some(MetaRequest {
+            description: None,
+            content: vec![MetaMediaType { content_type: JSON, schema: T::schema_ref() }],
+            required: T::IS_REQUIRED,
+        })
+    }
+
+    async fn from_request(
+        request: &'a Request,
+        body: &mut RequestBody,
+        _options: ExtractParamOptions<()>,
+    ) -> poem::Result<Self> {
+        match request.content_type() {
+            Some(content_type) if Self::check_content_type(content_type) => {
+                <Self as ParsePayload>::from_request(request, body).await
+            }
+            Some(content_type) => {
+                Err(ContentTypeError::NotSupported { content_type: content_type.to_owned() }.into())
+            }
+            None => Err(ContentTypeError::ExpectContentType.into()),
+        }
+    }
+}
+
+impl<T: ToJSON> IntoResponse for PlainJson<T> {
+    fn into_response(self) -> Response {
+        let body = self.0.to_json().map(|value| value.to_string()).unwrap_or_else(|| "null".into());
+        Response::builder().header(header::CONTENT_TYPE, JSON).body(body)
+    }
+}
+
+impl<T: ToJSON> ApiResponse for PlainJson<T> {
+    fn meta() -> MetaResponses {
+        MetaResponses {
+            responses: vec![MetaResponse {
+                description: "",
+                status: Some(200),
+                status_range: None,
+                content: vec![MetaMediaType { content_type: JSON, schema: T::schema_ref() }],
+                headers: vec![],
+            }],
+        }
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+}
 
 /// A JSON response body documented as the schema `S` (like `Json<S>`) and written with serde from
 /// `T`: `S` itself, or a view that writes the same JSON without building an `S` first.
@@ -30,7 +124,7 @@ impl<S, T> JsonBody<S, T> {
 }
 
 impl<S: Type, T: Send> Payload for JsonBody<S, T> {
-    const CONTENT_TYPE: &'static str = Json::<S>::CONTENT_TYPE;
+    const CONTENT_TYPE: &'static str = JSON;
 
     fn check_content_type(content_type: &str) -> bool {
         Json::<S>::check_content_type(content_type)
@@ -88,7 +182,7 @@ impl<S: Type, T: Render + Send> IntoResponse for JsonBody<S, T> {
 
 impl<S: Type + ToJSON, T: Render + Send> ApiResponse for JsonBody<S, T> {
     fn meta() -> MetaResponses {
-        Json::<S>::meta()
+        PlainJson::<S>::meta()
     }
 
     fn register(registry: &mut Registry) {

@@ -176,8 +176,19 @@ impl Pipeline {
                 Err(error) => problem::from_poem_error(error),
             }
         };
-        Ok(observe::observe(request, self.state.jobs.metrics(), &self.routes, handle).await)
+        // A caller's trace is followed only once the caller has authenticated (checked here only
+        // for requests that carry one; the handler authenticates again as usual).
+        let caller_trace = request.headers().contains_key("traceparent")
+            && Box::pin(self.state.auth.authenticate(bearer_token(&request))).await.is_ok();
+        Ok(observe::observe(request, self.state.jobs.metrics(), &self.routes, caller_trace, handle).await)
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer_token(request: &Request) -> Option<&str> {
+    let value = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 /// Only `/metrics`, for a separate metrics port.

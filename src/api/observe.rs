@@ -93,18 +93,26 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// Run one request (`handle`) inside its server span and record its metrics.
-pub async fn observe<F, Fut>(request: Request, metrics: &Metrics, routes: &Routes, handle: F) -> Response
+/// Run one request (`handle`) inside its server span and record its metrics. `caller_trace`: the
+/// request carries a `traceparent` and its caller authenticated, so the span continues the
+/// caller's trace and is sampled; an anonymous caller's `traceparent` is ignored (it could
+/// otherwise force every request it sends into the trace pipeline, or pick our trace ids).
+pub async fn observe<F, Fut>(
+    request: Request,
+    metrics: &Metrics,
+    routes: &Routes,
+    caller_trace: bool,
+    handle: F,
+) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
 {
     let method = method_label(request.method());
     let route = routes.route(request.uri().path());
-    let has_traceparent = request.headers().contains_key("traceparent");
     let read_only = matches!(method, "GET" | "HEAD" | "OPTIONS");
-    let span = if telemetry::trace_request(has_traceparent, read_only) {
-        server_span(&request, routes, method, route)
+    let span = if telemetry::trace_request(caller_trace, read_only) {
+        server_span(&request, routes, method, route, caller_trace)
     } else {
         Span::none()
     };
@@ -139,9 +147,19 @@ where
     response
 }
 
-/// The server span `{method} {route}`, continuing the caller's `traceparent`.
-fn server_span(request: &Request, routes: &Routes, method: &'static str, route: &'static str) -> Span {
-    let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+/// The server span `{method} {route}`, continuing the caller's `traceparent` when it is trusted.
+fn server_span(
+    request: &Request,
+    routes: &Routes,
+    method: &'static str,
+    route: &'static str,
+    caller_trace: bool,
+) -> Span {
+    let parent = if caller_trace {
+        global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())))
+    } else {
+        opentelemetry::Context::new()
+    };
     let span = tracing::info_span!(
         "HTTP request",
         otel.name = routes.span_name(method, route),

@@ -40,13 +40,14 @@ pub const REVISION: &str = match option_env!("OATS_REVISION") {
 static ROOTS: std::sync::OnceLock<Roots> = std::sync::OnceLock::new();
 
 /// Whether a request gets a server span. Without an exporter, never: nothing would read it (JSON
-/// log lines carry trace ids only when there is a trace). With one: when the caller sent a
-/// `traceparent` (the sampler follows the caller's decision), for every write (submissions start
-/// the traces the agent continues), and for the sampler's share of reads. Deciding before the span
+/// log lines carry trace ids only when there is a trace). With one: when an authenticated caller
+/// sent a `traceparent` (`caller_trace`; the sampler follows the caller's decision; an
+/// unauthenticated caller's `traceparent` forces nothing), for every write (submissions start the
+/// traces the agent continues), and for the sampler's share of reads. Deciding before the span
 /// exists keeps an unsampled poll as cheap as with tracing off.
-pub fn trace_request(has_traceparent: bool, read_only: bool) -> bool {
+pub fn trace_request(caller_trace: bool, read_only: bool) -> bool {
     let Some(roots) = ROOTS.get() else { return false };
-    has_traceparent
+    caller_trace
         || if read_only {
             roots.reads >= 1.0 || (roots.reads > 0.0 && rand::random::<f64>() < roots.reads)
         } else {
