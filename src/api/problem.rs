@@ -34,6 +34,7 @@ pub enum ProblemKind {
     RequestTimeout,
     PayloadTooLarge,
     UnsupportedMediaType,
+    QuotaExhausted,
     BackendUnavailable,
     Internal,
 }
@@ -62,6 +63,9 @@ impl ProblemKind {
             Self::PayloadTooLarge => (S::PAYLOAD_TOO_LARGE, "payload-too-large", "The request body is too large"),
             Self::UnsupportedMediaType => {
                 (S::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "The request body must be application/json")
+            }
+            Self::QuotaExhausted => {
+                (S::TOO_MANY_REQUESTS, "quota-exhausted", "The cluster's quota for jobs is exhausted; retry later")
             }
             Self::BackendUnavailable => {
                 (S::SERVICE_UNAVAILABLE, "backend-unavailable", "The job backend is unavailable; retry later")
@@ -120,7 +124,8 @@ pub enum ProblemResponse {
     /// policy limit (`type` names the rule, e.g. `…/policy/max-turns`).
     #[oai(status = 422, content_type = "application/problem+json")]
     Unprocessable(Json<Problem>),
-    /// A rate or concurrency limit of the tenant's policy; retry after the given seconds.
+    /// A rate or concurrency limit of the tenant's policy, or the cluster's quota for jobs
+    /// (`quota-exhausted`); retry after the given seconds.
     #[oai(status = 429, content_type = "application/problem+json")]
     TooManyRequests(Json<Problem>, #[oai(header = "Retry-After")] u64),
     /// An unexpected failure; nothing about it is the caller's fault.
@@ -171,6 +176,10 @@ impl From<JobError> for ProblemResponse {
             JobError::IdempotencyConflict(_) => ProblemKind::IdempotencyKeyReused.problem(error.to_string()),
             JobError::AlreadyFinished { .. } => ProblemKind::JobFinished.problem(error.to_string()),
             JobError::InvalidPageToken(_) => ProblemKind::InvalidPageToken.problem(error.to_string()),
+            JobError::QuotaExhausted { ref detail, retry_after: after } => {
+                retry_after = after.as_secs().max(1);
+                ProblemKind::QuotaExhausted.problem(detail.clone())
+            }
             JobError::Unavailable { ref detail, retry_after: after } => {
                 retry_after = after.as_secs().max(1);
                 ProblemKind::BackendUnavailable.problem(detail.clone())

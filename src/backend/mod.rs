@@ -19,6 +19,13 @@ pub enum BackendError {
     /// The backend refuses the job as rendered (e.g. it would fail Pod Security).
     #[error("{0}")]
     Refused(String),
+    /// The system of record refuses the job as submitted (a Kubernetes 422, or an admission
+    /// webhook's denial); the detail is its message.
+    #[error("{0}")]
+    Invalid(String),
+    /// A namespace ResourceQuota has no room for the job; it may fit later.
+    #[error("{detail}")]
+    QuotaExhausted { detail: String, retry_after: Duration },
     /// The job already reached a terminal phase.
     #[error("job {0} already finished")]
     AlreadyFinished(String),
@@ -59,6 +66,13 @@ pub trait JobBackend: Send + Sync {
 
     /// Current jobs by phase, for the `oats_jobs` gauges; cheap enough for every scrape.
     fn counts(&self) -> JobCounts;
+
+    /// Ask the system of record whether it would create `job`, creating nothing (Kubernetes: a
+    /// server-side dry-run create, through every admission check and quota). `None` when there is
+    /// nothing to ask (the local backend).
+    async fn dry_run_create(&self, _job: &NewJob) -> Option<Result<(), BackendError>> {
+        None
+    }
 
     /// Create the job, or report the one that already holds its id.
     async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError>;

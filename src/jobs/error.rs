@@ -37,6 +37,9 @@ pub enum JobError {
     /// The page token is not one this server issued for this query.
     #[error("invalid page token: {0}")]
     InvalidPageToken(String),
+    /// The namespace's ResourceQuota has no room for the job; retry later.
+    #[error("{detail}")]
+    QuotaExhausted { detail: String, retry_after: Duration },
     /// The backend cannot serve right now (e.g. the Kubernetes API is unreachable); retry later.
     #[error("{detail}")]
     Unavailable { detail: String, retry_after: Duration },

@@ -270,7 +270,9 @@ impl JobService {
             Ok(Submitted { created: true, .. }) => SubmissionOutcome::Accepted,
             Ok(Submitted { created: false, .. }) => SubmissionOutcome::Existing,
             Err(JobError::Invalid(_) | JobError::IdempotencyConflict(_)) => SubmissionOutcome::Invalid,
-            Err(JobError::PolicyDenied { .. } | JobError::Forbidden(_)) => SubmissionOutcome::Rejected,
+            Err(JobError::PolicyDenied { .. } | JobError::Forbidden(_) | JobError::QuotaExhausted { .. }) => {
+                SubmissionOutcome::Rejected
+            }
             Err(_) => SubmissionOutcome::Error,
         };
         self.metrics.submission(outcome);
@@ -280,13 +282,29 @@ impl JobService {
         result
     }
 
-    /// Judge a submission by every rule and show what would be created, creating nothing.
+    /// Judge a submission by every rule and show what would be created, creating nothing. On
+    /// Kubernetes the API server judges it too (a server-side dry-run create), so a dry run is
+    /// "not allowed" for anything the real create would be refused for.
     pub async fn dry_run(&self, caller: &Caller, request: JobRequest) -> Result<DryRun, JobError> {
-        let job = self.new_job(caller, request, None)?.1;
+        let mut job = self.new_job(caller, request, None)?.1;
         let evaluation = self.evaluate(&job, false);
+        job.resources = evaluation.resources;
         let preview = self.backend.preview(&job);
         let mut verdicts = evaluation.verdicts;
         verdicts.push(pod_security_verdict(&preview.pod_security_violations));
+        if let Some(answer) = self.backend.dry_run_create(&job).await {
+            verdicts.push(match answer {
+                Ok(()) => Verdict::allow(
+                    Rule::KubernetesAdmission,
+                    "the Kubernetes API server accepts the Job (server-side dry run)",
+                ),
+                Err(BackendError::Invalid(detail)) => Verdict::deny(Rule::KubernetesAdmission, detail),
+                Err(BackendError::QuotaExhausted { detail, retry_after }) => {
+                    Verdict { retry_after: Some(retry_after), ..Verdict::deny(Rule::NamespaceQuota, detail) }
+                }
+                Err(error) => return Err(error.into()),
+            });
+        }
         Ok(DryRun { verdicts, manifest: preview.manifest })
     }
 
@@ -370,6 +388,16 @@ impl JobService {
             Err(BackendError::Refused(detail)) => {
                 self.metrics.policy_denials.get_or_create(&RuleLabel { rule: Rule::PodSecurity.name() }).inc();
                 Err(JobError::PolicyDenied { rule: Rule::PodSecurity, detail, retry_after: None })
+            }
+            Err(BackendError::Invalid(detail)) => {
+                let rule = Rule::KubernetesAdmission;
+                self.metrics.policy_denials.get_or_create(&RuleLabel { rule: rule.name() }).inc();
+                Err(JobError::PolicyDenied { rule, detail, retry_after: None })
+            }
+            Err(BackendError::QuotaExhausted { detail, retry_after }) => {
+                self.metrics.kube_quota_refusals.inc();
+                tracing::warn!(job_id = %job.id, %detail, "the namespace's ResourceQuota refused a job");
+                Err(JobError::QuotaExhausted { detail, retry_after })
             }
             Err(error) => Err(error.into()),
         }
@@ -465,6 +493,10 @@ impl From<BackendError> for JobError {
             BackendError::Refused(detail) => {
                 JobError::PolicyDenied { rule: Rule::PodSecurity, detail, retry_after: None }
             }
+            BackendError::Invalid(detail) => {
+                JobError::PolicyDenied { rule: Rule::KubernetesAdmission, detail, retry_after: None }
+            }
+            BackendError::QuotaExhausted { detail, retry_after } => JobError::QuotaExhausted { detail, retry_after },
             BackendError::Internal(message) => JobError::Internal(message),
         }
     }

@@ -382,7 +382,9 @@ mod tests {
             assert!(errors[0].message.contains(key) && errors[0].message.contains("reserved"), "{errors:?}");
         }
         // The recommended labels stay the user's, and look-alike domains are not Kubernetes'.
-        for key in ["app.kubernetes.io/name", "app.kubernetes.io/part-of", "notkubernetes.io/x", "x-k8s.io.example.com/y"] {
+        for key in
+            ["app.kubernetes.io/name", "app.kubernetes.io/part-of", "notkubernetes.io/x", "x-k8s.io.example.com/y"]
+        {
             let labels: Labels = [(key.to_string(), "v".to_string())].into();
             assert!(JobRequest { labels, ..request() }.validate(&limits).is_ok(), "{key} refused");
         }

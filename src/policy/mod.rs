@@ -32,6 +32,12 @@ pub enum Rule {
     SubmissionsPerMinute,
     MaxStreams,
     MaxBudget,
+    /// The Kubernetes API server refuses the Job (validation or admission, a 422): found by the
+    /// server-side dry run of `?dry_run=true`, or by the create itself.
+    KubernetesAdmission,
+    /// The namespace's ResourceQuota has no room (dry runs only: a real submission answers the
+    /// problem `quota-exhausted`, not a policy denial).
+    NamespaceQuota,
 }
 
 impl Rule {
@@ -49,6 +55,8 @@ impl Rule {
             Self::SubmissionsPerMinute => "submissions-per-minute",
             Self::MaxStreams => "max-streams",
             Self::MaxBudget => "max-budget",
+            Self::KubernetesAdmission => "kubernetes-admission",
+            Self::NamespaceQuota => "quota-exhausted",
         }
     }
 
@@ -56,9 +64,14 @@ impl Rule {
     /// tenant may not use, 429 (with Retry-After) for rate and concurrency limits.
     pub fn status(self) -> u16 {
         match self {
-            Self::MaxGoalBytes | Self::MaxTurns | Self::MaxTimeout | Self::AllowedLabelKeys | Self::MaxBudget => 422,
+            Self::MaxGoalBytes
+            | Self::MaxTurns
+            | Self::MaxTimeout
+            | Self::AllowedLabelKeys
+            | Self::MaxBudget
+            | Self::KubernetesAdmission => 422,
             Self::AllowedModels | Self::ResourceProfile | Self::AllowedImages | Self::PodSecurity => 403,
-            Self::MaxConcurrentJobs | Self::SubmissionsPerMinute | Self::MaxStreams => 429,
+            Self::MaxConcurrentJobs | Self::SubmissionsPerMinute | Self::MaxStreams | Self::NamespaceQuota => 429,
         }
     }
 }

@@ -227,7 +227,8 @@ fn guarded_label_key(key: &str) -> bool {
 }
 
 fn label_key_allowed(allowed: &[String], key: &str) -> bool {
-    let named = |a: &String| a == key || (a != "*" && a.strip_suffix('*').is_some_and(|prefix| key.starts_with(prefix)));
+    let named =
+        |a: &String| a == key || (a != "*" && a.strip_suffix('*').is_some_and(|prefix| key.starts_with(prefix)));
     if guarded_label_key(key) {
         return allowed.iter().any(named);
     }
@@ -404,7 +405,10 @@ defaults:
     fn mesh_and_queue_label_keys_need_an_explicit_entry() {
         let labels = |k: &str| [(k.to_string(), "v".to_string())].into();
         let judge = |allowed: &[&str], key: &str| {
-            let rules = TenantRules { allowed_label_keys: allowed.iter().map(|a| a.to_string()).collect(), ..Default::default() };
+            let rules = TenantRules {
+                allowed_label_keys: allowed.iter().map(|a| a.to_string()).collect(),
+                ..Default::default()
+            };
             let spec = spec(|r| r.labels = labels(key));
             let submission = Submission { tenant: "t", spec: &spec, active_jobs: 0, image: None };
             rules.judge(&submission).0.into_iter().find(|v| v.rule == Rule::AllowedLabelKeys).unwrap()

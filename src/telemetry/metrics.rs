@@ -151,6 +151,7 @@ pub struct Metrics {
     pub watch_errors: Family<ResourceLabel, Counter>,
     pub watch_restarts: Family<ResourceLabel, Counter>,
     pub cache_synced: Family<ResourceLabel, Gauge>,
+    pub kube_quota_refusals: Counter,
     pub local_running: Gauge,
     job_counts: Arc<OnceLock<JobCountSource>>,
 }
@@ -223,6 +224,12 @@ impl Metrics {
         );
         let cache_synced = Family::<ResourceLabel, Gauge>::default();
         oats.register("kube_cache_synced", "1 when the watch cache is synced and healthy", cache_synced.clone());
+        let kube_quota_refusals = Counter::default();
+        oats.register(
+            "kube_quota_refusals",
+            "Job creations a namespace ResourceQuota refused (answered 429 quota-exhausted)",
+            kube_quota_refusals.clone(),
+        );
         let local_running = Gauge::default();
         oats.register("local_running_processes", "Agent processes run by the local backend", local_running.clone());
         let job_counts: Arc<OnceLock<JobCountSource>> = Arc::default();
@@ -246,6 +253,7 @@ impl Metrics {
             watch_errors,
             watch_restarts,
             cache_synced,
+            kube_quota_refusals,
             local_running,
             job_counts,
         }

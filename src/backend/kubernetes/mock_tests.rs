@@ -33,11 +33,27 @@ struct FakeApiServer {
     jobs: Arc<Mutex<Vec<Value>>>,
     calls: Arc<Mutex<Vec<(Method, String, Value)>>>,
     writes: Writes,
+    /// Every write bumps the Job's resourceVersion; a patch naming another one gets 409.
+    versions: Arc<Mutex<u64>>,
+    /// Applied to the Job just before the next patch is judged (a change that raced it).
+    before_patch: Arc<Mutex<Option<Value>>>,
 }
 
 impl FakeApiServer {
     fn new(writes: Writes) -> Self {
-        Self { jobs: Arc::default(), calls: Arc::default(), writes }
+        Self {
+            jobs: Arc::default(),
+            calls: Arc::default(),
+            writes,
+            versions: Arc::default(),
+            before_patch: Arc::default(),
+        }
+    }
+
+    fn next_version(&self) -> Value {
+        let mut version = self.versions.lock().unwrap();
+        *version += 1;
+        json!(version.to_string())
     }
 
     fn writes(&self) -> Vec<(Method, String, Value)> {
@@ -82,15 +98,28 @@ impl FakeApiServer {
                     _ if self.writes == Writes::Unavailable => (503, status(503, "ServiceUnavailable")),
                     Method::POST if self.writes == Writes::AlreadyExists => (409, status(409, "AlreadyExists")),
                     Method::POST => {
-                        self.jobs.lock().unwrap().push(body.clone());
-                        (201, body)
+                        let mut created = body.clone();
+                        created["metadata"]["resourceVersion"] = self.next_version();
+                        self.jobs.lock().unwrap().push(created.clone());
+                        (201, created)
                     }
                     Method::PATCH => {
                         let name = path.rsplit('/').next().unwrap();
+                        let raced = self.before_patch.lock().unwrap().take();
                         let mut jobs = self.jobs.lock().unwrap();
                         let job = jobs.iter_mut().find(|j| j["metadata"]["name"] == name).unwrap();
-                        merge(job, &body);
-                        (200, job.clone())
+                        if let Some(change) = raced {
+                            merge(job, &change);
+                            job["metadata"]["resourceVersion"] = self.next_version();
+                        }
+                        let precondition = &body["metadata"]["resourceVersion"];
+                        if precondition.is_string() && *precondition != job["metadata"]["resourceVersion"] {
+                            (409, status(409, "Conflict"))
+                        } else {
+                            merge(job, &body);
+                            job["metadata"]["resourceVersion"] = self.next_version();
+                            (200, job.clone())
+                        }
                     }
                     _ => (405, status(405, "MethodNotAllowed")),
                 };
@@ -213,9 +242,31 @@ async fn cancel_sets_a_one_second_deadline_and_marks_the_job() {
     assert_eq!(uri, &format!("/apis/batch/v1/namespaces/oats/jobs/{}?", job.id));
     assert_eq!(body["spec"]["activeDeadlineSeconds"], 1);
     assert!(body["metadata"]["annotations"][render::CANCELLED_AT_ANNOTATION].is_string());
+    assert_eq!(body["metadata"]["resourceVersion"], "1", "the patch is guarded by the version it judged");
     // Cancelling again makes no second call.
     service.cancel(&caller("default"), job.id.as_str()).await.unwrap();
     assert_eq!(fake.writes().len(), writes.len());
+}
+
+#[tokio::test]
+async fn a_job_that_fails_while_being_cancelled_stays_failed() {
+    let fake = FakeApiServer::new(Writes::Accept);
+    let service = job_service(&fake).await;
+    let job = service.submit(&caller("default"), request("Racing"), None).await.unwrap().job;
+    // Between the cancel's read of the Job and its patch, the Job controller marks it failed.
+    let failed = json!({"status": {"failed": 1, "conditions": [{
+        "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+        "lastTransitionTime": "2027-01-15T08:00:00Z",
+    }]}});
+    *fake.before_patch.lock().unwrap() = Some(failed);
+    match service.cancel(&caller("default"), job.id.as_str()).await {
+        Err(JobError::AlreadyFinished { phase, .. }) => assert_eq!(phase, "failed"),
+        other => panic!("expected the job to have finished, got {other:?}"),
+    }
+    let writes = fake.writes();
+    assert_eq!(writes.len(), 2, "one create and one refused patch, nothing after: {writes:?}");
+    let stored = service.get(&caller("default"), job.id.as_str()).await.unwrap();
+    assert_eq!(stored.status.phase, JobPhase::Failed, "the failure stands");
 }
 
 #[tokio::test]

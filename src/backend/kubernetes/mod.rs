@@ -45,6 +45,10 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 /// How long clients are told to wait before retrying when the API server is unreachable.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How long clients are told to wait when the namespace's ResourceQuota has no room.
+const QUOTA_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How often a cancel re-reads the Job and tries again when it changed under the patch.
+const CANCEL_ATTEMPTS: usize = 5;
 
 /// Jobs as Kubernetes Jobs.
 pub struct KubernetesBackend {
@@ -170,10 +174,13 @@ impl KubernetesBackend {
 
     /// Create `manifest`, reading the API server's answer straight into the compact type (the
     /// whole Job, managed fields and all, is never built).
-    async fn create_job(&self, manifest: &Job) -> Result<CachedJob, kube::Error> {
+    /// With `dry_run`, the API server runs every check (validation, admission, quota) and
+    /// persists nothing.
+    async fn create_job(&self, manifest: &Job, dry_run: bool) -> Result<CachedJob, kube::Error> {
         let body = serde_json::to_vec(manifest).map_err(kube::Error::SerdeError)?;
         let jobs = kube::core::Request::new(Job::url_path(&(), Some(&self.template.namespace)));
-        let mut request = jobs.create(&PostParams::default(), body).map_err(kube::Error::BuildRequest)?;
+        let params = PostParams { dry_run, ..Default::default() };
+        let mut request = jobs.create(&params, body).map_err(kube::Error::BuildRequest)?;
         request.extensions_mut().insert("create");
         self.client.request::<CachedJob>(request).await
     }
@@ -300,6 +307,38 @@ fn api_error(error: kube::Error) -> BackendError {
     }
 }
 
+/// Map the errors of a write: what the API server refuses about the object itself (422, 400,
+/// an admission webhook's denial) carries its message; a ResourceQuota without room is its own
+/// retryable refusal; the rest as [`api_error`].
+fn write_error(error: kube::Error) -> BackendError {
+    match &error {
+        kube::Error::Api(status) if status.code == 403 && status.message.contains("exceeded quota") => {
+            BackendError::QuotaExhausted {
+                detail: format!(
+                    "the namespace's ResourceQuota has no room for another job; retry when jobs finish \
+                     ({})",
+                    status.message
+                ),
+                retry_after: QUOTA_RETRY_AFTER,
+            }
+        }
+        kube::Error::Api(status) if status.code == 403 && status.message.contains("status unknown for quota") => {
+            BackendError::Unavailable {
+                detail: format!("the namespace's ResourceQuota is not computed yet: {}", status.message),
+                retry_after: RETRY_AFTER,
+            }
+        }
+        kube::Error::Api(status)
+            if status.code == 422
+                || status.code == 400
+                || (status.code == 403 && status.message.contains("denied the request")) =>
+        {
+            BackendError::Invalid(format!("the Kubernetes API refused the Job: {}", status.message))
+        }
+        _ => api_error(error),
+    }
+}
+
 fn not_ready() -> BackendError {
     BackendError::Unavailable {
         detail: "the Kubernetes watch cache is not synced yet".into(),
@@ -346,7 +385,7 @@ impl JobBackend for KubernetesBackend {
                 violations.join("; ")
             )));
         }
-        match self.create_job(&manifest).await {
+        match self.create_job(&manifest, false).await {
             Ok(created) => {
                 tracing::info!(job_id = %job.id, "created Kubernetes Job");
                 let record = status::job_record(&created, &[]);
@@ -364,8 +403,13 @@ impl JobBackend for KubernetesBackend {
                 })?;
                 Ok(CreateOutcome::Exists(record))
             }
-            Err(error) => Err(api_error(error)),
+            Err(error) => Err(write_error(error)),
         }
+    }
+
+    async fn dry_run_create(&self, job: &NewJob) -> Option<Result<(), BackendError>> {
+        let manifest = render::render_job(job, &self.template);
+        Some(self.create_job(&manifest, true).await.map(drop).map_err(write_error))
     }
 
     async fn get(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, BackendError> {
@@ -386,29 +430,44 @@ impl JobBackend for KubernetesBackend {
     }
 
     async fn cancel(&self, id: &JobId) -> Result<JobRecord, BackendError> {
-        let record = self.fetch(id).await?.ok_or_else(|| BackendError::NotFound(id.to_string()))?;
-        if record.status.phase == crate::jobs::JobPhase::Cancelled {
-            return Ok(JobRecord::clone(&record));
+        let not_found = || BackendError::NotFound(id.to_string());
+        for _ in 0..CANCEL_ATTEMPTS {
+            // Decide on the API server's copy, not the cache, and patch only that version of the
+            // Job: if it finished (or changed at all) since, the patch is refused with 409 and the
+            // Job is read again, so a job whose outcome already happened keeps it.
+            let job = self.job_api().get_opt(id.as_str()).await.map_err(api_error)?.ok_or_else(not_found)?;
+            let record = self.record(&job).ok_or_else(not_found)?;
+            if record.status.phase == crate::jobs::JobPhase::Cancelled {
+                return Ok(record);
+            }
+            if record.status.phase.is_terminal() {
+                return Err(BackendError::AlreadyFinished(id.to_string()));
+            }
+            // A one-second deadline makes the Job controller terminate the pods and mark the Job
+            // failed, which starts its TTL; the annotation says the failure was a cancellation.
+            let patch = serde_json::json!({
+                "metadata": {
+                    "resourceVersion": job.metadata.resource_version,
+                    "annotations": {
+                        CANCELLED_AT_ANNOTATION: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+                    },
+                },
+                "spec": { "activeDeadlineSeconds": 1 },
+            });
+            match self.job_api().patch(id.as_str(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(patched) => {
+                    tracing::info!(job_id = %id, "cancelled Kubernetes Job");
+                    return self.record(&patched).ok_or_else(not_found);
+                }
+                Err(kube::Error::Api(s)) if s.is_conflict() => continue,
+                Err(kube::Error::Api(s)) if s.is_not_found() => return Err(not_found()),
+                Err(other) => return Err(write_error(other)),
+            }
         }
-        if record.status.phase.is_terminal() {
-            return Err(BackendError::AlreadyFinished(id.to_string()));
-        }
-        // A one-second deadline makes the Job controller terminate the pods and mark the Job
-        // failed, which starts its TTL; the annotation says the failure was a cancellation.
-        let patch = serde_json::json!({
-            "metadata": { "annotations": {
-                CANCELLED_AT_ANNOTATION: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-            }},
-            "spec": { "activeDeadlineSeconds": 1 },
-        });
-        let patched = self.job_api().patch(id.as_str(), &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(
-            |e| match e {
-                kube::Error::Api(s) if s.is_not_found() => BackendError::NotFound(id.to_string()),
-                other => api_error(other),
-            },
-        )?;
-        tracing::info!(job_id = %id, "cancelled Kubernetes Job");
-        self.record(&patched).ok_or_else(|| BackendError::NotFound(id.to_string()))
+        Err(BackendError::Unavailable {
+            detail: format!("job {id} kept changing while it was being cancelled; retry"),
+            retry_after: Duration::from_secs(1),
+        })
     }
 
     async fn logs(&self, id: &JobId, options: LogOptions) -> Result<LogStream, BackendError> {

@@ -41,6 +41,11 @@ pub const PROFILE_ANNOTATION: &str = "oats.dev/profile";
 pub const COUNTED_ANNOTATION: &str = "oats.dev/finish-counted";
 /// Set when a user cancels the job.
 pub const CANCELLED_AT_ANNOTATION: &str = "oats.dev/cancelled-at";
+/// The keys of the user's labels, comma-separated (label keys hold no commas): what GET shows,
+/// told apart from the labels OATS sets (`app`, `oats.dev/*`, `app.kubernetes.io/managed-by`).
+pub const LABEL_KEYS_ANNOTATION: &str = "oats.dev/label-keys";
+/// Present when every `$` of the agent's env values is written as `$$` ([`escape_env_value`]).
+pub const ENV_ESCAPED_ANNOTATION: &str = "oats.dev/env-escaped";
 /// The agent container's name.
 pub const AGENT_CONTAINER: &str = "agent";
 /// Where the configured LLM credential keys appear as files.
@@ -116,6 +121,17 @@ impl AgentTemplate {
     }
 }
 
+/// An env value as Kubernetes must be given it to hand the agent `value` byte for byte: the
+/// kubelet expands `$(VAR)` in env values and turns `$$` into `$`, so every `$` is doubled.
+pub fn escape_env_value(value: &str) -> String {
+    value.replace('$', "$$")
+}
+
+/// The value the agent saw, from an env value written by [`escape_env_value`].
+pub fn unescape_env_value(value: &str) -> String {
+    value.replace("$$", "$")
+}
+
 /// `TRACEPARENT` and `TRACESTATE` for the agent (the environment-variable carriers of W3C trace
 /// context), never baggage.
 pub fn trace_env(job: &NewJob) -> Vec<(String, String)> {
@@ -171,9 +187,12 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
     job_labels.insert(TENANT_LABEL.into(), job.tenant.clone());
     job_labels.insert("app.kubernetes.io/managed-by".into(), "oats".into());
 
+    let label_keys: Vec<&str> = job.spec.labels.keys().map(String::as_str).collect();
     let mut annotations = BTreeMap::from([
         (CREATED_AT_ANNOTATION.to_owned(), job.created_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)),
         (REQUEST_HASH_ANNOTATION.to_owned(), job.request_hash.clone()),
+        (LABEL_KEYS_ANNOTATION.to_owned(), label_keys.join(",")),
+        (ENV_ESCAPED_ANNOTATION.to_owned(), "true".to_owned()),
     ]);
     if let Some(profile) = &job.spec.profile {
         annotations.insert(PROFILE_ANNOTATION.to_owned(), profile.clone());
@@ -189,7 +208,8 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
         .spec
         .agent_env(&job.id, "/dev/termination-log", "/workspace")
         .into_iter()
-        .map(|(name, value)| EnvVar { name, value: Some(value), value_from: None })
+        .chain(trace_env(job))
+        .map(|(name, value)| EnvVar { name, value: Some(escape_env_value(&value)), value_from: None })
         .collect();
     env.extend([("HOME", "/workspace"), ("TMPDIR", "/tmp")].map(|(name, value)| EnvVar {
         name: name.into(),
@@ -387,6 +407,7 @@ mod tests {
         assert_eq!(labels[TENANT_LABEL], "default");
         assert_eq!(labels["team"], "ml");
         let annotations = meta.annotations.as_ref().unwrap();
+        assert_eq!(annotations[LABEL_KEYS_ANNOTATION], "team");
         assert_eq!(annotations[CREATED_AT_ANNOTATION], "2026-11-26T10:00:00.000000000Z");
         assert_eq!(annotations[REQUEST_HASH_ANNOTATION], "feedface");
         let pod_labels = rendered.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
@@ -450,6 +471,23 @@ mod tests {
         assert_eq!(env["OATS_MODEL"], "small-model");
         assert_eq!(env["OATS_RESULT_FILE"], "/dev/termination-log");
         assert_eq!(env["OATS_LLM_CREDENTIALS_DIR"], LLM_CREDENTIALS_DIR);
+    }
+
+    #[test]
+    fn env_values_survive_kubernetes_variable_expansion() {
+        let mut job = job();
+        job.spec.goal = "echo $(OATS_JOB_ID) costs $$5 and $HOME$".into();
+        job.trace = Some(crate::jobs::TraceContext {
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            tracestate: Some("vendor=a$b".into()),
+        });
+        let rendered = render_job(&job, &template());
+        let env = env_of(&rendered);
+        assert_eq!(env["OATS_GOAL"], "echo $$(OATS_JOB_ID) costs $$$$5 and $$HOME$$");
+        assert_eq!(unescape_env_value(&env["OATS_GOAL"]), job.spec.goal);
+        assert_eq!(env["TRACEPARENT"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        assert_eq!(env["TRACESTATE"], "vendor=a$$b");
+        assert_eq!(rendered.metadata.annotations.as_ref().unwrap()[ENV_ESCAPED_ANNOTATION], "true");
     }
 
     #[test]

@@ -2,13 +2,13 @@
 
 use super::cache::{CachedJob, CachedPod};
 use super::render::{
-    AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, COUNTED_ANNOTATION, CREATED_AT_ANNOTATION, JOB_ID_LABEL,
-    PROFILE_ANNOTATION, REQUEST_HASH_ANNOTATION, TENANT_LABEL, TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION,
+    AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, COUNTED_ANNOTATION, CREATED_AT_ANNOTATION, ENV_ESCAPED_ANNOTATION,
+    JOB_ID_LABEL, LABEL_KEYS_ANNOTATION, PROFILE_ANNOTATION, REQUEST_HASH_ANNOTATION, TENANT_LABEL,
+    TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION, unescape_env_value,
 };
 use crate::jobs::{
-    Budget, NanoUsd, agent_env, agent_exit,
-    JobId, JobPhase, JobReason, JobRecord, JobSpec, JobStatus, Labels, RESERVED_LABEL_PREFIX, TraceContext,
-    truncate_result,
+    Budget, JobId, JobPhase, JobReason, JobRecord, JobSpec, JobStatus, Labels, NanoUsd, RESERVED_LABEL_PREFIX,
+    TraceContext, agent_env, agent_exit, truncate_result,
 };
 use chrono::{DateTime, Utc};
 use k8s_openapi::{
@@ -97,14 +97,27 @@ fn submitted(job: &CachedJob) -> Option<JobRecord> {
     let annotation = |key: &str| annotations.and_then(|a| a.get(key)).cloned();
     let spec = job.spec.as_ref()?;
     let container = spec.template.spec.as_ref()?.containers.iter().find(|c| c.name == AGENT_CONTAINER)?;
-    let env = |name: &str| container.env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
-    let user_labels: Labels = labels
-        .iter()
-        .filter(|(k, _)| {
-            k.as_str() != "app" && !k.starts_with(RESERVED_LABEL_PREFIX) && !k.starts_with("app.kubernetes.io/")
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let escaped = annotations.is_some_and(|a| a.contains_key(ENV_ESCAPED_ANNOTATION));
+    let env = |name: &str| {
+        let value = container.env.iter().find(|e| e.name == name).and_then(|e| e.value.as_deref())?;
+        Some(if escaped { unescape_env_value(value) } else { value.to_owned() })
+    };
+    let user_labels: Labels = match annotation(LABEL_KEYS_ANNOTATION) {
+        // The keys the job was created with: every user label, and only those, byte for byte.
+        Some(keys) => keys
+            .split(',')
+            .filter(|k| !k.is_empty())
+            .filter_map(|k| Some((k.to_owned(), labels.get(k)?.clone())))
+            .collect(),
+        // A Job from before the annotation: everything but what OATS sets.
+        None => labels
+            .iter()
+            .filter(|(k, _)| {
+                k.as_str() != "app" && !k.starts_with(RESERVED_LABEL_PREFIX) && !k.starts_with("app.kubernetes.io/")
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    };
     let job_spec = JobSpec {
         goal: env("OATS_GOAL").unwrap_or_default(),
         max_turns: env("OATS_MAX_TURNS").and_then(|v| v.parse().ok()).unwrap_or(0),
@@ -179,11 +192,18 @@ pub fn observe(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod]) {
         return;
     }
     let failed = facts.condition("Failed").or_else(|| facts.condition("FailureTarget"));
+    let failed_at = failed.and_then(|c| c.last_transition_time.as_ref()).map(to_chrono);
     if let Some(at) = &facts.cancelled_at {
         let cancelled = DateTime::parse_from_rfc3339(at).ok().map(|t| t.with_timezone(&Utc));
-        record.status = JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
-        record.finished_at = cancelled.or_else(|| failed.and_then(|c| c.last_transition_time.as_ref()).map(to_chrono));
-        return;
+        // OATS cancels only a Job it saw unfinished, guarded by its resourceVersion, so a failure
+        // beside the annotation came after it. A failure in an earlier second than the cancel
+        // (a Job annotated some other way) happened first, and the outcome stands.
+        let failed_first = matches!((failed_at, cancelled), (Some(f), Some(c)) if f.timestamp() < c.timestamp());
+        if !failed_first {
+            record.status = JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
+            record.finished_at = cancelled.or(failed_at);
+            return;
+        }
     }
     let Some(failed) = failed else {
         record.status = active_status(latest);
@@ -494,6 +514,50 @@ mod tests {
         let mut running_job = job(&[], (1, 0, 0));
         running_job.metadata.annotations.as_mut().unwrap().insert(CANCELLED_AT_ANNOTATION.into(), "x".into());
         assert_eq!(record_of(&running_job, &[]).unwrap().status.phase, JobPhase::Cancelled);
+    }
+
+    #[test]
+    fn a_job_that_failed_before_the_cancel_stays_failed() {
+        // time(100) is 2027-01-15T08:01:40Z.
+        let annotate = |j: &mut Job, at: &str| {
+            j.metadata.annotations.as_mut().unwrap().insert(CANCELLED_AT_ANNOTATION.into(), at.into());
+        };
+        let mut failed = job(&[("Failed", "BackoffLimitExceeded")], (0, 0, 1));
+        annotate(&mut failed, "2027-01-15T08:01:45.5Z");
+        let record = record_of(&failed, &[pod("Failed", terminated(3, "Error", None))]).unwrap();
+        assert_eq!((record.status.phase, record.status.reason), (JobPhase::Failed, Some(JobReason::AgentError)));
+        assert_eq!(record.finished_at, Some(to_chrono(&time(100))));
+        // The failure the cancel caused (same second or later) is the cancel.
+        let mut caused = job(&[("Failed", "DeadlineExceeded")], (0, 0, 1));
+        annotate(&mut caused, "2027-01-15T08:01:40.2Z");
+        assert_eq!(record_of(&caused, &[]).unwrap().status.phase, JobPhase::Cancelled);
+    }
+
+    #[test]
+    fn labels_and_env_round_trip_byte_for_byte() {
+        let spec = JobRequest {
+            goal: "run $(OATS_JOB_ID) for $$5".into(),
+            max_turns: 3,
+            labels: [("app.kubernetes.io/name", "x"), ("app.kubernetes.io/part-of", ""), ("team", "ml")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+            ..Default::default()
+        }
+        .validate(&JobLimits::default())
+        .unwrap();
+        let new = NewJob {
+            id: JobId::parse("job-aaaaaaaaaaaaaaaaaaaa").unwrap(),
+            tenant: "default".into(),
+            spec: spec.clone(),
+            created_at: Utc::now(),
+            request_hash: "h".into(),
+            trace: None,
+            resources: None,
+        };
+        let rendered = render_job(&new, &AgentTemplate::from_config(&Config::default(), "ns"));
+        assert_eq!(rendered.metadata.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"], "oats");
+        let record = record_of(&rendered, &[]).unwrap();
+        assert_eq!(record.spec, spec);
     }
 
     #[test]
