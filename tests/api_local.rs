@@ -398,3 +398,35 @@ async fn docs_spec_and_probes_are_served() {
     let (status, ready) = server.get_json("/readyz").await;
     assert_eq!((status, ready["backend"].as_str()), (StatusCode::OK, Some("local")));
 }
+
+#[tokio::test]
+async fn goals_and_labels_round_trip_byte_for_byte_and_finished_jobs_keep_their_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_DEMO_TURN_DELAY_MS", "50")]).await;
+    let goal = "Print $(OATS_JOB_ID), $$(HOME), $$ and $5 as they are $";
+    let labels = json!({"app.kubernetes.io/name": "summariser", "app.kubernetes.io/part-of": "", "team": "ml"});
+    let response = server.submit(json!({"goal": goal, "max_turns": 1, "labels": labels})).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let done = server.wait_for(&id, "succeeded", SOON).await;
+    assert_eq!((done["goal"].as_str(), &done["labels"]), (Some(goal), &labels));
+    // The demo agent quotes the goal it got in its environment: unexpanded.
+    assert!(done["result"].as_str().unwrap().contains(&format!("{goal:?}")), "{done}");
+    let (_, page) =
+        server.get_json("/api/v1/jobs?label=app.kubernetes.io%2Fname%3Dsummariser,app.kubernetes.io%2Fpart-of").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+
+    // Keys Kubernetes owns are refused here too, naming the key.
+    let response = server.submit(json!({"goal": "g", "max_turns": 1, "labels": {"controller-uid": "x"}})).await;
+    let problem = assert_problem(response, 422, "validation-failed").await;
+    assert_eq!(problem["errors"][0]["field"], "labels.controller-uid");
+
+    // A failed job cannot be cancelled either: 409, and it stays failed.
+    let failing = server.create("Please #fail", 2).await;
+    let failing = failing["id"].as_str().unwrap();
+    server.wait_for(failing, "failed", SOON).await;
+    let refused = server.http.post(server.url(&format!("/api/v1/jobs/{failing}/cancel"))).send().await.unwrap();
+    let problem = assert_problem(refused, 409, "job-finished").await;
+    assert!(problem["detail"].as_str().unwrap().contains("failed"), "{problem}");
+    assert_eq!(server.job(failing).await["reason"], "AgentError");
+}

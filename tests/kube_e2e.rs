@@ -459,7 +459,8 @@ async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_ru
     let dir = tempfile::tempdir().unwrap();
     let fake = common::fake_llm::FakeLlm::start().await;
     let providers = providers_file(dir.path(), &fake);
-    let listen = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let listen =
+        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
     let gateway = format!("http://{listen}/v1");
     let extra = [
         ("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap()),
@@ -467,7 +468,8 @@ async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_ru
         ("OATS_STATE_DIR", dir.path().to_str().unwrap()),
     ];
     let server = cluster.start_oats_with(dir.path(), &extra).await;
-    let id = id_of(&submit(&server, "Use the model", json!({"e2e": run, "kwok.oats.dev/outcome": "run"}), Some(600)).await);
+    let id =
+        id_of(&submit(&server, "Use the model", json!({"e2e": run, "kwok.oats.dev/outcome": "run"}), Some(600)).await);
     server.wait_for(&id, "running", SOON).await;
 
     // The Job carries the gateway's address and a projected token for it, and no secret of a provider.
@@ -478,13 +480,26 @@ async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_ru
     assert_eq!(value("OPENAI_BASE_URL"), Some(json!("http://oats-llm-gateway.oats.svc:8001/v1")));
     assert_eq!(value("OATS_LLM_TOKEN_FILE"), Some(json!("/var/run/secrets/oats/llm-token/token")));
     assert_eq!(value("OPENAI_API_KEY"), None, "no credential in the pod spec");
-    let token_volume = pod_spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "llm-token").unwrap().clone();
+    let token_volume =
+        pod_spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "llm-token").unwrap().clone();
     let projection = &token_volume["projected"]["sources"][0]["serviceAccountToken"];
-    assert_eq!((projection["audience"].as_str(), projection["expirationSeconds"].as_i64()), (Some("oats-llm"), Some(1200)));
+    assert_eq!(
+        (projection["audience"].as_str(), projection["expirationSeconds"].as_i64()),
+        (Some("oats-llm"), Some(1200))
+    );
     assert_eq!(pod_spec["automountServiceAccountToken"], false);
 
     let selector = format!("oats.dev/job-id={id}");
-    let pod = cluster.kubectl_ok(&["get", "pods", "-n", kube::NAMESPACE, "-l", &selector, "-o", "jsonpath={.items[0].metadata.name}"]);
+    let pod = cluster.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        kube::NAMESPACE,
+        "-l",
+        &selector,
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
     let token = |extra: &[&str]| {
         let mut args = vec!["create", "token", "oats-agent", "-n", kube::NAMESPACE, "--duration=10m"];
         args.extend_from_slice(extra);
@@ -499,7 +514,8 @@ async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_ru
     };
     assert_eq!(call(bound.clone()).await, StatusCode::OK, "a token bound to the job's pod is accepted while it runs");
     assert_eq!(fake.requests().len(), 1);
-    let other_audience = token(&["--audience", "somebody-else", "--bound-object-kind", "Pod", "--bound-object-name", &pod]);
+    let other_audience =
+        token(&["--audience", "somebody-else", "--bound-object-kind", "Pod", "--bound-object-name", &pod]);
     assert_eq!(call(other_audience).await, StatusCode::UNAUTHORIZED, "another audience");
     assert_eq!(call(token(&["--audience", "oats-llm"])).await, StatusCode::UNAUTHORIZED, "not bound to a pod");
     let stray = "job-aaaaaaaaaaaaaaaaaaaa-stray";
@@ -518,5 +534,317 @@ async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_ru
     assert_eq!(call(bound).await, StatusCode::UNAUTHORIZED, "the token dies with the job");
     assert_eq!(fake.requests().len(), 1, "no refused call reached the upstream");
     cluster.kubectl_ok(&["delete", "pod", stray, "-n", kube::NAMESPACE, "--wait=false"]);
+    cluster.delete_jobs(&format!("e2e={run}"));
+}
+
+/// Apply `yaml` as the cluster admin.
+fn apply_yaml(cluster: &kube::Cluster, yaml: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("manifest.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    cluster.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+}
+
+/// `POST /api/v1/jobs?dry_run=true`: the status and the answer.
+async fn dry_run(server: &Server, body: &Value) -> (StatusCode, Value) {
+    let response = server.http.post(server.url("/api/v1/jobs?dry_run=true")).json(body).send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+/// The verdict of `rule` in a dry run's answer.
+fn verdict<'a>(dry: &'a Value, rule: &str) -> &'a Value {
+    dry["verdicts"].as_array().unwrap().iter().find(|v| v["rule"] == rule).unwrap_or_else(|| panic!("no {rule}: {dry}"))
+}
+
+/// The env of the agent container of a stored Job, by name.
+fn stored_env(cluster: &kube::Cluster, id: &str) -> std::collections::BTreeMap<String, String> {
+    let stored = cluster.kubectl_json(&["get", "job", id, "-n", kube::NAMESPACE]);
+    let env = stored["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap().clone();
+    env.iter().map(|e| (e["name"].as_str().unwrap().to_owned(), e["value"].as_str().unwrap_or("").to_owned())).collect()
+}
+
+#[tokio::test]
+async fn the_goal_and_the_trace_context_reach_the_agent_byte_for_byte() {
+    let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("bytes");
+    let (_receiver, port) = common::otlp::start_receiver().await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let extra = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
+    let server = cluster.start_oats_with(dir.path(), &extra).await;
+    let goal = "Print $(OATS_JOB_ID), $(HOME), $$(OATS_GOAL), $$ and $5 as they are $";
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = server
+        .http
+        .post(server.url("/api/v1/jobs"))
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .header("tracestate", "oats=e2e")
+        .json(&json!({"goal": goal, "max_turns": 1, "labels": {"e2e": run, "kwok.oats.dev/outcome": "run"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(created["goal"], goal);
+    let id = id_of(&created);
+
+    // The kubelet expands $(VAR) and turns $$ into $ in env values: every $ is stored doubled,
+    // so what the agent's process gets is the goal itself.
+    let env = stored_env(cluster, &id);
+    assert_eq!(env["OATS_GOAL"], goal.replace('$', "$$"));
+    // The agent continues the caller's trace, through the `create job` span.
+    let traceparent = &env["TRACEPARENT"];
+    assert!(traceparent.starts_with(&format!("00-{trace}-")) && traceparent.ends_with("-01"), "{traceparent}");
+    assert_eq!(env["TRACESTATE"], "oats=e2e");
+
+    // Read back from the Job (the API server's copy, then the watch cache): the same goal.
+    server.wait_for(&id, "running", SOON).await;
+    assert_eq!(server.job(&id).await["goal"], goal);
+    let (_, listed) = server.get_json(&format!("/api/v1/jobs?label=e2e%3D{run}")).await;
+    assert_eq!(listed["items"][0]["goal"], goal);
+    cluster.delete_jobs(&format!("e2e={run}"));
+}
+
+#[tokio::test]
+async fn labels_round_trip_byte_for_byte_and_keys_kubernetes_owns_are_refused() {
+    let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("labels");
+    let dir = tempfile::tempdir().unwrap();
+    let server = cluster.start_oats(dir.path()).await;
+    let labels = json!({
+        "e2e": run,
+        "kwok.oats.dev/outcome": "run",
+        "app.kubernetes.io/name": "summariser",
+        "app.kubernetes.io/part-of": "",
+        "example.com/Mixed_Case.value": "A-b_c.9",
+    });
+    let created = submit(&server, "Keep my labels", labels.clone(), None).await;
+    assert_eq!(created["labels"], labels);
+    let id = id_of(&created);
+    server.wait_for(&id, "running", SOON).await;
+    assert_eq!(server.job(&id).await["labels"], labels, "GET from the watch cache");
+    for selector in
+        ["app.kubernetes.io%2Fname%3Dsummariser", "app.kubernetes.io%2Fpart-of", "!app.kubernetes.io%2Fmanaged-by"]
+    {
+        let (status, page) = server.get_json(&format!("/api/v1/jobs?label=e2e%3D{run},{selector}")).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(page["items"].as_array().unwrap().len(), 1, "{selector}: {page}");
+        assert_eq!(page["items"][0]["labels"], labels);
+    }
+    // OATS's own labels are on the Job, and not the user's.
+    let stored = cluster.kubectl_json(&["get", "job", &id, "-n", kube::NAMESPACE]);
+    assert_eq!(stored["metadata"]["labels"]["app.kubernetes.io/managed-by"], "oats");
+
+    // Keys Kubernetes owns: a 422 naming the key, for the dry run as for the submission (the
+    // API server refused `controller-uid` with a 500 before), and no Job.
+    for key in [
+        "controller-uid",
+        "job-name",
+        "batch.kubernetes.io/job-name",
+        "kubernetes.io/hostname",
+        "node.k8s.io/x",
+        "app.kubernetes.io/managed-by",
+    ] {
+        let body = json!({"goal": "g", "max_turns": 1, "labels": {"e2e": run, key: "x"}});
+        for path in ["/api/v1/jobs?dry_run=true", "/api/v1/jobs"] {
+            let response = server.http.post(server.url(path)).json(&body).send().await.unwrap();
+            let problem = assert_problem(response, 422, "validation-failed").await;
+            assert_eq!(problem["errors"][0]["field"], format!("labels.{key}"), "{problem}");
+            assert!(problem["detail"].as_str().unwrap().contains(key), "{problem}");
+        }
+    }
+    // Keys a service mesh or a batch queue acts on: refused by the policy unless it names them.
+    for key in ["sidecar.istio.io/inject", "kueue.x-k8s.io/queue-name"] {
+        let response = server.submit(json!({"goal": "g", "max_turns": 1, "labels": {"e2e": run, key: "true"}})).await;
+        let problem = assert_problem(response, 422, "policy/allowed-label-keys").await;
+        assert!(problem["detail"].as_str().unwrap().contains(key), "{problem}");
+    }
+    assert_eq!(cluster.jobs_labelled(&format!("e2e={run}")).len(), 1, "no refused submission made a Job");
+    cluster.delete_jobs(&format!("e2e={run}"));
+}
+
+#[tokio::test]
+async fn an_api_server_refusal_is_a_422_with_its_message_and_the_dry_run_predicts_it() {
+    let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("refuse");
+    let dir = tempfile::tempdir().unwrap();
+    let server = cluster.start_oats(dir.path()).await;
+    // An admission policy of the cluster (as a platform team would add) refuses Jobs labelled
+    // `e2e-refuse=<run>`; OATS itself has nothing against them.
+    let message = format!("jobs labelled e2e-refuse={run} are refused by the e2e admission policy");
+    let name = format!("oats-e2e-refuse-{}", std::process::id());
+    apply_yaml(
+        cluster,
+        &format!(
+            r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {name}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - {{apiGroups: [batch], apiVersions: [v1], operations: [CREATE], resources: [jobs]}}
+  validations:
+    - {{expression: "false", message: "{message}"}}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {name}}}
+spec:
+  policyName: {name}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
+    objectSelector: {{matchLabels: {{e2e-refuse: {run}}}}}
+"#,
+            ns = kube::NAMESPACE
+        ),
+    );
+    let refused = json!({"goal": "Refuse me", "max_turns": 1, "labels": {"e2e": run, "e2e-refuse": run}});
+    let fine = json!({"goal": "Admit me", "max_turns": 1, "labels": {"e2e": run}});
+
+    // The API server compiles a new policy in the background: the dry run turns "not allowed"
+    // once it is in force, with the API server's message.
+    let deadline = std::time::Instant::now() + SOON;
+    let dry = loop {
+        let (status, dry) = dry_run(&server, &refused).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{dry}");
+        if dry["allowed"] == false {
+            break dry;
+        }
+        assert_eq!(verdict(&dry, "kubernetes-admission")["allowed"], true, "{dry}");
+        assert!(std::time::Instant::now() < deadline, "the dry run never saw the policy: {dry}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let admission = verdict(&dry, "kubernetes-admission");
+    assert_eq!(admission["allowed"], false, "{dry}");
+    assert!(admission["detail"].as_str().unwrap().contains(&message), "{dry}");
+    assert!(dry["verdicts"].as_array().unwrap().iter().filter(|v| v["allowed"] == false).count() == 1, "{dry}");
+    let (_, admitted) = dry_run(&server, &fine).await;
+    assert_eq!(
+        (admitted["allowed"].clone(), verdict(&admitted, "kubernetes-admission")["allowed"].clone()),
+        (json!(true), json!(true))
+    );
+
+    // The submission itself: 422 with the API server's message, never a 500, and no Job.
+    let problem = assert_problem(server.submit(refused).await, 422, "policy/kubernetes-admission").await;
+    assert!(problem["detail"].as_str().unwrap().contains(&message), "{problem}");
+    assert!(cluster.jobs_labelled(&format!("e2e-refuse={run}")).is_empty());
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"oats_policy_denials_total{rule="kubernetes-admission"} 1"#), "{metrics}");
+    assert!(!server.log_text().contains("internal error"), "{}", server.log_text());
+
+    cluster.kubectl_ok(&["delete", "validatingadmissionpolicybinding", &name]);
+    cluster.kubectl_ok(&["delete", "validatingadmissionpolicy", &name]);
+    cluster.delete_jobs(&format!("e2e={run}"));
+}
+
+#[tokio::test]
+async fn an_exhausted_namespace_quota_is_a_429_quota_exhausted_counted_and_predicted() {
+    let Some(cluster) = kube::cluster() else { return };
+    // A namespace of its own, so that its quota of two Jobs stops no other test: OATS runs there
+    // with the shipped Role, bound to its service account.
+    let namespace = format!("oats-quota-{}", std::process::id());
+    let _ = cluster.kubectl(&["delete", "namespace", &namespace, "--wait=true", "--timeout=60s"]);
+    cluster.kubectl_ok(&["create", "namespace", &namespace]);
+    let mut role = cluster.kubectl_json(&["get", "role", "oats-backend-api-job-manager", "-n", kube::NAMESPACE]);
+    role["metadata"] = json!({"name": "oats-backend-api-job-manager", "namespace": namespace});
+    apply_yaml(cluster, &role.to_string());
+    cluster.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "oats-backend-api-job-manager",
+        "-n",
+        &namespace,
+        "--role=oats-backend-api-job-manager",
+        &format!("--serviceaccount={}:oats-backend-api", kube::NAMESPACE),
+    ]);
+    apply_yaml(
+        cluster,
+        &format!(
+            "apiVersion: v1\nkind: ResourceQuota\nmetadata: {{name: two-jobs, namespace: {namespace}}}\n\
+             spec: {{hard: {{count/jobs.batch: \"2\"}}}}\n"
+        ),
+    );
+    // The quota controller fills in the usage before the quota admits anything.
+    let deadline = std::time::Instant::now() + SOON;
+    while cluster
+        .kubectl_ok(&["get", "resourcequota", "two-jobs", "-n", &namespace, "-o", "jsonpath={.status.used}"])
+        .is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "the quota's usage was never computed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = cluster.start_oats_with(dir.path(), &[("OATS_NAMESPACE", namespace.as_str())]).await;
+    let body = |i: u32| json!({"goal": format!("job {i}"), "max_turns": 1, "labels": {"kwok.oats.dev/outcome": "run"}});
+    let (_, dry) = dry_run(&server, &body(0)).await;
+    assert_eq!(dry["allowed"], true, "{dry}");
+    for i in 0..2 {
+        assert_eq!(server.submit(body(i)).await.status(), StatusCode::CREATED);
+    }
+
+    // The dry run predicts the refusal; the submission is a 429 with Retry-After, not a 500.
+    let (status, dry) = dry_run(&server, &body(2)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(dry["allowed"], false, "{dry}");
+    let quota = verdict(&dry, "quota-exhausted");
+    assert!(quota["allowed"] == false && quota["detail"].as_str().unwrap().contains("exceeded quota"), "{dry}");
+    let response = server.submit(body(2)).await;
+    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1);
+    let problem = assert_problem(response, 429, "quota-exhausted").await;
+    assert!(problem["detail"].as_str().unwrap().contains("two-jobs"), "the quota is named: {problem}");
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("oats_kube_quota_refusals_total 1"), "{metrics}");
+    assert!(metrics.contains(r#"oats_job_submissions_total{outcome="rejected"} 1"#), "{metrics}");
+    let jobs = cluster.kubectl_json(&["get", "jobs", "-n", &namespace]);
+    assert_eq!(jobs["items"].as_array().unwrap().len(), 2);
+    drop(server);
+    cluster.kubectl_ok(&["delete", "namespace", &namespace, "--wait=false"]);
+}
+
+#[tokio::test]
+async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
+    let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("finished");
+    let dir = tempfile::tempdir().unwrap();
+    let server = cluster.start_oats(dir.path()).await;
+    let labels = |outcome: &str| json!({"e2e": run, "kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": "200", "kwok.oats.dev/exit-code": "3"});
+    let failing = id_of(&submit(&server, "Fail fast", labels("fail"), None).await);
+    let succeeding = id_of(&submit(&server, "Succeed fast", labels("succeed"), None).await);
+    let failed = server.wait_for(&failing, "failed", SOON).await;
+    server.wait_for(&succeeding, "succeeded", SOON).await;
+
+    for (id, phase) in [(&failing, "failed"), (&succeeding, "succeeded")] {
+        let response = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+        let problem = assert_problem(response, 409, "job-finished").await;
+        assert!(problem["detail"].as_str().unwrap().contains(phase), "{problem}");
+        let stored = cluster.kubectl_json(&["get", "job", id, "-n", kube::NAMESPACE]);
+        assert!(stored["metadata"]["annotations"].get(render::CANCELLED_AT_ANNOTATION).is_none(), "{stored}");
+        assert_eq!(server.job(id).await["status"], phase);
+    }
+
+    // A cancellation written after the failure (by a replica that cancelled without a
+    // precondition, or by hand) does not rewrite the outcome.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let late = format!(
+        "{}={}",
+        render::CANCELLED_AT_ANNOTATION,
+        Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    );
+    cluster.kubectl_ok(&["annotate", "job", &failing, "-n", kube::NAMESPACE, &late]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        let job = server.job(&failing).await;
+        assert_eq!(
+            (job["status"].clone(), job["reason"].clone()),
+            (failed["status"].clone(), failed["reason"].clone()),
+            "{job}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     cluster.delete_jobs(&format!("e2e={run}"));
 }
