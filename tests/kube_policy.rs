@@ -37,6 +37,13 @@ fn config() -> Config {
     config
 }
 
+/// With the LLM gateway on (agents get its address and a projected token).
+fn gateway_config() -> Config {
+    let mut config = Config::default();
+    config.llm_providers_file = Some("/etc/oats/llm/providers.yaml".into());
+    config
+}
+
 /// The Job OATS renders for a plain request (as JSON), through the library.
 fn rendered_with(
     config: &Config,
@@ -131,6 +138,14 @@ fn the_policy_admits_every_job_oats_renders() {
         cpu_limit: "4".into(),
         memory_request: "4Gi".into(),
         memory_limit: "8Gi".into(),
+        image: None,
+        command: None,
+    };
+    // A team's own agent, named by a profile, behind the launcher.
+    let own_agent = ResourceProfile {
+        image: Some("registry.example.com/oats/team-agent:1.2".into()),
+        command: Some(["/oats/oats", "launch", "--", "python", "/app/agent.py"].map(String::from).to_vec()),
+        ..large.clone()
     };
     let cases = [
         ("defaults with the LLM secret volume", rendered()),
@@ -143,6 +158,8 @@ fn the_policy_admits_every_job_oats_renders() {
             "a resource profile and user labels",
             rendered_with(&config(), [("team".to_owned(), "ml".to_owned())].into(), 60, Some(large)),
         ),
+        ("a profile's own agent image and command", rendered_with(&config(), BTreeMap::new(), 60, Some(own_agent))),
+        ("the LLM gateway's token and address", rendered_with(&gateway_config(), BTreeMap::new(), 600, None)),
     ];
     assert!(
         i64::from(JobLimits::default().max_timeout_seconds) <= max,

@@ -12,6 +12,14 @@ pub struct ResourceProfile {
     pub cpu_limit: String,
     pub memory_request: String,
     pub memory_limit: String,
+    /// The agent image of jobs with this profile (a team's own agent), instead of `agent_image`.
+    /// It must still pass `allowed_images` and the admission policy's image prefixes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The agent command of jobs with this profile, instead of `agent_command`; e.g.
+    /// `[/oats/oats, launch, --, python, agent.py]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
 }
 
 /// The rules a tenant's submissions are held to.
@@ -317,7 +325,12 @@ impl TenantRules {
             ),
             None => check(Rule::ResourceProfile, true, "the server's default resources".into()),
         }
-        match s.image {
+        // A profile's own image replaces the server's.
+        let image = match (s.image, resources.as_ref().and_then(|r| r.image.as_deref())) {
+            (Some(_), Some(own)) => Some(own),
+            (image, _) => image,
+        };
+        match image {
             Some(image) => check(
                 Rule::AllowedImages,
                 image_allowed(&self.allowed_images, image),
@@ -371,6 +384,8 @@ defaults:
   allowed_label_keys: [team, "example.com/*"]
   resource_profiles:
     small: {cpu_request: 100m, cpu_limit: 500m, memory_request: 128Mi, memory_limit: 256Mi}
+    team: {cpu_request: 100m, cpu_limit: 500m, memory_request: 128Mi, memory_limit: 256Mi, image: "registry.example.com/oats/team:1", command: [/oats/oats, launch, --, agent]}
+    rogue: {cpu_request: 100m, cpu_limit: 500m, memory_request: 128Mi, memory_limit: 256Mi, image: "docker.io/someone/agent:1"}
   default_profile: small
 "#,
         )
@@ -421,6 +436,16 @@ defaults:
         assert!(judge(&["kueue.x-k8s.io/queue-name"], "kueue.x-k8s.io/queue-name").allowed);
         assert!(!judge(&["kueue.x-k8s.io/queue-name"], "kueue.x-k8s.io/priority-class").allowed);
         assert!(judge(&["*"], "example.com/istio.io").allowed, "only the key's prefix counts");
+    }
+
+    #[test]
+    fn a_profile_names_its_own_agent_image_which_must_be_allowed() {
+        let image = Some("oats-agent:0.1.0");
+        assert_eq!(denied(&spec(|r| r.profile = Some("team".into())), 0, image), vec![]);
+        assert_eq!(denied(&spec(|r| r.profile = Some("rogue".into())), 0, image), vec![Rule::AllowedImages]);
+        let submission = Submission { tenant: "t", spec: &spec(|r| r.profile = Some("team".into())), active_jobs: 0, image };
+        let (_, resources) = rules().judge(&submission);
+        assert_eq!(resources.unwrap().command.unwrap()[..3], ["/oats/oats", "launch", "--"]);
     }
 
     #[test]

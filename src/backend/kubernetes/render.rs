@@ -280,9 +280,13 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
     };
     let container = Container {
         name: AGENT_CONTAINER.into(),
-        image: Some(template.image.clone()),
+        image: Some(job.resources.as_ref().and_then(|p| p.image.clone()).unwrap_or_else(|| template.image.clone())),
         image_pull_policy: Some(template.image_pull_policy.clone()),
-        command: (!template.command.is_empty()).then(|| template.command.clone()),
+        command: job
+            .resources
+            .as_ref()
+            .and_then(|p| p.command.clone())
+            .or_else(|| (!template.command.is_empty()).then(|| template.command.clone())),
         env: Some(env),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
@@ -517,6 +521,8 @@ mod tests {
         let mut job = job();
         job.spec.profile = Some("large".into());
         job.resources = Some(crate::policy::ResourceProfile {
+            image: None,
+            command: None,
             cpu_request: "2".into(),
             cpu_limit: "4".into(),
             memory_request: "4Gi".into(),
@@ -528,6 +534,24 @@ mod tests {
         assert_eq!(resources.limits.as_ref().unwrap()["memory"].0, "8Gi");
         assert_eq!(resources.requests.as_ref().unwrap()["cpu"].0, "2");
         assert_eq!(rendered.metadata.annotations.as_ref().unwrap()[PROFILE_ANNOTATION], "large");
+        assert_eq!(c.image.as_deref(), Some(template().image.as_str()), "the server's image without one of the profile's");
+    }
+
+    #[test]
+    fn a_profile_names_the_agent_image_and_command() {
+        let mut job = job();
+        job.resources = Some(crate::policy::ResourceProfile {
+            image: Some("registry.example.com/oats/team:1".into()),
+            command: Some(vec!["/oats/oats".into(), "launch".into(), "--".into(), "agent".into()]),
+            cpu_request: "1".into(),
+            cpu_limit: "1".into(),
+            memory_request: "1Gi".into(),
+            memory_limit: "1Gi".into(),
+        });
+        let rendered = render_job(&job, &template());
+        let c = &rendered.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.example.com/oats/team:1"));
+        assert_eq!(c.command.as_ref().unwrap()[..2], ["/oats/oats".to_owned(), "launch".to_owned()]);
     }
 
     #[test]
