@@ -7,6 +7,9 @@
 //! - the API's ConfigMap is `oats-backend-api-config-<hash>` on both sides, but kustomize's hash
 //!   and the chart's (sha256 of the data) differ: both become `oats-backend-api-config-<hash>`;
 //! - `app.kubernetes.io/managed-by` is `Helm` in the chart (`kustomize` in the base);
+//! - the providers file of ConfigMap `oats-llm-providers` is `infra/base/llm-providers.yaml` (with
+//!   its comments) in kustomize and `llm.providers` (a YAML mapping) rendered by the chart: the two
+//!   are compared parsed;
 //! - kustomize (go-yaml v3) reads a folded scalar (`>-`) with more-indented lines with one extra
 //!   line break before each of them, so the CEL expressions of the ValidatingAdmissionPolicy
 //!   differ in whitespace only; that spec is compared with `policies/vap/agent-job-policy.yaml`
@@ -150,12 +153,23 @@ fn unfold_kustomize_artefact(value: &mut Value) {
 }
 
 const VAP: &str = "ValidatingAdmissionPolicy//oats-agent-job-guardrails";
+const PROVIDERS: &str = "ConfigMap/oats/oats-llm-providers";
+
+/// The providers file of ConfigMap oats-llm-providers, parsed (see the module docs).
+fn parse_providers_file(doc: &mut Value) {
+    if key(doc) == PROVIDERS {
+        let data = &mut doc["data"]["providers.yaml"];
+        let text = data.as_str().expect("data.providers.yaml").to_owned();
+        *data = serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("providers.yaml: {e}"));
+    }
+}
 
 fn helm_objects(args: &[&str]) -> BTreeMap<String, Value> {
     let mut docs = template(args);
     for doc in &mut docs {
         normalise_config_hash(doc);
         normalise_managed_by(doc);
+        parse_providers_file(doc);
     }
     by_key(&docs)
 }
@@ -164,6 +178,7 @@ fn kustomize_objects(dir: &str) -> BTreeMap<String, Value> {
     let mut docs = kustomize(dir);
     for doc in &mut docs {
         normalise_config_hash(doc);
+        parse_providers_file(doc);
         if key(doc) == VAP {
             unfold_kustomize_artefact(doc);
         }
@@ -262,6 +277,8 @@ fn lint_passes() {
             "monitoring.serviceMonitor.enabled=true,monitoring.prometheusRule.enabled=true",
         ],
         vec!["--set", "policy.enabled=false,auth.tokensSecret.name="],
+        vec!["--set", "llm.enabled=false,database.urlSecret.name=,agents.allowPublicHttps=true"],
+        vec!["--set", "database.devPostgres.enabled=true,llm.providerKeysSecret.create=false,llm.port=9001"],
     ] {
         let mut all = vec!["lint", "--strict", CHART];
         all.extend_from_slice(&args);
@@ -354,16 +371,24 @@ fn monitoring_toggles_render_infra_monitoring() {
     assert_eq!(get(&relabelled, "ServiceMonitor/oats/oats-backend-api")["metadata"]["labels"]["release"], "prom");
 }
 
-/// The Deployment's mounts of the policy and tokens files: (volume, mountPath, source) each, as
-/// `volumeMounts` entries (read-only, no subPath) and `volumes` sources; panics on a mismatch.
+/// The Deployment's read-only mounts (policy, tokens, providers file, provider keys, database URL):
+/// (volume, mountPath, source) each, as `volumeMounts` entries (read-only, no subPath) and `volumes`
+/// sources; panics on a mismatch. The two writable emptyDirs (/tmp, the state directory) are
+/// always there.
 fn assert_mounts(docs: &[Value], expected: &[(&str, &str, Value)]) {
     let pod = &deployment(docs)["spec"]["template"]["spec"];
     let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
     let volumes = pod["volumes"].as_array().unwrap();
-    let names: Vec<&str> = mounts.iter().filter_map(|m| m["name"].as_str()).filter(|n| *n != "tmp").collect();
+    let scratch = ["tmp", "state"];
+    let names: Vec<&str> =
+        mounts.iter().filter_map(|m| m["name"].as_str()).filter(|n| !scratch.contains(n)).collect();
     let wanted: Vec<&str> = expected.iter().map(|(v, _, _)| *v).collect();
-    assert_eq!(names, wanted, "mounts besides /tmp");
-    assert_eq!(volumes.len(), expected.len() + 1, "volumes: {volumes:?}");
+    assert_eq!(names, wanted, "mounts besides /tmp and the state directory");
+    assert_eq!(volumes.len(), expected.len() + scratch.len(), "volumes: {volumes:?}");
+    for name in scratch {
+        let volume = volumes.iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("no volume {name}"));
+        assert!(volume["emptyDir"].is_object(), "{volume}");
+    }
     for (volume, dir, source) in expected {
         // Directories, no subPath: kubelet updates reach the files, which OATS reloads.
         let mount = mounts.iter().find(|m| m["name"] == *volume).unwrap_or_else(|| panic!("no mount {volume}"));
@@ -372,6 +397,20 @@ fn assert_mounts(docs: &[Value], expected: &[(&str, &str, Value)]) {
         expected["name"] = json!(volume);
         assert!(volumes.contains(&expected), "volume {volume}: {volumes:?}");
     }
+}
+
+/// The default mounts of the providers file, the provider keys and the database URL (as infra/base).
+fn gateway_and_store_mounts() -> [(&'static str, &'static str, Value); 3] {
+    [
+        ("llm-providers", "/etc/oats/llm", json!({"configMap": {"name": "oats-llm-providers"}})),
+        ("llm-provider-keys", "/var/run/secrets/oats/providers", json!({"secret": {"secretName": "oats-llm-provider-keys"}})),
+        ("database", "/var/run/secrets/oats/database", json!({"secret": {"secretName": "oats-database"}})),
+    ]
+}
+
+/// `first`, then the default gateway and store mounts.
+fn with_gateway_and_store(first: Vec<(&'static str, &'static str, Value)>) -> Vec<(&'static str, &'static str, Value)> {
+    first.into_iter().chain(gateway_and_store_mounts()).collect()
 }
 
 #[test]
@@ -385,10 +424,10 @@ fn policy_tokens_and_otlp_values() {
     assert_eq!(config.auth_tokens_file.as_deref(), Some(Path::new("/etc/oats/auth/tokens.yaml")));
     assert_mounts(
         &default_docs,
-        &[
+        &with_gateway_and_store(vec![
             ("policy", "/etc/oats/policy", json!({"configMap": {"name": "oats-backend-api-policy"}})),
             ("auth-tokens", "/etc/oats/auth", json!({"secret": {"secretName": "oats-api-tokens"}})),
-        ],
+        ]),
     );
     let dir = tempfile::tempdir().unwrap();
     // The policy ConfigMap is the chart's copy of policies/oats-policy.yaml, and OATS loads it.
@@ -462,12 +501,16 @@ fn policy_tokens_and_otlp_values() {
     );
     assert_mounts(
         &docs,
-        &[
+        &with_gateway_and_store(vec![
             ("policy", "/etc/oats/limits", json!({"configMap": {"name": "oats-backend-api-policy"}})),
             ("auth-tokens", "/var/run/oats-auth", json!({"secret": {"secretName": "team-tokens"}})),
-        ],
+        ]),
     );
-    assert!(docs.iter().all(|d| d["kind"] != "Secret" || d["metadata"]["name"] == "oats-llm-credentials"));
+    let placeholders = ["oats-llm-credentials", "oats-llm-provider-keys", "oats-database"];
+    assert!(
+        docs.iter().all(|d| d["kind"] != "Secret" || placeholders.contains(&d["metadata"]["name"].as_str().unwrap())),
+        "a tokens Secret is rendered"
+    );
 
     // Everything else is the default render.
     let mut changed = by_key(&docs);
@@ -487,8 +530,22 @@ fn policy_tokens_and_otlp_values() {
     std::fs::write(&values, serde_json::to_string(&json!({"policy": {"content": source}})).unwrap()).unwrap();
     let docs = template(&["-f", values.to_str().unwrap()]);
     let policy = docs.iter().find(|d| d["metadata"]["name"] == "oats-backend-api-policy").expect("policy ConfigMap");
-    let rendered: Value = serde_saphyr::from_str(policy["data"]["oats-policy.yaml"].as_str().unwrap()).unwrap();
+    let mut rendered: Value = serde_saphyr::from_str(policy["data"]["oats-policy.yaml"].as_str().unwrap()).unwrap();
+    // toYaml writes 2.0 as 2: the same number to OATS, another Value to serde_json.
+    let mut source = source;
+    numbers_as_floats(&mut rendered);
+    numbers_as_floats(&mut source);
     assert_eq!(rendered, source);
+}
+
+/// Every number as an f64, so that `2` and `2.0` compare equal.
+fn numbers_as_floats(value: &mut Value) {
+    match value {
+        Value::Number(n) => *value = json!(n.as_f64().unwrap()),
+        Value::Array(items) => items.iter_mut().for_each(numbers_as_floats),
+        Value::Object(map) => map.values_mut().for_each(numbers_as_floats),
+        _ => {}
+    }
 }
 
 /// Both can be turned off (authentication off is the laptop default, not a deployment).
@@ -503,7 +560,7 @@ fn policy_and_tokens_can_be_disabled() {
     for absent in ["OATS_POLICY_FILE", "OATS_AUTH_TOKENS_FILE"] {
         assert!(!data.contains_key(absent), "{absent} is set");
     }
-    assert_mounts(&docs, &[]);
+    assert_mounts(&docs, &gateway_and_store_mounts());
     assert!(docs.iter().all(|d| d["metadata"]["name"] != "oats-backend-api-policy"));
     assert!(docs.iter().all(|d| d["metadata"]["name"] != "oats-api-tokens"));
 
@@ -513,10 +570,10 @@ fn policy_and_tokens_can_be_disabled() {
     assert_eq!(config_data(&docs).1["OATS_AUTH_TOKENS_FILE"], "/etc/oats/auth/tokens.yaml");
     assert_mounts(
         &docs,
-        &[
+        &with_gateway_and_store(vec![
             ("policy", "/etc/oats/policy", json!({"configMap": {"name": "oats-backend-api-policy"}})),
             ("auth-tokens", "/etc/oats/auth", json!({"secret": {"secretName": "oats-api-tokens"}})),
-        ],
+        ]),
     );
 }
 
@@ -577,4 +634,230 @@ fn agent_image_outside_the_admission_policy_is_refused() {
     let docs = template(&["--set", "agent.image.repository=evil.example/agent,admissionPolicy.enabled=false"]);
     assert!(docs.iter().all(|d| !d["kind"].as_str().unwrap().starts_with("ValidatingAdmissionPolicy")));
     assert!(docs.iter().all(|d| d["metadata"]["name"] != "oats-agent-job-guardrails-params"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// LLM gateway, store and the network opt-ins
+// ---------------------------------------------------------------------------------------------
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    docs.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+}
+
+fn network_policy<'a>(docs: &'a [Value], name: &str) -> &'a Value {
+    find(docs, "NetworkPolicy", name).unwrap_or_else(|| panic!("NetworkPolicy {name} is not rendered"))
+}
+
+/// The providers file loads in OATS (key files moved to where a test can write them).
+fn assert_providers_load(text: &str) {
+    let mut file: Value = serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("providers file: {e}"));
+    let dir = tempfile::tempdir().unwrap();
+    for (i, provider) in file["providers"].clone().as_array().expect("providers").iter().enumerate() {
+        if provider["api_key_file"].is_string() {
+            let key = dir.path().join(format!("key-{i}"));
+            std::fs::write(&key, "REPLACE_ME\n").unwrap();
+            file["providers"][i]["api_key_file"] = json!(key.to_str().unwrap());
+        }
+    }
+    let path = dir.path().join("providers.yaml");
+    std::fs::write(&path, serde_saphyr::to_string(&file).unwrap()).unwrap();
+    let catalog = oats::llm::Catalog::load(&path).unwrap_or_else(|e| panic!("OATS refuses the providers file: {e}"));
+    assert!(!catalog.is_empty());
+}
+
+fn container_port_names(docs: &[Value]) -> Vec<String> {
+    deployment(docs)["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn llm_gateway_values() {
+    // Defaults (as infra/base): the gateway on, with the example provider of llm-providers.yaml.
+    let docs = template(&[]);
+    let (_, data) = config_data(&docs);
+    assert_eq!(data["OATS_LLM_PROVIDERS_FILE"], "/etc/oats/llm/providers.yaml");
+    assert_eq!(data["OATS_LLM_LISTEN"], "0.0.0.0:8001");
+    assert_eq!(data["OATS_LLM_GATEWAY_URL"], "http://oats-llm-gateway.oats.svc:8001/v1");
+    let shipped = find(&docs, "ConfigMap", "oats-llm-providers").expect("ConfigMap oats-llm-providers")["data"]
+        ["providers.yaml"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let source: Value = serde_saphyr::from_str(&read("infra/base/llm-providers.yaml")).unwrap();
+    assert_eq!(serde_saphyr::from_str::<Value>(&shipped).unwrap(), source, "llm.providers vs infra/base/llm-providers.yaml");
+    assert_providers_load(&shipped);
+    assert!(find(&docs, "Secret", "oats-llm-provider-keys").is_some());
+
+    // A providers file given as a file, another port and namespace, an existing keys Secret.
+    let dir = tempfile::tempdir().unwrap();
+    let providers = "# in-cluster only\nproviders:\n  - name: vllm\n    base_url: http://vllm.vllm.svc:8000/v1\n    models:\n      - {name: llama, input_per_million_usd: 0, output_per_million_usd: 0}\n";
+    std::fs::write(dir.path().join("providers.yaml"), providers).unwrap();
+    let docs = template(&[
+        "--set-file",
+        &format!("llm.providers={}", dir.path().join("providers.yaml").display()),
+        "--set",
+        "llm.port=9001,namespace=oats-staging,llm.providerKeysSecret.create=false",
+    ]);
+    let rendered = find(&docs, "ConfigMap", "oats-llm-providers").unwrap();
+    assert_eq!(rendered["data"]["providers.yaml"], providers, "a string is rendered verbatim");
+    assert_providers_load(providers);
+    let (_, data) = config_data(&docs);
+    assert_eq!(data["OATS_LLM_LISTEN"], "0.0.0.0:9001");
+    assert_eq!(data["OATS_LLM_GATEWAY_URL"], "http://oats-llm-gateway.oats-staging.svc:9001/v1");
+    let env = data.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()));
+    let config = oats::config::Config::load(None, env).expect("the chart's configuration loads");
+    assert_eq!(config.llm_listen.port(), 9001);
+    let service = find(&docs, "Service", "oats-llm-gateway").expect("Service oats-llm-gateway");
+    assert_eq!(service["spec"]["ports"], json!([{"name": "llm", "port": 9001, "targetPort": "llm", "protocol": "TCP"}]));
+    assert_eq!(service["spec"]["selector"], json!({"app": "oats-backend-api"}));
+    let ports = &deployment(&docs)["spec"]["template"]["spec"]["containers"][0]["ports"];
+    assert!(ports.as_array().unwrap().contains(&json!({"name": "llm", "containerPort": 9001, "protocol": "TCP"})));
+    let agent = network_policy(&docs, "oats-agent");
+    assert_eq!(agent["spec"]["egress"][1]["ports"], json!([{"protocol": "TCP", "port": 9001}]));
+    let api = network_policy(&docs, "oats-backend-api");
+    assert_eq!(
+        api["spec"]["ingress"][2],
+        json!({"from": [{"podSelector": {"matchLabels": {"app": "oats-agent"}}}], "ports": [{"protocol": "TCP", "port": 9001}]})
+    );
+    assert!(find(&docs, "Secret", "oats-llm-provider-keys").is_none(), "create=false renders no Secret");
+    assert_mounts(
+        &docs,
+        &with_gateway_and_store(vec![
+            ("policy", "/etc/oats/policy", json!({"configMap": {"name": "oats-backend-api-policy"}})),
+            ("auth-tokens", "/etc/oats/auth", json!({"secret": {"secretName": "oats-api-tokens"}})),
+        ]),
+    );
+
+    // Off: no gateway, no port, no providers or keys, and agents keep DNS only.
+    let docs = template(&["--set", "llm.enabled=false"]);
+    for (kind, name) in
+        [("ConfigMap", "oats-llm-providers"), ("Secret", "oats-llm-provider-keys"), ("Service", "oats-llm-gateway")]
+    {
+        assert!(find(&docs, kind, name).is_none(), "{kind} {name} is rendered with llm.enabled=false");
+    }
+    let (_, data) = config_data(&docs);
+    for absent in ["OATS_LLM_PROVIDERS_FILE", "OATS_LLM_LISTEN", "OATS_LLM_GATEWAY_URL"] {
+        assert!(!data.contains_key(absent), "{absent} is set with llm.enabled=false");
+    }
+    assert_eq!(container_port_names(&docs), ["http", "metrics"]);
+    assert_mounts(
+        &docs,
+        &[
+            ("policy", "/etc/oats/policy", json!({"configMap": {"name": "oats-backend-api-policy"}})),
+            ("auth-tokens", "/etc/oats/auth", json!({"secret": {"secretName": "oats-api-tokens"}})),
+            ("database", "/var/run/secrets/oats/database", json!({"secret": {"secretName": "oats-database"}})),
+        ],
+    );
+    assert_eq!(network_policy(&docs, "oats-agent")["spec"]["egress"].as_array().unwrap().len(), 1, "DNS only");
+    let ingress = network_policy(&docs, "oats-backend-api")["spec"]["ingress"].as_array().unwrap().clone();
+    assert_eq!(ingress.len(), 2, "no gateway port: {ingress:?}");
+
+    // The gateway needs a providers file.
+    let out = helm(&["template", "oats", CHART, "--set", "llm.providers=null"]);
+    assert!(!out.status.success() && text(&out).contains("llm.providers"), "{}", text(&out));
+}
+
+#[test]
+fn database_values() {
+    // Defaults (as infra/base): a placeholder URL, mounted; egress to the oats-postgres pods.
+    let docs = template(&[]);
+    let secret = find(&docs, "Secret", "oats-database").expect("Secret oats-database");
+    assert_eq!(secret["stringData"]["url"], "postgres://oats:REPLACE_ME@oats-postgres:5432/oats");
+    assert_eq!(config_data(&docs).1["OATS_DATABASE_URL_FILE"], "/var/run/secrets/oats/database/url");
+    assert!(find(&docs, "StatefulSet", "oats-postgres").is_none(), "the dev PostgreSQL is off by default");
+    let egress = network_policy(&docs, "oats-backend-api")["spec"]["egress"].as_array().unwrap().clone();
+    assert_eq!(
+        egress.last().unwrap(),
+        &json!({"to": [{"podSelector": {"matchLabels": {"app": "oats-postgres"}}}], "ports": [{"protocol": "TCP", "port": 5432}]})
+    );
+
+    // The dev PostgreSQL: its objects, and the URL Secret holds its URL and password.
+    let docs = template(&["--set", "database.devPostgres.enabled=true,database.devPostgres.password=s3cret-dev"]);
+    for (kind, name) in [("StatefulSet", "oats-postgres"), ("Service", "oats-postgres"), ("NetworkPolicy", "oats-postgres")] {
+        assert!(find(&docs, kind, name).is_some(), "{kind} {name} is not rendered");
+    }
+    assert_eq!(find(&docs, "Secret", "oats-postgres").unwrap()["stringData"]["password"], "s3cret-dev");
+    assert_eq!(
+        find(&docs, "Secret", "oats-database").unwrap()["stringData"]["url"],
+        "postgres://oats:s3cret-dev@oats-postgres:5432/oats"
+    );
+    let statefulset = find(&docs, "StatefulSet", "oats-postgres").unwrap();
+    let pod_template: k8s_openapi::api::core::v1::PodTemplateSpec =
+        serde_json::from_value(statefulset["spec"]["template"].clone()).unwrap();
+    let violations = oats::backend::kubernetes::pss::check_restricted(&pod_template);
+    assert!(violations.is_empty(), "the chart's dev PostgreSQL fails Pod Security restricted: {violations:#?}");
+    // Its NetworkPolicy follows networkPolicy.enabled.
+    let docs = template_without_network_policies();
+    assert!(docs.iter().all(|d| d["kind"] != "NetworkPolicy"));
+
+    // An external database by address, with an existing Secret.
+    let docs = template(&[
+        "--set",
+        "database.urlSecret.create=false,networkPolicy.database.cidrs={10.20.30.40/32},networkPolicy.database.port=6432",
+    ]);
+    assert!(find(&docs, "Secret", "oats-database").is_none());
+    assert_mounts(
+        &docs,
+        &with_gateway_and_store(vec![
+            ("policy", "/etc/oats/policy", json!({"configMap": {"name": "oats-backend-api-policy"}})),
+            ("auth-tokens", "/etc/oats/auth", json!({"secret": {"secretName": "oats-api-tokens"}})),
+        ]),
+    );
+    let egress = network_policy(&docs, "oats-backend-api")["spec"]["egress"].as_array().unwrap().clone();
+    assert_eq!(
+        egress.last().unwrap(),
+        &json!({"to": [{"ipBlock": {"cidr": "10.20.30.40/32"}}], "ports": [{"protocol": "TCP", "port": 6432}]})
+    );
+
+    // No database URL: SQLite in the state directory (one replica): no Secret, mount or rule.
+    let docs = template(&["--set", "database.urlSecret.name=,stateDir.sizeLimit=1Gi"]);
+    let (_, data) = config_data(&docs);
+    assert!(!data.contains_key("OATS_DATABASE_URL_FILE"));
+    assert_eq!(data["OATS_STATE_DIR"], "/var/lib/oats");
+    assert!(find(&docs, "Secret", "oats-database").is_none());
+    let pod = &deployment(&docs)["spec"]["template"]["spec"];
+    let state = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "state").unwrap();
+    assert_eq!(state["emptyDir"]["sizeLimit"], "1Gi");
+    let egress = network_policy(&docs, "oats-backend-api")["spec"]["egress"].as_array().unwrap().clone();
+    assert!(egress.iter().all(|r| !r["ports"].to_string().contains("5432")), "{egress:?}");
+}
+
+fn template_without_network_policies() -> Vec<Value> {
+    template(&["--set", "database.devPostgres.enabled=true,networkPolicy.enabled=false"])
+}
+
+/// agents.allowPublicHttps and networkPolicy.llmProviders.inCluster render the NetworkPolicies of
+/// the kustomize components (infra/components), and nothing by default.
+#[test]
+fn network_opt_ins_render_the_kustomize_components() {
+    let component = |dir: &str| -> (String, Value) {
+        let doc: Value = serde_saphyr::from_str(&read(&format!("infra/components/{dir}/networkpolicy.yaml"))).unwrap();
+        (key(&doc), doc)
+    };
+    let (web_key, web) = component("agents-public-https");
+    let (provider_key, provider) = component("llm-in-cluster-provider");
+
+    let default = helm_objects(&[]);
+    assert!(!default.contains_key(&web_key) && !default.contains_key(&provider_key));
+
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.json");
+    let in_cluster = json!([{"namespace": "vllm", "podLabels": {"app.kubernetes.io/name": "vllm"}, "ports": [8000]}]);
+    let opt_in = json!({"agents": {"allowPublicHttps": true}, "networkPolicy": {"llmProviders": {"inCluster": in_cluster}}});
+    std::fs::write(&values, serde_json::to_string(&opt_in).unwrap()).unwrap();
+    let both = helm_objects(&["-f", values.to_str().unwrap()]);
+    let mut expected = default.clone();
+    expected.insert(web_key, web);
+    expected.insert(provider_key, provider);
+    assert_same_objects(&expected, &both, "opt-ins vs infra/base + infra/components/*");
+
+    // Without public HTTPS for the providers (only in-cluster ones), the API's rule is gone.
+    let docs = template(&["--set", "networkPolicy.llmProviders.publicHttps=false"]);
+    let egress = network_policy(&docs, "oats-backend-api")["spec"]["egress"].as_array().unwrap().clone();
+    assert_eq!(egress.len(), 4, "{egress:?}");
+    assert!(egress.iter().all(|r| !r.to_string().contains("0.0.0.0/0")));
 }

@@ -251,6 +251,49 @@ fn ip_blocks(rule: &Value) -> Vec<&Value> {
     rule["to"].as_array().into_iter().flatten().filter_map(|peer| peer.get("ipBlock")).collect()
 }
 
+/// The ports of a rule, as numbers.
+fn rule_ports(rule: &Value) -> Vec<i64> {
+    rule["ports"].as_array().into_iter().flatten().map(|p| p["port"].as_i64().expect("numeric port")).collect()
+}
+
+/// A peer that is the pods `app=<app>` of the policy's own namespace (a podSelector alone).
+fn is_pods_of_this_namespace(peer: &Value, app: &str) -> bool {
+    peer.get("namespaceSelector").is_none()
+        && peer.get("ipBlock").is_none()
+        && peer["podSelector"] == json!({"matchLabels": {"app": app}})
+}
+
+/// A rule to HTTPS on public addresses: the IPv4 and IPv6 "everything" blocks, each excluding the
+/// private, CGNAT and link-local ranges (cloud metadata), on TCP 443 only.
+fn assert_public_https_only(rule: &Value, what: &str) {
+    let peers = rule["to"].as_array().expect("to");
+    assert_eq!(peers.len(), 2, "{what}: expected the IPv4 and IPv6 internet ipBlocks: {rule}");
+    for block in ip_blocks(rule) {
+        let except = strings(&block["except"]);
+        let required: &[&str] = match block["cidr"].as_str() {
+            Some("0.0.0.0/0") => &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"],
+            Some("::/0") => &["fc00::/7", "fe80::/10", "fd00:ec2::254/128"],
+            other => panic!("{what}: unexpected ipBlock {other:?}"),
+        };
+        for cidr in required {
+            assert!(except.contains(cidr), "{what}: egress to {:?} does not exclude {cidr}", block["cidr"]);
+        }
+    }
+    assert_eq!(ip_blocks(rule).len(), 2, "{what}: {rule}");
+    assert_eq!(rule_ports(rule), [443], "{what}: internet egress must be HTTPS only");
+    assert!(rule["ports"].as_array().unwrap().iter().all(|p| p["protocol"] == "TCP"), "{what}: {rule}");
+}
+
+/// The rule to cluster DNS (CoreDNS in kube-system, port 53).
+fn is_dns_rule(rule: &Value) -> bool {
+    rule["to"]
+        == json!([{
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }])
+        && rule_ports(rule) == [53, 53]
+}
+
 #[test]
 fn network_policies_deny_by_default_and_isolate_the_agents() {
     for target in TARGETS {
@@ -272,81 +315,151 @@ fn network_policies_deny_by_default_and_isolate_the_agents() {
         });
         assert!(default_deny, "{target}: no default-deny (Ingress+Egress, podSelector {{}}) NetworkPolicy");
 
-        // The agents: isolated for ingress, egress only DNS and public HTTPS.
+        // The agents: isolated for ingress, egress only DNS and the LLM gateway (API pods, 8001).
         let agent = one(docs, "NetworkPolicy", "oats-agent");
         assert_eq!(agent["spec"]["podSelector"]["matchLabels"], json!({"app": "oats-agent"}), "{target}");
         assert!(strings(&agent["spec"]["policyTypes"]).contains(&"Ingress"), "{target}");
         assert!(agent["spec"]["ingress"].as_array().is_none_or(|r| r.is_empty()), "{target}: agent ingress");
+        let egress = agent["spec"]["egress"].as_array().expect("agent egress rules");
+        assert_eq!(egress.len(), 2, "{target}: agent egress is DNS and the gateway only: {egress:#?}");
+        assert!(is_dns_rule(&egress[0]), "{target}: agent egress[0] is not cluster DNS: {}", egress[0]);
+        let gateway = &egress[1];
+        let peers = gateway["to"].as_array().expect("to");
+        assert!(
+            peers.len() == 1 && is_pods_of_this_namespace(&peers[0], "oats-backend-api"),
+            "{target}: agent egress[1] must be the API pods of this namespace only: {gateway}"
+        );
+        assert_eq!(rule_ports(gateway), [8001], "{target}: agents reach the gateway's port only");
+        // No policy of the render lets the agents out anywhere else (nor in from anywhere).
         for policy in &policies {
             let selects_agents = selects_all(&policy["spec"]["podSelector"])
                 || policy["spec"]["podSelector"]["matchLabels"]["app"] == "oats-agent";
             if selects_agents {
                 let ingress = policy["spec"]["ingress"].as_array().map_or(0, Vec::len);
                 assert_eq!(ingress, 0, "{target}: {} allows ingress to the agents", name(policy));
-            }
-        }
-        let egress = agent["spec"]["egress"].as_array().expect("agent egress rules");
-        let mut blocks = 0;
-        for rule in egress {
-            for block in ip_blocks(rule) {
-                blocks += 1;
-                let except = strings(&block["except"]);
-                let required: &[&str] = match block["cidr"].as_str() {
-                    Some("0.0.0.0/0") => {
-                        &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"]
-                    }
-                    Some("::/0") => &["fc00::/7", "fe80::/10", "fd00:ec2::254/128"],
-                    other => panic!("{target}: unexpected agent ipBlock {other:?}"),
-                };
-                for cidr in required {
-                    assert!(
-                        except.contains(cidr),
-                        "{target}: agent egress to {:?} does not exclude {cidr}",
-                        block["cidr"]
-                    );
+                if policy["metadata"]["name"] != "oats-agent" {
+                    let egress = policy["spec"]["egress"].as_array().map_or(0, Vec::len);
+                    assert_eq!(egress, 0, "{target}: {} opens more egress for the agents", name(policy));
                 }
-                let ports: Vec<_> =
-                    rule["ports"].as_array().expect("ports").iter().map(|p| p["port"].clone()).collect();
-                assert_eq!(ports, [json!(443)], "{target}: internet egress must be HTTPS only");
             }
         }
-        assert_eq!(blocks, 2, "{target}: expected the IPv4 and IPv6 internet ipBlocks");
 
-        // The API: ingress only on 8000 (ingress controller) and 9090 (Prometheus).
+        // The API: ingress only on 8000 (ingress controller), 9090 (Prometheus) and 8001 (agents).
         let api = one(docs, "NetworkPolicy", "oats-backend-api");
-        let mut ports: Vec<i64> = api["spec"]["ingress"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|r| r["ports"].as_array().unwrap().iter().map(|p| p["port"].as_i64().unwrap()))
-            .collect();
+        let ingress = api["spec"]["ingress"].as_array().unwrap();
+        let mut ports: Vec<i64> = ingress.iter().flat_map(rule_ports).collect();
         ports.sort();
-        assert_eq!(ports, [8000, 9090], "{target}");
-        for rule in api["spec"]["ingress"].as_array().unwrap() {
-            for peer in rule["from"].as_array().expect("ingress from") {
+        assert_eq!(ports, [8000, 8001, 9090], "{target}");
+        for rule in ingress {
+            let peers = rule["from"].as_array().expect("ingress from");
+            for peer in peers {
                 assert!(peer.get("ipBlock").is_none(), "{target}: API ingress from an ipBlock");
-                assert!(!selects_all(&peer["namespaceSelector"]), "{target}: API ingress from every namespace");
+                assert!(
+                    peer.get("namespaceSelector").is_none() || !selects_all(&peer["namespaceSelector"]),
+                    "{target}: API ingress from every namespace"
+                );
+            }
+            // The gateway's port admits the agent pods of this namespace and nothing else; the
+            // agents get no other port.
+            let from_agents = peers.iter().any(|p| is_pods_of_this_namespace(p, "oats-agent"));
+            if rule_ports(rule).contains(&8001) || from_agents {
+                assert_eq!(rule_ports(rule), [8001], "{target}: {rule}");
+                assert!(
+                    peers.len() == 1 && is_pods_of_this_namespace(&peers[0], "oats-agent"),
+                    "{target}: the gateway port is for the agent pods only: {rule}"
+                );
             }
         }
-        // Its API-server egress is an ipBlock per address, never a range.
-        for rule in api["spec"]["egress"].as_array().unwrap() {
-            for block in ip_blocks(rule) {
-                let cidr = block["cidr"].as_str().unwrap();
-                assert!(cidr.ends_with("/32") || cidr.ends_with("/128"), "{target}: API egress to range {cidr}");
-            }
+
+        // The API's egress: DNS, the API server (an ipBlock per address), OTLP, the LLM providers
+        // (public HTTPS) and PostgreSQL; in that order (the prod patches test it).
+        let egress = api["spec"]["egress"].as_array().unwrap();
+        assert_eq!(egress.len(), 5, "{target}: API egress rules: {egress:#?}");
+        assert!(is_dns_rule(&egress[0]), "{target}: API egress[0]");
+        let api_server: Vec<&str> = ip_blocks(&egress[1]).iter().filter_map(|b| b["cidr"].as_str()).collect();
+        assert_eq!(egress[1]["to"].as_array().unwrap().len(), api_server.len(), "{target}: API server by ipBlock only");
+        for cidr in &api_server {
+            assert!(cidr.ends_with("/32") || cidr.ends_with("/128"), "{target}: API-server egress to range {cidr}");
         }
-        let api_server: Vec<&str> = api["spec"]["egress"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(ip_blocks)
-            .filter_map(|b| b["cidr"].as_str())
-            .collect();
+        assert_eq!(rule_ports(&egress[1]), [443, 6443], "{target}");
         if target.ends_with("prod") {
             assert!(!api_server.contains(&"10.96.0.1/32"), "{target}: the prod patch did not replace the base CIDR");
         } else {
             assert_eq!(api_server, ["10.96.0.1/32"], "{target}");
         }
+        assert_eq!(rule_ports(&egress[2]), [4317, 4318], "{target}: API egress[2] is OTLP");
+        assert!(ip_blocks(&egress[2]).is_empty(), "{target}");
+        assert_public_https_only(&egress[3], &format!("{target}: API egress to the LLM providers"));
+        let database = &egress[4];
+        assert_eq!(rule_ports(database), [5432], "{target}: API egress[4] is PostgreSQL");
+        let peers = database["to"].as_array().unwrap();
+        if target.ends_with("prod") {
+            // An external database: an ipBlock per address, never the in-cluster dev pods.
+            assert!(!peers.is_empty(), "{target}");
+            for peer in peers {
+                let cidr = peer["ipBlock"]["cidr"].as_str().unwrap_or_else(|| panic!("{target}: {peer}"));
+                assert!(cidr.ends_with("/32") || cidr.ends_with("/128"), "{target}: database egress to range {cidr}");
+            }
+        } else {
+            assert!(
+                peers.len() == 1 && is_pods_of_this_namespace(&peers[0], "oats-postgres"),
+                "{target}: database egress must be the oats-postgres pods: {database}"
+            );
+        }
+
+        // Only the API may reach the dev PostgreSQL, and it reaches nothing.
+        let postgres: Vec<_> = policies.iter().filter(|p| p["metadata"]["name"] == "oats-postgres").collect();
+        if target.ends_with("dev") {
+            let spec = &postgres.first().unwrap_or_else(|| panic!("{target}: no NetworkPolicy oats-postgres"))["spec"];
+            assert_eq!(spec["podSelector"], json!({"matchLabels": {"app": "oats-postgres"}}), "{target}");
+            assert_eq!(strings(&spec["policyTypes"]), ["Ingress", "Egress"], "{target}");
+            assert_eq!(
+                spec["ingress"],
+                json!([{
+                    "from": [{"podSelector": {"matchLabels": {"app": "oats-backend-api"}}}],
+                    "ports": [{"protocol": "TCP", "port": 5432}],
+                }]),
+                "{target}"
+            );
+            assert!(spec["egress"].as_array().is_none_or(|e| e.is_empty()), "{target}: PostgreSQL egress");
+        } else {
+            assert!(postgres.is_empty(), "{target}: the dev PostgreSQL's policy");
+        }
+    }
+}
+
+/// The opt-in components (infra/components): each adds one NetworkPolicy, no more than it says.
+#[test]
+fn the_opt_in_network_components_open_what_they_say() {
+    let read = |path: &str| -> Value {
+        let text = std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    for dir in ["agents-public-https", "llm-in-cluster-provider"] {
+        let kustomization = read(&format!("infra/components/{dir}/kustomization.yaml"));
+        assert_eq!(kustomization["kind"], "Component", "{dir}");
+        assert_eq!(kustomization["resources"], json!(["networkpolicy.yaml"]), "{dir}");
+    }
+    // Agents: public HTTPS only, private ranges and metadata still excluded; still no ingress.
+    let web = read("infra/components/agents-public-https/networkpolicy.yaml");
+    assert_eq!(web["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(web["spec"]["podSelector"], json!({"matchLabels": {"app": "oats-agent"}}));
+    assert_eq!(strings(&web["spec"]["policyTypes"]), ["Egress"]);
+    let egress = web["spec"]["egress"].as_array().unwrap();
+    assert_eq!(egress.len(), 1);
+    assert_public_https_only(&egress[0], "agents-public-https");
+    // The API: an in-cluster provider, by namespace and pod labels, on its port.
+    let provider = read("infra/components/llm-in-cluster-provider/networkpolicy.yaml");
+    assert_eq!(provider["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(provider["spec"]["podSelector"], json!({"matchLabels": {"app": "oats-backend-api"}}));
+    assert_eq!(strings(&provider["spec"]["policyTypes"]), ["Egress"]);
+    for rule in provider["spec"]["egress"].as_array().unwrap() {
+        assert!(ip_blocks(rule).is_empty(), "llm-in-cluster-provider: by selectors only: {rule}");
+        for peer in rule["to"].as_array().unwrap() {
+            assert!(!selects_all(&peer["namespaceSelector"]), "llm-in-cluster-provider: every namespace: {peer}");
+            assert!(!selects_all(&peer["podSelector"]), "llm-in-cluster-provider: every pod: {peer}");
+        }
+        assert!(!rule_ports(rule).is_empty(), "llm-in-cluster-provider: every port: {rule}");
     }
 }
 
@@ -656,5 +769,256 @@ fn the_api_loads_the_shipped_service_policy() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(&key), text).unwrap();
         oats::policy::Policy::load(&dir.path().join(&key)).unwrap_or_else(|e| panic!("{target}: {e}"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LLM gateway, provider keys and the store
+// ---------------------------------------------------------------------------------------------
+
+const PROVIDER_KEYS: &str = "oats-llm-provider-keys";
+const DATABASE: &str = "oats-database";
+
+/// The gateway listens on its own port `llm`, reached through a Service of its own (so that the
+/// NetworkPolicies can single it out), and agents are given that Service's URL. The providers file
+/// is the ConfigMap oats-llm-providers, loads in OATS, and names key files of the provider keys
+/// Secret, which base and dev ship as placeholders and prod leaves out.
+#[test]
+fn the_llm_gateway_has_a_service_of_its_own_and_loads_the_shipped_providers() {
+    for target in TARGETS {
+        let docs = render(target);
+        let env = api_environment(docs, target);
+        let config = oats::config::Config::load(None, env.clone()).unwrap_or_else(|e| panic!("{target}: {e}"));
+        assert_eq!(config.llm_listen.to_string(), "0.0.0.0:8001", "{target}: OATS_LLM_LISTEN");
+        let url = format!("http://oats-llm-gateway.{NAMESPACE}.svc:8001/v1");
+        assert_eq!(config.llm_gateway_url.as_deref(), Some(url.as_str()), "{target}: OATS_LLM_GATEWAY_URL");
+        let file = config.llm_providers_file.clone().unwrap_or_else(|| panic!("{target}: the gateway is off"));
+        assert_eq!(file, std::path::Path::new("/etc/oats/llm/providers.yaml"), "{target}");
+
+        // Container port `llm`, and the Service oats-llm-gateway in front of it (nothing else).
+        let pod = &one(docs, "Deployment", "oats-backend-api")["spec"]["template"]["spec"];
+        let ports = pod["containers"][0]["ports"].as_array().unwrap();
+        assert!(ports.contains(&json!({"name": "llm", "containerPort": 8001, "protocol": "TCP"})), "{target}: {ports:?}");
+        let service = one(docs, "Service", "oats-llm-gateway");
+        assert_eq!(service["spec"]["selector"], json!({"app": "oats-backend-api"}), "{target}");
+        assert_eq!(
+            service["spec"]["ports"],
+            json!([{"name": "llm", "port": 8001, "targetPort": "llm", "protocol": "TCP"}]),
+            "{target}"
+        );
+        assert_eq!(service["spec"]["type"], "ClusterIP", "{target}");
+        // The API's Service does not expose the gateway.
+        let api_ports = &one(docs, "Service", "oats-backend-api")["spec"]["ports"];
+        assert!(api_ports.as_array().unwrap().iter().all(|p| p["port"] != 8001 && p["targetPort"] != "llm"), "{target}");
+        // The ServiceMonitor (prod) scrapes the API's Service, not the gateway's.
+        for monitor in kind(docs, "ServiceMonitor") {
+            let selector = monitor["spec"]["selector"]["matchLabels"].as_object().unwrap();
+            let labels = &service["metadata"]["labels"];
+            assert!(!selector.iter().all(|(k, v)| &labels[k] == v), "{target}: {} selects oats-llm-gateway", name(monitor));
+        }
+
+        // The providers file: the shipped one, directory-mounted, and OATS loads it.
+        let (volume, key) = volume_of(docs, target, file.to_str().unwrap());
+        assert_eq!(volume["configMap"]["name"], "oats-llm-providers", "{target}: {volume}");
+        let providers = one(docs, "ConfigMap", "oats-llm-providers");
+        let text = providers["data"][key.as_str()].as_str().unwrap_or_else(|| panic!("{target}: no data.{key}"));
+        let source =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/base/llm-providers.yaml")).unwrap();
+        assert_eq!(text, source, "{target}: the ConfigMap differs from infra/base/llm-providers.yaml");
+        let parsed: Value = serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("{target}: {e}"));
+        let entries = parsed["providers"].as_array().unwrap_or_else(|| panic!("{target}: no providers"));
+        assert!(!entries.is_empty(), "{target}: no provider");
+
+        // Every api_key_file is a key of the provider keys Secret, mounted read-only (no subPath).
+        let secrets: Vec<_> = kind(docs, "Secret").filter(|s| s["metadata"]["name"] == PROVIDER_KEYS).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut local = parsed.clone();
+        for (i, provider) in entries.iter().enumerate() {
+            let Some(key_file) = provider["api_key_file"].as_str() else { continue };
+            let (volume, key) = volume_of(docs, target, key_file);
+            assert_eq!(volume["secret"]["secretName"], PROVIDER_KEYS, "{target}: {key_file} comes from {volume}");
+            if target.ends_with("prod") {
+                assert!(secrets.is_empty(), "{target}: the placeholder keys would overwrite the real ones on apply");
+            } else {
+                assert_eq!(secrets.len(), 1, "{target}: the placeholder Secret {PROVIDER_KEYS}");
+                assert_eq!(secrets[0]["stringData"][key.as_str()], "REPLACE_ME", "{target}: {key}");
+            }
+            // OATS loads the file (with the key files where a test can write them).
+            let copy = dir.path().join(&key);
+            std::fs::write(&copy, "REPLACE_ME\n").unwrap();
+            local["providers"][i]["api_key_file"] = json!(copy.to_str().unwrap());
+        }
+        let path = dir.path().join("providers.yaml");
+        std::fs::write(&path, serde_saphyr::to_string(&local).unwrap()).unwrap();
+        let catalog = oats::llm::Catalog::load(&path).unwrap_or_else(|e| panic!("{target}: OATS refuses the providers: {e}"));
+        assert!(!catalog.is_empty(), "{target}: no model");
+    }
+}
+
+/// The provider keys and the database URL are mounted into the API pods and nowhere else: not into
+/// the agent Jobs OATS renders (the Secret it names there is another one), not into any other
+/// workload of the render.
+#[test]
+fn provider_keys_and_the_database_url_reach_the_api_pods_only() {
+    for target in TARGETS {
+        let docs = render(target);
+        // Every pod template of the render that mounts or reads either Secret.
+        let mut users = Vec::new();
+        for workload in docs.iter().filter(|d| d["spec"]["template"]["spec"].is_object()) {
+            let text = serde_json::to_string(&workload["spec"]["template"]).unwrap();
+            for secret in [PROVIDER_KEYS, DATABASE] {
+                if text.contains(&format!("\"{secret}\"")) {
+                    users.push((name(workload), secret));
+                }
+            }
+        }
+        assert_eq!(
+            users,
+            [("Deployment/oats-backend-api".to_owned(), PROVIDER_KEYS), ("Deployment/oats-backend-api".to_owned(), DATABASE)],
+            "{target}"
+        );
+
+        // The agent Job OATS would create with this configuration.
+        let env = api_environment(docs, target);
+        let config = oats::config::Config::load(None, env).unwrap_or_else(|e| panic!("{target}: {e}"));
+        for secret in [PROVIDER_KEYS, DATABASE] {
+            assert_ne!(config.llm_secret_name.as_deref(), Some(secret), "{target}: agents would mount {secret}");
+        }
+        let template = oats::backend::kubernetes::render::AgentTemplate::from_config(&config, NAMESPACE);
+        let job = serde_json::to_value(oats::backend::kubernetes::render::render_job(&agent_job(), &template)).unwrap();
+        let text = serde_json::to_string(&job).unwrap();
+        for needle in [PROVIDER_KEYS, DATABASE, "/var/run/secrets/oats/providers", "/var/run/secrets/oats/database"] {
+            assert!(!text.contains(needle), "{target}: the agent Job refers to {needle}");
+        }
+    }
+}
+
+fn agent_job() -> oats::jobs::NewJob {
+    use oats::jobs::{JobId, JobLimits, JobRequest, NewJob};
+    let spec = JobRequest { goal: "Check the mounts".into(), max_turns: 3, ..Default::default() }
+        .validate(&JobLimits::default())
+        .unwrap();
+    NewJob {
+        id: JobId::random(),
+        tenant: "default".into(),
+        request_hash: spec.fingerprint(),
+        trace: None,
+        resources: None,
+        spec,
+        created_at: chrono::Utc::now(),
+    }
+}
+
+/// The store: PostgreSQL from the Secret oats-database (several replicas share one ledger), the
+/// SQLite fallback's state directory writable. Base ships a placeholder URL, dev the URL of its
+/// own PostgreSQL (with that database's password), prod none (your database, out of band).
+#[test]
+fn the_store_is_a_shared_postgresql_from_a_secret() {
+    for target in TARGETS {
+        let docs = render(target);
+        let env = api_environment(docs, target);
+        let config = oats::config::Config::load(None, env.clone()).unwrap_or_else(|e| panic!("{target}: {e}"));
+        let file = config.database_url_file.clone().unwrap_or_else(|| panic!("{target}: no OATS_DATABASE_URL_FILE"));
+        assert_eq!(file, std::path::Path::new("/var/run/secrets/oats/database/url"), "{target}");
+        let (volume, key) = volume_of(docs, target, file.to_str().unwrap());
+        assert_eq!(volume["secret"]["secretName"], DATABASE, "{target}: {volume}");
+        assert!(volume["secret"]["optional"] != true, "{target}: replicas must not start without the shared store");
+
+        // OATS_STATE_DIR (SQLite without a database URL) is a writable emptyDir.
+        assert_eq!(config.state_dir, std::path::Path::new("/var/lib/oats"), "{target}");
+        let pod = &one(docs, "Deployment", "oats-backend-api")["spec"]["template"]["spec"];
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == "/var/lib/oats")
+            .unwrap_or_else(|| panic!("{target}: nothing mounted at OATS_STATE_DIR (read-only root filesystem)"));
+        assert!(mount["readOnly"] != true, "{target}: the state directory must be writable");
+        let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+        assert!(volume["emptyDir"].is_object(), "{target}: {volume}");
+
+        let secrets: Vec<_> = kind(docs, "Secret").filter(|s| s["metadata"]["name"] == DATABASE).collect();
+        if target.ends_with("prod") {
+            assert!(secrets.is_empty(), "{target}: a placeholder would overwrite the real database URL on apply");
+            // Nothing in prod is a placeholder: every Secret comes from out of band.
+            let shipped: Vec<_> = kind(docs, "Secret").map(name).collect();
+            assert!(shipped.is_empty(), "{target}: ships Secrets {shipped:?}");
+            assert!(kind(docs, "StatefulSet").next().is_none(), "{target}: prod uses an external PostgreSQL");
+            continue;
+        }
+        assert_eq!(secrets.len(), 1, "{target}: Secret {DATABASE}");
+        let url = secrets[0]["stringData"][key.as_str()].as_str().unwrap_or_else(|| panic!("{target}: no {key}"));
+        assert!(url.starts_with("postgres://"), "{target}: {url}");
+        let (credentials, rest) = url["postgres://".len()..].split_once('@').unwrap();
+        assert_eq!(rest, "oats-postgres:5432/oats", "{target}: the URL names Service oats-postgres");
+        let (user, password) = credentials.split_once(':').unwrap();
+        assert_eq!(user, "oats", "{target}");
+        if target.ends_with("dev") {
+            // The dev database's role and password.
+            let postgres = one(docs, "Secret", "oats-postgres");
+            assert_eq!(postgres["stringData"]["password"], password, "{target}: the URL's password is not the database's");
+            let container = &one(docs, "StatefulSet", "oats-postgres")["spec"]["template"]["spec"]["containers"][0];
+            let var = |n: &str| container["env"].as_array().unwrap().iter().find(|e| e["name"] == n).cloned();
+            assert_eq!(var("POSTGRES_USER").unwrap()["value"], user, "{target}");
+            assert_eq!(var("POSTGRES_DB").unwrap()["value"], "oats", "{target}");
+            assert_eq!(
+                var("POSTGRES_PASSWORD").unwrap()["valueFrom"]["secretKeyRef"],
+                json!({"name": "oats-postgres", "key": "password"}),
+                "{target}"
+            );
+        } else {
+            assert_eq!(password, "REPLACE_ME", "{target}: base ships a placeholder");
+            assert!(kind(docs, "StatefulSet").next().is_none(), "{target}: the dev PostgreSQL is not in base");
+        }
+    }
+}
+
+/// The dev overlay's PostgreSQL passes Pod Security "restricted" (which the namespace enforces)
+/// and OATS' hardening, with the checker OATS applies to agent Jobs; it gets a Service, a PVC the
+/// quota admits and resources the LimitRange admits.
+#[test]
+fn the_dev_postgresql_is_restricted_and_complete() {
+    use oats::backend::kubernetes::pss::{check_hardening, check_restricted};
+    let docs = render("infra/overlays/dev");
+    let statefulset = one(docs, "StatefulSet", "oats-postgres");
+    let template: k8s_openapi::api::core::v1::PodTemplateSpec =
+        serde_json::from_value(statefulset["spec"]["template"].clone()).expect("a pod template");
+    let violations = check_restricted(&template);
+    assert!(violations.is_empty(), "oats-postgres fails Pod Security restricted: {violations:#?}");
+    // And OATS' hardening beyond the profile: read-only root filesystem, no service-account token.
+    let hardening = check_hardening(&template);
+    assert!(hardening.is_empty(), "oats-postgres: {hardening:#?}");
+
+    let spec = &statefulset["spec"]["template"]["spec"];
+    let uid = spec["securityContext"]["runAsUser"].as_i64().unwrap();
+    assert!([70, 999].contains(&uid), "the postgres image's own user, not {uid}");
+    assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    let container = &spec["containers"][0];
+    assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(container["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    assert!(container["image"].as_str().unwrap().starts_with("postgres:"), "{}", container["image"]);
+    assert_eq!(statefulset["spec"]["replicas"], 1);
+
+    // Data on a PVC (the quota admits it), the Service the URL names.
+    let claims = statefulset["spec"]["volumeClaimTemplates"].as_array().expect("volumeClaimTemplates");
+    assert_eq!(claims.len(), 1);
+    let data = claims[0]["metadata"]["name"].as_str().unwrap();
+    assert!(container["volumeMounts"].as_array().unwrap().iter().any(|m| m["name"] == data));
+    let quota = &kind(docs, "ResourceQuota").next().unwrap()["spec"]["hard"];
+    assert!(quantity(&quota["persistentvolumeclaims"]) >= 1.0, "the dev quota admits no PVC");
+    let service = one(docs, "Service", "oats-postgres");
+    assert_eq!(service["spec"]["selector"], json!({"app": "oats-postgres"}));
+    assert_eq!(service["spec"]["ports"][0]["port"], 5432);
+    assert_eq!(statefulset["spec"]["serviceName"], "oats-postgres");
+    assert_eq!(statefulset["spec"]["template"]["metadata"]["labels"]["app"], "oats-postgres");
+
+    // Resources within the LimitRange, as every container of the namespace.
+    let limits = &kind(docs, "LimitRange").next().unwrap()["spec"]["limits"][0];
+    for section in ["requests", "limits"] {
+        for key in ["cpu", "memory", "ephemeral-storage"] {
+            let v = quantity(&container["resources"][section][key]);
+            assert!(v <= quantity(&limits["max"][key]) && v >= quantity(&limits["min"][key]), "{section}.{key}");
+        }
     }
 }

@@ -1,14 +1,20 @@
-//! Offline analysis of the NetworkPolicies in `infra/base` with np-guard's netpol-analyzer
-//! (`netpolicy`, built from its Go module by `testenv/netpol.sh`, cached). No cluster, no CNI:
-//! the analyzer computes which connections the policies allow between the workloads and
-//! namespaces written to a temp directory:
+//! Offline analysis of the NetworkPolicies of `infra/overlays/dev` (the base's, plus the dev
+//! PostgreSQL's) with np-guard's netpol-analyzer (`netpolicy`, built from its Go module by
+//! `testenv/netpol.sh`, cached). No cluster, no CNI: the analyzer computes which connections the
+//! policies allow between the workloads and namespaces written to a temp directory:
 //!
-//! - the rendered `infra/base` (Namespace `oats`, the API Deployment, the NetworkPolicies),
+//! - the rendered `infra/overlays/dev` (Namespace `oats`, the API Deployment, the PostgreSQL
+//!   StatefulSet, the NetworkPolicies),
 //! - one agent Job rendered by the library (`render_job`) plus a Pod of its template (`eval`
-//!   needs Pod names), a Pod of the API Deployment's template,
+//!   needs Pod names), a Pod of the API Deployment's template, a Pod of the StatefulSet's,
 //! - the peers the policies talk about: CoreDNS in kube-system, Prometheus in monitoring, the
-//!   ingress controller in ingress-nginx, an OTLP collector in observability, and two pods the
-//!   policies must keep out (an unlabelled pod in `oats`, a pod in `default`).
+//!   ingress controller in ingress-nginx, an OTLP collector in observability, a vLLM in `vllm`
+//!   (an in-cluster LLM provider), and two pods the policies must keep out (an unlabelled pod in
+//!   `oats`, a pod in `default`).
+//!
+//! A second directory adds the opt-in components' NetworkPolicies (`infra/components/*`: agents
+//! on public HTTPS, the API to the in-cluster provider), read from their files (a component is
+//! only built from an overlay that lists it).
 //!
 //! Analyzer limits worked around here (netpol-analyzer v1.4.4):
 //! - IPv4 only, and an IPv6 `ipBlock` is silently misread as an IPv4 range (its first 32 bits:
@@ -37,6 +43,9 @@ use std::{
 const NS: &str = "oats";
 const AGENT: &str = "agent";
 const API: &str = "api";
+const POSTGRES: &str = "postgres";
+/// The LLM gateway's port on the API pods.
+const GATEWAY: u16 = 8001;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -54,10 +63,19 @@ fn text(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// The analyzer binary (built on first use) and the fixture directory, once per test binary.
+/// The analyzer binary (built on first use) and the fixture directories, once per test binary:
+/// `dir` as shipped, `opt_in` with the components too.
 struct Analysis {
     netpolicy: PathBuf,
     dir: tempfile::TempDir,
+    opt_in: tempfile::TempDir,
+}
+
+/// Which fixture a query runs against.
+#[derive(Clone, Copy)]
+enum Fixture {
+    Shipped,
+    OptIn,
 }
 
 fn analysis() -> &'static Analysis {
@@ -72,8 +90,13 @@ fn analysis() -> &'static Analysis {
         let netpolicy = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
         assert!(netpolicy.is_file(), "testenv/netpol.sh printed {netpolicy:?}, which is not a file");
         let dir = tempfile::tempdir().unwrap();
-        write_fixtures(dir.path());
-        Analysis { netpolicy, dir }
+        write_fixtures(dir.path(), &[]);
+        let opt_in = tempfile::tempdir().unwrap();
+        write_fixtures(
+            opt_in.path(),
+            &["infra/components/agents-public-https", "infra/components/llm-in-cluster-provider"],
+        );
+        Analysis { netpolicy, dir, opt_in }
     })
 }
 
@@ -81,10 +104,16 @@ fn analysis() -> &'static Analysis {
 // Fixtures
 // ---------------------------------------------------------------------------------------------
 
-fn write_fixtures(dir: &Path) {
-    let out = run("kubectl", &["kustomize", "infra/base"]);
-    assert!(out.status.success(), "kubectl kustomize infra/base: {}", text(&out));
-    let rendered: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+/// The rendered dev overlay, plus the NetworkPolicy of each component of `components`.
+fn write_fixtures(dir: &Path, components: &[&str]) {
+    let out = run("kubectl", &["kustomize", "infra/overlays/dev"]);
+    assert!(out.status.success(), "kubectl kustomize infra/overlays/dev: {}", text(&out));
+    let mut rendered: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    for component in components {
+        let path = root().join(component).join("networkpolicy.yaml");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        rendered.push(serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+    }
 
     let mut docs: Vec<Value> = Vec::new();
     let mut policies = 0;
@@ -96,16 +125,21 @@ fn write_fixtures(dir: &Path) {
                 docs.push(doc);
             }
             "Namespace" => docs.push(doc),
-            "Deployment" => {
-                // A Pod with the Deployment's template, for `eval`.
+            kind @ ("Deployment" | "StatefulSet") => {
+                // A Pod with the workload's template, for `eval`.
+                let name = if kind == "Deployment" { API } else { POSTGRES };
                 let template = &doc["spec"]["template"];
-                docs.push(pod(API, NS, &template["metadata"]["labels"], template["spec"].clone()));
+                docs.push(pod(name, NS, &template["metadata"]["labels"], template["spec"].clone()));
                 docs.push(doc);
             }
             _ => {}
         }
     }
-    assert_eq!(policies, 3, "expected the three NetworkPolicies of infra/base");
+    assert_eq!(
+        policies,
+        4 + components.len(),
+        "expected the three NetworkPolicies of infra/base, the dev PostgreSQL's and one per component"
+    );
 
     // The agent: exactly the Job OATS renders, and a Pod of its template.
     let job = serde_json::to_value(render_job(&agent_job(), &AgentTemplate::from_config(&agent_config(), NS))).unwrap();
@@ -118,6 +152,7 @@ fn write_fixtures(dir: &Path) {
         ("monitoring", "prometheus", json!({"app.kubernetes.io/name": "prometheus"})),
         ("ingress-nginx", "ingress-controller", json!({"app.kubernetes.io/name": "ingress-nginx"})),
         ("observability", "otel-collector", json!({"app.kubernetes.io/name": "opentelemetry-collector"})),
+        ("vllm", "vllm", json!({"app.kubernetes.io/name": "vllm"})),
         ("default", "intruder", json!({"app": "intruder"})),
     ] {
         docs.push(json!({
@@ -201,10 +236,19 @@ enum Peer<'a> {
     Ip(&'a str),
 }
 
-/// `netpolicy eval`: is a connection from pod `src` to `dst` on `protocol/port` allowed?
+/// `netpolicy eval`: is a connection from pod `src` to `dst` on `protocol/port` allowed, as shipped?
 fn allowed(src: (&str, &str), dst: Peer, protocol: &str, port: u16) -> bool {
+    allowed_in(Fixture::Shipped, src, dst, protocol, port)
+}
+
+/// The same, in `fixture`.
+fn allowed_in(fixture: Fixture, src: (&str, &str), dst: Peer, protocol: &str, port: u16) -> bool {
     let a = analysis();
-    let dirpath = a.dir.path().to_str().unwrap();
+    let dir = match fixture {
+        Fixture::Shipped => &a.dir,
+        Fixture::OptIn => &a.opt_in,
+    };
+    let dirpath = dir.path().to_str().unwrap();
     let port = port.to_string();
     let mut args = vec!["eval", "--dirpath", dirpath, "-n", src.0, "-s", src.1, "-p", &port, "--protocol", protocol];
     match dst {
@@ -257,15 +301,20 @@ const API_SRC: (&str, &str) = (NS, API);
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn the_agent_reaches_public_https_and_dns_only() {
-    for ip in ["8.8.8.8", "1.1.1.1", "140.82.112.3"] {
-        assert!(allowed(AGENT_SRC, Peer::Ip(ip), "tcp", 443), "the agent cannot reach {ip}:443");
-    }
-    for (ip, protocol, port) in [("8.8.8.8", "tcp", 80), ("8.8.8.8", "udp", 443), ("1.1.1.1", "tcp", 22)] {
-        assert!(!allowed(AGENT_SRC, Peer::Ip(ip), protocol, port), "the agent reaches {ip} {protocol}/{port}");
-    }
+fn the_agent_reaches_the_llm_gateway_and_dns_only() {
+    assert!(allowed(AGENT_SRC, Peer::Pod(NS, API), "tcp", GATEWAY), "the agent cannot reach the gateway");
     for protocol in ["udp", "tcp"] {
         assert!(allowed(AGENT_SRC, Peer::Pod("kube-system", "coredns"), protocol, 53), "agent DNS over {protocol}");
+    }
+    // No internet: the gateway calls the providers, the agent never does.
+    for ip in ["8.8.8.8", "1.1.1.1", "140.82.112.3"] {
+        for (protocol, port) in [("tcp", 443), ("tcp", 80), ("udp", 443), ("tcp", 22)] {
+            assert!(!allowed(AGENT_SRC, Peer::Ip(ip), protocol, port), "the agent reaches {ip} {protocol}/{port}");
+        }
+    }
+    // The API's other ports: the REST API, metrics.
+    for port in [8000, 9090, 443] {
+        assert!(!allowed(AGENT_SRC, Peer::Pod(NS, API), "tcp", port), "the agent reaches the API on {port}");
     }
 }
 
@@ -289,19 +338,20 @@ fn the_agent_cannot_reach_metadata_private_ranges_or_the_cluster() {
         "100.127.255.254",
     ];
     for ip in blocked {
-        for port in [443, 80] {
+        for port in [443, 80, GATEWAY] {
             assert!(!allowed(AGENT_SRC, Peer::Ip(ip), "tcp", port), "the agent reaches {ip}:{port}");
         }
     }
     for (ns, pod, port) in [
-        (NS, API, 8000),
-        (NS, API, 9090),
         (NS, "neighbour", 443),
+        (NS, "neighbour", GATEWAY),
+        (NS, POSTGRES, 5432),
         ("monitoring", "prometheus", 9090),
         ("observability", "otel-collector", 4317),
         ("ingress-nginx", "ingress-controller", 443),
         ("default", "intruder", 443),
         ("kube-system", "coredns", 443),
+        ("vllm", "vllm", 8000),
     ] {
         assert!(!allowed(AGENT_SRC, Peer::Pod(ns, pod), "tcp", port), "the agent reaches {ns}/{pod}:{port}");
     }
@@ -311,13 +361,14 @@ fn the_agent_cannot_reach_metadata_private_ranges_or_the_cluster() {
 fn nothing_connects_to_the_agent() {
     for (ns, pod) in [
         (NS, API),
+        (NS, POSTGRES),
         (NS, "neighbour"),
         ("monitoring", "prometheus"),
         ("ingress-nginx", "ingress-controller"),
         ("kube-system", "coredns"),
         ("default", "intruder"),
     ] {
-        for port in [443, 8000, 8080] {
+        for port in [443, 8000, 8080, GATEWAY] {
             assert!(!allowed((ns, pod), Peer::Pod(NS, AGENT), "tcp", port), "{ns}/{pod} reaches the agent on {port}");
         }
     }
@@ -327,8 +378,21 @@ fn nothing_connects_to_the_agent() {
         .filter(|(_, dst, _)| dst.starts_with(&format!("{NS}/{AGENT}[")) || dst.ends_with("[Job]"))
         .collect();
     assert!(into_agent.is_empty(), "connections into the agent: {into_agent:#?}");
-    // ... while the agent's own egress shows up (the analysis did see the agent).
-    assert!(connections().iter().any(|(src, _, conn)| src == &format!("{NS}/{AGENT}[Pod]") && conn.contains("443")));
+    // ... while the agent's own egress shows up (the analysis did see the agent): the gateway.
+    let from_agent: Vec<_> =
+        connections().iter().filter(|(src, _, _)| src == &format!("{NS}/{AGENT}[Pod]")).collect();
+    assert!(
+        from_agent.iter().any(|(_, dst, conn)| dst == &format!("{NS}/{API}[Pod]") && conn.contains("8001")),
+        "{from_agent:#?}"
+    );
+    // ... and nothing else but DNS: no IP range at all, no other workload.
+    let api_workloads = [format!("{NS}/{API}["), format!("{NS}/oats-backend-api[")];
+    for (_, dst, _) in &from_agent {
+        assert!(
+            api_workloads.iter().any(|w| dst.starts_with(w.as_str())) || dst.starts_with("kube-system/coredns["),
+            "the agent reaches {dst}: {from_agent:#?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,13 +400,19 @@ fn nothing_connects_to_the_agent() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn prometheus_scrapes_and_the_ingress_controller_reaches_the_api_nobody_else() {
+fn prometheus_scrapes_the_ingress_controller_and_the_agents_reach_the_api_nobody_else() {
     assert!(allowed(("monitoring", "prometheus"), Peer::Pod(NS, API), "tcp", 9090), "Prometheus cannot scrape 9090");
     assert!(!allowed(("monitoring", "prometheus"), Peer::Pod(NS, API), "tcp", 8000));
+    assert!(!allowed(("monitoring", "prometheus"), Peer::Pod(NS, API), "tcp", GATEWAY));
     assert!(allowed(("ingress-nginx", "ingress-controller"), Peer::Pod(NS, API), "tcp", 8000), "ingress -> 8000");
     assert!(!allowed(("ingress-nginx", "ingress-controller"), Peer::Pod(NS, API), "tcp", 9090));
-    for (ns, pod) in [(NS, AGENT), (NS, "neighbour"), ("default", "intruder"), ("observability", "otel-collector")] {
-        for port in [8000, 9090] {
+    assert!(!allowed(("ingress-nginx", "ingress-controller"), Peer::Pod(NS, API), "tcp", GATEWAY));
+    // The gateway's port: the agents only.
+    assert!(allowed(AGENT_SRC, Peer::Pod(NS, API), "tcp", GATEWAY), "agent -> gateway");
+    for (ns, pod) in
+        [(NS, "neighbour"), (NS, POSTGRES), ("default", "intruder"), ("observability", "otel-collector"), ("vllm", "vllm")]
+    {
+        for port in [8000, 9090, GATEWAY] {
             assert!(!allowed((ns, pod), Peer::Pod(NS, API), "tcp", port), "{ns}/{pod} reaches the API on {port}");
         }
     }
@@ -353,7 +423,7 @@ fn prometheus_scrapes_and_the_ingress_controller_reaches_the_api_nobody_else() {
 }
 
 #[test]
-fn the_api_reaches_dns_the_kubernetes_api_and_the_collector_only() {
+fn the_api_reaches_dns_the_kubernetes_api_the_collector_the_providers_and_postgresql_only() {
     for port in [443, 6443] {
         assert!(allowed(API_SRC, Peer::Ip("10.96.0.1"), "tcp", port), "API -> kube-apiserver :{port}");
     }
@@ -363,12 +433,42 @@ fn the_api_reaches_dns_the_kubernetes_api_and_the_collector_only() {
             assert!(allowed(API_SRC, Peer::Pod(ns, pod), "tcp", port), "API -> {ns}/{pod}:{port}");
         }
     }
-    for ip in ["8.8.8.8", "10.96.0.2", "169.254.169.254", "192.168.1.1"] {
-        assert!(!allowed(API_SRC, Peer::Ip(ip), "tcp", 443), "the API reaches {ip}:443");
+    // The LLM providers: HTTPS on public addresses.
+    for ip in ["8.8.8.8", "104.18.6.192", "140.82.112.3"] {
+        assert!(allowed(API_SRC, Peer::Ip(ip), "tcp", 443), "the API cannot reach the provider at {ip}:443");
+        assert!(!allowed(API_SRC, Peer::Ip(ip), "tcp", 80), "the API reaches {ip}:80");
     }
-    for (ns, pod, port) in [(NS, AGENT, 8080), ("default", "intruder", 443), ("observability", "otel-collector", 80)] {
+    // ... never private ranges, metadata or other cluster addresses.
+    for ip in ["10.96.0.2", "10.0.0.1", "172.16.0.1", "192.168.1.1", "100.64.0.1", "169.254.169.254"] {
+        for port in [443, 80, 5432] {
+            assert!(!allowed(API_SRC, Peer::Ip(ip), "tcp", port), "the API reaches {ip}:{port}");
+        }
+    }
+    // PostgreSQL (the store), on its port only.
+    assert!(allowed(API_SRC, Peer::Pod(NS, POSTGRES), "tcp", 5432), "the API cannot reach PostgreSQL");
+    assert!(!allowed(API_SRC, Peer::Pod(NS, POSTGRES), "tcp", 22));
+    for (ns, pod, port) in [
+        (NS, AGENT, 8080),
+        (NS, AGENT, GATEWAY),
+        ("default", "intruder", 443),
+        ("default", "intruder", 5432),
+        ("observability", "otel-collector", 80),
+        ("vllm", "vllm", 8000),
+    ] {
         assert!(!allowed(API_SRC, Peer::Pod(ns, pod), "tcp", port), "the API reaches {ns}/{pod}:{port}");
     }
+}
+
+#[test]
+fn postgresql_admits_the_api_only_and_reaches_nothing() {
+    for (ns, pod) in [(NS, AGENT), (NS, "neighbour"), ("default", "intruder"), ("monitoring", "prometheus")] {
+        assert!(!allowed((ns, pod), Peer::Pod(NS, POSTGRES), "tcp", 5432), "{ns}/{pod} reaches PostgreSQL");
+    }
+    for (ip, port) in [("8.8.8.8", 443), ("10.96.0.1", 443)] {
+        assert!(!allowed((NS, POSTGRES), Peer::Ip(ip), "tcp", port), "PostgreSQL reaches {ip}:{port}");
+    }
+    assert!(!allowed((NS, POSTGRES), Peer::Pod("kube-system", "coredns"), "udp", 53));
+    assert!(!allowed((NS, POSTGRES), Peer::Pod(NS, API), "tcp", 8000));
 }
 
 #[test]
@@ -378,4 +478,32 @@ fn other_pods_in_the_namespace_are_denied_both_ways() {
     }
     assert!(!allowed((NS, "neighbour"), Peer::Pod("kube-system", "coredns"), "udp", 53));
     assert!(!allowed(("default", "intruder"), Peer::Pod(NS, "neighbour"), "tcp", 443));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opt-in components
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn the_opt_ins_open_public_https_for_agents_and_the_in_cluster_provider_for_the_api() {
+    let opt_in = |src, dst, protocol, port| allowed_in(Fixture::OptIn, src, dst, protocol, port);
+    // agents-public-https: public HTTPS, still nothing private, still no other port.
+    for ip in ["8.8.8.8", "140.82.112.3"] {
+        assert!(opt_in(AGENT_SRC, Peer::Ip(ip), "tcp", 443), "agents-public-https: the agent cannot reach {ip}:443");
+        assert!(!opt_in(AGENT_SRC, Peer::Ip(ip), "tcp", 80), "agents-public-https: the agent reaches {ip}:80");
+    }
+    for ip in ["169.254.169.254", "10.96.0.1", "10.0.0.1", "172.16.0.1", "192.168.0.1", "100.64.0.1"] {
+        assert!(!opt_in(AGENT_SRC, Peer::Ip(ip), "tcp", 443), "agents-public-https: the agent reaches {ip}:443");
+    }
+    assert!(opt_in(AGENT_SRC, Peer::Pod(NS, API), "tcp", GATEWAY));
+    assert!(!opt_in(AGENT_SRC, Peer::Pod(NS, API), "tcp", 8000));
+    assert!(!opt_in(AGENT_SRC, Peer::Pod(NS, POSTGRES), "tcp", 5432));
+    assert!(!opt_in(AGENT_SRC, Peer::Pod("vllm", "vllm"), "tcp", 8000), "the in-cluster provider is the API's only");
+    // llm-in-cluster-provider: the API reaches vLLM on its port, nothing else there.
+    assert!(opt_in(API_SRC, Peer::Pod("vllm", "vllm"), "tcp", 8000), "llm-in-cluster-provider: API -> vllm:8000");
+    assert!(!opt_in(API_SRC, Peer::Pod("vllm", "vllm"), "tcp", 22));
+    assert!(!opt_in(API_SRC, Peer::Pod("default", "intruder"), "tcp", 8000));
+    // Nothing else changes: nobody else reaches the agents or the API.
+    assert!(!opt_in(("vllm", "vllm"), Peer::Pod(NS, API), "tcp", GATEWAY));
+    assert!(!opt_in((NS, API), Peer::Pod(NS, AGENT), "tcp", 443));
 }

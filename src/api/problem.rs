@@ -121,7 +121,8 @@ pub enum ProblemResponse {
     #[oai(status = 415, content_type = "application/problem+json")]
     UnsupportedMediaType(Json<Problem>),
     /// The request is well-formed but breaks a rule: a field (each is listed in `errors`) or a
-    /// policy limit (`type` names the rule, e.g. `…/policy/max-turns`).
+    /// policy limit (`type` names the rule, e.g. `…/policy/max-turns`), or the Kubernetes API
+    /// server refuses the Job (`…/policy/kubernetes-admission`, with its message).
     #[oai(status = 422, content_type = "application/problem+json")]
     Unprocessable(Json<Problem>),
     /// A rate or concurrency limit of the tenant's policy, or the cluster's quota for jobs

@@ -29,6 +29,14 @@ kustomize base puts on every object (part-of, managed-by). Earlier ones win. Cal
 {{- include "oats.labels" (list . (dict "app" "oats-agent" "app.kubernetes.io/name" "oats-agent" "app.kubernetes.io/component" "agent")) -}}
 {{- end -}}
 
+{{- define "oats.labels.postgres" -}}
+{{- include "oats.labels" (list . (dict "app" "oats-postgres" "app.kubernetes.io/name" "oats-postgres" "app.kubernetes.io/component" "database")) -}}
+{{- end -}}
+
+{{- define "oats.labels.llmGateway" -}}
+{{- include "oats.labels" (list . (dict "app" "oats-backend-api" "app.kubernetes.io/name" "oats-backend-api" "app.kubernetes.io/component" "llm-gateway")) -}}
+{{- end -}}
+
 {{- define "oats.labels.admission" -}}
 {{- include "oats.labels" (list . (dict "app.kubernetes.io/name" "oats-agent-job-guardrails" "app.kubernetes.io/component" "admission-policy")) -}}
 {{- end -}}
@@ -74,6 +82,17 @@ Data of the API's ConfigMap, as sorted `KEY: "value"` lines. The derived keys wi
 {{- $_ := set $derived "OATS_AUTH_TOKENS_FILE" (printf "%s/%s" (trimSuffix "/" .mountPath) .key) -}}
 {{- end -}}
 {{- end -}}
+{{- if .Values.llm.enabled -}}
+{{- $_ := set $derived "OATS_LLM_PROVIDERS_FILE" (printf "%s/providers.yaml" (trimSuffix "/" .Values.llm.mountPath)) -}}
+{{- $_ := set $derived "OATS_LLM_LISTEN" (printf "0.0.0.0:%d" (.Values.llm.port | int)) -}}
+{{- $_ := set $derived "OATS_LLM_GATEWAY_URL" (include "oats.llmGatewayUrl" .) -}}
+{{- end -}}
+{{- with .Values.database.urlSecret -}}
+{{- if .name -}}
+{{- $_ := set $derived "OATS_DATABASE_URL_FILE" (printf "%s/%s" (trimSuffix "/" .mountPath) .key) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $derived "OATS_STATE_DIR" .Values.stateDir.path -}}
 {{- with .Values.otel -}}
 {{- if .endpoint -}}
 {{- $_ := set $derived "OTEL_EXPORTER_OTLP_ENDPOINT" .endpoint -}}
@@ -90,6 +109,38 @@ Data of the API's ConfigMap, as sorted `KEY: "value"` lines. The derived keys wi
 {{- end -}}
 {{- range $key, $value := merge $derived (.Values.config | default dict) }}
 {{ $key }}: {{ $value | toString | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The URL agents are given as OPENAI_BASE_URL: llm.gatewayUrl, else Service oats-llm-gateway.
+*/}}
+{{- define "oats.llmGatewayUrl" -}}
+{{- .Values.llm.gatewayUrl | default (printf "http://oats-llm-gateway.%s.svc:%d/v1" (include "oats.namespace" .) (.Values.llm.port | int)) -}}
+{{- end -}}
+
+{{/*
+The providers file (llm.providers) as text: a string as given, a mapping as YAML.
+*/}}
+{{- define "oats.llmProviders" -}}
+{{- $p := .Values.llm.providers -}}
+{{- if not $p -}}
+{{- fail "llm.enabled needs llm.providers (the providers file, a YAML mapping or --set-file llm.providers=FILE)" -}}
+{{- else if kindIs "string" $p -}}
+{{- $p -}}
+{{- else -}}
+{{- toYaml $p -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The URL of the database Secret rendered by the chart: the dev PostgreSQL's, or a placeholder.
+*/}}
+{{- define "oats.databaseUrl" -}}
+{{- if .Values.database.devPostgres.enabled -}}
+{{- printf "postgres://oats:%s@oats-postgres:5432/oats" .Values.database.devPostgres.password -}}
+{{- else -}}
+postgres://oats:REPLACE_ME@oats-postgres:5432/oats
 {{- end -}}
 {{- end -}}
 
