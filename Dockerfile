@@ -2,7 +2,8 @@
 #
 #   API server (default target, the last stage):
 #     docker build -t oats-backend-api:0.1.0 .
-#   Demo agent image (same binary, `oats demo-agent`):
+#   Agent image (same binary, `oats agent`: the demo agent when no LLM gateway is configured;
+#   also the launcher that agents of other images get, see `oats install-launcher`):
 #     docker build --target agent -t oats-agent:0.1.0 .
 #
 # Both final images are FROM scratch: no shell, no package manager, only
@@ -91,10 +92,10 @@ USER 65532:65532
 FROM runtime AS agent
 
 LABEL org.opencontainers.image.title="oats-agent" \
-      org.opencontainers.image.description="OATS demo agent (runs inside agent Jobs)" \
+      org.opencontainers.image.description="OATS agent (runs inside agent Jobs; the demo agent when no LLM gateway is configured)" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-ENTRYPOINT ["/oats", "demo-agent"]
+ENTRYPOINT ["/oats", "agent"]
 
 ###############################################################################
 # API server image (default target; keep this stage LAST):

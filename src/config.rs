@@ -218,8 +218,8 @@ macro_rules! config_keys {
 config_keys! {
     /// Where jobs run: `auto`, `kubernetes` or `local`. `auto` picks Kubernetes when running in a cluster or when a kubeconfig works, else local.
     backend: BackendKind = BackendKind::Auto;
-    /// Address and port the HTTP server listens on.
-    listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8000));
+    /// Address and port the HTTP server listens on (also `serve --listen`). Empty: `0.0.0.0:8000` with authentication on, `127.0.0.1:8000` with it off, so an open server is not reachable from other machines unless an address is given.
+    listen: Option<SocketAddr> = None;
     /// Separate address for `GET /metrics` (e.g. `0.0.0.0:9090`). Empty: only on the API port.
     metrics_listen: Option<SocketAddr> = None;
     /// Server log format: `auto` (JSON unless stderr is a terminal), `json` or `text`.
@@ -306,6 +306,16 @@ config_keys! {
     shutdown_grace_seconds: u32 = 20;
     /// Seconds a client may take to send a request body before the server answers 408.
     request_read_timeout_seconds: u32 = 30;
+    /// Seconds a client has to send a request's line and headers (a new connection's first request, or a later one once its first byte arrives); slower connections are closed. Every listener (API, metrics, LLM gateway).
+    http_header_read_timeout_seconds: u32 = 10;
+    /// Seconds a kept-alive connection may wait for its next request before it is closed (requests in progress, streams included, are never cut).
+    http_idle_timeout_seconds: u32 = 60;
+    /// Largest request line and headers, in bytes (at least 8192); a larger request head gets 431.
+    http_max_header_bytes: usize = 32_768;
+    /// Requests (streams) one HTTP/2 connection may have in progress at once.
+    http2_max_concurrent_streams: u32 = 100;
+    /// Connections each listener serves at once; further connections wait in the accept queue until one closes.
+    http_max_connections: usize = 2048;
     /// Database of the store (the LLM ledger): `postgres://…` for several replicas (prefer `database_url_file` when it holds a password), or `sqlite:<path>`. Empty: SQLite file `oats.db` in `state_dir`.
     database_url: Option<Secret> = None;
     /// File holding the database URL (a mounted Secret); wins over `database_url`.
@@ -316,6 +326,8 @@ config_keys! {
     llm_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8001));
     /// Base URL agents are given as `OPENAI_BASE_URL`. Empty: `http://<llm_listen>/v1` (local backend) or `http://oats-llm-gateway.<namespace>.svc:8001/v1` (Kubernetes).
     llm_gateway_url: Option<String> = None;
+    /// The OATS image whose binary is copied into agents of a profile's own image, so they can run under `oats launch` (Kubernetes).
+    agent_launcher_image: String = "oats-agent:0.1.0".into();
     /// Audience of the projected service-account token agents on Kubernetes present to the gateway.
     llm_token_audience: String = "oats-llm".into();
     /// Largest request body an agent may send to the gateway, in bytes.
@@ -423,6 +435,19 @@ impl Config {
         if self.request_read_timeout_seconds == 0 {
             return invalid("request_read_timeout_seconds", "must be at least 1".into());
         }
+        for (key, value) in [
+            ("http_header_read_timeout_seconds", self.http_header_read_timeout_seconds as usize),
+            ("http_idle_timeout_seconds", self.http_idle_timeout_seconds as usize),
+            ("http2_max_concurrent_streams", self.http2_max_concurrent_streams as usize),
+            ("http_max_connections", self.http_max_connections),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be at least 1".into());
+            }
+        }
+        if self.http_max_header_bytes < crate::http_server::HttpLimits::MIN_HEADER_BYTES {
+            return invalid("http_max_header_bytes", "must be at least 8192".into());
+        }
         if self.max_body_bytes < 1024 {
             return invalid("max_body_bytes", "must be at least 1024".into());
         }
@@ -459,6 +484,20 @@ impl Config {
             }
             None => Ok(self.database_url.as_ref().map(|url| url.expose().to_owned())),
         }
+    }
+
+    /// Whether callers must authenticate (a tokens file or an OIDC issuer is configured).
+    pub fn auth_enabled(&self) -> bool {
+        self.auth_tokens_file.is_some() || self.oidc_issuer.is_some()
+    }
+
+    /// The API's address: `listen` when given, else port 8000 on every interface with
+    /// authentication on and on loopback only with it off.
+    pub fn api_listen(&self) -> SocketAddr {
+        self.listen.unwrap_or_else(|| {
+            let host = if self.auth_enabled() { [0, 0, 0, 0] } else { [127, 0, 0, 1] };
+            SocketAddr::from((host, 8000))
+        })
     }
 
     /// The request limits this configuration sets.
@@ -506,7 +545,7 @@ mod tests {
         assert_eq!(config.backend, BackendKind::Local);
         assert_eq!(config.local_concurrency, 7);
         assert_eq!(config.llm_secret_keys, ["api-key", "org"]);
-        assert_eq!(config.listen.port(), 8000);
+        assert_eq!(config.api_listen().port(), 8000);
     }
 
     #[test]
@@ -539,6 +578,39 @@ mod tests {
         let env = env(&[("OATS_DATABASE_URL_FILE", file.to_str().unwrap()), ("OATS_DATABASE_URL", "ignored")]);
         let config = Config::load(None, env).unwrap();
         assert_eq!(config.database_url().unwrap().as_deref(), Some("postgres://oats:fromfile@db/oats"));
+    }
+
+    #[test]
+    fn without_authentication_the_api_listens_on_loopback_unless_told_otherwise() {
+        let loopback: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let everywhere: SocketAddr = "0.0.0.0:8000".parse().unwrap();
+        assert_eq!(Config::load(None, env(&[])).unwrap().api_listen(), loopback);
+        let tokens = env(&[("OATS_AUTH_TOKENS_FILE", "/etc/oats/tokens.yaml")]);
+        assert_eq!(Config::load(None, tokens).unwrap().api_listen(), everywhere);
+        let oidc = env(&[("OATS_OIDC_ISSUER", "https://idp.example")]);
+        assert_eq!(Config::load(None, oidc).unwrap().api_listen(), everywhere);
+        // An address given explicitly (environment or file) is kept, authentication or not.
+        let explicit = env(&[("OATS_LISTEN", "0.0.0.0:9000")]);
+        assert_eq!(Config::load(None, explicit).unwrap().api_listen(), "0.0.0.0:9000".parse().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("oats.yaml");
+        std::fs::write(&file, "listen: 0.0.0.0:8000\n").unwrap();
+        assert_eq!(Config::load(Some(&file), env(&[])).unwrap().api_listen(), everywhere);
+    }
+
+    #[test]
+    fn http_limits_are_checked() {
+        for (key, value) in [
+            ("OATS_HTTP_MAX_HEADER_BYTES", "4096"),
+            ("OATS_HTTP_HEADER_READ_TIMEOUT_SECONDS", "0"),
+            ("OATS_HTTP_MAX_CONNECTIONS", "0"),
+            ("OATS_HTTP2_MAX_CONCURRENT_STREAMS", "0"),
+        ] {
+            assert!(Config::load(None, env(&[(key, value)])).is_err(), "{key}={value} accepted");
+        }
+        let limits = crate::http_server::HttpLimits::from_config(&Config::default());
+        assert_eq!(limits.max_header_bytes, 32_768);
+        assert!(limits.header_read_timeout < limits.idle_timeout);
     }
 
     #[test]

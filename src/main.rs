@@ -11,6 +11,7 @@ use oats::{
         local::{AgentGateway, LocalBackend, LocalSettings},
     },
     config::{BackendKind, Config},
+    http_server::{self, HttpLimits},
     jobs::{AgentCredentials, JobId, JobRequest, JobService, NewJob},
     llm::{
         Gateway, LlmMetrics, Providers,
@@ -21,7 +22,7 @@ use oats::{
     telemetry::{kube_client::KubeMetricsLayer, metrics::Metrics},
 };
 use poem_openapi::types::ParseFromJSON;
-use std::{io::Read, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{future::pending, io::Read, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -72,6 +73,11 @@ enum Command {
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
+    /// Copy this binary to PATH (the init container that gives agents of other images `oats launch`).
+    InstallLauncher {
+        /// Where to put the launcher.
+        path: String,
+    },
     /// Read an API token on stdin and print its SHA-256, as the tokens file stores it.
     HashToken,
 }
@@ -83,6 +89,7 @@ fn main() -> Result<()> {
         Command::DemoAgent => std::process::exit(runtime.block_on(oats::demo_agent::run())),
         Command::Agent => std::process::exit(runtime.block_on(oats::agent::run())),
         Command::Launch { command } => std::process::exit(oats::agent::launch(&command)),
+        Command::InstallLauncher { path } => std::process::exit(oats::agent::install_launcher(&path)),
         Command::Jobs { connection, command } => {
             std::process::exit(runtime.block_on(oats::cli::run(connection, command)))
         }
@@ -104,7 +111,7 @@ fn main() -> Result<()> {
         Command::Serve { listen } => {
             let mut config = load_config(cli.config.as_deref())?;
             if let Some(listen) = listen {
-                config.listen = listen;
+                config.listen = Some(listen);
             }
             runtime.block_on(async {
                 let telemetry = oats::telemetry::init(config.log_format);
@@ -158,12 +165,13 @@ async fn serve(config: Config) -> Result<()> {
     let llm_metrics = LlmMetrics::default();
     llm_metrics.register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
+    let http_limits = HttpLimits::from_config(&config);
     let providers = load_providers(&config)?;
     let credentials = Arc::new(AgentCredentials::random());
     let gateway_url = providers.as_ref().map(|_| agent_gateway_url(&config));
     let agent_gateway = gateway_url.map(|base_url| AgentGateway { base_url, credentials: credentials.clone() });
     let (backend, kube) = select_backend(&config, &metrics, agent_gateway).await?;
-    tracing::info!(backend = backend.name(), listen = %config.listen, "starting OATS");
+    tracing::info!(backend = backend.name(), listen = %config.api_listen(), "starting OATS");
     let counted = backend.clone();
     metrics.count_jobs_with(Box::new(move || counted.counts()));
     let mut jobs = JobService::new(backend, config.job_limits(), load_policy(&config)?, metrics.clone());
@@ -185,8 +193,8 @@ async fn serve(config: Config) -> Result<()> {
         let gateway = Gateway::new(jobs.clone(), identities, providers, store, llm_metrics, config.llm_max_body_bytes);
         gateway.sweep_abandoned_calls();
         tracing::info!(address = %config.llm_listen, "serving the LLM gateway for agents");
-        let listener = poem::listener::TcpListener::bind(config.llm_listen);
-        tokio::spawn(poem::Server::new(listener).run(oats::llm::app(gateway)));
+        let listener = http_server::bind(config.llm_listen).await?;
+        tokio::spawn(http_server::serve(listener, oats::llm::app(gateway), http_limits, pending(), None));
     }
     let shutdown = CancellationToken::new();
     let state = Arc::new(ApiState { jobs, auth: authenticator(&config)?, shutdown: shutdown.clone() });
@@ -197,13 +205,13 @@ async fn serve(config: Config) -> Result<()> {
     let app = api::build_app(state, limits);
     if let Some(address) = config.metrics_listen {
         tracing::info!(%address, "serving /metrics on a separate port");
-        let metrics_server = poem::Server::new(poem::listener::TcpListener::bind(address));
-        tokio::spawn(metrics_server.run(api::metrics_app(metrics)));
+        let listener = http_server::bind(address).await?;
+        tokio::spawn(http_server::serve(listener, api::metrics_app(metrics), http_limits, pending(), None));
     }
     let delay = Duration::from_secs(config.shutdown_delay_seconds.into());
     let grace = Duration::from_secs(config.shutdown_grace_seconds.into());
-    poem::Server::new(poem::listener::TcpListener::bind(config.listen))
-        .run_with_graceful_shutdown(app, drain(shutdown, delay), Some(grace))
+    let listener = http_server::bind(config.api_listen()).await?;
+    http_server::serve(listener, app, http_limits, drain(shutdown, delay), Some(grace))
         .await
         .context("the HTTP server failed")?;
     tracing::info!("stopped");

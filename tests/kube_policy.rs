@@ -144,7 +144,7 @@ fn the_policy_admits_every_job_oats_renders() {
     // A team's own agent, named by a profile, behind the launcher.
     let own_agent = ResourceProfile {
         image: Some("registry.example.com/oats/team-agent:1.2".into()),
-        command: Some(["/oats/oats", "launch", "--", "python", "/app/agent.py"].map(String::from).to_vec()),
+        command: Some(["/oats-launcher/oats", "launch", "--", "python", "/app/agent.py"].map(String::from).to_vec()),
         ..large.clone()
     };
     let cases = [
@@ -158,7 +158,11 @@ fn the_policy_admits_every_job_oats_renders() {
             "a resource profile and user labels",
             rendered_with(&config(), [("team".to_owned(), "ml".to_owned())].into(), 60, Some(large)),
         ),
-        ("a profile's own agent image and command", rendered_with(&config(), BTreeMap::new(), 60, Some(own_agent))),
+        ("a profile's own agent image and command", rendered_with(&config(), BTreeMap::new(), 60, Some(own_agent.clone()))),
+        (
+            "a profile's own agent behind the launcher, with the gateway",
+            rendered_with(&gateway_config(), BTreeMap::new(), 60, Some(own_agent)),
+        ),
         ("the LLM gateway's token and address", rendered_with(&gateway_config(), BTreeMap::new(), 600, None)),
     ];
     assert!(

@@ -557,3 +557,34 @@ async fn one_trace_runs_from_the_caller_through_the_job_into_every_model_call() 
     let exported = format!("{:?}", receiver.spans.lock().unwrap());
     assert!(!exported.contains(PROVIDER_KEY) && !exported.contains("oats-job."), "a credential was exported");
 }
+
+/// The launcher that agents of other images run under on Kubernetes: installed by copying the
+/// binary, it sets OPENAI_API_KEY from the token file and execs the agent.
+#[test]
+fn the_launcher_hands_the_token_file_to_an_agent_that_reads_openai_api_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = dir.path().join("oats");
+    let installed = std::process::Command::new(env!("CARGO_BIN_EXE_oats"))
+        .args(["install-launcher", launcher.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(installed.success());
+    let token = dir.path().join("token");
+    std::fs::write(&token, "eyJ.projected.token\n").unwrap();
+    let output = std::process::Command::new(&launcher)
+        .args(["launch", "--", "sh", "-c", "echo \"key=$OPENAI_API_KEY\"; exit 7"])
+        .env_remove("OPENAI_API_KEY")
+        .env("OATS_LLM_TOKEN_FILE", &token)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "key=eyJ.projected.token\n");
+    assert_eq!(output.status.code(), Some(7), "the agent's own exit code");
+    let missing = std::process::Command::new(&launcher)
+        .args(["launch", "--", "true"])
+        .env_remove("OPENAI_API_KEY")
+        .env("OATS_LLM_TOKEN_FILE", dir.path().join("absent"))
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read the job's credential"));
+}

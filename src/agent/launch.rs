@@ -33,3 +33,19 @@ pub fn launch(command: &[String]) -> i32 {
     eprintln!("oats launch: cannot start {program}: {error}");
     127
 }
+
+/// `oats install-launcher <path>`: copy this binary to `path` (the init container of agents of
+/// other images; the OATS image has no shell or `cp`).
+pub fn install(destination: &str) -> i32 {
+    use std::os::unix::fs::PermissionsExt;
+    let copied = std::env::current_exe()
+        .and_then(|exe| std::fs::copy(exe, destination))
+        .and_then(|_| std::fs::set_permissions(destination, std::fs::Permissions::from_mode(0o555)));
+    match copied {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("oats install-launcher: cannot copy the launcher to {destination}: {error}");
+            1
+        }
+    }
+}

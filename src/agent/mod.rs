@@ -10,7 +10,7 @@ mod client;
 mod launch;
 pub mod tools;
 
-pub use launch::launch;
+pub use launch::{install as install_launcher, launch};
 
 use client::{ChatError, Credential, ModelClient};
 use serde_json::{Value, json};
@@ -106,6 +106,11 @@ impl Progress {
 /// Run the agent; returns its exit code. Its spans (`invoke_agent`, `execute_tool {name}`) are
 /// exported when an OTLP endpoint is configured for agents, in the job's trace.
 pub async fn run() -> i32 {
+    if std::env::var_os(agent_env::OPENAI_BASE_URL).is_none() {
+        // The agent image's default: without a gateway there is no model to talk to.
+        println!("agent: no LLM gateway configured (OPENAI_BASE_URL is not set); running the demo agent");
+        return crate::demo_agent::run().await;
+    }
     let exporting = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
         .iter()
         .any(|v| std::env::var(v).is_ok_and(|e| !e.is_empty()));

@@ -55,6 +55,9 @@ pub const LLM_TOKEN_DIR: &str = "/var/run/secrets/oats/llm-token";
 /// The token file in [`LLM_TOKEN_DIR`], named to agents by `OATS_LLM_TOKEN_FILE`.
 pub const LLM_TOKEN_FILE: &str = "/var/run/secrets/oats/llm-token/token";
 
+/// Where a profile's own agent finds `oats launch` (copied in by an init container).
+pub const LAUNCHER_DIR: &str = "/oats-launcher";
+
 /// How agents reach the LLM gateway on Kubernetes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayAccess {
@@ -62,6 +65,9 @@ pub struct GatewayAccess {
     pub url: String,
     /// Audience of the projected service-account token the gateway accepts.
     pub audience: String,
+    /// The OATS image, whose binary an init container copies into agents of other images so
+    /// they can run under `/oats-launcher/oats launch -- ...`.
+    pub launcher_image: String,
 }
 
 /// Everything about the agent pod that comes from configuration rather than the request.
@@ -116,6 +122,7 @@ impl AgentTemplate {
                     .clone()
                     .unwrap_or_else(|| format!("http://oats-llm-gateway.{namespace}.svc:8001/v1")),
                 audience: config.llm_token_audience.clone(),
+                launcher_image: config.agent_launcher_image.clone(),
             }),
         }
     }
@@ -173,6 +180,42 @@ fn gateway_token(gateway: &GatewayAccess, timeout_seconds: u32) -> (Volume, Volu
         .map(|(name, value)| EnvVar { name: name.into(), value: Some(value.into()), value_from: None })
         .to_vec();
     (volume, mount, env)
+}
+
+/// What every container of an agent pod runs with: no privileges, read-only root.
+fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { add: None, drop: Some(vec!["ALL".into()]) }),
+        ..Default::default()
+    }
+}
+
+/// The launcher for agents of other images (Argo's emissary pattern): an init container of the
+/// OATS image copies its static binary into a shared emptyDir, mounted read-only in the agent.
+fn launcher(gateway: &GatewayAccess, security: &SecurityContext) -> (Volume, VolumeMount, Container) {
+    let quantity = |q: &str| Quantity(q.to_owned());
+    let volume = Volume {
+        name: "launcher".into(),
+        empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(quantity("64Mi")), medium: None }),
+        ..Default::default()
+    };
+    let mount =
+        VolumeMount { name: "launcher".into(), mount_path: LAUNCHER_DIR.into(), read_only: Some(true), ..Default::default() };
+    let small = BTreeMap::from([("cpu".into(), quantity("50m")), ("memory".into(), quantity("32Mi"))]);
+    let installer = Container {
+        name: "install-launcher".into(),
+        image: Some(gateway.launcher_image.clone()),
+        command: Some(vec!["/oats".into(), "install-launcher".into(), format!("{LAUNCHER_DIR}/oats")]),
+        resources: Some(ResourceRequirements { requests: Some(small.clone()), limits: Some(small), ..Default::default() }),
+        security_context: Some(security.clone()),
+        volume_mounts: Some(vec![VolumeMount { read_only: None, ..mount.clone() }]),
+        ..Default::default()
+    };
+    (volume, mount, installer)
 }
 
 /// Build the Job that runs `job`. Pure: the same input always gives the same manifest.
@@ -266,11 +309,19 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
         });
     }
 
+    let mut init_containers = Vec::new();
     if let Some(gateway) = &template.llm_gateway {
         let (volume, mount, gateway_env) = gateway_token(gateway, job.spec.timeout_seconds);
         volumes.push(volume);
         mounts.push(mount);
         env.extend(gateway_env);
+        // A profile's own image gets the launcher, for agents that read OPENAI_API_KEY at start.
+        if job.resources.as_ref().is_some_and(|p| p.image.is_some()) {
+            let (volume, mount, installer) = launcher(gateway, &restricted_security_context());
+            volumes.push(volume);
+            mounts.push(mount);
+            init_containers.push(installer);
+        }
     }
 
     let uid = i64::from(template.uid);
@@ -301,14 +352,7 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
             ])),
             ..Default::default()
         }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { add: None, drop: Some(vec!["ALL".into()]) }),
-            ..Default::default()
-        }),
+        security_context: Some(restricted_security_context()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         volume_mounts: Some(mounts),
         ..Default::default()
@@ -345,6 +389,7 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
                         ..Default::default()
                     }),
                     containers: vec![container],
+                    init_containers: (!init_containers.is_empty()).then_some(init_containers),
                     volumes: Some(volumes),
                     ..Default::default()
                 }),
@@ -535,6 +580,35 @@ mod tests {
         assert_eq!(resources.requests.as_ref().unwrap()["cpu"].0, "2");
         assert_eq!(rendered.metadata.annotations.as_ref().unwrap()[PROFILE_ANNOTATION], "large");
         assert_eq!(c.image.as_deref(), Some(template().image.as_str()), "the server's image without one of the profile's");
+    }
+
+    #[test]
+    fn agents_of_other_images_get_the_launcher_when_the_gateway_is_on() {
+        let mut job = job();
+        job.resources = Some(crate::policy::ResourceProfile {
+            image: Some("registry.example.com/oats/team:1".into()),
+            command: Some(vec!["/oats-launcher/oats".into(), "launch".into(), "--".into(), "agent".into()]),
+            cpu_request: "1".into(),
+            cpu_limit: "1".into(),
+            memory_request: "1Gi".into(),
+            memory_limit: "1Gi".into(),
+        });
+        let mut template = template();
+        template.llm_gateway = Some(GatewayAccess {
+            url: "http://oats-llm-gateway.oats.svc:8001/v1".into(),
+            audience: "oats-llm".into(),
+            launcher_image: "oats-agent:0.1.0".into(),
+        });
+        let rendered = render_job(&job, &template);
+        let pod = rendered.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let init = &pod.init_containers.as_ref().unwrap()[0];
+        assert_eq!(init.image.as_deref(), Some("oats-agent:0.1.0"));
+        assert_eq!(init.command.as_ref().unwrap()[1..], ["install-launcher".to_owned(), "/oats-launcher/oats".to_owned()]);
+        let agent_mount = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "launcher").unwrap();
+        assert_eq!((agent_mount.mount_path.as_str(), agent_mount.read_only), (LAUNCHER_DIR, Some(true)));
+        // The server's own agent image needs no launcher.
+        job.resources.as_mut().unwrap().image = None;
+        assert!(render_job(&job, &template).spec.unwrap().template.spec.unwrap().init_containers.is_none());
     }
 
     #[test]
