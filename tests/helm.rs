@@ -380,8 +380,7 @@ fn assert_mounts(docs: &[Value], expected: &[(&str, &str, Value)]) {
     let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
     let volumes = pod["volumes"].as_array().unwrap();
     let scratch = ["tmp", "state"];
-    let names: Vec<&str> =
-        mounts.iter().filter_map(|m| m["name"].as_str()).filter(|n| !scratch.contains(n)).collect();
+    let names: Vec<&str> = mounts.iter().filter_map(|m| m["name"].as_str()).filter(|n| !scratch.contains(n)).collect();
     let wanted: Vec<&str> = expected.iter().map(|(v, _, _)| *v).collect();
     assert_eq!(names, wanted, "mounts besides /tmp and the state directory");
     assert_eq!(volumes.len(), expected.len() + scratch.len(), "volumes: {volumes:?}");
@@ -403,7 +402,11 @@ fn assert_mounts(docs: &[Value], expected: &[(&str, &str, Value)]) {
 fn gateway_and_store_mounts() -> [(&'static str, &'static str, Value); 3] {
     [
         ("llm-providers", "/etc/oats/llm", json!({"configMap": {"name": "oats-llm-providers"}})),
-        ("llm-provider-keys", "/var/run/secrets/oats/providers", json!({"secret": {"secretName": "oats-llm-provider-keys"}})),
+        (
+            "llm-provider-keys",
+            "/var/run/secrets/oats/providers",
+            json!({"secret": {"secretName": "oats-llm-provider-keys"}}),
+        ),
         ("database", "/var/run/secrets/oats/database", json!({"secret": {"secretName": "oats-database"}})),
     ]
 }
@@ -682,13 +685,17 @@ fn llm_gateway_values() {
     assert_eq!(data["OATS_LLM_PROVIDERS_FILE"], "/etc/oats/llm/providers.yaml");
     assert_eq!(data["OATS_LLM_LISTEN"], "0.0.0.0:8001");
     assert_eq!(data["OATS_LLM_GATEWAY_URL"], "http://oats-llm-gateway.oats.svc:8001/v1");
-    let shipped = find(&docs, "ConfigMap", "oats-llm-providers").expect("ConfigMap oats-llm-providers")["data"]
-        ["providers.yaml"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let shipped =
+        find(&docs, "ConfigMap", "oats-llm-providers").expect("ConfigMap oats-llm-providers")["data"]["providers.yaml"]
+            .as_str()
+            .unwrap()
+            .to_owned();
     let source: Value = serde_saphyr::from_str(&read("infra/base/llm-providers.yaml")).unwrap();
-    assert_eq!(serde_saphyr::from_str::<Value>(&shipped).unwrap(), source, "llm.providers vs infra/base/llm-providers.yaml");
+    assert_eq!(
+        serde_saphyr::from_str::<Value>(&shipped).unwrap(),
+        source,
+        "llm.providers vs infra/base/llm-providers.yaml"
+    );
     assert_providers_load(&shipped);
     assert!(find(&docs, "Secret", "oats-llm-provider-keys").is_some());
 
@@ -712,7 +719,10 @@ fn llm_gateway_values() {
     let config = oats::config::Config::load(None, env).expect("the chart's configuration loads");
     assert_eq!(config.llm_listen.port(), 9001);
     let service = find(&docs, "Service", "oats-llm-gateway").expect("Service oats-llm-gateway");
-    assert_eq!(service["spec"]["ports"], json!([{"name": "llm", "port": 9001, "targetPort": "llm", "protocol": "TCP"}]));
+    assert_eq!(
+        service["spec"]["ports"],
+        json!([{"name": "llm", "port": 9001, "targetPort": "llm", "protocol": "TCP"}])
+    );
     assert_eq!(service["spec"]["selector"], json!({"app": "oats-backend-api"}));
     let ports = &deployment(&docs)["spec"]["template"]["spec"]["containers"][0]["ports"];
     assert!(ports.as_array().unwrap().contains(&json!({"name": "llm", "containerPort": 9001, "protocol": "TCP"})));
@@ -777,7 +787,9 @@ fn database_values() {
 
     // The dev PostgreSQL: its objects, and the URL Secret holds its URL and password.
     let docs = template(&["--set", "database.devPostgres.enabled=true,database.devPostgres.password=s3cret-dev"]);
-    for (kind, name) in [("StatefulSet", "oats-postgres"), ("Service", "oats-postgres"), ("NetworkPolicy", "oats-postgres")] {
+    for (kind, name) in
+        [("StatefulSet", "oats-postgres"), ("Service", "oats-postgres"), ("NetworkPolicy", "oats-postgres")]
+    {
         assert!(find(&docs, kind, name).is_some(), "{kind} {name} is not rendered");
     }
     assert_eq!(find(&docs, "Secret", "oats-postgres").unwrap()["stringData"]["password"], "s3cret-dev");
@@ -847,7 +859,8 @@ fn network_opt_ins_render_the_kustomize_components() {
     let dir = tempfile::tempdir().unwrap();
     let values = dir.path().join("values.json");
     let in_cluster = json!([{"namespace": "vllm", "podLabels": {"app.kubernetes.io/name": "vllm"}, "ports": [8000]}]);
-    let opt_in = json!({"agents": {"allowPublicHttps": true}, "networkPolicy": {"llmProviders": {"inCluster": in_cluster}}});
+    let opt_in =
+        json!({"agents": {"allowPublicHttps": true}, "networkPolicy": {"llmProviders": {"inCluster": in_cluster}}});
     std::fs::write(&values, serde_json::to_string(&opt_in).unwrap()).unwrap();
     let both = helm_objects(&["-f", values.to_str().unwrap()]);
     let mut expected = default.clone();

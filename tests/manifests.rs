@@ -798,7 +798,10 @@ fn the_llm_gateway_has_a_service_of_its_own_and_loads_the_shipped_providers() {
         // Container port `llm`, and the Service oats-llm-gateway in front of it (nothing else).
         let pod = &one(docs, "Deployment", "oats-backend-api")["spec"]["template"]["spec"];
         let ports = pod["containers"][0]["ports"].as_array().unwrap();
-        assert!(ports.contains(&json!({"name": "llm", "containerPort": 8001, "protocol": "TCP"})), "{target}: {ports:?}");
+        assert!(
+            ports.contains(&json!({"name": "llm", "containerPort": 8001, "protocol": "TCP"})),
+            "{target}: {ports:?}"
+        );
         let service = one(docs, "Service", "oats-llm-gateway");
         assert_eq!(service["spec"]["selector"], json!({"app": "oats-backend-api"}), "{target}");
         assert_eq!(
@@ -809,12 +812,19 @@ fn the_llm_gateway_has_a_service_of_its_own_and_loads_the_shipped_providers() {
         assert_eq!(service["spec"]["type"], "ClusterIP", "{target}");
         // The API's Service does not expose the gateway.
         let api_ports = &one(docs, "Service", "oats-backend-api")["spec"]["ports"];
-        assert!(api_ports.as_array().unwrap().iter().all(|p| p["port"] != 8001 && p["targetPort"] != "llm"), "{target}");
+        assert!(
+            api_ports.as_array().unwrap().iter().all(|p| p["port"] != 8001 && p["targetPort"] != "llm"),
+            "{target}"
+        );
         // The ServiceMonitor (prod) scrapes the API's Service, not the gateway's.
         for monitor in kind(docs, "ServiceMonitor") {
             let selector = monitor["spec"]["selector"]["matchLabels"].as_object().unwrap();
             let labels = &service["metadata"]["labels"];
-            assert!(!selector.iter().all(|(k, v)| &labels[k] == v), "{target}: {} selects oats-llm-gateway", name(monitor));
+            assert!(
+                !selector.iter().all(|(k, v)| &labels[k] == v),
+                "{target}: {} selects oats-llm-gateway",
+                name(monitor)
+            );
         }
 
         // The providers file: the shipped one, directory-mounted, and OATS loads it.
@@ -850,7 +860,8 @@ fn the_llm_gateway_has_a_service_of_its_own_and_loads_the_shipped_providers() {
         }
         let path = dir.path().join("providers.yaml");
         std::fs::write(&path, serde_saphyr::to_string(&local).unwrap()).unwrap();
-        let catalog = oats::llm::Catalog::load(&path).unwrap_or_else(|e| panic!("{target}: OATS refuses the providers: {e}"));
+        let catalog =
+            oats::llm::Catalog::load(&path).unwrap_or_else(|e| panic!("{target}: OATS refuses the providers: {e}"));
         assert!(!catalog.is_empty(), "{target}: no model");
     }
 }
@@ -874,7 +885,10 @@ fn provider_keys_and_the_database_url_reach_the_api_pods_only() {
         }
         assert_eq!(
             users,
-            [("Deployment/oats-backend-api".to_owned(), PROVIDER_KEYS), ("Deployment/oats-backend-api".to_owned(), DATABASE)],
+            [
+                ("Deployment/oats-backend-api".to_owned(), PROVIDER_KEYS),
+                ("Deployment/oats-backend-api".to_owned(), DATABASE)
+            ],
             "{target}"
         );
 
@@ -956,7 +970,10 @@ fn the_store_is_a_shared_postgresql_from_a_secret() {
         if target.ends_with("dev") {
             // The dev database's role and password.
             let postgres = one(docs, "Secret", "oats-postgres");
-            assert_eq!(postgres["stringData"]["password"], password, "{target}: the URL's password is not the database's");
+            assert_eq!(
+                postgres["stringData"]["password"], password,
+                "{target}: the URL's password is not the database's"
+            );
             let container = &one(docs, "StatefulSet", "oats-postgres")["spec"]["template"]["spec"]["containers"][0];
             let var = |n: &str| container["env"].as_array().unwrap().iter().find(|e| e["name"] == n).cloned();
             assert_eq!(var("POSTGRES_USER").unwrap()["value"], user, "{target}");

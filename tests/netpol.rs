@@ -379,8 +379,7 @@ fn nothing_connects_to_the_agent() {
         .collect();
     assert!(into_agent.is_empty(), "connections into the agent: {into_agent:#?}");
     // ... while the agent's own egress shows up (the analysis did see the agent): the gateway.
-    let from_agent: Vec<_> =
-        connections().iter().filter(|(src, _, _)| src == &format!("{NS}/{AGENT}[Pod]")).collect();
+    let from_agent: Vec<_> = connections().iter().filter(|(src, _, _)| src == &format!("{NS}/{AGENT}[Pod]")).collect();
     assert!(
         from_agent.iter().any(|(_, dst, conn)| dst == &format!("{NS}/{API}[Pod]") && conn.contains("8001")),
         "{from_agent:#?}"
@@ -409,9 +408,13 @@ fn prometheus_scrapes_the_ingress_controller_and_the_agents_reach_the_api_nobody
     assert!(!allowed(("ingress-nginx", "ingress-controller"), Peer::Pod(NS, API), "tcp", GATEWAY));
     // The gateway's port: the agents only.
     assert!(allowed(AGENT_SRC, Peer::Pod(NS, API), "tcp", GATEWAY), "agent -> gateway");
-    for (ns, pod) in
-        [(NS, "neighbour"), (NS, POSTGRES), ("default", "intruder"), ("observability", "otel-collector"), ("vllm", "vllm")]
-    {
+    for (ns, pod) in [
+        (NS, "neighbour"),
+        (NS, POSTGRES),
+        ("default", "intruder"),
+        ("observability", "otel-collector"),
+        ("vllm", "vllm"),
+    ] {
         for port in [8000, 9090, GATEWAY] {
             assert!(!allowed((ns, pod), Peer::Pod(NS, API), "tcp", port), "{ns}/{pod} reaches the API on {port}");
         }
