@@ -848,3 +848,84 @@ async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
     }
     cluster.delete_jobs(&format!("e2e={run}"));
 }
+
+/// The store's PostgreSQL (scripts/test.sh starts it); its absence is a failure.
+fn database_url() -> String {
+    std::env::var("OATS_TEST_DATABASE_URL").expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh")
+}
+
+#[tokio::test]
+async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
+    let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("budget");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = common::fake_llm::FakeLlm::start().await;
+    for _ in 0..50 {
+        fake.push(common::fake_llm::Reply::text("x", 60, 90));
+    }
+    let providers = providers_file(dir.path(), &fake);
+    let database = database_url();
+    let mut replicas = Vec::new();
+    let mut gateways = Vec::new();
+    for name in ["a", "b"] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let listen = format!("127.0.0.1:{port}");
+        let state = dir.path().join(name);
+        let extra = [
+            ("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap()),
+            ("OATS_LLM_LISTEN", listen.as_str()),
+            ("OATS_STATE_DIR", state.to_str().unwrap()),
+            ("OATS_DATABASE_URL", database.as_str()),
+        ];
+        replicas.push(cluster.start_oats_with(&dir.path().join(name), &extra).await);
+        gateways.push(format!("http://{listen}/v1/chat/completions"));
+    }
+    // About 200 tokens are reserved per call (its body bounds the input, max_tokens the output):
+    // a budget of 2,000 fits about 10 of the 50.
+    let body = json!({"goal": "Spend", "max_turns": 100, "budget": {"max_tokens": 2000},
+        "labels": {"e2e": run, "kwok.oats.dev/outcome": "run"}, "timeout_seconds": 600});
+    let response = replicas[0].submit(body).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let id = id_of(&response.json().await.unwrap());
+    for replica in &replicas {
+        replica.wait_for(&id, "running", SOON).await;
+    }
+    let selector = format!("oats.dev/job-id={id}");
+    let pod = cluster.kubectl_ok(&["get", "pods", "-n", kube::NAMESPACE, "-l", &selector, "-o", "jsonpath={.items[0].metadata.name}"]);
+    let token = cluster
+        .kubectl_ok(&["create", "token", "oats-agent", "-n", kube::NAMESPACE, "--duration=10m", "--audience", "oats-llm",
+            "--bound-object-kind", "Pod", "--bound-object-name", &pod])
+        .trim()
+        .to_owned();
+    let http = reqwest::Client::new();
+    let calls = (0..50).map(|i| {
+        let (http, url, token) = (http.clone(), gateways[i % 2].clone(), token.clone());
+        let ask = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100});
+        tokio::spawn(async move {
+            let response = http.post(url).bearer_auth(token).json(&ask).send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap_or(Value::Null))
+        })
+    });
+    let mut answered = 0;
+    for call in futures::future::join_all(calls).await {
+        let (status, body) = call.unwrap();
+        match status {
+            StatusCode::OK => answered += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                let code = body["error"]["code"].as_str().unwrap_or_default().to_owned();
+                assert!(["insufficient_quota", "too_many_calls_in_flight"].contains(&code.as_str()), "{body}");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    for replica in &replicas {
+        let usage = replica.job(&id).await["usage"].clone();
+        let charged = usage["input_tokens"].as_u64().unwrap() + usage["output_tokens"].as_u64().unwrap();
+        assert!(charged <= 2000, "charged {charged} against a budget of 2000 ({usage})");
+        assert_eq!(usage["model_calls"], answered, "both replicas read one ledger");
+        let reported = fake.reported_usage();
+        assert_eq!(charged, reported.prompt_tokens + reported.completion_tokens, "usage is what the upstream reported");
+    }
+    assert!(answered >= 5, "only {answered} calls were answered");
+    cluster.delete_jobs(&format!("e2e={run}"));
+}

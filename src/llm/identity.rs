@@ -107,17 +107,30 @@ impl ServiceAccountVerifier {
         }
         let jwk = keys.find(&kid).ok_or_else(|| invalid("unknown key id"))?;
         let key = DecodingKey::from_jwk(jwk).map_err(|_| invalid("unusable key"))?;
-        let mut validation = Validation::new(header.alg);
-        validation.leeway = LEEWAY_SECONDS;
-        validation.validate_nbf = true;
-        validation.set_audience(&[&self.rules.audience]);
-        validation.set_issuer(&[&issuer]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation)
-            .map_err(|e| invalid(&format!("{:?}", e.kind())))?
-            .claims;
-        job_of_claims(&claims, &self.rules).map_err(|why| invalid(&why))
+        check(token, &key, header.alg, &issuer, &self.rules)
     }
+}
+
+/// Verify the token's signature and times (`exp`, `nbf`, with [`LEEWAY_SECONDS`]), audience and
+/// issuer, then read which job's pod it was issued to.
+fn check(
+    token: &str,
+    key: &DecodingKey,
+    algorithm: Algorithm,
+    issuer: &str,
+    rules: &ServiceAccountRules,
+) -> Result<JobId, IdentityError> {
+    let invalid = |why: &str| IdentityError::InvalidToken(why.to_owned());
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = LEEWAY_SECONDS;
+    validation.validate_nbf = true;
+    validation.set_audience(&[&rules.audience]);
+    validation.set_issuer(&[issuer]);
+    validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+    let claims = jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation)
+        .map_err(|e| invalid(&format!("{:?}", e.kind())))?
+        .claims;
+    job_of_claims(&claims, rules).map_err(|why| invalid(&why))
 }
 
 /// The job named by a verified token's `kubernetes.io` claim: this OATS's namespace and agent
@@ -167,6 +180,35 @@ mod tests {
 
     fn claims(value: Value) -> Map<String, Value> {
         value.as_object().unwrap().clone()
+    }
+
+    /// A token like the API server's, signed with a test key (HS256: the checks under test are
+    /// the times, audience, issuer and claims, not the signature scheme).
+    fn token(exp_from_now: i64, nbf_from_now: i64, audience: &str) -> String {
+        let now = chrono::Utc::now().timestamp();
+        let claims = json!({"iss": "https://kubernetes.default.svc", "aud": [audience], "exp": now + exp_from_now,
+            "nbf": now + nbf_from_now, "iat": now,
+            "kubernetes.io": {"namespace": "oats", "serviceaccount": {"name": "oats-agent"},
+                "pod": {"name": "job-abcdefghijklmnopqrst-x7k2p"}}});
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), &claims, &jsonwebtoken::EncodingKey::from_secret(b"k"))
+            .unwrap()
+    }
+
+    #[test]
+    fn expired_early_and_foreign_tokens_are_refused() {
+        let key = DecodingKey::from_secret(b"k");
+        let check = |token: &str| check(token, &key, Algorithm::HS256, "https://kubernetes.default.svc", &rules());
+        assert_eq!(check(&token(600, 0, "oats-llm")).unwrap().as_str(), "job-abcdefghijklmnopqrst");
+        for (token, why) in [
+            (token(-120, -700, "oats-llm"), "ExpiredSignature"),
+            (token(600, 300, "oats-llm"), "ImmatureSignature"),
+            (token(600, 0, "another-audience"), "InvalidAudience"),
+        ] {
+            assert_eq!(check(&token), Err(IdentityError::InvalidToken(why.into())));
+        }
+        let wrong_key = DecodingKey::from_secret(b"other");
+        let forged = super::check(&token(600, 0, "oats-llm"), &wrong_key, Algorithm::HS256, "https://kubernetes.default.svc", &rules());
+        assert_eq!(forged, Err(IdentityError::InvalidToken("InvalidSignature".into())));
     }
 
     #[test]
