@@ -30,14 +30,14 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A providers file pointing at `fake`, in `dir`.
-fn providers_file(dir: &Path, fake: &FakeLlm) -> PathBuf {
+/// A providers file pointing at `fake`, in `dir`, with the provider's timeout in seconds.
+fn providers_file_with_timeout(dir: &Path, fake: &FakeLlm, timeout_seconds: u32) -> PathBuf {
     std::fs::write(dir.join("provider.key"), format!("{PROVIDER_KEY}\n")).unwrap();
     let path = dir.join("providers.yaml");
     std::fs::write(
         &path,
         format!(
-            "providers:\n  - name: fake\n    base_url: {}\n    api_key_file: provider.key\n    timeout_seconds: 3\n    max_retries: 2\n    retry_window_seconds: 10\n    models:\n      - name: test-model\n        upstream: fake-model\n        aliases: [small-model]\n        input_per_million_usd: 1\n        output_per_million_usd: 2\n",
+            "providers:\n  - name: fake\n    base_url: {}\n    api_key_file: provider.key\n    timeout_seconds: {timeout_seconds}\n    max_retries: 2\n    retry_window_seconds: 10\n    models:\n      - name: test-model\n        upstream: fake-model\n        aliases: [small-model]\n        input_per_million_usd: 1\n        output_per_million_usd: 2\n",
             fake.base_url
         ),
     )
@@ -48,9 +48,14 @@ fn providers_file(dir: &Path, fake: &FakeLlm) -> PathBuf {
 impl Gateway {
     /// `oats serve` on the local backend with the gateway on, plus `extra` settings.
     async fn start(extra: &[(&str, &str)]) -> Self {
+        Self::start_with_timeout(extra, 3).await
+    }
+
+    /// [`Gateway::start`] with the provider's timeout in seconds.
+    async fn start_with_timeout(extra: &[(&str, &str)], timeout_seconds: u32) -> Self {
         let fake = FakeLlm::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let providers = providers_file(dir.path(), &fake);
+        let providers = providers_file_with_timeout(dir.path(), &fake, timeout_seconds);
         let listen = format!("127.0.0.1:{}", free_port());
         let mut env = vec![
             ("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap().to_owned()),
@@ -587,4 +592,35 @@ fn the_launcher_hands_the_token_file_to_an_agent_that_reads_openai_api_key() {
         .unwrap();
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read the job's credential"));
+}
+
+#[tokio::test]
+async fn a_long_answer_is_cut_for_the_result_and_kept_whole_in_result_md() {
+    let gateway = Gateway::start(&[]).await;
+    let answer = format!("{}\nThe end.", "All work and no play. ".repeat(250));
+    assert!(answer.len() > 5000);
+    gateway.fake.push(Reply::tool("final_answer", json!({"answer": answer}), 10, 5));
+    let job = gateway.submit(json!({"goal": "Write a lot", "max_turns": 3})).await;
+    let id = job["id"].as_str().unwrap();
+    let job = gateway.finished(id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let result = job["result"].as_str().unwrap();
+    assert!(result.len() <= 4096, "{} bytes", result.len());
+    assert!(result.starts_with("All work and no play.") && result.ends_with("[The full answer is in result.md in the workspace.]"));
+    assert_eq!(std::fs::read_to_string(gateway.workspace(id).join("result.md")).unwrap(), answer);
+}
+
+#[tokio::test]
+async fn the_agent_stops_with_a_partial_result_as_its_deadline_nears() {
+    // A 12 s job keeps back a fifth: after a 10 s model call the agent is past its own deadline
+    // and stops, before the server's timeout kills it.
+    let gateway = Gateway::start_with_timeout(&[], 30).await;
+    gateway.fake.push(Reply::tool("write_file", json!({"path": "notes.md", "content": "n"}), 10, 5));
+    gateway.fake.push(Reply::Slow { delay: Duration::from_millis(9_800), then: Box::new(Reply::tool("list_files", json!({}), 10, 5)) });
+    let job = gateway.submit(json!({"goal": "Take your time", "max_turns": 10, "timeout_seconds": 12})).await;
+    let job = gateway.finished(job["id"].as_str().unwrap()).await;
+    assert_eq!((job["status"].as_str(), job["reason"].as_str()), (Some("failed"), Some("DeadlineExceeded")), "{job}");
+    assert!(job["message"].as_str().unwrap().contains("stopped as its deadline neared"), "{job}");
+    let result = job["result"].as_str().unwrap();
+    assert!(result.contains("deadline is near") && result.contains("notes.md"), "{result}");
 }

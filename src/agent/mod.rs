@@ -30,9 +30,11 @@ const EXIT_FAILED: i32 = 1;
 /// As the local backend and the Kubernetes status mapping read them.
 const EXIT_BUDGET_EXHAUSTED: i32 = crate::jobs::agent_exit::BUDGET_EXHAUSTED;
 const EXIT_MAX_TURNS_REACHED: i32 = crate::jobs::agent_exit::MAX_TURNS_REACHED;
+const EXIT_DEADLINE_NEAR: i32 = crate::jobs::agent_exit::DEADLINE_NEAR;
 /// 128 + SIGTERM, as shells report it.
 const EXIT_TERMINATED: i32 = 143;
-/// Time kept back before the deadline to write the result and exit.
+/// Time kept back before the deadline to write the result and exit: a fifth of the timeout, at
+/// most this.
 const DEADLINE_MARGIN: Duration = Duration::from_secs(10);
 
 const SYSTEM_PROMPT: &str = "You are an autonomous agent working in a sandboxed workspace directory. \
@@ -141,7 +143,7 @@ async fn run_traced() -> i32 {
         }
     };
     let mut progress = Progress::default();
-    let deadline = Instant::now() + contract.timeout.saturating_sub(DEADLINE_MARGIN);
+    let deadline = Instant::now() + contract.timeout.saturating_sub(DEADLINE_MARGIN.min(contract.timeout / 5));
     let span = agent_span(&contract);
     let (code, text) = tokio::select! {
         outcome = work(&contract, &workspace, &mut progress, deadline).instrument(span.clone()) => outcome,
@@ -188,7 +190,7 @@ async fn work(contract: &Contract, workspace: &Workspace, progress: &mut Progres
     ];
     for turn in 1..=contract.max_turns {
         if Instant::now() >= deadline {
-            return (EXIT_FAILED, progress.summary("the job's deadline is near."));
+            return (EXIT_DEADLINE_NEAR, progress.summary("the job's deadline is near."));
         }
         let answer = match client.chat(&model, &messages, tools::declarations()).await {
             Ok(answer) => answer,

@@ -78,6 +78,8 @@ pub mod agent_exit {
     pub const BUDGET_EXHAUSTED: i32 = 10;
     /// The agent stopped at its call cap (`max_turns`).
     pub const MAX_TURNS_REACHED: i32 = 11;
+    /// The agent stopped because its deadline was near, before being killed at it.
+    pub const DEADLINE_NEAR: i32 = 12;
 
     /// The stable reason a failed agent's exit code stands for, if it is one of the contract's.
     pub fn reason(code: i32) -> Option<(crate::jobs::JobReason, &'static str)> {
@@ -89,6 +91,10 @@ pub mod agent_exit {
             MAX_TURNS_REACHED => {
                 Some((crate::jobs::JobReason::MaxTurnsReached, "the job made its max_turns model calls"))
             }
+            DEADLINE_NEAR => Some((
+                crate::jobs::JobReason::DeadlineExceeded,
+                "the agent stopped as its deadline neared, with a partial result",
+            )),
             _ => None,
         }
     }
