@@ -113,6 +113,10 @@ impl Gateway {
         assert!(!self.metrics().await.contains(PROVIDER_KEY), "the provider key is in the metrics");
         let jobs = self.server.http.get(self.server.url("/api/v1/jobs")).send().await.unwrap().text().await.unwrap();
         assert!(!jobs.contains(PROVIDER_KEY));
+        let dry_run = self.server.http.post(self.server.url("/api/v1/jobs?dry_run=true"));
+        let dry_run = dry_run.json(&json!({"goal": "g", "max_turns": 1})).send().await.unwrap().text().await.unwrap();
+        assert!(dry_run.contains("OPENAI_BASE_URL") && !dry_run.contains(PROVIDER_KEY), "{dry_run}");
+        assert!(!dry_run.contains("oats-job."), "no job credential in the dry run: {dry_run}");
     }
 }
 
@@ -623,4 +627,112 @@ async fn the_agent_stops_with_a_partial_result_as_its_deadline_nears() {
     assert!(job["message"].as_str().unwrap().contains("stopped as its deadline neared"), "{job}");
     let result = job["result"].as_str().unwrap();
     assert!(result.contains("deadline is near") && result.contains("notes.md"), "{result}");
+}
+
+/// A TCP relay to a server, that the test can cut (an outage of the database, say).
+struct Relay {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn to(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self { port, task }
+    }
+
+    /// Cut every connection and refuse new ones.
+    fn cut(&self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn without_its_ledger_the_gateway_forwards_nothing_and_the_api_keeps_serving() {
+    let url = std::env::var("OATS_TEST_DATABASE_URL").expect("OATS_TEST_DATABASE_URL is not set: run scripts/test.sh");
+    let (head, rest) = url.rsplit_once('@').unwrap();
+    let (host_port, database) = rest.split_once('/').unwrap();
+    let relay = Relay::to(host_port.parse().unwrap()).await;
+    let through_relay = format!("{head}@127.0.0.1:{}/{database}", relay.port);
+    let gateway = Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", WAITING_AGENT), ("OATS_DATABASE_URL", &through_relay)]).await;
+    let job = gateway.submit(json!({"goal": "wait", "max_turns": 10})).await;
+    let id = job["id"].as_str().unwrap();
+    let key = credential_of(&gateway, id).await;
+    let ask = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(chat(&gateway, &key, ask.clone()).await.status(), StatusCode::OK);
+
+    relay.cut();
+    let response = chat(&gateway, &key, ask).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "service_unavailable", "{error}");
+    assert!(!error.to_string().contains(head), "no database URL in the answer");
+    assert_eq!(gateway.chat_requests().len(), 1, "nothing was forwarded without the ledger");
+    // The API still answers (usage is shown when it can be).
+    let job = gateway.server.job(id).await;
+    assert_eq!(job["status"], "running");
+    let metrics = gateway.metrics().await;
+    assert_eq!(sample(&metrics, r#"oats_llm_budget_refusals_total{reason="ledger_unavailable"}"#), 1.0);
+    assert!(!gateway.server.log_text().contains(head.rsplit_once(':').unwrap().1), "the database password is in the log");
+}
+
+#[tokio::test]
+async fn the_tenant_policy_is_enforced_on_every_call_and_the_providers_file_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "defaults:\n  allowed_models: [test-model]\n  daily_spend_limit_usd: 0.0003\n").unwrap();
+    let gateway = Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", WAITING_AGENT), ("OATS_POLICY_FILE", policy.to_str().unwrap())]).await;
+    let job = gateway.submit(json!({"goal": "wait", "max_turns": 50})).await;
+    let id = job["id"].as_str().unwrap();
+    let key = credential_of(&gateway, id).await;
+
+    // A model the tenant may not use: refused before any upstream call, whatever the job said.
+    let providers = gateway.dir.path().join("providers.yaml");
+    let yaml = std::fs::read_to_string(&providers).unwrap();
+    std::fs::write(&providers, format!("{yaml}      - name: other-model\n        input_per_million_usd: 1\n        output_per_million_usd: 1\n")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let answer = gateway.server.http.get(format!("{}/models", gateway.url)).bearer_auth(&key).send().await.unwrap();
+        let models: Value = answer.json().await.unwrap();
+        // The tenant may use test-model only, so the reloaded file is seen through a direct call.
+        let other = chat(&gateway, &key, json!({"model": "other-model", "messages": []})).await.status();
+        if other == StatusCode::FORBIDDEN {
+            assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
+            break;
+        }
+        assert_eq!(other, StatusCode::NOT_FOUND, "before the reload the model does not exist");
+        assert!(Instant::now() < deadline, "the providers file was not reloaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(gateway.chat_requests().len(), 0);
+
+    // The day's limit ($0.0003) holds: calls of 60 + 90 tokens at $1/$2 per million cost $0.00024
+    // each once settled, but each reserves its worst case first.
+    let mut refused = None;
+    for _ in 0..5 {
+        gateway.fake.push(Reply::text("x", 60, 90));
+        let response = chat(&gateway, &key, json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 90})).await;
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(response.json::<Value>().await.unwrap());
+            break;
+        }
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let refused = refused.expect("the daily limit refused a call");
+    assert_eq!(refused["error"]["type"], "insufficient_quota", "{refused}");
+    assert_eq!(gateway.server.job(id).await["usage"]["refused"], "tenant_daily_spend");
+    let (_, report) = gateway.server.get_json("/api/v1/usage").await;
+    assert!(report["total_cost_usd"].as_f64().unwrap() <= 0.0003, "{report}");
 }
