@@ -11,6 +11,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod demo_agent;
+pub mod http_server;
 pub mod jobs;
 pub mod llm;
 pub mod policy;

@@ -485,3 +485,141 @@ async fn floods_are_rate_limited() {
     let (status, _) = server.get_json("/readyz").await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Read a raw connection until the server closes it (or `within` passes): the bytes received.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<Vec<u8>> {
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(received),
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn http_limits_hold_against_slow_and_greedy_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(
+        dir.path(),
+        &[
+            ("OATS_HTTP_HEADER_READ_TIMEOUT_SECONDS", "2"),
+            ("OATS_HTTP_IDLE_TIMEOUT_SECONDS", "3"),
+            ("OATS_HTTP2_MAX_CONCURRENT_STREAMS", "7"),
+            ("OATS_DEMO_TURN_DELAY_MS", "300"),
+        ],
+    )
+    .await;
+    let address = server.base.trim_start_matches("http://").to_owned();
+    for _ in 0..20 {
+        server.get_json("/healthz").await;
+    }
+    let rss_before = rss_kib(server.pid());
+
+    // 200 connections send half a request head and stall: each is closed within the header read
+    // timeout, while the server keeps answering.
+    let started = std::time::Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream.write_all(b"GET /api/v1/jobs HTTP/1.1\r\nhost: x\r\nx-half: ").await.unwrap();
+        stalled.push(stream);
+    }
+    for _ in 0..5 {
+        let probe = std::time::Instant::now();
+        let (status, _) = server.get_json("/healthz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(probe.elapsed() < Duration::from_secs(1), "/healthz took {:?}", probe.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let closed = futures::future::join_all(
+        stalled.iter_mut().map(|stream| read_until_closed(stream, Duration::from_secs(10))),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    assert!(closed.iter().all(Option::is_some), "a stalled connection was never closed");
+    assert!(elapsed < Duration::from_secs(5), "the stalled connections were closed after {elapsed:?}");
+    assert!(elapsed >= Duration::from_millis(1500), "closed before the timeout: {elapsed:?}");
+    let rss_after = rss_kib(server.pid());
+    assert!(rss_after < rss_before + 16 * 1024, "memory grew from {rss_before} KiB to {rss_after} KiB");
+    drop(stalled);
+
+    // A 100 KB request head gets exactly 431.
+    let mut greedy = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!("GET /api/v1/jobs HTTP/1.1\r\nhost: x\r\nx-filler: {}\r\n\r\n", "x".repeat(100 * 1024));
+    greedy.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut greedy, Duration::from_secs(5)).await.expect("answered and closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // A large but allowed head still works.
+    let fine = server.http.get(server.url("/healthz")).header("x-filler", "y".repeat(8 * 1024)).send().await.unwrap();
+    assert_eq!(fine.status(), StatusCode::OK);
+
+    // An idle kept-alive connection is closed after the idle timeout; a slow stream is not cut.
+    let mut idle = tokio::net::TcpStream::connect(&address).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let idle_since = std::time::Instant::now();
+    let answer = read_until_closed(&mut idle, Duration::from_secs(8)).await.expect("the idle connection was closed");
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    let idle_for = idle_since.elapsed();
+    assert!((Duration::from_millis(2500)..Duration::from_secs(6)).contains(&idle_for), "closed after {idle_for:?}");
+    let id = server.create("a slow stream", 20).await["id"].as_str().unwrap().to_owned();
+    let logs = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs?follow=true"))).send().await.unwrap();
+    let text = logs.text().await.expect("the stream outlived the idle and header timeouts");
+    assert!(text.contains("turn 20/20") && text.contains("demo agent: done"), "{text}");
+
+    // HTTP/2 (prior knowledge): the server announces its cap on concurrent streams.
+    let mut h2 = tokio::net::TcpStream::connect(&address).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let mut header = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), h2.read_exact(&mut header)).await.unwrap().unwrap();
+    assert_eq!(header[3], 0x4, "the server's first frame is SETTINGS");
+    let mut settings = vec![0u8; usize::from(header[1]) << 8 | usize::from(header[2])];
+    h2.read_exact(&mut settings).await.unwrap();
+    let values: Vec<(u16, u32)> = settings
+        .chunks(6)
+        .map(|s| (u16::from_be_bytes([s[0], s[1]]), u32::from_be_bytes([s[2], s[3], s[4], s[5]])))
+        .collect();
+    assert!(values.contains(&(0x3, 7)), "SETTINGS_MAX_CONCURRENT_STREAMS is not 7: {values:?}");
+    assert!(values.contains(&(0x6, 32_768)), "SETTINGS_MAX_HEADER_LIST_SIZE is not the limit: {values:?}");
+}
+
+#[tokio::test]
+async fn open_connections_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(
+        dir.path(),
+        &[("OATS_HTTP_MAX_CONNECTIONS", "10"), ("OATS_HTTP_HEADER_READ_TIMEOUT_SECONDS", "2")],
+    )
+    .await;
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let (status, _) = server.get_json("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    // The client's pooled connection is one of the ten; drop it.
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // An eleventh connection waits for a slot: the held ones are closed by the header timeout.
+    let started = std::time::Instant::now();
+    let probe = http.get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(probe.status(), StatusCode::OK);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1000), "served at once ({waited:?}): connections are not bounded");
+    assert!(waited < Duration::from_secs(6), "{waited:?}");
+}

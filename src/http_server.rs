@@ -1,0 +1,371 @@
+//! The HTTP server of every listener (the API, the metrics port, the LLM gateway): poem endpoints
+//! served by hyper with limits that hold against slow and greedy clients, which poem's own server
+//! does not offer:
+//!
+//! - **header read timeout**: a new connection's first request, and any later request once its
+//!   first byte arrives, must bring its line and headers within the timeout, or the connection is
+//!   closed (slowloris);
+//! - **idle timeout**: a connection with no request in progress (kept alive, or connected and
+//!   silent) is closed after it; requests in progress, streamed responses included, never are;
+//! - **maximum header size**: a larger request head gets 431 (hyper's read buffer limit), and
+//!   HTTP/2 header lists are bounded the same way;
+//! - **HTTP/2 concurrent streams** per connection are capped;
+//! - **open connections** are bounded: at the limit, new connections wait in the kernel's accept
+//!   queue until one closes (the timeouts above make sure stalled ones do).
+//!
+//! Shutdown is poem's: when `shutdown` resolves the listener closes, connections finish their
+//! requests in progress (idle ones close at once), and after `grace` the rest are dropped.
+
+use bytes::Bytes;
+use futures::task::AtomicWaker;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, Response, endpoint::BoxEndpoint};
+use std::{
+    convert::Infallible,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    time::{Instant, Sleep},
+};
+use tokio_util::sync::CancellationToken;
+
+/// Limits of one listener; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Largest request head (request line and headers); hyper needs at least 8192.
+    pub max_header_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub max_connections: usize,
+}
+
+impl HttpLimits {
+    /// Smallest head limit hyper accepts.
+    pub const MIN_HEADER_BYTES: usize = 8192;
+
+    /// The limits a configuration sets.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(config.http_header_read_timeout_seconds.into()),
+            idle_timeout: Duration::from_secs(config.http_idle_timeout_seconds.into()),
+            max_header_bytes: config.http_max_header_bytes,
+            max_concurrent_streams: config.http2_max_concurrent_streams,
+            max_connections: config.http_max_connections,
+        }
+    }
+}
+
+/// Bind a listener, saying which address failed.
+pub async fn bind(address: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(address).await.map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {address}: {e}")))
+}
+
+/// Serve `app` on `listener` within `limits` until `shutdown` resolves; then stop accepting, let
+/// requests in progress finish for up to `grace` (forever with `None`), and return.
+pub async fn serve<E>(
+    listener: TcpListener,
+    app: E,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()>,
+    grace: Option<Duration>,
+) -> io::Result<()>
+where
+    E: IntoEndpoint,
+    E::Endpoint: 'static,
+{
+    let endpoint: Arc<BoxEndpoint<'static, Response>> = Arc::new(app.into_endpoint().map_to_response().boxed());
+    let local = listener.local_addr()?;
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = CancellationToken::new();
+    let hard = CancellationToken::new();
+    tracing::info!(address = %local, max_connections = limits.max_connections, "listening");
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, or a connection reset while queued: wait a moment.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let connection = Connection {
+            endpoint: endpoint.clone(),
+            limits,
+            local,
+            remote,
+            graceful: graceful.clone(),
+            hard: hard.clone(),
+        };
+        tokio::spawn(async move {
+            connection.serve(stream).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.cancel();
+    if let Some(grace) = grace {
+        let hard = hard.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            hard.cancel();
+        });
+    }
+    // Every connection holds a permit until it is done.
+    let all = u32::try_from(limits.max_connections.max(1)).unwrap_or(u32::MAX);
+    let _ = connections.acquire_many(all).await;
+    Ok(())
+}
+
+/// One accepted connection.
+struct Connection {
+    endpoint: Arc<BoxEndpoint<'static, Response>>,
+    limits: HttpLimits,
+    local: SocketAddr,
+    remote: SocketAddr,
+    graceful: CancellationToken,
+    hard: CancellationToken,
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::default());
+        let io = Guarded::new(stream, activity.clone(), self.limits);
+        let (endpoint, local, remote) = (self.endpoint.clone(), self.local, self.remote);
+        let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+            let endpoint = endpoint.clone();
+            let in_flight = InFlight::start(activity.clone());
+            async move {
+                let request = poem::Request::from((
+                    request,
+                    poem::web::LocalAddr(poem::Addr::SocketAddr(local)),
+                    poem::web::RemoteAddr(poem::Addr::SocketAddr(remote)),
+                    http::uri::Scheme::HTTP,
+                ));
+                let response: http::Response<PoemBody> = endpoint.get_response(request).await.into();
+                // The request counts as in progress until its body has been sent (or dropped).
+                Ok::<_, Infallible>(response.map(|body| Tracked { body, _in_flight: in_flight }))
+            }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().max_buf_size(self.limits.max_header_bytes.max(HttpLimits::MIN_HEADER_BYTES));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.limits.max_concurrent_streams)
+            .max_header_list_size(u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(20);
+        let connection = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            () = self.graceful.cancelled() => {}
+            () = self.hard.cancelled() => return,
+        }
+        connection.as_mut().graceful_shutdown();
+        tokio::select! {
+            _ = connection => {}
+            () = self.hard.cancelled() => {}
+        }
+    }
+}
+
+/// poem's response body type.
+type PoemBody = http_body_util::combinators::BoxBody<Bytes, io::Error>;
+
+/// What a connection is doing, for its timeouts.
+#[derive(Default)]
+struct Activity {
+    state: Mutex<ActivityState>,
+    /// The connection's reader, woken when the last request in progress ends (its deadline changes).
+    reader: AtomicWaker,
+}
+
+struct ActivityState {
+    /// Requests whose response has not been sent completely.
+    in_flight: usize,
+    /// When the connection last became idle.
+    idle_since: Instant,
+    /// When the first byte arrived since then: a request head is on its way.
+    head_started: Option<Instant>,
+}
+
+impl Default for ActivityState {
+    /// A new connection owes its first request head within the header read timeout.
+    fn default() -> Self {
+        let now = Instant::now();
+        Self { in_flight: 0, idle_since: now, head_started: Some(now) }
+    }
+}
+
+impl Activity {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn bytes_arrived(&self) {
+        let mut state = self.lock();
+        if state.in_flight == 0 && state.head_started.is_none() {
+            state.head_started = Some(Instant::now());
+        }
+    }
+
+    /// When the connection is closed unless something happens first: none while a request is in
+    /// progress.
+    fn deadline(&self, limits: &HttpLimits) -> Option<Instant> {
+        let state = self.lock();
+        match (state.in_flight, state.head_started) {
+            (0, Some(started)) => Some(started + limits.header_read_timeout),
+            (0, None) => Some(state.idle_since + limits.idle_timeout),
+            _ => None,
+        }
+    }
+}
+
+/// A request in progress; ends when dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: Arc<Activity>) -> Self {
+        let mut state = activity.lock();
+        state.in_flight += 1;
+        state.head_started = None;
+        drop(state);
+        Self(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.in_flight -= 1;
+        if state.in_flight == 0 {
+            state.idle_since = Instant::now();
+            state.head_started = None;
+            drop(state);
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// A response body that keeps its request in progress until it is sent or dropped.
+struct Tracked {
+    body: PoemBody,
+    _in_flight: InFlight,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The socket, which reads as closed once the connection's deadline passes.
+struct Guarded {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+    limits: HttpLimits,
+    timer: Pin<Box<Sleep>>,
+    armed: Option<Instant>,
+    expired: bool,
+}
+
+impl Guarded {
+    fn new(stream: TcpStream, activity: Arc<Activity>, limits: HttpLimits) -> Self {
+        let timer = Box::pin(tokio::time::sleep(limits.idle_timeout));
+        Self { stream, activity, limits, timer, armed: None, expired: false }
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.expired {
+            return Poll::Ready(Ok(())); // end of stream
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.activity.bytes_arrived();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            Poll::Pending => {}
+        }
+        // Registered before the deadline is read, so a request ending in between wakes us.
+        this.activity.reader.register(cx.waker());
+        let Some(deadline) = this.activity.deadline(&this.limits) else { return Poll::Pending };
+        if this.armed != Some(deadline) {
+            this.timer.as_mut().reset(deadline);
+            this.armed = Some(deadline);
+        }
+        if this.timer.as_mut().poll(cx).is_ready() {
+            // Too slow or idle too long: the connection reads as closed, and hyper closes it.
+            this.expired = true;
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
