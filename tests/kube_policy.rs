@@ -30,17 +30,18 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// As shipped: the LLM gateway on (agents get its address and a projected token), no Secret.
 fn config() -> Config {
     let mut config = Config::default();
-    config.llm_secret_name = Some("oats-llm-credentials".into());
-    config.llm_secret_keys = vec!["api-key".into()];
+    config.llm_providers_file = Some("/etc/oats/llm/providers.yaml".into());
     config
 }
 
-/// With the LLM gateway on (agents get its address and a projected token).
-fn gateway_config() -> Config {
+/// The opt-in for agents that call a provider directly: a Secret mounted as llm-credentials.
+fn secret_config() -> Config {
     let mut config = Config::default();
-    config.llm_providers_file = Some("/etc/oats/llm/providers.yaml".into());
+    config.llm_secret_name = Some("oats-llm-credentials".into());
+    config.llm_secret_keys = vec!["api-key".into()];
     config
 }
 
@@ -140,30 +141,41 @@ fn the_policy_admits_every_job_oats_renders() {
         memory_limit: "8Gi".into(),
         image: None,
         command: None,
+        egress: None,
     };
     // A team's own agent, named by a profile, behind the launcher.
     let own_agent = ResourceProfile {
         image: Some("registry.example.com/oats/team-agent:1.2".into()),
         command: Some(["/oats-launcher/oats", "launch", "--", "python", "/app/agent.py"].map(String::from).to_vec()),
+        egress: Some(oats::policy::Egress::PublicHttps),
         ..large.clone()
     };
     let cases = [
-        ("defaults with the LLM secret volume", rendered()),
-        ("without an LLM secret", rendered_with(&Config::default(), BTreeMap::new(), 600, None)),
+        ("as shipped: the LLM gateway's token and address", rendered()),
+        ("without the gateway", rendered_with(&Config::default(), BTreeMap::new(), 600, None)),
         (
             "the longest timeout OATS allows",
             rendered_with(&config(), BTreeMap::new(), JobLimits::default().max_timeout_seconds, None),
         ),
         (
             "a resource profile and user labels",
-            rendered_with(&config(), [("team".to_owned(), "ml".to_owned())].into(), 60, Some(large)),
+            rendered_with(
+                &config(),
+                [("team", "ml"), ("app.kubernetes.io/name", "summariser"), ("example.com/run", "7")]
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .into(),
+                60,
+                Some(large),
+            ),
         ),
-        ("a profile's own agent image and command", rendered_with(&config(), BTreeMap::new(), 60, Some(own_agent.clone()))),
+        (
+            "a profile's own agent image and command, without the gateway",
+            rendered_with(&Config::default(), BTreeMap::new(), 60, Some(own_agent.clone())),
+        ),
         (
             "a profile's own agent behind the launcher, with the gateway",
-            rendered_with(&gateway_config(), BTreeMap::new(), 60, Some(own_agent)),
+            rendered_with(&config(), BTreeMap::new(), 60, Some(own_agent)),
         ),
-        ("the LLM gateway's token and address", rendered_with(&gateway_config(), BTreeMap::new(), 600, None)),
     ];
     assert!(
         i64::from(JobLimits::default().max_timeout_seconds) <= max,
@@ -176,181 +188,494 @@ fn the_policy_admits_every_job_oats_renders() {
     }
 }
 
-#[test]
-fn the_policy_denies_each_violation_with_its_own_message() {
-    let Some(cluster) = cluster_with_policy() else { return };
-    let too_long = max_deadline(cluster) + 1;
-    type Mutation = Box<dyn Fn(&mut Value)>;
-    let cases: Vec<(&str, Mutation, &str)> = vec![
-        (
-            "another service account",
-            Box::new(|j| pod_spec(j)["serviceAccountName"] = json!("oats-backend-api")),
-            "serviceAccountName must be oats-agent (got oats-backend-api)",
-        ),
-        (
-            "no service account (default)",
-            Box::new(|j| remove(pod_spec(j), "serviceAccountName")),
-            "serviceAccountName must be oats-agent",
-        ),
-        (
-            "token automounted",
-            Box::new(|j| pod_spec(j)["automountServiceAccountToken"] = json!(true)),
-            "automountServiceAccountToken must be false",
-        ),
-        (
-            "automount left unset",
-            Box::new(|j| remove(pod_spec(j), "automountServiceAccountToken")),
-            "automountServiceAccountToken must be false",
-        ),
-        ("hostPID", Box::new(|j| pod_spec(j)["hostPID"] = json!(true)), "found hostPID set to true"),
-        ("hostNetwork", Box::new(|j| pod_spec(j)["hostNetwork"] = json!(true)), "found hostNetwork set to true"),
-        ("hostIPC", Box::new(|j| pod_spec(j)["hostIPC"] = json!(true)), "found hostIPC set to true"),
-        (
-            "hostPort",
-            Box::new(|j| agent(j)["ports"] = json!([{"containerPort": 8080, "hostPort": 8080}])),
-            "must not use hostPort",
-        ),
-        (
-            "no seccomp profile",
-            Box::new(|j| remove(&mut pod_spec(j)["securityContext"], "seccompProfile")),
-            "seccompProfile.type must be RuntimeDefault",
-        ),
-        (
-            "a container overrides seccomp with Unconfined",
-            Box::new(|j| agent(j)["securityContext"]["seccompProfile"] = json!({"type": "Unconfined"})),
-            "seccompProfile.type must be RuntimeDefault (in the pod securityContext, or in every container); not in: agent",
-        ),
-        (
-            "runAsNonRoot false in the container",
-            Box::new(|j| agent(j)["securityContext"]["runAsNonRoot"] = json!(false)),
-            "runAsNonRoot must be true",
-        ),
-        (
-            "runAsUser 0",
-            Box::new(|j| pod_spec(j)["securityContext"]["runAsUser"] = json!(0)),
-            "runAsUser must be set to a non-zero (non-root) numeric uid",
-        ),
-        (
-            "runAsUser unset",
-            Box::new(|j| remove(&mut pod_spec(j)["securityContext"], "runAsUser")),
-            "runAsUser must be set to a non-zero (non-root) numeric uid",
-        ),
-        (
-            "allowPrivilegeEscalation true",
-            Box::new(|j| agent(j)["securityContext"]["allowPrivilegeEscalation"] = json!(true)),
-            "allowPrivilegeEscalation must be false in every container; not in: agent",
-        ),
-        (
-            "an init container that may escalate",
-            Box::new(|j| {
-                let mut init = agent(j).clone();
-                init["name"] = json!("setup");
-                remove(&mut init["securityContext"], "allowPrivilegeEscalation");
-                pod_spec(j)["initContainers"] = json!([init]);
-            }),
-            "allowPrivilegeEscalation must be false in every container; not in: setup",
-        ),
-        (
-            "writable root filesystem",
-            Box::new(|j| agent(j)["securityContext"]["readOnlyRootFilesystem"] = json!(false)),
-            "readOnlyRootFilesystem must be true in every container; not in: agent",
-        ),
-        (
-            "capabilities not dropped",
-            Box::new(|j| agent(j)["securityContext"]["capabilities"]["drop"] = json!(["NET_RAW"])),
-            "capabilities.drop must contain ALL in every container; not in: agent",
-        ),
-        (
-            "a capability added",
-            Box::new(|j| agent(j)["securityContext"]["capabilities"]["add"] = json!(["NET_BIND_SERVICE"])),
-            "capabilities.add must be empty in every container; not in: agent (adds NET_BIND_SERVICE)",
-        ),
-        (
-            "hostPath volume",
-            Box::new(|j| {
-                pod_spec(j)["volumes"].as_array_mut().unwrap().push(json!({"name": "host", "hostPath": {"path": "/"}}))
-            }),
-            "only emptyDir, secret, configMap, downwardAPI and projected volumes are allowed; not: host",
-        ),
-        (
-            "persistentVolumeClaim volume",
-            Box::new(|j| {
-                pod_spec(j)["volumes"]
-                    .as_array_mut()
-                    .unwrap()
-                    .push(json!({"name": "data", "persistentVolumeClaim": {"claimName": "x"}}))
-            }),
-            "only emptyDir, secret, configMap, downwardAPI and projected volumes are allowed; not: data",
-        ),
-        (
-            "projected service account token",
-            Box::new(|j| {
-                pod_spec(j)["volumes"].as_array_mut().unwrap().push(json!({
-                    "name": "kube-api-access",
-                    "projected": {"sources": [
-                        {"configMap": {"name": "kube-root-ca.crt"}},
-                        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
-                    ]},
-                }))
-            }),
-            "and the LLM gateway's token (volume llm-token, audience oats-llm); not: kube-api-access",
-        ),
-        (
-            "the gateway's token volume with another audience",
-            Box::new(|j| {
-                pod_spec(j)["volumes"].as_array_mut().unwrap().push(json!({
-                    "name": "llm-token",
-                    "projected": {"sources": [
-                        {"serviceAccountToken": {"path": "token", "audience": "https://kubernetes.default.svc", "expirationSeconds": 3600}},
-                    ]},
-                }))
-            }),
-            "and the LLM gateway's token (volume llm-token, audience oats-llm); not: llm-token",
-        ),
-        (
-            "disallowed image",
-            Box::new(|j| agent(j)["image"] = json!("docker.io/attacker/agent:latest")),
-            "container images must start with one of [oats-agent:, registry.example.com/oats/]; not allowed: agent=docker.io/attacker/agent:latest",
-        ),
-        (
-            "a look-alike image name",
-            Box::new(|j| agent(j)["image"] = json!("oats-agent-evil:1")),
-            "not allowed: agent=oats-agent-evil:1",
-        ),
-        (
-            "no activeDeadlineSeconds",
-            Box::new(|j| remove(&mut j["spec"], "activeDeadlineSeconds")),
-            "spec.activeDeadlineSeconds must be set",
-        ),
-        (
-            "activeDeadlineSeconds above the maximum",
-            Box::new(move |j| j["spec"]["activeDeadlineSeconds"] = json!(too_long)),
-            "spec.activeDeadlineSeconds must be at most",
-        ),
-        (
-            "no cpu limit",
-            Box::new(|j| remove(&mut agent(j)["resources"]["limits"], "cpu")),
-            "every container must set resources.limits.cpu and resources.limits.memory; not: agent",
-        ),
-        (
-            "no memory limit",
-            Box::new(|j| remove(&mut agent(j)["resources"]["limits"], "memory")),
-            "every container must set resources.limits.cpu and resources.limits.memory; not: agent",
-        ),
-    ];
+fn volumes(job: &mut Value) -> &mut Vec<Value> {
+    pod_spec(job)["volumes"].as_array_mut().expect("volumes")
+}
+
+fn pod_labels(job: &mut Value) -> &mut Value {
+    &mut job["spec"]["template"]["metadata"]["labels"]
+}
+
+/// The env var `name` of the agent, replaced by one that reads `value_from`.
+fn env_from_elsewhere(job: &mut Value, name: &str, value_from: Value) {
+    let env = agent(job)["env"].as_array_mut().unwrap();
+    env.retain(|e| e["name"] != name);
+    env.push(json!({"name": name, "valueFrom": value_from}));
+}
+
+type Mutation = Box<dyn Fn(&mut Value)>;
+
+/// Each mutation of `job` must be denied by the policy with its message.
+fn assert_each_denied(cluster: &kube::Cluster, job: &Value, cases: &[(String, Mutation, String)]) {
     let mut failures = Vec::new();
-    for (what, mutate, message) in &cases {
-        let mut job = rendered();
+    for (what, mutate, message) in cases {
+        let mut job = job.clone();
         mutate(&mut job);
         let out = dry_run(cluster, &job);
         let said = stderr(&out);
         if out.status.success() {
             failures.push(format!("{what}: admitted"));
-        } else if !said.contains(DENIED) || !said.contains(message) {
+        } else if !said.contains(DENIED) || !said.contains(message.as_str()) {
             failures.push(format!("{what}: expected a denial saying {message:?}, got: {said}"));
         }
     }
     assert!(failures.is_empty(), "{} of {} violations:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+#[test]
+fn the_policy_denies_each_violation_with_its_own_message() {
+    let Some(cluster) = cluster_with_policy() else { return };
+    let too_long = max_deadline(cluster) + 1;
+    let volume_kinds = "volumes may only be OATS' own: emptyDir (tmp, workspace, launcher), the gateway's projected \
+                        token (llm-token) and the configured LLM secret (llm-credentials); not: ";
+    let projected = "projected volumes may only be the LLM gateway's token (volume llm-token: one serviceAccountToken \
+                     source, audience oats-llm); not: ";
+    let no_secret = "secret volumes are forbidden: agents hold no secret (the parameters name no llmSecretName); not: ";
+    let commands = "containers may only run the agent command (the image's entrypoint) or /oats-launcher/oats launch \
+                    -- <command>; not: ";
+    let stray_labels = "spec.template.metadata.labels: keys reserved for OATS or Kubernetes, or not allowed by \
+                        allowedPodLabelKeys [*] (keys of service meshes and batch queues need an entry of their own): ";
+    let install_launcher = json!(["/oats", "install-launcher", "/oats-launcher/oats"]);
+    let mut cases: Vec<(&str, Mutation, String)> = vec![
+        (
+            "another service account",
+            Box::new(|j| pod_spec(j)["serviceAccountName"] = json!("oats-backend-api")),
+            "serviceAccountName must be oats-agent (got oats-backend-api)".into(),
+        ),
+        (
+            "no service account (default)",
+            Box::new(|j| remove(pod_spec(j), "serviceAccountName")),
+            "serviceAccountName must be oats-agent".into(),
+        ),
+        (
+            "token automounted",
+            Box::new(|j| pod_spec(j)["automountServiceAccountToken"] = json!(true)),
+            "automountServiceAccountToken must be false".into(),
+        ),
+        (
+            "automount left unset",
+            Box::new(|j| remove(pod_spec(j), "automountServiceAccountToken")),
+            "automountServiceAccountToken must be false".into(),
+        ),
+        ("hostPID", Box::new(|j| pod_spec(j)["hostPID"] = json!(true)), "found hostPID set to true".into()),
+        ("hostNetwork", Box::new(|j| pod_spec(j)["hostNetwork"] = json!(true)), "found hostNetwork set to true".into()),
+        ("hostIPC", Box::new(|j| pod_spec(j)["hostIPC"] = json!(true)), "found hostIPC set to true".into()),
+        (
+            "hostPort",
+            Box::new(|j| agent(j)["ports"] = json!([{"containerPort": 8080, "hostPort": 8080}])),
+            "must not use hostPort".into(),
+        ),
+        (
+            "no seccomp profile",
+            Box::new(|j| remove(&mut pod_spec(j)["securityContext"], "seccompProfile")),
+            "seccompProfile.type must be RuntimeDefault".into(),
+        ),
+        (
+            "a container overrides seccomp with Unconfined",
+            Box::new(|j| agent(j)["securityContext"]["seccompProfile"] = json!({"type": "Unconfined"})),
+            "seccompProfile.type must be RuntimeDefault (in the pod securityContext, or in every container); not in: agent"
+                .into(),
+        ),
+        (
+            "runAsNonRoot false in the container",
+            Box::new(|j| agent(j)["securityContext"]["runAsNonRoot"] = json!(false)),
+            "runAsNonRoot must be true".into(),
+        ),
+        (
+            "runAsUser 0",
+            Box::new(|j| pod_spec(j)["securityContext"]["runAsUser"] = json!(0)),
+            "runAsUser must be set to a non-zero (non-root) numeric uid".into(),
+        ),
+        (
+            "runAsUser unset",
+            Box::new(|j| remove(&mut pod_spec(j)["securityContext"], "runAsUser")),
+            "runAsUser must be set to a non-zero (non-root) numeric uid".into(),
+        ),
+        (
+            "runAsGroup 0",
+            Box::new(|j| pod_spec(j)["securityContext"]["runAsGroup"] = json!(0)),
+            "runAsGroup must be set to a non-zero (non-root) numeric gid; not in: agent".into(),
+        ),
+        (
+            "runAsGroup 0 in the container",
+            Box::new(|j| agent(j)["securityContext"]["runAsGroup"] = json!(0)),
+            "runAsGroup must be set to a non-zero (non-root) numeric gid; not in: agent".into(),
+        ),
+        (
+            "fsGroup 0",
+            Box::new(|j| pod_spec(j)["securityContext"]["fsGroup"] = json!(0)),
+            "fsGroup must be set to a non-zero gid, and supplementalGroups must not contain 0".into(),
+        ),
+        (
+            "supplementalGroups with 0",
+            Box::new(|j| pod_spec(j)["securityContext"]["supplementalGroups"] = json!([0])),
+            "fsGroup must be set to a non-zero gid, and supplementalGroups must not contain 0".into(),
+        ),
+        (
+            "allowPrivilegeEscalation true",
+            Box::new(|j| agent(j)["securityContext"]["allowPrivilegeEscalation"] = json!(true)),
+            "allowPrivilegeEscalation must be false in every container; not in: agent".into(),
+        ),
+        (
+            "an init container that may escalate",
+            Box::new({
+                let install_launcher = install_launcher.clone();
+                move |j| {
+                    let mut init = agent(j).clone();
+                    init["name"] = json!("setup");
+                    init["command"] = install_launcher.clone();
+                    remove(&mut init["securityContext"], "allowPrivilegeEscalation");
+                    pod_spec(j)["initContainers"] = json!([init]);
+                }
+            }),
+            "allowPrivilegeEscalation must be false in every container; not in: setup".into(),
+        ),
+        (
+            "writable root filesystem",
+            Box::new(|j| agent(j)["securityContext"]["readOnlyRootFilesystem"] = json!(false)),
+            "readOnlyRootFilesystem must be true in every container; not in: agent".into(),
+        ),
+        (
+            "capabilities not dropped",
+            Box::new(|j| agent(j)["securityContext"]["capabilities"]["drop"] = json!(["NET_RAW"])),
+            "capabilities.drop must contain ALL in every container; not in: agent".into(),
+        ),
+        (
+            "a capability added",
+            Box::new(|j| agent(j)["securityContext"]["capabilities"]["add"] = json!(["NET_BIND_SERVICE"])),
+            "capabilities.add must be empty in every container; not in: agent (adds NET_BIND_SERVICE)".into(),
+        ),
+        // -- volumes ---------------------------------------------------------------------------
+        (
+            "hostPath volume",
+            Box::new(|j| volumes(j).push(json!({"name": "host", "hostPath": {"path": "/"}}))),
+            format!("{volume_kinds}host"),
+        ),
+        (
+            "persistentVolumeClaim volume",
+            Box::new(|j| volumes(j).push(json!({"name": "data", "persistentVolumeClaim": {"claimName": "x"}}))),
+            format!("{volume_kinds}data"),
+        ),
+        (
+            "configMap volume",
+            Box::new(|j| volumes(j).push(json!({"name": "settings", "configMap": {"name": "oats-llm-providers"}}))),
+            format!("{volume_kinds}settings"),
+        ),
+        (
+            "downwardAPI volume",
+            Box::new(|j| {
+                volumes(j).push(json!({"name": "podinfo", "downwardAPI": {"items": [
+                    {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}))
+            }),
+            format!("{volume_kinds}podinfo"),
+        ),
+        (
+            "an emptyDir of another name",
+            Box::new(|j| volumes(j).push(json!({"name": "cache", "emptyDir": {"medium": "Memory"}}))),
+            "emptyDir volumes may only be tmp, workspace and launcher; not: cache".into(),
+        ),
+        (
+            "projected service account token",
+            Box::new(|j| {
+                volumes(j).push(json!({
+                    "name": "kube-api-access",
+                    "projected": {"sources": [
+                        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
+                    ]},
+                }))
+            }),
+            format!("{projected}kube-api-access"),
+        ),
+        (
+            "a projected secret",
+            Box::new(|j| {
+                volumes(j).push(json!({
+                    "name": "keys",
+                    "projected": {"sources": [{"secret": {"name": "oats-llm-provider-keys"}}]},
+                }))
+            }),
+            format!("{projected}keys"),
+        ),
+        (
+            "the gateway's token volume with another audience",
+            Box::new(|j| {
+                let token = volumes(j).iter_mut().find(|v| v["name"] == "llm-token").expect("llm-token");
+                token["projected"]["sources"][0]["serviceAccountToken"]["audience"] = json!("https://kubernetes.default.svc");
+            }),
+            format!("{projected}llm-token"),
+        ),
+        (
+            "the gateway's token volume with the cluster's CA next to it",
+            Box::new(|j| {
+                let token = volumes(j).iter_mut().find(|v| v["name"] == "llm-token").expect("llm-token");
+                token["projected"]["sources"].as_array_mut().unwrap().push(json!({"configMap": {"name": "kube-root-ca.crt"}}));
+            }),
+            format!("{projected}llm-token"),
+        ),
+        (
+            "the LLM secret, which the shipped parameters do not name",
+            Box::new(|j| {
+                volumes(j).push(json!({"name": "llm-credentials", "secret": {"secretName": "oats-llm-credentials"}}))
+            }),
+            format!("{no_secret}llm-credentials (Secret oats-llm-credentials)"),
+        ),
+        (
+            "the provider keys as a secret volume",
+            Box::new(|j| volumes(j).push(json!({"name": "keys", "secret": {"secretName": "oats-llm-provider-keys"}}))),
+            format!("{no_secret}keys (Secret oats-llm-provider-keys)"),
+        ),
+        // -- environment -----------------------------------------------------------------------
+        (
+            "an env value from a Secret",
+            Box::new(|j| {
+                env_from_elsewhere(
+                    j,
+                    "OPENAI_API_KEY",
+                    json!({"secretKeyRef": {"name": "oats-llm-provider-keys", "key": "openai"}}),
+                )
+            }),
+            "env[].valueFrom is forbidden: OATS sets literal values only (no Secret, ConfigMap or field references); \
+             not in: agent (OPENAI_API_KEY)"
+                .into(),
+        ),
+        (
+            "an env value from a ConfigMap",
+            Box::new(|j| {
+                env_from_elsewhere(j, "OATS_GOAL", json!({"configMapKeyRef": {"name": "goals", "key": "goal"}}))
+            }),
+            "env[].valueFrom is forbidden: OATS sets literal values only (no Secret, ConfigMap or field references); \
+             not in: agent (OATS_GOAL)"
+                .into(),
+        ),
+        (
+            "envFrom a Secret",
+            Box::new(|j| agent(j)["envFrom"] = json!([{"secretRef": {"name": "oats-database"}}])),
+            "envFrom is forbidden: OATS sets literal values only; not in: agent".into(),
+        ),
+        // -- commands --------------------------------------------------------------------------
+        (
+            "another command",
+            Box::new(|j| agent(j)["command"] = json!(["sh", "-c", "curl evil.example"])),
+            format!("{commands}agent (sh -c curl evil.example)"),
+        ),
+        (
+            "the launcher without a command",
+            Box::new(|j| agent(j)["command"] = json!(["/oats-launcher/oats", "launch", "--"])),
+            format!("{commands}agent (/oats-launcher/oats launch --)"),
+        ),
+        (
+            "args",
+            Box::new(|j| agent(j)["args"] = json!(["--verbose"])),
+            "args are forbidden: OATS renders the whole command in command; not in: agent".into(),
+        ),
+        (
+            "an init container that runs something else",
+            Box::new(|j| {
+                let mut init = agent(j).clone();
+                init["name"] = json!("setup");
+                init["command"] = json!(["sh", "-c", "cp /bin/sh /oats-launcher/oats"]);
+                pod_spec(j)["initContainers"] = json!([init]);
+            }),
+            "init containers may only install the launcher (/oats install-launcher /oats-launcher/oats); not: setup \
+             (sh -c cp /bin/sh /oats-launcher/oats)"
+                .into(),
+        ),
+        // -- pod labels ------------------------------------------------------------------------
+        (
+            "the API's app label, which would join its Services",
+            Box::new(|j| pod_labels(j)["app"] = json!("oats-backend-api")),
+            "must carry app: oats-agent and oats.dev/job-id: job-".into(),
+        ),
+        (
+            "another job's id",
+            Box::new(|j| pod_labels(j)["oats.dev/job-id"] = json!("job-aaaaaaaaaaaaaaaaaaaa")),
+            "(got app: oats-agent, oats.dev/job-id: job-aaaaaaaaaaaaaaaaaaaa)".into(),
+        ),
+        (
+            "an OATS label on the pod",
+            Box::new(|j| pod_labels(j)["oats.dev/tenant"] = json!("someone-else")),
+            format!("{stray_labels}oats.dev/tenant"),
+        ),
+        (
+            "a Kubernetes label",
+            Box::new(|j| pod_labels(j)["node-role.kubernetes.io/control-plane"] = json!("")),
+            format!("{stray_labels}node-role.kubernetes.io/control-plane"),
+        ),
+        (
+            "managed-by",
+            Box::new(|j| pod_labels(j)["app.kubernetes.io/managed-by"] = json!("oats")),
+            format!("{stray_labels}app.kubernetes.io/managed-by"),
+        ),
+        (
+            "the Job controller's label with another job's name",
+            Box::new(|j| pod_labels(j)["job-name"] = json!("other")),
+            format!("{stray_labels}job-name"),
+        ),
+        // -- scheduling ------------------------------------------------------------------------
+        (
+            "nodeName",
+            Box::new(|j| pod_spec(j)["nodeName"] = json!("node-1")),
+            "spec.template.spec.nodeName is forbidden (it bypasses the scheduler; allowNodeName is not true): got node-1"
+                .into(),
+        ),
+        (
+            "a toleration",
+            Box::new(|j| {
+                pod_spec(j)["tolerations"] =
+                    json!([{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}])
+            }),
+            "tolerations may only name the taint keys of allowedTolerationKeys []; not: node-role.kubernetes.io/control-plane"
+                .into(),
+        ),
+        (
+            "a toleration of every taint",
+            Box::new(|j| pod_spec(j)["tolerations"] = json!([{"operator": "Exists"}])),
+            "tolerations may only name the taint keys of allowedTolerationKeys []; not: (every taint)".into(),
+        ),
+        (
+            "runtimeClassName",
+            Box::new(|j| pod_spec(j)["runtimeClassName"] = json!("runc-unconfined")),
+            "spec.template.spec.runtimeClassName must be one of allowedRuntimeClassNames []: got runc-unconfined".into(),
+        ),
+        (
+            "priorityClassName",
+            Box::new(|j| pod_spec(j)["priorityClassName"] = json!("system-cluster-critical")),
+            "spec.template.spec.priorityClassName must be one of allowedPriorityClassNames []: got system-cluster-critical"
+                .into(),
+        ),
+        (
+            "hostUsers",
+            Box::new(|j| pod_spec(j)["hostUsers"] = json!(true)),
+            "spec.template.spec.hostUsers must be left unset (allowHostUsers is not true)".into(),
+        ),
+        // -- image, deadline, resources, pod count -----------------------------------------------
+        (
+            "disallowed image",
+            Box::new(|j| agent(j)["image"] = json!("docker.io/attacker/agent:latest")),
+            "container images must start with one of [oats-agent:, registry.example.com/oats/]; not allowed: agent=docker.io/attacker/agent:latest".into(),
+        ),
+        (
+            "a look-alike image name",
+            Box::new(|j| agent(j)["image"] = json!("oats-agent-evil:1")),
+            "not allowed: agent=oats-agent-evil:1".into(),
+        ),
+        (
+            "no activeDeadlineSeconds",
+            Box::new(|j| remove(&mut j["spec"], "activeDeadlineSeconds")),
+            "spec.activeDeadlineSeconds must be set".into(),
+        ),
+        (
+            "activeDeadlineSeconds above the maximum",
+            Box::new(move |j| j["spec"]["activeDeadlineSeconds"] = json!(too_long)),
+            "spec.activeDeadlineSeconds must be at most".into(),
+        ),
+        (
+            "no cpu limit",
+            Box::new(|j| remove(&mut agent(j)["resources"]["limits"], "cpu")),
+            "every container must set resources.limits.cpu and resources.limits.memory; not: agent".into(),
+        ),
+        (
+            "no memory limit",
+            Box::new(|j| remove(&mut agent(j)["resources"]["limits"], "memory")),
+            "every container must set resources.limits.cpu and resources.limits.memory; not: agent".into(),
+        ),
+        (
+            "parallelism 2",
+            Box::new(|j| j["spec"]["parallelism"] = json!(2)),
+            "spec.parallelism and spec.completions must be 1: one agent pod per Job (got parallelism 2".into(),
+        ),
+        (
+            "completions 3",
+            Box::new(|j| j["spec"]["completions"] = json!(3)),
+            "spec.parallelism and spec.completions must be 1: one agent pod per Job (got parallelism 1, completions 3)"
+                .into(),
+        ),
+    ];
+    // Keys of service meshes and batch queues need an entry of their own: `*` is not enough.
+    for domain in oats::policy::GUARDED_LABEL_DOMAINS {
+        let key = format!("sidecar.{domain}/inject");
+        let label = key.clone();
+        cases.push(("a service mesh's or batch queue's label", Box::new(move |j| pod_labels(j)[&label] = json!("true")), format!("{stray_labels}{key}")));
+    }
+    let cases: Vec<(String, Mutation, String)> =
+        cases.into_iter().map(|(what, mutate, message)| (what.to_owned(), mutate, message)).collect();
+    assert_each_denied(cluster, &rendered(), &cases);
+}
+
+/// The opt-in Secret (OATS_LLM_SECRET_NAME) is admitted where the parameters name it, and only
+/// that Secret: a namespace of its own, bound to the same policy with such parameters (the
+/// shipped `oats` parameters name none, and other tests run against them meanwhile).
+#[test]
+fn the_opt_in_llm_secret_is_admitted_only_where_the_parameters_name_it() {
+    let Some(cluster) = cluster_with_policy() else { return };
+    const OPT_IN: &str = "oats-llm-secret-opt-in";
+    let mut params = cluster.kubectl_json(&["get", "configmap", PARAMS, "-n", kube::NAMESPACE]);
+    params["data"]["llmSecretName"] = json!("oats-llm-credentials");
+    let manifests = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPT_IN}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": PARAMS, "namespace": OPT_IN}, "data": params["data"]},
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": OPT_IN},
+            "spec": {
+                "policyName": POLICY,
+                "validationActions": ["Deny"],
+                "paramRef": {"name": PARAMS, "namespace": OPT_IN, "parameterNotFoundAction": "Deny"},
+                "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": OPT_IN}}},
+            },
+        },
+    ]});
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opt-in.json");
+    std::fs::write(&path, manifests.to_string()).unwrap();
+    cluster.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    let in_opt_in = |config: &Config| {
+        let mut job = rendered_with(config, BTreeMap::new(), 600, None);
+        job["metadata"]["namespace"] = json!(OPT_IN);
+        job
+    };
+    // The new binding is in force once it denies a bad Job.
+    let mut bad = in_opt_in(&config());
+    pod_spec(&mut bad)["hostPID"] = json!(true);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = dry_run(cluster, &bad);
+        if !out.status.success() && stderr(&out).contains(DENIED) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the opt-in binding never started denying: {}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    for (what, job) in [
+        ("the LLM secret where the parameters name it", in_opt_in(&secret_config())),
+        ("the gateway there too", in_opt_in(&config())),
+    ] {
+        let out = dry_run(cluster, &job);
+        assert!(out.status.success(), "{what}: denied: {}", stderr(&out));
+    }
+    let only = "the only secret volume allowed is llm-credentials of Secret oats-llm-credentials; not: ";
+    let cases: Vec<(String, Mutation, String)> = vec![
+        (
+            "llm-credentials of another Secret".into(),
+            Box::new(|j| {
+                let v = volumes(j).iter_mut().find(|v| v["name"] == "llm-credentials").expect("llm-credentials");
+                v["secret"]["secretName"] = json!("oats-llm-provider-keys");
+            }),
+            format!("{only}llm-credentials (Secret oats-llm-provider-keys)"),
+        ),
+        (
+            "the named Secret under another volume name".into(),
+            Box::new(|j| volumes(j).push(json!({"name": "more", "secret": {"secretName": "oats-llm-credentials"}}))),
+            format!("{only}more (Secret oats-llm-credentials)"),
+        ),
+    ];
+    assert_each_denied(cluster, &in_opt_in(&secret_config()), &cases);
+    // In the shipped namespace the same Job is denied (the_policy_denies_each_violation_...).
+    let out = dry_run(cluster, &rendered_with(&secret_config(), BTreeMap::new(), 600, None));
+    assert!(!out.status.success() && stderr(&out).contains("secret volumes are forbidden"), "{}", stderr(&out));
 }
 
 #[test]
@@ -401,6 +726,11 @@ fn cancelling_passes_the_policy_and_deadline_updates_are_checked() {
     assert!(!out.status.success() && stderr(&out).contains("must be at most"), "raising: {}", stderr(&out));
     let out = patch("json", json!([{"op": "remove", "path": "/spec/activeDeadlineSeconds"}]));
     assert!(!out.status.success() && stderr(&out).contains("must be set"), "removing: {}", stderr(&out));
+    // More pods than one, on UPDATE too (parallelism is mutable; completions is not, the API
+    // server refuses changing it before admission).
+    let out = patch("merge", json!({"spec": {"parallelism": 2}}));
+    let said = stderr(&out);
+    assert!(!out.status.success() && said.contains("(got parallelism 2, completions 1)"), "parallelism: {said}");
     // OATS' cancel, exactly as src/backend/kubernetes/mod.rs sends it.
     let cancel = json!({
         "metadata": {"annotations": {"oats.dev/cancelled-at": Utc::now().to_rfc3339()}},

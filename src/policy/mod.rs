@@ -7,7 +7,7 @@
 
 mod rules;
 
-pub use rules::{PolicyDocument, ResourceProfile, TenantRules};
+pub use rules::{Egress, GUARDED_LABEL_DOMAINS, PolicyDocument, ResourceProfile, TenantRules};
 
 use crate::jobs::JobSpec;
 use std::{

@@ -20,6 +20,26 @@ pub struct ResourceProfile {
     /// `[/oats/oats, launch, --, python, agent.py]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
+    /// Extra network access of jobs with this profile: `public-https` lets agents that need web
+    /// tools reach public HTTPS (the NetworkPolicy `oats-agents-public-https` selects the pod
+    /// label OATS sets for it); none by default, when agents reach only the LLM gateway and DNS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
+}
+
+/// Network access beyond the LLM gateway that a profile may grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Egress {
+    PublicHttps,
+}
+
+impl Egress {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PublicHttps => "public-https",
+        }
+    }
 }
 
 /// The rules a tenant's submissions are held to.

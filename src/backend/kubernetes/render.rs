@@ -25,6 +25,9 @@ use std::collections::BTreeMap;
 pub const APP_LABEL: (&str, &str) = ("app", "oats-agent");
 /// Label holding the job id, on the Job and its pods.
 pub const JOB_ID_LABEL: &str = "oats.dev/job-id";
+/// Pod label of agents whose profile grants extra egress (`public-https`); NetworkPolicies
+/// select on it.
+pub const EGRESS_LABEL: &str = "oats.dev/egress";
 /// Label holding the owning tenant.
 pub const TENANT_LABEL: &str = "oats.dev/tenant";
 /// Precise creation time (RFC 3339, nanoseconds): orders listings where metadata has only seconds.
@@ -226,6 +229,9 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
     let mut pod_labels: BTreeMap<String, String> = job.spec.labels.clone();
     pod_labels.insert(APP_LABEL.0.into(), APP_LABEL.1.into());
     pod_labels.insert(JOB_ID_LABEL.into(), id.clone());
+    if let Some(egress) = job.resources.as_ref().and_then(|p| p.egress) {
+        pod_labels.insert(EGRESS_LABEL.into(), egress.as_str().into());
+    }
     let mut job_labels = pod_labels.clone();
     job_labels.insert(TENANT_LABEL.into(), job.tenant.clone());
     job_labels.insert("app.kubernetes.io/managed-by".into(), "oats".into());
@@ -568,6 +574,7 @@ mod tests {
         job.resources = Some(crate::policy::ResourceProfile {
             image: None,
             command: None,
+            egress: None,
             cpu_request: "2".into(),
             cpu_limit: "4".into(),
             memory_request: "4Gi".into(),
@@ -588,6 +595,7 @@ mod tests {
         job.resources = Some(crate::policy::ResourceProfile {
             image: Some("registry.example.com/oats/team:1".into()),
             command: Some(vec!["/oats-launcher/oats".into(), "launch".into(), "--".into(), "agent".into()]),
+            egress: None,
             cpu_request: "1".into(),
             cpu_limit: "1".into(),
             memory_request: "1Gi".into(),
@@ -617,6 +625,7 @@ mod tests {
         job.resources = Some(crate::policy::ResourceProfile {
             image: Some("registry.example.com/oats/team:1".into()),
             command: Some(vec!["/oats/oats".into(), "launch".into(), "--".into(), "agent".into()]),
+            egress: Some(crate::policy::Egress::PublicHttps),
             cpu_request: "1".into(),
             cpu_limit: "1".into(),
             memory_request: "1Gi".into(),
@@ -626,6 +635,8 @@ mod tests {
         let c = &rendered.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
         assert_eq!(c.image.as_deref(), Some("registry.example.com/oats/team:1"));
         assert_eq!(c.command.as_ref().unwrap()[..2], ["/oats/oats".to_owned(), "launch".to_owned()]);
+        let pod_labels = rendered.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        assert_eq!(pod_labels[EGRESS_LABEL], "public-https", "the profile's egress is a pod label NetworkPolicies select");
     }
 
     #[test]
