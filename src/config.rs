@@ -302,8 +302,8 @@ config_keys! {
     max_body_bytes: usize = 65_536;
     /// Seconds between SIGTERM (readiness turns 503, streams end) and closing the listener, so load balancers stop sending first.
     shutdown_delay_seconds: u32 = 5;
-    /// Seconds in-flight requests get to finish after the listener closes; keep delay + grace below the pod's terminationGracePeriodSeconds.
-    shutdown_grace_seconds: u32 = 20;
+    /// Seconds in-flight requests get to finish after the listener closes. On Kubernetes keep preStop + delay + grace at least 5 s below the pod's terminationGracePeriodSeconds (shipped: 5 + 5 + 15 = 25 of 30).
+    shutdown_grace_seconds: u32 = 15;
     /// Seconds a client may take to send a request body before the server answers 408.
     request_read_timeout_seconds: u32 = 30;
     /// Seconds a client has to send a request's line and headers (a new connection's first request, or a later one once its first byte arrives); slower connections are closed. Every listener (API, metrics, LLM gateway).

@@ -261,3 +261,75 @@ async fn sigterm_drains_without_failing_requests() {
     let status = server.wait_exit(Duration::from_secs(15));
     assert_eq!(status.and_then(|s| s.code()), Some(0), "the server exits cleanly within the grace period");
 }
+
+/// The numbers after every `key` in `text` (`key: 5`, `key=5`, `key: "5"`).
+fn numbers_after(text: &str, key: &str) -> Vec<u64> {
+    text.match_indices(key)
+        .filter_map(|(at, _)| {
+            let rest = text[at + key.len()..].trim_start_matches([':', '=', ' ', '"', '\'']);
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// The preStop sleep of a pod template: the first `seconds:` after `preStop:`.
+fn pre_stop_seconds(text: &str) -> u64 {
+    let at = text.find("preStop:").expect("the API pods have a preStop hook");
+    numbers_after(&text[at..], "seconds")[0]
+}
+
+/// `OATS_<key>` as set anywhere in `texts` (the largest value, the worst case), else the default.
+fn shutdown_setting(texts: &[String], key: &str, default: u32) -> u64 {
+    let name = format!("OATS_{}", key.to_ascii_uppercase());
+    texts.iter().flat_map(|text| numbers_after(text, &name)).max().unwrap_or(default.into())
+}
+
+fn read_all(paths: &[&str]) -> Vec<String> {
+    let mut texts = Vec::new();
+    for path in paths {
+        let path = std::path::Path::new(path);
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).unwrap() {
+                let entry = entry.unwrap().path();
+                if entry.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "tpl") {
+                    texts.push(std::fs::read_to_string(entry).unwrap());
+                }
+            }
+        } else {
+            texts.push(std::fs::read_to_string(path).unwrap());
+        }
+    }
+    texts
+}
+
+/// preStop, then `shutdown_delay_seconds` (readiness 503, endpoints update), then up to
+/// `shutdown_grace_seconds` for requests in progress must end at least 5 s before the kubelet's
+/// SIGKILL at `terminationGracePeriodSeconds`, in the kustomize base and overlays and in the Helm
+/// chart with each of its values files.
+#[test]
+fn shutdown_ends_well_before_the_termination_grace_period() {
+    const MARGIN: u64 = 5;
+    let defaults = oats::config::Config::default();
+    let check = |what: &str, pod: &str, settings: &[String]| {
+        let periods = numbers_after(pod, "terminationGracePeriodSeconds");
+        assert_eq!(periods.len(), 1, "{what}: one literal terminationGracePeriodSeconds expected");
+        let period = periods[0];
+        let pre_stop = pre_stop_seconds(pod);
+        let delay = shutdown_setting(settings, "shutdown_delay_seconds", defaults.shutdown_delay_seconds);
+        let grace = shutdown_setting(settings, "shutdown_grace_seconds", defaults.shutdown_grace_seconds);
+        assert!(
+            pre_stop + delay + grace + MARGIN <= period,
+            "{what}: preStop {pre_stop} s + shutdown delay {delay} s + grace {grace} s leaves less than \
+             {MARGIN} s below terminationGracePeriodSeconds {period}"
+        );
+    };
+    let deployment = std::fs::read_to_string("infra/base/backend-api-deployment.yaml").unwrap();
+    let pod = &deployment[..deployment.find("\n---").unwrap_or(deployment.len())];
+    check("infra/base", pod, &read_all(&["infra/base", "infra/overlays/dev", "infra/overlays/prod"]));
+    let template = std::fs::read_to_string("infra/helm/oats/templates/backend-api.yaml").unwrap();
+    for values in ["values.yaml", "values-dev.yaml", "values-prod.yaml"] {
+        let files = read_all(&["infra/helm/oats/values.yaml", &format!("infra/helm/oats/{values}")]);
+        check(&format!("helm with {values}"), &template, &files);
+    }
+}
