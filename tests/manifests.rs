@@ -330,14 +330,19 @@ fn network_policies_deny_by_default_and_isolate_the_agents() {
             "{target}: agent egress[1] must be the API pods of this namespace only: {gateway}"
         );
         assert_eq!(rule_ports(gateway), [8001], "{target}: agents reach the gateway's port only");
-        // No policy of the render lets the agents out anywhere else (nor in from anywhere).
+        // No policy of the render lets the agents out anywhere else (nor in from anywhere), but
+        // the one for agents whose profile grants public HTTPS (a pod label only OATS sets).
         for policy in &policies {
             let selects_agents = selects_all(&policy["spec"]["podSelector"])
                 || policy["spec"]["podSelector"]["matchLabels"]["app"] == "oats-agent";
             if selects_agents {
                 let ingress = policy["spec"]["ingress"].as_array().map_or(0, Vec::len);
                 assert_eq!(ingress, 0, "{target}: {} allows ingress to the agents", name(policy));
-                if policy["metadata"]["name"] != "oats-agent" {
+                if policy["metadata"]["name"] == "oats-agent-profile-public-https" {
+                    let selector = &policy["spec"]["podSelector"]["matchLabels"];
+                    assert_eq!(*selector, json!({"app": "oats-agent", "oats.dev/egress": "public-https"}), "{target}");
+                    assert_eq!(rule_ports(&policy["spec"]["egress"][0]), [443], "{target}: public HTTPS only");
+                } else if policy["metadata"]["name"] != "oats-agent" {
                     let egress = policy["spec"]["egress"].as_array().map_or(0, Vec::len);
                     assert_eq!(egress, 0, "{target}: {} opens more egress for the agents", name(policy));
                 }

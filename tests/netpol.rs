@@ -137,8 +137,8 @@ fn write_fixtures(dir: &Path, components: &[&str]) {
     }
     assert_eq!(
         policies,
-        4 + components.len(),
-        "expected the three NetworkPolicies of infra/base, the dev PostgreSQL's and one per component"
+        5 + components.len(),
+        "expected the four NetworkPolicies of infra/base, the dev PostgreSQL's and one per component"
     );
 
     // The agent: exactly the Job OATS renders, and a Pod of its template.
@@ -146,6 +146,20 @@ fn write_fixtures(dir: &Path, components: &[&str]) {
     let template = &job["spec"]["template"];
     docs.push(pod(AGENT, NS, &template["metadata"]["labels"], template["spec"].clone()));
     docs.push(job);
+    // An agent whose profile grants public HTTPS, as OATS renders it.
+    let mut web = agent_job();
+    web.resources = Some(oats::policy::ResourceProfile {
+        cpu_request: "250m".into(),
+        cpu_limit: "1".into(),
+        memory_request: "256Mi".into(),
+        memory_limit: "512Mi".into(),
+        image: None,
+        command: None,
+        egress: Some(oats::policy::Egress::PublicHttps),
+    });
+    let web = serde_json::to_value(render_job(&web, &AgentTemplate::from_config(&agent_config(), NS))).unwrap();
+    let template = &web["spec"]["template"];
+    docs.push(pod(WEB_AGENT, NS, &template["metadata"]["labels"], template["spec"].clone()));
 
     for (ns, name, labels) in [
         ("kube-system", "coredns", json!({"k8s-app": "kube-dns"})),
@@ -299,6 +313,21 @@ const API_SRC: (&str, &str) = (NS, API);
 // ---------------------------------------------------------------------------------------------
 // Agents
 // ---------------------------------------------------------------------------------------------
+
+/// The agent whose profile grants `egress: public-https`.
+const WEB_AGENT: &str = "web-agent";
+
+#[test]
+fn a_profile_with_public_https_opens_public_443_for_its_agents_only() {
+    for ip in ["8.8.8.8", "140.82.112.3"] {
+        assert!(allowed((NS, WEB_AGENT), Peer::Ip(ip), "tcp", 443), "the web agent cannot reach {ip}:443");
+        assert!(!allowed((NS, WEB_AGENT), Peer::Ip(ip), "tcp", 80), "the web agent reaches {ip}:80");
+        assert!(!allowed((NS, AGENT), Peer::Ip(ip), "tcp", 443), "a plain agent reaches {ip}:443");
+    }
+    for ip in ["10.96.0.1", "169.254.169.254", "192.168.1.1"] {
+        assert!(!allowed((NS, WEB_AGENT), Peer::Ip(ip), "tcp", 443), "the web agent reaches private {ip}");
+    }
+}
 
 #[test]
 fn the_agent_reaches_the_llm_gateway_and_dns_only() {
