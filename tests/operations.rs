@@ -333,3 +333,42 @@ fn shutdown_ends_well_before_the_termination_grace_period() {
         check(&format!("helm with {values}"), &template, &files);
     }
 }
+
+/// What the server hands the CLI (a goal, an agent's output and result, messages) may hold
+/// terminal escape sequences: the CLI strips them before printing, in every command.
+#[tokio::test]
+async fn the_cli_never_prints_terminal_control_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    // An agent that echoes its goal to its output and as its result, byte for byte.
+    let echo = r#"sh,-c,printf '%s\n' "$OATS_GOAL"; printf '%s' "$OATS_GOAL" > "$OATS_RESULT_FILE""#;
+    let server = Server::start_local(dir.path(), &[("OATS_LOCAL_AGENT_COMMAND", echo)]).await;
+    let goal = "wipe \u{1b}[2J\u{1b}]0;owned\u{7} ring \u{9b}31m red\r over";
+    let job = server.create(goal, 1).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let done = server.wait_for(&id, "succeeded", Duration::from_secs(20)).await;
+    assert_eq!(done["result"], goal, "the server keeps the data as it is");
+    let raw = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs"))).send().await.unwrap();
+    assert!(raw.text().await.unwrap().contains('\u{1b}'), "the agent's output holds the escape sequence");
+
+    let safe = |what: &str, output: &Output| {
+        for (stream, bytes) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
+            let text = text(bytes);
+            let bad = text.chars().find(|c| c.is_control() && *c != '\n' && *c != '\t');
+            assert!(bad.is_none(), "{what} printed {bad:?} on {stream}: {text:?}");
+        }
+    };
+    let get = cli(&server, &["get", &id]);
+    safe("get", &get);
+    assert!(text(&get.stdout).contains("wipe [2J]0;owned ring 31m red over"), "{}", text(&get.stdout));
+    safe("list", &cli(&server, &["list"]));
+    safe("logs", &cli(&server, &["logs", &id]));
+    safe("get -o yaml", &cli(&server, &["get", &id, "-o", "yaml"]));
+    let json = cli(&server, &["get", &id, "-o", "json"]);
+    safe("get -o json", &json);
+    let parsed: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(parsed["goal"], goal, "-o json stays exact (escaped, not printed raw)");
+    let followed = cli(&server, &["submit", "--goal", goal, "--max-turns", "1", "--follow"]);
+    assert_eq!(followed.status.code(), Some(0), "{}", text(&followed.stderr));
+    safe("submit --follow", &followed);
+    assert!(text(&followed.stdout).contains("wipe [2J"), "{}", text(&followed.stdout));
+}

@@ -2,7 +2,7 @@
 
 use super::{
     Connection,
-    output::Spinner,
+    output::{CleanStream, Spinner, clean},
     sse::{SseEvent, SseParser},
 };
 use futures::StreamExt;
@@ -26,12 +26,12 @@ pub enum ClientError {
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Connection { url, cause } => write!(f, "cannot reach {url}: {cause}"),
+            Self::Connection { url, cause } => write!(f, "cannot reach {url}: {}", clean(cause)),
             Self::Problem { status, kind, title, detail } => {
                 let short = kind.rsplit("/problems/").next().unwrap_or(kind);
-                write!(f, "{title}: {detail} (HTTP {status}, {short})")
+                write!(f, "{}: {} (HTTP {status}, {})", clean(title), clean(detail), clean(short))
             }
-            Self::Http(message) | Self::Local(message) => f.write_str(message),
+            Self::Http(message) | Self::Local(message) => f.write_str(&clean(message)),
         }
     }
 }
@@ -156,11 +156,16 @@ impl ApiClient {
         }
         let response = self.send(self.request(Method::GET, &format!("/api/v1/jobs/{id}/logs")).query(&query)).await?;
         let mut chunks = response.bytes_stream();
+        // The agent's output may hold anything: escape sequences are stripped before printing.
+        let mut text = CleanStream::default();
+        let mut write = |text: String| {
+            out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| ClientError::Local(e.to_string()))
+        };
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|e| ClientError::Connection { url: self.base.clone(), cause: e.to_string() })?;
-            out.write_all(&chunk).and_then(|()| out.flush()).map_err(|e| ClientError::Local(e.to_string()))?;
+            write(text.push(&chunk))?;
         }
-        Ok(())
+        write(text.finish())
     }
 
     /// Watch a job over Server-Sent Events, calling `on_change` for each state, until it

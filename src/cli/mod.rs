@@ -174,7 +174,7 @@ async fn execute(client: &ApiClient, format: Format, command: JobsCommand) -> Re
             }
             let id = job["id"].as_str().unwrap_or_default().to_owned();
             if format == Format::Table {
-                eprintln!("submitted {id}");
+                eprintln!("submitted {}", output::clean(&id));
             }
             follow_job(client, &id, format).await
         }
@@ -207,10 +207,10 @@ async fn execute(client: &ApiClient, format: Format, command: JobsCommand) -> Re
             let job = client
                 .watch(&id, |job| {
                     if format == Format::Table {
-                        let status = job["status"].as_str().unwrap_or("?");
-                        let reason = job["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
+                        let status = output::clean(job["status"].as_str().unwrap_or("?"));
+                        let reason = job["reason"].as_str().map(|r| format!(" ({})", output::clean(r))).unwrap_or_default();
                         let now = chrono::Local::now().format("%H:%M:%S");
-                        let _ = writeln!(std::io::stdout(), "{now}  {}{reason}", output::paint_status(status));
+                        let _ = writeln!(std::io::stdout(), "{now}  {}{reason}", output::paint_status(&status));
                     } else {
                         output::print_job(&mut std::io::stdout(), job, format);
                     }
@@ -243,12 +243,13 @@ async fn follow_job(client: &ApiClient, id: &str, format: Format) -> Result<i32,
         Format::Table => {
             let reason = final_job["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
             let message = final_job["message"].as_str().map(|m| format!(": {m}")).unwrap_or_default();
-            eprintln!("{id} {}{reason}{message}", output::paint_status(final_job["status"].as_str().unwrap_or("?")));
+            let status = output::clean(final_job["status"].as_str().unwrap_or("?"));
+            eprintln!("{} {}{}", output::clean(id), output::paint_status(&status), output::clean(&(reason + &message)));
             if final_job["usage"].is_object() {
-                eprintln!("usage: {}", output::usage_summary(&final_job));
+                eprintln!("usage: {}", output::clean(&output::usage_summary(&final_job)));
             }
             if let Some(result) = final_job["result"].as_str() {
-                println!("{result}");
+                println!("{}", output::clean(result));
             }
         }
         _ => output::print_job(&mut std::io::stdout(), &final_job, format),

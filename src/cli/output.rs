@@ -6,6 +6,65 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::io::{IsTerminal, Write};
 
+/// Whether a character may reach the terminal: not a C0 control other than newline and tab (ESC
+/// starts escape sequences that clear the screen, move the cursor or set the title), not DEL, not
+/// a C1 control (U+0080 to U+009F; U+009B is a one-character CSI).
+fn printable(c: char) -> bool {
+    !(c.is_control() && c != '\n' && c != '\t')
+}
+
+/// `text` without terminal control characters: everything the server sends (goals, results,
+/// messages, logs, problem details) goes through this before it is printed.
+pub fn clean(text: &str) -> String {
+    if text.chars().all(printable) { text.to_owned() } else { text.chars().filter(|c| printable(*c)).collect() }
+}
+
+/// [`clean`] for a byte stream (logs): bytes in, text out, UTF-8 sequences split across chunks
+/// kept whole, invalid UTF-8 shown as U+FFFD.
+#[derive(Default)]
+pub struct CleanStream {
+    pending: Vec<u8>,
+}
+
+impl CleanStream {
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut text = String::new();
+        let mut rest: &[u8] = &self.pending;
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(valid) => {
+                    text.push_str(valid);
+                    rest = &[];
+                    break;
+                }
+                Err(error) => {
+                    let (valid, after) = rest.split_at(error.valid_up_to());
+                    text.push_str(std::str::from_utf8(valid).expect("checked"));
+                    match error.error_len() {
+                        Some(bad) => {
+                            text.push(char::REPLACEMENT_CHARACTER);
+                            rest = &after[bad..];
+                        }
+                        None => {
+                            rest = after; // an incomplete character: wait for the rest
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.pending = rest.to_vec();
+        clean(&text)
+    }
+
+    /// What is left at the end of the stream.
+    pub fn finish(&mut self) -> String {
+        let rest = String::from_utf8_lossy(&std::mem::take(&mut self.pending)).into_owned();
+        clean(&rest)
+    }
+}
+
 fn colour_enabled() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
@@ -45,8 +104,20 @@ fn duration(job: &Value) -> String {
 
 fn print_structured(out: &mut impl Write, value: &Value, format: Format) {
     let text = match format {
-        Format::Yaml => serde_saphyr::to_string(value).unwrap_or_default(),
-        _ => serde_json::to_string_pretty(value).unwrap_or_default() + "\n",
+        Format::Yaml => clean(&serde_saphyr::to_string(value).unwrap_or_default()),
+        // JSON escapes C0 controls itself; C1 controls can only sit inside strings, where an
+        // escape keeps the value exact.
+        _ => {
+            let text = serde_json::to_string_pretty(value).unwrap_or_default() + "\n";
+            text.chars().fold(String::with_capacity(text.len()), |mut out, c| {
+                if printable(c) {
+                    out.push(c);
+                } else {
+                    out.push_str(&format!("\\u{:04x}", u32::from(c)));
+                }
+                out
+            })
+        }
     };
     let _ = out.write_all(text.as_bytes());
 }
@@ -59,7 +130,7 @@ pub fn print_job(out: &mut impl Write, job: &Value, format: Format) {
     let now = Utc::now();
     let mut rows = vec![
         ("id", job["id"].as_str().unwrap_or_default().to_owned()),
-        ("status", paint_status(job["status"].as_str().unwrap_or("?"))),
+        ("status", paint_status(&clean(job["status"].as_str().unwrap_or("?")))),
     ];
     for key in ["reason", "message"] {
         if let Some(value) = job[key].as_str() {
@@ -85,6 +156,8 @@ pub fn print_job(out: &mut impl Write, job: &Value, format: Format) {
         rows.push(("result", result.to_owned()));
     }
     for (key, value) in rows {
+        // The status is cleaned before it is painted.
+        let value = if key == "status" { value } else { clean(&value) };
         let _ = writeln!(out, "{key:<10} {value}");
     }
 }
@@ -121,13 +194,13 @@ pub fn print_list(out: &mut impl Write, items: &[Value], next_page_token: Option
         .map(|job| {
             let goal: String = job["goal"].as_str().unwrap_or_default().chars().take(40).collect();
             [
-                job["id"].as_str().unwrap_or_default().to_owned(),
-                job["status"].as_str().unwrap_or_default().to_owned(),
-                job["reason"].as_str().unwrap_or("-").to_owned(),
+                clean(job["id"].as_str().unwrap_or_default()),
+                clean(job["status"].as_str().unwrap_or_default()),
+                clean(job["reason"].as_str().unwrap_or("-")),
                 relative(job["created_at"].as_str().unwrap_or_default(), now),
                 duration(job),
                 tokens_and_cost(job),
-                goal.replace(['\n', '\r'], " "),
+                clean(&goal.replace(['\n', '\r', '\t'], " ")),
             ]
         })
         .collect();
@@ -188,7 +261,7 @@ impl Spinner {
         }
         const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
         self.frame = (self.frame + 1) % FRAMES.len();
-        let reason = job["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
+        let reason = job["reason"].as_str().map(|r| format!(" ({})", clean(r))).unwrap_or_default();
         eprint!("\r{} pending{reason}   ", FRAMES[self.frame]);
         self.shown = true;
     }
@@ -214,6 +287,33 @@ mod tests {
         assert_eq!(relative("2026-11-26T09:00:00Z", now), "3h ago");
         assert_eq!(relative("2026-11-23T12:00:00Z", now), "3d ago");
         assert_eq!(relative("garbage", now), "-");
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(clean("plain\ttext\nüñï"), "plain\ttext\nüñï");
+        assert_eq!(clean("\u{1b}[2Jwiped\u{7}\r\u{7f}\u{9b}31m\u{0}"), "[2Jwiped31m");
+        let mut stream = CleanStream::default();
+        let bytes = "a\u{1b}]0;title\u{7}ü\u{9b}b\n".as_bytes();
+        // Split inside the two-byte characters ü and U+009B.
+        let (one, two) = bytes.split_at(bytes.len() - 5);
+        let text = stream.push(one) + &stream.push(two) + &stream.finish();
+        assert_eq!(text, "a]0;titleüb\n");
+        assert_eq!(CleanStream::default().push(b"bad \xff byte"), "bad \u{fffd} byte");
+        let job = serde_json::json!({"id": "job-a", "status": "failed", "goal": "\u{1b}[2J", "result": "r\u{9b}", "message": "m\u{7}"});
+        for format in [Format::Table, Format::Json, Format::Yaml] {
+            let mut out = Vec::new();
+            print_job(&mut out, &job, format);
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.chars().all(printable), "{format:?}: {text:?}");
+        }
+        let mut out = Vec::new();
+        print_job(&mut out, &job, Format::Json);
+        let parsed: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed, job, "JSON stays exact");
+        let mut out = Vec::new();
+        print_list(&mut out, &[job], None, Format::Table);
+        assert!(String::from_utf8(out).unwrap().chars().all(printable));
     }
 
     #[test]
