@@ -50,7 +50,7 @@ pub struct RequestLimits {
 
 /// Request schemas that reject unknown fields (`deny_unknown_fields`), which poem-openapi does not
 /// state in the document.
-const CLOSED_SCHEMAS: [&str; 1] = ["CreateJobRequest"];
+const CLOSED_SCHEMAS: [&str; 2] = ["CreateJobRequest", "RequestedBudget"];
 
 /// The OpenAPI document as served and committed: poem-openapi's, adjusted so that client
 /// generators read it without loss: request bodies say what the server enforces

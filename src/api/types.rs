@@ -100,13 +100,31 @@ pub struct CreateJobRequest {
     /// What the job may spend on model calls through the LLM gateway. Unset limits take the
     /// tenant's defaults; limits above the tenant's ceiling are refused (`policy/max-budget`).
     /// `max_turns` also caps the number of model calls.
-    pub budget: Option<JobBudget>,
+    pub budget: Option<RequestedBudget>,
+}
+
+/// The budget a submission asks for; unset (or null) limits take the tenant's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Object)]
+#[oai(deny_unknown_fields)]
+pub struct RequestedBudget {
+    /// Most input plus output tokens: 1 to 1000000000.
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000000")))]
+    pub max_tokens: Option<u64>,
+    /// Most money, in US dollars, at the configured prices: 0 to 1000000.
+    #[oai(validator(minimum(value = "0"), maximum(value = "1000000")))]
+    pub max_cost_usd: Option<f64>,
+}
+
+impl From<RequestedBudget> for Budget {
+    fn from(b: RequestedBudget) -> Self {
+        Self { max_tokens: b.max_tokens, max_cost: b.max_cost_usd.and_then(NanoUsd::from_usd) }
+    }
 }
 
 /// Limits on a job's model calls, enforced before each call is forwarded: a call that the
 /// remaining budget cannot pay for is refused, never charged after the fact.
 #[derive(Debug, Clone, Copy, PartialEq, Object, Serialize)]
-#[oai(deny_unknown_fields, skip_serializing_if_is_none)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobBudget {
     /// Most input plus output tokens: 1 to 1000000000.
     #[oai(validator(minimum(value = "1"), maximum(value = "1000000000")))]
@@ -116,12 +134,6 @@ pub struct JobBudget {
     #[oai(validator(minimum(value = "0"), maximum(value = "1000000")))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_cost_usd: Option<f64>,
-}
-
-impl From<JobBudget> for Budget {
-    fn from(b: JobBudget) -> Self {
-        Self { max_tokens: b.max_tokens, max_cost: b.max_cost_usd.and_then(NanoUsd::from_usd) }
-    }
 }
 
 impl From<Budget> for JobBudget {
@@ -221,7 +233,7 @@ impl Example for CreateJobRequest {
             timeout_seconds: Some(600),
             model: None,
             profile: None,
-            budget: Some(JobBudget { max_tokens: Some(200_000), max_cost_usd: Some(2.5) }),
+            budget: Some(RequestedBudget { max_tokens: Some(200_000), max_cost_usd: Some(2.5) }),
         }
     }
 }
@@ -525,7 +537,7 @@ impl Example for Job {
             model: None,
             profile: None,
             labels: request.labels.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
-            budget: request.budget,
+            budget: request.budget.map(|b| JobBudget { max_tokens: b.max_tokens, max_cost_usd: b.max_cost_usd }),
             usage: Some(Usage {
                 model_calls: 4,
                 input_tokens: 5210,
