@@ -509,7 +509,7 @@ fn policy_tokens_and_otlp_values() {
             ("auth-tokens", "/var/run/oats-auth", json!({"secret": {"secretName": "team-tokens"}})),
         ]),
     );
-    let placeholders = ["oats-llm-credentials", "oats-llm-provider-keys", "oats-database"];
+    let placeholders = ["oats-llm-provider-keys", "oats-database"];
     assert!(
         docs.iter().all(|d| d["kind"] != "Secret" || placeholders.contains(&d["metadata"]["name"].as_str().unwrap())),
         "a tokens Secret is rendered"
@@ -637,6 +637,66 @@ fn agent_image_outside_the_admission_policy_is_refused() {
     let docs = template(&["--set", "agent.image.repository=evil.example/agent,admissionPolicy.enabled=false"]);
     assert!(docs.iter().all(|d| !d["kind"].as_str().unwrap().starts_with("ValidatingAdmissionPolicy")));
     assert!(docs.iter().all(|d| d["metadata"]["name"] != "oats-agent-job-guardrails-params"));
+}
+
+/// The admission policy's parameters.
+fn guardrail_params(docs: &[Value]) -> &serde_json::Map<String, Value> {
+    find(docs, "ConfigMap", "oats-agent-job-guardrails-params").expect("the policy's parameters")["data"]
+        .as_object()
+        .unwrap()
+}
+
+#[test]
+fn the_agents_secret_is_an_opt_in_and_the_policy_parameters_follow_the_values() {
+    // Defaults (as infra/base): agents get no Secret, and the policy admits none.
+    let docs = template(&[]);
+    let (_, data) = config_data(&docs);
+    for key in ["OATS_LLM_SECRET_NAME", "OATS_LLM_SECRET_KEYS", "OATS_AGENT_COMMAND"] {
+        assert!(!data.contains_key(key), "{key} is set by default");
+    }
+    assert!(
+        docs.iter().all(|d| d["kind"] != "Secret" || d["metadata"]["labels"]["app.kubernetes.io/component"] != "agent")
+    );
+    let params = guardrail_params(&docs);
+    assert_eq!(
+        (&params["llmSecretName"], &params["agentCommand"], &params["allowedEgress"]),
+        (&json!(""), &json!(""), &json!(""))
+    );
+
+    // The opt-in: the two variables, the placeholder, and the parameter that admits its volume.
+    let docs = template(&[
+        "--set",
+        "llmSecret.name=team-llm,llmSecret.keys={api-key,org},llmSecret.create=true",
+        "--set",
+        "agent.command={/app/agent,--quiet}",
+        "--set",
+        "admissionPolicy.allowedEgress={public-https},admissionPolicy.allowedTolerationKeys={gpu,spot}",
+        "--set",
+        "admissionPolicy.allowNodeName=true",
+    ]);
+    let (_, data) = config_data(&docs);
+    assert_eq!(data["OATS_LLM_SECRET_NAME"], "team-llm");
+    assert_eq!(data["OATS_LLM_SECRET_KEYS"], "api-key,org");
+    assert_eq!(data["OATS_AGENT_COMMAND"], "/app/agent,--quiet");
+    let secret = find(&docs, "Secret", "team-llm").expect("the placeholder Secret");
+    assert_eq!(secret["stringData"], json!({"api-key": "REPLACE_ME", "org": "REPLACE_ME"}));
+    let params = guardrail_params(&docs);
+    assert_eq!(params["llmSecretName"], "team-llm");
+    assert_eq!(params["agentCommand"], "/app/agent,--quiet");
+    assert_eq!(params["allowedEgress"], "public-https");
+    assert_eq!(params["allowedTolerationKeys"], "gpu,spot");
+    assert_eq!(params["allowNodeName"], "true");
+    // OATS loads that configuration and renders the volume the parameters name.
+    let env: BTreeMap<String, String> = data.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned())).collect();
+    let config = oats::config::Config::load(None, env).unwrap();
+    assert_eq!(config.llm_secret_name.as_deref(), Some("team-llm"));
+    assert_eq!(config.agent_command, ["/app/agent", "--quiet"]);
+
+    // Without create, no placeholder; a name without keys does not render.
+    let docs = template(&["--set", "llmSecret.name=team-llm,llmSecret.keys={api-key}"]);
+    assert!(find(&docs, "Secret", "team-llm").is_none());
+    let out = helm(&["template", "oats", CHART, "--set", "llmSecret.name=team-llm"]);
+    assert!(!out.status.success() && text(&out).contains("llmSecret.keys"), "{}", text(&out));
 }
 
 // ---------------------------------------------------------------------------------------------

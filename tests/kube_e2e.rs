@@ -82,9 +82,9 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
     }
     .validate(&JobLimits::default())
     .unwrap();
+    // As shipped (kube::Cluster::start_oats): the LLM gateway on, no Secret.
     let mut config = Config::default();
-    config.llm_secret_name = Some("oats-llm-credentials".into());
-    config.llm_secret_keys = vec!["api-key".into()];
+    config.llm_providers_file = Some("providers.yaml".into());
     let expected = render::render_job(
         &NewJob {
             id: JobId::parse(&id).unwrap(),
@@ -98,6 +98,14 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
         &AgentTemplate::from_config(&config, kube::NAMESPACE),
     );
     assert_subset(&serde_json::to_value(&expected).unwrap(), &stored, "job");
+    // The gateway's projected token is the pod's only credential: no Secret, no env reference.
+    let pod_spec = &stored["spec"]["template"]["spec"];
+    let volumes: Vec<&str> =
+        pod_spec["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(volumes, ["tmp", "workspace", "llm-token"]);
+    assert!(pod_spec["volumes"].as_array().unwrap().iter().all(|v| v["secret"].is_null()), "{pod_spec}");
+    let agent = &pod_spec["containers"][0];
+    assert!(agent["envFrom"].is_null() && agent["env"].as_array().unwrap().iter().all(|e| e["valueFrom"].is_null()));
 
     // The same manifest, dry-run created under another name: no Pod Security warnings.
     let mut probe = serde_json::to_value(&expected).unwrap();
@@ -329,12 +337,24 @@ async fn restarted_oats_finds_every_job_with_its_status() {
     cluster.delete_jobs(&format!("e2e={run}"));
 }
 
+/// `kubectl auth can-i` arguments for `[verb, resource]`: a `pods/log` resource is the
+/// subresource `log` of pods (as `pods/log` kubectl would ask about the pod named "log").
+fn with_subresource<'a>([verb, resource]: [&'a str; 2], namespace: &'a str) -> Vec<String> {
+    let mut args: Vec<String> = vec![verb.into()];
+    match resource.split_once('/') {
+        Some((resource, sub)) => args.extend([resource.to_owned(), format!("--subresource={sub}")]),
+        None => args.push(resource.into()),
+    }
+    args.extend(["-n".to_owned(), namespace.to_owned()]);
+    args
+}
+
 #[test]
 fn the_shipped_rbac_is_enough_and_no_more() {
     let Some(cluster) = kube::cluster() else { return };
-    let can = |kubeconfig: &std::path::Path, args: &[&str]| {
+    let can = |kubeconfig: &std::path::Path, args: &[String]| {
         let mut full = vec!["auth", "can-i"];
-        full.extend_from_slice(args);
+        full.extend(args.iter().map(String::as_str));
         let out = cluster.kubectl_as(kubeconfig, &full);
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
@@ -345,26 +365,26 @@ fn the_shipped_rbac_is_enough_and_no_more() {
         ["list", "jobs.batch"],
         ["watch", "jobs.batch"],
         ["patch", "jobs.batch"],
-        ["delete", "jobs.batch"],
         ["list", "pods"],
         ["watch", "pods"],
         ["get", "pods/log"],
         ["list", "events"],
     ] {
-        assert!(can(oats, &[allowed[0], allowed[1], "-n", kube::NAMESPACE]), "OATS may not {allowed:?}");
+        assert!(can(oats, &with_subresource(allowed, kube::NAMESPACE)), "OATS may not {allowed:?}");
     }
     for denied in [
         ["get", "secrets"],
         ["list", "secrets"],
         ["create", "pods"],
         ["delete", "pods"],
+        ["delete", "jobs.batch"],
         ["create", "pods/exec"],
         ["patch", "namespaces"],
         ["create", "rolebindings"],
     ] {
-        assert!(!can(oats, &[denied[0], denied[1], "-n", kube::NAMESPACE]), "OATS may {denied:?}");
+        assert!(!can(oats, &with_subresource(denied, kube::NAMESPACE)), "OATS may {denied:?}");
     }
-    assert!(!can(oats, &["list", "jobs.batch", "-n", "default"]), "OATS reaches another namespace");
+    assert!(!can(oats, &with_subresource(["list", "jobs.batch"], "default")), "OATS reaches another namespace");
     // Real calls, not only the authorizer's opinion: 403s.
     let forbidden = cluster.kubectl_as(oats, &["get", "secrets", "-n", kube::NAMESPACE]);
     assert!(String::from_utf8_lossy(&forbidden.stderr).contains("Forbidden"));
@@ -389,6 +409,135 @@ fn the_shipped_rbac_is_enough_and_no_more() {
     }
     let sa = cluster.kubectl_json(&["get", "serviceaccount", "oats-agent", "-n", kube::NAMESPACE]);
     assert_eq!(sa["automountServiceAccountToken"], false);
+}
+
+/// (API group, resource, verb) of every rule of the shipped Role `oats-backend-api-job-manager`.
+fn shipped_role_grants() -> std::collections::BTreeSet<(String, String, String)> {
+    let text = std::fs::read_to_string("infra/base/rbac.yaml").unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "oats-backend-api-job-manager")
+        .expect("infra/base/rbac.yaml has the Role oats-backend-api-job-manager");
+    let strings =
+        |v: &Value| -> Vec<String> { v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect() };
+    let mut grants = std::collections::BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    grants.insert((group.clone(), resource.clone(), verb));
+                }
+            }
+        }
+    }
+    grants
+}
+
+/// (verb, resource, code) -> count of `oats_kube_requests_total` in a /metrics page.
+fn kube_calls_by_code(metrics: &str) -> std::collections::BTreeMap<(String, String, String), f64> {
+    let mut calls = std::collections::BTreeMap::new();
+    for line in metrics.lines().filter(|l| l.starts_with("oats_kube_requests_total{")) {
+        let (labels, value) = line["oats_kube_requests_total{".len()..].rsplit_once("} ").unwrap();
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or_else(|| panic!("no {name} in {line}"))
+                .to_owned()
+        };
+        let value: f64 = value.trim().parse().unwrap();
+        if value > 0.0 {
+            calls.insert((label("verb"), label("resource"), label("code")), value);
+        }
+    }
+    calls
+}
+
+/// RBAC grants only the verbs the backend calls: a scenario that takes every path of the
+/// Kubernetes backend (submit, dry run, the watch caches, a job that succeeds and is counted, a
+/// pending job's events, its logs, a cancel) on one server running as the shipped service
+/// account, then the Kubernetes client metrics of that server (`oats_kube_requests_total`, every
+/// call the backend made, by verb and resource) against the shipped Role: every grant was used,
+/// every call is granted, none was refused.
+#[tokio::test]
+async fn the_shipped_role_grants_exactly_the_calls_the_backend_makes() {
+    let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("rbac");
+    let dir = tempfile::tempdir().unwrap();
+    let server = cluster.start_oats(dir.path()).await;
+    let labels = |outcome: &str| json!({"e2e": run, "kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": "500"});
+
+    // Dry run (a server-side dry-run create), then the real creates.
+    let (status, dry) = dry_run(&server, &json!({"goal": "dry", "max_turns": 1, "labels": labels("succeed")})).await;
+    assert_eq!((status, dry["allowed"].as_bool()), (StatusCode::ACCEPTED, Some(true)), "{dry}");
+    let done = id_of(&submit(&server, "Succeed", labels("succeed"), None).await);
+    let running = id_of(&submit(&server, "Run until cancelled", labels("run"), None).await);
+    let stuck = id_of(&submit(&server, "Wrong image", labels("pending"), None).await);
+
+    // Watches (list + watch of jobs and pods) bring the outcome; the finish is counted (patch).
+    server.wait_for(&done, "succeeded", SOON).await;
+    // Logs of a started pod (pods/log get); the answer does not matter here, the call does.
+    let _ = server.http.get(server.url(&format!("/api/v1/jobs/{done}/logs"))).send().await.unwrap().text().await;
+    // Events of a job and its pod (events list).
+    let deadline = std::time::Instant::now() + SOON;
+    while server.job(&stuck).await["reason"] != "ImagePullFailed" {
+        assert!(std::time::Instant::now() < deadline, "the stuck job never reported ImagePullFailed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, events) = server.get_json(&format!("/api/v1/jobs/{stuck}/events")).await;
+    assert_eq!(status, StatusCode::OK, "{events}");
+    // Cancel reads the Job from the API server (get) and patches it; its finish is counted too.
+    server.wait_for(&running, "running", SOON).await;
+    let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{running}/cancel"))).send().await.unwrap();
+    assert_eq!(cancel.status(), StatusCode::OK);
+
+    // The backend's calls, as its metrics recorded them (the finish counters' patches included).
+    let deadline = std::time::Instant::now() + SOON;
+    let calls = loop {
+        let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let calls = kube_calls_by_code(&metrics);
+        let patches: f64 = calls.iter().filter(|((v, r, _), _)| v == "patch" && r == "jobs").map(|(_, n)| n).sum();
+        // The cancel, and the claims of the two finishes (done, cancelled) by the finish counter.
+        if patches >= 3.0 {
+            break calls;
+        }
+        assert!(std::time::Instant::now() < deadline, "the finishes were never counted: {calls:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    cluster.delete_jobs(&format!("e2e={run}"));
+
+    let refused: Vec<_> = calls.keys().filter(|(_, _, code)| code == "403").collect();
+    assert!(refused.is_empty(), "the API server refused calls of the shipped service account: {refused:?}");
+    // The metric names the resource, not its API group: OATS reads Jobs of batch/v1 and Pods,
+    // their logs and Events of the core group (/api/v1/...).
+    let group_of = |resource: &str| match resource {
+        "jobs" => Some("batch"),
+        "pods" | "pods/log" | "events" => Some(""),
+        _ => None,
+    };
+    let mut used = std::collections::BTreeSet::new();
+    for (verb, resource, _) in calls.keys() {
+        // GET /version (the client's first call): a non-resource URL that Kubernetes' default
+        // ClusterRole system:public-info-viewer grants everyone; no Role can grant it.
+        if resource == "version" {
+            continue;
+        }
+        let group = group_of(resource).unwrap_or_else(|| {
+            panic!("OATS called {verb} {resource}, a resource the test does not know: map it to its API group")
+        });
+        used.insert((group.to_owned(), resource.clone(), verb.clone()));
+    }
+    let granted = shipped_role_grants();
+    let unused: Vec<_> = granted.difference(&used).collect();
+    let ungranted: Vec<_> = used.difference(&granted).collect();
+    assert!(
+        unused.is_empty() && ungranted.is_empty(),
+        "the shipped Role (infra/base/rbac.yaml) and the backend's calls differ\n\
+         granted but never called (remove from the Role and the Helm chart): {unused:?}\n\
+         called but not granted: {ungranted:?}\nall calls: {calls:#?}"
+    );
 }
 
 #[tokio::test]

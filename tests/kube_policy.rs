@@ -147,7 +147,6 @@ fn the_policy_admits_every_job_oats_renders() {
     let own_agent = ResourceProfile {
         image: Some("registry.example.com/oats/team-agent:1.2".into()),
         command: Some(["/oats-launcher/oats", "launch", "--", "python", "/app/agent.py"].map(String::from).to_vec()),
-        egress: Some(oats::policy::Egress::PublicHttps),
         ..large.clone()
     };
     let cases = [
@@ -507,9 +506,14 @@ fn the_policy_denies_each_violation_with_its_own_message() {
             format!("{stray_labels}app.kubernetes.io/managed-by"),
         ),
         (
-            "the Job controller's label with another job's name",
-            Box::new(|j| pod_labels(j)["job-name"] = json!("other")),
-            format!("{stray_labels}job-name"),
+            "an egress label, which the shipped parameters do not allow",
+            Box::new(|j| pod_labels(j)["oats.dev/egress"] = json!("public-https")),
+            "spec.template.metadata.labels: oats.dev/egress must be one of allowedEgress []: got public-https".into(),
+        ),
+        (
+            "a key under batch.kubernetes.io",
+            Box::new(|j| pod_labels(j)["batch.kubernetes.io/controller"] = json!("x")),
+            format!("{stray_labels}batch.kubernetes.io/controller"),
         ),
         // -- scheduling ------------------------------------------------------------------------
         (
@@ -595,22 +599,28 @@ fn the_policy_denies_each_violation_with_its_own_message() {
     for domain in oats::policy::GUARDED_LABEL_DOMAINS {
         let key = format!("sidecar.{domain}/inject");
         let label = key.clone();
-        cases.push(("a service mesh's or batch queue's label", Box::new(move |j| pod_labels(j)[&label] = json!("true")), format!("{stray_labels}{key}")));
+        cases.push((
+            "a service mesh's or batch queue's label",
+            Box::new(move |j| pod_labels(j)[&label] = json!("true")),
+            format!("{stray_labels}{key}"),
+        ));
     }
     let cases: Vec<(String, Mutation, String)> =
         cases.into_iter().map(|(what, mutate, message)| (what.to_owned(), mutate, message)).collect();
     assert_each_denied(cluster, &rendered(), &cases);
 }
 
-/// The opt-in Secret (OATS_LLM_SECRET_NAME) is admitted where the parameters name it, and only
-/// that Secret: a namespace of its own, bound to the same policy with such parameters (the
-/// shipped `oats` parameters name none, and other tests run against them meanwhile).
+/// The opt-ins of the parameters: the Secret (OATS_LLM_SECRET_NAME) is admitted where they name
+/// it, and only that Secret; a profile's egress label where they allow its value, and only that
+/// value. A namespace of its own, bound to the same policy with such parameters (the shipped
+/// `oats` parameters allow neither, and other tests run against them meanwhile).
 #[test]
-fn the_opt_in_llm_secret_is_admitted_only_where_the_parameters_name_it() {
+fn the_opt_ins_are_admitted_only_where_the_parameters_name_them() {
     let Some(cluster) = cluster_with_policy() else { return };
-    const OPT_IN: &str = "oats-llm-secret-opt-in";
+    const OPT_IN: &str = "oats-policy-opt-in";
     let mut params = cluster.kubectl_json(&["get", "configmap", PARAMS, "-n", kube::NAMESPACE]);
     params["data"]["llmSecretName"] = json!("oats-llm-credentials");
+    params["data"]["allowedEgress"] = json!("public-https");
     let manifests = json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPT_IN}},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": PARAMS, "namespace": OPT_IN}, "data": params["data"]},
@@ -631,10 +641,20 @@ fn the_opt_in_llm_secret_is_admitted_only_where_the_parameters_name_it() {
     std::fs::write(&path, manifests.to_string()).unwrap();
     cluster.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
 
-    let in_opt_in = |config: &Config| {
-        let mut job = rendered_with(config, BTreeMap::new(), 600, None);
+    let in_opt_in_with = |config: &Config, profile: Option<ResourceProfile>| {
+        let mut job = rendered_with(config, BTreeMap::new(), 600, profile);
         job["metadata"]["namespace"] = json!(OPT_IN);
         job
+    };
+    let in_opt_in = |config: &Config| in_opt_in_with(config, None);
+    let web_agent = ResourceProfile {
+        cpu_request: "1".into(),
+        cpu_limit: "1".into(),
+        memory_request: "1Gi".into(),
+        memory_limit: "1Gi".into(),
+        image: Some("registry.example.com/oats/web-agent:1".into()),
+        command: Some(["/oats-launcher/oats", "launch", "--", "web-agent"].map(String::from).to_vec()),
+        egress: Some(oats::policy::Egress::PublicHttps),
     };
     // The new binding is in force once it denies a bad Job.
     let mut bad = in_opt_in(&config());
@@ -652,6 +672,7 @@ fn the_opt_in_llm_secret_is_admitted_only_where_the_parameters_name_it() {
     for (what, job) in [
         ("the LLM secret where the parameters name it", in_opt_in(&secret_config())),
         ("the gateway there too", in_opt_in(&config())),
+        ("a profile's egress where the parameters allow it", in_opt_in_with(&config(), Some(web_agent.clone()))),
     ] {
         let out = dry_run(cluster, &job);
         assert!(out.status.success(), "{what}: denied: {}", stderr(&out));
@@ -673,9 +694,17 @@ fn the_opt_in_llm_secret_is_admitted_only_where_the_parameters_name_it() {
         ),
     ];
     assert_each_denied(cluster, &in_opt_in(&secret_config()), &cases);
-    // In the shipped namespace the same Job is denied (the_policy_denies_each_violation_...).
+    let cases: Vec<(String, Mutation, String)> = vec![(
+        "an egress the parameters do not allow".into(),
+        Box::new(|j| pod_labels(j)["oats.dev/egress"] = json!("everywhere")),
+        "oats.dev/egress must be one of allowedEgress [public-https]: got everywhere".into(),
+    )];
+    assert_each_denied(cluster, &in_opt_in_with(&config(), Some(web_agent.clone())), &cases);
+    // In the shipped namespace the same Jobs are denied (the_policy_denies_each_violation_...).
     let out = dry_run(cluster, &rendered_with(&secret_config(), BTreeMap::new(), 600, None));
     assert!(!out.status.success() && stderr(&out).contains("secret volumes are forbidden"), "{}", stderr(&out));
+    let out = dry_run(cluster, &rendered_with(&config(), BTreeMap::new(), 600, Some(web_agent)));
+    assert!(!out.status.success() && stderr(&out).contains("allowedEgress []"), "{}", stderr(&out));
 }
 
 #[test]

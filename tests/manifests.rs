@@ -912,6 +912,80 @@ fn provider_keys_and_the_database_url_reach_the_api_pods_only() {
     }
 }
 
+/// Agents hold no long-lived secret as shipped: no Secret for them in any render, no
+/// OATS_LLM_SECRET_NAME (an opt-in for agents that call a provider directly), the gateway's
+/// projected token their only credential; and the admission policy's parameters say the same as
+/// the API's configuration and what OATS renders (commands, the secret it may mount, egress).
+#[test]
+fn agent_pods_hold_no_secret_and_the_policy_parameters_fit_what_oats_renders() {
+    use oats::backend::kubernetes::render::{AgentTemplate, render_job};
+    for target in TARGETS {
+        let docs = render(target);
+        let env = api_environment(docs, target);
+        for key in ["OATS_LLM_SECRET_NAME", "OATS_LLM_SECRET_KEYS"] {
+            assert!(!env.contains_key(key), "{target}: {key} mounts a Secret into every agent pod");
+        }
+        for secret in kind(docs, "Secret") {
+            assert_ne!(
+                secret["metadata"]["labels"]["app.kubernetes.io/component"],
+                "agent",
+                "{target}: {}",
+                name(secret)
+            );
+            assert_ne!(secret["metadata"]["name"], "oats-llm-credentials", "{target}");
+        }
+        let config = oats::config::Config::load(None, env.clone()).unwrap_or_else(|e| panic!("{target}: {e}"));
+        assert!(config.llm_providers_file.is_some(), "{target}: the gateway is off");
+        let template = AgentTemplate::from_config(&config, NAMESPACE);
+        let job = serde_json::to_value(render_job(&agent_job(), &template)).unwrap();
+        let pod = &job["spec"]["template"]["spec"];
+        let volumes: Vec<&str> =
+            pod["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+        assert_eq!(volumes, ["tmp", "workspace", "llm-token"], "{target}");
+        let agent = &pod["containers"][0];
+        assert!(agent["envFrom"].is_null(), "{target}");
+        assert!(agent["env"].as_array().unwrap().iter().all(|e| e["valueFrom"].is_null()), "{target}");
+
+        let binding =
+            kind(docs, "ValidatingAdmissionPolicyBinding").find(|b| b["spec"]["policyName"] == POLICY).unwrap();
+        let params = &one(docs, "ConfigMap", binding["spec"]["paramRef"]["name"].as_str().unwrap())["data"];
+        let param = |key: &str| params[key].as_str().unwrap_or_else(|| panic!("{target}: no parameter {key}"));
+        assert_eq!(param("llmSecretName"), config.llm_secret_name.as_deref().unwrap_or(""), "{target}");
+        assert_eq!(param("agentCommand"), config.agent_command.join(","), "{target}");
+        assert_eq!(param("allowedEgress"), "", "{target}: the shipped policy grants no profile egress");
+        for key in ["allowedTolerationKeys", "allowedRuntimeClassNames", "allowedPriorityClassNames"] {
+            assert_eq!(param(key), "", "{target}: {key}");
+        }
+        for key in ["allowNodeName", "allowHostUsers"] {
+            assert_eq!(param(key), "false", "{target}: {key}");
+        }
+        // The launcher's commands are the ones OATS renders for an agent of a profile's own image.
+        let mut own = agent_job();
+        own.resources = Some(oats::policy::ResourceProfile {
+            cpu_request: "1".into(),
+            cpu_limit: "1".into(),
+            memory_request: "1Gi".into(),
+            memory_limit: "1Gi".into(),
+            image: Some("registry.example.com/oats/team:1".into()),
+            command: None,
+            egress: None,
+        });
+        let job = serde_json::to_value(render_job(&own, &template)).unwrap();
+        let init = &job["spec"]["template"]["spec"]["initContainers"][0];
+        let joined =
+            |v: &Value| v.as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect::<Vec<_>>().join(",");
+        assert_eq!(param("installLauncherCommand"), joined(&init["command"]), "{target}");
+        let launcher = format!("{}/oats,launch,--", oats::backend::kubernetes::render::LAUNCHER_DIR);
+        assert_eq!(param("launcherCommand"), launcher, "{target}");
+    }
+    // The policy guards the label domains of meshes and batch queues that OATS guards.
+    let policy = std::fs::read_to_string("policies/vap/agent-job-policy.yaml").unwrap();
+    let line = policy.lines().skip_while(|l| !l.contains("name: guardedLabelDomains")).nth(2).unwrap();
+    let domains: Vec<&str> =
+        line.trim().trim_matches(['[', ']']).split(',').map(|d| d.trim().trim_matches('\'')).collect();
+    assert_eq!(domains, oats::policy::GUARDED_LABEL_DOMAINS, "policies/vap/agent-job-policy.yaml guardedLabelDomains");
+}
+
 fn agent_job() -> oats::jobs::NewJob {
     use oats::jobs::{JobId, JobLimits, JobRequest, NewJob};
     let spec = JobRequest { goal: "Check the mounts".into(), max_turns: 3, ..Default::default() }

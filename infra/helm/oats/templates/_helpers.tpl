@@ -71,9 +71,19 @@ Data of the API's ConfigMap, as sorted `KEY: "value"` lines. The derived keys wi
   "OATS_AGENT_IMAGE" (include "oats.image" (list . .Values.agent.image))
   "OATS_AGENT_IMAGE_PULL_POLICY" .Values.agent.image.pullPolicy
   "OATS_AGENT_SERVICE_ACCOUNT" .Values.agent.serviceAccountName
-  "OATS_LLM_SECRET_NAME" .Values.llmSecret.name
-  "OATS_LLM_SECRET_KEYS" (join "," .Values.llmSecret.keys)
 -}}
+{{- with .Values.agent.command -}}
+{{- $_ := set $derived "OATS_AGENT_COMMAND" (join "," .) -}}
+{{- end -}}
+{{- with .Values.llmSecret -}}
+{{- if .name -}}
+{{- if not .keys -}}
+{{- fail "llmSecret.keys: name at least one key of llmSecret.name to mount" -}}
+{{- end -}}
+{{- $_ := set $derived "OATS_LLM_SECRET_NAME" .name -}}
+{{- $_ := set $derived "OATS_LLM_SECRET_KEYS" (join "," .keys) -}}
+{{- end -}}
+{{- end -}}
 {{- if .Values.policy.enabled -}}
 {{- $_ := set $derived "OATS_POLICY_FILE" (printf "%s/oats-policy.yaml" (trimSuffix "/" .Values.policy.mountPath)) -}}
 {{- end -}}
