@@ -430,3 +430,39 @@ async fn goals_and_labels_round_trip_byte_for_byte_and_finished_jobs_keep_their_
     assert!(problem["detail"].as_str().unwrap().contains("failed"), "{problem}");
     assert_eq!(server.job(failing).await["reason"], "AgentError");
 }
+
+#[tokio::test]
+async fn a_burst_of_50_parallel_submissions_gets_exactly_max_concurrent_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "defaults:\n  max_concurrent_jobs: 2\n").unwrap();
+    let policy = policy.display().to_string();
+    let env = [("OATS_POLICY_FILE", policy.as_str()), ("OATS_DEMO_TURN_DELAY_MS", "1000")];
+    let server = Server::start_local(dir.path(), &env).await;
+    // 50 submissions at once, each on its own connection.
+    let submissions = (0..50).map(|i| {
+        reqwest::Client::new()
+            .post(server.url("/api/v1/jobs"))
+            .json(&json!({"goal": format!("burst {i}"), "max_turns": 100}))
+            .send()
+    });
+    let mut created = Vec::new();
+    for response in futures::future::join_all(submissions).await {
+        let response = response.unwrap();
+        if response.status() == StatusCode::CREATED {
+            created.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+            continue;
+        }
+        assert!(response.headers().contains_key("retry-after"));
+        let problem = assert_problem(response, 429, "policy/max-concurrent-jobs").await;
+        assert!(problem["detail"].as_str().unwrap().contains("the limit is 2"), "{problem}");
+    }
+    assert_eq!(created.len(), 2, "exactly the limit is accepted");
+    let (_, all) = server.get_json("/api/v1/jobs").await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 2, "{all}");
+    // Cancelling one frees its slot.
+    let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{}/cancel", created[0]))).send().await.unwrap();
+    assert_eq!(cancel.status(), StatusCode::OK);
+    assert_eq!(server.submit(json!({"goal": "after", "max_turns": 1})).await.status(), StatusCode::CREATED);
+    assert_eq!(server.submit(json!({"goal": "over", "max_turns": 1})).await.status(), StatusCode::TOO_MANY_REQUESTS);
+}

@@ -1078,3 +1078,113 @@ async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
     assert!(answered >= 5, "only {answered} calls were answered");
     cluster.delete_jobs(&format!("e2e={run}"));
 }
+
+#[tokio::test]
+async fn a_burst_of_50_parallel_submissions_gets_exactly_max_concurrent_jobs() {
+    let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("burst");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "defaults:\n  max_concurrent_jobs: 2\n").unwrap();
+    // A tenant of its own (it becomes a label), so no other test's jobs count against it.
+    let env = [("OATS_POLICY_FILE", policy.to_str().unwrap()), ("OATS_TENANT", run.as_str())];
+    let server = cluster.start_oats_with(dir.path(), &env).await;
+    let body = |i: u32| json!({"goal": format!("burst {i}"), "max_turns": 1, "labels": {"e2e": run, "kwok.oats.dev/outcome": "run"}});
+    // 50 submissions at once, each on its own connection: the watch delivers none of the
+    // created Jobs before the others are judged.
+    let submissions = (0..50).map(|i| reqwest::Client::new().post(server.url("/api/v1/jobs")).json(&body(i)).send());
+    let mut created = 0;
+    for response in futures::future::join_all(submissions).await {
+        let response = response.unwrap();
+        if response.status() == StatusCode::CREATED {
+            created += 1;
+            continue;
+        }
+        let problem = assert_problem(response, 429, "policy/max-concurrent-jobs").await;
+        assert!(problem["detail"].as_str().unwrap().contains("the limit is 2"), "{problem}");
+    }
+    assert_eq!(created, 2, "exactly the limit is accepted");
+    assert_eq!(cluster.jobs_labelled(&format!("e2e={run}")).len(), 2);
+    // Once the watch has delivered them, they are counted once, not twice.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, page) = server.get_json(&format!("/api/v1/jobs?label=e2e%3D{run}")).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
+    let response = server.submit(body(50)).await;
+    assert_problem(response, 429, "policy/max-concurrent-jobs").await;
+    cluster.delete_jobs(&format!("e2e={run}"));
+}
+
+/// `oats_kube_requests_total` by (verb, resource), summed over status codes.
+async fn kube_call_counts(server: &Server) -> std::collections::HashMap<(String, String), f64> {
+    let text = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let label = |line: &str, name: &str| {
+        let start = line.find(&format!("{name}=\"")).map(|i| i + name.len() + 2)?;
+        Some(line[start..].split('"').next()?.to_owned())
+    };
+    let mut counts = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| l.starts_with("oats_kube_requests_total{")) {
+        let (Some(verb), Some(resource)) = (label(line, "verb"), label(line, "resource")) else { continue };
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        *counts.entry((verb, resource)).or_default() += value;
+    }
+    counts
+}
+
+fn count(counts: &std::collections::HashMap<(String, String), f64>, verb: &str, resource: &str) -> f64 {
+    counts.get(&(verb.to_owned(), resource.to_owned())).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn unknown_job_ids_never_reach_the_api_server_and_events_are_listed_at_most_every_few_seconds() {
+    let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("reads");
+    let dir = tempfile::tempdir().unwrap();
+    let server = cluster.start_oats(dir.path()).await; // ready: the caches have synced
+    let before = kube_call_counts(&server).await;
+    for i in 0..20 {
+        // Well-formed ids (20 of a-z, 2-7) that name no job.
+        let id = format!("job-zz{}", ((b'a' + i as u8) as char).to_string().repeat(18));
+        for path in
+            [format!("/api/v1/jobs/{id}"), format!("/api/v1/jobs/{id}/events"), format!("/api/v1/jobs/{id}/logs")]
+        {
+            let response = server.http.get(server.url(&path)).send().await.unwrap();
+            assert_problem(response, 404, "not-found").await;
+        }
+        let response = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+        assert_problem(response, 404, "not-found").await;
+    }
+    let after = kube_call_counts(&server).await;
+    for (verb, resource) in
+        [("get", "jobs"), ("list", "jobs"), ("list", "events"), ("get", "pods/log"), ("get", "pods")]
+    {
+        assert_eq!(
+            count(&before, verb, resource),
+            count(&after, verb, resource),
+            "{verb} {resource}: 80 requests for unknown jobs reached the API server"
+        );
+    }
+
+    // A job's events: one listing (the Job's and its pod's) answers every request for a while.
+    let id = id_of(&submit(&server, "Eventful", json!({"e2e": run, "kwok.oats.dev/outcome": "run"}), None).await);
+    server.wait_for(&id, "running", SOON).await;
+    let events = format!("/api/v1/jobs/{id}/events");
+    let before = count(&kube_call_counts(&server).await, "list", "events");
+    let started = std::time::Instant::now();
+    let parallel = (0..20).map(|_| server.http.get(server.url(&events)).send());
+    for response in futures::future::join_all(parallel).await {
+        assert_eq!(response.unwrap().status(), StatusCode::OK);
+    }
+    for _ in 0..30 {
+        let (status, _) = server.get_json(&events).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let listed = count(&kube_call_counts(&server).await, "list", "events") - before;
+    assert!(started.elapsed() < Duration::from_secs(5), "the 50 requests took {:?}", started.elapsed());
+    assert!((1.0..=2.0).contains(&listed), "50 events requests made {listed} LIST calls");
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let (status, _) = server.get_json(&events).await;
+    assert_eq!(status, StatusCode::OK);
+    let again = count(&kube_call_counts(&server).await, "list", "events") - before;
+    assert!(again > listed, "the events were listed again once the cached listing expired");
+    cluster.delete_jobs(&format!("e2e={run}"));
+}

@@ -42,6 +42,26 @@ impl Drop for StreamSlot {
     }
 }
 
+/// A tenant's job being created right now: counted by the concurrency rule from the moment it
+/// was admitted until the create has finished (by then the backend counts the job itself, or
+/// there is no job). Released when dropped, so a failed or abandoned create gives the slot back.
+struct Reservation {
+    creating: Arc<Mutex<HashMap<String, usize>>>,
+    tenant: String,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut creating = self.creating.lock().unwrap();
+        if let Some(count) = creating.get_mut(&self.tenant) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                creating.remove(&self.tenant);
+            }
+        }
+    }
+}
+
 /// Which kind of long-lived stream a slot is for (each has its own gauge).
 #[derive(Debug, Clone, Copy)]
 pub enum StreamKind {
@@ -107,12 +127,16 @@ pub struct JobService {
     policy: Arc<Policy>,
     metrics: Arc<Metrics>,
     streams: Arc<Mutex<HashMap<String, u32>>>,
+    /// Per tenant, the submissions admitted and not yet created (see [`Reservation`]). Admission
+    /// (count, judge, reserve) happens under this lock, so a burst on one replica cannot pass
+    /// `max_concurrent_jobs` between the count and the create.
+    creating: Arc<Mutex<HashMap<String, usize>>>,
     usage: Option<Arc<dyn UsageSource>>,
 }
 
 impl JobService {
     pub fn new(backend: Arc<dyn JobBackend>, limits: JobLimits, policy: Arc<Policy>, metrics: Arc<Metrics>) -> Self {
-        Self { backend, limits, policy, metrics, streams: Arc::default(), usage: None }
+        Self { backend, limits, policy, metrics, streams: Arc::default(), creating: Arc::default(), usage: None }
     }
 
     /// Show jobs' model usage from `source`.
@@ -263,7 +287,12 @@ impl JobService {
     ) -> Result<Submitted, JobError> {
         let result = match self.prepare(caller, request, idempotency_key).await {
             Ok(Prepared::Existing(job)) => Ok(Submitted { job, created: false }),
-            Ok(Prepared::New(job)) => self.create(job, idempotency_key.is_some()).await,
+            Ok(Prepared::New(job, reservation)) => {
+                let created = self.create(job, idempotency_key.is_some()).await;
+                // Only now: a created job is counted by the backend from here on.
+                drop(reservation);
+                created
+            }
             Err(error) => Err(error),
         };
         let outcome = match &result {
@@ -287,7 +316,8 @@ impl JobService {
     /// "not allowed" for anything the real create would be refused for.
     pub async fn dry_run(&self, caller: &Caller, request: JobRequest) -> Result<DryRun, JobError> {
         let mut job = self.new_job(caller, request, None)?.1;
-        let evaluation = self.evaluate(&job, false);
+        let creating = self.creating.lock().unwrap().get(&job.tenant).copied().unwrap_or(0);
+        let evaluation = self.evaluate(&job, false, creating);
         job.resources = evaluation.resources;
         let preview = self.backend.preview(&job);
         let mut verdicts = evaluation.verdicts;
@@ -345,8 +375,9 @@ impl JobService {
         Ok((key, job))
     }
 
-    fn evaluate(&self, job: &NewJob, consume: bool) -> crate::policy::Evaluation {
-        let active_jobs = self.backend.active_jobs(&job.tenant);
+    /// Judge `job` by the policy; `creating` more of the tenant's jobs are being created now.
+    fn evaluate(&self, job: &NewJob, consume: bool, creating: usize) -> crate::policy::Evaluation {
+        let active_jobs = self.backend.active_jobs(&job.tenant) + creating;
         let image = self.backend.agent_image();
         let submission = Submission { tenant: &job.tenant, spec: &job.spec, active_jobs, image: image.as_deref() };
         self.policy.evaluate(&submission, consume)
@@ -365,7 +396,17 @@ impl JobService {
         {
             return replay(JobRecord::clone(&existing), &job).map(Prepared::Existing);
         }
-        let evaluation = self.evaluate(&job, true);
+        // Count, judge and reserve at once: a burst of parallel submissions cannot all see room.
+        let (evaluation, reservation) = {
+            let mut creating = self.creating.lock().unwrap();
+            let in_flight = creating.get(&job.tenant).copied().unwrap_or(0);
+            let evaluation = self.evaluate(&job, true, in_flight);
+            let reservation = evaluation.denial().is_none().then(|| {
+                *creating.entry(job.tenant.clone()).or_default() += 1;
+                Reservation { creating: self.creating.clone(), tenant: job.tenant.clone() }
+            });
+            (evaluation, reservation)
+        };
         if let Some(denial) = evaluation.denial() {
             self.metrics.policy_denials.get_or_create(&RuleLabel { rule: denial.rule.name() }).inc();
             return Err(JobError::PolicyDenied {
@@ -375,7 +416,7 @@ impl JobService {
             });
         }
         job.resources = evaluation.resources;
-        Ok(Prepared::New(job))
+        Ok(Prepared::New(job, reservation.expect("an admitted submission holds a reservation")))
     }
 
     async fn create(&self, job: NewJob, keyed: bool) -> Result<Submitted, JobError> {
@@ -458,7 +499,7 @@ impl JobService {
 }
 
 enum Prepared {
-    New(NewJob),
+    New(NewJob, Reservation),
     Existing(JobRecord),
 }
 
@@ -499,5 +540,121 @@ impl From<BackendError> for JobError {
             BackendError::QuotaExhausted { detail, retry_after } => JobError::QuotaExhausted { detail, retry_after },
             BackendError::Internal(message) => JobError::Internal(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        backend::Preview,
+        jobs::{CreateOutcome, LogStream},
+        telemetry::metrics::JobCounts,
+    };
+    use async_trait::async_trait;
+
+    /// A backend whose create takes a while (an API server round trip) and that counts a job
+    /// from the moment its create returns, as every backend must.
+    #[derive(Default)]
+    struct SlowBackend {
+        jobs: Mutex<Vec<Arc<JobRecord>>>,
+        fail_creates: bool,
+    }
+
+    #[async_trait]
+    impl JobBackend for SlowBackend {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn is_ready(&self) -> bool {
+            true
+        }
+        fn agent_image(&self) -> Option<String> {
+            None
+        }
+        fn preview(&self, _job: &NewJob) -> Preview {
+            Preview { manifest: serde_json::Value::Null, pod_security_violations: vec![] }
+        }
+        fn active_jobs(&self, tenant: &str) -> usize {
+            self.jobs.lock().unwrap().iter().filter(|j| j.tenant == tenant && !j.status.phase.is_terminal()).count()
+        }
+        fn counts(&self) -> JobCounts {
+            JobCounts::default()
+        }
+        async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError> {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if self.fail_creates {
+                return Err(BackendError::Unavailable { detail: "down".into(), retry_after: Duration::from_secs(1) });
+            }
+            let record = job.pending_record();
+            self.jobs.lock().unwrap().push(Arc::new(record.clone()));
+            Ok(CreateOutcome::Created(record))
+        }
+        async fn get(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, BackendError> {
+            Ok(self.jobs.lock().unwrap().iter().find(|j| &j.id == id).cloned())
+        }
+        async fn list(&self) -> Result<Vec<Arc<JobRecord>>, BackendError> {
+            Ok(self.jobs.lock().unwrap().clone())
+        }
+        async fn cancel(&self, id: &JobId) -> Result<JobRecord, BackendError> {
+            Err(BackendError::NotFound(id.to_string()))
+        }
+        async fn logs(&self, id: &JobId, _options: LogOptions) -> Result<LogStream, BackendError> {
+            Err(BackendError::NotFound(id.to_string()))
+        }
+        async fn events(&self, _id: &JobId) -> Result<Vec<JobEvent>, BackendError> {
+            Ok(vec![])
+        }
+    }
+
+    fn service(backend: Arc<SlowBackend>, max_concurrent_jobs: u32) -> (tempfile::TempDir, JobService) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(&path, format!("defaults:\n  max_concurrent_jobs: {max_concurrent_jobs}\n")).unwrap();
+        let policy = Policy::load(&path).unwrap();
+        (dir, JobService::new(backend, JobLimits::default(), policy, Arc::default()))
+    }
+
+    fn caller(tenant: &str) -> Caller {
+        Caller { tenant: tenant.into(), role: Role::Submitter, name: "t".into() }
+    }
+
+    async fn burst(service: &JobService, tenant: &str, n: usize) -> Vec<Result<Submitted, JobError>> {
+        let caller = caller(tenant);
+        let submissions = (0..n).map(|i| {
+            let request = JobRequest { goal: format!("job {i}"), max_turns: 1, ..Default::default() };
+            service.submit(&caller, request, None)
+        });
+        futures::future::join_all(submissions).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_parallel_submissions_never_passes_max_concurrent_jobs() {
+        let backend = Arc::new(SlowBackend::default());
+        let (_dir, service) = service(backend.clone(), 2);
+        let results = burst(&service, "t", 50).await;
+        let accepted = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(accepted, 2, "{:?}", results.iter().filter_map(|r| r.as_ref().err()).next());
+        for error in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(
+                matches!(error, JobError::PolicyDenied { rule: Rule::MaxConcurrentJobs, retry_after: Some(_), .. }),
+                "{error:?}"
+            );
+        }
+        assert_eq!(backend.jobs.lock().unwrap().len(), 2);
+        // Another tenant has its own room.
+        assert_eq!(burst(&service, "u", 5).await.iter().filter(|r| r.is_ok()).count(), 2);
+        assert!(service.creating.lock().unwrap().is_empty(), "every reservation is released");
+    }
+
+    #[tokio::test]
+    async fn a_failed_create_gives_its_reservation_back() {
+        let backend = Arc::new(SlowBackend { fail_creates: true, ..Default::default() });
+        let (_dir, service) = service(backend, 1);
+        for _ in 0..3 {
+            let result = burst(&service, "t", 1).await.pop().unwrap();
+            assert!(matches!(result, Err(JobError::Unavailable { .. })), "{result:?}");
+        }
+        assert!(service.creating.lock().unwrap().is_empty());
     }
 }

@@ -26,7 +26,12 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
 };
+
+/// How long a job this replica created is known from its create's answer alone, should the
+/// watch never deliver it (it normally does within milliseconds).
+const CREATED_TTL: Duration = Duration::from_secs(600);
 
 /// A `batch/v1` Job, as much of it as OATS reads.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -199,12 +204,21 @@ impl Entry {
     }
 }
 
+/// A job this replica created (or read from the API server) that the watch has not delivered yet.
+struct Created {
+    record: Arc<JobRecord>,
+    at: Instant,
+}
+
 #[derive(Default)]
 struct State {
     /// By job id (the Job's name).
     jobs: HashMap<String, Entry>,
     /// By job id, then in no order; pods may arrive before their Job.
     pods: HashMap<String, Vec<Arc<CachedPod>>>,
+    /// By job id: jobs known from the API server's answers but not (yet) from the watch. A job
+    /// counts (for the concurrency rule) and reads from the moment its create returns.
+    created: HashMap<String, Created>,
 }
 
 impl State {
@@ -213,7 +227,7 @@ impl State {
     }
 
     fn refresh_all(&mut self) {
-        let Self { jobs, pods } = self;
+        let Self { jobs, pods, .. } = self;
         for (id, entry) in jobs.iter_mut() {
             entry.refresh(pods.get(id).map(Vec::as_slice).unwrap_or_default());
         }
@@ -225,7 +239,8 @@ impl State {
 #[derive(Default)]
 pub struct JobCache {
     state: RwLock<State>,
-    listing_jobs: Mutex<Option<HashMap<String, Entry>>>,
+    /// The Jobs of a re-list in progress, and when it started.
+    listing_jobs: Mutex<Option<(HashMap<String, Entry>, Instant)>>,
     listing_pods: Mutex<Option<HashMap<String, Vec<Arc<CachedPod>>>>>,
 }
 
@@ -233,19 +248,22 @@ impl JobCache {
     /// Apply one event of the Job watch; returns the entry an applied Job now has.
     pub fn observe_job(&self, event: Event<CachedJob>) -> Option<(String, Entry)> {
         match event {
-            Event::Init => *self.listing_jobs.lock().unwrap() = Some(HashMap::new()),
+            Event::Init => *self.listing_jobs.lock().unwrap() = Some((HashMap::new(), Instant::now())),
             Event::InitApply(job) => {
                 let id = job.name_any();
                 let entry = Entry::of(&job, self.state.read().unwrap().pods_of(&id))?;
-                if let Some(listing) = self.listing_jobs.lock().unwrap().as_mut() {
+                if let Some((listing, _)) = self.listing_jobs.lock().unwrap().as_mut() {
                     listing.insert(id.clone(), entry.clone());
                 }
                 return Some((id, entry));
             }
             Event::InitDone => {
-                if let Some(listing) = self.listing_jobs.lock().unwrap().take() {
+                if let Some((listing, started)) = self.listing_jobs.lock().unwrap().take() {
                     let mut state = self.state.write().unwrap();
                     state.jobs = listing;
+                    // A job created before the list started is in it, unless it is gone.
+                    let State { jobs, created, .. } = &mut *state;
+                    created.retain(|id, c| !jobs.contains_key(id) && c.at > started);
                     // Pods that changed while the list ran.
                     state.refresh_all();
                 }
@@ -253,6 +271,7 @@ impl JobCache {
             Event::Apply(job) => {
                 let id = job.name_any();
                 let mut state = self.state.write().unwrap();
+                state.created.remove(&id);
                 let Some(entry) = Entry::of(&job, state.pods_of(&id)) else {
                     state.jobs.remove(&id);
                     return None;
@@ -261,10 +280,29 @@ impl JobCache {
                 return Some((id, entry));
             }
             Event::Delete(job) => {
-                self.state.write().unwrap().jobs.remove(&job.name_any());
+                let mut state = self.state.write().unwrap();
+                state.jobs.remove(&job.name_any());
+                state.created.remove(&job.name_any());
             }
         }
         None
+    }
+
+    /// Know a job this replica just created (its record from the create's answer) until the
+    /// watch delivers it, so it is read and counted at once.
+    pub fn note_created(&self, id: &str, record: Arc<JobRecord>) {
+        let mut state = self.state.write().unwrap();
+        state.created.retain(|_, c| c.at.elapsed() < CREATED_TTL);
+        if !state.jobs.contains_key(id) {
+            state.created.insert(id.to_owned(), Created { record, at: Instant::now() });
+        }
+    }
+
+    /// A newer record of a job known only from the API server's answers (e.g. read by a cancel).
+    pub fn note_read(&self, id: &str, record: Arc<JobRecord>) {
+        if let Some(created) = self.state.write().unwrap().created.get_mut(id) {
+            created.record = record;
+        }
     }
 
     /// Apply one event of the Pod watch, recomputing the record of the pod's job.
@@ -310,28 +348,47 @@ impl JobCache {
     }
 
     fn refresh(state: &mut State, id: &str) {
-        let State { jobs, pods } = state;
+        let State { jobs, pods, .. } = state;
         if let Some(entry) = jobs.get_mut(id) {
             entry.refresh(pods.get(id).map(Vec::as_slice).unwrap_or_default());
         }
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<JobRecord>> {
-        self.state.read().unwrap().jobs.get(id).map(|e| e.record.clone())
+        let state = self.state.read().unwrap();
+        match state.jobs.get(id) {
+            Some(entry) => Some(entry.record.clone()),
+            None => state.created.get(id).filter(|c| c.at.elapsed() < CREATED_TTL).map(|c| c.record.clone()),
+        }
     }
 
     pub fn records(&self) -> Vec<Arc<JobRecord>> {
-        self.state.read().unwrap().jobs.values().map(|e| e.record.clone()).collect()
+        let state = self.state.read().unwrap();
+        let created =
+            state.created.iter().filter(|(id, c)| !state.jobs.contains_key(*id) && c.at.elapsed() < CREATED_TTL);
+        state.jobs.values().map(|e| e.record.clone()).chain(created.map(|(_, c)| c.record.clone())).collect()
     }
 
     pub fn pods(&self, id: &str) -> Vec<Arc<CachedPod>> {
         self.state.read().unwrap().pods_of(id).to_vec()
     }
 
-    /// How many of a tenant's jobs have not finished (judged from the Jobs alone).
+    /// How many of a tenant's jobs have not finished (judged from the Jobs alone), counting the
+    /// ones this replica created that the watch has not delivered yet.
     pub fn active_jobs(&self, tenant: &str) -> usize {
         let state = self.state.read().unwrap();
-        state.jobs.values().filter(|e| e.record.tenant == tenant && !e.facts.is_finished()).count()
+        let watched = state.jobs.values().filter(|e| e.record.tenant == tenant && !e.facts.is_finished()).count();
+        let created = state
+            .created
+            .iter()
+            .filter(|(id, c)| {
+                c.record.tenant == tenant
+                    && !c.record.status.phase.is_terminal()
+                    && c.at.elapsed() < CREATED_TTL
+                    && !state.jobs.contains_key(*id)
+            })
+            .count();
+        watched + created
     }
 
     pub fn counts(&self, now: chrono::DateTime<chrono::Utc>) -> JobCounts {
@@ -459,5 +516,30 @@ mod tests {
         assert_eq!(counts.without_pod, 2);
         cache.observe_pod(Event::Apply(pod("a-1", A, "Running")));
         assert_eq!(cache.counts(chrono::Utc::now() + chrono::Duration::minutes(5)).without_pod, 1);
+    }
+
+    #[test]
+    fn a_created_job_counts_until_the_watch_delivers_it_or_a_later_list_misses_it() {
+        let cache = JobCache::default();
+        let record = |id: &str| Arc::new(status::job_record(&job(id, "t1"), &[]).unwrap());
+        cache.note_created(A, record(A));
+        assert_eq!((cache.active_jobs("t1"), cache.records().len()), (1, 1));
+        assert!(cache.get(A).is_some());
+        // Delivered by the watch: counted once, from the watch.
+        cache.observe_job(Event::Apply(job(A, "t1")));
+        assert_eq!((cache.active_jobs("t1"), cache.records().len()), (1, 1));
+        cache.observe_job(Event::Delete(job(A, "t1")));
+        assert_eq!(cache.active_jobs("t1"), 0, "a deleted job is not counted from its create");
+
+        // A re-list that started before the create may miss the job: it stays counted.
+        cache.observe_job(Event::Init);
+        cache.note_created(B, record(B));
+        cache.observe_job(Event::InitDone);
+        assert_eq!(cache.active_jobs("t1"), 1);
+        // A re-list that started after the create and misses it: the job is gone.
+        cache.observe_job(Event::Init);
+        cache.observe_job(Event::InitDone);
+        assert_eq!(cache.active_jobs("t1"), 0);
+        assert!(cache.get(B).is_none());
     }
 }

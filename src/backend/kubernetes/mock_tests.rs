@@ -83,6 +83,10 @@ impl FakeApiServer {
                             json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": {"resourceVersion": "1"}, "items": items}),
                         )
                     }
+                    Method::GET if path.ends_with("/events") => (
+                        200,
+                        json!({"apiVersion": "v1", "kind": "EventList", "metadata": {"resourceVersion": "1"}, "items": []}),
+                    ),
                     Method::GET if path.ends_with("/pods") => (
                         200,
                         json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": []}),
@@ -295,4 +299,87 @@ async fn not_ready_until_both_caches_sync() {
     assert!(!backend.is_ready(), "ready before any list answered");
     let listed = backend.list().await;
     assert!(matches!(listed, Err(crate::backend::BackendError::Unavailable { .. })));
+}
+
+impl FakeApiServer {
+    /// The calls that were not watches, as (method, path and query).
+    fn requests(&self) -> Vec<(Method, String)> {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|(_, uri, _)| !uri.contains("watch=true"))
+            .map(|(m, uri, _)| (m.clone(), uri.clone()))
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn a_job_counts_from_its_create_not_from_when_the_watch_delivers_it() {
+    // The fake's watches never deliver anything: the cache learns of no Job by watching.
+    let fake = FakeApiServer::new(Writes::Accept);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(&path, "defaults:\n  max_concurrent_jobs: 2\n").unwrap();
+    let service =
+        JobService::new(backend(&fake).await, JobLimits::default(), Policy::load(&path).unwrap(), Arc::default());
+    let mut accepted = Vec::new();
+    for i in 0..5 {
+        match service.submit(&caller("t"), request(&format!("job {i}")), None).await {
+            Ok(submitted) => accepted.push(submitted.job.id),
+            Err(JobError::PolicyDenied { rule, .. }) => assert_eq!(rule, crate::policy::Rule::MaxConcurrentJobs),
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(accepted.len(), 2);
+    // Both read at once (from the create's answer), and listed, without a call to the API server.
+    let before = fake.requests().len();
+    for id in &accepted {
+        assert_eq!(service.get(&caller("t"), id.as_str()).await.unwrap().status.phase, JobPhase::Pending);
+    }
+    let all = service.list(&caller("t"), &crate::jobs::ListQuery::parse(None, None, None, None).unwrap()).await;
+    assert_eq!(all.unwrap().items.len(), 2);
+    assert_eq!(fake.requests().len(), before, "{:?}", &fake.requests()[before..]);
+}
+
+#[tokio::test]
+async fn an_unknown_job_id_never_reaches_the_api_server() {
+    let fake = FakeApiServer::new(Writes::Accept);
+    let service = job_service(&fake).await;
+    let before = fake.requests();
+    for id in ["job-aaaaaaaaaaaaaaaaaaaa", "job-bbbbbbbbbbbbbbbbbbbb"] {
+        for result in [
+            service.get(&caller("default"), id).await.map(drop),
+            service.events(&caller("default"), id).await.map(drop),
+            service.cancel(&caller("default"), id).await.map(drop),
+            service.logs(&caller("default"), id, Default::default()).await.map(drop),
+        ] {
+            assert!(matches!(result, Err(JobError::NotFound(_))), "{result:?}");
+        }
+        let keyed = service.submit(&caller("default"), request("keyed"), Some(id)).await.unwrap();
+        assert!(keyed.created);
+    }
+    let after = fake.requests();
+    let extra: Vec<_> = after[before.len()..].iter().filter(|(m, _)| m != Method::POST).collect();
+    assert!(extra.is_empty(), "unknown ids reached the API server: {extra:?}");
+}
+
+#[tokio::test]
+async fn a_jobs_events_are_listed_at_most_once_per_ttl() {
+    let fake = FakeApiServer::new(Writes::Accept);
+    let service = Arc::new(job_service(&fake).await);
+    let id = service.submit(&caller("default"), request("Eventful"), None).await.unwrap().job.id;
+    let lists = || fake.requests().iter().filter(|(_, uri)| uri.contains("/events")).count();
+    let calls = (0..20).map(|_| {
+        let service = service.clone();
+        let id = id.clone();
+        async move { service.events(&caller("default"), id.as_str()).await.unwrap() }
+    });
+    futures::future::join_all(calls).await;
+    for _ in 0..20 {
+        service.events(&caller("default"), id.as_str()).await.unwrap();
+    }
+    assert_eq!(lists(), 1, "one listing (the Job has no pods) for 40 requests");
+    tokio::time::sleep(super::EVENTS_TTL + Duration::from_millis(100)).await;
+    service.events(&caller("default"), id.as_str()).await.unwrap();
+    assert_eq!(lists(), 2, "listed again once the listing expired");
 }

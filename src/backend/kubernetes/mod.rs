@@ -33,12 +33,12 @@ use kube::{
 };
 use render::{AGENT_CONTAINER, AgentTemplate, CANCELLED_AT_ANNOTATION};
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 use tokio::sync::Notify;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
@@ -49,6 +49,11 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 const QUOTA_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// How often a cancel re-reads the Job and tries again when it changed under the patch.
 const CANCEL_ATTEMPTS: usize = 5;
+/// How long a job's events, once listed from the API server, answer its events requests.
+const EVENTS_TTL: Duration = Duration::from_secs(5);
+
+/// One job's events as last listed, and when.
+type EventsSlot = Arc<tokio::sync::Mutex<Option<(Instant, Arc<Vec<JobEvent>>)>>>;
 
 /// Jobs as Kubernetes Jobs.
 pub struct KubernetesBackend {
@@ -56,6 +61,8 @@ pub struct KubernetesBackend {
     template: AgentTemplate,
     cache: Arc<JobCache>,
     health: Arc<CacheHealth>,
+    /// Per job, its events as last listed (for [`EVENTS_TTL`]); one listing at a time per job.
+    events: Mutex<HashMap<JobId, EventsSlot>>,
 }
 
 /// Whether one watch has listed once, and whether it is healthy now.
@@ -169,7 +176,7 @@ impl KubernetesBackend {
         tokio::spawn(drive(pod_events, health.clone(), |h| &h.pods, move |event| pods.observe_pod(event)));
         tokio::spawn(probe_until_reachable(client.clone(), template.namespace.clone(), selector, health.clone()));
 
-        Self { client, template, cache, health }
+        Self { client, template, cache, health, events: Mutex::default() }
     }
 
     /// Create `manifest`, reading the API server's answer straight into the compact type (the
@@ -196,14 +203,35 @@ impl KubernetesBackend {
         status::job_record(job, &pods)
     }
 
-    /// The cached job, or (for a job created a moment ago that the watch has not delivered yet)
-    /// the API server's copy.
-    async fn fetch(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, BackendError> {
-        if let Some(record) = self.cache.get(id.as_str()) {
-            return Ok(Some(record));
+    /// List the events of a job and of its pods from the API server, newest first.
+    async fn list_events(&self, id: &JobId) -> Result<Vec<JobEvent>, BackendError> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &self.template.namespace);
+        let mut objects = vec![("Job".to_owned(), id.to_string())];
+        objects.extend(self.cache.pods(id.as_str()).iter().map(|p| ("Pod".to_owned(), p.name_any())));
+        let mut events = Vec::new();
+        for (kind, name) in objects {
+            let params =
+                ListParams::default().fields(&format!("involvedObject.kind={kind},involvedObject.name={name}"));
+            let list = api.list(&params).await.map_err(api_error)?;
+            events.extend(list.items.iter().map(|e| to_job_event(e, &kind, &name)));
         }
-        let job = self.job_api().get_opt(id.as_str()).await.map_err(api_error)?;
-        Ok(job.and_then(|job| self.record(&job)).map(Arc::new))
+        events.sort_by(|a, b| b.time.cmp(&a.time));
+        Ok(events)
+    }
+
+    /// The slot of a job's listed events; slots nobody uses and whose listing expired go.
+    fn events_slot(&self, id: &JobId) -> EventsSlot {
+        let mut slots = self.events.lock().unwrap();
+        if let Some(slot) = slots.get(id) {
+            return slot.clone();
+        }
+        if slots.len() >= 64 {
+            slots.retain(|_, slot| match slot.try_lock() {
+                Ok(listed) => listed.as_ref().is_some_and(|(at, _)| at.elapsed() < EVENTS_TTL),
+                Err(_) => true, // being listed now
+            });
+        }
+        slots.entry(id.clone()).or_default().clone()
     }
 
     fn latest_pod(&self, id: &JobId) -> Option<Arc<CachedPod>> {
@@ -388,8 +416,10 @@ impl JobBackend for KubernetesBackend {
         match self.create_job(&manifest, false).await {
             Ok(created) => {
                 tracing::info!(job_id = %job.id, "created Kubernetes Job");
-                let record = status::job_record(&created, &[]);
-                Ok(CreateOutcome::Created(record.unwrap_or_else(|| job.pending_record())))
+                let record = status::job_record(&created, &[]).unwrap_or_else(|| job.pending_record());
+                // Counted and readable from now on, not from when the watch delivers it.
+                self.cache.note_created(job.id.as_str(), Arc::new(record.clone()));
+                Ok(CreateOutcome::Created(record))
             }
             Err(kube::Error::Api(status)) if status.is_already_exists() => {
                 let existing = self
@@ -401,6 +431,7 @@ impl JobBackend for KubernetesBackend {
                 let record = self.record(&existing).ok_or_else(|| {
                     BackendError::Internal(format!("a Job named {} exists that OATS did not create", job.id))
                 })?;
+                self.cache.note_created(job.id.as_str(), Arc::new(record.clone()));
                 Ok(CreateOutcome::Exists(record))
             }
             Err(error) => Err(write_error(error)),
@@ -419,7 +450,9 @@ impl JobBackend for KubernetesBackend {
         if !self.is_ready() {
             return Err(not_ready());
         }
-        self.fetch(id).await
+        // The synced cache knows every Job (and this replica's creates from their answers): an
+        // unknown id is answered here and never costs a call to the API server.
+        Ok(None)
     }
 
     async fn list(&self) -> Result<Vec<Arc<JobRecord>>, BackendError> {
@@ -437,6 +470,7 @@ impl JobBackend for KubernetesBackend {
             // Job is read again, so a job whose outcome already happened keeps it.
             let job = self.job_api().get_opt(id.as_str()).await.map_err(api_error)?.ok_or_else(not_found)?;
             let record = self.record(&job).ok_or_else(not_found)?;
+            self.cache.note_read(id.as_str(), Arc::new(record.clone()));
             if record.status.phase == crate::jobs::JobPhase::Cancelled {
                 return Ok(record);
             }
@@ -457,7 +491,9 @@ impl JobBackend for KubernetesBackend {
             match self.job_api().patch(id.as_str(), &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(patched) => {
                     tracing::info!(job_id = %id, "cancelled Kubernetes Job");
-                    return self.record(&patched).ok_or_else(not_found);
+                    let record = self.record(&patched).ok_or_else(not_found)?;
+                    self.cache.note_read(id.as_str(), Arc::new(record.clone()));
+                    return Ok(record);
                 }
                 Err(kube::Error::Api(s)) if s.is_conflict() => continue,
                 Err(kube::Error::Api(s)) if s.is_not_found() => return Err(not_found()),
@@ -499,18 +535,18 @@ impl JobBackend for KubernetesBackend {
         Ok(tokio_util::io::ReaderStream::new(reader.compat()).boxed())
     }
 
+    /// Listed from the API server at most once per [`EVENTS_TTL`] per job, however often they
+    /// are asked for (concurrent requests wait for the one listing).
     async fn events(&self, id: &JobId) -> Result<Vec<JobEvent>, BackendError> {
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &self.template.namespace);
-        let mut objects = vec![("Job".to_owned(), id.to_string())];
-        objects.extend(self.cache.pods(id.as_str()).iter().map(|p| ("Pod".to_owned(), p.name_any())));
-        let mut events = Vec::new();
-        for (kind, name) in objects {
-            let params =
-                ListParams::default().fields(&format!("involvedObject.kind={kind},involvedObject.name={name}"));
-            let list = api.list(&params).await.map_err(api_error)?;
-            events.extend(list.items.iter().map(|e| to_job_event(e, &kind, &name)));
+        let slot = self.events_slot(id);
+        let mut listed = slot.lock().await;
+        if let Some((at, events)) = listed.as_ref()
+            && at.elapsed() < EVENTS_TTL
+        {
+            return Ok(Vec::clone(events));
         }
-        events.sort_by(|a, b| b.time.cmp(&a.time));
+        let events = self.list_events(id).await?;
+        *listed = Some((Instant::now(), Arc::new(events.clone())));
         Ok(events)
     }
 }
