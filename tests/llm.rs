@@ -736,3 +736,38 @@ async fn the_tenant_policy_is_enforced_on_every_call_and_the_providers_file_relo
     let (_, report) = gateway.server.get_json("/api/v1/usage").await;
     assert!(report["total_cost_usd"].as_f64().unwrap() <= 0.0003, "{report}");
 }
+
+#[tokio::test]
+async fn usage_moves_live_in_the_watch_stream_and_fields_pass_through_untouched() {
+    use futures::StreamExt;
+    let gateway = Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", WAITING_AGENT)]).await;
+    let job = gateway.submit(json!({"goal": "wait", "max_turns": 10})).await;
+    let id = job["id"].as_str().unwrap();
+    let key = credential_of(&gateway, id).await;
+    gateway.server.wait_for(id, "running", Duration::from_secs(10)).await;
+    let watch = gateway.server.http.get(gateway.server.url(&format!("/api/v1/jobs/{id}/watch"))).send().await.unwrap();
+    let mut events = watch.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("\n\n") {
+        seen.push_str(&String::from_utf8_lossy(&events.next().await.unwrap().unwrap()));
+    }
+    assert!(!seen.contains("\"usage\""), "no usage before the first call: {seen}");
+
+    let ask = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "temperature": 0.25, "seed": 7});
+    gateway.fake.push(Reply::text("{}", 21, 3));
+    assert_eq!(chat(&gateway, &key, ask.clone()).await.status(), StatusCode::OK);
+    let forwarded = gateway.chat_requests().pop().unwrap().body;
+    for field in ["response_format", "tools", "temperature", "seed", "messages"] {
+        assert_eq!(forwarded[field], ask[field], "{field} was changed on the way");
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen.contains("\"model_calls\":1") {
+        assert!(Instant::now() < deadline, "no event with the usage: {seen}");
+        let chunk = tokio::time::timeout(Duration::from_secs(5), events.next()).await.unwrap().unwrap().unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("\"input_tokens\":21"), "{seen}");
+}
