@@ -107,9 +107,12 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
     let agent = &pod_spec["containers"][0];
     assert!(agent["envFrom"].is_null() && agent["env"].as_array().unwrap().iter().all(|e| e["valueFrom"].is_null()));
 
-    // The same manifest, dry-run created under another name: no Pod Security warnings.
+    // The same manifest, dry-run created under another name (and job id: the admission policy
+    // wants the pods' oats.dev/job-id to be the Job's name): no Pod Security warnings.
     let mut probe = serde_json::to_value(&expected).unwrap();
-    probe["metadata"]["name"] = json!(format!("{id}-dry"));
+    let probe_id = JobId::random().to_string();
+    probe["metadata"]["name"] = json!(probe_id);
+    probe["spec"]["template"]["metadata"]["labels"]["oats.dev/job-id"] = json!(probe_id);
     let manifest = dir.path().join("dry.json");
     std::fs::write(&manifest, probe.to_string()).unwrap();
     let dry = cluster.kubectl(&["create", "--dry-run=server", "-f", manifest.to_str().unwrap()]);
