@@ -623,3 +623,34 @@ async fn open_connections_are_bounded() {
     assert!(waited >= Duration::from_millis(1000), "served at once ({waited:?}): connections are not bounded");
     assert!(waited < Duration::from_secs(6), "{waited:?}");
 }
+
+/// A dry run shows a tenant what would run, but not the service's internals (paths on the server,
+/// the agent binary, internal addresses, Secret and service-account names): only admins see them.
+#[tokio::test]
+async fn a_dry_run_shows_non_admins_no_internal_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_tokens(dir.path(), &[]).await;
+    let dry_run = |token: &'static str| {
+        server
+            .http
+            .post(server.url("/api/v1/jobs?dry_run=true"))
+            .bearer_auth(token)
+            .json(&json!({"goal": "what would run", "max_turns": 1}))
+            .send()
+    };
+    let state_dir = dir.path().display().to_string();
+    let binary = env!("CARGO_BIN_EXE_oats");
+
+    let tenant = dry_run(ACME).await.unwrap();
+    assert_eq!(tenant.status(), StatusCode::ACCEPTED);
+    let tenant: Value = tenant.json().await.unwrap();
+    let text = tenant.to_string();
+    assert!(!text.contains(&state_dir) && !text.contains(binary), "internals shown to a submitter: {text}");
+    assert_eq!(tenant["job"]["environment"]["OATS_RESULT_FILE"], "(redacted)", "{text}");
+    assert_eq!(tenant["job"]["environment"]["OATS_GOAL"], "what would run");
+    assert!(tenant["verdicts"].as_array().is_some_and(|v| !v.is_empty()));
+
+    let admin: Value = dry_run(ADMIN).await.unwrap().json().await.unwrap();
+    let text = admin.to_string();
+    assert!(text.contains(&state_dir) && text.contains(binary), "an admin sees everything: {text}");
+}

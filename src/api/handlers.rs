@@ -10,7 +10,7 @@ use super::{
     },
 };
 use crate::{
-    auth::Caller,
+    auth::{Caller, Role},
     jobs::{ListQuery, LogOptions, StreamKind, WatchEvent},
 };
 use futures::stream::BoxStream;
@@ -140,7 +140,10 @@ impl JobsApi {
     ) -> Result<CreateJobResponse> {
         let caller = credentials.caller(&state).await?;
         if dry_run.0 {
-            let dry = state.jobs.dry_run(&caller, body.0.into()).await?;
+            let mut dry = state.jobs.dry_run(&caller, body.0.into()).await?;
+            if caller.role != Role::Admin {
+                super::redact::redact_internal(&mut dry.manifest);
+            }
             return Ok(CreateJobResponse::DryRun(Json(DryRunResult {
                 allowed: dry.allowed(),
                 verdicts: dry.verdicts.into_iter().map(RuleVerdict::from).collect(),

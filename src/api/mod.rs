@@ -6,6 +6,7 @@ mod handlers;
 mod json;
 mod observe;
 pub mod problem;
+pub mod redact;
 pub mod types;
 
 use crate::{
