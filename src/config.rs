@@ -280,7 +280,7 @@ config_keys! {
     ttl_seconds_after_finished: u32 = 86_400;
     /// Retries of a failed agent pod before the job fails.
     backoff_limit: u32 = 0;
-    /// Name of the Secret holding LLM credentials. Empty: agents get no credentials.
+    /// Opt-in: name of a Secret mounted into every agent pod, for agents that must call a provider directly (the admission policy's `llmSecretName` must name it too). Empty: agents hold no secret; they reach models through the LLM gateway.
     llm_secret_name: Option<String> = None;
     /// Keys of that Secret mounted as files under /var/run/secrets/oats/llm (comma-separated).
     llm_secret_keys: Vec<String> = Vec::new();
