@@ -11,8 +11,8 @@
 #
 # What it installs, each only when missing:
 #   Debian packages  jq, iproute2 (ss), util-linux (flock, runuser), curl, openssl, procps (pgrep),
-#                    prometheus (promtool), python3-yaml, chromium + fonts-dejavu-core (Swagger UI
-#                    test), python3-venv, postgresql (initdb/pg_ctl/postgres for scripts/lib/postgres.sh)
+#                    prometheus (promtool; its server for the live dashboard test), python3-yaml,
+#                    chromium + fonts-dejavu-core (Swagger UI test), python3-venv, postgresql (initdb/pg_ctl/postgres for scripts/lib/postgres.sh)
 #   PyPI             schemathesis==4.32.5 in its own venv (${OATS_SCHEMATHESIS_VENV:-~/.cache/oats-schemathesis}),
 #                    unless a schemathesis is already on PATH;
 #                    openai==3.51.0 in ${OATS_PY_VENV:-~/.cache/oats-py}
@@ -64,7 +64,9 @@ debian_packages() {
   command -v curl >/dev/null || need+=(curl)
   command -v openssl >/dev/null || need+=(openssl)
   command -v pgrep >/dev/null || need+=(procps)
-  command -v promtool >/dev/null || need+=(prometheus)                 # alert-rule tests
+  # alert-rule tests (promtool), live dashboard test (the prometheus server, same package)
+  { command -v promtool >/dev/null && { command -v prometheus >/dev/null || [ -x /usr/bin/prometheus ]; }; } ||
+    need+=(prometheus)
   python3 -c 'import yaml' 2>/dev/null || /usr/bin/python3 -c 'import yaml' 2>/dev/null || need+=(python3-yaml)
   [ -x /usr/bin/chromium ] || need+=(chromium)                         # Swagger UI in a real browser
   fc-list 2>/dev/null | grep -qi dejavu || need+=(fonts-dejavu-core)

@@ -174,7 +174,8 @@ async fn serve(config: Config) -> Result<()> {
     tracing::info!(backend = backend.name(), listen = %config.api_listen(), "starting OATS");
     let counted = backend.clone();
     metrics.count_jobs_with(Box::new(move || counted.counts()));
-    let mut jobs = JobService::new(backend, config.job_limits(), load_policy(&config)?, metrics.clone());
+    let policy = load_policy(&config)?;
+    let mut jobs = JobService::new(backend, config.job_limits(), policy.clone(), metrics.clone());
     let store = open_store(&config, providers.is_some()).await?;
     if let Some(store) = &store {
         jobs = jobs.with_usage(Arc::new(store.clone()));
@@ -192,6 +193,7 @@ async fn serve(config: Config) -> Result<()> {
         let identities = Identities { local: credentials, kubernetes };
         let gateway = Gateway::new(jobs.clone(), identities, providers, store, llm_metrics, config.llm_max_body_bytes);
         gateway.sweep_abandoned_calls();
+        gateway.publish_tenant_gauges(policy);
         tracing::info!(address = %config.llm_listen, "serving the LLM gateway for agents");
         let listener = http_server::bind(config.llm_listen).await?;
         tokio::spawn(http_server::serve(listener, oats::llm::app(gateway), http_limits, pending(), None));

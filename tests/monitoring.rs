@@ -9,7 +9,12 @@
 //!   trace links on latency panels);
 //! - every alert has a severity, a summary, a description and a runbook_url whose anchor exists
 //!   in `docs/runbook.md`, and a positive and a negative promtool unit test in `tests/alerts/`;
-//! - `scripts/check-alerts.sh` (promtool check rules + promtool test rules) passes.
+//! - `scripts/check-alerts.sh` (promtool check rules + promtool test rules) passes;
+//! - live: a real Prometheus server (Debian's `prometheus`) with the shipped rules loaded scrapes a
+//!   real `oats serve` under scripted traffic, and every panel query of every dashboard returns a
+//!   series (0 rather than "No data" on a healthy system), Kubernetes-only panels excepted.
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -481,15 +486,21 @@ fn dashboard_exprs(dashboard: &Value) -> Vec<(String, String)> {
 /// Grafana variables to values that make valid PromQL. `$__rate_interval` becomes an odd
 /// duration so that ranges that came from it can be recognised after parsing.
 fn substitute(expr: &str, origin: &str) -> String {
-    let value = |name: &str| -> &'static str {
-        match name {
+    substitute_with(expr, origin, |name| {
+        Some(match name {
             "__rate_interval" => RATE_INTERVAL_STANDIN,
             "__interval" => "1m",
             "__range" => "1h",
             "job" | "namespace" | "instance" => "oats",
-            _ => panic!("{origin}: unknown Grafana variable ${name} in {expr}"),
-        }
-    };
+            _ => return None,
+        })
+    })
+}
+
+/// Grafana variables to the values `value` gives (None: an unknown variable, a test failure).
+fn substitute_with<'v>(expr: &str, origin: &str, value: impl Fn(&str) -> Option<&'v str>) -> String {
+    let value =
+        |name: &str| value(name).unwrap_or_else(|| panic!("{origin}: unknown Grafana variable ${name} in {expr}"));
     let mut out = String::with_capacity(expr.len());
     let mut rest = expr;
     while let Some(i) = rest.find('$') {
@@ -688,4 +699,357 @@ fn latency_panels_show_exemplars_with_trace_links() {
         }
     }
     assert!(latency_panels >= 3, "only {latency_panels} latency panels");
+}
+
+// ------------------------------------------------------------------------------------------
+// Live: a real Prometheus scrapes a real OATS under traffic, with the shipped rules loaded
+// ------------------------------------------------------------------------------------------
+
+/// Panels whose every metric only exists on the Kubernetes backend (docs/metrics.md) or comes
+/// from another exporter of the cluster (kube-state-metrics, kube-apiserver): the live test, on
+/// the local backend, skips them. Every other panel query must return a series.
+const KUBERNETES_ONLY_PANELS: [(&str, &str); 11] = [
+    ("oats-jobs.json", "Agent Kubernetes Jobs (kube-state-metrics)"),
+    ("oats-kubernetes.json", "Requests by verb and resource"),
+    ("oats-kubernetes.json", "Requests by code"),
+    ("oats-kubernetes.json", "Error ratio"),
+    ("oats-kubernetes.json", "Request latency p99 by verb and resource"),
+    ("oats-kubernetes.json", "Request latency p50 / p90 / p99"),
+    ("oats-kubernetes.json", "kube-apiserver 5xx ratio (cluster)"),
+    ("oats-kubernetes.json", "Watch errors"),
+    ("oats-kubernetes.json", "Watch restarts (re-lists)"),
+    ("oats-kubernetes.json", "Watch cache synced"),
+    ("oats-kubernetes.json", "API replicas available (kube-state-metrics)"),
+];
+
+/// Metrics that exist only where OATS runs against Kubernetes (docs/metrics.md) or that other
+/// exporters of the cluster provide.
+fn kubernetes_only_metric(name: &str) -> bool {
+    (name.starts_with("oats_kube_") && name != "oats_kube_quota_refusals_total")
+        || name.starts_with("kube_")
+        || name.starts_with("apiserver_")
+}
+
+fn kubernetes_only_panel(file: &str, title: &str) -> bool {
+    KUBERNETES_ONLY_PANELS.iter().any(|(f, t)| *f == file && *t == title)
+}
+
+/// Panels that show exactly 0 on a healthy system (no 5xx, no failed submission, no denial).
+const ZERO_ON_A_HEALTHY_SYSTEM: [(&str, &str); 6] = [
+    ("oats-api.json", "5xx error ratio"),
+    ("oats-api.json", "5xx error ratio by route"),
+    ("oats-api.json", "Error budget burn rate (1h)"),
+    ("oats-api.json", "Error budget burn rate by window"),
+    ("oats-jobs.json", "Submission error ratio"),
+    ("oats-jobs.json", "Policy denials by rule"),
+];
+
+/// The scrape job and namespace the shipped rules expect (the ServiceMonitor's), and a short
+/// stand-in for `$__rate_interval` so that the rate windows fill within seconds.
+const LIVE_JOB: &str = "oats-backend-api";
+const LIVE_NAMESPACE: &str = "oats";
+const LIVE_RATE_INTERVAL: &str = "10s";
+
+/// The live test skips exactly the panels made of Kubernetes-only metrics, no more, no fewer.
+#[test]
+fn the_kubernetes_only_panels_are_exactly_those_of_kubernetes_only_metrics() {
+    let mut found = BTreeSet::new();
+    for file in DASHBOARDS {
+        let d = dashboard(file);
+        let mut by_panel: BTreeMap<String, bool> = BTreeMap::new();
+        for (title, raw) in dashboard_exprs(&d) {
+            let origin = format!("{file} panel {title:?}");
+            let only_kube = parse(&substitute(&raw, &origin), &origin)
+                .selectors
+                .iter()
+                .all(|vs| kubernetes_only_metric(&metric_name(vs, &origin)));
+            *by_panel.entry(title).or_insert(true) &= only_kube;
+        }
+        for (title, only_kube) in by_panel {
+            assert_eq!(
+                kubernetes_only_panel(file, &title),
+                only_kube,
+                "{file} panel {title:?}: KUBERNETES_ONLY_PANELS must list exactly the panels whose metrics \
+                 all exist only on Kubernetes (the live test skips those)"
+            );
+            if only_kube {
+                found.insert((file, title));
+            }
+        }
+    }
+    assert_eq!(found.len(), KUBERNETES_ONLY_PANELS.len(), "a panel of KUBERNETES_ONLY_PANELS does not exist");
+}
+
+/// The `prometheus` server of Debian's package (the same package as promtool).
+fn prometheus_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("OATS_TEST_PROMETHEUS") {
+        return PathBuf::from(bin);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join("prometheus"))
+        .find(|bin| bin.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "the prometheus server binary is missing: this test runs a real Prometheus. Install it with \
+                 `apt-get install -y --no-install-recommends prometheus` (scripts/install-test-tools.sh does), \
+                 or point OATS_TEST_PROMETHEUS at one"
+            )
+        })
+}
+
+/// A Prometheus server on a free loopback port, killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    base: String,
+    log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Prometheus {
+    /// Scrape `target` every second as job `oats-backend-api` in namespace `oats`, and evaluate
+    /// the shipped PrometheusRule's groups every second.
+    async fn start(dir: &std::path::Path, target: &str) -> Self {
+        let bin = prometheus_binary();
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        // PrometheusRule .spec is a rule file's content; JSON is YAML.
+        let groups = prometheus_rule()["spec"]["groups"].clone();
+        std::fs::write(dir.join("rules.json"), serde_json::json!({ "groups": groups }).to_string()).unwrap();
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 rule_files: [rules.json]\n\
+                 scrape_configs:\n  - job_name: {LIVE_JOB}\n    static_configs:\n      - targets: ['{target}']\n        \
+                 labels: {{namespace: {LIVE_NAMESPACE}}}\n"
+            ),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = dir.join("prometheus.log");
+        let child = Command::new(&bin)
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--storage.tsdb.retention.time=1h")
+            .arg("--log.level=warn")
+            .current_dir(dir)
+            .stdout(std::fs::File::create(dir.join("prometheus.out")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let prometheus = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = prometheus.http.get(format!("{}/-/ready", prometheus.base)).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "Prometheus never became ready:\n{}", prometheus.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        prometheus
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn api(&self, path: &str, params: &[(&str, &str)]) -> Value {
+        let response = self.http.get(format!("{}{path}", self.base)).query(params).send().await.unwrap();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["status"], "success", "Prometheus {path} {params:?}: {body}");
+        body["data"].clone()
+    }
+
+    /// The series an instant query returns now.
+    async fn query(&self, expr: &str) -> Vec<Value> {
+        let data = self.api("/api/v1/query", &[("query", expr)]).await;
+        match data["resultType"].as_str() {
+            Some("vector") => data["result"].as_array().cloned().unwrap_or_default(),
+            Some("scalar") => vec![data["result"].clone()],
+            other => panic!("unexpected result type {other:?} of {expr}: {data}"),
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a healthy system sees: steady submissions that succeed, reads, lists, logs and the odd
+/// 404, until `stop`. Any other answer fails the test (no 5xx, no policy denial).
+async fn steady_traffic(http: reqwest::Client, base: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use reqwest::StatusCode;
+    let mut previous: Option<String> = None;
+    let mut i = 0u32;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        i += 1;
+        let body = serde_json::json!({"goal": format!("steady traffic {i}"), "max_turns": 1});
+        let r = http.post(format!("{base}/api/v1/jobs")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED, "submission {i}: {}", r.text().await.unwrap_or_default());
+        let job: Value = r.json().await.unwrap();
+        let id = job["id"].as_str().unwrap().to_owned();
+        let get = |path: String| {
+            let http = http.clone();
+            async move { http.get(path).send().await.unwrap().status() }
+        };
+        assert_eq!(get(format!("{base}/api/v1/jobs/{id}")).await, StatusCode::OK);
+        assert_eq!(get(format!("{base}/api/v1/jobs?limit=5")).await, StatusCode::OK);
+        assert_eq!(get(format!("{base}/api/v1/jobs/job-aaaaaaaaaaaaaaaaaaaa")).await, StatusCode::NOT_FOUND);
+        assert_eq!(get(format!("{base}/api/v1/no-such-thing")).await, StatusCode::NOT_FOUND);
+        if let Some(previous) = &previous {
+            assert_eq!(get(format!("{base}/api/v1/jobs/{previous}/logs")).await, StatusCode::OK);
+            assert_eq!(get(format!("{base}/api/v1/jobs/{previous}/events")).await, StatusCode::OK);
+        }
+        previous = Some(id);
+        // About 80 submissions a minute: under the shipped policy's 120.
+        tokio::time::sleep(Duration::from_millis(750)).await;
+    }
+}
+
+/// Tenants of the shipped policy with a daily spend limit get their limit series at start; an
+/// idle gateway (its upstream is never called: the demo agent runs the jobs) exports its zeros.
+fn idle_gateway_providers(dir: &std::path::Path) -> PathBuf {
+    std::fs::write(dir.join("provider.key"), "sk-never-used\n").unwrap();
+    let file = dir.join("providers.yaml");
+    std::fs::write(
+        &file,
+        "providers:\n  - name: idle\n    base_url: http://127.0.0.1:9/v1\n    api_key_file: provider.key\n    \
+         models:\n      - name: idle-model\n        upstream: idle-model\n        input_per_million_usd: 1\n        \
+         output_per_million_usd: 2\n",
+    )
+    .unwrap();
+    file
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_panel_shows_a_value_on_a_live_system() {
+    use std::sync::{Arc, atomic::AtomicBool, atomic::Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let providers = idle_gateway_providers(dir.path());
+    let llm_listen =
+        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let agent = format!("{},demo-agent", env!("CARGO_BIN_EXE_oats"));
+    let policy = path("policies/oats-policy.yaml");
+    let server = common::Server::start_local(
+        &dir.path().join("state"),
+        &[
+            ("OATS_POLICY_FILE", policy.to_str().unwrap()),
+            ("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap()),
+            ("OATS_LLM_LISTEN", &llm_listen),
+            ("OATS_LOCAL_AGENT_COMMAND", &agent),
+        ],
+    )
+    .await;
+    let target = server.base.trim_start_matches("http://").to_owned();
+    let prometheus = Prometheus::start(&dir.path().join("prometheus"), &target).await;
+
+    // The scripted part: a job that fails, a job that is cancelled.
+    let failing = server.create("this one fails #fail", 2).await;
+    let slow = server.create("a long one, to cancel", 50).await;
+    let slow_id = slow["id"].as_str().unwrap();
+    server.wait_for(slow_id, "running", Duration::from_secs(20)).await;
+    let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{slow_id}/cancel"))).send().await.unwrap();
+    assert_eq!(cancel.status(), reqwest::StatusCode::OK);
+    server.wait_for(failing["id"].as_str().unwrap(), "failed", Duration::from_secs(20)).await;
+    server.wait_for(slow_id, "cancelled", Duration::from_secs(20)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = tokio::spawn(steady_traffic(server.http.clone(), server.base.clone(), stop.clone()));
+
+    // Long enough for the rate windows to fill: 15 scrapes of steady traffic.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let scrapes =
+            prometheus.query(&format!("count_over_time(up{{job=\"{LIVE_JOB}\"}}[30s]) >= 15 and up == 1")).await;
+        if !scrapes.is_empty() {
+            break;
+        }
+        assert!(!traffic.is_finished(), "the traffic stopped early");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Prometheus never scraped OATS 15 times:\n{}",
+            prometheus.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The shipped rules loaded and evaluate without error.
+    let rule_groups = prometheus.api("/api/v1/rules", &[]).await;
+    let groups = rule_groups["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), prometheus_rule()["spec"]["groups"].as_array().unwrap().len(), "rule groups loaded");
+    for group in groups {
+        for rule in group["rules"].as_array().unwrap() {
+            assert_eq!(rule["health"], "ok", "rule {} of {}: {}", rule["name"], group["name"], rule["lastError"]);
+        }
+    }
+
+    let values = |name: &str| -> Option<&'static str> {
+        Some(match name {
+            "__rate_interval" | "__interval" => LIVE_RATE_INTERVAL,
+            "__range" => "1m",
+            "job" => LIVE_JOB,
+            "namespace" => LIVE_NAMESPACE,
+            "instance" => ".+",
+            _ => return None,
+        })
+    };
+    let mut empty = Vec::new();
+    let mut nan_only = Vec::new();
+    let mut not_zero = Vec::new();
+    let mut checked = 0;
+    for file in DASHBOARDS {
+        let d = dashboard(file);
+        for (title, raw) in dashboard_exprs(&d) {
+            if kubernetes_only_panel(file, &title) {
+                continue;
+            }
+            let origin = format!("{file} panel {title:?}");
+            let expr = substitute_with(&raw, &origin, values);
+            let result = prometheus.query(&expr).await;
+            checked += 1;
+            // An instant vector's samples are [time, "value"]; a scalar is [time, "value"] too.
+            let values: Vec<&str> =
+                result.iter().map(|s| s["value"][1].as_str().or(s[1].as_str()).unwrap_or("?")).collect();
+            if result.is_empty() {
+                empty.push(format!("{origin}\n    {expr}"));
+            } else if values.iter().all(|v| *v == "NaN") {
+                nan_only.push(format!("{origin}\n    {expr}"));
+            } else if ZERO_ON_A_HEALTHY_SYSTEM.contains(&(file, title.as_str())) && values.iter().any(|v| *v != "0") {
+                not_zero.push(format!("{origin}: {values:?}\n    {expr}"));
+            }
+        }
+    }
+    // The daily limit of the shipped policy's `trial` tenant is there from the start.
+    let limit = prometheus.query("oats_llm_tenant_daily_limit_usd{tenant=\"trial\"}").await;
+    assert_eq!(limit.len(), 1, "{limit:?}");
+    assert_eq!(limit[0]["value"][1], "5", "{limit:?}");
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.expect("the traffic script failed");
+    assert!(checked >= 60, "only {checked} panel queries checked");
+    assert!(
+        empty.is_empty(),
+        "{} of {checked} panel queries return no series on a healthy system (Grafana shows \"No data\"):\n{}",
+        empty.len(),
+        empty.join("\n")
+    );
+    assert!(nan_only.is_empty(), "panel queries that return only NaN under steady traffic:\n{}", nan_only.join("\n"));
+    assert!(
+        not_zero.is_empty(),
+        "error and denial panels that are not 0 on a healthy system:\n{}",
+        not_zero.join("\n")
+    );
 }

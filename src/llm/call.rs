@@ -516,14 +516,7 @@ impl Call {
 
     /// The tenant's spend today and limit, for the near-the-limit alert.
     async fn update_tenant_gauges(&self) {
-        use super::metrics::TenantLabel;
-        let tenant = TenantLabel { tenant: self.job.tenant.clone() };
-        if let Ok(spent) = self.gateway.store.tenant_spend_today(&self.job.tenant).await {
-            self.gateway.metrics.tenant_spend_today.get_or_create(&tenant).set(spent.as_usd());
-        }
-        if let Some(limit) = self.gateway.jobs.rules_for(&self.job.tenant).daily_spend_limit {
-            self.gateway.metrics.tenant_daily_limit.get_or_create(&tenant).set(limit.as_usd());
-        }
+        self.gateway.update_tenant_gauges(&self.job.tenant).await;
     }
 
     /// Time to the first chunk of a stream.

@@ -20,6 +20,7 @@ pub use providers::{Catalog, Providers, ProvidersError};
 
 use crate::{
     jobs::{JobRecord, JobService},
+    policy::Policy,
     store::Store,
 };
 use identity::{IdentityError, Identities};
@@ -72,6 +73,40 @@ impl Gateway {
                 }
             }
         });
+    }
+
+    /// Publish the spend today (and the daily limit, where there is one) of every tenant the
+    /// policy names, now and every minute for as long as `self` lives: the gauges exist from the
+    /// start, not only after a tenant's first call, and follow policy reloads and the UTC day.
+    pub fn publish_tenant_gauges(self: &Arc<Self>, policy: Arc<Policy>) {
+        let gateway = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(gateway) = gateway.upgrade() else { return };
+                for tenant in policy.tenants() {
+                    gateway.update_tenant_gauges(&tenant).await;
+                }
+                drop(gateway);
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        });
+    }
+
+    /// The tenant's spend today (from the ledger all replicas share) and its daily limit (the
+    /// series goes when the policy no longer sets one), for dashboards and the near-the-limit alert.
+    async fn update_tenant_gauges(&self, tenant: &str) {
+        let label = metrics::TenantLabel { tenant: tenant.to_owned() };
+        if let Ok(spent) = self.store.tenant_spend_today(tenant).await {
+            self.metrics.tenant_spend_today.get_or_create(&label).set(spent.as_usd());
+        }
+        match self.jobs.rules_for(tenant).daily_spend_limit {
+            Some(limit) => {
+                self.metrics.tenant_daily_limit.get_or_create(&label).set(limit.as_usd());
+            }
+            None => {
+                self.metrics.tenant_daily_limit.remove(&label);
+            }
+        }
     }
 
     /// The job whose credential authorises `request`, while it has not finished.

@@ -179,6 +179,11 @@ impl Policy {
         self.document.read().unwrap().rules_for(tenant)
     }
 
+    /// The tenants the policy in force names (that have rules of their own).
+    pub fn tenants(&self) -> Vec<String> {
+        self.document.read().unwrap().tenant_names().map(str::to_owned).collect()
+    }
+
     /// Judge a submission by every rule. With `consume`, an allowed submission takes a token from
     /// the tenant's rate bucket (dry runs do not).
     pub fn evaluate(&self, submission: &Submission<'_>, consume: bool) -> Evaluation {

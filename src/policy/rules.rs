@@ -206,6 +206,11 @@ impl PolicyDocument {
         self.tenants.len()
     }
 
+    /// The tenants that have rules of their own.
+    pub fn tenant_names(&self) -> impl Iterator<Item = &str> {
+        self.tenants.keys().map(String::as_str)
+    }
+
     pub fn read(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let document: Self = serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
