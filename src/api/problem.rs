@@ -210,6 +210,7 @@ impl From<AuthError> for ProblemResponse {
     fn from(error: AuthError) -> Self {
         match error {
             AuthError::Unavailable => Self::from_problem(ProblemKind::BackendUnavailable.problem(error.to_string()), 5),
+            AuthError::UnusableTenant(_) => Self::from_problem(ProblemKind::Forbidden.problem(error.to_string()), 0),
             AuthError::Missing | AuthError::Invalid => {
                 Self::from_problem(ProblemKind::Unauthenticated.problem(error.to_string()), 0)
             }

@@ -12,6 +12,15 @@ pub use tokens::{TokenFile, TokenStore, hash_token};
 
 use std::{fmt, sync::Arc};
 
+/// Whether `tenant` can name a tenant: it becomes the value of a Kubernetes label
+/// (`oats.dev/tenant`), so it must be one, and not empty.
+pub fn check_tenant(tenant: &str) -> Result<(), String> {
+    if tenant.is_empty() {
+        return Err("a tenant must not be empty".into());
+    }
+    crate::jobs::check_label_value(tenant).map_err(|why| format!("a tenant becomes a Kubernetes label, so its {why}"))
+}
+
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -71,6 +80,10 @@ pub enum AuthError {
     Invalid,
     #[error("the identity provider's keys cannot be fetched; retry later")]
     Unavailable,
+    /// The credentials are genuine but name no usable tenant (the detail says why; it holds
+    /// nothing secret).
+    #[error("{0}")]
+    UnusableTenant(String),
 }
 
 /// Checks credentials against every configured source.

@@ -54,8 +54,8 @@ fn parse(text: &str) -> Result<Vec<Token>, String> {
             let hash: [u8; 32] = bytes
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| format!("token {}: sha256 must be 64 hex digits", entry.name))?;
-            if entry.tenant.is_empty() {
-                return Err(format!("token {}: tenant is empty", entry.name));
+            if let Err(why) = super::check_tenant(&entry.tenant) {
+                return Err(format!("token {}: tenant {:?} is not usable: {why}", entry.name, entry.tenant));
             }
             Ok(Token { hash, caller: Caller { tenant: entry.tenant, role: entry.role, name: entry.name } })
         })
@@ -160,6 +160,36 @@ mod tests {
         store.reload_if_changed();
         assert!(store.lookup("secret-a").is_none());
         assert_eq!(store.lookup("secret-new").unwrap().tenant, "beta");
+    }
+
+    #[test]
+    fn a_tenant_that_cannot_be_a_label_value_is_a_load_error_naming_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.yaml");
+        for (tenant, why) in [
+            ("\"Acme Corp\"", "alphanumerics"),
+            ("acme/ml", "alphanumerics"),
+            ("-acme", "starting and ending"),
+            (&"a".repeat(64), "at most 63"),
+            ("\"\"", "empty"),
+        ] {
+            let text = format!(
+                "tokens:\n  - {{name: good, sha256: {}, tenant: acme, role: admin}}\n  - {{name: ci-bot, sha256: {}, tenant: {tenant}, role: submitter}}\n",
+                hash_token("a"),
+                hash_token("b")
+            );
+            std::fs::write(&path, text).unwrap();
+            let error = TokenStore::load(&path).err().unwrap_or_else(|| panic!("tenant {tenant} accepted"));
+            assert!(error.contains("token ci-bot: tenant") && error.contains(why), "{tenant}: {error}");
+        }
+        // At most 63 characters of the label alphabet is fine.
+        let text = format!(
+            "tokens:\n  - {{name: ok, sha256: {}, tenant: {}, role: admin}}\n",
+            hash_token("a"),
+            "a.b_c-9".repeat(9)
+        );
+        std::fs::write(&path, text).unwrap();
+        assert!(TokenStore::load(&path).is_ok());
     }
 
     #[test]
