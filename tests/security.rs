@@ -236,7 +236,6 @@ async fn oidc_tokens_are_verified_against_the_issuers_keys() {
         ("wrong issuer", jwt(&good, "key-1", claims(json!({"iss": "http://evil.invalid"})))),
         ("wrongly signed", jwt(&rogue, "key-1", claims(json!({})))),
         ("unknown key", jwt(&rogue, "rogue", claims(json!({})))),
-        ("no tenant", jwt(&good, "key-1", claims(json!({"tenant": null})))),
         ("bad role", jwt(&good, "key-1", claims(json!({"oats_role": "root"})))),
         (
             "shared-secret algorithm",
@@ -259,6 +258,11 @@ async fn oidc_tokens_are_verified_against_the_issuers_keys() {
         let response = submit(token).await.unwrap();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{why} was accepted");
     }
+    // A genuine token without a tenant: 403, saying so (tests/oidc.rs has the other cases).
+    let problem =
+        assert_problem(submit(jwt(&good, "key-1", claims(json!({"tenant": null})))).await.unwrap(), 403, "forbidden")
+            .await;
+    assert!(problem["detail"].as_str().unwrap().contains("no tenant claim"), "{problem}");
     // A viewer from the token's claims may read but not write.
     let viewer = jwt(&good, "key-1", claims(json!({"oats_role": "viewer"})));
     assert_eq!(submit(viewer.clone()).await.unwrap().status(), StatusCode::FORBIDDEN);
