@@ -975,6 +975,13 @@ fn agent_pods_hold_no_secret_and_the_policy_parameters_fit_what_oats_renders() {
         let joined =
             |v: &Value| v.as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect::<Vec<_>>().join(",");
         assert_eq!(param("installLauncherCommand"), joined(&init["command"]), "{target}");
+        // The launcher's image is one the policy allows (the agent image, rewritten by `images:`).
+        let launcher_image = init["image"].as_str().unwrap();
+        assert_eq!(Some(launcher_image), env.get("OATS_AGENT_IMAGE").map(String::as_str), "{target}");
+        assert!(
+            param("allowedImagePrefixes").split(',').any(|p| launcher_image.starts_with(p.trim())),
+            "{target}: the launcher image {launcher_image} is not allowed"
+        );
         let launcher = format!("{}/oats,launch,--", oats::backend::kubernetes::render::LAUNCHER_DIR);
         assert_eq!(param("launcherCommand"), launcher, "{target}");
     }

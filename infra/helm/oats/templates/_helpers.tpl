@@ -69,6 +69,7 @@ Data of the API's ConfigMap, as sorted `KEY: "value"` lines. The derived keys wi
 {{- end -}}
 {{- $derived := dict
   "OATS_AGENT_IMAGE" (include "oats.image" (list . .Values.agent.image))
+  "OATS_AGENT_LAUNCHER_IMAGE" (include "oats.image" (list . .Values.agent.image))
   "OATS_AGENT_IMAGE_PULL_POLICY" .Values.agent.image.pullPolicy
   "OATS_AGENT_SERVICE_ACCOUNT" .Values.agent.serviceAccountName
 -}}
