@@ -292,6 +292,8 @@ config_keys! {
     local_agent_command: Vec<String> = Vec::new();
     /// Environment variables the local backend passes through to agents, besides the job contract.
     local_env_allowlist: Vec<String> = ["PATH", "LANG", "LC_ALL", "TZ"].map(String::from).to_vec();
+    /// Most bytes of output the local backend keeps per job (at least 65536); past it, one line says the rest was dropped.
+    local_max_log_bytes: usize = 32 * 1024 * 1024;
     /// Highest `max_turns` a job may ask for (at most 100).
     max_turns: u32 = JobLimits::MAX_TURNS_CEILING;
     /// Largest goal, in bytes of UTF-8 (at most 16384).
@@ -428,6 +430,9 @@ impl Config {
         }
         if self.agent_uid == 0 {
             return invalid("agent_uid", "agents never run as root; use a non-zero id".into());
+        }
+        if self.local_max_log_bytes < 65_536 {
+            return invalid("local_max_log_bytes", "must be at least 65536".into());
         }
         if self.local_concurrency == 0 {
             return invalid("local_concurrency", "must be at least 1".into());

@@ -339,6 +339,7 @@ async fn select_backend(
         concurrency: config.local_concurrency,
         command,
         env_allowlist: config.local_env_allowlist.clone(),
+        max_log_bytes: config.local_max_log_bytes as u64,
         gateway,
     };
     tracing::info!(state_dir = %settings.state_dir.display(), "local backend state directory");

@@ -466,3 +466,153 @@ async fn a_burst_of_50_parallel_submissions_gets_exactly_max_concurrent_jobs() {
     assert_eq!(server.submit(json!({"goal": "after", "max_turns": 1})).await.status(), StatusCode::CREATED);
     assert_eq!(server.submit(json!({"goal": "over", "max_turns": 1})).await.status(), StatusCode::TOO_MANY_REQUESTS);
 }
+
+/// Processes (not zombies) whose environment marks them as part of job `id`.
+fn processes_of(id: &str) -> Vec<u32> {
+    let marker = format!("OATS_JOB_ID={id}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            environ.split(|b| *b == 0).any(|var| var == marker.as_bytes())
+        })
+        .collect()
+}
+
+/// Wait (up to `within`) until no process of job `id` is left; the survivors if some are.
+async fn until_gone(id: &str, within: Duration) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = processes_of(id);
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            for pid in &left {
+                let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Peak resident memory of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// An agent that leaves its process group (`setsid`) and waits.
+const ESCAPING_AGENT: &str = "sh,-c,setsid sleep 120 & sleep 120";
+
+#[tokio::test]
+async fn agents_that_leave_their_process_group_are_still_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_LOCAL_AGENT_COMMAND", ESCAPING_AGENT)]).await;
+
+    let cancelled = server.create("cancel me", 1).await["id"].as_str().unwrap().to_owned();
+    server.wait_for(&cancelled, "running", SOON).await;
+    let deadline = std::time::Instant::now() + SOON;
+    while processes_of(&cancelled).len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "the agent never started its processes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{cancelled}/cancel"))).send().await.unwrap();
+    assert_eq!(cancel.status(), StatusCode::OK);
+    assert_eq!(until_gone(&cancelled, Duration::from_secs(10)).await, Vec::<u32>::new(), "cancel left processes");
+
+    let response = server.submit(json!({"goal": "time out", "max_turns": 1, "timeout_seconds": 10})).await;
+    let timed_out = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let failed = server.wait_for(&timed_out, "failed", Duration::from_secs(30)).await;
+    assert_eq!(failed["reason"], "DeadlineExceeded");
+    assert_eq!(until_gone(&timed_out, Duration::from_secs(10)).await, Vec::<u32>::new(), "the timeout left processes");
+
+    // An agent that exits leaving a process behind: the job ends, and so does the process.
+    let leaving = "sh,-c,setsid sleep 120 & echo left one behind";
+    let server = Server::start_local(&dir.path().join("second"), &[("OATS_LOCAL_AGENT_COMMAND", leaving)]).await;
+    let done = server.create("leave something", 1).await["id"].as_str().unwrap().to_owned();
+    server.wait_for(&done, "succeeded", SOON).await;
+    assert_eq!(until_gone(&done, Duration::from_secs(10)).await, Vec::<u32>::new(), "a finished job left processes");
+}
+
+#[tokio::test]
+async fn no_agent_process_of_any_phase_survives_a_crash_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("OATS_LOCAL_AGENT_COMMAND", ESCAPING_AGENT), ("OATS_LOCAL_CONCURRENCY", "1")];
+    let server = Server::start_local(dir.path(), &env).await;
+    let running = server.create("running at the crash", 1).await["id"].as_str().unwrap().to_owned();
+    server.wait_for(&running, "running", SOON).await;
+    let queued = server.create("pending at the crash", 1).await["id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + SOON;
+    while processes_of(&running).len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "the agent never started its processes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A pending job's agent started just before the crash, before its start was recorded.
+    let mut early = std::process::Command::new("sleep")
+        .arg("120")
+        .env("OATS_JOB_ID", &queued)
+        .spawn()
+        .unwrap();
+    server.crash();
+    assert!(processes_of(&running).len() >= 2, "the crash itself stopped the agent; the test proves nothing");
+
+    let server = Server::start_local(dir.path(), &env).await;
+    assert_eq!(server.job(&running).await["reason"], "ServerRestarted");
+    assert_eq!(until_gone(&running, Duration::from_secs(5)).await, Vec::<u32>::new(), "the running job's processes survived");
+    let status = early.try_wait().unwrap();
+    assert!(status.is_some(), "the pending job's early agent survived the restart");
+    // The pending job runs again, from scratch.
+    server.wait_for(&queued, "running", SOON).await;
+    let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{queued}/cancel"))).send().await.unwrap();
+    assert_eq!(cancel.status(), StatusCode::OK);
+    assert_eq!(until_gone(&queued, Duration::from_secs(10)).await, Vec::<u32>::new());
+}
+
+#[tokio::test]
+async fn local_jobs_are_private_bounded_and_tailed_from_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let chatty = r#"sh,-c,yes 'a line of output' | head -c 3000000; echo done > "$OATS_RESULT_FILE""#;
+    let server = Server::start_local(
+        &state,
+        &[("OATS_LOCAL_AGENT_COMMAND", chatty), ("OATS_LOCAL_MAX_LOG_BYTES", "100000")],
+    )
+    .await;
+    let id = server.create("talk a lot", 1).await["id"].as_str().unwrap().to_owned();
+    let done = server.wait_for(&id, "succeeded", SOON).await;
+    assert_eq!(done["result"], "done");
+
+    // Output is capped, and says so.
+    let job_dir = state.join("jobs").join(&id);
+    let size = std::fs::metadata(job_dir.join("output.log")).unwrap().len();
+    assert!((90_000..=100_200).contains(&size), "output.log holds {size} bytes");
+    let logs = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs?tail_lines=1"))).send().await.unwrap();
+    let last = logs.text().await.unwrap();
+    assert!(last.contains("[oats] output truncated") && last.lines().count() == 1, "{last}");
+
+    // Directories 0700, files 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    for dir in [state.join("jobs"), job_dir.clone(), job_dir.join("workspace")] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    for file in ["record.json", "output.log", "result"] {
+        assert_eq!(mode(&job_dir.join(file)), 0o600, "{file}");
+    }
+
+    // The tail of a large log is read from its end: memory follows the answer, not the log.
+    let line = format!("2026-12-01T00:00:00.000000000Z {}\n", "y".repeat(200));
+    let big: String = line.repeat(250_000); // ~58 MB
+    std::fs::write(job_dir.join("output.log"), big.as_bytes()).unwrap();
+    let before = peak_rss_kib(server.pid());
+    let tail = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs?tail_lines=2"))).send().await.unwrap();
+    assert_eq!(tail.text().await.unwrap(), format!("{}\n", "y".repeat(200)).repeat(2));
+    let after = peak_rss_kib(server.pid());
+    assert!(after < before + 16 * 1024, "peak memory grew from {before} KiB to {after} KiB for a 2-line tail");
+    // Reading all of it streams it: memory stays bounded too.
+    let all = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs"))).send().await.unwrap();
+    assert_eq!(all.bytes().await.unwrap().len(), big.len() - 250_000 * 31);
+    let after_all = peak_rss_kib(server.pid());
+    assert!(after_all < before + 16 * 1024, "peak memory grew from {before} KiB to {after_all} KiB streaming the log");
+}

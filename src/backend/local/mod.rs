@@ -2,8 +2,11 @@
 //!
 //! Every job has a directory under `<state_dir>/jobs/<id>/` holding its record (`record.json`,
 //! written atomically on every change), its output (`output.log`, one timestamped line per agent
-//! line), the result file and the agent's working directory. Records survive restarts; a job that
-//! was running when the server stopped is reported failed with `ServerRestarted`.
+//! line, at most `max_log_bytes`), the result file and the agent's working directory, all private
+//! to the server's user (directories 0700, files 0600; the server and its agents run with umask
+//! 077). Records survive restarts; a job that was running when the server stopped is reported
+//! failed with `ServerRestarted`, and no process of any job the last server started survives the
+//! restart.
 
 mod logs;
 mod process;
@@ -23,6 +26,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use std::{
     collections::HashMap,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -37,6 +41,8 @@ pub struct LocalSettings {
     pub command: Vec<String>,
     /// Variables passed through from the server's environment.
     pub env_allowlist: Vec<String>,
+    /// Most bytes of output kept per job; then one line says the rest was dropped.
+    pub max_log_bytes: u64,
     /// The LLM gateway agents call, when it is on.
     pub gateway: Option<AgentGateway>,
 }
@@ -96,8 +102,11 @@ impl LocalBackend {
     /// Load every stored job, settle those the last server left running, queue those it left
     /// pending, and start serving.
     pub async fn start(settings: LocalSettings, metrics: Arc<Metrics>) -> Result<Self, BackendError> {
+        // Whatever this server and its agents create (records, output, results, workspaces, the
+        // store) is private to its user; agents inherit the mask.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         let jobs_dir = settings.state_dir.join("jobs");
-        tokio::fs::create_dir_all(&jobs_dir)
+        private_dir(&jobs_dir)
             .await
             .map_err(|e| BackendError::Internal(format!("cannot create {}: {e}", jobs_dir.display())))?;
         let inner = Arc::new(Inner {
@@ -113,6 +122,8 @@ impl LocalBackend {
             .await
             .map_err(|e| BackendError::Internal(format!("cannot read {}: {e}", jobs_dir.display())))?;
         while let Ok(Some(entry)) = dir.next_entry().await {
+            // Directories written by older versions become private too.
+            let _ = tokio::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o700)).await;
             let path = entry.path().join("record.json");
             let Ok(text) = tokio::fs::read(&path).await else { continue };
             let mut stored: StoredJob = match serde_json::from_slice(&text) {
@@ -124,9 +135,7 @@ impl LocalBackend {
             };
             match stored.record.status.phase {
                 JobPhase::Running => {
-                    if let Some(pgid) = stored.pgid.take() {
-                        process::kill_orphan(pgid, &stored.record.id);
-                    }
+                    stored.pgid = None;
                     let now = Utc::now();
                     let record = stored.record_mut();
                     record.status = JobStatus::with_reason(
@@ -143,6 +152,14 @@ impl LocalBackend {
             }
             let id = stored.record.id.clone();
             inner.jobs.lock().unwrap().insert(id, Entry { stored, cancel: Arc::new(Notify::new()) });
+        }
+        // Whatever the last server started, in any phase (an agent started just before its job
+        // was saved as running, a process that left its group, one a cancel did not reach):
+        // nothing of it runs on.
+        let known: Vec<JobId> = inner.jobs.lock().unwrap().keys().cloned().collect();
+        let killed = process::kill_marked(&known).await;
+        if killed > 0 {
+            tracing::warn!(processes = killed, "killed agent processes left over from a previous server");
         }
         for id in &interrupted {
             inner.save(id).await?;
@@ -272,10 +289,23 @@ fn event(kind: &str, reason: &str, message: &str) -> JobEvent {
 }
 
 async fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    tokio::fs::create_dir_all(dir).await?;
+    private_dir(dir).await?;
     let tmp = dir.join(format!(".{name}.tmp"));
-    tokio::fs::write(&tmp, bytes).await?;
+    let mut file =
+        tokio::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut file, bytes).await?;
+    drop(file);
     tokio::fs::rename(&tmp, dir.join(name)).await
+}
+
+/// Create a directory (and its parents) readable only by this user; an existing one is made so.
+pub(crate) async fn private_dir(dir: &Path) -> std::io::Result<()> {
+    tokio::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).await?;
+    let mode = tokio::fs::metadata(dir).await?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).await?;
+    }
+    Ok(())
 }
 
 #[async_trait]
