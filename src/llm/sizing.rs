@@ -42,8 +42,8 @@ pub fn size(
     let input_cost = input_bound.saturating_mul(prices.input);
     if let Some(left) = cost_left {
         let room = left.0.checked_sub(input_cost).ok_or(Refusal::JobCost)?;
-        if prices.output > 0 {
-            output = output.min(room / prices.output);
+        if let Some(affordable) = room.checked_div(prices.output) {
+            output = output.min(affordable);
         }
         if output == 0 {
             return Err(Refusal::JobCost);
