@@ -80,9 +80,7 @@ impl<'a, T: ParseFromJSON> ApiExtractor<'a> for PlainJson<T> {
             Some(content_type) if Self::check_content_type(content_type) => {
                 <Self as ParsePayload>::from_request(request, body).await
             }
-            Some(content_type) => {
-                Err(ContentTypeError::NotSupported { content_type: content_type.to_owned() }.into())
-            }
+            Some(content_type) => Err(ContentTypeError::NotSupported { content_type: content_type.to_owned() }.into()),
             None => Err(ContentTypeError::ExpectContentType.into()),
         }
     }

@@ -60,8 +60,9 @@ mod tests {
     };
 
     fn job(goal: &str) -> NewJob {
-        let spec =
-            JobRequest { goal: goal.into(), max_turns: 2, ..Default::default() }.validate(&JobLimits::default()).unwrap();
+        let spec = JobRequest { goal: goal.into(), max_turns: 2, ..Default::default() }
+            .validate(&JobLimits::default())
+            .unwrap();
         NewJob {
             id: JobId::random(),
             tenant: "acme".into(),

@@ -208,7 +208,8 @@ async fn execute(client: &ApiClient, format: Format, command: JobsCommand) -> Re
                 .watch(&id, |job| {
                     if format == Format::Table {
                         let status = output::clean(job["status"].as_str().unwrap_or("?"));
-                        let reason = job["reason"].as_str().map(|r| format!(" ({})", output::clean(r))).unwrap_or_default();
+                        let reason =
+                            job["reason"].as_str().map(|r| format!(" ({})", output::clean(r))).unwrap_or_default();
                         let now = chrono::Local::now().format("%H:%M:%S");
                         let _ = writeln!(std::io::stdout(), "{now}  {}{reason}", output::paint_status(&status));
                     } else {

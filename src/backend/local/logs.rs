@@ -182,7 +182,9 @@ mod tests {
     }
 
     fn log(lines: usize) -> Vec<u8> {
-        (0..lines).flat_map(|i| format!("2026-12-01T00:00:00.000000000Z line {i} {}\n", "x".repeat(i % 300)).into_bytes()).collect()
+        (0..lines)
+            .flat_map(|i| format!("2026-12-01T00:00:00.000000000Z line {i} {}\n", "x".repeat(i % 300)).into_bytes())
+            .collect()
     }
 
     #[tokio::test]

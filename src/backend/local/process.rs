@@ -8,7 +8,9 @@
 //! environment and then `exec`s escapes the marker; only a cgroup would hold it.)
 
 use super::LocalSettings;
-use crate::jobs::{JobId, JobPhase, JobReason, JobRecord, JobStatus, MAX_RESULT_BYTES, agent_env, agent_exit, truncate_result};
+use crate::jobs::{
+    JobId, JobPhase, JobReason, JobRecord, JobStatus, MAX_RESULT_BYTES, agent_env, agent_exit, truncate_result,
+};
 use nix::{sys::signal::Signal, unistd::Pid};
 use std::{path::Path, process::Stdio, time::Duration};
 use tokio::{
@@ -273,7 +275,8 @@ async fn write_output(mut lines: mpsc::Receiver<Vec<u8>>, mut file: tokio::fs::F
         entry.extend_from_slice(&line);
         if written + entry.len() as u64 > max_bytes {
             truncated = true;
-            entry = format!("{stamp} [oats] output truncated: the agent wrote more than {max_bytes} bytes\n").into_bytes();
+            entry =
+                format!("{stamp} [oats] output truncated: the agent wrote more than {max_bytes} bytes\n").into_bytes();
         }
         written += entry.len() as u64;
         if file.write_all(&entry).await.is_err() {
