@@ -341,6 +341,7 @@ async fn select_backend(
         env_allowlist: config.local_env_allowlist.clone(),
         max_log_bytes: config.local_max_log_bytes as u64,
         gateway,
+        kept_after_finish: Duration::from_secs(config.ttl_seconds_after_finished.into()),
     };
     tracing::info!(state_dir = %settings.state_dir.display(), "local backend state directory");
     Ok((Arc::new(LocalBackend::start(settings, metrics.clone()).await?), None))

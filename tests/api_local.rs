@@ -467,6 +467,27 @@ async fn a_burst_of_50_parallel_submissions_gets_exactly_max_concurrent_jobs() {
     assert_eq!(server.submit(json!({"goal": "over", "max_turns": 1})).await.status(), StatusCode::TOO_MANY_REQUESTS);
 }
 
+#[tokio::test]
+async fn finished_jobs_count_against_max_kept_jobs_for_ttl_seconds_after_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "defaults:\n  max_concurrent_jobs: 10\n  max_kept_jobs: 2\n").unwrap();
+    let policy = policy.display().to_string();
+    let env = [("OATS_POLICY_FILE", policy.as_str()), ("OATS_TTL_SECONDS_AFTER_FINISHED", "3")];
+    let server = Server::start_local(dir.path(), &env).await;
+    for goal in ["first", "second"] {
+        let id = server.create(goal, 1).await["id"].as_str().unwrap().to_owned();
+        server.wait_for(&id, "succeeded", SOON).await;
+    }
+    // Both finished: nothing is running, but both count until their TTL, as on Kubernetes.
+    let response = server.submit(json!({"goal": "third", "max_turns": 1})).await;
+    assert!(response.headers().contains_key("retry-after"));
+    let problem = assert_problem(response, 429, "policy/max-kept-jobs").await;
+    assert!(problem["detail"].as_str().unwrap().contains("the limit is 2"), "{problem}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(server.submit(json!({"goal": "third", "max_turns": 1})).await.status(), StatusCode::CREATED);
+}
+
 /// Processes (not zombies) whose environment marks them as part of job `id`.
 fn processes_of(id: &str) -> Vec<u32> {
     let marker = format!("OATS_JOB_ID={id}");

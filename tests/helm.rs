@@ -902,8 +902,9 @@ fn template_without_network_policies() -> Vec<Value> {
     template(&["--set", "database.devPostgres.enabled=true,networkPolicy.enabled=false"])
 }
 
-/// agents.allowPublicHttps and networkPolicy.llmProviders.inCluster render the NetworkPolicies of
-/// the kustomize components (infra/components), and nothing by default.
+/// agents.allowPublicHttps, networkPolicy.llmProviders.inCluster and
+/// networkPolicy.identityProvider render the NetworkPolicies of the kustomize components
+/// (infra/components), and nothing by default.
 #[test]
 fn network_opt_ins_render_the_kustomize_components() {
     let component = |dir: &str| -> (String, Value) {
@@ -912,25 +913,60 @@ fn network_opt_ins_render_the_kustomize_components() {
     };
     let (web_key, web) = component("agents-public-https");
     let (provider_key, provider) = component("llm-in-cluster-provider");
+    let (idp_key, idp) = component("oidc-identity-provider");
 
     let default = helm_objects(&[]);
-    assert!(!default.contains_key(&web_key) && !default.contains_key(&provider_key));
+    assert!(!default.contains_key(&web_key) && !default.contains_key(&provider_key) && !default.contains_key(&idp_key));
 
     let dir = tempfile::tempdir().unwrap();
     let values = dir.path().join("values.json");
     let in_cluster = json!([{"namespace": "vllm", "podLabels": {"app.kubernetes.io/name": "vllm"}, "ports": [8000]}]);
-    let opt_in =
-        json!({"agents": {"allowPublicHttps": true}, "networkPolicy": {"llmProviders": {"inCluster": in_cluster}}});
+    let identity_provider =
+        json!({"namespace": "keycloak", "podLabels": {"app.kubernetes.io/name": "keycloak"}, "ports": [8443]});
+    let opt_in = json!({
+        "agents": {"allowPublicHttps": true},
+        "networkPolicy": {"llmProviders": {"inCluster": in_cluster}, "identityProvider": identity_provider},
+    });
     std::fs::write(&values, serde_json::to_string(&opt_in).unwrap()).unwrap();
-    let both = helm_objects(&["-f", values.to_str().unwrap()]);
+    let all = helm_objects(&["-f", values.to_str().unwrap()]);
     let mut expected = default.clone();
     expected.insert(web_key, web);
     expected.insert(provider_key, provider);
-    assert_same_objects(&expected, &both, "opt-ins vs infra/base + infra/components/*");
+    expected.insert(idp_key, idp);
+    assert_same_objects(&expected, &all, "opt-ins vs infra/base + infra/components/*");
 
     // Without public HTTPS for the providers (only in-cluster ones), the API's rule is gone.
     let docs = template(&["--set", "networkPolicy.llmProviders.publicHttps=false"]);
     let egress = network_policy(&docs, "oats-backend-api")["spec"]["egress"].as_array().unwrap().clone();
     assert_eq!(egress.len(), 4, "{egress:?}");
     assert!(egress.iter().all(|r| !r.to_string().contains("0.0.0.0/0")));
+}
+
+/// networkPolicy.identityProvider by address (an IdP outside the cluster on a private address):
+/// one egress rule, an ipBlock per address, on its ports only; nothing without a namespace or an
+/// address, and no rule that would open every port or select pods of the wrong namespace.
+#[test]
+fn the_identity_provider_value_opens_its_addresses_on_its_ports_only() {
+    let docs = template(&["--set", "networkPolicy.identityProvider.cidrs={10.20.0.15/32,10.20.0.16/32}"]);
+    let policy = network_policy(&docs, "oats-backend-api-identity-provider");
+    assert_eq!(policy["spec"]["podSelector"], json!({"matchLabels": {"app": "oats-backend-api"}}));
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Egress"]));
+    assert_eq!(
+        policy["spec"]["egress"],
+        json!([{
+            "to": [{"ipBlock": {"cidr": "10.20.0.15/32"}}, {"ipBlock": {"cidr": "10.20.0.16/32"}}],
+            "ports": [{"protocol": "TCP", "port": 443}],
+        }])
+    );
+    // The API's own policy is unchanged: the IdP's rule is a policy of its own.
+    let base = network_policy(&template(&[]), "oats-backend-api")["spec"]["egress"].clone();
+    assert_eq!(network_policy(&docs, "oats-backend-api")["spec"]["egress"], base);
+
+    for (set, message) in [
+        ("networkPolicy.identityProvider.namespace=keycloak,networkPolicy.identityProvider.ports=null", "ports"),
+        ("networkPolicy.identityProvider.podLabels.app=keycloak", "needs networkPolicy.identityProvider.namespace"),
+    ] {
+        let out = helm(&["template", "oats", CHART, "--set", set]);
+        assert!(!out.status.success() && text(&out).contains(message), "{set}: {}", text(&out));
+    }
 }

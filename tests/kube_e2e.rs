@@ -1003,7 +1003,8 @@ async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
 
 /// The store's PostgreSQL (scripts/test.sh starts it); its absence is a failure.
 fn database_url() -> String {
-    std::env::var("OATS_TEST_DATABASE_URL").expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh")
+    std::env::var("OATS_TEST_DATABASE_URL")
+        .expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh")
 }
 
 #[tokio::test]
@@ -1043,10 +1044,31 @@ async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
         replica.wait_for(&id, "running", SOON).await;
     }
     let selector = format!("oats.dev/job-id={id}");
-    let pod = cluster.kubectl_ok(&["get", "pods", "-n", kube::NAMESPACE, "-l", &selector, "-o", "jsonpath={.items[0].metadata.name}"]);
+    let pod = cluster.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        kube::NAMESPACE,
+        "-l",
+        &selector,
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
     let token = cluster
-        .kubectl_ok(&["create", "token", "oats-agent", "-n", kube::NAMESPACE, "--duration=10m", "--audience", "oats-llm",
-            "--bound-object-kind", "Pod", "--bound-object-name", &pod])
+        .kubectl_ok(&[
+            "create",
+            "token",
+            "oats-agent",
+            "-n",
+            kube::NAMESPACE,
+            "--duration=10m",
+            "--audience",
+            "oats-llm",
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            &pod,
+        ])
         .trim()
         .to_owned();
     let http = reqwest::Client::new();
@@ -1114,6 +1136,63 @@ async fn a_burst_of_50_parallel_submissions_gets_exactly_max_concurrent_jobs() {
     assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
     let response = server.submit(body(50)).await;
     assert_problem(response, 429, "policy/max-concurrent-jobs").await;
+    cluster.delete_jobs(&format!("e2e={run}"));
+}
+
+#[tokio::test]
+async fn finished_jobs_count_against_max_kept_jobs_until_their_ttl_removes_them() {
+    let Some(cluster) = kube::cluster() else { return };
+    let run = kube::unique("kept");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "defaults:\n  max_concurrent_jobs: 10\n  max_kept_jobs: 2\n").unwrap();
+    // A tenant of its own (it becomes a label), whose finished Jobs the TTL controller removes
+    // 20 s after they finish.
+    let env = [
+        ("OATS_POLICY_FILE", policy.to_str().unwrap()),
+        ("OATS_TENANT", run.as_str()),
+        ("OATS_TTL_SECONDS_AFTER_FINISHED", "20"),
+    ];
+    let server = cluster.start_oats_with(dir.path(), &env).await;
+    let labels = |outcome: &str| json!({"e2e": run, "kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": "200"});
+    let finished = id_of(&submit(&server, "Finish fast", labels("succeed"), None).await);
+    server.wait_for(&finished, "succeeded", SOON).await;
+    let running = id_of(&submit(&server, "Keep running", labels("run"), None).await);
+
+    // One Job running, one finished and kept until its TTL: the tenant holds two Jobs of the
+    // namespace, its limit, though only one of its jobs is unfinished.
+    let body = json!({"goal": "One too many", "max_turns": 1, "labels": labels("run")});
+    let (status, dry) = dry_run(&server, &body).await;
+    assert_eq!((status, dry["allowed"].clone()), (StatusCode::ACCEPTED, json!(false)), "{dry}");
+    assert_eq!(verdict(&dry, "max-concurrent-jobs")["allowed"], true, "{dry}");
+    let kept = verdict(&dry, "max-kept-jobs");
+    assert!(kept["allowed"] == false && kept["detail"].as_str().unwrap().contains("the limit is 2"), "{dry}");
+    let response = server.submit(body.clone()).await;
+    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1);
+    let problem = assert_problem(response, 429, "policy/max-kept-jobs").await;
+    assert!(problem["detail"].as_str().unwrap().contains("holds 2 jobs"), "{problem}");
+    assert_eq!(cluster.jobs_labelled(&format!("e2e={run}")).len(), 2);
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"oats_policy_denials_total{rule="max-kept-jobs"} 1"#), "{metrics}");
+
+    // The TTL controller removes the finished Job, the watch delivers the delete: room again.
+    let deadline = std::time::Instant::now() + SOON;
+    let accepted = loop {
+        let response = server.submit(body.clone()).await;
+        if response.status() == StatusCode::CREATED {
+            break response.json::<Value>().await.unwrap();
+        }
+        assert_problem(response, 429, "policy/max-kept-jobs").await;
+        assert!(std::time::Instant::now() < deadline, "the finished Job was never removed by its TTL");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let left: HashSet<String> = cluster
+        .jobs_labelled(&format!("e2e={run}"))
+        .iter()
+        .map(|j| j["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(left, HashSet::from([running, id_of(&accepted)]), "the TTL removed {finished} only");
     cluster.delete_jobs(&format!("e2e={run}"));
 }
 

@@ -440,7 +440,7 @@ fn the_opt_in_network_components_open_what_they_say() {
         let text = std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
         serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
     };
-    for dir in ["agents-public-https", "llm-in-cluster-provider"] {
+    for dir in ["agents-public-https", "llm-in-cluster-provider", "oidc-identity-provider"] {
         let kustomization = read(&format!("infra/components/{dir}/kustomization.yaml"));
         assert_eq!(kustomization["kind"], "Component", "{dir}");
         assert_eq!(kustomization["resources"], json!(["networkpolicy.yaml"]), "{dir}");
@@ -466,6 +466,20 @@ fn the_opt_in_network_components_open_what_they_say() {
         }
         assert!(!rule_ports(rule).is_empty(), "llm-in-cluster-provider: every port: {rule}");
     }
+    // The API: the OIDC identity provider, one rule, by namespace and pod labels, on its port(s).
+    let idp = read("infra/components/oidc-identity-provider/networkpolicy.yaml");
+    assert_eq!(idp["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(idp["spec"]["podSelector"], json!({"matchLabels": {"app": "oats-backend-api"}}));
+    assert_eq!(strings(&idp["spec"]["policyTypes"]), ["Egress"]);
+    assert!(idp["spec"]["ingress"].is_null(), "oidc-identity-provider: ingress");
+    let egress = idp["spec"]["egress"].as_array().unwrap();
+    assert_eq!(egress.len(), 1, "oidc-identity-provider: one rule");
+    assert!(ip_blocks(&egress[0]).is_empty(), "oidc-identity-provider: the example is by selectors");
+    for peer in egress[0]["to"].as_array().unwrap() {
+        assert!(!selects_all(&peer["namespaceSelector"]), "oidc-identity-provider: every namespace: {peer}");
+        assert!(!selects_all(&peer["podSelector"]), "oidc-identity-provider: every pod: {peer}");
+    }
+    assert!(!rule_ports(&egress[0]).is_empty(), "oidc-identity-provider: every port");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -647,6 +661,86 @@ fn shipped_resource_profiles() -> Vec<(String, Value)> {
         }
     }
     out
+}
+
+/// The namespace quota is shared by every tenant: no tenant at the limits of the shipped policy
+/// (policies/oats-policy.yaml: `max_kept_jobs`, `max_concurrent_jobs` of its largest profile) may
+/// exhaust any item of it. What one tenant can hold, plus the workloads of the namespace (the API
+/// replicas, the dev PostgreSQL), plus one more agent of the largest profile for someone else,
+/// fits under every hard limit, in every target. (The arithmetic: docs/runbook.md, "Sharing the
+/// namespace quota".)
+#[test]
+fn no_tenant_of_the_shipped_policy_can_exhaust_the_namespace_quota() {
+    let config = oats::config::Config::default();
+    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/oats-policy.yaml"));
+    let policy = oats::policy::PolicyDocument::read(path).unwrap();
+    let mut tenants: Vec<String> = policy.tenant_names().map(str::to_owned).collect();
+    tenants.push("any-other-tenant".into());
+    // An agent's requests and limits: [cpu request, memory request, cpu limit, memory limit].
+    let agent = |p: Option<&oats::policy::ResourceProfile>| -> [f64; 4] {
+        let (cr, mr, cl, ml) = match p {
+            Some(p) => (&p.cpu_request, &p.memory_request, &p.cpu_limit, &p.memory_limit),
+            None => (
+                &config.agent_cpu_request,
+                &config.agent_memory_request,
+                &config.agent_cpu_limit,
+                &config.agent_memory_limit,
+            ),
+        };
+        [cr, mr, cl, ml].map(|q| quantity(&json!(q)))
+    };
+    let largest = |profiles: Vec<[f64; 4]>| -> [f64; 4] {
+        profiles.into_iter().fold([0.0; 4], |acc, p| std::array::from_fn(|i| acc[i].max(p[i])))
+    };
+    let every_profile = largest(
+        tenants
+            .iter()
+            .flat_map(|t| policy.rules_for(t).resource_profiles.into_values())
+            .map(|p| agent(Some(&p)))
+            .chain([agent(None)])
+            .collect(),
+    );
+    for target in TARGETS {
+        let docs = render(target);
+        let hard = &kind(docs, "ResourceQuota").next().unwrap()["spec"]["hard"];
+        let hard = |key: &str| quantity(&hard[key]);
+        // The namespace's own workloads: pods, and [cpu req, mem req, cpu lim, mem lim].
+        let (mut own_pods, mut own) = (0.0, [0.0; 4]);
+        for workload in kind(docs, "Deployment").chain(kind(docs, "StatefulSet")) {
+            let replicas = workload["spec"]["replicas"].as_f64().unwrap_or(1.0);
+            own_pods += replicas;
+            for c in workload["spec"]["template"]["spec"]["containers"].as_array().unwrap() {
+                let r = &c["resources"];
+                let values =
+                    [&r["requests"]["cpu"], &r["requests"]["memory"], &r["limits"]["cpu"], &r["limits"]["memory"]];
+                for (total, v) in own.iter_mut().zip(values) {
+                    *total += replicas * quantity(v);
+                }
+            }
+        }
+        for tenant in &tenants {
+            let rules = policy.rules_for(tenant);
+            let kept = f64::from(rules.max_kept_jobs);
+            let running = f64::from(rules.max_concurrent_jobs.min(rules.max_kept_jobs));
+            let profiles: Vec<_> = rules.resource_profiles.values().map(|p| agent(Some(p))).collect();
+            // Without profiles, the server's agent resources apply.
+            let biggest = largest(if profiles.is_empty() { vec![agent(None)] } else { profiles });
+            let what = format!("{target}: tenant {tenant} (max_kept_jobs {kept}, max_concurrent_jobs {running})");
+            assert!(kept < hard("count/jobs.batch"), "{what}: can hold every Job of the quota");
+            assert!(running + own_pods < hard("pods"), "{what}: can hold every pod of the quota");
+            for (i, key) in ["requests.cpu", "requests.memory", "limits.cpu", "limits.memory"].into_iter().enumerate() {
+                let held = running * biggest[i];
+                assert!(
+                    held + own[i] + every_profile[i] <= hard(key),
+                    "{what}: {running} agents of its largest profile hold {held} of {key}; with the \
+                     namespace's workloads ({}) and one more agent ({}) that is above the quota's {}",
+                    own[i],
+                    every_profile[i],
+                    hard(key)
+                );
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,12 +9,14 @@
 //!   needs Pod names), a Pod of the API Deployment's template, a Pod of the StatefulSet's,
 //! - the peers the policies talk about: CoreDNS in kube-system, Prometheus in monitoring, the
 //!   ingress controller in ingress-nginx, an OTLP collector in observability, a vLLM in `vllm`
-//!   (an in-cluster LLM provider), and two pods the policies must keep out (an unlabelled pod in
+//!   (an in-cluster LLM provider), a Keycloak in `keycloak` (an in-cluster OIDC identity
+//!   provider) beside its database, and two pods the policies must keep out (an unlabelled pod in
 //!   `oats`, a pod in `default`).
 //!
 //! A second directory adds the opt-in components' NetworkPolicies (`infra/components/*`: agents
-//! on public HTTPS, the API to the in-cluster provider), read from their files (a component is
-//! only built from an overlay that lists it).
+//! on public HTTPS, the API to the in-cluster provider, the API to the identity provider), read
+//! from their files (a component is only built from an overlay that lists it), plus the identity
+//! provider's rule in its by-address form (an ipBlock, Helm `networkPolicy.identityProvider.cidrs`).
 //!
 //! Analyzer limits worked around here (netpol-analyzer v1.4.4):
 //! - IPv4 only, and an IPv6 `ipBlock` is silently misread as an IPv4 range (its first 32 bits:
@@ -46,6 +48,13 @@ const API: &str = "api";
 const POSTGRES: &str = "postgres";
 /// The LLM gateway's port on the API pods.
 const GATEWAY: u16 = 8001;
+/// The in-cluster OIDC identity provider of infra/components/oidc-identity-provider: namespace,
+/// pod, HTTPS port.
+const IDP_NS: &str = "keycloak";
+const IDP: &str = "keycloak";
+const IDP_PORT: u16 = 8443;
+/// An identity provider outside the cluster on a private address (the by-address form).
+const IDP_ADDRESS: &str = "10.20.0.15";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -94,8 +103,13 @@ fn analysis() -> &'static Analysis {
         let opt_in = tempfile::tempdir().unwrap();
         write_fixtures(
             opt_in.path(),
-            &["infra/components/agents-public-https", "infra/components/llm-in-cluster-provider"],
+            &[
+                "infra/components/agents-public-https",
+                "infra/components/llm-in-cluster-provider",
+                "infra/components/oidc-identity-provider",
+            ],
         );
+        append_identity_provider_by_address(opt_in.path());
         Analysis { netpolicy, dir, opt_in }
     })
 }
@@ -167,6 +181,7 @@ fn write_fixtures(dir: &Path, components: &[&str]) {
         ("ingress-nginx", "ingress-controller", json!({"app.kubernetes.io/name": "ingress-nginx"})),
         ("observability", "otel-collector", json!({"app.kubernetes.io/name": "opentelemetry-collector"})),
         ("vllm", "vllm", json!({"app.kubernetes.io/name": "vllm"})),
+        (IDP_NS, IDP, json!({"app.kubernetes.io/name": "keycloak"})),
         ("default", "intruder", json!({"app": "intruder"})),
     ] {
         docs.push(json!({
@@ -176,6 +191,13 @@ fn write_fixtures(dir: &Path, components: &[&str]) {
         }));
         docs.push(pod(name, ns, &labels, json!({"containers": [{"name": "main", "image": "example:1"}]})));
     }
+    // The identity provider's database, beside it: not the IdP.
+    docs.push(pod(
+        "keycloak-postgres",
+        IDP_NS,
+        &json!({"app.kubernetes.io/name": "postgresql"}),
+        json!({"containers": [{"name": "main", "image": "example:1"}]}),
+    ));
     // A pod in `oats` that none of the allow policies selects: default deny applies.
     docs.push(pod(
         "neighbour",
@@ -186,6 +208,24 @@ fn write_fixtures(dir: &Path, components: &[&str]) {
 
     let yaml: Vec<String> = docs.iter().map(|d| serde_saphyr::to_string(d).unwrap()).collect();
     std::fs::write(dir.join("resources.yaml"), yaml.join("---\n")).unwrap();
+}
+
+/// The identity provider's rule in its by-address form, as the component's comment says to
+/// write it and as Helm renders `networkPolicy.identityProvider.cidrs`: the component's policy
+/// with an ipBlock of [`IDP_ADDRESS`] on 443 for its `to` and ports.
+fn append_identity_provider_by_address(dir: &Path) {
+    let path = root().join("infra/components/oidc-identity-provider/networkpolicy.yaml");
+    let mut policy: Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    policy["metadata"]["name"] = json!("oats-backend-api-identity-provider-by-address");
+    policy["spec"]["egress"] = json!([{
+        "to": [{"ipBlock": {"cidr": format!("{IDP_ADDRESS}/32")}}],
+        "ports": [{"protocol": "TCP", "port": 443}],
+    }]);
+    let resources = dir.join("resources.yaml");
+    let mut yaml = std::fs::read_to_string(&resources).unwrap();
+    yaml.push_str("---\n");
+    yaml.push_str(&serde_saphyr::to_string(&policy).unwrap());
+    std::fs::write(resources, yaml).unwrap();
 }
 
 fn pod(name: &str, namespace: &str, labels: &Value, spec: Value) -> Value {
@@ -538,4 +578,39 @@ fn the_opt_ins_open_public_https_for_agents_and_the_in_cluster_provider_for_the_
     // Nothing else changes: nobody else reaches the agents or the API.
     assert!(!opt_in(("vllm", "vllm"), Peer::Pod(NS, API), "tcp", GATEWAY));
     assert!(!opt_in((NS, API), Peer::Pod(NS, AGENT), "tcp", 443));
+}
+
+#[test]
+fn the_api_reaches_a_configured_identity_provider_only_with_the_opt_in_and_on_its_port_only() {
+    let opt_in = |src, dst, protocol, port| allowed_in(Fixture::OptIn, src, dst, protocol, port);
+    // As shipped: an IdP in the cluster or on a private address is out of reach (the public-HTTPS
+    // rule excludes both), so an issuer there needs the opt-in.
+    for port in [IDP_PORT, 443, 8080] {
+        assert!(!allowed(API_SRC, Peer::Pod(IDP_NS, IDP), "tcp", port), "as shipped the API reaches the IdP on {port}");
+    }
+    assert!(!allowed(API_SRC, Peer::Ip(IDP_ADDRESS), "tcp", 443), "as shipped the API reaches {IDP_ADDRESS}:443");
+
+    // infra/components/oidc-identity-provider: the IdP's pods, on its port only.
+    assert!(opt_in(API_SRC, Peer::Pod(IDP_NS, IDP), "tcp", IDP_PORT), "the API cannot reach the IdP on {IDP_PORT}");
+    for port in [443, 8080, 9000, 22] {
+        assert!(!opt_in(API_SRC, Peer::Pod(IDP_NS, IDP), "tcp", port), "the API reaches the IdP on {port}");
+    }
+    assert!(!opt_in(API_SRC, Peer::Pod(IDP_NS, IDP), "udp", IDP_PORT));
+    // Nothing else in its namespace or elsewhere on that port.
+    for (ns, pod) in [(IDP_NS, "keycloak-postgres"), ("default", "intruder"), (NS, "neighbour"), ("vllm", "vllm")] {
+        assert!(!opt_in(API_SRC, Peer::Pod(ns, pod), "tcp", IDP_PORT), "the API reaches {ns}/{pod}:{IDP_PORT}");
+    }
+    // By address (Helm networkPolicy.identityProvider.cidrs): that address, on its port.
+    assert!(opt_in(API_SRC, Peer::Ip(IDP_ADDRESS), "tcp", 443), "the API cannot reach {IDP_ADDRESS}:443");
+    assert!(!opt_in(API_SRC, Peer::Ip(IDP_ADDRESS), "tcp", 80));
+    for ip in ["10.20.0.16", "10.96.0.2", "169.254.169.254"] {
+        assert!(!opt_in(API_SRC, Peer::Ip(ip), "tcp", 443), "the API reaches {ip}:443");
+    }
+    // Only the API gains anything: the agents and other pods still cannot reach the IdP.
+    for src in [AGENT_SRC, (NS, WEB_AGENT), (NS, "neighbour"), (NS, POSTGRES)] {
+        assert!(!opt_in(src, Peer::Pod(IDP_NS, IDP), "tcp", IDP_PORT), "{src:?} reaches the IdP");
+        assert!(!opt_in(src, Peer::Ip(IDP_ADDRESS), "tcp", 443), "{src:?} reaches {IDP_ADDRESS}");
+    }
+    // ... and nothing reaches the API from there.
+    assert!(!opt_in((IDP_NS, IDP), Peer::Pod(NS, API), "tcp", 8000));
 }

@@ -64,6 +64,12 @@ pub trait JobBackend: Send + Sync {
     /// records.
     fn active_jobs(&self, tenant: &str) -> usize;
 
+    /// How many of a tenant's jobs the backend still holds (for `max_kept_jobs`): unfinished
+    /// ones, and finished ones until `ttl_seconds_after_finished` removes them. On Kubernetes,
+    /// the tenant's Jobs in the namespace as the watch cache knows them (what counts against the
+    /// namespace's `count/jobs.batch` quota); locally, the same window over the stored records.
+    fn kept_jobs(&self, tenant: &str) -> usize;
+
     /// Current jobs by phase, for the `oats_jobs` gauges; cheap enough for every scrape.
     fn counts(&self) -> JobCounts;
 

@@ -378,8 +378,11 @@ impl JobService {
     /// Judge `job` by the policy; `creating` more of the tenant's jobs are being created now.
     fn evaluate(&self, job: &NewJob, consume: bool, creating: usize) -> crate::policy::Evaluation {
         let active_jobs = self.backend.active_jobs(&job.tenant) + creating;
+        // A submission being created will hold a Job too.
+        let kept_jobs = self.backend.kept_jobs(&job.tenant) + creating;
         let image = self.backend.agent_image();
-        let submission = Submission { tenant: &job.tenant, spec: &job.spec, active_jobs, image: image.as_deref() };
+        let submission =
+            Submission { tenant: &job.tenant, spec: &job.spec, active_jobs, kept_jobs, image: image.as_deref() };
         self.policy.evaluate(&submission, consume)
     }
 
@@ -578,6 +581,9 @@ mod tests {
         fn active_jobs(&self, tenant: &str) -> usize {
             self.jobs.lock().unwrap().iter().filter(|j| j.tenant == tenant && !j.status.phase.is_terminal()).count()
         }
+        fn kept_jobs(&self, tenant: &str) -> usize {
+            self.jobs.lock().unwrap().iter().filter(|j| j.tenant == tenant).count()
+        }
         fn counts(&self) -> JobCounts {
             JobCounts::default()
         }
@@ -608,9 +614,13 @@ mod tests {
     }
 
     fn service(backend: Arc<SlowBackend>, max_concurrent_jobs: u32) -> (tempfile::TempDir, JobService) {
+        service_with(backend, &format!("defaults:\n  max_concurrent_jobs: {max_concurrent_jobs}\n"))
+    }
+
+    fn service_with(backend: Arc<SlowBackend>, policy: &str) -> (tempfile::TempDir, JobService) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("policy.yaml");
-        std::fs::write(&path, format!("defaults:\n  max_concurrent_jobs: {max_concurrent_jobs}\n")).unwrap();
+        std::fs::write(&path, policy).unwrap();
         let policy = Policy::load(&path).unwrap();
         (dir, JobService::new(backend, JobLimits::default(), policy, Arc::default()))
     }
@@ -645,6 +655,32 @@ mod tests {
         // Another tenant has its own room.
         assert_eq!(burst(&service, "u", 5).await.iter().filter(|r| r.is_ok()).count(), 2);
         assert!(service.creating.lock().unwrap().is_empty(), "every reservation is released");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finished_jobs_still_kept_count_against_max_kept_jobs_even_in_a_burst() {
+        let backend = Arc::new(SlowBackend::default());
+        let (_dir, service) =
+            service_with(backend.clone(), "defaults:\n  max_concurrent_jobs: 100\n  max_kept_jobs: 3\n");
+        let results = burst(&service, "t", 20).await;
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 3);
+        for error in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(
+                matches!(error, JobError::PolicyDenied { rule: Rule::MaxKeptJobs, retry_after: Some(_), .. }),
+                "{error:?}"
+            );
+        }
+        // Finished, but still held: still counted.
+        for job in backend.jobs.lock().unwrap().iter_mut() {
+            let mut record = JobRecord::clone(job);
+            record.status.phase = JobPhase::Succeeded;
+            *job = Arc::new(record);
+        }
+        let result = burst(&service, "t", 1).await.pop().unwrap();
+        assert!(matches!(result, Err(JobError::PolicyDenied { rule: Rule::MaxKeptJobs, .. })), "{result:?}");
+        // Removed (the TTL): room again.
+        backend.jobs.lock().unwrap().pop();
+        assert!(burst(&service, "t", 1).await.pop().unwrap().is_ok());
     }
 
     #[tokio::test]

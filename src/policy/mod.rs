@@ -29,6 +29,9 @@ pub enum Rule {
     AllowedImages,
     PodSecurity,
     MaxConcurrentJobs,
+    /// The tenant's Jobs still held in the namespace: unfinished ones, and finished ones until
+    /// their `ttl_seconds_after_finished` removes them (what counts against the namespace quota).
+    MaxKeptJobs,
     SubmissionsPerMinute,
     MaxStreams,
     MaxBudget,
@@ -52,6 +55,7 @@ impl Rule {
             Self::AllowedImages => "allowed-images",
             Self::PodSecurity => "pod-security",
             Self::MaxConcurrentJobs => "max-concurrent-jobs",
+            Self::MaxKeptJobs => "max-kept-jobs",
             Self::SubmissionsPerMinute => "submissions-per-minute",
             Self::MaxStreams => "max-streams",
             Self::MaxBudget => "max-budget",
@@ -71,7 +75,11 @@ impl Rule {
             | Self::MaxBudget
             | Self::KubernetesAdmission => 422,
             Self::AllowedModels | Self::ResourceProfile | Self::AllowedImages | Self::PodSecurity => 403,
-            Self::MaxConcurrentJobs | Self::SubmissionsPerMinute | Self::MaxStreams | Self::NamespaceQuota => 429,
+            Self::MaxConcurrentJobs
+            | Self::MaxKeptJobs
+            | Self::SubmissionsPerMinute
+            | Self::MaxStreams
+            | Self::NamespaceQuota => 429,
         }
     }
 }
@@ -115,6 +123,9 @@ pub struct Submission<'a> {
     pub spec: &'a JobSpec,
     /// The tenant's unfinished jobs right now.
     pub active_jobs: usize,
+    /// The tenant's jobs the backend still holds: unfinished ones and finished ones not yet
+    /// removed by `ttl_seconds_after_finished` (on Kubernetes, its Jobs in the namespace).
+    pub kept_jobs: usize,
     /// The agent image the job would run, where there is one (Kubernetes).
     pub image: Option<&'a str>,
 }
@@ -243,7 +254,7 @@ mod tests {
     fn the_rate_limit_denies_with_retry_after_and_refills() {
         let (_dir, policy) = policy("defaults:\n  submissions_per_minute: 2\n");
         let spec = spec();
-        let submission = Submission { tenant: "t", spec: &spec, active_jobs: 0, image: None };
+        let submission = Submission { tenant: "t", spec: &spec, active_jobs: 0, kept_jobs: 0, image: None };
         assert!(policy.evaluate(&submission, true).denial().is_none());
         assert!(policy.evaluate(&submission, false).denial().is_none(), "a dry run consumes nothing");
         assert!(policy.evaluate(&submission, true).denial().is_none());

@@ -4,6 +4,9 @@ use super::{Rule, Submission, Verdict};
 use crate::jobs::{Budget, NanoUsd};
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
+/// When a submission refused by `max_kept_jobs` may be retried.
+const KEPT_JOBS_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 /// Requests and limits of the agent container.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +49,9 @@ impl Egress {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantRules {
     pub max_concurrent_jobs: u32,
+    /// The tenant's jobs held at once, finished ones included until their TTL removes them: what
+    /// a tenant may hold of the namespace's `count/jobs.batch` quota.
+    pub max_kept_jobs: u32,
     pub submissions_per_minute: u32,
     /// Open watch and log-follow streams per tenant (per replica).
     pub max_streams: u32,
@@ -77,6 +83,7 @@ impl Default for TenantRules {
     fn default() -> Self {
         Self {
             max_concurrent_jobs: 1000,
+            max_kept_jobs: 5000,
             submissions_per_minute: 1200,
             max_streams: 100,
             max_turns: 100,
@@ -119,6 +126,7 @@ impl BudgetPatch {
 #[serde(deny_unknown_fields)]
 struct RulesPatch {
     max_concurrent_jobs: Option<u32>,
+    max_kept_jobs: Option<u32>,
     submissions_per_minute: Option<u32>,
     max_streams: Option<u32>,
     max_turns: Option<u32>,
@@ -147,6 +155,7 @@ impl RulesPatch {
         }
         take!(
             max_concurrent_jobs,
+            max_kept_jobs,
             submissions_per_minute,
             max_streams,
             max_turns,
@@ -381,6 +390,24 @@ impl TenantRules {
             }
         };
         verdicts.push(concurrency);
+        // Room appears when one of the tenant's finished jobs is removed (its TTL) or deleted;
+        // nothing tells when, so clients come back in a minute.
+        let kept = if s.kept_jobs < self.max_kept_jobs as usize {
+            Verdict::allow(Rule::MaxKeptJobs, format!("{} of {} jobs kept", s.kept_jobs, self.max_kept_jobs))
+        } else {
+            Verdict {
+                retry_after: Some(KEPT_JOBS_RETRY_AFTER),
+                ..Verdict::deny(
+                    Rule::MaxKeptJobs,
+                    format!(
+                        "tenant {} already holds {} jobs (unfinished, or finished and kept until \
+                         ttl_seconds_after_finished removes them); the limit is {}",
+                        s.tenant, s.kept_jobs, self.max_kept_jobs
+                    ),
+                )
+            }
+        };
+        verdicts.push(kept);
         (verdicts, resources)
     }
 }
@@ -419,7 +446,7 @@ defaults:
     }
 
     fn denied(spec: &JobSpec, active: usize, image: Option<&str>) -> Vec<Rule> {
-        let submission = Submission { tenant: "t", spec, active_jobs: active, image };
+        let submission = Submission { tenant: "t", spec, active_jobs: active, kept_jobs: active, image };
         rules().judge(&submission).0.into_iter().filter(|v| !v.allowed).map(|v| v.rule).collect()
     }
 
@@ -442,6 +469,31 @@ defaults:
     }
 
     #[test]
+    fn max_kept_jobs_counts_finished_jobs_still_kept_and_denies_with_retry_after() {
+        let document: PolicyDocument = serde_saphyr::from_str(
+            "defaults:\n  max_concurrent_jobs: 5\n  max_kept_jobs: 3\ntenants:\n  big:\n    max_kept_jobs: 10\n",
+        )
+        .unwrap();
+        let spec = spec(|_| {});
+        let judge = |tenant: &str, active_jobs: usize, kept_jobs: usize| {
+            let submission = Submission { tenant, spec: &spec, active_jobs, kept_jobs, image: None };
+            let verdicts = document.rules_for(tenant).judge(&submission).0;
+            verdicts.into_iter().find(|v| v.rule == Rule::MaxKeptJobs).unwrap()
+        };
+        assert!(judge("t", 0, 2).allowed);
+        // No job running, three finished ones not yet removed by their TTL: full.
+        let denied = judge("t", 0, 3);
+        assert!(!denied.allowed && denied.detail.contains("the limit is 3"), "{denied:?}");
+        assert_eq!((denied.rule.name(), denied.rule.status()), ("max-kept-jobs", 429));
+        assert!(denied.retry_after.is_some_and(|r| r >= Duration::from_secs(1)));
+        // Per tenant.
+        assert!(judge("big", 0, 9).allowed && !judge("big", 0, 10).allowed);
+        // Built in: a bound too, above max_concurrent_jobs.
+        let builtin = TenantRules::default();
+        assert!(builtin.max_kept_jobs >= builtin.max_concurrent_jobs);
+    }
+
+    #[test]
     fn mesh_and_queue_label_keys_need_an_explicit_entry() {
         let labels = |k: &str| [(k.to_string(), "v".to_string())].into();
         let judge = |allowed: &[&str], key: &str| {
@@ -450,7 +502,7 @@ defaults:
                 ..Default::default()
             };
             let spec = spec(|r| r.labels = labels(key));
-            let submission = Submission { tenant: "t", spec: &spec, active_jobs: 0, image: None };
+            let submission = Submission { tenant: "t", spec: &spec, active_jobs: 0, kept_jobs: 0, image: None };
             rules.judge(&submission).0.into_iter().find(|v| v.rule == Rule::AllowedLabelKeys).unwrap()
         };
         for key in ["sidecar.istio.io/inject", "istio.io/rev", "kueue.x-k8s.io/queue-name", "linkerd.io/inject"] {
@@ -468,14 +520,20 @@ defaults:
         let image = Some("oats-agent:0.1.0");
         assert_eq!(denied(&spec(|r| r.profile = Some("team".into())), 0, image), vec![]);
         assert_eq!(denied(&spec(|r| r.profile = Some("rogue".into())), 0, image), vec![Rule::AllowedImages]);
-        let submission = Submission { tenant: "t", spec: &spec(|r| r.profile = Some("team".into())), active_jobs: 0, image };
+        let submission = Submission {
+            tenant: "t",
+            spec: &spec(|r| r.profile = Some("team".into())),
+            active_jobs: 0,
+            kept_jobs: 0,
+            image,
+        };
         let (_, resources) = rules().judge(&submission);
         assert_eq!(resources.unwrap().command.unwrap()[..3], ["/oats/oats", "launch", "--"]);
     }
 
     #[test]
     fn the_default_profile_gives_resources() {
-        let submission = Submission { tenant: "t", spec: &spec(|_| {}), active_jobs: 0, image: None };
+        let submission = Submission { tenant: "t", spec: &spec(|_| {}), active_jobs: 0, kept_jobs: 0, image: None };
         let (_, resources) = rules().judge(&submission);
         assert_eq!(resources.unwrap().memory_limit, "256Mi");
     }

@@ -391,6 +391,22 @@ impl JobCache {
         watched + created
     }
 
+    /// How many of a tenant's Jobs are in the namespace, finished or not (a finished Job stays
+    /// until its `ttlSecondsAfterFinished` removes it, and the watch then delivers the delete),
+    /// counting the ones this replica created that the watch has not delivered yet.
+    pub fn kept_jobs(&self, tenant: &str) -> usize {
+        let state = self.state.read().unwrap();
+        let watched = state.jobs.values().filter(|e| e.record.tenant == tenant).count();
+        let created = state
+            .created
+            .iter()
+            .filter(|(id, c)| {
+                c.record.tenant == tenant && c.at.elapsed() < CREATED_TTL && !state.jobs.contains_key(*id)
+            })
+            .count();
+        watched + created
+    }
+
     pub fn counts(&self, now: chrono::DateTime<chrono::Utc>) -> JobCounts {
         let a_minute_ago = now - chrono::Duration::minutes(1);
         let state = self.state.read().unwrap();
@@ -516,6 +532,37 @@ mod tests {
         assert_eq!(counts.without_pod, 2);
         cache.observe_pod(Event::Apply(pod("a-1", A, "Running")));
         assert_eq!(cache.counts(chrono::Utc::now() + chrono::Duration::minutes(5)).without_pod, 1);
+    }
+
+    #[test]
+    fn kept_jobs_count_finished_jobs_until_their_delete_arrives() {
+        let cache = JobCache::default();
+        let finished = |id: &str| {
+            let mut job = job(id, "t1");
+            job.status = Some(k8s_openapi::api::batch::v1::JobStatus {
+                succeeded: Some(1),
+                conditions: Some(vec![k8s_openapi::api::batch::v1::JobCondition {
+                    type_: "Complete".into(),
+                    status: "True".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            });
+            job
+        };
+        cache.observe_job(Event::Apply(job(A, "t1")));
+        cache.observe_job(Event::Apply(finished(B)));
+        cache.observe_job(Event::Apply(job("job-cccccccccccccccccccc", "t2")));
+        assert_eq!((cache.active_jobs("t1"), cache.kept_jobs("t1"), cache.kept_jobs("t2")), (1, 2, 1));
+        // One this replica just created counts at once.
+        let d = "job-dddddddddddddddddddd";
+        cache.note_created(d, Arc::new(status::job_record(&job(d, "t1"), &[]).unwrap()));
+        assert_eq!(cache.kept_jobs("t1"), 3);
+        cache.observe_job(Event::Apply(job(d, "t1")));
+        assert_eq!(cache.kept_jobs("t1"), 3, "counted once, from the watch");
+        // The TTL controller deletes the finished Job: it no longer counts.
+        cache.observe_job(Event::Delete(finished(B)));
+        assert_eq!((cache.active_jobs("t1"), cache.kept_jobs("t1")), (2, 2));
     }
 
     #[test]

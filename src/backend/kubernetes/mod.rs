@@ -400,6 +400,10 @@ impl JobBackend for KubernetesBackend {
         self.cache.active_jobs(tenant)
     }
 
+    fn kept_jobs(&self, tenant: &str) -> usize {
+        self.cache.kept_jobs(tenant)
+    }
+
     fn counts(&self) -> JobCounts {
         self.cache.counts(chrono::Utc::now())
     }

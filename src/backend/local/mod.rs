@@ -45,6 +45,9 @@ pub struct LocalSettings {
     pub max_log_bytes: u64,
     /// The LLM gateway agents call, when it is on.
     pub gateway: Option<AgentGateway>,
+    /// How long a finished job counts against `max_kept_jobs` (`ttl_seconds_after_finished`, as
+    /// on Kubernetes, where the TTL controller then removes the Job).
+    pub kept_after_finish: std::time::Duration,
 }
 
 /// How local agents reach the LLM gateway: its URL and a credential per job.
@@ -345,6 +348,23 @@ impl JobBackend for LocalBackend {
         let jobs = self.inner.jobs.lock().unwrap();
         jobs.values()
             .filter(|e| e.stored.record.tenant == tenant && !e.stored.record.status.phase.is_terminal())
+            .count()
+    }
+
+    fn kept_jobs(&self, tenant: &str) -> usize {
+        let kept_after_finish =
+            chrono::Duration::from_std(self.inner.settings.kept_after_finish).unwrap_or(chrono::Duration::MAX);
+        let now = Utc::now();
+        let jobs = self.inner.jobs.lock().unwrap();
+        jobs.values()
+            .map(|e| &e.stored.record)
+            .filter(|r| r.tenant == tenant)
+            .filter(|r| match r.finished_at {
+                Some(finished) if r.status.phase.is_terminal() => {
+                    finished.checked_add_signed(kept_after_finish).is_none_or(|until| until > now)
+                }
+                _ => true,
+            })
             .count()
     }
 
