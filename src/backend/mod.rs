@@ -70,6 +70,10 @@ pub trait JobBackend: Send + Sync {
     /// namespace's `count/jobs.batch` quota); locally, the same window over the stored records.
     fn kept_jobs(&self, tenant: &str) -> usize;
 
+    /// Whether the backend already counts the job `id` (so a submission being created is not
+    /// counted twice, once as created and once as in creation).
+    fn knows(&self, id: &JobId) -> bool;
+
     /// Current jobs by phase, for the `oats_jobs` gauges; cheap enough for every scrape.
     fn counts(&self) -> JobCounts;
 

@@ -46,16 +46,20 @@ impl Drop for StreamSlot {
 /// was admitted until the create has finished (by then the backend counts the job itself, or
 /// there is no job). Released when dropped, so a failed or abandoned create gives the slot back.
 struct Reservation {
-    creating: Arc<Mutex<HashMap<String, usize>>>,
+    creating: Arc<Mutex<Creating>>,
     tenant: String,
+    id: JobId,
 }
+
+/// Per tenant, the ids of the submissions admitted and not yet created.
+type Creating = HashMap<String, Vec<JobId>>;
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         let mut creating = self.creating.lock().unwrap();
-        if let Some(count) = creating.get_mut(&self.tenant) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
+        if let Some(ids) = creating.get_mut(&self.tenant) {
+            ids.retain(|id| *id != self.id);
+            if ids.is_empty() {
                 creating.remove(&self.tenant);
             }
         }
@@ -130,7 +134,7 @@ pub struct JobService {
     /// Per tenant, the submissions admitted and not yet created (see [`Reservation`]). Admission
     /// (count, judge, reserve) happens under this lock, so a burst on one replica cannot pass
     /// `max_concurrent_jobs` between the count and the create.
-    creating: Arc<Mutex<HashMap<String, usize>>>,
+    creating: Arc<Mutex<Creating>>,
     usage: Option<Arc<dyn UsageSource>>,
 }
 
@@ -316,7 +320,7 @@ impl JobService {
     /// "not allowed" for anything the real create would be refused for.
     pub async fn dry_run(&self, caller: &Caller, request: JobRequest) -> Result<DryRun, JobError> {
         let mut job = self.new_job(caller, request, None)?.1;
-        let creating = self.creating.lock().unwrap().get(&job.tenant).copied().unwrap_or(0);
+        let creating = self.in_creation(&self.creating.lock().unwrap(), &job.tenant);
         let evaluation = self.evaluate(&job, false, creating);
         job.resources = evaluation.resources;
         let preview = self.backend.preview(&job);
@@ -375,6 +379,12 @@ impl JobService {
         Ok((key, job))
     }
 
+    /// How many of the tenant's admitted submissions the backend does not count yet (a create
+    /// that has reached the backend is counted there, once).
+    fn in_creation(&self, creating: &Creating, tenant: &str) -> usize {
+        creating.get(tenant).map_or(0, |ids| ids.iter().filter(|id| !self.backend.knows(id)).count())
+    }
+
     /// Judge `job` by the policy; `creating` more of the tenant's jobs are being created now.
     fn evaluate(&self, job: &NewJob, consume: bool, creating: usize) -> crate::policy::Evaluation {
         let active_jobs = self.backend.active_jobs(&job.tenant) + creating;
@@ -402,11 +412,11 @@ impl JobService {
         // Count, judge and reserve at once: a burst of parallel submissions cannot all see room.
         let (evaluation, reservation) = {
             let mut creating = self.creating.lock().unwrap();
-            let in_flight = creating.get(&job.tenant).copied().unwrap_or(0);
+            let in_flight = self.in_creation(&creating, &job.tenant);
             let evaluation = self.evaluate(&job, true, in_flight);
             let reservation = evaluation.denial().is_none().then(|| {
-                *creating.entry(job.tenant.clone()).or_default() += 1;
-                Reservation { creating: self.creating.clone(), tenant: job.tenant.clone() }
+                creating.entry(job.tenant.clone()).or_default().push(job.id.clone());
+                Reservation { creating: self.creating.clone(), tenant: job.tenant.clone(), id: job.id.clone() }
             });
             (evaluation, reservation)
         };
@@ -562,6 +572,8 @@ mod tests {
     struct SlowBackend {
         jobs: Mutex<Vec<Arc<JobRecord>>>,
         fail_creates: bool,
+        /// Count the job before the create returns (the local backend stores it, then writes).
+        counts_before_returning: bool,
     }
 
     #[async_trait]
@@ -584,10 +596,19 @@ mod tests {
         fn kept_jobs(&self, tenant: &str) -> usize {
             self.jobs.lock().unwrap().iter().filter(|j| j.tenant == tenant).count()
         }
+        fn knows(&self, id: &JobId) -> bool {
+            self.jobs.lock().unwrap().iter().any(|j| &j.id == id)
+        }
         fn counts(&self) -> JobCounts {
             JobCounts::default()
         }
         async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError> {
+            if self.counts_before_returning {
+                let record = job.pending_record();
+                self.jobs.lock().unwrap().push(Arc::new(record.clone()));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return Ok(CreateOutcome::Created(record));
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
             if self.fail_creates {
                 return Err(BackendError::Unavailable { detail: "down".into(), retry_after: Duration::from_secs(1) });
@@ -611,6 +632,15 @@ mod tests {
         async fn events(&self, _id: &JobId) -> Result<Vec<JobEvent>, BackendError> {
             Ok(vec![])
         }
+    }
+
+    #[tokio::test]
+    async fn a_job_the_backend_counts_before_its_create_returns_is_not_counted_twice() {
+        let backend = Arc::new(SlowBackend { counts_before_returning: true, ..SlowBackend::default() });
+        let (_dir, service) = service(backend.clone(), 2);
+        let results = burst(&service, "t", 10).await;
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 2, "exactly the limit");
+        assert!(service.creating.lock().unwrap().is_empty(), "every reservation is released");
     }
 
     fn service(backend: Arc<SlowBackend>, max_concurrent_jobs: u32) -> (tempfile::TempDir, JobService) {

@@ -404,6 +404,10 @@ impl JobBackend for KubernetesBackend {
         self.cache.kept_jobs(tenant)
     }
 
+    fn knows(&self, id: &JobId) -> bool {
+        self.cache.get(id.as_str()).is_some()
+    }
+
     fn counts(&self) -> JobCounts {
         self.cache.counts(chrono::Utc::now())
     }

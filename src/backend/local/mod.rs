@@ -214,6 +214,22 @@ impl Inner {
             .map_err(|e| BackendError::Internal(format!("cannot persist job {id}: {e}")))
     }
 
+    /// Apply `change` durably first, then visibly: the record is written with the change before
+    /// readers see it, so a state the API reported survives a crash (a job shown running is
+    /// reported `ServerRestarted` after a restart, never run again). `change` must be idempotent
+    /// and respect what happened in between (it is applied to a copy, then to the live state).
+    async fn change_durably(&self, id: &JobId, change: impl Fn(&mut StoredJob)) -> Result<(), BackendError> {
+        let _guard = self.write_lock.lock().await;
+        let Some(mut next) = self.snapshot(id) else { return Ok(()) };
+        change(&mut next);
+        let written =
+            write_atomically(&self.job_dir(id), "record.json", &serde_json::to_vec_pretty(&next).expect("records serialise"))
+                .await
+                .map_err(|e| BackendError::Internal(format!("cannot persist job {id}: {e}")));
+        self.update(id, change);
+        written
+    }
+
     /// Wait for a slot, run the agent, record the outcome.
     async fn run(self: Arc<Self>, id: JobId) {
         let Ok(_permit) = self.slots.acquire().await else { return };
@@ -228,7 +244,9 @@ impl Inner {
             Ok(agent) => {
                 self.metrics.local_running.inc();
                 let pgid = agent.pgid();
-                self.update(&id, |s| {
+                let started_at = Utc::now();
+                let started = event("Normal", "Started", &format!("agent started as process group {pgid}"));
+                let start = |s: &mut StoredJob| {
                     s.pgid = Some(pgid);
                     // A cancel that landed while the agent was starting stays in force; the
                     // agent is stopped as soon as it is waited on.
@@ -236,11 +254,11 @@ impl Inner {
                         s.record_mut().status = JobStatus::new(JobPhase::Running);
                     }
                     let record = s.record_mut();
-                    record.started_at = Some(Utc::now());
+                    record.started_at = Some(started_at);
                     record.attempts = 1;
-                    s.events.push(event("Normal", "Started", &format!("agent started as process group {pgid}")));
-                });
-                if let Err(error) = self.save(&id).await {
+                    s.events.push(started.clone());
+                };
+                if let Err(error) = self.change_durably(&id, start).await {
                     tracing::error!(%error, "cannot persist job start");
                 }
                 let outcome = agent.wait(stored.record.spec.timeout_seconds, &cancel).await;
@@ -349,6 +367,10 @@ impl JobBackend for LocalBackend {
         jobs.values()
             .filter(|e| e.stored.record.tenant == tenant && !e.stored.record.status.phase.is_terminal())
             .count()
+    }
+
+    fn knows(&self, id: &JobId) -> bool {
+        self.inner.jobs.lock().unwrap().contains_key(id)
     }
 
     fn kept_jobs(&self, tenant: &str) -> usize {
