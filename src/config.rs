@@ -276,7 +276,7 @@ config_keys! {
     default_timeout_seconds: u32 = 600;
     /// Longest timeout a job may ask for, in seconds (at most 86400).
     max_timeout_seconds: u32 = 3600;
-    /// Seconds a finished Kubernetes Job (and its record) is kept before Kubernetes deletes it; a finished job counts against `max_kept_jobs` until then (on both backends).
+    /// Seconds a finished job is kept before it is removed: on Kubernetes the Job (deleted by its TTL controller), locally its record, output and workspace; a finished job counts against `max_kept_jobs` until then (on both backends).
     ttl_seconds_after_finished: u32 = 86_400;
     /// Retries of a failed agent pod before the job fails.
     backoff_limit: u32 = 0;

@@ -488,6 +488,30 @@ async fn finished_jobs_count_against_max_kept_jobs_for_ttl_seconds_after_finishe
     assert_eq!(server.submit(json!({"goal": "third", "max_turns": 1})).await.status(), StatusCode::CREATED);
 }
 
+#[tokio::test]
+async fn finished_local_jobs_are_removed_with_their_files_after_ttl_seconds_after_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_TTL_SECONDS_AFTER_FINISHED", "2")]).await;
+    let id = server.create("brief", 1).await["id"].as_str().unwrap().to_owned();
+    let running = server.create("long", 100).await["id"].as_str().unwrap().to_owned();
+    server.wait_for(&id, "succeeded", SOON).await;
+    let job_dir = dir.path().join("jobs").join(&id);
+    assert!(job_dir.join("workspace").is_dir() && job_dir.join("output.log").is_file());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _) = server.get_json(&format!("/api/v1/jobs/{id}")).await;
+        if status == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the finished job was never removed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!job_dir.exists(), "its record, output and workspace are gone");
+    assert_eq!(server.job(&running).await["status"], "running", "unfinished jobs are kept whatever their age");
+    let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{running}/cancel"))).send().await.unwrap();
+    assert_eq!(cancel.status(), StatusCode::OK);
+}
+
 /// Processes (not zombies) whose environment marks them as part of job `id`.
 fn processes_of(id: &str) -> Vec<u32> {
     let marker = format!("OATS_JOB_ID={id}");

@@ -45,8 +45,9 @@ pub struct LocalSettings {
     pub max_log_bytes: u64,
     /// The LLM gateway agents call, when it is on.
     pub gateway: Option<AgentGateway>,
-    /// How long a finished job counts against `max_kept_jobs` (`ttl_seconds_after_finished`, as
-    /// on Kubernetes, where the TTL controller then removes the Job).
+    /// How long a finished job is kept, record, output and workspace, and counts against
+    /// `max_kept_jobs` (`ttl_seconds_after_finished`, as on Kubernetes, where the TTL controller
+    /// then removes the Job); then it is removed.
     pub kept_after_finish: std::time::Duration,
 }
 
@@ -178,6 +179,7 @@ impl LocalBackend {
         for (_, id) in pending {
             tokio::spawn(inner.clone().run(id));
         }
+        Inner::remove_expired_every(&inner);
         Ok(Self { inner })
     }
 }
@@ -228,6 +230,44 @@ impl Inner {
                 .map_err(|e| BackendError::Internal(format!("cannot persist job {id}: {e}")));
         self.update(id, change);
         written
+    }
+
+    /// Remove finished jobs past `kept_after_finish`, checking every tenth of it (at least
+    /// every second, at most every minute), for as long as the backend lives.
+    fn remove_expired_every(inner: &Arc<Self>) {
+        let every = (inner.settings.kept_after_finish / 10)
+            .clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
+        let inner = Arc::downgrade(inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = inner.upgrade() else { return };
+                inner.remove_expired().await;
+            }
+        });
+    }
+
+    /// Forget finished jobs kept longer than `kept_after_finish` and delete their directories
+    /// (record, output, result, workspace).
+    async fn remove_expired(&self) {
+        let Ok(kept) = chrono::Duration::from_std(self.settings.kept_after_finish) else { return };
+        let now = Utc::now();
+        let expired: Vec<JobId> = {
+            let jobs = self.jobs.lock().unwrap();
+            jobs.values()
+                .filter(|e| e.stored.record.status.phase.is_terminal() && e.stored.pgid.is_none())
+                .filter(|e| e.stored.record.finished_at.is_some_and(|f| f + kept <= now))
+                .map(|e| e.stored.record.id.clone())
+                .collect()
+        };
+        for id in expired {
+            let _guard = self.write_lock.lock().await;
+            self.jobs.lock().unwrap().remove(&id);
+            if let Err(error) = tokio::fs::remove_dir_all(self.job_dir(&id)).await {
+                tracing::warn!(job_id = %id, %error, "cannot remove an expired job's directory");
+            }
+            tracing::info!(job_id = %id, "removed a finished job past ttl_seconds_after_finished");
+        }
     }
 
     /// Wait for a slot, run the agent, record the outcome.
