@@ -22,6 +22,8 @@ struct Seen {
     finish_reasons: Vec<String>,
     model: Option<String>,
     chunks: usize,
+    /// `data: [DONE]` arrived: the answer is complete.
+    done: bool,
 }
 
 /// The call, until it is settled; settled at its reservation if the stream is dropped first.
@@ -72,6 +74,10 @@ fn events(relay: Relay) -> impl Stream<Item = std::io::Result<Bytes>> + Send + '
     futures::stream::unfold(relay, |mut relay| async move {
         loop {
             let out = relay.complete_events();
+            // Settled before the client reads `[DONE]`: its next call sees this one charged.
+            if relay.unsettled.seen.done {
+                relay.unsettled.settle(None).await;
+            }
             if !out.is_empty() {
                 return Some((Ok(out), relay));
             }
@@ -125,6 +131,7 @@ impl Relay {
             return Some(Bytes::copy_from_slice(event));
         };
         if data == "[DONE]" {
+            self.unsettled.seen.done = true;
             return Some(Bytes::copy_from_slice(event));
         }
         let Ok(mut chunk) = serde_json::from_str::<Value>(data) else { return Some(Bytes::copy_from_slice(event)) };
