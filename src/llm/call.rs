@@ -2,10 +2,13 @@
 
 use super::{
     ApiError, Gateway,
-    metrics::{CostLabels, DurationLabels, LEDGER_UNAVAILABLE, MODEL_NOT_ALLOWED, ModelLabels, Outcome, ProviderLabel, TokenLabels},
-    openai, relay,
+    metrics::{
+        CostLabels, DurationLabels, LEDGER_UNAVAILABLE, MODEL_NOT_ALLOWED, ModelLabels, Outcome, ProviderLabel,
+        TokenLabels,
+    },
+    openai,
     providers::Model,
-    sizing,
+    relay, sizing,
 };
 use crate::{
     jobs::{JobRecord, NanoUsd, Refusal, TokenCounts},
@@ -129,11 +132,7 @@ pub(super) async fn chat(
     request.insert(requested_field.unwrap_or("max_tokens").into(), size.max_output_tokens.into());
     let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let client_wants_usage = stream
-        && request
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        && request.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
     if stream {
         let options = request.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
         if let Value::Object(options) = options {
@@ -196,9 +195,12 @@ async fn reserve(
     let unavailable = |error: crate::store::StoreError| {
         tracing::error!(%error, job_id = %job.id, "the ledger is unavailable; refusing the model call");
         gateway.metrics.refused(LEDGER_UNAVAILABLE);
-        ApiError::unavailable("the budget ledger is unavailable; no call is forwarded without it", Duration::from_secs(5))
+        ApiError::unavailable(
+            "the budget ledger is unavailable; no call is forwarded without it",
+            Duration::from_secs(5),
+        )
     };
-    gateway.store.open_ledger(&job.id, &job.tenant, limits).await.map_err(unavailable)?;
+    gateway.open_ledger(job, limits).await.map_err(unavailable)?;
     let mut refusal = Refusal::JobTokens;
     for _ in 0..RESERVE_ATTEMPTS {
         let usage = gateway.store.job_usage(&job.id).await.map_err(unavailable)?;
@@ -269,7 +271,13 @@ async fn refuse(gateway: &Gateway, job: &JobRecord, model: &Model, refusal: Refu
 
 /// The `chat {model}` CLIENT span, a child of the agent's `traceparent` if it sent one, else of
 /// the trace that created the job.
-fn call_span(model: &Model, job: &JobRecord, stream: bool, max_tokens: u64, traceparent: Option<&str>) -> tracing::Span {
+fn call_span(
+    model: &Model,
+    job: &JobRecord,
+    stream: bool,
+    max_tokens: u64,
+    traceparent: Option<&str>,
+) -> tracing::Span {
     let span = tracing::info_span!(
         "chat",
         otel.name = format!("chat {}", model.name),
@@ -348,7 +356,10 @@ async fn forward(call: &Call, body: Vec<u8>) -> Result<reqwest::Response, (&'sta
                 _ => format!("provider {} cannot be reached", provider.name),
             };
             let status = if error_type == "timeout" { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
-            return Err((error_type, ApiError { retryable: true, ..ApiError::new(status, "api_error", "upstream_unavailable", message) }));
+            return Err((
+                error_type,
+                ApiError { retryable: true, ..ApiError::new(status, "api_error", "upstream_unavailable", message) },
+            ));
         }
     }
 }
@@ -394,8 +405,18 @@ async fn upstream_error(call: &Call, response: reqwest::Response) -> ApiError {
             "upstream_auth",
             format!("provider {} refused the gateway's credentials; tell the operator", provider.name),
         ),
-        429 => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "upstream_rate_limited", format!("provider {} is rate limiting: {detail}", provider.name)),
-        code if code >= 500 => (StatusCode::BAD_GATEWAY, "api_error", "upstream_error", format!("provider {} failed ({code}): {detail}", provider.name)),
+        429 => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            "upstream_rate_limited",
+            format!("provider {} is rate limiting: {detail}", provider.name),
+        ),
+        code if code >= 500 => (
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "upstream_error",
+            format!("provider {} failed ({code}): {detail}", provider.name),
+        ),
         code => (
             StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
             "invalid_request_error",
@@ -403,7 +424,11 @@ async fn upstream_error(call: &Call, response: reqwest::Response) -> ApiError {
             format!("provider {} refused the request ({code}): {detail}", provider.name),
         ),
     };
-    ApiError { retry_after, retryable: status.as_u16() == 429 || status.is_server_error(), ..ApiError::new(status, kind, code, message) }
+    ApiError {
+        retry_after,
+        retryable: status.as_u16() == 429 || status.is_server_error(),
+        ..ApiError::new(status, kind, code, message)
+    }
 }
 
 /// A non-streamed answer: read it whole, settle, pass it on.
@@ -423,7 +448,12 @@ async fn answer(call: Call, upstream: reqwest::Response) -> Result<Response, Api
                 call.finish(Used::Unknown, Some("stream_interrupted"), &[]).await;
                 return Err(ApiError {
                     retryable: true,
-                    ..ApiError::new(StatusCode::BAD_GATEWAY, "api_error", "upstream_interrupted", "the provider's answer broke off")
+                    ..ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "api_error",
+                        "upstream_interrupted",
+                        "the provider's answer broke off",
+                    )
                 });
             }
         }
@@ -457,10 +487,21 @@ impl Call {
         let metrics = &self.gateway.metrics;
         let provider = self.model.provider.name.clone();
         metrics.in_flight.get_or_create(&ProviderLabel { provider: provider.clone() }).dec();
-        if let Err(error) = self.gateway.store.settle(&self.ticket, tokens, cost).await {
+        match self.gateway.store.settle(&self.ticket, tokens, cost).await {
+            // The tenant's spend of the day, as the settlement left it, for the near-the-limit alert.
+            Ok(Some(spent)) if self.ticket.day == crate::store::today() => {
+                let tenant = super::metrics::TenantLabel { tenant: self.job.tenant.clone() };
+                self.gateway.metrics.tenant_spend_today.get_or_create(&tenant).set(spent.as_usd());
+                if let Some(limit) = self.gateway.jobs.rules_for(&self.job.tenant).daily_spend_limit {
+                    self.gateway.metrics.tenant_daily_limit.get_or_create(&tenant).set(limit.as_usd());
+                }
+            }
+            Ok(_) => {}
             // The reservation stays charged (the most the call could cost) until the sweeper
             // settles it; never less than what was used.
-            tracing::error!(%error, job_id = %self.job.id, "cannot settle a model call; its reservation stays charged");
+            Err(error) => {
+                tracing::error!(%error, job_id = %self.job.id, "cannot settle a model call; its reservation stays charged")
+            }
         }
         let model = self.model.name.clone();
         metrics
@@ -485,10 +526,12 @@ impl Call {
                     .observe(count as f64);
             }
         }
-        metrics.cost.get_or_create(&CostLabels { provider: provider.clone(), model: model.clone() }).inc_by(cost.as_usd());
+        metrics
+            .cost
+            .get_or_create(&CostLabels { provider: provider.clone(), model: model.clone() })
+            .inc_by(cost.as_usd());
         let outcome = if error_type.is_some() { Outcome::UpstreamError } else { Outcome::Ok };
         metrics.request(&provider, &model, outcome);
-        self.update_tenant_gauges().await;
         let span = &self.span;
         span.record("gen_ai.usage.input_tokens", tokens.input);
         span.record("gen_ai.usage.output_tokens", tokens.output);
@@ -512,11 +555,6 @@ impl Call {
             error_type = error_type.unwrap_or(""),
             "model call"
         );
-    }
-
-    /// The tenant's spend today and limit, for the near-the-limit alert.
-    async fn update_tenant_gauges(&self) {
-        self.gateway.update_tenant_gauges(&self.job.tenant).await;
     }
 
     /// Time to the first chunk of a stream.

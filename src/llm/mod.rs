@@ -23,10 +23,8 @@ use crate::{
     policy::Policy,
     store::Store,
 };
-use identity::{IdentityError, Identities};
-use poem::{
-    Endpoint, EndpointExt, Request, Response, Route, get, handler, http::StatusCode, post, web::Data,
-};
+use identity::{Identities, IdentityError};
+use poem::{Endpoint, EndpointExt, Request, Response, Route, get, handler, http::StatusCode, post, web::Data};
 use std::{sync::Arc, time::Duration};
 
 /// Everything a call needs, shared by all calls.
@@ -38,7 +36,13 @@ pub struct Gateway {
     pub metrics: LlmMetrics,
     pub max_body_bytes: usize,
     http: reqwest::Client,
+    /// Jobs whose ledger row this replica has created or seen, so that a call costs no insert.
+    opened: std::sync::Mutex<std::collections::HashSet<crate::jobs::JobId>>,
 }
+
+/// Jobs remembered as opened before the set is cleared (their rows stay; only an insert that
+/// changes nothing is saved).
+const MAX_REMEMBERED_LEDGERS: usize = 100_000;
 
 impl Gateway {
     pub fn new(
@@ -55,7 +59,7 @@ impl Gateway {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .expect("a TLS-capable HTTP client builds");
-        Arc::new(Self { jobs, identities, providers, store, metrics, max_body_bytes, http })
+        Arc::new(Self { jobs, identities, providers, store, metrics, max_body_bytes, http, opened: Default::default() })
     }
 
     /// Settle calls that a dead replica left reserved, every minute, for as long as `self` lives.
@@ -109,12 +113,29 @@ impl Gateway {
         }
     }
 
+    /// Create the job's ledger row on its first call through this replica.
+    async fn open_ledger(
+        &self,
+        job: &JobRecord,
+        limits: &crate::store::LedgerLimits,
+    ) -> Result<(), crate::store::StoreError> {
+        if self.opened.lock().unwrap().contains(&job.id) {
+            return Ok(());
+        }
+        self.store.open_ledger(&job.id, &job.tenant, limits).await?;
+        let mut opened = self.opened.lock().unwrap();
+        if opened.len() >= MAX_REMEMBERED_LEDGERS {
+            opened.clear();
+        }
+        opened.insert(job.id.clone());
+        Ok(())
+    }
+
     /// The job whose credential authorises `request`, while it has not finished.
     async fn caller(&self, request: &Request) -> Result<Arc<JobRecord>, ApiError> {
-        let credential = request
-            .header("authorization")
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| ApiError::unauthenticated("send the job's credential as `Authorization: Bearer <OPENAI_API_KEY>`"))?;
+        let credential = request.header("authorization").and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
+            ApiError::unauthenticated("send the job's credential as `Authorization: Bearer <OPENAI_API_KEY>`")
+        })?;
         let id = self.identities.job_of(credential.trim()).await.map_err(|error| match error {
             IdentityError::KeysUnavailable => ApiError::unavailable(error.to_string(), Duration::from_secs(2)),
             other => {

@@ -153,8 +153,14 @@ impl Store {
         Ok(())
     }
 
-    /// Replace the call's reservation by what it really used. Settling twice changes nothing.
-    pub async fn settle(&self, ticket: &CallTicket, tokens: TokenCounts, cost: NanoUsd) -> Result<(), StoreError> {
+    /// Replace the call's reservation by what it really used, and answer the tenant's settled
+    /// spend of the call's day. Settling twice changes nothing (and answers `None`).
+    pub async fn settle(
+        &self,
+        ticket: &CallTicket,
+        tokens: TokenCounts,
+        cost: NanoUsd,
+    ) -> Result<Option<NanoUsd>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let now = now_millis();
         let first = sqlx::query(
@@ -173,7 +179,7 @@ impl Store {
         .rows_affected();
         if first == 0 {
             tx.rollback().await?;
-            return Ok(());
+            return Ok(None);
         }
         sqlx::query(
             "UPDATE llm_job_ledger SET in_flight = in_flight - 1, reserved_tokens = reserved_tokens - $1, \
@@ -192,17 +198,20 @@ impl Store {
         .bind(ticket.job_id.as_str())
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE llm_tenant_day SET reserved_cost = reserved_cost - $1, cost = cost + $2 WHERE tenant = $3 AND day = $4",
+        let day_cost = sqlx::query(
+            "UPDATE llm_tenant_day SET reserved_cost = reserved_cost - $1, cost = cost + $2 \
+             WHERE tenant = $3 AND day = $4 RETURNING cost",
         )
         .bind(db_int(ticket.reserved_cost.0))
         .bind(db_int(cost.0))
         .bind(&ticket.tenant)
         .bind(&ticket.day)
-        .execute(&mut *tx)
-        .await?;
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|row| row.try_get::<i64, _>("cost"))
+        .transpose()?;
         tx.commit().await?;
-        Ok(())
+        Ok(day_cost.map(|c| NanoUsd(from_db(c))))
     }
 
     /// Calls reserved more than `older_than_ms` ago and never settled (their replica died):
@@ -285,7 +294,12 @@ impl Store {
 
     /// Settled spend grouped by tenant, model and day, for days `from..=to` (YYYY-MM-DD), of one
     /// tenant or all.
-    pub async fn usage_report(&self, from: &str, to: &str, tenant: Option<&str>) -> Result<Vec<DailySpend>, StoreError> {
+    pub async fn usage_report(
+        &self,
+        from: &str,
+        to: &str,
+        tenant: Option<&str>,
+    ) -> Result<Vec<DailySpend>, StoreError> {
         let sql = format!(
             "SELECT tenant, model, day, COUNT(*) AS calls, CAST(SUM(input_tokens) AS BIGINT) AS input_tokens, \
              CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens, \

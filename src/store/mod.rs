@@ -6,7 +6,7 @@
 mod ledger;
 mod migrate;
 
-pub use ledger::{CallTicket, LedgerLimits};
+pub use ledger::{CallTicket, LedgerLimits, today};
 
 use sqlx::{
     AnyPool,
@@ -83,9 +83,9 @@ impl Store {
         let pool = match engine {
             // SQLite has one writer at a time; one connection keeps every transaction serial
             // instead of retrying on SQLITE_BUSY.
-            Engine::Sqlite => AnyPoolOptions::new()
-                .max_connections(1)
-                .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn))),
+            Engine::Sqlite => {
+                AnyPoolOptions::new().max_connections(1).after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)))
+            }
             Engine::Postgres => AnyPoolOptions::new().max_connections(16),
         }
         .acquire_timeout(Duration::from_secs(5))
