@@ -483,8 +483,8 @@ impl Config {
     pub fn database_url(&self) -> Result<Option<String>, ConfigError> {
         match &self.database_url_file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
                 Ok(Some(text.trim().to_owned()).filter(|u| !u.is_empty()))
             }
             None => Ok(self.database_url.as_ref().map(|url| url.expose().to_owned())),

@@ -594,17 +594,17 @@ async fn no_agent_process_of_any_phase_survives_a_crash_and_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A pending job's agent started just before the crash, before its start was recorded.
-    let mut early = std::process::Command::new("sleep")
-        .arg("120")
-        .env("OATS_JOB_ID", &queued)
-        .spawn()
-        .unwrap();
+    let mut early = std::process::Command::new("sleep").arg("120").env("OATS_JOB_ID", &queued).spawn().unwrap();
     server.crash();
     assert!(processes_of(&running).len() >= 2, "the crash itself stopped the agent; the test proves nothing");
 
     let server = Server::start_local(dir.path(), &env).await;
     assert_eq!(server.job(&running).await["reason"], "ServerRestarted");
-    assert_eq!(until_gone(&running, Duration::from_secs(5)).await, Vec::<u32>::new(), "the running job's processes survived");
+    assert_eq!(
+        until_gone(&running, Duration::from_secs(5)).await,
+        Vec::<u32>::new(),
+        "the running job's processes survived"
+    );
     let status = early.try_wait().unwrap();
     assert!(status.is_some(), "the pending job's early agent survived the restart");
     // The pending job runs again, from scratch.
@@ -619,11 +619,9 @@ async fn local_jobs_are_private_bounded_and_tailed_from_the_end() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let chatty = r#"sh,-c,yes 'a line of output' | head -c 3000000; echo done > "$OATS_RESULT_FILE""#;
-    let server = Server::start_local(
-        &state,
-        &[("OATS_LOCAL_AGENT_COMMAND", chatty), ("OATS_LOCAL_MAX_LOG_BYTES", "100000")],
-    )
-    .await;
+    let server =
+        Server::start_local(&state, &[("OATS_LOCAL_AGENT_COMMAND", chatty), ("OATS_LOCAL_MAX_LOG_BYTES", "100000")])
+            .await;
     let id = server.create("talk a lot", 1).await["id"].as_str().unwrap().to_owned();
     let done = server.wait_for(&id, "succeeded", SOON).await;
     assert_eq!(done["result"], "done");

@@ -132,7 +132,12 @@ fn sample(metrics: &str, series: &str) -> f64 {
 #[tokio::test]
 async fn the_agent_works_a_goal_with_tools_through_the_gateway() {
     let gateway = Gateway::start(&[]).await;
-    gateway.fake.push(Reply::tool("write_file", json!({"path": "plan.md", "content": "1. picnic\n2. rain plan\n"}), 100, 20));
+    gateway.fake.push(Reply::tool(
+        "write_file",
+        json!({"path": "plan.md", "content": "1. picnic\n2. rain plan\n"}),
+        100,
+        20,
+    ));
     gateway.fake.push(Reply::tool("read_file", json!({"path": "plan.md"}), 150, 10));
     gateway.fake.push(Reply::text("The plan is in plan.md: picnic, with a rain plan.", 200, 30));
     let job = gateway.submit(json!({"goal": "Plan a picnic in plan.md", "max_turns": 5, "model": "small-model"})).await;
@@ -150,7 +155,9 @@ async fn the_agent_works_a_goal_with_tools_through_the_gateway() {
     assert_eq!((reported.prompt_tokens, reported.completion_tokens), (450, 60));
 
     let logs = gateway.logs(id).await;
-    for line in ["turn=1 tools=write_file input_tokens=100 output_tokens=20", "turn=2 tools=read_file", "turn=3 tools=-"] {
+    for line in
+        ["turn=1 tools=write_file input_tokens=100 output_tokens=20", "turn=2 tools=read_file", "turn=3 tools=-"]
+    {
         assert!(logs.contains(line), "no {line:?} in the logs:\n{logs}");
     }
     // The upstream saw the provider's key and the provider's model name, never the job's credential.
@@ -177,14 +184,23 @@ async fn the_agent_works_a_goal_with_tools_through_the_gateway() {
     let (status, _) = gateway.server.get_json("/api/v1/usage?from=2026-02-30").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "not a date");
     let (status, problem) = gateway.server.get_json("/api/v1/usage?from=2026-12-02&to=2026-12-01").await;
-    assert_eq!((status, problem["type"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("https://oats.dev/problems/validation-failed")));
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("https://oats.dev/problems/validation-failed"))
+    );
     let (status, _) = gateway.server.get_json("/api/v1/usage?from=2024-01-01&to=2026-01-01").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "over 366 days");
 
     let metrics = gateway.metrics().await;
     let labels = r#"gen_ai_operation_name="chat",gen_ai_provider_name="fake",gen_ai_request_model="test-model""#;
-    assert_eq!(sample(&metrics, &format!("gen_ai_client_token_usage_count{{{labels},gen_ai_token_type=\"input\"}}")), 3.0);
-    assert_eq!(sample(&metrics, &format!("gen_ai_client_token_usage_sum{{{labels},gen_ai_token_type=\"output\"}}")), 60.0);
+    assert_eq!(
+        sample(&metrics, &format!("gen_ai_client_token_usage_count{{{labels},gen_ai_token_type=\"input\"}}")),
+        3.0
+    );
+    assert_eq!(
+        sample(&metrics, &format!("gen_ai_client_token_usage_sum{{{labels},gen_ai_token_type=\"output\"}}")),
+        60.0
+    );
     assert_eq!(sample(&metrics, r#"oats_llm_requests_total{provider="fake",model="test-model",outcome="ok"}"#), 3.0);
     gateway.assert_key_never_leaked().await;
 }
@@ -210,7 +226,8 @@ async fn a_budget_that_runs_out_mid_run_stops_the_job_with_budget_exhausted() {
     // The first call uses 9,000 of the 10,000 tokens; the next call's input alone is bounded by
     // more than the 1,000 left, so it cannot be paid for.
     gateway.fake.push(Reply::tool("write_file", json!({"path": "a.txt", "content": "partial"}), 5000, 4000));
-    let job = gateway.submit(json!({"goal": "Write a long essay", "max_turns": 10, "budget": {"max_tokens": 10_000}})).await;
+    let job =
+        gateway.submit(json!({"goal": "Write a long essay", "max_turns": 10, "budget": {"max_tokens": 10_000}})).await;
     let job = gateway.finished(job["id"].as_str().unwrap()).await;
     assert_eq!((job["status"].as_str(), job["reason"].as_str()), (Some("failed"), Some("BudgetExhausted")), "{job}");
     assert!(job["result"].as_str().unwrap().contains("a.txt"), "the partial result names what was done: {job}");
@@ -227,14 +244,19 @@ async fn a_budget_that_runs_out_mid_run_stops_the_job_with_budget_exhausted() {
 async fn tools_refuse_paths_out_of_the_workspace_and_bad_arguments_and_the_job_goes_on() {
     let gateway = Gateway::start(&[]).await;
     gateway.fake.push(Reply::tool("read_file", json!({"path": "../../etc/passwd"}), 10, 5));
-    gateway.fake.push(Reply::ToolCalls { calls: vec![("write_file".into(), "{\"path\": \"x\", ".into())], usage: Default::default() });
+    gateway.fake.push(Reply::ToolCalls {
+        calls: vec![("write_file".into(), "{\"path\": \"x\", ".into())],
+        usage: Default::default(),
+    });
     gateway.fake.push(Reply::tool("final_answer", json!({"answer": "done despite errors"}), 10, 5));
     let job = gateway.submit(json!({"goal": "Read the password file", "max_turns": 5})).await;
     let job = gateway.finished(job["id"].as_str().unwrap()).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["result"], "done despite errors");
     let requests = gateway.chat_requests();
-    let tool_reply = |i: usize| requests[i].body["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_owned();
+    let tool_reply = |i: usize| {
+        requests[i].body["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_owned()
+    };
     assert!(tool_reply(1).starts_with("error:") && tool_reply(1).contains("`..` is not allowed"), "{}", tool_reply(1));
     assert!(!tool_reply(1).contains("root:"));
     assert!(tool_reply(2).starts_with("error: the arguments of write_file must be a JSON object"), "{}", tool_reply(2));
@@ -252,7 +274,8 @@ async fn cancel_mid_turn_leaves_a_partial_result() {
         assert!(Instant::now() < deadline, "the agent never made its second call");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cancel = gateway.server.http.post(gateway.server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    let cancel =
+        gateway.server.http.post(gateway.server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
     assert_eq!(cancel.status(), StatusCode::OK);
     let deadline = Instant::now() + Duration::from_secs(10);
     let job = loop {
@@ -287,7 +310,15 @@ async fn credential_of(gateway: &Gateway, id: &str) -> String {
 const WAITING_AGENT: &str = "sh,-c,echo \"$OPENAI_API_KEY\" > key; exec sleep 60";
 
 async fn chat(gateway: &Gateway, key: &str, body: Value) -> reqwest::Response {
-    gateway.server.http.post(format!("{}/chat/completions", gateway.url)).bearer_auth(key).json(&body).send().await.unwrap()
+    gateway
+        .server
+        .http
+        .post(format!("{}/chat/completions", gateway.url))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -309,18 +340,30 @@ async fn streams_are_relayed_and_charged_and_the_usage_chunk_is_only_for_clients
     assert_eq!(upstream.body["stream_options"]["include_usage"], true, "usage is always asked upstream");
 
     gateway.fake.push(Reply::text("with usage", 20, 3));
-    let asked = json!({"model": "test-model", "messages": messages, "stream": true, "stream_options": {"include_usage": true}});
+    let asked =
+        json!({"model": "test-model", "messages": messages, "stream": true, "stream_options": {"include_usage": true}});
     let body = chat(&gateway, &key, asked).await.text().await.unwrap();
     assert!(body.contains("\"prompt_tokens\":20"), "{body}");
 
     gateway.fake.push(Reply::text("plain", 5, 2));
-    let answer: Value = chat(&gateway, &key, json!({"model": "test-model", "messages": messages})).await.json().await.unwrap();
+    let answer: Value =
+        chat(&gateway, &key, json!({"model": "test-model", "messages": messages})).await.json().await.unwrap();
     assert_eq!(answer["choices"][0]["message"]["content"], "plain");
 
     let usage = gateway.server.job(id).await["usage"].clone();
-    assert_eq!((usage["model_calls"].as_u64(), usage["input_tokens"].as_u64(), usage["output_tokens"].as_u64()), (Some(3), Some(37), Some(12)), "{usage}");
+    assert_eq!(
+        (usage["model_calls"].as_u64(), usage["input_tokens"].as_u64(), usage["output_tokens"].as_u64()),
+        (Some(3), Some(37), Some(12)),
+        "{usage}"
+    );
     let metrics = gateway.metrics().await;
-    assert_eq!(sample(&metrics, r#"gen_ai_client_operation_time_to_first_chunk_seconds_count{gen_ai_operation_name="chat",gen_ai_provider_name="fake",gen_ai_request_model="test-model"}"#), 2.0);
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"gen_ai_client_operation_time_to_first_chunk_seconds_count{gen_ai_operation_name="chat",gen_ai_provider_name="fake",gen_ai_request_model="test-model"}"#
+        ),
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -332,7 +375,11 @@ async fn upstream_faults_are_retried_within_bounds_and_answered_in_openai_format
     let ask = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]});
 
     // A 429 with Retry-After is waited out, then the answer comes.
-    gateway.fake.push(Reply::Status { code: 429, retry_after: Some(1), body: json!({"error": {"message": "slow down"}}) });
+    gateway.fake.push(Reply::Status {
+        code: 429,
+        retry_after: Some(1),
+        body: json!({"error": {"message": "slow down"}}),
+    });
     gateway.fake.push(Reply::text("after the 429", 3, 3));
     let started = Instant::now();
     let response = chat(&gateway, &key, ask.clone()).await;
@@ -341,7 +388,11 @@ async fn upstream_faults_are_retried_within_bounds_and_answered_in_openai_format
 
     // 500s are retried twice (max_retries), then answered as a sanitised 502.
     for _ in 0..3 {
-        gateway.fake.push(Reply::Status { code: 500, retry_after: None, body: json!({"error": {"message": format!("boom with key {PROVIDER_KEY}")}}) });
+        gateway.fake.push(Reply::Status {
+            code: 500,
+            retry_after: None,
+            body: json!({"error": {"message": format!("boom with key {PROVIDER_KEY}")}}),
+        });
     }
     let before = gateway.chat_requests().len();
     let response = chat(&gateway, &key, ask.clone()).await;
@@ -353,7 +404,12 @@ async fn upstream_faults_are_retried_within_bounds_and_answered_in_openai_format
 
     // A stream that dies is charged its reservation; the client gets an error event, no [DONE].
     gateway.fake.push(Reply::DieMidStream { content: "half an answer".into() });
-    let response = chat(&gateway, &key, json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "stream": true})).await;
+    let response = chat(
+        &gateway,
+        &key,
+        json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "stream": true}),
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::OK);
     let text = response.text().await.unwrap();
     assert!(text.contains(r#""code":"upstream_interrupted""#) && !text.contains("[DONE]"), "{text}");
@@ -375,7 +431,8 @@ async fn upstream_faults_are_retried_within_bounds_and_answered_in_openai_format
 /// The input bound charged for the broken stream: the length of the body the client sent
 /// (reqwest writes the JSON compactly, as `to_string` does).
 fn body_bytes_of_stream_call(_gateway: &Gateway) -> u64 {
-    json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string().len() as u64
+    json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string().len()
+        as u64
 }
 
 #[tokio::test]
@@ -385,7 +442,17 @@ async fn credentials_die_with_the_job_and_others_are_refused() {
     let id = job["id"].as_str().unwrap();
     let key = credential_of(&gateway, id).await;
     let ask = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]});
-    let models: Value = gateway.server.http.get(format!("{}/models", gateway.url)).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    let models: Value = gateway
+        .server
+        .http
+        .get(format!("{}/models", gateway.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["data"][0]["id"], "test-model");
     assert_eq!(chat(&gateway, &key, ask.clone()).await.status(), StatusCode::OK);
     for bad in ["", "sk-anything", &key.replace(id, "job-aaaaaaaaaaaaaaaaaaaa")] {
@@ -424,7 +491,11 @@ async fn concurrent_calls_never_spend_past_the_budget() {
             StatusCode::OK => succeeded += 1,
             StatusCode::TOO_MANY_REQUESTS => {
                 let error: Value = response.json().await.unwrap();
-                assert!(["insufficient_quota", "too_many_calls_in_flight"].contains(&error["error"]["code"].as_str().unwrap()), "{error}");
+                assert!(
+                    ["insufficient_quota", "too_many_calls_in_flight"]
+                        .contains(&error["error"]["code"].as_str().unwrap()),
+                    "{error}"
+                );
             }
             other => panic!("unexpected {other}"),
         }
@@ -440,8 +511,9 @@ async fn concurrent_calls_never_spend_past_the_budget() {
 
 /// The interpreter with the `openai` package (scripts/install-test-tools.sh makes it).
 fn python_with_openai() -> String {
-    let python = std::env::var("OATS_TEST_PYTHON")
-        .expect("OATS_TEST_PYTHON is not set: run scripts/install-test-tools.sh (scripts/test.sh does) for the openai SDK");
+    let python = std::env::var("OATS_TEST_PYTHON").expect(
+        "OATS_TEST_PYTHON is not set: run scripts/install-test-tools.sh (scripts/test.sh does) for the openai SDK",
+    );
     let probe = std::process::Command::new(&python).args(["-c", "import openai"]).status();
     assert!(probe.is_ok_and(|s| s.success()), "{python} cannot import openai");
     python
@@ -496,14 +568,8 @@ async fn spans_of(
 ) -> Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let spans: Vec<_> = receiver
-            .spans
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, s)| hex(&s.trace_id) == trace_id)
-            .cloned()
-            .collect();
+        let spans: Vec<_> =
+            receiver.spans.lock().unwrap().iter().filter(|(_, s)| hex(&s.trace_id) == trace_id).cloned().collect();
         // Each name as many times as it is expected.
         let arrived = |name: &str| spans.iter().filter(|(_, s)| s.name == name).count();
         if expected.iter().all(|name| arrived(name) >= expected.iter().filter(|n| *n == name).count()) {
@@ -528,7 +594,10 @@ async fn one_trace_runs_from_the_caller_through_the_job_into_every_model_call() 
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         // Agents export too: the endpoint is passed to them.
-        ("OATS_LOCAL_ENV_ALLOWLIST", "PATH,OTEL_EXPORTER_OTLP_ENDPOINT,OTEL_EXPORTER_OTLP_PROTOCOL,OTEL_BSP_SCHEDULE_DELAY"),
+        (
+            "OATS_LOCAL_ENV_ALLOWLIST",
+            "PATH,OTEL_EXPORTER_OTLP_ENDPOINT,OTEL_EXPORTER_OTLP_PROTOCOL,OTEL_BSP_SCHEDULE_DELAY",
+        ),
     ])
     .await;
     gateway.fake.push(Reply::tool("write_file", json!({"path": "a.txt", "content": "x"}), 40, 8));
@@ -613,7 +682,10 @@ async fn a_long_answer_is_cut_for_the_result_and_kept_whole_in_result_md() {
     assert_eq!(job["status"], "succeeded", "{job}");
     let result = job["result"].as_str().unwrap();
     assert!(result.len() <= 4096, "{} bytes", result.len());
-    assert!(result.starts_with("All work and no play.") && result.ends_with("[The full answer is in result.md in the workspace.]"));
+    assert!(
+        result.starts_with("All work and no play.")
+            && result.ends_with("[The full answer is in result.md in the workspace.]")
+    );
     assert_eq!(std::fs::read_to_string(gateway.workspace(id).join("result.md")).unwrap(), answer);
 }
 
@@ -623,7 +695,10 @@ async fn the_agent_stops_with_a_partial_result_as_its_deadline_nears() {
     // and stops, before the server's timeout kills it.
     let gateway = Gateway::start_with_timeout(&[], 30).await;
     gateway.fake.push(Reply::tool("write_file", json!({"path": "notes.md", "content": "n"}), 10, 5));
-    gateway.fake.push(Reply::Slow { delay: Duration::from_millis(9_800), then: Box::new(Reply::tool("list_files", json!({}), 10, 5)) });
+    gateway.fake.push(Reply::Slow {
+        delay: Duration::from_millis(9_800),
+        then: Box::new(Reply::tool("list_files", json!({}), 10, 5)),
+    });
     let job = gateway.submit(json!({"goal": "Take your time", "max_turns": 10, "timeout_seconds": 12})).await;
     let job = gateway.finished(job["id"].as_str().unwrap()).await;
     assert_eq!((job["status"].as_str(), job["reason"].as_str()), (Some("failed"), Some("DeadlineExceeded")), "{job}");
@@ -668,7 +743,8 @@ async fn without_its_ledger_the_gateway_forwards_nothing_and_the_api_keeps_servi
     let (host_port, database) = rest.split_once('/').unwrap();
     let relay = Relay::to(host_port.parse().unwrap()).await;
     let through_relay = format!("{head}@127.0.0.1:{}/{database}", relay.port);
-    let gateway = Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", WAITING_AGENT), ("OATS_DATABASE_URL", &through_relay)]).await;
+    let gateway =
+        Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", WAITING_AGENT), ("OATS_DATABASE_URL", &through_relay)]).await;
     let job = gateway.submit(json!({"goal": "wait", "max_turns": 10})).await;
     let id = job["id"].as_str().unwrap();
     let key = credential_of(&gateway, id).await;
@@ -688,7 +764,10 @@ async fn without_its_ledger_the_gateway_forwards_nothing_and_the_api_keeps_servi
     assert_eq!(job["status"], "running");
     let metrics = gateway.metrics().await;
     assert_eq!(sample(&metrics, r#"oats_llm_budget_refusals_total{reason="ledger_unavailable"}"#), 1.0);
-    assert!(!gateway.server.log_text().contains(head.rsplit_once(':').unwrap().1), "the database password is in the log");
+    assert!(
+        !gateway.server.log_text().contains(head.rsplit_once(':').unwrap().1),
+        "the database password is in the log"
+    );
 }
 
 #[tokio::test]
@@ -696,7 +775,9 @@ async fn the_tenant_policy_is_enforced_on_every_call_and_the_providers_file_relo
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
     std::fs::write(&policy, "defaults:\n  allowed_models: [test-model]\n  daily_spend_limit_usd: 0.0003\n").unwrap();
-    let gateway = Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", WAITING_AGENT), ("OATS_POLICY_FILE", policy.to_str().unwrap())]).await;
+    let gateway =
+        Gateway::start(&[("OATS_LOCAL_AGENT_COMMAND", WAITING_AGENT), ("OATS_POLICY_FILE", policy.to_str().unwrap())])
+            .await;
     let job = gateway.submit(json!({"goal": "wait", "max_turns": 50})).await;
     let id = job["id"].as_str().unwrap();
     let key = credential_of(&gateway, id).await;
@@ -704,7 +785,13 @@ async fn the_tenant_policy_is_enforced_on_every_call_and_the_providers_file_relo
     // A model the tenant may not use: refused before any upstream call, whatever the job said.
     let providers = gateway.dir.path().join("providers.yaml");
     let yaml = std::fs::read_to_string(&providers).unwrap();
-    std::fs::write(&providers, format!("{yaml}      - name: other-model\n        input_per_million_usd: 1\n        output_per_million_usd: 1\n")).unwrap();
+    std::fs::write(
+        &providers,
+        format!(
+            "{yaml}      - name: other-model\n        input_per_million_usd: 1\n        output_per_million_usd: 1\n"
+        ),
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let answer = gateway.server.http.get(format!("{}/models", gateway.url)).bearer_auth(&key).send().await.unwrap();
@@ -726,7 +813,12 @@ async fn the_tenant_policy_is_enforced_on_every_call_and_the_providers_file_relo
     let mut refused = None;
     for _ in 0..5 {
         gateway.fake.push(Reply::text("x", 60, 90));
-        let response = chat(&gateway, &key, json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 90})).await;
+        let response = chat(
+            &gateway,
+            &key,
+            json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 90}),
+        )
+        .await;
         if response.status() == StatusCode::TOO_MANY_REQUESTS {
             refused = Some(response.json::<Value>().await.unwrap());
             break;

@@ -546,10 +546,9 @@ async fn http_limits_hold_against_slow_and_greedy_clients() {
         assert!(probe.elapsed() < Duration::from_secs(1), "/healthz took {:?}", probe.elapsed());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let closed = futures::future::join_all(
-        stalled.iter_mut().map(|stream| read_until_closed(stream, Duration::from_secs(10))),
-    )
-    .await;
+    let closed =
+        futures::future::join_all(stalled.iter_mut().map(|stream| read_until_closed(stream, Duration::from_secs(10))))
+            .await;
     let elapsed = started.elapsed();
     assert!(closed.iter().all(Option::is_some), "a stalled connection was never closed");
     assert!(elapsed < Duration::from_secs(5), "the stalled connections were closed after {elapsed:?}");

@@ -66,7 +66,11 @@ async fn reservations_settle_to_what_was_used_and_refusals_name_the_limit() {
         );
         store.record_refusal(&job, Refusal::CallCap).await.unwrap();
         store.record_refusal(&job, Refusal::JobTokens).await.unwrap();
-        assert_eq!(store.job_usage(&job).await.unwrap().unwrap().refused, Some(Refusal::CallCap), "{engine}: the first refusal stays");
+        assert_eq!(
+            store.job_usage(&job).await.unwrap().unwrap().refused,
+            Some(Refusal::CallCap),
+            "{engine}: the first refusal stays"
+        );
 
         let costly = JobId::random();
         let limits = limits_with_cost(1000);
@@ -119,14 +123,18 @@ async fn concurrent_reservations_from_two_replicas_never_pass_the_budget() {
         let limits = limits(Some(1000), None, 1000);
         stores[0].open_ledger(&job, &tenant, &limits).await.unwrap();
         let attempts = (0..50).map(|i| {
-            let (store, job, tenant, limits) = (stores[i % stores.len()].clone(), job.clone(), tenant.clone(), limits.clone());
+            let (store, job, tenant, limits) =
+                (stores[i % stores.len()].clone(), job.clone(), tenant.clone(), limits.clone());
             tokio::spawn(async move { store.reserve(&job, &tenant, &limits, ROUTE, 100, NanoUsd(0)).await.unwrap() })
         });
         let results = futures::future::join_all(attempts).await;
         let admitted: Vec<_> = results.into_iter().map(Result::unwrap).filter_map(Result::ok).collect();
         assert_eq!(admitted.len(), 10, "{engine}");
         for ticket in &admitted {
-            stores[0].settle(ticket, TokenCounts { input: 40, output: 60, ..Default::default() }, NanoUsd(1)).await.unwrap();
+            stores[0]
+                .settle(ticket, TokenCounts { input: 40, output: 60, ..Default::default() }, NanoUsd(1))
+                .await
+                .unwrap();
         }
         let usage = stores[0].job_usage(&job).await.unwrap().unwrap();
         assert_eq!((usage.model_calls, usage.tokens.total(), usage.tokens_left), (10, 1000, Some(0)), "{engine}");
@@ -148,16 +156,22 @@ async fn migrations_run_once_when_replicas_start_together() {
 #[tokio::test]
 async fn usage_is_reported_by_tenant_model_and_day_and_abandoned_calls_are_settled() {
     // Settling abandoned calls touches every call in flight: this test has a database to itself.
-    let url = std::env::var("OATS_TEST_DATABASE_URL2").expect("OATS_TEST_DATABASE_URL2 is not set: run scripts/test.sh");
+    let url =
+        std::env::var("OATS_TEST_DATABASE_URL2").expect("OATS_TEST_DATABASE_URL2 is not set: run scripts/test.sh");
     let dir = tempfile::tempdir().unwrap();
-    let stores = [("sqlite", Store::open_in(dir.path()).await.unwrap()), ("postgres", Store::open(&url).await.unwrap())];
+    let stores =
+        [("sqlite", Store::open_in(dir.path()).await.unwrap()), ("postgres", Store::open(&url).await.unwrap())];
     for (engine, store) in stores {
         let (job, tenant) = (JobId::random(), tenant());
         let limits = limits(None, None, 10);
         store.open_ledger(&job, &tenant, &limits).await.unwrap();
         for (model, input) in [("m1", 10), ("m1", 20), ("m2", 5)] {
-            let ticket = store.reserve(&job, &tenant, &limits, ("fake", model), 100, NanoUsd(9)).await.unwrap().unwrap();
-            store.settle(&ticket, TokenCounts { input, output: 1, ..Default::default() }, NanoUsd(input)).await.unwrap();
+            let ticket =
+                store.reserve(&job, &tenant, &limits, ("fake", model), 100, NanoUsd(9)).await.unwrap().unwrap();
+            store
+                .settle(&ticket, TokenCounts { input, output: 1, ..Default::default() }, NanoUsd(input))
+                .await
+                .unwrap();
         }
         let abandoned = store.reserve(&job, &tenant, &limits, ("fake", "m2"), 100, NanoUsd(9)).await.unwrap().unwrap();
         let today = chrono::Utc::now().format("%Y-%m-%d").to_string();

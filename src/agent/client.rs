@@ -58,17 +58,15 @@ const RETRIES: u32 = 3;
 
 impl ModelClient {
     pub fn new(base_url: &str, credential: Credential, traceparent: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(600))
-            .build()
-            .expect("an HTTP client builds");
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(600)).build().expect("an HTTP client builds");
         Self { http, base_url: base_url.trim_end_matches('/').to_owned(), credential, traceparent }
     }
 
     fn request(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         let builder = builder.bearer_auth(self.credential.current());
         // The current span's context when the agent exports spans, else the job's own.
-        let traceparent = crate::telemetry::trace::context_header(&tracing::Span::current()).or(self.traceparent.clone());
+        let traceparent =
+            crate::telemetry::trace::context_header(&tracing::Span::current()).or(self.traceparent.clone());
         match traceparent {
             Some(traceparent) => builder.header("traceparent", traceparent),
             None => builder,
@@ -93,7 +91,8 @@ impl ModelClient {
         let body = json!({"model": model, "messages": messages, "tools": tools});
         let mut attempt = 0;
         loop {
-            let sent = self.request(self.http.post(format!("{}/chat/completions", self.base_url))).json(&body).send().await;
+            let sent =
+                self.request(self.http.post(format!("{}/chat/completions", self.base_url))).json(&body).send().await;
             let response = match sent {
                 Ok(response) => response,
                 Err(error) if attempt < RETRIES => {
@@ -108,9 +107,14 @@ impl ModelClient {
             let retryable = response.headers().get("x-should-retry").and_then(|v| v.to_str().ok()) == Some("true");
             let body: Value = response.json().await.unwrap_or(Value::Null);
             if status.is_success() {
-                let message = body.pointer("/choices/0/message").cloned().unwrap_or_else(|| json!({"role": "assistant"}));
+                let message =
+                    body.pointer("/choices/0/message").cloned().unwrap_or_else(|| json!({"role": "assistant"}));
                 let count = |key: &str| body.pointer(&format!("/usage/{key}")).and_then(Value::as_u64).unwrap_or(0);
-                return Ok(Answer { message, input_tokens: count("prompt_tokens"), output_tokens: count("completion_tokens") });
+                return Ok(Answer {
+                    message,
+                    input_tokens: count("prompt_tokens"),
+                    output_tokens: count("completion_tokens"),
+                });
             }
             let code = body.pointer("/error/code").and_then(Value::as_str).unwrap_or_default();
             let message = body.pointer("/error/message").and_then(Value::as_str).unwrap_or("no detail").to_owned();

@@ -12,6 +12,7 @@ pub mod tools;
 
 pub use launch::{install as install_launcher, launch};
 
+use crate::jobs::agent_env;
 use client::{ChatError, Credential, ModelClient};
 use serde_json::{Value, json};
 use std::{
@@ -19,10 +20,9 @@ use std::{
     path::PathBuf,
     time::{Duration, Instant},
 };
-use crate::jobs::agent_env;
+use tools::{ToolOutcome, Workspace};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tools::{ToolOutcome, Workspace};
 
 /// The job's answer, within the result limit.
 const EXIT_ANSWERED: i32 = 0;
@@ -70,7 +70,13 @@ impl Contract {
             credential: match (var(agent_env::OPENAI_API_KEY), var(agent_env::LLM_TOKEN_FILE)) {
                 (Some(key), _) => Credential::Fixed(key),
                 (None, Some(file)) => Credential::File(file.into()),
-                (None, None) => return Err(format!("neither {} nor {} is set", agent_env::OPENAI_API_KEY, agent_env::LLM_TOKEN_FILE)),
+                (None, None) => {
+                    return Err(format!(
+                        "neither {} nor {} is set",
+                        agent_env::OPENAI_API_KEY,
+                        agent_env::LLM_TOKEN_FILE
+                    ));
+                }
             },
             traceparent: var("TRACEPARENT"),
         })
@@ -139,7 +145,12 @@ async fn run_traced() -> i32 {
     let workspace = match Workspace::new(&contract.workspace) {
         Ok(workspace) => workspace,
         Err(error) => {
-            return finish(&contract.result_file, None, EXIT_FAILED, &format!("Failed: the workspace is unusable: {error}"));
+            return finish(
+                &contract.result_file,
+                None,
+                EXIT_FAILED,
+                &format!("Failed: the workspace is unusable: {error}"),
+            );
         }
     };
     let mut progress = Progress::default();
@@ -184,10 +195,8 @@ async fn work(contract: &Contract, workspace: &Workspace, progress: &mut Progres
         },
     };
     say(&format!("agent: model={model} max_turns={} workspace={}", contract.max_turns, workspace.root().display()));
-    let mut messages = vec![
-        json!({"role": "system", "content": SYSTEM_PROMPT}),
-        json!({"role": "user", "content": contract.goal}),
-    ];
+    let mut messages =
+        vec![json!({"role": "system", "content": SYSTEM_PROMPT}), json!({"role": "user", "content": contract.goal})];
     for turn in 1..=contract.max_turns {
         if Instant::now() >= deadline {
             return (EXIT_DEADLINE_NEAR, progress.summary("the job's deadline is near."));
@@ -200,7 +209,9 @@ async fn work(contract: &Contract, workspace: &Workspace, progress: &mut Progres
             Err(ChatError::CallCap(why)) => {
                 return (EXIT_MAX_TURNS_REACHED, progress.summary(&format!("the call cap was reached ({why}).")));
             }
-            Err(ChatError::Other(why)) => return (EXIT_FAILED, progress.summary(&format!("the model call failed: {why}"))),
+            Err(ChatError::Other(why)) => {
+                return (EXIT_FAILED, progress.summary(&format!("the model call failed: {why}")));
+            }
         };
         progress.turns = turn;
         progress.input_tokens += answer.input_tokens;

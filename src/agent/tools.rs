@@ -196,7 +196,9 @@ impl Workspace {
             return Err(format!("end_line {end} is before start_line {start}"));
         }
         let mut out = String::new();
-        for (number, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l)).filter(|(n, _)| (start..=end).contains(n)) {
+        for (number, line) in
+            text.lines().enumerate().map(|(i, l)| (i + 1, l)).filter(|(n, _)| (start..=end).contains(n))
+        {
             if out.len() + line.len() + 1 > MAX_READ_BYTES {
                 out.push_str(&format!("... (cut at 64 KiB; read on with start_line={number})"));
                 return Ok(out);
@@ -279,8 +281,14 @@ mod tests {
     #[test]
     fn files_are_written_read_listed_and_searched() {
         let (_dir, ws) = workspace();
-        assert_eq!(output(ws.run("write_file", r#"{"path":"notes/a.txt","content":"one\ntwo\nthree\n"}"#)), "wrote 14 bytes to notes/a.txt");
-        assert_eq!(output(ws.run("read_file", r#"{"path":"notes/a.txt","start_line":2,"end_line":3}"#)), "two\nthree\n");
+        assert_eq!(
+            output(ws.run("write_file", r#"{"path":"notes/a.txt","content":"one\ntwo\nthree\n"}"#)),
+            "wrote 14 bytes to notes/a.txt"
+        );
+        assert_eq!(
+            output(ws.run("read_file", r#"{"path":"notes/a.txt","start_line":2,"end_line":3}"#)),
+            "two\nthree\n"
+        );
         assert!(output(ws.run("list_files", "{}")).contains("notes/a.txt (14 bytes)"));
         assert_eq!(output(ws.run("search_text", r#"{"text":"thr"}"#)), "notes/a.txt:3: three");
         assert_eq!(ws.run("final_answer", r#"{"answer":"done"}"#), ToolOutcome::Answer("done".into()));

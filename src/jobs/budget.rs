@@ -132,7 +132,8 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 5] = [Self::JobTokens, Self::JobCost, Self::TenantDailySpend, Self::CallCap, Self::InFlight];
+    pub const ALL: [Refusal; 5] =
+        [Self::JobTokens, Self::JobCost, Self::TenantDailySpend, Self::CallCap, Self::InFlight];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -1,8 +1,8 @@
 //! The job service: the one entry point the HTTP layer calls.
 
 use super::{
-    CreateOutcome, FieldError, IdempotencyKey, JobError, JobEvent, JobId, JobLimits, JobPage, JobPhase, JobRecord, JobRequest,
-    JobUsage, ListQuery, LogOptions, LogStream, NewJob, UsageSource, page,
+    CreateOutcome, FieldError, IdempotencyKey, JobError, JobEvent, JobId, JobLimits, JobPage, JobPhase, JobRecord,
+    JobRequest, JobUsage, ListQuery, LogOptions, LogStream, NewJob, UsageSource, page,
 };
 use crate::{
     auth::{Caller, Role},
@@ -177,7 +177,10 @@ impl JobService {
         }
         let tenant = match tenant {
             Some(tenant) if !caller.sees(tenant) => {
-                return Err(JobError::Forbidden(format!("tenant {} may not see the spend of tenant {tenant}", caller.tenant)));
+                return Err(JobError::Forbidden(format!(
+                    "tenant {} may not see the spend of tenant {tenant}",
+                    caller.tenant
+                )));
             }
             Some(tenant) => Some(tenant),
             None if caller.role == Role::Admin => None,

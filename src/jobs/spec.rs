@@ -84,10 +84,9 @@ pub mod agent_exit {
     /// The stable reason a failed agent's exit code stands for, if it is one of the contract's.
     pub fn reason(code: i32) -> Option<(crate::jobs::JobReason, &'static str)> {
         match code {
-            BUDGET_EXHAUSTED => Some((
-                crate::jobs::JobReason::BudgetExhausted,
-                "the job's budget could not pay for another model call",
-            )),
+            BUDGET_EXHAUSTED => {
+                Some((crate::jobs::JobReason::BudgetExhausted, "the job's budget could not pay for another model call"))
+            }
             MAX_TURNS_REACHED => {
                 Some((crate::jobs::JobReason::MaxTurnsReached, "the job made its max_turns model calls"))
             }

@@ -175,7 +175,11 @@ mod tests {
     use serde_json::json;
 
     fn rules() -> ServiceAccountRules {
-        ServiceAccountRules { audience: "oats-llm".into(), namespace: "oats".into(), service_account: "oats-agent".into() }
+        ServiceAccountRules {
+            audience: "oats-llm".into(),
+            namespace: "oats".into(),
+            service_account: "oats-agent".into(),
+        }
     }
 
     fn claims(value: Value) -> Map<String, Value> {
@@ -190,8 +194,12 @@ mod tests {
             "nbf": now + nbf_from_now, "iat": now,
             "kubernetes.io": {"namespace": "oats", "serviceaccount": {"name": "oats-agent"},
                 "pod": {"name": "job-abcdefghijklmnopqrst-x7k2p"}}});
-        jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), &claims, &jsonwebtoken::EncodingKey::from_secret(b"k"))
-            .unwrap()
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"k"),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -207,7 +215,13 @@ mod tests {
             assert_eq!(check(&token), Err(IdentityError::InvalidToken(why.into())));
         }
         let wrong_key = DecodingKey::from_secret(b"other");
-        let forged = super::check(&token(600, 0, "oats-llm"), &wrong_key, Algorithm::HS256, "https://kubernetes.default.svc", &rules());
+        let forged = super::check(
+            &token(600, 0, "oats-llm"),
+            &wrong_key,
+            Algorithm::HS256,
+            "https://kubernetes.default.svc",
+            &rules(),
+        );
         assert_eq!(forged, Err(IdentityError::InvalidToken("InvalidSignature".into())));
     }
 

@@ -73,10 +73,7 @@ pub fn finish_reasons(answer: &Value) -> Vec<String> {
         .get("choices")
         .and_then(Value::as_array)
         .map(|choices| {
-            choices
-                .iter()
-                .filter_map(|c| c.get("finish_reason").and_then(Value::as_str).map(str::to_owned))
-                .collect()
+            choices.iter().filter_map(|c| c.get("finish_reason").and_then(Value::as_str).map(str::to_owned)).collect()
         })
         .unwrap_or_default()
 }

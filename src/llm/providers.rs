@@ -343,9 +343,15 @@ mod tests {
         for (yaml, expected) in [
             ("providers:\n  - name: p\n    base_url: ftp://x\n    models: [{name: m}]\n", "base_url"),
             ("providers:\n  - name: p\n    base_url: http://x\n    models: []\n", "at least one model"),
-            ("providers:\n  - name: p\n    base_url: http://x\n    api_key_file: missing\n    models: [{name: m}]\n", "API key file"),
+            (
+                "providers:\n  - name: p\n    base_url: http://x\n    api_key_file: missing\n    models: [{name: m}]\n",
+                "API key file",
+            ),
             ("providers:\n  - name: p\n    base_url: http://x\n    models: [{name: m}, {name: m}]\n", "twice"),
-            ("providers:\n  - name: p\n    base_url: http://x\n    models: [{name: m, input_per_million_usd: -1}]\n", "prices"),
+            (
+                "providers:\n  - name: p\n    base_url: http://x\n    models: [{name: m, input_per_million_usd: -1}]\n",
+                "prices",
+            ),
             ("providers: [{name: p, base_url: http://x, bogus: 1, models: [{name: m}]}]\n", "bogus"),
         ] {
             let error = Catalog::load(&write(dir.path(), yaml)).unwrap_err().to_string();

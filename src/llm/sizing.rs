@@ -68,7 +68,14 @@ mod tests {
         let none = Budget::default();
         assert_eq!(size(500, Some(100), 4096, &PRICES, None, &none).unwrap().max_output_tokens, 100);
         let call = size(500, None, 4096, &PRICES, None, &none).unwrap();
-        assert_eq!(call, CallSize { max_output_tokens: 4096, reserved_tokens: 4596, reserved_cost: NanoUsd(500 * 1000 + 4096 * 4000) });
+        assert_eq!(
+            call,
+            CallSize {
+                max_output_tokens: 4096,
+                reserved_tokens: 4596,
+                reserved_cost: NanoUsd(500 * 1000 + 4096 * 4000)
+            }
+        );
     }
 
     #[test]

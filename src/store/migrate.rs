@@ -62,11 +62,8 @@ async fn apply_pending(engine: Engine, conn: &mut sqlx::AnyConnection) -> Result
 
 /// The statements of a migration file: `--` comments dropped, split at `;`.
 fn statements(sql: &str) -> Vec<String> {
-    let code: String = sql
-        .lines()
-        .map(|line| line.split_once("--").map_or(line, |(code, _)| code))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let code: String =
+        sql.lines().map(|line| line.split_once("--").map_or(line, |(code, _)| code)).collect::<Vec<_>>().join("\n");
     code.split(';').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
 }
 
@@ -74,7 +71,9 @@ fn statements(sql: &str) -> Vec<String> {
 mod tests {
     #[test]
     fn migration_files_split_into_statements() {
-        let statements = super::statements("-- a comment; with a semicolon\nCREATE TABLE t (a TEXT); -- trailing\nCREATE INDEX i ON t (a);\n");
+        let statements = super::statements(
+            "-- a comment; with a semicolon\nCREATE TABLE t (a TEXT); -- trailing\nCREATE INDEX i ON t (a);\n",
+        );
         assert_eq!(statements, ["CREATE TABLE t (a TEXT)", "CREATE INDEX i ON t (a)"]);
     }
 }

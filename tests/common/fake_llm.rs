@@ -264,7 +264,8 @@ async fn chat_completion(state: Arc<State>, request: Value, conn: Option<Arc<Con
     };
     // Like a real model, never more output than the request's `max_tokens` allows.
     let cap = ["max_completion_tokens", "max_tokens"].iter().find_map(|k| request[*k].as_u64());
-    let usage = Usage { completion_tokens: cap.map_or(usage.completion_tokens, |c| usage.completion_tokens.min(c)), ..usage };
+    let usage =
+        Usage { completion_tokens: cap.map_or(usage.completion_tokens, |c| usage.completion_tokens.min(c)), ..usage };
     let usage_json = json!({
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,

@@ -206,14 +206,22 @@ fn launcher(gateway: &GatewayAccess, security: &SecurityContext) -> (Volume, Vol
         empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(quantity("64Mi")), medium: None }),
         ..Default::default()
     };
-    let mount =
-        VolumeMount { name: "launcher".into(), mount_path: LAUNCHER_DIR.into(), read_only: Some(true), ..Default::default() };
+    let mount = VolumeMount {
+        name: "launcher".into(),
+        mount_path: LAUNCHER_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
     let small = BTreeMap::from([("cpu".into(), quantity("50m")), ("memory".into(), quantity("32Mi"))]);
     let installer = Container {
         name: "install-launcher".into(),
         image: Some(gateway.launcher_image.clone()),
         command: Some(vec!["/oats".into(), "install-launcher".into(), format!("{LAUNCHER_DIR}/oats")]),
-        resources: Some(ResourceRequirements { requests: Some(small.clone()), limits: Some(small), ..Default::default() }),
+        resources: Some(ResourceRequirements {
+            requests: Some(small.clone()),
+            limits: Some(small),
+            ..Default::default()
+        }),
         security_context: Some(security.clone()),
         volume_mounts: Some(vec![VolumeMount { read_only: None, ..mount.clone() }]),
         ..Default::default()
@@ -586,7 +594,11 @@ mod tests {
         assert_eq!(resources.limits.as_ref().unwrap()["memory"].0, "8Gi");
         assert_eq!(resources.requests.as_ref().unwrap()["cpu"].0, "2");
         assert_eq!(rendered.metadata.annotations.as_ref().unwrap()[PROFILE_ANNOTATION], "large");
-        assert_eq!(c.image.as_deref(), Some(template().image.as_str()), "the server's image without one of the profile's");
+        assert_eq!(
+            c.image.as_deref(),
+            Some(template().image.as_str()),
+            "the server's image without one of the profile's"
+        );
     }
 
     #[test]
@@ -611,8 +623,12 @@ mod tests {
         let pod = rendered.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         let init = &pod.init_containers.as_ref().unwrap()[0];
         assert_eq!(init.image.as_deref(), Some("oats-agent:0.1.0"));
-        assert_eq!(init.command.as_ref().unwrap()[1..], ["install-launcher".to_owned(), "/oats-launcher/oats".to_owned()]);
-        let agent_mount = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "launcher").unwrap();
+        assert_eq!(
+            init.command.as_ref().unwrap()[1..],
+            ["install-launcher".to_owned(), "/oats-launcher/oats".to_owned()]
+        );
+        let agent_mount =
+            pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "launcher").unwrap();
         assert_eq!((agent_mount.mount_path.as_str(), agent_mount.read_only), (LAUNCHER_DIR, Some(true)));
         // The server's own agent image needs no launcher.
         job.resources.as_mut().unwrap().image = None;
@@ -636,7 +652,10 @@ mod tests {
         assert_eq!(c.image.as_deref(), Some("registry.example.com/oats/team:1"));
         assert_eq!(c.command.as_ref().unwrap()[..2], ["/oats/oats".to_owned(), "launch".to_owned()]);
         let pod_labels = rendered.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
-        assert_eq!(pod_labels[EGRESS_LABEL], "public-https", "the profile's egress is a pod label NetworkPolicies select");
+        assert_eq!(
+            pod_labels[EGRESS_LABEL], "public-https",
+            "the profile's egress is a pod label NetworkPolicies select"
+        );
     }
 
     #[test]

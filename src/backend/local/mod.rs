@@ -224,10 +224,13 @@ impl Inner {
         let _guard = self.write_lock.lock().await;
         let Some(mut next) = self.snapshot(id) else { return Ok(()) };
         change(&mut next);
-        let written =
-            write_atomically(&self.job_dir(id), "record.json", &serde_json::to_vec_pretty(&next).expect("records serialise"))
-                .await
-                .map_err(|e| BackendError::Internal(format!("cannot persist job {id}: {e}")));
+        let written = write_atomically(
+            &self.job_dir(id),
+            "record.json",
+            &serde_json::to_vec_pretty(&next).expect("records serialise"),
+        )
+        .await
+        .map_err(|e| BackendError::Internal(format!("cannot persist job {id}: {e}")));
         self.update(id, change);
         written
     }
