@@ -15,7 +15,10 @@
 //! 3. `POST /api/v1/jobs` on the test control plane vs creating the same Job with a kube client;
 //! 4. 1,000 concurrent watch streams: memory (and CPU) per stream;
 //! 5. scenario 1 with tracing exported to a local OTLP receiver and metrics scraped vs off;
-//! 6. resident memory with 0, 10,000 and 100,000 jobs; time to ready; the Kubernetes cache.
+//! 6. resident memory with 0, 10,000 and 100,000 jobs; time to ready; the Kubernetes cache;
+//! 7. the LLM gateway: chat completions through `oats serve`'s gateway vs straight to a fake
+//!    OpenAI-compatible upstream (latency, throughput, CPU per call, time to first streamed chunk),
+//!    and the memory of 1,000 streamed calls held open.
 //!
 //! On a machine with two or more cores, load scenarios pin the server under test to CPU 1 and
 //! this program (the load generator) to CPU 0, so client and server never steal each other's
@@ -45,7 +48,7 @@ use std::{
 #[derive(Parser)]
 #[command(name = "oats-bench", about = "Benchmarks of the OATS server against bare references (issue 7)")]
 struct Args {
-    /// Run every scenario (1-6, including the Kubernetes ones).
+    /// Run every scenario (1-7, including the Kubernetes ones).
     #[arg(long)]
     all: bool,
     /// Scenarios to run, e.g. `1,2,5` (`6k` = the Kubernetes-cache part of 6; `6` includes it).
@@ -60,7 +63,8 @@ struct Args {
     /// The `oats` binary to benchmark (default: next to this program).
     #[arg(long)]
     oats: Option<PathBuf>,
-    /// Where to write the results table.
+    /// Where to write the results table. A run of some scenarios only (`--scenarios`) keeps the
+    /// rows and details of the others from the file's earlier contents, saying which run they are from.
     #[arg(long, default_value = "bench/results.md")]
     out: PathBuf,
     /// Use this kubeconfig instead of starting the test control plane (testenv/).
@@ -88,6 +92,21 @@ enum Helper {
         #[arg(long)]
         list_body: PathBuf,
     },
+    /// (internal) A fake OpenAI-compatible upstream: fixed answers to `POST /v1/chat/completions`.
+    #[command(hide = true)]
+    FakeLlm {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Content chunks of a streamed answer (besides the role, finish and usage chunks).
+        #[arg(long, default_value_t = FAST_STREAM_CHUNKS)]
+        chunks: usize,
+        /// Pause between two chunks of a streamed answer, in milliseconds.
+        #[arg(long, default_value_t = FAST_STREAM_DELAY_MS)]
+        chunk_delay_ms: u64,
+        /// Length of a slow stream (model `fake-slow`): one chunk per second for this many seconds.
+        #[arg(long, default_value_t = 600)]
+        slow_seconds: u64,
+    },
     /// (internal) Open-loop probe of a running server: `--rate` req/s of GET `--path`.
     #[command(hide = true)]
     Probe {
@@ -109,6 +128,9 @@ fn main() -> Result<()> {
     if let Some(Helper::BareServer { listen, job_body, list_body }) = &args.command {
         return bare_server(*listen, job_body, list_body);
     }
+    if let Some(Helper::FakeLlm { listen, chunks, chunk_delay_ms, slow_seconds }) = &args.command {
+        return fake_llm_server(*listen, *chunks, Duration::from_millis(*chunk_delay_ms), *slow_seconds);
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pin = !args.no_pin && cores >= 2;
     // A little priority over background work (other sessions' builds) for the generator and,
@@ -129,7 +151,8 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if let Some(Helper::Probe { addr, path, rate, workers, seconds }) = &args.command {
         let target = Target { addr: *addr, host: addr.to_string().parse()?, paths: Arc::new(vec![path.parse()?]) };
-        let load = runtime.block_on(open_loop(target, *rate, *workers, Duration::from_secs(*seconds), 0, 100.0));
+        let callers = (0..*workers).map(|_| Connection::new(target.clone())).collect();
+        let load = runtime.block_on(open_loop(callers, *rate, Duration::from_secs(*seconds), 0, 100.0));
         println!(
             "{:.0} req/s, p50 {:.3} ms, p90 {:.3}, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, {} errors, client CPU {:.0}%",
             load.rps(),
@@ -236,6 +259,9 @@ async fn run(args: Args, cores: usize, pin: bool) -> Result<()> {
         if !args.skip_kube && (wanted("3") || wanted("6k")) {
             bench.kube_scenarios(args.kubeconfig.clone(), wanted("3"), wanted("6k")).await?;
         }
+        if wanted("7") {
+            bench.gateway_scenario().await?;
+        }
         anyhow::Ok(())
     }
     .await;
@@ -245,12 +271,26 @@ async fn run(args: Args, cores: usize, pin: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&work);
 
     let table = bench.table();
+    let (mut rows, mut notes, mut header) = (bench.table_rows(), bench.notes.clone(), header);
+    let partial = !args.all && !args.scenarios.is_empty();
+    if partial && let Ok(earlier) = std::fs::read_to_string(&args.out) {
+        let ran: Vec<&str> =
+            SCENARIOS.into_iter().filter(|s| wanted(s) && !(args.skip_kube && (*s == "3" || *s == "6k"))).collect();
+        let merged = merge_results(&earlier, &ran, rows, notes);
+        (rows, notes) = (merged.rows, merged.notes);
+        if let Some(carried) = merged.carried {
+            header.push_str(&format!("\n- Scenarios run this time: {}. {carried}", ran.join(", ")));
+        }
+    }
     let mut document = String::new();
     writeln!(document, "# OATS benchmark results\n\n{header}\n")?;
-    writeln!(document, "{table}")?;
-    if !bench.notes.is_empty() {
-        writeln!(document, "## Details\n")?;
-        for note in &bench.notes {
+    writeln!(document, "{TABLE_HEAD}")?;
+    for row in &rows {
+        writeln!(document, "{row}")?;
+    }
+    if !notes.is_empty() {
+        writeln!(document, "\n## Details\n")?;
+        for note in &notes {
             writeln!(document, "- {note}")?;
         }
     }
@@ -262,6 +302,90 @@ async fn run(args: Args, cores: usize, pin: bool) -> Result<()> {
     std::fs::write(&args.out, &document).with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("written to {}", args.out.display());
     result
+}
+
+const TABLE_HEAD: &str = "| # | figure | OATS | reference | ratio | target | result |\n|---|---|---|---|---|---|---|";
+/// Every scenario, as the first column of the table names it.
+const SCENARIOS: [&str; 8] = ["1", "2", "3", "4", "5", "6", "6k", "7"];
+
+/// A results file with the scenarios of this run replaced.
+struct Merged {
+    rows: Vec<String>,
+    notes: Vec<String>,
+    /// Which rows come from earlier runs, and from which: a sentence for the header.
+    carried: Option<String>,
+}
+
+/// Merge this run's rows and notes (of the scenarios in `ran`) into an earlier results file:
+/// the earlier rows and details of the scenarios that did not run stay where they were, those
+/// of the scenarios that ran are replaced in place, and new scenarios go last.
+fn merge_results(earlier: &str, ran: &[&str], rows: Vec<String>, notes: Vec<String>) -> Merged {
+    let row_id = |line: &str| line.trim_start_matches('|').split('|').next().unwrap_or("").trim().to_owned();
+    let note_id = |note: &str| note.split([' ', ':']).next().unwrap_or("").to_owned();
+    let lines: Vec<&str> = earlier.lines().collect();
+    let old_rows: Vec<(String, String)> = lines
+        .iter()
+        .skip_while(|l| !l.starts_with("|---"))
+        .skip(1)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| (row_id(l), (*l).to_owned()))
+        .collect();
+    let old_notes: Vec<(String, String)> = lines
+        .iter()
+        .skip_while(|l| !l.starts_with("## Details"))
+        .skip(1)
+        .filter_map(|l| l.strip_prefix("- "))
+        .map(|n| (note_id(n), n.to_owned()))
+        .filter(|(id, _)| SCENARIOS.contains(&id.as_str()))
+        .collect();
+    let merge = |old: &[(String, String)], new: Vec<(String, String)>| {
+        let mut out = Vec::new();
+        let mut placed = Vec::<String>::new();
+        for (id, line) in old {
+            if !ran.contains(&id.as_str()) {
+                out.push(line.clone());
+            } else if !placed.contains(id) {
+                placed.push(id.clone());
+                out.extend(new.iter().filter(|(i, _)| i == id).map(|(_, l)| l.clone()));
+            }
+        }
+        out.extend(new.iter().filter(|(i, _)| !placed.contains(i)).map(|(_, l)| l.clone()));
+        out
+    };
+    let new_rows: Vec<(String, String)> = rows.into_iter().map(|r| (row_id(&r), r)).collect();
+    let new_notes: Vec<(String, String)> = notes.into_iter().map(|n| (note_id(&n), n)).collect();
+
+    // Where each carried scenario's rows come from: the earlier file's own run, or the run its
+    // "carried over" line names.
+    let earlier_run = lines.iter().find_map(|l| l.strip_prefix("- Date: ")).unwrap_or("an unknown date").to_owned();
+    let mut sources: Vec<(String, String)> = Vec::new();
+    if let Some(line) = lines.iter().find_map(|l| l.split_once("Rows carried over from earlier runs: ").map(|(_, r)| r))
+    {
+        for part in line.trim_end_matches('.').split("; ") {
+            if let Some((ids, from)) = part.strip_prefix("scenarios ").and_then(|p| p.split_once(" from ")) {
+                sources.extend(ids.split(", ").map(|id| (id.to_owned(), from.to_owned())));
+            }
+        }
+    }
+    let mut carried: Vec<(String, Vec<String>)> = Vec::new();
+    let mut seen = Vec::new();
+    for (id, _) in old_rows.iter().filter(|(id, _)| !ran.contains(&id.as_str())) {
+        if seen.contains(id) {
+            continue;
+        }
+        seen.push(id.clone());
+        let from = sources.iter().find(|(s, _)| s == id).map_or(earlier_run.clone(), |(_, f)| f.clone());
+        match carried.iter_mut().find(|(f, _)| *f == from) {
+            Some((_, ids)) => ids.push(id.clone()),
+            None => carried.push((from, vec![id.clone()])),
+        }
+    }
+    let carried = (!carried.is_empty()).then(|| {
+        let parts: Vec<String> =
+            carried.iter().map(|(from, ids)| format!("scenarios {} from {from}", ids.join(", "))).collect();
+        format!("Rows carried over from earlier runs: {}.", parts.join("; "))
+    });
+    Merged { rows: merge(&old_rows, new_rows), notes: merge(&old_notes, new_notes), carried }
 }
 
 fn machine_header(cores: usize, pin: bool, args: &Args) -> String {
@@ -278,7 +402,7 @@ fn machine_header(cores: usize, pin: bool, args: &Args) -> String {
     let dirty =
         command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_ok_and(|s| !s.trim().is_empty());
     let pinning = if pin {
-        "server under test pinned to CPU 1, load generator to CPU 0 (taskset) in scenarios 1, 2 and 5"
+        "server under test pinned to CPU 1, load generator to CPU 0 (taskset) in scenarios 1, 2, 5 and 7 (in 7 the fake upstream of the gateway runs on CPU 0 too)"
     } else {
         "no CPU pinning"
     };
@@ -338,17 +462,23 @@ impl Bench {
     }
 
     fn table(&self) -> String {
-        let mut out = String::from(
-            "| # | figure | OATS | reference | ratio | target | result |\n|---|---|---|---|---|---|---|\n",
-        );
-        for r in &self.rows {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} | {} |",
-                r.scenario, r.figure, r.value, r.reference, r.ratio, r.target, r.verdict
-            );
+        let mut out = format!("{TABLE_HEAD}\n");
+        for row in self.table_rows() {
+            let _ = writeln!(out, "{row}");
         }
         out
+    }
+
+    fn table_rows(&self) -> Vec<String> {
+        self.rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    r.scenario, r.figure, r.value, r.reference, r.ratio, r.target, r.verdict
+                )
+            })
+            .collect()
     }
 
     fn load_note(&mut self, name: &str, load: &Load) {
@@ -644,11 +774,12 @@ impl Bench {
     }
 
     async fn closed(&self, target: Target, server: &Proc) -> Load {
-        closed_loop(target, self.concurrency, self.duration, server.pid, self.clk_tck).await
+        closed_loop(connections(&target, self.concurrency), self.duration, server.pid, self.clk_tck).await
     }
 
     async fn open(&self, target: Target, server: &Proc, rate: f64) -> Load {
-        open_loop(target, rate, OPEN_LOOP_CONNECTIONS, self.duration, server.pid, self.clk_tck).await
+        let callers = (0..OPEN_LOOP_CONNECTIONS).map(|_| Connection::new(target.clone())).collect();
+        open_loop(callers, rate, self.duration, server.pid, self.clk_tck).await
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1325,16 +1456,34 @@ struct WorkerResult {
 }
 
 impl WorkerResult {
-    fn record(&mut self, ok: bool, in_window: bool, since: Instant) {
+    /// One request: its latency (`None` if it failed), counted if it belongs to the window.
+    fn record(&mut self, latency: Option<Duration>, in_window: bool) {
         self.total += 1;
         if in_window {
-            if ok {
-                self.latencies.push(since.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-            } else {
-                self.errors += 1;
+            match latency {
+                Some(latency) => self.latencies.push(latency.as_micros().min(u128::from(u32::MAX)) as u32),
+                None => self.errors += 1,
             }
         }
     }
+}
+
+/// One worker of a load: makes its `i`-th request and says what latency to record.
+trait Caller: Send + 'static {
+    /// The latency to record, measured from the start of the call; `None` if the call failed.
+    fn call(&mut self, i: usize) -> impl std::future::Future<Output = Option<Duration>> + Send;
+}
+
+impl Caller for Connection {
+    async fn call(&mut self, i: usize) -> Option<Duration> {
+        let sent = Instant::now();
+        self.get(i).await.then(|| sent.elapsed())
+    }
+}
+
+/// `n` connections to `target`, each starting at its own share of the paths.
+fn connections(target: &Target, n: usize) -> Vec<(Connection, usize)> {
+    (0..n).map(|w| (Connection::new(target.clone()), w * target.paths.len() / n.max(1))).collect()
 }
 
 /// Where load goes: the server's address and the request targets (`/api/v1/jobs/...`).
@@ -1414,14 +1563,14 @@ async fn observe_window(pid: i32, from: Instant, to: Instant, clk_tck: f64) -> (
     (server1 - server0, proc_status(pid, "VmHWM"), client1 - client0)
 }
 
-/// `concurrency` connections, each sending its next request as soon as the last one is answered.
-async fn closed_loop(target: Target, concurrency: usize, duration: Duration, pid: i32, clk_tck: f64) -> Load {
+/// Workers (callers with their first request index), each sending its next request as soon as
+/// the last one is answered.
+async fn closed_loop<C: Caller>(callers: Vec<(C, usize)>, duration: Duration, pid: i32, clk_tck: f64) -> Load {
     let start = Instant::now();
     let (from, to) = (start + WARMUP, start + WARMUP + duration);
-    let workers: Vec<_> = (0..concurrency)
-        .map(|w| {
-            let mut connection = Connection::new(target.clone());
-            let mut i = w * target.paths.len() / concurrency.max(1);
+    let workers: Vec<_> = callers
+        .into_iter()
+        .map(|(mut caller, mut i)| {
             tokio::spawn(async move {
                 let mut result = WorkerResult { latencies: Vec::with_capacity(1 << 16), errors: 0, total: 0 };
                 loop {
@@ -1429,9 +1578,9 @@ async fn closed_loop(target: Target, concurrency: usize, duration: Duration, pid
                     if t0 >= to {
                         break;
                     }
-                    let ok = connection.get(i).await;
+                    let latency = caller.call(i).await;
                     i += 1;
-                    result.record(ok, t0 >= from, t0);
+                    result.record(latency, t0 >= from);
                 }
                 result
             })
@@ -1441,12 +1590,12 @@ async fn closed_loop(target: Target, concurrency: usize, duration: Duration, pid
     collect(workers, duration, server_cpu, server_hwm_kib, client_cpu).await
 }
 
-/// Requests at a fixed rate over up to `workers` connections (an open loop: a request is due at
-/// its time whether or not earlier ones were answered). A pacing thread releases due requests
+/// Requests at a fixed rate over the `callers`, one connection each (an open loop: a request is
+/// due at its time whether or not earlier ones were answered). A pacing thread releases due requests
 /// every 100 µs. Latency counts from the send: with far more connections than requests in flight
 /// a due request never waits for a connection, and counting from the due time would blame the
 /// server for the pacing thread's own scheduling delays on the generator's core.
-async fn open_loop(target: Target, rate: f64, workers: usize, duration: Duration, pid: i32, clk_tck: f64) -> Load {
+async fn open_loop<C: Caller>(callers: Vec<C>, rate: f64, duration: Duration, pid: i32, clk_tck: f64) -> Load {
     let start = Instant::now();
     let (from, to) = (start + WARMUP, start + WARMUP + duration);
     let total = ((WARMUP + duration).as_secs_f64() * rate) as u64;
@@ -1467,18 +1616,18 @@ async fn open_loop(target: Target, rate: f64, workers: usize, duration: Duration
         })
     };
     let next = Arc::new(AtomicU64::new(0));
-    let handles: Vec<_> = (0..workers)
-        .map(|_| {
-            let (mut connection, next, permits) = (Connection::new(target.clone()), next.clone(), permits.clone());
+    let handles: Vec<_> = callers
+        .into_iter()
+        .map(|mut caller| {
+            let (next, permits) = (next.clone(), permits.clone());
             tokio::spawn(async move {
                 let mut result = WorkerResult { latencies: Vec::with_capacity(1 << 14), errors: 0, total: 0 };
                 while let Ok(permit) = permits.acquire().await {
                     permit.forget();
                     let n = next.fetch_add(1, Ordering::Relaxed);
                     let due = start + Duration::from_secs_f64(n as f64 / rate);
-                    let sent = Instant::now();
-                    let ok = connection.get(n as usize).await;
-                    result.record(ok, due >= from && due < to, sent);
+                    let latency = caller.call(n as usize).await;
+                    result.record(latency, due >= from && due < to);
                 }
                 result
             })
@@ -1628,6 +1777,919 @@ fn kill_agents(dir: &Path) {
                 nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), nix::sys::signal::Signal::SIGKILL);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 7: the LLM gateway.
+// ---------------------------------------------------------------------------------------------
+
+/// Content chunks of the fake upstream's streamed answer, and the pause before each chunk after
+/// the first (so a stream takes ~10 ms and its first chunk is not its whole answer).
+const FAST_STREAM_CHUNKS: usize = 8;
+const FAST_STREAM_DELAY_MS: u64 = 1;
+/// Model calls one job may make: its `max_turns`, whose hard ceiling is 100.
+const CALLS_PER_JOB: usize = JobLimits::MAX_TURNS_CEILING as usize;
+/// Streamed calls held open at once in 7c.
+const GATEWAY_STREAMS: usize = 1_000;
+/// The fixed rates at which latency (non-streaming) and time to first chunk (streaming) are
+/// measured: far below saturation, so the figures are the path's own cost, not queueing.
+const LATENCY_RATE: f64 = 500.0;
+const STREAM_RATE: f64 = 200.0;
+/// Jobs whose calls calibrate the saturated rate (and warm the gateway up).
+const CALIBRATION_JOBS: usize = 50;
+/// Credentials for this many times the expected calls of a saturated window (the machine's
+/// speed drifts; a pool that runs out makes the window's rate a lower bound, and says so).
+const POOL_MARGIN: f64 = 2.0;
+/// The agent of the gateway's jobs: it leaves its credential in its workspace and sleeps.
+const CREDENTIAL_AGENT: &str = "sh,-c,echo \"$OPENAI_API_KEY\" > key; exec sleep 3600";
+
+/// A chat completion request for `model` (the gateway's name or the upstream's).
+fn chat_body(model: &str, stream: bool) -> bytes::Bytes {
+    let mut body = json!({
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "You are a terse assistant."},
+            {"role": "user", "content": "Say hello in one short sentence."},
+        ],
+        "max_tokens": 64,
+    });
+    if stream {
+        // Both paths ask for the usage chunk, so the upstream's answer is the same byte for byte
+        // (the gateway always asks for it; this way it passes it on rather than dropping it).
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    bytes::Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"))
+}
+
+/// Credentials of running jobs, each handed out for exactly [`CALLS_PER_JOB`] calls (a job's
+/// call cap), so no call is refused for it.
+struct Pool {
+    ids: Vec<String>,
+    keys: Vec<hyper::header::HeaderValue>,
+    next: AtomicU64,
+}
+
+impl Pool {
+    fn take(&self) -> Option<hyper::header::HeaderValue> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        self.keys.get(n / CALLS_PER_JOB).cloned()
+    }
+
+    fn capacity(&self) -> usize {
+        self.keys.len() * CALLS_PER_JOB
+    }
+
+    fn ran_out(&self) -> bool {
+        self.next.load(Ordering::Relaxed) as usize > self.capacity()
+    }
+}
+
+/// Jobs enough for `calls` calls, with one to spare.
+fn jobs_for(calls: f64) -> usize {
+    (calls / CALLS_PER_JOB as f64).ceil() as usize + 1
+}
+
+#[derive(Clone)]
+enum Auth {
+    Fixed(hyper::header::HeaderValue),
+    Pool(Arc<Pool>),
+}
+
+/// Where chat completion calls go, and with what.
+#[derive(Clone)]
+struct ChatTarget {
+    addr: std::net::SocketAddr,
+    host: hyper::header::HeaderValue,
+    body: bytes::Bytes,
+    stream: bool,
+    auth: Auth,
+    /// The first failure, for the notes.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl ChatTarget {
+    fn new(addr: std::net::SocketAddr, model: &str, stream: bool, auth: Auth) -> Self {
+        Self {
+            addr,
+            host: addr.to_string().parse().expect("a valid host"),
+            body: chat_body(model, stream),
+            stream,
+            auth,
+            failure: Arc::default(),
+        }
+    }
+
+    fn direct(addr: std::net::SocketAddr, model: &str, stream: bool) -> Self {
+        Self::new(addr, model, stream, Auth::Fixed(hyper::header::HeaderValue::from_static("Bearer sk-bench-direct")))
+    }
+
+    fn fail(&self, why: String) {
+        self.failure.lock().unwrap().get_or_insert(why);
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap().clone()
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection making chat completion calls.
+struct ChatConnection {
+    target: ChatTarget,
+    sender: Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>>,
+}
+
+impl ChatConnection {
+    fn new(target: ChatTarget) -> Self {
+        Self { target, sender: None }
+    }
+
+    async fn connect(&mut self) -> Option<()> {
+        let stream = tokio::net::TcpStream::connect(self.target.addr).await.ok()?;
+        stream.set_nodelay(true).ok()?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
+        tokio::spawn(connection);
+        self.sender = Some(sender);
+        Some(())
+    }
+
+    /// One call: the time to the whole answer, or to the first chunk of a streamed one (which
+    /// is still read to its `[DONE]`); `None` if it failed.
+    async fn chat(&mut self) -> Option<Duration> {
+        use http_body_util::BodyExt as _;
+        let auth = match &self.target.auth {
+            Auth::Fixed(value) => value.clone(),
+            Auth::Pool(pool) => match pool.take() {
+                Some(key) => key,
+                None => {
+                    self.target.fail("the pool of job credentials ran out".into());
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    return None;
+                }
+            },
+        };
+        let sent = Instant::now();
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) && self.connect().await.is_none() {
+            self.target.fail("cannot connect".into());
+            return None;
+        }
+        let sender = self.sender.as_mut().expect("connected");
+        if sender.ready().await.is_err() {
+            self.sender = None;
+            return None;
+        }
+        let request = hyper::Request::post("/v1/chat/completions")
+            .header(hyper::header::HOST, self.target.host.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::AUTHORIZATION, auth)
+            .body(http_body_util::Full::new(self.target.body.clone()))
+            .expect("a valid request");
+        let response = match sender.send_request(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                self.sender = None;
+                self.target.fail(format!("the request failed: {error}"));
+                return None;
+            }
+        };
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let text = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            self.target.fail(format!("{status}: {}", String::from_utf8_lossy(&text)));
+            return None;
+        }
+        if !self.target.stream {
+            return body.collect().await.ok().map(|_| sent.elapsed());
+        }
+        let mut first = None;
+        let mut tail = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                self.sender = None;
+                self.target.fail("a stream broke off".into());
+                return None;
+            };
+            if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
+                first.get_or_insert_with(|| sent.elapsed());
+                tail.extend_from_slice(data);
+                if tail.len() > 64 {
+                    tail.drain(..tail.len() - 64);
+                }
+            }
+        }
+        if !tail.ends_with(b"data: [DONE]\n\n") {
+            self.target.fail(format!("a stream did not end with [DONE]: {:?}", String::from_utf8_lossy(&tail)));
+            return None;
+        }
+        first
+    }
+}
+
+impl Caller for ChatConnection {
+    async fn call(&mut self, _i: usize) -> Option<Duration> {
+        match tokio::time::timeout(Duration::from_secs(30), self.chat()).await {
+            Ok(latency) => latency,
+            Err(_) => {
+                self.sender = None;
+                self.target.fail("no answer within 30 s".into());
+                None
+            }
+        }
+    }
+}
+
+/// Calls on `concurrency` connections until the target's pool is used up: (calls answered, time).
+async fn drain(target: &ChatTarget, concurrency: usize) -> (u64, Duration) {
+    let Auth::Pool(pool) = &target.auth else { return (0, Duration::ZERO) };
+    let answered = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (mut connection, pool, answered) =
+                (ChatConnection::new(target.clone()), pool.clone(), answered.clone());
+            tokio::spawn(async move {
+                while (pool.next.load(Ordering::Relaxed) as usize) < pool.capacity() {
+                    if connection.call(0).await.is_some() {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.await;
+    }
+    (answered.load(Ordering::Relaxed), started.elapsed())
+}
+
+/// `oats serve` with its LLM gateway on, and where the gateway listens. Dropping it stops the
+/// server and the agents of its jobs.
+struct GatewayServer {
+    proc: Proc,
+    gateway: std::net::SocketAddr,
+    dir: PathBuf,
+}
+
+impl Drop for GatewayServer {
+    fn drop(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        kill_agents(&self.dir);
+    }
+}
+
+/// What holding streamed calls open showed.
+struct Held {
+    opened: u64,
+    open_took: Duration,
+    still_open: usize,
+    rss_kib: u64,
+    hwm_kib: u64,
+    cpu: f64,
+    events_in_hold: u64,
+    failure: Option<String>,
+}
+
+impl Bench {
+    async fn gateway_scenario(&mut self) -> Result<()> {
+        println!("== scenario 7: the LLM gateway vs straight to a fake OpenAI-compatible upstream");
+        // Two identical fakes: the gateway's upstream shares the load generator's core, so the
+        // server under test (OATS) has CPU 1 to itself; the direct reference runs on CPU 1 in
+        // OATS's place, as the bare references of scenarios 1 and 2 do.
+        let upstream = self.start_fake("fake-upstream", 0).await?;
+        let direct = self.start_fake("fake-direct", 1).await?;
+        let baseline = self.gateway_calls(&upstream, &direct, None, None).await?;
+        if let Ok(url) = std::env::var("OATS_BENCH_DATABASE_URL")
+            && !url.is_empty()
+        {
+            self.gateway_calls(&upstream, &direct, Some(&url), Some(baseline)).await?;
+        }
+        self.gateway_streams(&upstream, &direct).await?;
+        Ok(())
+    }
+
+    /// 7a and 7b: non-streaming latency and throughput, streaming time to first chunk. Returns the
+    /// direct reference's saturated rate, against which a later phase can see the machine's drift.
+    async fn gateway_calls(
+        &mut self,
+        upstream: &Proc,
+        direct: &Proc,
+        database_url: Option<&str>,
+        baseline: Option<f64>,
+    ) -> Result<f64> {
+        let (ledger, prefix) = match database_url {
+            Some(_) => ("PostgreSQL", "PostgreSQL ledger: "),
+            None => ("SQLite", ""),
+        };
+        println!("-- scenario 7a/7b: chat completions through the gateway ({ledger} ledger) vs straight to the fake");
+        let oats = self
+            .start_gateway(&format!("oats-gateway-{}", ledger.to_lowercase()), upstream, database_url, self.pin)
+            .await?;
+        let through = |pool: &Arc<Pool>, stream: bool| {
+            ChatTarget::new(oats.gateway, "bench-model", stream, Auth::Pool(pool.clone()))
+        };
+
+        // The saturated rate, to size the pools of the saturated windows (and a warm-up).
+        let pool = self.make_pool(&oats, CALIBRATION_JOBS).await?;
+        let (calls, took) = drain(&through(&pool, false), self.concurrency).await;
+        self.cancel_pool(&oats, &pool).await;
+        let calibrated = calls as f64 / took.as_secs_f64().max(1e-3);
+        println!(
+            "calibration: {calls} calls in {:.2} s through the gateway: {calibrated:.0} calls/s",
+            took.as_secs_f64()
+        );
+        if calls == 0 {
+            bail!("no call went through the gateway:\n{}", oats.proc.log_tail());
+        }
+        let window = (WARMUP + self.duration).as_secs_f64();
+
+        // Non-streaming and streaming at fixed rates, alternating with the direct reference.
+        // The same rates in every run, unless the gateway is so slow that they would load it.
+        let latency_rate = if calibrated > 2.0 * LATENCY_RATE { LATENCY_RATE } else { (calibrated / 4.0).round() };
+        let stream_rate = if calibrated > 5.0 * STREAM_RATE { STREAM_RATE } else { (calibrated / 10.0).round() };
+        let (mut direct_lat, mut gateway_lat, mut direct_ttfc, mut gateway_ttfc) = (vec![], vec![], vec![], vec![]);
+        for round in 1..=2 {
+            for (stream, rate, direct_runs, gateway_runs, what) in [
+                (false, latency_rate, &mut direct_lat, &mut gateway_lat, "non-streaming"),
+                (true, stream_rate, &mut direct_ttfc, &mut gateway_ttfc, "streaming (latency = time to first chunk)"),
+            ] {
+                let target = ChatTarget::direct(direct.addr, "fake-model", stream);
+                let l = self.chat_open(&target, direct.pid, rate).await;
+                self.load_note(
+                    &format!("7 {prefix}straight to the fake, {what}, {rate:.0} calls/s, round {round}"),
+                    &l,
+                );
+                self.failure_note(&target);
+                direct_runs.push(l);
+                let pool = self.make_pool(&oats, jobs_for(rate * window)).await?;
+                let target = through(&pool, stream);
+                let l = self.chat_open(&target, oats.proc.pid, rate).await;
+                self.load_note(&format!("7 {prefix}through the gateway, {what}, {rate:.0} calls/s, round {round}"), &l);
+                self.failure_note(&target);
+                gateway_runs.push(l);
+                self.cancel_pool(&oats, &pool).await;
+            }
+        }
+
+        // Saturated, non-streaming.
+        let (mut direct_sat, mut gateway_sat) = (vec![], vec![]);
+        let mut ran_out = false;
+        let mut expected = calibrated;
+        for round in 1..=2 {
+            let target = ChatTarget::direct(direct.addr, "fake-model", false);
+            let l = self.chat_closed(&target, direct.pid).await;
+            self.load_note(&format!("7 {prefix}straight to the fake, non-streaming, saturated, round {round}"), &l);
+            self.failure_note(&target);
+            direct_sat.push(l);
+            let pool = self.make_pool(&oats, jobs_for(expected * window * POOL_MARGIN)).await?;
+            let target = through(&pool, false);
+            let l = self.chat_closed(&target, oats.proc.pid).await;
+            self.load_note(
+                &format!(
+                    "7 {prefix}through the gateway, non-streaming, saturated, round {round} ({} jobs' credentials)",
+                    pool.keys.len()
+                ),
+                &l,
+            );
+            self.failure_note(&target);
+            ran_out |= pool.ran_out();
+            expected = expected.max(l.rps());
+            gateway_sat.push(l);
+            self.cancel_pool(&oats, &pool).await;
+        }
+        drop(oats);
+
+        let p = |runs: &[Load], q: f64| runs.iter().map(|l| l.pct(q)).sum::<f64>() / runs.len().max(1) as f64;
+        let (g50, d50) = (p(&gateway_lat, 0.5), p(&direct_lat, 0.5));
+        self.row(
+            "7",
+            &format!("{prefix}non-streaming chat completion at {latency_rate:.0} calls/s (mean of 2 alternating rounds): p50 latency"),
+            format!("{g50:.3} ms (p99 {:.2})", p(&gateway_lat, 0.99)),
+            format!("{d50:.3} ms straight to the fake (p99 {:.2})", p(&direct_lat, 0.99)),
+            Some(g50 / d50),
+            "",
+            None,
+        );
+        self.row(
+            "7",
+            &format!("{prefix}gateway: added p50 latency, non-streaming"),
+            format!("{:.3} ms", g50 - d50),
+            "".into(),
+            None,
+            "< 0.5 ms",
+            Some(g50 - d50 < 0.5),
+        );
+        let (g50, d50) = (p(&gateway_ttfc, 0.5), p(&direct_ttfc, 0.5));
+        self.row(
+            "7",
+            &format!(
+                "{prefix}streaming ({FAST_STREAM_CHUNKS} chunks {FAST_STREAM_DELAY_MS} ms apart) at {stream_rate:.0} calls/s: p50 time to first chunk"
+            ),
+            format!("{g50:.3} ms (p99 {:.2})", p(&gateway_ttfc, 0.99)),
+            format!("{d50:.3} ms straight to the fake (p99 {:.2})", p(&direct_ttfc, 0.99)),
+            Some(g50 / d50),
+            "",
+            None,
+        );
+        self.row(
+            "7",
+            &format!("{prefix}gateway: added p50 time to first chunk"),
+            format!("{:.3} ms", g50 - d50),
+            "".into(),
+            None,
+            "< 0.5 ms",
+            Some(g50 - d50 < 0.5),
+        );
+        let (g_rps, d_rps) = (mean(&gateway_sat, Load::rps), mean(&direct_sat, Load::rps));
+        self.row(
+            "7",
+            &format!(
+                "{prefix}non-streaming, saturated (c={}, mean of 2 alternating rounds): calls/s{}",
+                self.concurrency,
+                if ran_out { " (a pool of credentials ran out: a lower bound)" } else { "" }
+            ),
+            format!("{g_rps:.0} (p50 {:.2} ms, p99 {:.2} ms)", p(&gateway_sat, 0.5), p(&gateway_sat, 0.99)),
+            format!("{d_rps:.0} straight to the fake (p50 {:.2} ms)", p(&direct_sat, 0.5)),
+            Some(g_rps / d_rps),
+            "",
+            None,
+        );
+        let (g_cpu, d_cpu) = (mean(&gateway_sat, Load::cpu_us), mean(&direct_sat, Load::cpu_us));
+        self.row(
+            "7",
+            &format!("{prefix}server CPU per non-streaming call (saturated)"),
+            format!("{g_cpu:.0} µs"),
+            format!("{d_cpu:.1} µs (the fake itself)"),
+            Some(g_cpu / d_cpu),
+            "",
+            None,
+        );
+        let (g_cpu, d_cpu) = (mean(&gateway_ttfc, Load::cpu_us), mean(&direct_ttfc, Load::cpu_us));
+        self.row(
+            "7",
+            &format!("{prefix}server CPU per streamed call ({} events relayed)", FAST_STREAM_CHUNKS + 4),
+            format!("{g_cpu:.0} µs"),
+            format!("{d_cpu:.1} µs (the fake itself)"),
+            Some(g_cpu / d_cpu),
+            "",
+            None,
+        );
+        if database_url.is_none() {
+            self.note(format!(
+                "7: every call through the gateway is authenticated (the job's credential), checked against the policy, \
+                 reserved in the ledger before it is forwarded and settled after it ({ledger}: oats.db in the state dir, WAL, \
+                 one connection), and counted in the GenAI metrics; it also writes a `model call` log line. A job may \
+                 make {CALLS_PER_JOB} calls (max_turns' ceiling), so the load rotates over the credentials of many running \
+                 jobs (agents: `sh` that writes its credential and sleeps), each used exactly {CALLS_PER_JOB} times; the \
+                 jobs of a window are created before it and cancelled after it. The fake upstream answers a fixed \
+                 chat.completion (or a stream of {} events, {FAST_STREAM_DELAY_MS} ms apart); the gateway's copy runs on \
+                 CPU 0 with the load generator, the direct reference on CPU 1 where OATS runs. Calibration: \
+                 {calls} calls at c={} in {:.2} s ({calibrated:.0} calls/s).",
+                FAST_STREAM_CHUNKS + 4,
+                self.concurrency,
+                took.as_secs_f64()
+            ));
+        }
+        if let Some(baseline) = baseline {
+            self.note(format!(
+                "7 PostgreSQL ledger: the database is the one OATS_BENCH_DATABASE_URL names, not pinned (here it shares \
+                 both cores with the gateway, the fake and the load generator). Straight to the fake, this phase \
+                 measured {d_rps:.0} calls/s saturated against {baseline:.0} in the SQLite phase{}",
+                if d_rps < 0.7 * baseline {
+                    ": the machine was busier during this phase, so its figures are not comparable with the SQLite ones"
+                } else {
+                    ""
+                }
+            ));
+        }
+        Ok(d_rps)
+    }
+
+    /// 7c: streamed calls held open, the gateway's memory and CPU, and the fake's as a reference.
+    async fn gateway_streams(&mut self, upstream: &Proc, direct: &Proc) -> Result<()> {
+        println!("-- scenario 7c: {GATEWAY_STREAMS} streamed calls held open through the gateway");
+        let oats = self.start_gateway("oats-gateway-streams", upstream, None, false).await?;
+        // Warm the gateway up first (its upstream connections, the ledger, the metrics' series),
+        // so the idle figure is that of a server that has served calls.
+        let warm = self.make_pool(&oats, 2).await?;
+        drain(&ChatTarget::new(oats.gateway, "bench-model", false, Auth::Pool(warm.clone())), 4).await;
+        let warm_streams = self.make_pool(&oats, 1).await?;
+        drain(&ChatTarget::new(oats.gateway, "bench-model", true, Auth::Pool(warm_streams.clone())), 4).await;
+        self.cancel_pool(&oats, &warm).await;
+        self.cancel_pool(&oats, &warm_streams).await;
+        let pool = self.make_pool(&oats, GATEWAY_STREAMS.div_ceil(CALLS_PER_JOB)).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = proc_status(oats.proc.pid, "VmRSS");
+        let cpu0 = proc_cpu(oats.proc.pid, self.clk_tck);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle_cpu = (proc_cpu(oats.proc.pid, self.clk_tck) - cpu0) / 2.0;
+        let through = self.hold_streams(oats.gateway, "bench-slow", Auth::Pool(pool.clone()), oats.proc.pid).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = proc_status(oats.proc.pid, "VmRSS");
+        drop(oats);
+
+        let direct_idle = proc_status(direct.pid, "VmRSS");
+        let auth = Auth::Fixed(hyper::header::HeaderValue::from_static("Bearer sk-bench-direct"));
+        let straight = self.hold_streams(direct.addr, "fake-slow", auth, direct.pid).await?;
+        let mib = |k: u64| k as f64 / 1024.0;
+        let extra = through.rss_kib.saturating_sub(idle);
+        let direct_extra = straight.rss_kib.saturating_sub(direct_idle);
+        self.row(
+            "7",
+            &format!(
+                "{} streamed calls held open through the gateway (one chunk per second each): RSS",
+                through.opened
+            ),
+            format!("{:.1} MiB (peak {:.1})", mib(through.rss_kib), mib(through.hwm_kib)),
+            format!("{:.1} MiB (same server, idle)", mib(idle)),
+            Some(through.rss_kib as f64 / idle as f64),
+            "",
+            None,
+        );
+        self.row(
+            "7",
+            &format!("extra RSS of {} open streamed calls", through.opened),
+            format!("{:.1} MiB ({:.1} KiB per call)", mib(extra), extra as f64 / through.opened.max(1) as f64),
+            format!("{:.1} MiB (the fake upstream holding {} direct streams)", mib(direct_extra), straight.opened),
+            None,
+            "< 64 MiB",
+            Some(through.opened as usize == GATEWAY_STREAMS && mib(extra) < 64.0),
+        );
+        self.row(
+            "7",
+            &format!("server CPU while relaying {} streams (one chunk per second each)", through.opened),
+            format!("{:.0}% of a core", through.cpu * 100.0),
+            format!("{:.1}% idle; the fake, direct: {:.0}%", idle_cpu * 100.0, straight.cpu * 100.0),
+            None,
+            "",
+            None,
+        );
+        self.note(format!(
+            "7 (held streams): through the gateway {} of {GATEWAY_STREAMS} streams got their first chunk within {:.1} s ({} jobs' \
+             credentials, 100 calls each); {} still open after the {} s hold, {} events received in it (one a second per \
+             stream expected); RSS {:.1} MiB 2 s after the clients left{}. Straight to the fake: {} of {GATEWAY_STREAMS} \
+             opened in {:.1} s, {} still open, {} events in the hold, RSS {:.1} → {:.1} MiB{}. Not pinned.",
+            through.opened,
+            through.open_took.as_secs_f64(),
+            pool.keys.len(),
+            through.still_open,
+            self.duration.as_secs(),
+            through.events_in_hold,
+            mib(after),
+            through.failure.map(|f| format!("; first failure: {f}")).unwrap_or_default(),
+            straight.opened,
+            straight.open_took.as_secs_f64(),
+            straight.still_open,
+            straight.events_in_hold,
+            mib(direct_idle),
+            mib(straight.rss_kib),
+            straight.failure.map(|f| format!("; first failure: {f}")).unwrap_or_default(),
+        ));
+        Ok(())
+    }
+
+    /// Open [`GATEWAY_STREAMS`] slow streamed calls to `addr`, hold them for the window, and say
+    /// what the server `pid` used meanwhile.
+    async fn hold_streams(&self, addr: std::net::SocketAddr, model: &str, auth: Auth, pid: i32) -> Result<Held> {
+        let client = Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(4096)
+            .connect_timeout(Duration::from_secs(10))
+            .build()?;
+        let url = format!("http://{addr}/v1/chat/completions");
+        let body = chat_body(model, true);
+        let opened = Arc::new(AtomicU64::new(0));
+        let events = Arc::new(AtomicU64::new(0));
+        let failure = Arc::new(std::sync::Mutex::new(None::<String>));
+        let stop = tokio_util::sync::CancellationToken::new();
+        reset_peak(pid);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..GATEWAY_STREAMS {
+            let key = match &auth {
+                Auth::Fixed(value) => value.clone(),
+                Auth::Pool(pool) => pool.take().ok_or_else(|| anyhow!("the pool of credentials ran out"))?,
+            };
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            let (opened, events, failure, stop) = (opened.clone(), events.clone(), failure.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let fail = |why: String| {
+                    failure.lock().unwrap().get_or_insert(why);
+                };
+                let response = match client
+                    .post(url)
+                    .header("authorization", key)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    Ok(response) => response,
+                    Err(error) => return fail(format!("{error}")),
+                };
+                if !response.status().is_success() {
+                    let status = response.status();
+                    return fail(format!("{status}: {}", response.text().await.unwrap_or_default()));
+                }
+                let mut body = response.bytes_stream();
+                let mut counted = false;
+                loop {
+                    tokio::select! {
+                        chunk = body.next() => match chunk {
+                            Some(Ok(bytes)) => {
+                                let n = bytes.windows(6).filter(|w| *w == b"data: ").count() as u64;
+                                events.fetch_add(n, Ordering::Relaxed);
+                                if n > 0 && !counted {
+                                    counted = true;
+                                    opened.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            Some(Err(error)) => return fail(format!("a stream broke off: {error}")),
+                            None => return fail("a slow stream ended early".into()),
+                        },
+                        () = stop.cancelled() => return,
+                    }
+                }
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while opened.load(Ordering::Relaxed) < GATEWAY_STREAMS as u64 && Instant::now() < deadline {
+            if tasks.iter().all(|t| t.is_finished()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let open_took = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (cpu0, events0) = (proc_cpu(pid, self.clk_tck), events.load(Ordering::Relaxed));
+        tokio::time::sleep(self.duration).await;
+        let cpu = (proc_cpu(pid, self.clk_tck) - cpu0) / self.duration.as_secs_f64();
+        let events_in_hold = events.load(Ordering::Relaxed) - events0;
+        let (rss_kib, hwm_kib) = (proc_status(pid, "VmRSS"), proc_status(pid, "VmHWM"));
+        let still_open = tasks.iter().filter(|t| !t.is_finished()).count();
+        stop.cancel();
+        for task in tasks {
+            let _ = task.await;
+        }
+        let failure = failure.lock().unwrap().clone();
+        Ok(Held {
+            opened: opened.load(Ordering::Relaxed),
+            open_took,
+            still_open,
+            rss_kib,
+            hwm_kib,
+            cpu,
+            events_in_hold,
+            failure,
+        })
+    }
+
+    async fn chat_closed(&self, target: &ChatTarget, pid: i32) -> Load {
+        let callers = (0..self.concurrency).map(|_| (ChatConnection::new(target.clone()), 0)).collect();
+        closed_loop(callers, self.duration, pid, self.clk_tck).await
+    }
+
+    async fn chat_open(&self, target: &ChatTarget, pid: i32, rate: f64) -> Load {
+        let callers = (0..OPEN_LOOP_CONNECTIONS).map(|_| ChatConnection::new(target.clone())).collect();
+        open_loop(callers, rate, self.duration, pid, self.clk_tck).await
+    }
+
+    fn failure_note(&mut self, target: &ChatTarget) {
+        if let Some(failure) = target.failure() {
+            self.note(format!("7: first failed call of the window above: {failure}"));
+        }
+    }
+
+    /// The fake upstream as a process of its own, on `cpu` when pinning.
+    async fn start_fake(&self, name: &str, cpu: usize) -> Result<Proc> {
+        let port = free_port()?;
+        let log = self.work.join(format!("{name}-{port}.log"));
+        let exe = std::env::current_exe()?;
+        let mut command = if self.pin {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpu.to_string()]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        };
+        command.args(["fake-llm", "--listen", &format!("127.0.0.1:{port}")]);
+        Proc::spawn(command, port, log, &self.http).await
+    }
+
+    /// `oats serve` on the local backend with the gateway forwarding to `upstream`.
+    async fn start_gateway(
+        &self,
+        name: &str,
+        upstream: &Proc,
+        database_url: Option<&str>,
+        pin: bool,
+    ) -> Result<GatewayServer> {
+        let dir = self.work.join(format!("state-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let providers = self.work.join(format!("{name}-providers.yaml"));
+        let mut models = String::new();
+        for (model, upstream_name) in [("bench-model", "fake-model"), ("bench-slow", "fake-slow")] {
+            let _ = write!(
+                models,
+                "      - name: {model}\n        upstream: {upstream_name}\n        input_per_million_usd: 0.15\n        \
+                 output_per_million_usd: 0.60\n        max_output_tokens: 256\n"
+            );
+        }
+        std::fs::write(
+            &providers,
+            format!(
+                "providers:\n  - name: fake\n    base_url: {}/v1\n    timeout_seconds: 600\n    max_concurrency: 4096\n    \
+                 max_retries: 0\n    models:\n{models}",
+                upstream.base
+            ),
+        )?;
+        let policy = self.work.join(format!("{name}-policy.yaml"));
+        std::fs::write(
+            &policy,
+            "defaults:\n  max_in_flight_calls: 1000\n  submissions_per_minute: 100000\n  max_concurrent_jobs: 100000\n",
+        )?;
+        let gateway = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let mut env = local_env(&dir);
+        env.extend(
+            [
+                ("OATS_LLM_PROVIDERS_FILE", providers.display().to_string()),
+                ("OATS_LLM_LISTEN", gateway.to_string()),
+                ("OATS_POLICY_FILE", policy.display().to_string()),
+                ("OATS_LOCAL_AGENT_COMMAND", CREDENTIAL_AGENT.to_owned()),
+                ("OATS_LOCAL_CONCURRENCY", "100000".to_owned()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v)),
+        );
+        if let Some(url) = database_url {
+            env.push(("OATS_DATABASE_URL".into(), url.to_owned()));
+        }
+        let proc = self.start_oats(name, &env, pin).await?;
+        let server = GatewayServer { proc, gateway, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !get_ok(&self.http, &format!("http://{gateway}/healthz")).await {
+            if Instant::now() > deadline {
+                bail!("the gateway did not answer on {gateway}:\n{}", server.proc.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(server)
+    }
+
+    /// `jobs` running jobs, and their credentials as their agents wrote them.
+    async fn make_pool(&self, server: &GatewayServer, jobs: usize) -> Result<Arc<Pool>> {
+        let url = server.proc.url("/api/v1/jobs");
+        let submitted = Instant::now();
+        let created: Vec<Result<String>> = futures::stream::iter(0..jobs)
+            .map(|i| {
+                let (http, url) = (self.http.clone(), url.clone());
+                async move {
+                    let body = json!({
+                        "goal": format!("gateway benchmark job {i}"),
+                        "max_turns": CALLS_PER_JOB,
+                        "timeout_seconds": 3600,
+                        "budget": {"max_tokens": 1_000_000_000u64, "max_cost_usd": 1000.0},
+                    });
+                    let response = http.post(url).json(&body).send().await?;
+                    let status = response.status();
+                    let answer: serde_json::Value = response.json().await?;
+                    if status.as_u16() != 201 {
+                        bail!("POST /api/v1/jobs answered {status}: {answer}");
+                    }
+                    answer["id"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no id in {answer}"))
+                }
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        let ids: Vec<String> = created.into_iter().collect::<Result<_>>()?;
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(120);
+        let mut keys = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let path = server.dir.join("jobs").join(id).join("workspace").join("key");
+            loop {
+                if let Ok(text) = std::fs::read_to_string(&path)
+                    && text.ends_with('\n')
+                    && !text.trim().is_empty()
+                {
+                    keys.push(format!("Bearer {}", text.trim()).parse()?);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("job {id}'s agent wrote no credential within 120 s:\n{}", server.proc.log_tail());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        println!(
+            "{jobs} jobs created in {:.1} s, their credentials read {:.1} s later",
+            (started - submitted).as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Arc::new(Pool { ids, keys, next: AtomicU64::new(0) }))
+    }
+
+    /// Cancel the pool's jobs (their agents stop; their ledger rows stay).
+    async fn cancel_pool(&self, server: &GatewayServer, pool: &Pool) {
+        futures::stream::iter(pool.ids.iter())
+            .map(|id| {
+                let (http, url) = (self.http.clone(), server.proc.url(&format!("/api/v1/jobs/{id}/cancel")));
+                async move {
+                    let _ = http.post(url).send().await;
+                }
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<()>>()
+            .await;
+    }
+}
+
+/// The fake OpenAI-compatible upstream: a fixed `chat.completion`, or a stream of a role chunk,
+/// `chunks` content chunks `delay` apart, a finish chunk, the usage chunk and `[DONE]`. A request
+/// for the model `fake-slow` streams one content chunk per second for `slow_seconds`.
+fn fake_llm_server(listen: std::net::SocketAddr, chunks: usize, delay: Duration, slow_seconds: u64) -> Result<()> {
+    use poem::{Body, EndpointExt as _, Response, Route, get, handler, post, web::Data};
+    struct Fake {
+        completion: bytes::Bytes,
+        role: bytes::Bytes,
+        content: bytes::Bytes,
+        last: bytes::Bytes,
+        chunks: usize,
+        delay: Duration,
+        slow_seconds: u64,
+    }
+    let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
+        let chunk = json!({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1_767_225_600,
+            "model": "fake-model", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": null});
+        format!("data: {chunk}\n\n")
+    };
+    let usage = json!({"prompt_tokens": 24, "completion_tokens": 9, "total_tokens": 33});
+    let usage_chunk = json!({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1_767_225_600,
+        "model": "fake-model", "choices": [], "usage": usage});
+    let fake = Arc::new(Fake {
+        completion: bytes::Bytes::from(
+            json!({"id": "chatcmpl-bench", "object": "chat.completion", "created": 1_767_225_600, "model": "fake-model",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
+                    "finish_reason": "stop"}],
+                "usage": usage})
+            .to_string(),
+        ),
+        role: chunk(json!({"role": "assistant", "content": ""}), serde_json::Value::Null).into(),
+        content: chunk(json!({"content": "Hello "}), serde_json::Value::Null).into(),
+        last: format!("{}data: {usage_chunk}\n\ndata: [DONE]\n\n", chunk(json!({}), json!("stop"))).into(),
+        chunks,
+        delay,
+        slow_seconds,
+    });
+
+    #[handler]
+    async fn chat(body: Body, fake: Data<&Arc<Fake>>) -> Response {
+        let body = body.into_bytes().await.unwrap_or_default();
+        let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        if !has(b"\"stream\":true") {
+            return Response::builder().content_type("application/json").body(fake.completion.clone());
+        }
+        let fake = fake.0.clone();
+        let (events, pause) = if has(b"fake-slow") {
+            (fake.slow_seconds as usize + 2, Duration::from_secs(1))
+        } else {
+            (fake.chunks + 2, fake.delay)
+        };
+        let stream = futures::stream::unfold(0usize, move |i| {
+            let fake = fake.clone();
+            async move {
+                if i >= events {
+                    return None;
+                }
+                if i > 0 && !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+                let bytes = match i {
+                    0 => fake.role.clone(),
+                    i if i + 1 == events => fake.last.clone(),
+                    _ => fake.content.clone(),
+                };
+                Some((Ok::<_, std::io::Error>(bytes), i + 1))
+            }
+        });
+        Response::builder()
+            .content_type("text/event-stream")
+            .header("cache-control", "no-cache")
+            .body(Body::from_bytes_stream(stream))
+    }
+
+    #[handler]
+    fn ready() -> &'static str {
+        "ok"
+    }
+
+    let app = Route::new().at("/v1/chat/completions", post(chat)).at("/readyz", get(ready)).data(fake);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(poem::Server::new(poem::listener::TcpListener::bind(listen)).run(app))?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
