@@ -980,7 +980,19 @@ async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
     }
 
     // A cancellation written after the failure (by a replica that cancelled without a
-    // precondition, or by hand) does not rewrite the outcome.
+    // precondition, or by hand) does not rewrite the outcome. "After": once the Job controller
+    // has recorded the failure on the Job (OATS may report it earlier, from the pod), and in a
+    // later second.
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let stored = cluster.kubectl_json(&["get", "job", &failing, "-n", kube::NAMESPACE]);
+        let conditions = stored["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        if conditions.iter().any(|c| c["type"] == "Failed" && c["status"] == "True") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the Job controller never recorded the failure: {stored}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let late = format!(
         "{}={}",
