@@ -55,5 +55,9 @@ async fn oats_recovers_from_an_api_server_restart() {
     assert_eq!(cluster.jobs_labelled(&format!("e2e={run}")).len(), 5);
     let after = server.submit(json!({"goal": "after", "max_turns": 1, "labels": labels})).await;
     assert_eq!(after.status(), StatusCode::CREATED);
+    // The whole control plane recovers: a job submitted after the restart runs (its controllers
+    // may be in their watch backoff for a while; the suites after this one need them back).
+    let after = after.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    server.wait_for(&after, "running", std::time::Duration::from_secs(180)).await;
     cluster.delete_jobs(&format!("e2e={run}"));
 }
