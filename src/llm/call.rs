@@ -334,12 +334,7 @@ async fn forward(call: &Call, body: Vec<u8>) -> Result<reqwest::Response, (&'sta
         }
         let (error_type, retry_after) = match request.send().await {
             Ok(response) if response.status() == 429 || response.status().is_server_error() => {
-                let retry_after = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
+                let retry_after = retry_after_of(&response);
                 let error_type = if response.status() == 429 { "upstream_429" } else { "upstream_5xx" };
                 if !retry(call, &mut attempt, deadline, retry_after).await {
                     return Err((error_type, upstream_error(call, response).await));
@@ -364,6 +359,12 @@ async fn forward(call: &Call, body: Vec<u8>) -> Result<reqwest::Response, (&'sta
     }
 }
 
+/// The upstream's `Retry-After`, in seconds (the HTTP-date form is not used by providers).
+fn retry_after_of(response: &reqwest::Response) -> Option<Duration> {
+    let value = response.headers().get("retry-after")?.to_str().ok()?;
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
 /// Wait before the next attempt, if one is left; `false` when retries are spent.
 async fn retry(call: &Call, attempt: &mut u32, deadline: Instant, retry_after: Option<Duration>) -> bool {
     let provider = &call.model.provider;
@@ -385,12 +386,7 @@ async fn retry(call: &Call, attempt: &mut u32, deadline: Instant, retry_after: O
 /// the gateway's own credentials are not the agent's to see.
 async fn upstream_error(call: &Call, response: reqwest::Response) -> ApiError {
     let status = response.status();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = retry_after_of(&response);
     let text = response.text().await.unwrap_or_default();
     let upstream: Option<String> = serde_json::from_str::<Value>(&text)
         .ok()
