@@ -168,3 +168,41 @@ impl Cluster {
         self.kubectl_ok(&["delete", "jobs", "-n", NAMESPACE, "-l", selector, "--cascade=background", "--wait=false"]);
     }
 }
+
+/// A namespace of one test, deleted when the guard drops (also when the test fails), with the
+/// agents' service account in it. OATS runs there as the cluster admin: the shipped Role is
+/// bound in `oats` only. Metrics of an OATS watching it count this test's Jobs and nothing else.
+pub struct TestNamespace {
+    pub cluster: &'static Cluster,
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub fn create(cluster: &'static Cluster, prefix: &str) -> Self {
+        let name = unique(prefix);
+        cluster.kubectl_ok(&["create", "namespace", &name]);
+        let guard = Self { cluster, name };
+        guard.cluster.kubectl_ok(&["create", "serviceaccount", "oats-agent", "-n", &guard.name]);
+        guard
+    }
+
+    /// OATS (the admin's kubeconfig) with its agents' Jobs in this namespace.
+    pub async fn start_oats(&self, log_dir: &Path, extra: &[(&str, &str)]) -> Server {
+        let kubeconfig = self.cluster.admin_kubeconfig.display().to_string();
+        let mut env = vec![("KUBECONFIG", kubeconfig.as_str()), ("OATS_NAMESPACE", self.name.as_str())];
+        env.extend_from_slice(extra);
+        self.cluster.start_oats_with(log_dir, &env).await
+    }
+
+    /// The Jobs in this namespace.
+    pub fn jobs(&self) -> Vec<Value> {
+        let list = self.cluster.kubectl_json(&["get", "jobs", "-n", &self.name]);
+        list["items"].as_array().unwrap().clone()
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = self.cluster.kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}

@@ -1,0 +1,199 @@
+//! Several OATS replicas against the real control plane of `testenv/`, each test in a namespace
+//! of its own (deleted when the test ends, passed or failed), so the metrics of its replicas
+//! count its own Jobs and nothing else.
+
+mod common;
+mod kube;
+
+use common::Server;
+use kube::TestNamespace;
+use oats::backend::kubernetes::render;
+use serde_json::{Value, json};
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const SOON: Duration = Duration::from_secs(60);
+
+async fn submit(server: &Server, body: Value) -> String {
+    let response = server.submit(body).await;
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+}
+
+/// `oats_jobs_finished_total` of one replica, by status.
+async fn finished(server: &Server) -> BTreeMap<String, f64> {
+    let text = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let mut counts = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("oats_jobs_finished_total{")) {
+        let (labels, value) = line.split_once("} ").unwrap();
+        let status = labels.split("status=\"").nth(1).unwrap().split('"').next().unwrap();
+        *counts.entry(status.to_owned()).or_default() += value.split(' ').next().unwrap().parse::<f64>().unwrap();
+    }
+    counts
+}
+
+fn add(total: &mut BTreeMap<String, f64>, counts: &BTreeMap<String, f64>) {
+    for (status, value) in counts {
+        *total.entry(status.clone()).or_default() += value;
+    }
+}
+
+fn expected(succeeded: f64, failed: f64) -> BTreeMap<String, f64> {
+    [("succeeded".to_owned(), succeeded), ("failed".to_owned(), failed)].into()
+}
+
+/// Wait until the counts of the `live` replicas plus those already `banked` (of replicas that
+/// are gone) reach `want`, and every Job in the namespace is marked as counted; then the
+/// counts must stay exactly `want` (a second count would need a patch the marks now refuse).
+async fn assert_counted_once(ns: &TestNamespace, live: &[&Server], banked: &BTreeMap<String, f64>, want: f64) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let mut total = banked.clone();
+        for server in live {
+            add(&mut total, &finished(server).await);
+        }
+        let jobs = ns.jobs();
+        let marked =
+            jobs.iter().filter(|j| j["metadata"]["annotations"][render::COUNTED_ANNOTATION].is_string()).count();
+        if total.values().sum::<f64>() >= want && marked == jobs.len() {
+            assert_eq!(total.values().sum::<f64>(), want, "finishes counted: {total:?}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "counted {total:?} of {want}, {marked} of {} Jobs marked", jobs.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Wait (as the admin) until the Job has its Complete condition.
+fn wait_complete(ns: &TestNamespace, id: &str) {
+    let out = ns.cluster.kubectl(&[
+        "wait",
+        "--for=condition=Complete",
+        "--timeout=60s",
+        "-n",
+        &ns.name,
+        &format!("job/{id}"),
+    ]);
+    assert!(out.status.success(), "job {id} did not complete: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn two_replicas_count_each_finish_once_even_when_one_is_down() {
+    let Some(cluster) = kube::cluster() else { return };
+    let ns = TestNamespace::create(cluster, "finish");
+    let dir = tempfile::tempdir().unwrap();
+    let a = ns.start_oats(&dir.path().join("a"), &[]).await;
+    let b = ns.start_oats(&dir.path().join("b"), &[]).await;
+    let job = |goal: &str, outcome: &str, run_ms: &str| {
+        json!({"goal": goal, "max_turns": 1,
+               "labels": {"kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": run_ms}})
+    };
+
+    // Both replicas up: three succeed and one fails, submitted through either replica.
+    let mut first = Vec::new();
+    for (i, outcome) in ["succeed", "fail", "succeed", "succeed"].into_iter().enumerate() {
+        let server = if i % 2 == 0 { &a } else { &b };
+        first.push(submit(server, job(&format!("both up {i}"), outcome, "300")).await);
+    }
+    for id in &first {
+        let status = if id == &first[1] { "failed" } else { "succeeded" };
+        a.wait_for(id, status, SOON).await;
+        b.wait_for(id, status, SOON).await;
+    }
+    assert_counted_once(&ns, &[&a, &b], &BTreeMap::new(), 4.0).await;
+    let mut banked = finished(&b).await;
+
+    // B is down: three more finish, A alone sees them.
+    b.crash();
+    for i in 0..3 {
+        let id = submit(&a, job(&format!("b down {i}"), "succeed", "300")).await;
+        a.wait_for(&id, "succeeded", SOON).await;
+    }
+    assert_counted_once(&ns, &[&a], &banked, 7.0).await;
+    add(&mut banked, &finished(&a).await);
+
+    // Both down: two finish with no replica watching; the two restarted replicas race to count them.
+    let late: Vec<String> =
+        futures::future::join_all((0..2).map(|i| submit(&a, job(&format!("all down {i}"), "succeed", "6000")))).await;
+    for id in &late {
+        a.wait_for(id, "running", SOON).await;
+    }
+    a.crash();
+    let unmarked =
+        ns.jobs().iter().filter(|j| j["metadata"]["annotations"][render::COUNTED_ANNOTATION].is_null()).count();
+    assert_eq!(unmarked, 2, "the last two jobs finished before the replicas went down");
+    for id in &late {
+        wait_complete(&ns, id);
+    }
+    let (a_dir, b_dir) = (dir.path().join("a2"), dir.path().join("b2"));
+    let (a, b) = tokio::join!(ns.start_oats(&a_dir, &[]), ns.start_oats(&b_dir, &[]));
+    assert_counted_once(&ns, &[&a, &b], &banked, 9.0).await;
+    let mut total = banked;
+    add(&mut total, &finished(&a).await);
+    add(&mut total, &finished(&b).await);
+    assert_eq!(total, expected(8.0, 1.0));
+}
+
+/// The object as stored, without what the API server sets on its own (identity, bookkeeping,
+/// the controller's uid labels and status).
+fn without_server_fields(mut job: Value) -> Value {
+    let metadata = job["metadata"].as_object_mut().unwrap();
+    for key in ["uid", "resourceVersion", "generation", "creationTimestamp", "managedFields"] {
+        metadata.remove(key);
+    }
+    job.as_object_mut().unwrap().remove("status");
+    for labels in ["/spec/selector/matchLabels", "/spec/template/metadata/labels"] {
+        let labels = job.pointer_mut(labels).unwrap().as_object_mut().unwrap();
+        labels.remove("controller-uid");
+        labels.remove("batch.kubernetes.io/controller-uid");
+    }
+    job
+}
+
+#[tokio::test]
+async fn render_job_prints_exactly_what_serve_creates() {
+    let Some(cluster) = kube::cluster() else { return };
+    let ns = TestNamespace::create(cluster, "render");
+    let dir = tempfile::tempdir().unwrap();
+    let server = ns.start_oats(dir.path(), &[]).await;
+    let request = json!({
+        "goal": "Render me the same",
+        "max_turns": 4,
+        "timeout_seconds": 300,
+        "labels": {"team": "blue", "kwok.oats.dev/outcome": "run"},
+    });
+    let id = submit(&server, request.clone()).await;
+    let stored = without_server_fields(ns.cluster.kubectl_json(&["get", "job", &id, "-n", &ns.name]));
+
+    // The CLI, with the configuration of that server (its namespace and providers file).
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_oats"))
+        .arg("render-job")
+        .env_remove("KUBECONFIG")
+        .env("OATS_NAMESPACE", &ns.name)
+        .env("OATS_LLM_PROVIDERS_FILE", dir.path().join("default-providers.yaml"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cli.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
+    let out = cli.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut rendered: Value = serde_saphyr::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    // Its own job id and creation time, everywhere they appear, become the served job's.
+    let own_id = rendered["metadata"]["name"].as_str().unwrap().to_owned();
+    let created = stored["metadata"]["annotations"][render::CREATED_AT_ANNOTATION].clone();
+    rendered["metadata"]["annotations"][render::CREATED_AT_ANNOTATION] = created;
+    let rendered: Value = serde_json::from_str(&rendered.to_string().replace(&own_id, &id)).unwrap();
+
+    // Defaulted by the same API server (a server-side dry run, once the served Job is gone).
+    ns.cluster.kubectl_ok(&["delete", "job", &id, "-n", &ns.name, "--cascade=foreground", "--wait=true"]);
+    let file = dir.path().join("rendered.json");
+    std::fs::write(&file, rendered.to_string()).unwrap();
+    let dry = ns.cluster.kubectl_json(&["create", "--dry-run=server", "-n", &ns.name, "-f", file.to_str().unwrap()]);
+    assert_eq!(without_server_fields(dry), stored);
+}
