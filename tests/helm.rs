@@ -442,7 +442,7 @@ fn policy_tokens_and_otlp_values() {
     let content = policy["data"]["oats-policy.yaml"].as_str().expect("data.oats-policy.yaml");
     assert_eq!(content, read("policies/oats-policy.yaml"));
     std::fs::write(dir.path().join("oats-policy.yaml"), content).unwrap();
-    oats::policy::Policy::load(&dir.path().join("oats-policy.yaml")).expect("OATS loads the rendered policy");
+    oats::jobs::policy::Policy::load(&dir.path().join("oats-policy.yaml")).expect("OATS loads the rendered policy");
     // The tokens placeholder is a tokens file OATS loads and that lets nobody in.
     let secret = default_docs
         .iter()

@@ -10,8 +10,7 @@ use chrono::Utc;
 use oats::{
     backend::kubernetes::render::{AgentTemplate, render_job},
     config::Config,
-    jobs::{JobId, JobLimits, JobRequest, NewJob},
-    policy::ResourceProfile,
+    jobs::{JobId, JobLimits, JobRequest, NewJob, policy::ResourceProfile},
 };
 use serde_json::{Value, json};
 use std::{
@@ -596,7 +595,7 @@ fn the_policy_denies_each_violation_with_its_own_message() {
         ),
     ];
     // Keys of service meshes and batch queues need an entry of their own: `*` is not enough.
-    for domain in oats::policy::GUARDED_LABEL_DOMAINS {
+    for domain in oats::jobs::policy::GUARDED_LABEL_DOMAINS {
         let key = format!("sidecar.{domain}/inject");
         let label = key.clone();
         cases.push((
@@ -654,7 +653,7 @@ fn the_opt_ins_are_admitted_only_where_the_parameters_name_them() {
         memory_limit: "1Gi".into(),
         image: Some("registry.example.com/oats/web-agent:1".into()),
         command: Some(["/oats-launcher/oats", "launch", "--", "web-agent"].map(String::from).to_vec()),
-        egress: Some(oats::policy::Egress::PublicHttps),
+        egress: Some(oats::jobs::policy::Egress::PublicHttps),
     };
     // The new binding is in force once it denies a bad Job.
     let mut bad = in_opt_in(&config());

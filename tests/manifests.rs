@@ -673,11 +673,11 @@ fn shipped_resource_profiles() -> Vec<(String, Value)> {
 fn no_tenant_of_the_shipped_policy_can_exhaust_the_namespace_quota() {
     let config = oats::config::Config::default();
     let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/oats-policy.yaml"));
-    let policy = oats::policy::PolicyDocument::read(path).unwrap();
+    let policy = oats::jobs::policy::PolicyDocument::read(path).unwrap();
     let mut tenants: Vec<String> = policy.tenant_names().map(str::to_owned).collect();
     tenants.push("any-other-tenant".into());
     // An agent's requests and limits: [cpu request, memory request, cpu limit, memory limit].
-    let agent = |p: Option<&oats::policy::ResourceProfile>| -> [f64; 4] {
+    let agent = |p: Option<&oats::jobs::policy::ResourceProfile>| -> [f64; 4] {
         let (cr, mr, cl, ml) = match p {
             Some(p) => (&p.cpu_request, &p.memory_request, &p.cpu_limit, &p.memory_limit),
             None => (
@@ -867,7 +867,7 @@ fn the_api_loads_the_shipped_service_policy() {
         assert_eq!(text, source, "{target}: the ConfigMap differs from policies/oats-policy.yaml");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(&key), text).unwrap();
-        oats::policy::Policy::load(&dir.path().join(&key)).unwrap_or_else(|e| panic!("{target}: {e}"));
+        oats::jobs::policy::Policy::load(&dir.path().join(&key)).unwrap_or_else(|e| panic!("{target}: {e}"));
     }
 }
 
@@ -1055,7 +1055,7 @@ fn agent_pods_hold_no_secret_and_the_policy_parameters_fit_what_oats_renders() {
         }
         // The launcher's commands are the ones OATS renders for an agent of a profile's own image.
         let mut own = agent_job();
-        own.resources = Some(oats::policy::ResourceProfile {
+        own.resources = Some(oats::jobs::policy::ResourceProfile {
             cpu_request: "1".into(),
             cpu_limit: "1".into(),
             memory_request: "1Gi".into(),
@@ -1084,7 +1084,7 @@ fn agent_pods_hold_no_secret_and_the_policy_parameters_fit_what_oats_renders() {
     let line = policy.lines().skip_while(|l| !l.contains("name: guardedLabelDomains")).nth(2).unwrap();
     let domains: Vec<&str> =
         line.trim().trim_matches(['[', ']']).split(',').map(|d| d.trim().trim_matches('\'')).collect();
-    assert_eq!(domains, oats::policy::GUARDED_LABEL_DOMAINS, "policies/vap/agent-job-policy.yaml guardedLabelDomains");
+    assert_eq!(domains, oats::jobs::policy::GUARDED_LABEL_DOMAINS, "policies/vap/agent-job-policy.yaml guardedLabelDomains");
 }
 
 fn agent_job() -> oats::jobs::NewJob {
