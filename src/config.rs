@@ -276,8 +276,8 @@ config_keys! {
     default_timeout_seconds: u32 = 600;
     /// Longest timeout a job may ask for, in seconds (at most 86400).
     max_timeout_seconds: u32 = 3600;
-    /// Seconds a finished job is kept before it is removed: on Kubernetes the Job (deleted by its TTL controller), locally its record, output and workspace; a finished job counts against `max_kept_jobs` until then (on both backends).
-    ttl_seconds_after_finished: u32 = 86_400;
+    /// Seconds a finished job is kept before it is removed: on Kubernetes the Job (deleted by its TTL controller), locally its record, output and workspace; a finished job counts against `max_kept_jobs` until then (on both backends). After it, the job is answered from the job history (`retention_days`).
+    ttl_seconds_after_finished: u32 = 600;
     /// Retries of a failed agent pod before the job fails.
     backoff_limit: u32 = 0;
     /// Opt-in: name of a Secret mounted into every agent pod, for agents that must call a provider directly (the admission policy's `llmSecretName` must name it too). Empty: agents hold no secret; they reach models through the LLM gateway.
@@ -318,10 +318,14 @@ config_keys! {
     http2_max_concurrent_streams: u32 = 100;
     /// Connections each listener serves at once; further connections wait in the accept queue until one closes.
     http_max_connections: usize = 2048;
-    /// Database of the store (the LLM ledger): `postgres://…` for several replicas (prefer `database_url_file` when it holds a password), or `sqlite:<path>`. Empty: SQLite file `oats.db` in `state_dir`.
+    /// Database of the store (job history, the LLM ledger): `postgres://…` for several replicas (prefer `database_url_file` when it holds a password), or `sqlite:<path>`. Empty: SQLite file `oats.db` in `state_dir`.
     database_url: Option<Secret> = None;
     /// File holding the database URL (a mounted Secret); wins over `database_url`.
     database_url_file: Option<PathBuf> = None;
+    /// Most bytes of a finished job's output kept in its history (the tail when longer; stored compressed).
+    archive_log_bytes: usize = 1024 * 1024;
+    /// Days a finished job stays in the history (then it is purged, within the hour). 0 turns the history off: finished jobs are gone once the backend removes them.
+    retention_days: u32 = 30;
     /// YAML file of LLM providers (see `examples/providers.yaml`), reloaded on change. Setting it turns the LLM gateway on; local jobs then run `oats agent` unless `local_agent_command` says otherwise.
     llm_providers_file: Option<PathBuf> = None;
     /// Address the LLM gateway (OpenAI-compatible, for agents only) listens on.
@@ -463,6 +467,9 @@ impl Config {
             .and_then(|()| if self.tenant.is_empty() { Err("must not be empty".into()) } else { Ok(()) })
         {
             return invalid("tenant", message);
+        }
+        if self.archive_log_bytes < 4096 {
+            return invalid("archive_log_bytes", "must be at least 4096".into());
         }
         if self.llm_max_body_bytes < 1024 {
             return invalid("llm_max_body_bytes", "must be at least 1024".into());

@@ -11,7 +11,12 @@ use oats::{
     },
     config::{BackendKind, Config},
     http_server,
-    jobs::{AgentCredentials, JobBackend, JobId, JobRequest, JobService, NewJob, policy::Policy},
+    jobs::{
+        AgentCredentials, JobBackend, JobId, JobRequest, JobService, NewJob,
+        archive::{ArchiveMetrics, ArchiveSettings, Archiver},
+        history::JobHistory,
+        policy::Policy,
+    },
     llm::{
         Gateway, LlmMetrics, Providers,
         identity::{Identities, ServiceAccountRules, ServiceAccountVerifier},
@@ -162,6 +167,8 @@ async fn serve(config: Config) -> Result<()> {
     let mut metrics = Metrics::new();
     let llm_metrics = LlmMetrics::default();
     llm_metrics.register(metrics.registry_mut());
+    let archive_metrics = ArchiveMetrics::default();
+    archive_metrics.register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let http_limits = config.http_limits();
     let providers = load_providers(&config)?;
@@ -173,13 +180,18 @@ async fn serve(config: Config) -> Result<()> {
     let counted = backend.clone();
     metrics.jobs.count_jobs_with(Box::new(move || counted.counts()));
     let policy = load_policy(&config)?;
-    let mut jobs = JobService::new(backend, config.job_limits(), policy.clone(), metrics.jobs.clone());
-    let store = open_store(&config, providers.is_some()).await?;
-    if let Some(store) = &store {
+    let store = open_store(&config).await?;
+    let mut jobs = JobService::new(backend.clone(), config.job_limits(), policy.clone(), metrics.jobs.clone());
+    if config.retention_days > 0 {
+        let history: Arc<dyn JobHistory> = Arc::new(store.clone());
+        jobs = jobs.with_history(history.clone());
+        Arc::new(Archiver::new(backend, history, archive_settings(&config), archive_metrics)).spawn();
+    }
+    if providers.is_some() || config.database_url()?.is_some() {
         jobs = jobs.with_usage(Arc::new(store.clone()));
     }
     let jobs = Arc::new(jobs);
-    if let (Some(providers), Some(store)) = (providers, store) {
+    if let Some(providers) = providers {
         let kubernetes = kube.map(|(client, namespace)| {
             let rules = ServiceAccountRules {
                 audience: config.llm_token_audience.clone(),
@@ -234,15 +246,23 @@ fn load_providers(config: &Config) -> Result<Option<Arc<Providers>>> {
     Ok(Some(providers))
 }
 
-/// The store, when something needs it (the gateway's ledger, or a configured database).
-async fn open_store(config: &Config, gateway_on: bool) -> Result<Option<Store>> {
+/// The store (job history, the gateway's ledger): the configured database, else SQLite in the
+/// state directory.
+async fn open_store(config: &Config) -> Result<Store> {
     let store = match config.database_url()? {
         Some(url) => Store::open(&url).await?,
-        None if gateway_on => Store::open_in(&config.state_dir).await?,
-        None => return Ok(None),
+        None => Store::open_in(&config.state_dir).await?,
     };
     tracing::info!(engine = store.engine().as_str(), "store opened");
-    Ok(Some(store))
+    Ok(store)
+}
+
+fn archive_settings(config: &Config) -> ArchiveSettings {
+    ArchiveSettings {
+        log_bytes: config.archive_log_bytes,
+        retention: chrono::Duration::days(config.retention_days.into()),
+        holder: std::env::var("HOSTNAME").unwrap_or_else(|_| format!("oats-{}", std::process::id())),
+    }
 }
 
 /// The gateway's address as agents see it.

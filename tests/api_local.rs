@@ -489,27 +489,51 @@ async fn finished_jobs_count_against_max_kept_jobs_for_ttl_seconds_after_finishe
 }
 
 #[tokio::test]
-async fn finished_local_jobs_are_removed_with_their_files_after_ttl_seconds_after_finished() {
+async fn finished_local_jobs_leave_the_backend_after_their_ttl_and_are_answered_from_history() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_local(dir.path(), &[("OATS_TTL_SECONDS_AFTER_FINISHED", "2")]).await;
-    let id = server.create("brief", 1).await["id"].as_str().unwrap().to_owned();
+    let id = server.create("brief", 2).await["id"].as_str().unwrap().to_owned();
     let running = server.create("long", 100).await["id"].as_str().unwrap().to_owned();
     server.wait_for(&id, "succeeded", SOON).await;
     let job_dir = dir.path().join("jobs").join(&id);
     assert!(job_dir.join("workspace").is_dir() && job_dir.join("output.log").is_file());
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let (status, _) = server.get_json(&format!("/api/v1/jobs/{id}")).await;
-        if status == StatusCode::NOT_FOUND {
-            break;
+    let reads = |server: &Server| {
+        let paths = [
+            format!("/api/v1/jobs/{id}"),
+            format!("/api/v1/jobs/{id}/events"),
+            format!("/api/v1/jobs/{id}/logs?timestamps=true"),
+            format!("/api/v1/jobs/{id}/logs?tail_lines=1"),
+            "/api/v1/jobs?status=succeeded".to_owned(),
+        ];
+        let http = server.http.clone();
+        let urls: Vec<String> = paths.iter().map(|p| server.url(p)).collect();
+        async move {
+            let mut answers = Vec::new();
+            for url in urls {
+                let response = http.get(url).send().await.unwrap();
+                answers.push((response.status(), response.text().await.unwrap()));
+            }
+            answers
         }
+    };
+    let live = reads(&server).await;
+    assert!(live.iter().all(|(status, _)| *status == StatusCode::OK), "{live:?}");
+    assert!(live[2].1.contains("brief"), "the output names the goal: {}", live[2].1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while job_dir.exists() {
         assert!(std::time::Instant::now() < deadline, "the finished job was never removed");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(!job_dir.exists(), "its record, output and workspace are gone");
+    assert_eq!(reads(&server).await, live, "the job, its events, its logs and the list answer as before");
     assert_eq!(server.job(&running).await["status"], "running", "unfinished jobs are kept whatever their age");
     let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{running}/cancel"))).send().await.unwrap();
     assert_eq!(cancel.status(), StatusCode::OK);
+    drop(server);
+
+    // History outlives the process: a new server on the same state directory still answers.
+    let server = Server::start_local(dir.path(), &[("OATS_TTL_SECONDS_AFTER_FINISHED", "2")]).await;
+    let (status, job) = server.get_json(&format!("/api/v1/jobs/{id}")).await;
+    assert_eq!((status, job["status"].as_str()), (StatusCode::OK, Some("succeeded")));
 }
 
 /// Processes (not zombies) whose environment marks them as part of job `id`.
@@ -690,4 +714,107 @@ async fn agents_see_only_allowlisted_variables_and_results_are_cut_on_a_characte
     let id = server.create(&long, 1).await["id"].as_str().unwrap().to_owned();
     let done = server.wait_for(&id, "succeeded", SOON).await;
     assert_eq!(done["result"].as_str().unwrap(), format!("a{}", "é".repeat(2047)));
+}
+
+/// A TCP proxy in front of the test PostgreSQL that can be cut (every connection dropped and new
+/// ones refused) and restored, so the server sees a real database outage.
+struct Outage {
+    address: std::net::SocketAddr,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Outage {
+    async fn in_front_of(upstream: String) -> Self {
+        use std::sync::{Arc, atomic::Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let (down_flag, cut_signal) = (down.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { return };
+                if down_flag.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is closed at once
+                }
+                let (upstream, cut) = (upstream.clone(), cut_signal.clone());
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        Self { address, down, cut }
+    }
+
+    fn cut(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut.notify_waiters();
+    }
+
+    fn restore(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn jobs_that_finish_while_the_database_is_down_are_archived_when_it_answers_again() {
+    let url = std::env::var("OATS_TEST_DATABASE_URL")
+        .expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts PostgreSQL");
+    let (head, tail) = url.rsplit_once('@').unwrap();
+    let (host_port, database) = tail.split_once('/').unwrap();
+    let outage = Outage::in_front_of(host_port.to_owned()).await;
+    let proxied = format!("{head}@{}/{database}", outage.address);
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("OATS_TTL_SECONDS_AFTER_FINISHED", "1"), ("OATS_DATABASE_URL", proxied.as_str())];
+    let server = Server::start_local(dir.path(), &env).await;
+
+    outage.cut();
+    let mut ids = Vec::new();
+    for goal in ["first while down", "second while down", "third while down"] {
+        ids.push(server.create(goal, 2).await["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        server.wait_for(id, "succeeded", SOON).await;
+    }
+    // The local backend forgets them after their 1 s TTL, with the database still down.
+    let deadline = std::time::Instant::now() + SOON;
+    while ids.iter().any(|id| dir.path().join("jobs").join(id).exists()) {
+        assert!(std::time::Instant::now() < deadline, "the finished jobs were never removed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, _) = server.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "a database outage leaves the API ready");
+    let response = server.http.get(server.url(&format!("/api/v1/jobs/{}", ids[0]))).send().await.unwrap();
+    assert_problem(response, 503, "backend-unavailable").await;
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let lag: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("oats_archive_lag_seconds "))
+        .expect("the lag gauge is exported")
+        .parse()
+        .unwrap();
+    assert!(lag > 0.0, "the archive is reported behind:\n{metrics}");
+    assert!(!metrics.contains("oats_archive_failures_total{stage=\"store\"} 0\n"), "{metrics}");
+
+    outage.restore();
+    for (id, goal) in ids.iter().zip(["first", "second", "third"]) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        let job = loop {
+            let (status, job) = server.get_json(&format!("/api/v1/jobs/{id}")).await;
+            if status == StatusCode::OK {
+                break job;
+            }
+            assert!(std::time::Instant::now() < deadline, "{id} was never archived after the outage: {status} {job}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        assert_eq!(job["status"], "succeeded");
+        let logs = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs"))).send().await.unwrap();
+        let logs = logs.text().await.unwrap();
+        assert!(logs.contains(goal), "the output collected during the outage was kept: {logs}");
+    }
 }

@@ -1335,3 +1335,61 @@ async fn unknown_job_ids_never_reach_the_api_server_and_events_are_listed_at_mos
     assert!(again > listed, "the events were listed again once the cached listing expired");
     cluster.delete_jobs(&format!("e2e={run}"));
 }
+
+#[tokio::test]
+async fn finished_jobs_outlive_their_kubernetes_job_in_a_history_two_replicas_share() {
+    let namespace = kube::TestNamespace::create(kube::cluster(), "history");
+    let run = kube::unique("history");
+    let dir = tempfile::tempdir().unwrap();
+    let database = std::env::var("OATS_TEST_DATABASE_URL")
+        .expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts PostgreSQL");
+    // Two replicas of one tenant sharing PostgreSQL; the TTL controller removes finished Jobs
+    // 3 s after they finish.
+    let env = [
+        ("OATS_TENANT", run.as_str()),
+        ("OATS_TTL_SECONDS_AFTER_FINISHED", "3"),
+        ("OATS_RETENTION_DAYS", "30"),
+        ("OATS_DATABASE_URL", database.as_str()),
+    ];
+    let a = namespace.start_oats(&dir.path().join("a"), &env).await;
+    let b = namespace.start_oats(&dir.path().join("b"), &env).await;
+    let finished = id_of(
+        &submit(
+            &a,
+            "Archive me",
+            json!({"e2e": run, "kwok.oats.dev/outcome": "succeed", "kwok.oats.dev/run-ms": "200"}),
+            None,
+        )
+        .await,
+    );
+    let deleted =
+        id_of(&submit(&a, "Deleted by hand", json!({"e2e": run, "kwok.oats.dev/outcome": "run"}), None).await);
+    let live = a.wait_for(&finished, "succeeded", SOON).await;
+    b.wait_for(&deleted, "running", SOON).await;
+    namespace.cluster.kubectl_ok(&["delete", "job", &deleted, "-n", &namespace.name, "--wait=false"]);
+
+    let deadline = std::time::Instant::now() + SOON;
+    while !namespace.jobs().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the TTL controller never removed the finished Job");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for server in [&a, &b] {
+        let kept = server.job(&finished).await;
+        for field in ["id", "status", "reason", "goal", "labels", "created_at", "started_at", "result", "max_turns"] {
+            assert_eq!(kept[field], live[field], "{field}: the finished job reads as it did while its Job existed");
+        }
+        assert!(kept["finished_at"].is_string(), "{kept}");
+        let (status, events) = server.get_json(&format!("/api/v1/jobs/{finished}/events")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!events["items"].as_array().unwrap().is_empty(), "its events were kept: {events}");
+        let logs = server.http.get(server.url(&format!("/api/v1/jobs/{finished}/logs"))).send().await.unwrap();
+        assert_eq!(logs.status(), StatusCode::OK);
+
+        let gone = server.job(&deleted).await;
+        assert_eq!((gone["status"].as_str(), gone["reason"].as_str()), (Some("failed"), Some("Deleted")), "{gone}");
+        let (status, page) = server.get_json(&format!("/api/v1/jobs?label=e2e%3D{run}")).await;
+        assert_eq!(status, StatusCode::OK);
+        let listed: Vec<&str> = page["items"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+        assert_eq!(listed, [deleted.as_str(), finished.as_str()], "newest first, both from the history");
+    }
+}

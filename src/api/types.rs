@@ -314,6 +314,8 @@ pub enum JobStatusReason {
     AgentError,
     /// The server stopped while the job was running.
     ServerRestarted,
+    /// The Job was deleted before it finished (not by OATS); the job shows what was last seen.
+    Deleted,
     /// The agent could not be started.
     StartFailed,
     /// The job's budget (or its tenant's daily spend limit) could not pay for another model call.
@@ -335,6 +337,7 @@ impl From<JobReason> for JobStatusReason {
             JobReason::Cancelled => Self::Cancelled,
             JobReason::AgentError => Self::AgentError,
             JobReason::ServerRestarted => Self::ServerRestarted,
+            JobReason::Deleted => Self::Deleted,
             JobReason::StartFailed => Self::StartFailed,
             JobReason::BudgetExhausted => Self::BudgetExhausted,
             JobReason::MaxTurnsReached => Self::MaxTurnsReached,

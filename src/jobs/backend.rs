@@ -84,6 +84,12 @@ pub trait JobBackend: Send + Sync {
     /// counted twice, once as created and once as in creation).
     fn knows(&self, id: &JobId) -> bool;
 
+    /// Jobs removed from the backend since the last call, as last seen, for the archiver (a Job
+    /// removed by its TTL, or deleted before it finished). Drains.
+    fn departed(&self) -> Vec<Arc<JobRecord>> {
+        Vec::new()
+    }
+
     /// Current jobs by phase, for the `oats_jobs` gauges; cheap enough for every scrape.
     fn counts(&self) -> JobCounts;
 

@@ -2,11 +2,13 @@
 //!
 //! Nothing here knows about HTTP or Kubernetes; both backends speak in these types.
 
+pub mod archive;
 mod backend;
 mod budget;
 mod caller;
 mod credential;
 mod error;
+pub mod history;
 mod id;
 pub mod metrics;
 mod page;
@@ -91,6 +93,9 @@ pub enum JobReason {
     BudgetExhausted,
     /// The job made `max_turns` model calls, and the agent stopped.
     MaxTurnsReached,
+    /// The job's Kubernetes Job was deleted (by someone else than OATS) before it finished; what
+    /// was seen of it is kept.
+    Deleted,
 }
 
 impl JobReason {
@@ -106,6 +111,7 @@ impl JobReason {
             Self::Cancelled => "Cancelled",
             Self::AgentError => "AgentError",
             Self::ServerRestarted => "ServerRestarted",
+            Self::Deleted => "Deleted",
             Self::StartFailed => "StartFailed",
             Self::BudgetExhausted => "BudgetExhausted",
             Self::MaxTurnsReached => "MaxTurnsReached",

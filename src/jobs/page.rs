@@ -89,6 +89,11 @@ impl PageToken {
     fn sort_key(&self) -> (DateTime<Utc>, &str) {
         (self.created_at, &self.id)
     }
+
+    /// The `(created_at, id)` of the last job of the previous page (the history seeks to it).
+    pub fn position(&self) -> (DateTime<Utc>, &str) {
+        self.sort_key()
+    }
 }
 
 fn sort_key(record: &JobRecord) -> (DateTime<Utc>, &str) {

@@ -4,6 +4,7 @@ use super::{
     BackendError, Caller, CreateOutcome, FieldError, IdempotencyKey, JobBackend, JobError, JobEvent, JobId, JobLimits,
     JobPage, JobPhase, JobRecord, JobRequest, JobUsage, ListQuery, LogOptions, LogStream, NewJob, Role, TraceContext,
     UsageSource,
+    history::{self, HistoryError, JobHistory},
     metrics::{JobMetrics, RuleLabel, SubmissionOutcome},
     page,
     policy::{Evaluation, Policy, Rule, Submission, TenantRules, Verdict},
@@ -12,7 +13,7 @@ use chrono::Utc;
 use futures::stream::BoxStream;
 use prometheus_client::metrics::gauge::Gauge;
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -131,16 +132,39 @@ pub struct JobService {
     /// `max_concurrent_jobs` between the count and the create.
     creating: Arc<Mutex<Creating>>,
     usage: Option<Arc<dyn UsageSource>>,
+    /// Finished jobs the backend no longer holds.
+    history: Option<Arc<dyn JobHistory>>,
+}
+
+/// Where a readable job is now.
+enum Located {
+    Live(Arc<JobRecord>),
+    Archived(Arc<JobRecord>),
 }
 
 impl JobService {
     pub fn new(backend: Arc<dyn JobBackend>, limits: JobLimits, policy: Arc<Policy>, metrics: Arc<JobMetrics>) -> Self {
-        Self { backend, limits, policy, metrics, streams: Arc::default(), creating: Arc::default(), usage: None }
+        Self {
+            backend,
+            limits,
+            policy,
+            metrics,
+            streams: Arc::default(),
+            creating: Arc::default(),
+            usage: None,
+            history: None,
+        }
     }
 
     /// Show jobs' model usage from `source`.
     pub fn with_usage(mut self, source: Arc<dyn UsageSource>) -> Self {
         self.usage = Some(source);
+        self
+    }
+
+    /// Answer for finished jobs the backend forgot from `history`.
+    pub fn with_history(mut self, history: Arc<dyn JobHistory>) -> Self {
+        self.history = Some(history);
         self
     }
 
@@ -463,16 +487,46 @@ impl JobService {
     }
 
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<Arc<JobRecord>, JobError> {
-        let id = parse_id(id)?;
-        match self.backend.get(&id).await? {
-            Some(job) if caller.sees(&job.tenant) => Ok(job),
-            _ => Err(JobError::NotFound(id.to_string())),
+        match self.locate(caller, id).await? {
+            Located::Live(job) | Located::Archived(job) => Ok(job),
         }
     }
 
+    /// Find a job the caller may see: in the backend, else in the history.
+    async fn locate(&self, caller: &Caller, id: &str) -> Result<Located, JobError> {
+        let id = parse_id(id)?;
+        let found = match self.backend.get(&id).await? {
+            Some(job) => Some(Located::Live(job)),
+            None => match &self.history {
+                Some(history) => history.record(&id).await.map_err(history_error)?.map(Located::Archived),
+                None => None,
+            },
+        };
+        match found {
+            Some(Located::Live(job) | Located::Archived(job)) if !caller.sees(&job.tenant) => {
+                Err(JobError::NotFound(id.to_string()))
+            }
+            Some(located) => Ok(located),
+            None => Err(JobError::NotFound(id.to_string())),
+        }
+    }
+
+    /// A page of the caller's jobs: live ones and archived ones in one order. While the history
+    /// cannot be read, the page holds the live jobs (and says so in the server's log).
     pub async fn list(&self, caller: &Caller, query: &ListQuery) -> Result<JobPage, JobError> {
         let mut jobs = self.backend.list().await?;
         jobs.retain(|j| caller.sees(&j.tenant));
+        if let Some(history) = &self.history {
+            let tenant = (caller.role != Role::Admin).then_some(caller.tenant.as_str());
+            match history.page(tenant, query).await {
+                Ok(archived) => {
+                    let live: HashSet<&JobId> = jobs.iter().map(|j| &j.id).collect();
+                    let gone: Vec<_> = archived.into_iter().filter(|j| !live.contains(&j.id)).collect();
+                    jobs.extend(gone);
+                }
+                Err(error) => tracing::warn!(%error, "listing without archived jobs: the history cannot be read"),
+            }
+        }
         Ok(page::paginate(jobs, query))
     }
 
@@ -495,13 +549,35 @@ impl JobService {
     }
 
     pub async fn logs(&self, caller: &Caller, id: &str, options: LogOptions) -> Result<LogStream, JobError> {
-        let job = self.get(caller, id).await?;
-        Ok(self.backend.logs(&job.id, options).await?)
+        match self.locate(caller, id).await? {
+            Located::Live(job) => Ok(self.backend.logs(&job.id, options).await?),
+            Located::Archived(job) => {
+                let logs = self.history()?.logs(&job.id).await.map_err(history_error)?.unwrap_or_default();
+                Ok(history::archived_log_stream(logs, &options, chrono::Utc::now()))
+            }
+        }
     }
 
     pub async fn events(&self, caller: &Caller, id: &str) -> Result<Vec<JobEvent>, JobError> {
-        let job = self.get(caller, id).await?;
-        Ok(self.backend.events(&job.id).await?)
+        match self.locate(caller, id).await? {
+            Located::Live(job) => Ok(self.backend.events(&job.id).await?),
+            Located::Archived(job) => {
+                Ok(self.history()?.events(&job.id).await.map_err(history_error)?.unwrap_or_default())
+            }
+        }
+    }
+
+    /// The history (there is one when a job was found in it).
+    fn history(&self) -> Result<&dyn JobHistory, JobError> {
+        self.history.as_deref().ok_or_else(|| JobError::Internal("no job history".into()))
+    }
+}
+
+/// The history is the store: when it cannot answer, the API says so (503), never "not found".
+fn history_error(error: HistoryError) -> JobError {
+    match error {
+        HistoryError::Unavailable(detail) => JobError::Unavailable { detail, retry_after: Duration::from_secs(5) },
+        HistoryError::Corrupt { .. } => JobError::Internal(error.to_string()),
     }
 }
 

@@ -8,7 +8,10 @@ use super::{Engine, Store, StoreError, now_millis};
 use sqlx::{Connection, Row};
 
 /// Every migration, in order. Never edit one that has shipped; add the next.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "llm ledger", include_str!("migrations/0001_llm_ledger.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "llm ledger", include_str!("migrations/0001_llm_ledger.sql")),
+    (2, "job history", include_str!("migrations/0002_job_history.sql")),
+];
 
 /// Key of the advisory lock ("oats" in ASCII).
 const LOCK_KEY: i64 = 0x6f61_7473;

@@ -3,6 +3,7 @@
 //! state directory, the default) and PostgreSQL (`database_url`, for several replicas). The SQL is
 //! written once, in the subset both engines run.
 
+mod history;
 mod ledger;
 mod migrate;
 

@@ -143,6 +143,10 @@ impl Cluster {
             ("OATS_LLM_PROVIDERS_FILE".to_owned(), providers.display().to_string()),
             ("OATS_LLM_LISTEN".to_owned(), format!("127.0.0.1:{llm_port}")),
             ("OATS_STATE_DIR".to_owned(), state.display().to_string()),
+            // Every test's server watches the whole test namespace; without a shared database
+            // each would archive every other test's jobs (and its Kubernetes call counts would
+            // include that). The history tests turn it on.
+            ("OATS_RETENTION_DAYS".to_owned(), "0".to_owned()),
         ];
         for (key, value) in extra {
             env.retain(|(k, _)| k != key);

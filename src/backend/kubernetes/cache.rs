@@ -11,7 +11,7 @@ use super::{
     status::{self, JobFacts},
     wire::{CachedJob, CachedPod, compact_pod_status},
 };
-use crate::jobs::{JobCounts, JobRecord};
+use crate::jobs::{JobCounts, JobPhase, JobReason, JobRecord, JobStatus};
 use kube::{ResourceExt, runtime::watcher::Event};
 use std::{
     collections::HashMap,
@@ -84,6 +84,27 @@ pub struct JobCache {
     /// The Jobs of a re-list in progress, and when it started.
     listing_jobs: Mutex<Option<(HashMap<String, Entry>, Instant)>>,
     listing_pods: Mutex<Option<HashMap<String, Vec<Arc<CachedPod>>>>>,
+    /// Jobs that left the cluster, as last seen, until the archiver takes them.
+    departed: Mutex<Vec<Arc<JobRecord>>>,
+}
+
+/// Most departed jobs kept for the archiver (it takes them every second).
+const MAX_DEPARTED: usize = 10_000;
+
+/// A job as it is remembered once its Job is gone: a job that had not finished failed with reason
+/// `Deleted` at the moment it was seen to go.
+fn as_departed(record: &Arc<JobRecord>) -> Arc<JobRecord> {
+    if record.status.phase.is_terminal() {
+        return record.clone();
+    }
+    let mut gone = JobRecord::clone(record);
+    gone.status = JobStatus::with_reason(
+        JobPhase::Failed,
+        JobReason::Deleted,
+        "the Kubernetes Job was deleted before it finished",
+    );
+    gone.finished_at = Some(chrono::Utc::now());
+    Arc::new(gone)
 }
 
 impl JobCache {
@@ -102,6 +123,8 @@ impl JobCache {
             Event::InitDone => {
                 if let Some((listing, started)) = self.listing_jobs.lock().unwrap().take() {
                     let mut state = self.state.write().unwrap();
+                    let gone = state.jobs.iter().filter(|(id, _)| !listing.contains_key(*id)).map(|(_, e)| &e.record);
+                    self.depart(gone);
                     state.jobs = listing;
                     // A job created before the list started is in it, unless it is gone.
                     let State { jobs, created, .. } = &mut *state;
@@ -123,11 +146,26 @@ impl JobCache {
             }
             Event::Delete(job) => {
                 let mut state = self.state.write().unwrap();
-                state.jobs.remove(&job.name_any());
+                let gone = state.jobs.remove(&job.name_any());
+                self.depart(gone.iter().map(|e| &e.record));
                 state.created.remove(&job.name_any());
             }
         }
         None
+    }
+
+    fn depart<'a>(&self, records: impl Iterator<Item = &'a Arc<JobRecord>>) {
+        let mut departed = self.departed.lock().unwrap();
+        for record in records {
+            if departed.len() < MAX_DEPARTED {
+                departed.push(as_departed(record));
+            }
+        }
+    }
+
+    /// The jobs that left the cluster since the last call.
+    pub fn take_departed(&self) -> Vec<Arc<JobRecord>> {
+        std::mem::take(&mut *self.departed.lock().unwrap())
     }
 
     /// Know a job this replica just created (its record from the create's answer) until the

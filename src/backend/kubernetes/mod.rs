@@ -416,6 +416,10 @@ impl JobBackend for KubernetesBackend {
         self.cache.counts(chrono::Utc::now())
     }
 
+    fn departed(&self) -> Vec<Arc<JobRecord>> {
+        self.cache.take_departed()
+    }
+
     async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError> {
         let manifest = render::render_job(&job, &self.template);
         let violations = pod_security_violations(&manifest);

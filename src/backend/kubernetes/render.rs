@@ -485,7 +485,7 @@ mod tests {
         let spec = rendered.spec.as_ref().unwrap();
         assert_eq!(spec.active_deadline_seconds, Some(120));
         assert_eq!(spec.backoff_limit, Some(0));
-        assert_eq!(spec.ttl_seconds_after_finished, Some(86_400));
+        assert_eq!(spec.ttl_seconds_after_finished, Some(600));
         let pod = spec.template.spec.as_ref().unwrap();
         assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
         assert_eq!(pod.service_account_name.as_deref(), Some("oats-agent"));

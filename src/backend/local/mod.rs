@@ -96,6 +96,9 @@ struct Inner {
     jobs: Mutex<HashMap<JobId, Entry>>,
     slots: Semaphore,
     write_lock: tokio::sync::Mutex<()>,
+    /// Jobs removed past their TTL, until the archiver takes them (it archives a job soon after
+    /// it finishes; this covers a TTL shorter than that, or a database that was down).
+    departed: Mutex<Vec<Arc<JobRecord>>>,
 }
 
 impl LocalBackend {
@@ -115,6 +118,7 @@ impl LocalBackend {
             metrics,
             jobs: Mutex::new(HashMap::new()),
             write_lock: tokio::sync::Mutex::new(()),
+            departed: Mutex::default(),
         });
         let mut pending = Vec::new();
         let mut interrupted = Vec::new();
@@ -261,7 +265,9 @@ impl Inner {
         };
         for id in expired {
             let _guard = self.write_lock.lock().await;
-            self.jobs.lock().unwrap().remove(&id);
+            if let Some(entry) = self.jobs.lock().unwrap().remove(&id) {
+                self.departed.lock().unwrap().push(entry.stored.record);
+            }
             if let Err(error) = tokio::fs::remove_dir_all(self.job_dir(&id)).await {
                 tracing::warn!(job_id = %id, %error, "cannot remove an expired job's directory");
             }
@@ -427,6 +433,10 @@ impl JobBackend for LocalBackend {
                 _ => true,
             })
             .count()
+    }
+
+    fn departed(&self) -> Vec<Arc<JobRecord>> {
+        std::mem::take(&mut *self.inner.departed.lock().unwrap())
     }
 
     fn counts(&self) -> JobCounts {

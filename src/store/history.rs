@@ -1,0 +1,250 @@
+//! Job history in the store: one row per archived job (record and events as JSON, the output's
+//! tail compressed), ordered for listing by `(created_ns, id)` like the live list, and claims
+//! that let one replica archive each job.
+
+use super::{Store, StoreError, db_int, now_millis};
+use crate::jobs::{
+    JobEvent, JobId, JobRecord, ListQuery,
+    history::{ArchivedJob, HistoryError, JobHistory},
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{Row, any::AnyRow};
+use std::{
+    collections::HashSet,
+    io::{Read, Write},
+    sync::Arc,
+    time::Duration,
+};
+
+/// Rows read per query while a label selector filters a page (the selector is applied here, not
+/// in SQL: labels are part of the JSON record).
+const PAGE_BATCH: i64 = 200;
+/// Ids asked about in one query.
+const IDS_PER_QUERY: usize = 500;
+
+impl From<StoreError> for HistoryError {
+    fn from(error: StoreError) -> Self {
+        Self::Unavailable(error.to_string())
+    }
+}
+
+fn unavailable(error: sqlx::Error) -> HistoryError {
+    StoreError::from(error).into()
+}
+
+fn nanos(time: DateTime<Utc>) -> i64 {
+    time.timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+fn compress(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).and_then(|()| encoder.finish()).expect("compressing into memory cannot fail")
+}
+
+fn decompress(id: &JobId, bytes: &[u8]) -> Result<Vec<u8>, HistoryError> {
+    let mut out = Vec::new();
+    flate2::read::ZlibDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .map_err(|e| HistoryError::Corrupt { id: id.to_string(), message: format!("logs: {e}") })?;
+    Ok(out)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(id: &str, what: &str, json: &str) -> Result<T, HistoryError> {
+    serde_json::from_str(json).map_err(|e| HistoryError::Corrupt { id: id.to_owned(), message: format!("{what}: {e}") })
+}
+
+fn record_of(row: &AnyRow) -> Result<Arc<JobRecord>, HistoryError> {
+    let id: String = row.try_get("id").map_err(unavailable)?;
+    let json: String = row.try_get("record").map_err(unavailable)?;
+    decode(&id, "record", &json).map(Arc::new)
+}
+
+/// `$from, $from+1, …` for `count` parameters.
+fn placeholders(from: usize, count: usize) -> String {
+    (from..from + count).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+impl Store {
+    /// One column of one archived job.
+    async fn archived_column(&self, id: &JobId, column: &str) -> Result<Option<AnyRow>, HistoryError> {
+        sqlx::query(&format!("SELECT id, {column} FROM job_archive WHERE id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl JobHistory for Store {
+    async fn claim(&self, id: &JobId, holder: &str, lease: Duration) -> Result<bool, HistoryError> {
+        let now = now_millis();
+        let expires = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        let claimed = sqlx::query(
+            "INSERT INTO job_archive_claims (id, holder, expires_ms) \
+             SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM job_archive WHERE id = $1) \
+             ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms \
+             WHERE job_archive_claims.expires_ms < $4 OR job_archive_claims.holder = excluded.holder",
+        )
+        .bind(id.as_str())
+        .bind(holder)
+        .bind(expires)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(claimed.rows_affected() == 1)
+    }
+
+    async fn archive(&self, job: &ArchivedJob) -> Result<(), HistoryError> {
+        let record = &job.record;
+        let record_json = serde_json::to_string(record).expect("a job record serialises");
+        let events_json = serde_json::to_string(&job.events).expect("events serialise");
+        let finished = record.finished_at.map_or_else(now_millis, |t| t.timestamp_millis());
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query(
+            "INSERT INTO job_archive (id, tenant, created_ns, finished_ms, phase, record, events, logs, log_bytes, \
+             logs_truncated, archived_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(record.id.as_str())
+        .bind(record.tenant.as_str())
+        .bind(nanos(record.created_at))
+        .bind(finished)
+        .bind(record.status.phase.as_str())
+        .bind(record_json)
+        .bind(events_json)
+        .bind(compress(&job.logs))
+        .bind(db_int(job.logs.len() as u64))
+        .bind(i64::from(job.logs_truncated))
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query("DELETE FROM job_archive_claims WHERE id = $1")
+            .bind(record.id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn archived_among(&self, ids: &[JobId]) -> Result<HashSet<JobId>, HistoryError> {
+        let mut archived = HashSet::new();
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let sql = format!("SELECT id FROM job_archive WHERE id IN ({})", placeholders(1, chunk.len()));
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            for row in query.fetch_all(&self.pool).await.map_err(unavailable)? {
+                let id: String = row.try_get("id").map_err(unavailable)?;
+                if let Ok(id) = JobId::parse(&id) {
+                    archived.insert(id);
+                }
+            }
+        }
+        Ok(archived)
+    }
+
+    async fn record(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, HistoryError> {
+        self.archived_column(id, "record").await?.as_ref().map(record_of).transpose()
+    }
+
+    async fn page(&self, tenant: Option<&str>, query: &ListQuery) -> Result<Vec<Arc<JobRecord>>, HistoryError> {
+        let wanted = query.limit + 1;
+        let mut page = Vec::with_capacity(wanted);
+        let mut after = query.page_token.as_ref().map(|t| {
+            let (created_at, id) = t.position();
+            (nanos(created_at), id.to_owned())
+        });
+        loop {
+            let rows = self.page_rows(tenant, query, after.as_ref()).await?;
+            let exhausted = rows.len() < PAGE_BATCH as usize;
+            for row in &rows {
+                let record = record_of(row)?;
+                after = Some((row.try_get("created_ns").map_err(unavailable)?, record.id.to_string()));
+                if query.selector.as_ref().is_none_or(|s| s.matches(&record.spec.labels)) {
+                    page.push(record);
+                    if page.len() == wanted {
+                        return Ok(page);
+                    }
+                }
+            }
+            if exhausted {
+                return Ok(page);
+            }
+        }
+    }
+
+    async fn events(&self, id: &JobId) -> Result<Option<Vec<JobEvent>>, HistoryError> {
+        let Some(row) = self.archived_column(id, "events").await? else { return Ok(None) };
+        let json: String = row.try_get("events").map_err(unavailable)?;
+        decode(id.as_str(), "events", &json).map(Some)
+    }
+
+    async fn logs(&self, id: &JobId) -> Result<Option<Vec<u8>>, HistoryError> {
+        let Some(row) = self.archived_column(id, "logs").await? else { return Ok(None) };
+        let bytes: Vec<u8> = row.try_get("logs").map_err(unavailable)?;
+        decompress(id, &bytes).map(Some)
+    }
+
+    async fn purge(&self, finished_before: DateTime<Utc>) -> Result<u64, HistoryError> {
+        let purged = sqlx::query("DELETE FROM job_archive WHERE finished_ms < $1")
+            .bind(finished_before.timestamp_millis())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        // Claims of jobs that were never archived (their backend forgot them first) expire too.
+        sqlx::query("DELETE FROM job_archive_claims WHERE expires_ms < $1")
+            .bind(finished_before.timestamp_millis())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(purged.rows_affected())
+    }
+}
+
+impl Store {
+    /// The next rows of a page, newest first, strictly after `after` (`(created_ns, id)`).
+    async fn page_rows(
+        &self,
+        tenant: Option<&str>,
+        query: &ListQuery,
+        after: Option<&(i64, String)>,
+    ) -> Result<Vec<AnyRow>, HistoryError> {
+        let mut conditions = Vec::new();
+        let mut next = 1;
+        let mut param = || {
+            next += 1;
+            format!("${}", next - 1)
+        };
+        if tenant.is_some() {
+            conditions.push(format!("tenant = {}", param()));
+        }
+        if query.status.is_some() {
+            conditions.push(format!("phase = {}", param()));
+        }
+        if after.is_some() {
+            let (ns, ns_again, id) = (param(), param(), param());
+            conditions.push(format!("(created_ns < {ns} OR (created_ns = {ns_again} AND id < {id}))"));
+        }
+        let filter = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+        let sql = format!(
+            "SELECT id, created_ns, record FROM job_archive {filter} ORDER BY created_ns DESC, id DESC LIMIT {}",
+            param()
+        );
+        let mut statement = sqlx::query(&sql);
+        if let Some(tenant) = tenant {
+            statement = statement.bind(tenant);
+        }
+        if let Some(status) = query.status {
+            statement = statement.bind(status.as_str());
+        }
+        if let Some((ns, id)) = after {
+            statement = statement.bind(*ns).bind(*ns).bind(id.as_str());
+        }
+        statement.bind(PAGE_BATCH).fetch_all(&self.pool).await.map_err(unavailable)
+    }
+}

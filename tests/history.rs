@@ -1,0 +1,182 @@
+//! The job history on both engines, with the same cases: SQLite in process, and a real
+//! PostgreSQL server (`OATS_TEST_DATABASE_URL`, started by scripts/test.sh).
+
+use chrono::{DateTime, Duration as Days, Utc};
+use oats::{
+    jobs::{
+        JobEvent, JobId, JobPhase, JobRecord, ListQuery,
+        history::{ArchivedJob, JobHistory, OutputTail},
+    },
+    store::Store,
+};
+use std::{collections::HashSet, time::Duration};
+
+fn postgres_url() -> String {
+    std::env::var("OATS_TEST_DATABASE_URL").expect(
+        "OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts a PostgreSQL server",
+    )
+}
+
+async fn engines() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Store::open_in(dir.path()).await.expect("SQLite opens");
+    let postgres = Store::open(&postgres_url()).await.expect("PostgreSQL opens");
+    vec![("sqlite", sqlite, Some(dir)), ("postgres", postgres, None)]
+}
+
+/// A tenant name no other test (or earlier run against the same database) uses.
+fn tenant() -> String {
+    format!("t-{}", JobId::random().as_str().trim_start_matches("job-"))
+}
+
+/// A finished job's record, written as the JSON a backend keeps (independent of any builder).
+fn record(tenant: &str, created_at: DateTime<Utc>, phase: &str, labels: serde_json::Value) -> JobRecord {
+    serde_json::from_value(serde_json::json!({
+        "id": JobId::random().as_str(),
+        "tenant": tenant,
+        "spec": {"goal": "summarise the report", "max_turns": 5, "labels": labels, "timeout_seconds": 600, "model": null},
+        "status": {"phase": phase, "reason": null, "message": null},
+        "created_at": created_at,
+        "started_at": created_at + Days::seconds(1),
+        "finished_at": created_at + Days::seconds(30),
+        "attempts": 1,
+        "result": "done",
+        "request_hash": "h",
+        "trace": null,
+    }))
+    .expect("a record in the backends' JSON form")
+}
+
+fn archived(record: JobRecord) -> ArchivedJob {
+    let event = JobEvent {
+        time: record.created_at,
+        kind: "Normal".into(),
+        reason: "Completed".into(),
+        message: "Job completed".into(),
+        object: format!("Job/{}", record.id),
+        count: 1,
+    };
+    ArchivedJob { record, events: vec![event], logs: b"2026-12-01T10:00:00Z hello\n".to_vec(), logs_truncated: false }
+}
+
+fn query(status: Option<JobPhase>, selector: Option<&str>, limit: u32, token: Option<&str>) -> ListQuery {
+    ListQuery::parse(status, selector, Some(limit), token).unwrap()
+}
+
+#[tokio::test]
+async fn an_archived_job_reads_back_exactly_and_archiving_twice_keeps_one_row() {
+    for (engine, store, _dir) in engines().await {
+        let tenant = tenant();
+        let labels: serde_json::Map<_, _> =
+            (0..16).map(|i| (format!("key-{i}"), serde_json::Value::from(format!("value-{i}")))).collect();
+        let mut job = record(&tenant, Utc::now(), "succeeded", labels.into());
+        job.spec.goal = "é".repeat(8 * 1024); // 16 KiB of UTF-8
+        let job = archived(job);
+        store.archive(&job).await.unwrap();
+        store.archive(&job).await.unwrap();
+        let id = &job.record.id;
+        assert_eq!(*store.record(id).await.unwrap().expect("archived"), job.record, "{engine}: the record round-trips");
+        assert_eq!(store.events(id).await.unwrap().unwrap(), job.events, "{engine}");
+        assert_eq!(store.logs(id).await.unwrap().unwrap(), job.logs, "{engine}");
+        let page = store.page(Some(&tenant), &query(None, None, 10, None)).await.unwrap();
+        assert_eq!(page.len(), 1, "{engine}: one row after two archives");
+        let other = JobId::random();
+        let among = store.archived_among(&[id.clone(), other.clone()]).await.unwrap();
+        assert_eq!(among, HashSet::from([id.clone()]), "{engine}");
+        assert!(store.record(&other).await.unwrap().is_none(), "{engine}");
+        assert!(store.logs(&other).await.unwrap().is_none(), "{engine}");
+    }
+}
+
+#[tokio::test]
+async fn one_holder_claims_a_job_until_its_lease_runs_out_and_none_once_archived() {
+    for (engine, store, _dir) in engines().await {
+        let job = archived(record(&tenant(), Utc::now(), "failed", serde_json::json!({})));
+        let id = &job.record.id;
+        let lease = Duration::from_millis(300);
+        assert!(store.claim(id, "replica-a", lease).await.unwrap(), "{engine}: first claim");
+        assert!(!store.claim(id, "replica-b", lease).await.unwrap(), "{engine}: a's lease runs");
+        assert!(store.claim(id, "replica-a", lease).await.unwrap(), "{engine}: the holder renews");
+        tokio::time::sleep(lease * 2).await;
+        assert!(store.claim(id, "replica-b", lease).await.unwrap(), "{engine}: b takes over a lapsed lease");
+        store.archive(&job).await.unwrap();
+        assert!(!store.claim(id, "replica-a", lease).await.unwrap(), "{engine}: nothing to claim once archived");
+    }
+}
+
+#[tokio::test]
+async fn pages_follow_the_live_order_cursor_status_selector_and_tenancy() {
+    for (engine, store, _dir) in engines().await {
+        let (mine, theirs) = (tenant(), tenant());
+        let start: DateTime<Utc> = "2026-11-01T00:00:00Z".parse().unwrap();
+        let mut written = Vec::new();
+        for i in 0..7 {
+            let phase = if i % 2 == 0 { "succeeded" } else { "failed" };
+            let team = if i < 4 { "a" } else { "b" };
+            let job = record(&mine, start + Days::minutes(i), phase, serde_json::json!({"team": team}));
+            store.archive(&archived(job.clone())).await.unwrap();
+            written.push(job.id);
+        }
+        store.archive(&archived(record(&theirs, start, "succeeded", serde_json::json!({})))).await.unwrap();
+        // Newest first: jobs 6, 5, ..., 0 (created one minute apart).
+        let ids = |page: &[std::sync::Arc<JobRecord>]| page.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        let first = store.page(Some(&mine), &query(None, None, 3, None)).await.unwrap();
+        assert_eq!(ids(&first), [&written[6], &written[5], &written[4], &written[3]].map(Clone::clone), "{engine}");
+        let after = oats::jobs::PageToken::decode(&page_token_after(&first[2])).unwrap();
+        let second = store
+            .page(Some(&mine), &ListQuery { page_token: Some(after), ..query(None, None, 3, None) })
+            .await
+            .unwrap();
+        assert_eq!(ids(&second), [&written[3], &written[2], &written[1], &written[0]].map(Clone::clone), "{engine}");
+        let failed = store.page(Some(&mine), &query(Some(JobPhase::Failed), None, 10, None)).await.unwrap();
+        assert_eq!(ids(&failed), [&written[5], &written[3], &written[1]].map(Clone::clone), "{engine}");
+        let team_b = store.page(Some(&mine), &query(None, Some("team=b"), 10, None)).await.unwrap();
+        assert_eq!(ids(&team_b), [&written[6], &written[5], &written[4]].map(Clone::clone), "{engine}");
+        let everyone = store.page(None, &query(None, None, 500, None)).await.unwrap();
+        assert!(everyone.iter().any(|r| r.tenant == theirs), "{engine}: no tenant filter for admins");
+    }
+}
+
+/// The page token the API hands out after `record` (written independently: base64 of
+/// `v1:<created nanoseconds>:<id>`).
+fn page_token_after(record: &JobRecord) -> String {
+    use base64::Engine;
+    let nanos = record.created_at.timestamp_nanos_opt().unwrap();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{nanos}:{}", record.id.as_str()))
+}
+
+#[tokio::test]
+async fn retention_purges_what_finished_before_the_cutoff() {
+    for (engine, store, _dir) in engines().await {
+        let tenant = tenant();
+        let old = record(&tenant, Utc::now() - Days::days(40), "succeeded", serde_json::json!({}));
+        let recent = record(&tenant, Utc::now() - Days::days(2), "succeeded", serde_json::json!({}));
+        store.archive(&archived(old.clone())).await.unwrap();
+        store.archive(&archived(recent.clone())).await.unwrap();
+        let purged = store.purge(Utc::now() - Days::days(30)).await.unwrap();
+        assert!(purged >= 1, "{engine}");
+        assert!(store.record(&old.id).await.unwrap().is_none(), "{engine}: past retention");
+        assert!(store.record(&recent.id).await.unwrap().is_some(), "{engine}: within retention");
+    }
+}
+
+#[tokio::test]
+async fn a_50_mb_output_is_archived_as_its_last_archive_log_bytes() {
+    let limit = 1024 * 1024;
+    let mut tail = OutputTail::new(limit);
+    let mut last_line = String::new();
+    for i in 0..(50 * 1024 * 1024 / 64) {
+        last_line = format!("2026-12-01T10:00:00Z line {i:08} {}\n", "x".repeat(28));
+        tail.push(last_line.as_bytes());
+    }
+    let (logs, logs_truncated) = tail.finish();
+    assert!(logs_truncated && logs.len() <= limit && logs.len() > limit - 64);
+    assert!(logs.ends_with(last_line.as_bytes()) && logs.starts_with(b"2026-12-01T10:00:00Z line "));
+    for (engine, store, _dir) in engines().await {
+        let mut job = archived(record(&tenant(), Utc::now(), "succeeded", serde_json::json!({})));
+        job.logs = logs.clone();
+        job.logs_truncated = true;
+        store.archive(&job).await.unwrap();
+        assert_eq!(store.logs(&job.record.id).await.unwrap().unwrap(), logs, "{engine}");
+    }
+}
