@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Self-test of the OATS test environment: brings it up, checks every kwok outcome label on a
-# PodSecurity-restricted namespace with real batch/v1 Jobs, checks activeDeadlineSeconds,
+# PodSecurity-restricted namespace with real batch/v1 Jobs, checks activeDeadlineSeconds, pod logs,
 # RBAC, TokenRequest, ValidatingAdmissionPolicy and stop-apiserver/start-apiserver, then
 # brings it down. Prints "N passed, M failed" last; exits non-zero on any failure.
 #
@@ -227,6 +227,31 @@ run_then_deadline() {
   echo "  pod $pod deleted"
 }
 
+# kubectl logs of a kwok pod: kwok's server reads the file a Logs object names (CRI log format:
+# "<RFC 3339 time> <stream> <F|P> <text>") and the apiserver proxies pods/log to it over TLS.
+pod_logs() {
+  job sel-logs "say something" kwok.oats.dev/outcome=run
+  until_true 60 pod_matches sel-logs '.status.phase == "Running"'
+  local pod file
+  pod=$(pod_json sel-logs | jq -r .metadata.name)
+  file=$(mktemp "${TMPDIR:-/tmp}/oats-selftest-logs.XXXXXX")
+  printf '2026-01-02T03:04:05.000000001Z stdout F first line\n2026-01-02T03:04:06.000000002Z stderr F second line\n' >"$file"
+  k apply -f - >/dev/null <<EOF
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Logs
+metadata: {name: $pod, namespace: $NS}
+spec:
+  logs:
+  - containers: [agent]
+    logsFile: $file
+EOF
+  until_true 30 k logs -n "$NS" "$pod"
+  expect "logs" "$(k logs -n "$NS" "$pod")" "$(printf 'first line\nsecond line')"
+  expect "logs --tail=1 --timestamps" "$(k logs -n "$NS" "$pod" --tail=1 --timestamps)" \
+    "2026-01-02T03:04:06.000000002Z second line"
+  rm -f "$file"
+}
+
 rbac_and_tokens() {
   local out
   if out=$(k --kubeconfig "$OATS_TESTENV_DIR/alice.kubeconfig" get pods -n "$NS" 2>&1); then
@@ -317,6 +342,7 @@ check "outcome fail with exit-code 3" fail_exit_code
 check "outcome oom" oom
 check "outcome pending (ImagePullBackOff)" pending_image_pull
 check "outcome run, then activeDeadlineSeconds=1" run_then_deadline
+check "kubectl logs of a kwok pod (Logs object)" pod_logs
 check "RBAC and TokenRequest" rbac_and_tokens
 check "ValidatingAdmissionPolicy" validating_admission_policy
 check "stop-apiserver / start-apiserver" apiserver_restart

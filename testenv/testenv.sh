@@ -58,6 +58,16 @@ go_build() {
   log "built $(basename "$out") in $(( $(date +%s) - start ))s"
 }
 
+# kwok_crds: the Logs and ClusterLogs CRDs of the pinned kwok module (from the module cache,
+# downloaded if needed), cached with the binaries so that a cached `up` needs no module cache.
+kwok_crds() {
+  local dir
+  dir=$(cd "$HERE/modules/kwok" && GOTOOLCHAIN=local GOWORK=off GOFLAGS=-mod=readonly \
+    go mod download -json sigs.k8s.io/kwok | jq -r .Dir) || die "cannot locate the kwok module"
+  cat "$dir/kustomize/crd/bases/kwok.x-k8s.io_logs.yaml" "$dir/kustomize/crd/bases/kwok.x-k8s.io_clusterlogs.yaml" ||
+    die "kwok's Logs/ClusterLogs CRDs are missing from $dir"
+}
+
 build() {
   local bin ver minor ldf p
   bin=$(bin_dir)
@@ -77,6 +87,10 @@ build() {
   done
   [ -x "$bin/etcd" ] || go_build etcd "$bin/etcd" go.etcd.io/etcd/server/v3
   [ -x "$bin/kwok" ] || go_build kwok "$bin/kwok" sigs.k8s.io/kwok/cmd/kwok
+  if [ ! -f "$bin/kwok-logs-crds.yaml" ]; then
+    kwok_crds >"$bin/kwok-logs-crds.yaml.tmp.$$"
+    mv -f "$bin/kwok-logs-crds.yaml.tmp.$$" "$bin/kwok-logs-crds.yaml"
+  fi
   flock -u 9
   # Sanity: the version stamp must be there (kwokctl-style clients parse it).
   "$bin/kube-apiserver" --version | grep -qx "Kubernetes $ver" ||
@@ -208,6 +222,17 @@ EOF
     openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
       -out apiserver.crt -days 3650 -extfile apiserver.ext
     openssl verify -CAfile ca.crt apiserver.crt
+    # kwok's kubelet-style server (logs), verified by the apiserver (--kubelet-certificate-authority)
+    openssl req -newkey rsa:2048 -nodes -keyout kwok.key -out kwok.csr -subj "/CN=$NODE_NAME"
+    cat >kwok.ext <<EOF
+basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=DNS:$NODE_NAME,IP:127.0.0.1
+EOF
+    openssl x509 -req -in kwok.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+      -out kwok.crt -days 3650 -extfile kwok.ext
+    openssl verify -CAfile ca.crt kwok.crt
     openssl genrsa -out sa.key 2048
     openssl rsa -in sa.key -pubout -out sa.pub
   ) >"$pki/openssl.log" 2>&1 || { cat "$pki/openssl.log" >&2; die "openssl failed to create the PKI"; }
@@ -249,9 +274,32 @@ api() {
 apiserver_ready() { api "https://127.0.0.1:$API_PORT/readyz" >/dev/null; }
 
 node_ready() {
-  api "https://127.0.0.1:$API_PORT/api/v1/nodes/$NODE_NAME" | jq -e '
+  api "https://127.0.0.1:$API_PORT/api/v1/nodes/$NODE_NAME" | jq -e --argjson port "$KWOK_PORT" '
     ([.status.conditions[]? | select(.type == "Ready" and .status == "True")] | length == 1)
-    and ([.spec.taints[]? | select(.key | startswith("node.kubernetes.io/"))] | length == 0)'
+    and ([.spec.taints[]? | select(.key | startswith("node.kubernetes.io/"))] | length == 0)
+    and .status.daemonEndpoints.kubeletEndpoint.Port == $port'
+}
+
+# install_kwok_crds: kwok's Logs and ClusterLogs CRDs (cached with the binaries), which tell its
+# server which file holds a pod's logs. kwok must find them established when it starts.
+install_kwok_crds() {
+  local doc
+  awk -v dir="$DIR" 'FNR == 1 || /^---$/ { n++ } !/^---$/ { print > (dir "/kwok-crd-" n ".yaml") }' \
+    "$BIN/kwok-logs-crds.yaml"
+  for doc in "$DIR"/kwok-crd-*.yaml; do
+    api -X POST -H 'Content-Type: application/yaml' --data-binary @"$doc" \
+      "$APISERVER/apis/apiextensions.k8s.io/v1/customresourcedefinitions" >/dev/null ||
+      die "could not create the CRD in $doc"
+  done
+  rm -f "$DIR"/kwok-crd-*.yaml
+}
+
+kwok_crds_established() {
+  local crd
+  for crd in logs.kwok.x-k8s.io clusterlogs.kwok.x-k8s.io; do
+    api "$APISERVER/apis/apiextensions.k8s.io/v1/customresourcedefinitions/$crd" |
+      jq -e '[.status.conditions[]? | select(.type == "Established" and .status == "True")] | length == 1' || return 1
+  done
 }
 
 # authn_config_readable <token>: the identity behind <token> can read the configmap
@@ -291,6 +339,8 @@ cmd_up() {
     if [ "$running" -gt 0 ]; then
       load_state
       if [ "$running" -eq "${#COMPONENTS[@]}" ] && apiserver_ready 2>/dev/null; then
+        [ -n "${KWOK_PORT:-}" ] ||
+          log "WARNING: this environment was started by an older testenv.sh and serves no pod logs; run '$0 down' and '$0 up'"
         log "already up in $DIR (apiserver $APISERVER)"
         return 0
       fi
@@ -328,6 +378,7 @@ EOF
 
   local ETCD_PORT ETCD_PEER_PORT KCM_PORT SCHED_PORT
   pick_port ETCD_PORT; pick_port ETCD_PEER_PORT; pick_port API_PORT; pick_port KCM_PORT; pick_port SCHED_PORT
+  pick_port KWOK_PORT
   APISERVER=https://127.0.0.1:$API_PORT
   mkkc admin "$ADMIN_TOKEN"; mkkc kube-controller-manager "$kcm_token"
   mkkc kube-scheduler "$sched_token"; mkkc alice "$alice_token"; mkkc bob "$bob_token"
@@ -338,6 +389,7 @@ API_PORT=$API_PORT
 ETCD_PORT=$ETCD_PORT
 KCM_PORT=$KCM_PORT
 SCHED_PORT=$SCHED_PORT
+KWOK_PORT=$KWOK_PORT
 APISERVER=$APISERVER
 ADMIN_TOKEN=$ADMIN_TOKEN
 EOF
@@ -373,6 +425,8 @@ EOF
 --service-cluster-ip-range=10.96.0.0/16
 --allow-privileged=true
 --shutdown-watch-termination-grace-period=2s
+--kubelet-preferred-address-types=InternalIP
+--kubelet-certificate-authority=$DIR/pki/ca.crt
 --profiling=false
 --v=1
 EOF
@@ -417,15 +471,23 @@ EOF
   wait_for kube-scheduler "kube-scheduler /readyz on 127.0.0.1:$SCHED_PORT" \
     curl -fsSk --max-time 5 "https://127.0.0.1:$SCHED_PORT/readyz"
 
-  # --- kwok: no server port (no --server-address). Node and pod IPs are only strings in object
-  # status, but they are loopback addresses anyway, so that anything that would dial them (the
-  # apiserver for kubectl logs/exec, a pod proxy request, a test) stays on 127.0.0.0/8.
+  # --- kwok, with its kubelet-style server on 127.0.0.1:$KWOK_PORT (HTTPS, certificate from our
+  # CA) serving pod logs as its Logs/ClusterLogs objects say; the node advertises that port
+  # (--node-port, daemonEndpoints) and the apiserver dials the node's InternalIP. Node and pod
+  # IPs are loopback addresses, so that anything that would dial them stays on 127.0.0.0/8.
+  install_kwok_crds
+  wait_for kube-apiserver "kwok's Logs and ClusterLogs CRDs established" kwok_crds_established
   KWOK_WORKDIR="$DIR/kwok-workdir" start_proc kwok "$BIN/kwok" \
     --kubeconfig="$DIR/admin.kubeconfig" \
     --config="$HERE/kwok/node-stages.yaml" --config="$HERE/kwok/pod-stages.yaml" \
     --config="$HERE/kwok/oats-stages.yaml" \
     --manage-all-nodes=false --manage-nodes-with-label-selector=type=kwok \
-    --node-ip=127.0.0.1 --cidr=127.244.0.1/16 --node-lease-duration-seconds=40
+    --node-ip=127.0.0.1 --cidr=127.244.0.1/16 --node-lease-duration-seconds=40 \
+    --server-address="127.0.0.1:$KWOK_PORT" --node-port="$KWOK_PORT" \
+    --tls-cert-file="$DIR/pki/kwok.crt" --tls-private-key-file="$DIR/pki/kwok.key" \
+    --enable-crds=Logs,ClusterLogs
+  wait_for kwok "kwok's server on 127.0.0.1:$KWOK_PORT" \
+    curl -fsS --max-time 5 --cacert "$DIR/pki/ca.crt" "https://127.0.0.1:$KWOK_PORT/healthz"
 
   # --- the fake node
   api -X POST -H 'Content-Type: application/json' "$APISERVER/api/v1/nodes" -d @- >/dev/null <<EOF || die "could not create node $NODE_NAME"
