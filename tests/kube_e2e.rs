@@ -1393,3 +1393,202 @@ async fn finished_jobs_outlive_their_kubernetes_job_in_a_history_two_replicas_sh
         assert_eq!(listed, [deleted.as_str(), finished.as_str()], "newest first, both from the history");
     }
 }
+
+/// One line of a container log file in the CRI format kwok reads (as a kubelet does):
+/// `<RFC 3339 time> <stream> F <text>`.
+fn cri_line(at: DateTime<Utc>, stream: &str, text: &str) -> String {
+    format!("{} {stream} F {text}\n", stamp(at))
+}
+
+/// A time as the kubelet (and kwok) print it with `timestamps`: nanoseconds, always 9 digits.
+fn stamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+/// The name of the pod of a job.
+fn agent_pod(namespace: &kube::TestNamespace, id: &str) -> String {
+    let pods = namespace.cluster.kubectl_json(&["get", "pods", "-n", &namespace.name, "-l", &format!("job-name={id}")]);
+    let pods = pods["items"].as_array().unwrap();
+    assert_eq!(pods.len(), 1, "one pod for job {id}");
+    pods[0]["metadata"]["name"].as_str().unwrap().to_owned()
+}
+
+/// A kwok `Logs` object: kwok's server answers the pod's agent logs from `file`.
+fn serve_logs(namespace: &kube::TestNamespace, pod: &str, file: &std::path::Path) {
+    let manifest = file.with_extension("logs.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: kwok.x-k8s.io/v1alpha1\nkind: Logs\nmetadata:\n  name: {pod}\n  namespace: {}\n\
+             spec:\n  logs:\n  - containers: [agent]\n    logsFile: {}\n",
+            namespace.name,
+            file.display()
+        ),
+    )
+    .unwrap();
+    namespace.cluster.kubectl_ok(&["apply", "-f", &manifest.display().to_string()]);
+}
+
+/// GET the job's logs with a query; the status and the body.
+async fn logs_of(server: &Server, id: &str, query: &str) -> (StatusCode, String) {
+    let response = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs{query}"))).send().await.unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+/// The job's logs once they are `expected` (kwok sees a new Logs object through a watch).
+async fn logs_become(server: &Server, id: &str, expected: &str) {
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let (status, body) = logs_of(server, id, "").await;
+        if status == StatusCode::OK && body == expected {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the logs never became {expected:?}: {status} {body:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn logs_of_a_running_job_come_from_its_pod_with_tail_since_and_timestamps() {
+    let namespace = kube::TestNamespace::create(kube::cluster(), "logs");
+    let dir = tempfile::tempdir().unwrap();
+    let server = namespace.start_oats(&dir.path().join("oats"), &[]).await;
+    let id = id_of(&submit(&server, "Talk", json!({"kwok.oats.dev/outcome": "run"}), None).await);
+    server.wait_for(&id, "running", SOON).await;
+
+    // Two lines from an hour ago, then three from the last seconds, one of them on stderr.
+    let now = Utc::now();
+    let lines = [
+        (now - chrono::Duration::hours(1), "stdout", "an hour ago"),
+        (now - chrono::Duration::minutes(59), "stdout", "still long ago"),
+        (now - chrono::Duration::seconds(5), "stdout", "recent"),
+        (now - chrono::Duration::seconds(4), "stderr", "a warning"),
+        (now - chrono::Duration::seconds(3), "stdout", "the last line"),
+    ];
+    let file = dir.path().join("agent.log");
+    std::fs::write(&file, lines.iter().map(|(at, stream, text)| cri_line(*at, stream, text)).collect::<String>())
+        .unwrap();
+    serve_logs(&namespace, &agent_pod(&namespace, &id), &file);
+
+    let all: String = lines.iter().map(|(_, _, text)| format!("{text}\n")).collect();
+    logs_become(&server, &id, &all).await;
+    let stamped = |from: usize| -> String {
+        lines[from..].iter().map(|(at, _, text)| format!("{} {text}\n", stamp(*at))).collect()
+    };
+    for (query, expected) in [
+        ("?tail_lines=2", "a warning\nthe last line\n".to_owned()),
+        ("?since_seconds=600", "recent\na warning\nthe last line\n".to_owned()),
+        ("?timestamps=true", stamped(0)),
+        ("?tail_lines=1&timestamps=true", stamped(4)),
+        ("?since_seconds=600&tail_lines=1", "the last line\n".to_owned()),
+    ] {
+        assert_eq!(logs_of(&server, &id, query).await, (StatusCode::OK, expected), "{query}");
+    }
+}
+
+#[tokio::test]
+async fn logs_followed_stream_a_growing_file_and_end_when_the_pod_ends() {
+    let namespace = kube::TestNamespace::create(kube::cluster(), "logs-follow");
+    let dir = tempfile::tempdir().unwrap();
+    let server = namespace.start_oats(&dir.path().join("oats"), &[]).await;
+    // The pod succeeds 20 s after it started: time to follow two lines first.
+    let labels = json!({"kwok.oats.dev/outcome": "succeed", "kwok.oats.dev/run-ms": "20000"});
+    let id = id_of(&submit(&server, "Talk slowly", labels, None).await);
+    server.wait_for(&id, "running", SOON).await;
+    let pod = agent_pod(&namespace, &id);
+    let file = dir.path().join("agent.log");
+    std::fs::write(&file, cri_line(Utc::now(), "stdout", "first")).unwrap();
+    serve_logs(&namespace, &pod, &file);
+    logs_become(&server, &id, "first\n").await;
+
+    // A client of its own: the shared one gives up on any request after 30 s.
+    let follower = reqwest::Client::new();
+    let mut response = follower.get(server.url(&format!("/api/v1/jobs/{id}/logs?follow=true"))).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut received = String::new();
+    let mut read_until = async |expected: &str| {
+        while received != expected {
+            let chunk = tokio::time::timeout(SOON, response.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("no more output within {SOON:?}; got {received:?}, want {expected:?}"))
+                .unwrap();
+            let Some(chunk) = chunk else { return false };
+            received.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        true
+    };
+    assert!(read_until("first\n").await, "the stream ended before the first line");
+    let mut log = std::fs::OpenOptions::new().append(true).open(&file).unwrap();
+    std::io::Write::write_all(&mut log, cri_line(Utc::now(), "stdout", "second").as_bytes()).unwrap();
+    assert!(read_until("first\nsecond\n").await, "the stream ended before the appended line");
+    let phase =
+        namespace.cluster.kubectl_ok(&["get", "pod", &pod, "-n", &namespace.name, "-o", "jsonpath={.status.phase}"]);
+    assert_eq!(phase, "Running", "both lines were followed while the pod ran");
+
+    // The stream ends once the pod has ended, with nothing more.
+    assert!(!read_until("first\nsecond\nnever sent").await, "the stream ends");
+    assert_eq!(received, "first\nsecond\n");
+    let phase =
+        namespace.cluster.kubectl_ok(&["get", "pod", &pod, "-n", &namespace.name, "-o", "jsonpath={.status.phase}"]);
+    assert_eq!(phase, "Succeeded", "the stream ended when the pod did");
+    // Following a job whose pod has ended gives its output and ends.
+    let again = tokio::time::timeout(SOON, async {
+        follower.get(server.url(&format!("/api/v1/jobs/{id}/logs?follow=true"))).send().await.unwrap().text().await
+    })
+    .await
+    .expect("following an ended pod ends");
+    assert_eq!(again.unwrap(), "first\nsecond\n");
+}
+
+#[tokio::test]
+async fn logs_of_a_finished_job_read_the_same_from_the_history_after_its_kubernetes_job_is_gone() {
+    let namespace = kube::TestNamespace::create(kube::cluster(), "logs-history");
+    let run = kube::unique("logs-history");
+    let dir = tempfile::tempdir().unwrap();
+    let database = std::env::var("OATS_TEST_DATABASE_URL")
+        .expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts PostgreSQL");
+    let env = [
+        ("OATS_TENANT", run.as_str()),
+        ("OATS_TTL_SECONDS_AFTER_FINISHED", "20"),
+        ("OATS_RETENTION_DAYS", "30"),
+        ("OATS_DATABASE_URL", database.as_str()),
+    ];
+    let server = namespace.start_oats(&dir.path().join("oats"), &env).await;
+    // The pod succeeds 10 s after it started: time to give it its logs first.
+    let labels = json!({"kwok.oats.dev/outcome": "succeed", "kwok.oats.dev/run-ms": "10000"});
+    let id = id_of(&submit(&server, "Leave a trace", labels, None).await);
+    server.wait_for(&id, "running", SOON).await;
+    let now = Utc::now();
+    let lines = [
+        (now - chrono::Duration::hours(2), "stdout", "long ago"),
+        (now - chrono::Duration::seconds(2), "stderr", "a warning"),
+        (now - chrono::Duration::seconds(1), "stdout", "the result"),
+    ];
+    let file = dir.path().join("agent.log");
+    std::fs::write(&file, lines.iter().map(|(at, stream, text)| cri_line(*at, stream, text)).collect::<String>())
+        .unwrap();
+    serve_logs(&namespace, &agent_pod(&namespace, &id), &file);
+    logs_become(&server, &id, "long ago\na warning\nthe result\n").await;
+    server.wait_for(&id, "succeeded", SOON).await;
+
+    let queries = ["", "?timestamps=true", "?tail_lines=1", "?since_seconds=3600&timestamps=true"];
+    let mut before = Vec::new();
+    for query in queries {
+        before.push(logs_of(&server, &id, query).await);
+    }
+    assert!(
+        namespace.cluster.kubectl(&["get", "job", &id, "-n", &namespace.name]).status.success(),
+        "the first reads were of the live job (the Job still existed after them)"
+    );
+    assert_eq!(before[0], (StatusCode::OK, "long ago\na warning\nthe result\n".to_owned()));
+    assert_eq!(before[2], (StatusCode::OK, "the result\n".to_owned()));
+
+    let deadline = std::time::Instant::now() + SOON;
+    while !namespace.jobs().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the TTL controller never removed the finished Job");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for (query, before) in queries.into_iter().zip(before) {
+        assert_eq!(logs_of(&server, &id, query).await, before, "{query}: the archived logs read as the live ones did");
+    }
+}

@@ -55,6 +55,12 @@ const QUOTA_RETRY_AFTER: Duration = Duration::from_secs(30);
 const CANCEL_ATTEMPTS: usize = 5;
 /// How long a job's events, once listed from the API server, answer its events requests.
 const EVENTS_TTL: Duration = Duration::from_secs(5);
+/// How long a followed output may stay quiet after the agent exited before OATS ends it. A
+/// kubelet ends the stream itself within about a second of the exit, having sent everything;
+/// one that does not (a lost node, kwok) would otherwise hold the request open forever.
+const FOLLOW_DRAIN: Duration = Duration::from_secs(2);
+/// How often a quiet followed output looks in the cache for the agent's exit.
+const FOLLOW_POLL: Duration = Duration::from_millis(500);
 
 /// One job's events as last listed, and when.
 type EventsSlot = Arc<tokio::sync::Mutex<Option<(Instant, Arc<Vec<JobEvent>>)>>>;
@@ -547,8 +553,16 @@ impl JobBackend for KubernetesBackend {
             ..Default::default()
         };
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.template.namespace);
-        let reader = pods.log_stream(&pod.name_any(), &params).await.map_err(api_error)?;
-        Ok(tokio_util::io::ReaderStream::new(reader.compat()).boxed())
+        let name = pod.name_any();
+        let reader = pods.log_stream(&name, &params).await.map_err(api_error)?;
+        let output = tokio_util::io::ReaderStream::new(reader.compat());
+        if !options.follow {
+            return Ok(output.boxed());
+        }
+        let (cache, id) = (self.cache.clone(), id.clone());
+        let exited =
+            move || cache.pods(id.as_str()).iter().find(|p| p.name_any() == name).is_none_or(|p| has_exited(p));
+        Ok(end_after_exit(output, exited).boxed())
     }
 
     /// Listed from the API server at most once per [`EVENTS_TTL`] per job, however often they
@@ -578,12 +592,45 @@ fn pod_security_violations(job: &Job) -> Vec<String> {
 }
 
 fn has_started(pod: &CachedPod) -> bool {
+    agent_state(pod).is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+}
+
+fn has_exited(pod: &CachedPod) -> bool {
+    agent_state(pod).is_some_and(|s| s.terminated.is_some())
+}
+
+fn agent_state(pod: &CachedPod) -> Option<&k8s_openapi::api::core::v1::ContainerState> {
     pod.status
         .as_ref()
         .and_then(|s| s.container_statuses.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.name == AGENT_CONTAINER))
         .and_then(|c| c.state.as_ref())
-        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+}
+
+/// A followed output that ends by itself, or once `exited` says the agent exited (or its pod
+/// is gone) and then nothing more came for [`FOLLOW_DRAIN`]: what arrives meanwhile is passed on.
+fn end_after_exit<S>(
+    output: S,
+    exited: impl Fn() -> bool + Send + Sync + 'static,
+) -> impl futures::Stream<Item = S::Item>
+where
+    S: futures::Stream + Unpin + Send,
+{
+    let exited = Arc::new(exited);
+    futures::stream::unfold((output, false), move |(mut output, mut draining)| {
+        let exited = exited.clone();
+        async move {
+            loop {
+                let quiet = if draining { FOLLOW_DRAIN } else { FOLLOW_POLL };
+                match tokio::time::timeout(quiet, output.next()).await {
+                    Ok(Some(item)) => return Some((item, (output, draining))),
+                    Ok(None) => return None,
+                    Err(_) if draining => return None,
+                    Err(_) => draining = exited(),
+                }
+            }
+        }
+    })
 }
 
 fn to_job_event(event: &Event, kind: &str, name: &str) -> JobEvent {
