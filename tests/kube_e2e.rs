@@ -1415,6 +1415,12 @@ fn agent_pod(namespace: &kube::TestNamespace, id: &str) -> String {
 
 /// A kwok `Logs` object: kwok's server answers the pod's agent logs from `file`.
 fn serve_logs(namespace: &kube::TestNamespace, pod: &str, file: &std::path::Path) {
+    let node = namespace.cluster.kubectl_json(&["get", "node", "kwok-node-0"]);
+    assert!(
+        node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"].as_u64().unwrap_or(0) > 0,
+        "kwok serves no logs on this control plane (started by an older testenv.sh): \
+         run testenv/testenv.sh down && testenv/testenv.sh up"
+    );
     let manifest = file.with_extension("logs.yaml");
     std::fs::write(
         &manifest,
