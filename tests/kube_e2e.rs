@@ -93,7 +93,7 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
         "spec": {
             "activeDeadlineSeconds": 120,
             "backoffLimit": 0,
-            "ttlSecondsAfterFinished": 86400,
+            "ttlSecondsAfterFinished": 600,
             "template": {
                 "metadata": {"labels": pod_labels},
                 "spec": {
