@@ -656,3 +656,30 @@ fn to_job_event(event: &Event, kind: &str, name: &str) -> JobEvent {
         count: event.count.unwrap_or(1).max(1) as u32,
     }
 }
+
+#[cfg(test)]
+mod follow_tests {
+    use super::*;
+
+    /// A followed output whose source never ends (kwok, a lost node) stays open while the agent
+    /// runs, passes on what comes after the exit, and ends once it has been quiet after it.
+    #[tokio::test]
+    async fn a_followed_output_ends_once_quiet_after_the_agent_exited() {
+        let (source, output) = futures::channel::mpsc::unbounded::<u8>();
+        let exited = Arc::new(AtomicBool::new(false));
+        let seen = exited.clone();
+        let mut output = std::pin::pin!(end_after_exit(output, move || seen.load(Ordering::Relaxed)));
+        source.unbounded_send(1).unwrap();
+        assert_eq!(output.next().await, Some(1));
+        assert!(
+            tokio::time::timeout(FOLLOW_POLL * 3, output.next()).await.is_err(),
+            "open while the agent runs, however quiet"
+        );
+        exited.store(true, Ordering::Relaxed);
+        source.unbounded_send(2).unwrap();
+        assert_eq!(output.next().await, Some(2));
+        let end = tokio::time::timeout(FOLLOW_POLL + FOLLOW_DRAIN * 2, output.next()).await;
+        assert_eq!(end, Ok(None), "ended although its source is still open");
+        drop(source);
+    }
+}
