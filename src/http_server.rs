@@ -56,11 +56,32 @@ pub struct HttpLimits {
 impl HttpLimits {
     /// Smallest head limit hyper accepts.
     pub const MIN_HEADER_BYTES: usize = 8192;
+
+    /// The limits a configuration sets.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(config.http_header_read_timeout_seconds.into()),
+            idle_timeout: Duration::from_secs(config.http_idle_timeout_seconds.into()),
+            max_header_bytes: config.http_max_header_bytes,
+            max_concurrent_streams: config.http2_max_concurrent_streams,
+            max_connections: config.http_max_connections,
+        }
+    }
 }
 
 /// Bind a listener, saying which address failed.
 pub async fn bind(address: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(address).await.map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {address}: {e}")))
+}
+
+/// Write the bound addresses of the listeners to `path`, one `NAME ADDRESS` line each, as a
+/// whole file or none (written aside, then renamed): how a caller that asked for port 0 learns
+/// which ports it got (`oats serve --addresses-file`).
+pub fn write_addresses(path: &std::path::Path, bound: &[(&str, SocketAddr)]) -> io::Result<()> {
+    let text: String = bound.iter().map(|(name, address)| format!("{name} {address}\n")).collect();
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, text)?;
+    std::fs::rename(&partial, path)
 }
 
 /// Serve `app` on `listener` within `limits` until `shutdown` resolves; then stop accepting, let

@@ -83,7 +83,7 @@ fn wait_complete(ns: &TestNamespace, id: &str) {
 
 #[tokio::test]
 async fn two_replicas_count_each_finish_once_even_when_one_is_down() {
-    let cluster = kube::cluster();
+    let Some(cluster) = kube::cluster() else { return };
     let ns = TestNamespace::create(cluster, "finish");
     let dir = tempfile::tempdir().unwrap();
     let a = ns.start_oats(&dir.path().join("a"), &[]).await;
@@ -156,7 +156,7 @@ fn without_server_fields(mut job: Value) -> Value {
 
 #[tokio::test]
 async fn render_job_prints_exactly_what_serve_creates() {
-    let cluster = kube::cluster();
+    let Some(cluster) = kube::cluster() else { return };
     let ns = TestNamespace::create(cluster, "render");
     let dir = tempfile::tempdir().unwrap();
     let server = ns.start_oats(dir.path(), &[]).await;

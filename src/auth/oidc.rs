@@ -9,8 +9,7 @@
 //! outage of the identity provider costs a request nothing beyond the cached keys (a token the
 //! cached keys cannot verify is refused at once).
 
-use super::AuthError;
-use crate::jobs::{Caller, Role};
+use super::{AuthError, Caller, Role};
 use futures::{
     FutureExt,
     future::{BoxFuture, Shared},

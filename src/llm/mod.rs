@@ -12,7 +12,6 @@ pub mod metrics;
 mod openai;
 pub mod providers;
 mod relay;
-mod settle;
 mod sizing;
 
 pub use metrics::LlmMetrics;
@@ -20,7 +19,8 @@ pub use openai::ApiError;
 pub use providers::{Catalog, Providers, ProvidersError};
 
 use crate::{
-    jobs::{JobRecord, JobService, policy::Policy},
+    jobs::{JobRecord, JobService},
+    policy::Policy,
     store::Store,
 };
 use identity::{Identities, IdentityError};
