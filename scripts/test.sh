@@ -13,7 +13,9 @@
 #   3. cargo test: unit tests, the OpenAPI drift check, HTTP end-to-end tests on the local
 #      backend, telemetry, security and monitoring tests, and end-to-end tests of the Kubernetes
 #      backend against that control plane.
-# Locally, OATS_SKIP_KUBE_E2E=1 skips the control plane and the tests that need it; CI never does.
+# Locally, OATS_SKIP_KUBE_E2E=1 skips the control plane and the test binaries that need it
+# (tests/kube_*.rs), and the summary at the end names them; CI never does. The summary also
+# counts the passed, failed and ignored tests and lists each ignored test with its reason.
 # Everything this script starts (PostgreSQL, the control plane) is stopped when it exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +45,9 @@ scripts/fuzz-api.sh
 scripts/clients-test.sh
 scripts/swagger-ui-test.sh
 
+kube_enabled=false
 if in_ci || [ "${OATS_SKIP_KUBE_E2E:-}" != "1" ]; then
+  kube_enabled=true
   unset OATS_SKIP_KUBE_E2E
   export OATS_TESTENV_DIR="${OATS_TESTENV_DIR:-$(mktemp -d /tmp/oats-testenv.XXXXXX)}"
   testenv_started=true
@@ -61,7 +65,33 @@ if in_ci || [ "${OATS_SKIP_KUBE_E2E:-}" != "1" ]; then
   fi
 fi
 
-if ! cargo test --locked --all-targets; then
+targets=(--all-targets)
+not_run=()
+if [ "$kube_enabled" = false ]; then
+  targets=(--lib --bins --examples --benches)
+  for file in tests/*.rs; do
+    name=$(basename "$file" .rs)
+    case "$name" in
+      kube_*) not_run+=("$name") ;;
+      *) targets+=(--test "$name") ;;
+    esac
+  done
+fi
+
+cargo_log=$(mktemp /tmp/oats-cargo-test.XXXXXX)
+summary() {
+  echo "== scripts/test.sh summary =="
+  grep -E '^test result:' "$cargo_log" |
+    awk '{p += $4; f += $6; i += $8} END {printf "%d passed, %d failed, %d ignored\n", p, f, i}'
+  grep -E '^test .* \.\.\. ignored' "$cargo_log" | sed 's/^test /  ignored: /' || true
+  if [ "${#not_run[@]}" -gt 0 ]; then
+    echo "  not run (OATS_SKIP_KUBE_E2E=1, no control plane): ${not_run[*]}"
+  fi
+}
+
+if ! cargo test --locked "${targets[@]}" 2>&1 | tee "$cargo_log"; then
+  summary
   if [ -n "${OATS_TESTENV_DIR:-}" ]; then testenv/testenv.sh logs || true; fi
   exit 1
 fi
+summary

@@ -659,3 +659,35 @@ async fn local_jobs_are_private_bounded_and_tailed_from_the_end() {
     let after_all = peak_rss_kib(server.pid());
     assert!(after_all < before + 16 * 1024, "peak memory grew from {before} KiB to {after_all} KiB streaming the log");
 }
+
+/// An agent that answers with its goal, or with what it sees of two variables of the server's
+/// environment when the goal is `env`.
+const ECHO_AGENT: &str = r#"sh,-c,if [ "$OATS_GOAL" = env ]; then printf '%s %s' "${SERVER_ONLY_SECRET-absent}" "${VISIBLE_TO_AGENT-absent}"; else printf %s "$OATS_GOAL"; fi > "$OATS_RESULT_FILE""#;
+
+#[tokio::test]
+async fn agents_see_only_allowlisted_variables_and_results_are_cut_on_a_character_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(
+        dir.path(),
+        &[
+            ("OATS_LOCAL_AGENT_COMMAND", ECHO_AGENT),
+            ("OATS_LOCAL_ENV_ALLOWLIST", "PATH,VISIBLE_TO_AGENT"),
+            ("SERVER_ONLY_SECRET", "s3cret"),
+            ("VISIBLE_TO_AGENT", "shown"),
+        ],
+    )
+    .await;
+    let environ = std::fs::read(format!("/proc/{}/environ", server.pid())).unwrap();
+    assert!(environ.split(|b| *b == 0).any(|v| v == b"SERVER_ONLY_SECRET=s3cret"), "the server holds the secret");
+
+    let id = server.create("env", 1).await["id"].as_str().unwrap().to_owned();
+    let done = server.wait_for(&id, "succeeded", SOON).await;
+    assert_eq!(done["result"], "absent shown");
+
+    // 5,000 bytes whose byte 4,096 is inside a two-byte character: cut to the 4,095 before it.
+    let long = format!("a{}z", "é".repeat(2499));
+    assert_eq!(long.len(), 5000);
+    let id = server.create(&long, 1).await["id"].as_str().unwrap().to_owned();
+    let done = server.wait_for(&id, "succeeded", SOON).await;
+    assert_eq!(done["result"].as_str().unwrap(), format!("a{}", "é".repeat(2047)));
+}

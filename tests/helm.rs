@@ -442,7 +442,7 @@ fn policy_tokens_and_otlp_values() {
     let content = policy["data"]["oats-policy.yaml"].as_str().expect("data.oats-policy.yaml");
     assert_eq!(content, read("policies/oats-policy.yaml"));
     std::fs::write(dir.path().join("oats-policy.yaml"), content).unwrap();
-    oats::policy::Policy::load(&dir.path().join("oats-policy.yaml")).expect("OATS loads the rendered policy");
+    oats::jobs::policy::Policy::load(&dir.path().join("oats-policy.yaml")).expect("OATS loads the rendered policy");
     // The tokens placeholder is a tokens file OATS loads and that lets nobody in.
     let secret = default_docs
         .iter()
@@ -968,5 +968,28 @@ fn the_identity_provider_value_opens_its_addresses_on_its_ports_only() {
     ] {
         let out = helm(&["template", "oats", CHART, "--set", set]);
         assert!(!out.status.success() && text(&out).contains(message), "{set}: {}", text(&out));
+    }
+}
+
+/// The chart's Deployment, written out by hand: replicas per values file, probes on the paths
+/// OATS serves, and the grace period its shutdown fits in.
+#[test]
+fn the_deployment_runs_its_replicas_with_probes_and_a_grace_period() {
+    for (values, replicas) in [(None, 2), (Some("values-dev.yaml"), 1), (Some("values-prod.yaml"), 3)] {
+        let file = values.map(|v| format!("{CHART}/{v}"));
+        let args: Vec<&str> = file.as_deref().map(|f| vec!["-f", f]).unwrap_or_default();
+        let docs = template(&args);
+        let deploy = deployment(&docs);
+        let what = values.unwrap_or("default values");
+        assert_eq!(deploy["spec"]["replicas"], replicas, "{what}");
+        let pod = &deploy["spec"]["template"]["spec"];
+        assert_eq!(pod["terminationGracePeriodSeconds"], 30, "{what}");
+        let api = &pod["containers"][0];
+        assert_eq!(api["lifecycle"]["preStop"]["sleep"]["seconds"], 5, "{what}");
+        for (probe, path) in
+            [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]
+        {
+            assert_eq!(api[probe]["httpGet"], json!({"path": path, "port": "http"}), "{what}: {probe}");
+        }
     }
 }

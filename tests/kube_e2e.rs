@@ -7,11 +7,7 @@ mod kube;
 
 use chrono::{DateTime, Utc};
 use common::{Server, assert_problem};
-use oats::{
-    backend::kubernetes::render::{self, AgentTemplate},
-    config::Config,
-    jobs::{JobId, JobLimits, JobRequest, NewJob},
-};
+use oats::{backend::kubernetes::render, jobs::JobId};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::{collections::HashSet, time::Duration};
@@ -59,7 +55,7 @@ fn assert_subset(expected: &Value, actual: &Value, path: &str) {
 
 #[tokio::test]
 async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("render");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -69,35 +65,92 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
     let stored = cluster.kubectl_json(&["get", "job", &id, "-n", kube::NAMESPACE]);
     let annotations = &stored["metadata"]["annotations"];
     let created_at: DateTime<Utc> = annotations[render::CREATED_AT_ANNOTATION].as_str().unwrap().parse().unwrap();
-    let spec = JobRequest {
-        goal: "Render me".into(),
-        max_turns: 3,
-        labels: [("e2e", run.as_str()), ("kwok.oats.dev/outcome", "run")]
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .into(),
-        timeout_seconds: Some(120),
-        model: None,
-        profile: None,
-        budget: Default::default(),
+    assert!((Utc::now() - created_at).num_seconds().abs() < 60, "created-at is the submission's time: {created_at}");
+    let hash = annotations[render::REQUEST_HASH_ANNOTATION].as_str().unwrap();
+    assert!(hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit()), "{hash}");
+    // What the Job must be, written out by hand (as shipped, kube::Cluster::start_oats: the LLM
+    // gateway on, no Secret); the API server's defaults come on top.
+    let labels = json!({"e2e": run, "kwok.oats.dev/outcome": "run"});
+    let mut job_labels = json!({"app": "oats-agent", "app.kubernetes.io/managed-by": "oats", "oats.dev/job-id": id, "oats.dev/tenant": "default"});
+    let mut pod_labels = json!({"app": "oats-agent", "oats.dev/job-id": id});
+    for (key, value) in labels.as_object().unwrap() {
+        job_labels[key] = value.clone();
+        pod_labels[key] = value.clone();
     }
-    .validate(&JobLimits::default())
-    .unwrap();
-    // As shipped (kube::Cluster::start_oats): the LLM gateway on, no Secret.
-    let mut config = Config::default();
-    config.llm_providers_file = Some("providers.yaml".into());
-    let expected = render::render_job(
-        &NewJob {
-            id: JobId::parse(&id).unwrap(),
-            tenant: "default".into(),
-            request_hash: spec.fingerprint(),
-            trace: None,
-            resources: None,
-            spec,
-            created_at,
+    let env = |pairs: &[(&str, &str)]| -> Value { pairs.iter().map(|(k, v)| json!({"name": k, "value": v})).collect() };
+    let expected = json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": id,
+            "namespace": kube::NAMESPACE,
+            "labels": job_labels,
+            "annotations": {
+                "oats.dev/env-escaped": "true",
+                "oats.dev/label-keys": "e2e,kwok.oats.dev/outcome",
+            },
         },
-        &AgentTemplate::from_config(&config, kube::NAMESPACE),
-    );
-    assert_subset(&serde_json::to_value(&expected).unwrap(), &stored, "job");
+        "spec": {
+            "activeDeadlineSeconds": 120,
+            "backoffLimit": 0,
+            "ttlSecondsAfterFinished": 86400,
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "enableServiceLinks": false,
+                    "restartPolicy": "Never",
+                    "serviceAccountName": "oats-agent",
+                    "securityContext": {
+                        "fsGroup": 65532, "runAsGroup": 65532, "runAsNonRoot": true, "runAsUser": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [{
+                        "name": "agent",
+                        "image": "oats-agent:0.1.0",
+                        "imagePullPolicy": "IfNotPresent",
+                        "env": env(&[
+                            ("OATS_JOB_ID", &id),
+                            ("OATS_GOAL", "Render me"),
+                            ("OATS_MAX_TURNS", "3"),
+                            ("OATS_TIMEOUT_SECONDS", "120"),
+                            ("OATS_RESULT_FILE", "/dev/termination-log"),
+                            ("OATS_WORKSPACE", "/workspace"),
+                            ("HOME", "/workspace"),
+                            ("TMPDIR", "/tmp"),
+                            ("OPENAI_BASE_URL", "http://oats-llm-gateway.oats.svc:8001/v1"),
+                            ("OATS_LLM_TOKEN_FILE", "/var/run/secrets/oats/llm-token/token"),
+                        ]),
+                        "resources": {
+                            "limits": {"cpu": "1", "ephemeral-storage": "1Gi", "memory": "512Mi"},
+                            "requests": {"cpu": "250m", "ephemeral-storage": "64Mi", "memory": "256Mi"},
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "capabilities": {"drop": ["ALL"]},
+                            "privileged": false,
+                            "readOnlyRootFilesystem": true,
+                            "runAsNonRoot": true,
+                        },
+                        "terminationMessagePolicy": "FallbackToLogsOnError",
+                        "volumeMounts": [
+                            {"mountPath": "/tmp", "name": "tmp"},
+                            {"mountPath": "/workspace", "name": "workspace"},
+                            {"mountPath": "/var/run/secrets/oats/llm-token", "name": "llm-token", "readOnly": true},
+                        ],
+                    }],
+                    "volumes": [
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                        {"name": "workspace", "emptyDir": {"sizeLimit": "512Mi"}},
+                        {"name": "llm-token", "projected": {"defaultMode": 0o440, "sources": [{"serviceAccountToken": {
+                            "audience": "oats-llm", "expirationSeconds": 720, "path": "token",
+                        }}]}},
+                    ],
+                },
+            },
+        },
+    });
+    assert_subset(&expected, &stored, "job");
     // The gateway's projected token is the pod's only credential: no Secret, no env reference.
     let pod_spec = &stored["spec"]["template"]["spec"];
     let volumes: Vec<&str> =
@@ -109,7 +162,7 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
 
     // The same manifest, dry-run created under another name (and job id: the admission policy
     // wants the pods' oats.dev/job-id to be the Job's name): no Pod Security warnings.
-    let mut probe = serde_json::to_value(&expected).unwrap();
+    let mut probe = expected.clone();
     let probe_id = JobId::random().to_string();
     probe["metadata"]["name"] = json!(probe_id);
     probe["spec"]["template"]["metadata"]["labels"]["oats.dev/job-id"] = json!(probe_id);
@@ -142,7 +195,7 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
 
 #[tokio::test]
 async fn every_status_path_is_reported() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("paths");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -200,7 +253,7 @@ async fn every_status_path_is_reported() {
 
 #[tokio::test]
 async fn cancel_removes_the_pods_and_keeps_the_record() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("cancel");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -229,7 +282,7 @@ async fn cancel_removes_the_pods_and_keeps_the_record() {
 
 #[tokio::test]
 async fn list_filter_and_page_through_300_jobs() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("page");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -273,7 +326,7 @@ async fn list_filter_and_page_through_300_jobs() {
 
 #[tokio::test]
 async fn concurrent_idempotent_submissions_on_two_replicas_create_one_job() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("idem");
     let dir = tempfile::tempdir().unwrap();
     let first = cluster.start_oats(dir.path()).await;
@@ -321,7 +374,7 @@ async fn concurrent_idempotent_submissions_on_two_replicas_create_one_job() {
 
 #[tokio::test]
 async fn restarted_oats_finds_every_job_with_its_status() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("restart");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -354,7 +407,7 @@ fn with_subresource<'a>([verb, resource]: [&'a str; 2], namespace: &'a str) -> V
 
 #[test]
 fn the_shipped_rbac_is_enough_and_no_more() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let can = |kubeconfig: &std::path::Path, args: &[String]| {
         let mut full = vec!["auth", "can-i"];
         full.extend(args.iter().map(String::as_str));
@@ -466,7 +519,7 @@ fn kube_calls_by_code(metrics: &str) -> std::collections::BTreeMap<(String, Stri
 /// every call is granted, none was refused.
 #[tokio::test]
 async fn the_shipped_role_grants_exactly_the_calls_the_backend_makes() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("rbac");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -545,7 +598,7 @@ async fn the_shipped_role_grants_exactly_the_calls_the_backend_makes() {
 
 #[tokio::test]
 async fn kubernetes_calls_are_child_spans_of_the_job_creation() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("spans");
     let (receiver, port) = common::otlp::start_receiver().await;
     let endpoint = format!("http://127.0.0.1:{port}");
@@ -606,7 +659,7 @@ fn providers_file(dir: &std::path::Path, fake: &common::fake_llm::FakeLlm) -> st
 
 #[tokio::test]
 async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_runs() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("llm");
     let dir = tempfile::tempdir().unwrap();
     let fake = common::fake_llm::FakeLlm::start().await;
@@ -718,7 +771,7 @@ fn stored_env(cluster: &kube::Cluster, id: &str) -> std::collections::BTreeMap<S
 
 #[tokio::test]
 async fn the_goal_and_the_trace_context_reach_the_agent_byte_for_byte() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("bytes");
     let (_receiver, port) = common::otlp::start_receiver().await;
     let endpoint = format!("http://127.0.0.1:{port}");
@@ -760,7 +813,7 @@ async fn the_goal_and_the_trace_context_reach_the_agent_byte_for_byte() {
 
 #[tokio::test]
 async fn labels_round_trip_byte_for_byte_and_keys_kubernetes_owns_are_refused() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("labels");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -818,7 +871,7 @@ async fn labels_round_trip_byte_for_byte_and_keys_kubernetes_owns_are_refused() 
 
 #[tokio::test]
 async fn an_api_server_refusal_is_a_422_with_its_message_and_the_dry_run_predicts_it() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("refuse");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -894,7 +947,7 @@ spec:
 
 #[tokio::test]
 async fn an_exhausted_namespace_quota_is_a_429_quota_exhausted_counted_and_predicted() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     // A namespace of its own, so that its quota of two Jobs stops no other test: OATS runs there
     // with the shipped Role, bound to its service account.
     let namespace = format!("oats-quota-{}", std::process::id());
@@ -960,7 +1013,7 @@ async fn an_exhausted_namespace_quota_is_a_429_quota_exhausted_counted_and_predi
 
 #[tokio::test]
 async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("finished");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -1021,7 +1074,7 @@ fn database_url() -> String {
 
 #[tokio::test]
 async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("budget");
     let dir = tempfile::tempdir().unwrap();
     let fake = common::fake_llm::FakeLlm::start().await;
@@ -1120,7 +1173,7 @@ async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
 
 #[tokio::test]
 async fn a_burst_of_50_parallel_submissions_gets_exactly_max_concurrent_jobs() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("burst");
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
@@ -1155,7 +1208,7 @@ async fn a_burst_of_50_parallel_submissions_gets_exactly_max_concurrent_jobs() {
 
 #[tokio::test]
 async fn finished_jobs_count_against_max_kept_jobs_until_their_ttl_removes_them() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("kept");
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
@@ -1232,7 +1285,7 @@ fn count(counts: &std::collections::HashMap<(String, String), f64>, verb: &str, 
 
 #[tokio::test]
 async fn unknown_job_ids_never_reach_the_api_server_and_events_are_listed_at_most_every_few_seconds() {
-    let Some(cluster) = kube::cluster() else { return };
+    let cluster = kube::cluster();
     let run = kube::unique("reads");
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await; // ready: the caches have synced

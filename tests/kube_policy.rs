@@ -10,8 +10,7 @@ use chrono::Utc;
 use oats::{
     backend::kubernetes::render::{AgentTemplate, render_job},
     config::Config,
-    jobs::{JobId, JobLimits, JobRequest, NewJob},
-    policy::ResourceProfile,
+    jobs::{JobId, JobLimits, JobRequest, NewJob, policy::ResourceProfile},
 };
 use serde_json::{Value, json};
 use std::{
@@ -107,8 +106,8 @@ fn max_deadline(cluster: &kube::Cluster) -> i64 {
 
 /// The cluster, once the policy (applied by kube::cluster() with infra/base) is in force: the
 /// API server compiles a new policy asynchronously, so wait until a known-bad Job is denied.
-fn cluster_with_policy() -> Option<&'static kube::Cluster> {
-    let cluster = kube::cluster()?;
+fn cluster_with_policy() -> &'static kube::Cluster {
+    let cluster = kube::cluster();
     static READY: OnceLock<()> = OnceLock::new();
     READY.get_or_init(|| {
         let mut bad = rendered();
@@ -127,12 +126,12 @@ fn cluster_with_policy() -> Option<&'static kube::Cluster> {
         let warnings = &policy["status"]["typeChecking"]["expressionWarnings"];
         assert!(warnings.as_array().is_none_or(|w| w.is_empty()), "type-checking warnings: {warnings:#}");
     });
-    Some(cluster)
+    cluster
 }
 
 #[test]
 fn the_policy_admits_every_job_oats_renders() {
-    let Some(cluster) = cluster_with_policy() else { return };
+    let cluster = cluster_with_policy();
     let max = max_deadline(cluster);
     let large = ResourceProfile {
         cpu_request: "2".into(),
@@ -223,7 +222,7 @@ fn assert_each_denied(cluster: &kube::Cluster, job: &Value, cases: &[(String, Mu
 
 #[test]
 fn the_policy_denies_each_violation_with_its_own_message() {
-    let Some(cluster) = cluster_with_policy() else { return };
+    let cluster = cluster_with_policy();
     let too_long = max_deadline(cluster) + 1;
     let volume_kinds = "volumes may only be OATS' own: emptyDir (tmp, workspace, launcher), the gateway's projected \
                         token (llm-token) and the configured LLM secret (llm-credentials); not: ";
@@ -596,7 +595,7 @@ fn the_policy_denies_each_violation_with_its_own_message() {
         ),
     ];
     // Keys of service meshes and batch queues need an entry of their own: `*` is not enough.
-    for domain in oats::policy::GUARDED_LABEL_DOMAINS {
+    for domain in oats::jobs::policy::GUARDED_LABEL_DOMAINS {
         let key = format!("sidecar.{domain}/inject");
         let label = key.clone();
         cases.push((
@@ -616,7 +615,7 @@ fn the_policy_denies_each_violation_with_its_own_message() {
 /// `oats` parameters allow neither, and other tests run against them meanwhile).
 #[test]
 fn the_opt_ins_are_admitted_only_where_the_parameters_name_them() {
-    let Some(cluster) = cluster_with_policy() else { return };
+    let cluster = cluster_with_policy();
     const OPT_IN: &str = "oats-policy-opt-in";
     let mut params = cluster.kubectl_json(&["get", "configmap", PARAMS, "-n", kube::NAMESPACE]);
     params["data"]["llmSecretName"] = json!("oats-llm-credentials");
@@ -654,7 +653,7 @@ fn the_opt_ins_are_admitted_only_where_the_parameters_name_them() {
         memory_limit: "1Gi".into(),
         image: Some("registry.example.com/oats/web-agent:1".into()),
         command: Some(["/oats-launcher/oats", "launch", "--", "web-agent"].map(String::from).to_vec()),
-        egress: Some(oats::policy::Egress::PublicHttps),
+        egress: Some(oats::jobs::policy::Egress::PublicHttps),
     };
     // The new binding is in force once it denies a bad Job.
     let mut bad = in_opt_in(&config());
@@ -709,7 +708,7 @@ fn the_opt_ins_are_admitted_only_where_the_parameters_name_them() {
 
 #[test]
 fn the_policy_is_scoped_to_the_jobs_namespace_by_name() {
-    let Some(cluster) = cluster_with_policy() else { return };
+    let cluster = cluster_with_policy();
     // The same bad Job elsewhere is not this policy's business (PSA and RBAC are).
     let mut job = rendered();
     pod_spec(&mut job)["hostPID"] = json!(true);
@@ -731,9 +730,9 @@ fn the_policy_is_scoped_to_the_jobs_namespace_by_name() {
     assert_eq!(created["metadata"]["labels"]["kubernetes.io/metadata.name"], json!(name));
 }
 
-#[test]
-fn cancelling_passes_the_policy_and_deadline_updates_are_checked() {
-    let Some(cluster) = cluster_with_policy() else { return };
+#[tokio::test]
+async fn cancelling_passes_the_policy_and_deadline_updates_are_checked() {
+    let cluster = cluster_with_policy();
     let run = kube::unique("policy-cancel");
     let labels = [("e2e", run.as_str()), ("kwok.oats.dev/outcome", "run")].map(|(k, v)| (k.to_owned(), v.to_owned()));
     let job = rendered_with(&config(), labels.into(), 600, None);
@@ -760,15 +759,20 @@ fn cancelling_passes_the_policy_and_deadline_updates_are_checked() {
     let out = patch("merge", json!({"spec": {"parallelism": 2}}));
     let said = stderr(&out);
     assert!(!out.status.success() && said.contains("(got parallelism 2, completions 1)"), "parallelism: {said}");
-    // OATS' cancel, exactly as src/backend/kubernetes/mod.rs sends it.
-    let cancel = json!({
-        "metadata": {"annotations": {"oats.dev/cancelled-at": Utc::now().to_rfc3339()}},
-        "spec": {"activeDeadlineSeconds": 1},
-    });
-    let out = patch("merge", cancel);
-    assert!(out.status.success(), "the cancel patch was denied: {}", stderr(&out));
-    let stored = cluster.kubectl_json(&["get", "job", &name, "-n", kube::NAMESPACE]);
+
+    // OATS' own cancel, whatever patch it sends, through its API: the policy lets it pass.
+    let server = cluster.start_oats(dir.path()).await;
+    let response = server
+        .submit(json!({"goal": "Cancel me", "max_turns": 1, "labels": {"e2e": run, "kwok.oats.dev/outcome": "run"}}))
+        .await;
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    server.wait_for(&id, "running", Duration::from_secs(60)).await;
+    let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(cancel.status(), reqwest::StatusCode::OK, "{}\n{}", cancel.text().await.unwrap(), server.log_text());
+    let stored = cluster.kubectl_json(&["get", "job", &id, "-n", kube::NAMESPACE]);
     assert_eq!(stored["spec"]["activeDeadlineSeconds"], 1);
+    assert!(stored["metadata"]["annotations"]["oats.dev/cancelled-at"].is_string(), "{stored}");
     cluster.delete_jobs(&format!("e2e={run}"));
 }
 
@@ -794,7 +798,7 @@ fn apply_monitoring_crds(cluster: &kube::Cluster) {
 
 #[test]
 fn every_manifest_passes_a_server_side_dry_run() {
-    let Some(cluster) = cluster_with_policy() else { return };
+    let cluster = cluster_with_policy();
     apply_monitoring_crds(cluster);
     for dir in ["infra/base", "infra/overlays/dev", "infra/overlays/prod"] {
         // A freshly established CRD can take a moment to be served for dry runs: retry briefly.
@@ -823,4 +827,186 @@ fn every_manifest_passes_a_server_side_dry_run() {
             assert!(said.contains("prometheusrule.monitoring.coreos.com/"), "{dir}: {said}");
         }
     }
+}
+
+/// How Pod Security Admission names each control of the checker in its denials.
+const PSA_REASONS: [(&str, &str); 15] = [
+    ("hostNamespaces", "host namespaces"),
+    ("privileged", "privileged"),
+    ("capabilities_restricted", "unrestricted capabilities"),
+    ("hostPorts", "hostPort"),
+    ("appArmorProfile", "forbidden AppArmor profile"),
+    ("seLinuxOptions", "seLinuxOptions"),
+    ("procMount", "procMount"),
+    ("seccompProfile_restricted", "seccompProfile"),
+    ("sysctls", "forbidden sysctls"),
+    ("restrictedVolumes", "restricted volume types"),
+    ("allowPrivilegeEscalation", "allowPrivilegeEscalation != false"),
+    ("runAsNonRoot", "runAsNonRoot != true"),
+    ("runAsUser", "runAsUser=0"),
+    ("windowsHostProcess", "hostProcess"),
+    ("hostProbesAndHostLifecycle", "probe or lifecycle host"),
+];
+
+/// The reasons of a Pod Security denial (`violates PodSecurity "restricted:…": a (…), b (…)`).
+fn psa_reasons(stderr: &str) -> std::collections::BTreeSet<String> {
+    let Some(start) = stderr.find("violates PodSecurity") else { return Default::default() };
+    let list = &stderr[start..];
+    let list = &list[list.find("\": ").expect("a PodSecurity denial lists its reasons") + 3..];
+    let (mut reasons, mut depth, mut item) = (std::collections::BTreeSet::new(), 0, String::new());
+    for c in list.trim_end().chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                reasons.insert(item.trim().to_owned());
+                item.clear();
+                continue;
+            }
+            _ if depth > 0 => continue,
+            _ => {}
+        }
+        if depth == 0 && c != ')' {
+            item.push(c);
+        }
+    }
+    reasons.insert(item.trim().to_owned());
+    reasons
+}
+
+/// The checker OATS runs before creating a Job (backend::kubernetes::pss) gives, on each
+/// violation, the verdict of the real Pod Security Admission: each pod template is sent as a Pod
+/// (server-side dry run) to a namespace enforcing restricted, and the reasons are compared.
+#[test]
+fn the_pod_security_checker_agrees_with_the_api_server_on_each_violation() {
+    let ns = kube::TestNamespace::create(kube::cluster(), "pss");
+    ns.cluster.kubectl_ok(&["label", "namespace", &ns.name, "pod-security.kubernetes.io/enforce=restricted"]);
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("as rendered", Box::new(|_| {})),
+        ("hostNetwork", Box::new(|j| pod_spec(j)["hostNetwork"] = json!(true))),
+        (
+            "hostPID and hostIPC",
+            Box::new(|j| {
+                pod_spec(j)["hostPID"] = json!(true);
+                pod_spec(j)["hostIPC"] = json!(true);
+            }),
+        ),
+        // Each case a Pod the API server validates (privileged needs privilege escalation, an
+        // unmasked /proc a user namespace, a Windows host process the host network).
+        (
+            "privileged",
+            Box::new(|j| {
+                agent(j)["securityContext"]["privileged"] = json!(true);
+                agent(j)["securityContext"]["allowPrivilegeEscalation"] = json!(true);
+            }),
+        ),
+        ("adds NET_ADMIN", Box::new(|j| agent(j)["securityContext"]["capabilities"]["add"] = json!(["NET_ADMIN"]))),
+        (
+            "adds NET_BIND_SERVICE",
+            Box::new(|j| agent(j)["securityContext"]["capabilities"]["add"] = json!(["NET_BIND_SERVICE"])),
+        ),
+        ("adds CHOWN", Box::new(|j| agent(j)["securityContext"]["capabilities"]["add"] = json!(["CHOWN"]))),
+        ("drops nothing", Box::new(|j| remove(&mut agent(j)["securityContext"], "capabilities"))),
+        ("hostPath volume", Box::new(|j| volumes(j).push(json!({"name": "host", "hostPath": {"path": "/etc"}})))),
+        (
+            "nfs volume",
+            Box::new(|j| volumes(j).push(json!({"name": "nfs", "nfs": {"server": "10.0.0.1", "path": "/"}}))),
+        ),
+        ("hostPort", Box::new(|j| agent(j)["ports"] = json!([{"containerPort": 8080, "hostPort": 8080}]))),
+        (
+            "seLinux type spc_t",
+            Box::new(|j| pod_spec(j)["securityContext"]["seLinuxOptions"] = json!({"type": "spc_t"})),
+        ),
+        (
+            "procMount Unmasked",
+            Box::new(|j| {
+                agent(j)["securityContext"]["procMount"] = json!("Unmasked");
+                pod_spec(j)["hostUsers"] = json!(false);
+            }),
+        ),
+        ("no seccomp profile", Box::new(|j| remove(&mut pod_spec(j)["securityContext"], "seccompProfile"))),
+        (
+            "seccomp Unconfined",
+            Box::new(|j| agent(j)["securityContext"]["seccompProfile"] = json!({"type": "Unconfined"})),
+        ),
+        (
+            "unsafe sysctl",
+            Box::new(|j| pod_spec(j)["securityContext"]["sysctls"] = json!([{"name": "kernel.msgmax", "value": "1"}])),
+        ),
+        ("privilege escalation", Box::new(|j| agent(j)["securityContext"]["allowPrivilegeEscalation"] = json!(true))),
+        ("runAsNonRoot false", Box::new(|j| agent(j)["securityContext"]["runAsNonRoot"] = json!(false))),
+        ("runAsUser 0", Box::new(|j| pod_spec(j)["securityContext"]["runAsUser"] = json!(0))),
+        (
+            "AppArmor unconfined",
+            Box::new(|j| agent(j)["securityContext"]["appArmorProfile"] = json!({"type": "Unconfined"})),
+        ),
+        (
+            "Windows hostProcess",
+            Box::new(|j| {
+                agent(j)["securityContext"]["windowsOptions"] = json!({"hostProcess": true});
+                pod_spec(j)["hostNetwork"] = json!(true);
+            }),
+        ),
+        (
+            "probe on another host",
+            Box::new(|j| agent(j)["livenessProbe"] = json!({"httpGet": {"host": "10.0.0.1", "port": 80}})),
+        ),
+        (
+            "all of privileged, root and hostNetwork",
+            Box::new(|j| {
+                agent(j)["securityContext"]["privileged"] = json!(true);
+                agent(j)["securityContext"]["allowPrivilegeEscalation"] = json!(true);
+                pod_spec(j)["securityContext"]["runAsUser"] = json!(0);
+                pod_spec(j)["hostNetwork"] = json!(true);
+            }),
+        ),
+    ];
+    let reason_of: BTreeMap<&str, &str> = PSA_REASONS.into_iter().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let pod_of = |i: usize, template: &Value| {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+                         "metadata": {"name": format!("pss-{i}"), "namespace": ns.name, "labels": template["metadata"]["labels"]},
+                         "spec": template["spec"]});
+        let file = dir.path().join(format!("pod-{i}.json"));
+        std::fs::write(&file, pod.to_string()).unwrap();
+        let out = ns.cluster.kubectl(&["create", "--dry-run=server", "-f", file.to_str().unwrap()]);
+        (out.status.success(), stderr(&out))
+    };
+    // The namespace's label reaches the admission plugin's cache soon after it is set.
+    let mut bad = rendered();
+    pod_spec(&mut bad)["hostNetwork"] = json!(true);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while psa_reasons(&pod_of(cases.len(), &bad["spec"]["template"]).1).is_empty() {
+        assert!(Instant::now() < deadline, "the namespace never enforced restricted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut disagreements = Vec::new();
+    for (i, (what, mutate)) in cases.iter().enumerate() {
+        let mut job = rendered();
+        mutate(&mut job);
+        let template = &job["spec"]["template"];
+        let checker: std::collections::BTreeSet<String> =
+            oats::backend::kubernetes::pss::check_restricted(&serde_json::from_value(template.clone()).unwrap())
+                .iter()
+                .map(|v| {
+                    reason_of.get(v.control).map_or_else(|| format!("unknown control {}", v.control), |r| r.to_string())
+                })
+                .collect();
+        let (admitted, said) = pod_of(i, template);
+        let server = psa_reasons(&said);
+        if !admitted && server.is_empty() {
+            disagreements.push(format!("{what}: refused for another reason: {said}"));
+            continue;
+        }
+        if checker != server {
+            disagreements.push(format!("{what}: the checker says {checker:?}, the API server {server:?}"));
+        }
+    }
+    assert!(
+        disagreements.is_empty(),
+        "{} of {} cases:\n{}",
+        disagreements.len(),
+        cases.len(),
+        disagreements.join("\n")
+    );
 }

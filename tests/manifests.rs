@@ -673,11 +673,11 @@ fn shipped_resource_profiles() -> Vec<(String, Value)> {
 fn no_tenant_of_the_shipped_policy_can_exhaust_the_namespace_quota() {
     let config = oats::config::Config::default();
     let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/oats-policy.yaml"));
-    let policy = oats::policy::PolicyDocument::read(path).unwrap();
+    let policy = oats::jobs::policy::PolicyDocument::read(path).unwrap();
     let mut tenants: Vec<String> = policy.tenant_names().map(str::to_owned).collect();
     tenants.push("any-other-tenant".into());
     // An agent's requests and limits: [cpu request, memory request, cpu limit, memory limit].
-    let agent = |p: Option<&oats::policy::ResourceProfile>| -> [f64; 4] {
+    let agent = |p: Option<&oats::jobs::policy::ResourceProfile>| -> [f64; 4] {
         let (cr, mr, cl, ml) = match p {
             Some(p) => (&p.cpu_request, &p.memory_request, &p.cpu_limit, &p.memory_limit),
             None => (
@@ -867,7 +867,7 @@ fn the_api_loads_the_shipped_service_policy() {
         assert_eq!(text, source, "{target}: the ConfigMap differs from policies/oats-policy.yaml");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(&key), text).unwrap();
-        oats::policy::Policy::load(&dir.path().join(&key)).unwrap_or_else(|e| panic!("{target}: {e}"));
+        oats::jobs::policy::Policy::load(&dir.path().join(&key)).unwrap_or_else(|e| panic!("{target}: {e}"));
     }
 }
 
@@ -1055,7 +1055,7 @@ fn agent_pods_hold_no_secret_and_the_policy_parameters_fit_what_oats_renders() {
         }
         // The launcher's commands are the ones OATS renders for an agent of a profile's own image.
         let mut own = agent_job();
-        own.resources = Some(oats::policy::ResourceProfile {
+        own.resources = Some(oats::jobs::policy::ResourceProfile {
             cpu_request: "1".into(),
             cpu_limit: "1".into(),
             memory_request: "1Gi".into(),
@@ -1084,7 +1084,11 @@ fn agent_pods_hold_no_secret_and_the_policy_parameters_fit_what_oats_renders() {
     let line = policy.lines().skip_while(|l| !l.contains("name: guardedLabelDomains")).nth(2).unwrap();
     let domains: Vec<&str> =
         line.trim().trim_matches(['[', ']']).split(',').map(|d| d.trim().trim_matches('\'')).collect();
-    assert_eq!(domains, oats::policy::GUARDED_LABEL_DOMAINS, "policies/vap/agent-job-policy.yaml guardedLabelDomains");
+    assert_eq!(
+        domains,
+        oats::jobs::policy::GUARDED_LABEL_DOMAINS,
+        "policies/vap/agent-job-policy.yaml guardedLabelDomains"
+    );
 }
 
 fn agent_job() -> oats::jobs::NewJob {
@@ -1217,5 +1221,45 @@ fn the_dev_postgresql_is_restricted_and_complete() {
             let v = quantity(&container["resources"][section][key]);
             assert!(v <= quantity(&limits["max"][key]) && v >= quantity(&limits["min"][key]), "{section}.{key}");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Deployment: replicas, probes and the shutdown
+// ---------------------------------------------------------------------------------------------
+
+/// Replicas per target, the probes on the paths OATS serves (liveness never on readiness: a
+/// lost API server must not restart the pods), and the shutdown the grace period leaves room for.
+#[test]
+fn the_deployment_runs_its_replicas_with_probes_on_the_served_paths_and_a_grace_period() {
+    for (target, replicas) in TARGETS.into_iter().zip([2, 1, 3]) {
+        let docs = render(target);
+        let deploy = one(docs, "Deployment", "oats-backend-api");
+        assert_eq!(deploy["spec"]["replicas"], replicas, "{target}");
+        assert_eq!(deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0, "{target}: rolls without a gap");
+        let pod = &deploy["spec"]["template"]["spec"];
+        assert_eq!(pod["terminationGracePeriodSeconds"], 30, "{target}");
+        let api = &pod["containers"][0];
+        assert_eq!(api["name"], "api");
+        assert_eq!(api["lifecycle"]["preStop"], json!({"sleep": {"seconds": 5}}), "{target}");
+        let http = api["ports"].as_array().unwrap().iter().find(|p| p["name"] == "http").unwrap();
+        assert_eq!(http["containerPort"], 8000, "{target}");
+        assert_eq!(
+            api_config(docs)["OATS_LISTEN"],
+            "0.0.0.0:8000",
+            "{target}: the probes' port is the one OATS listens on"
+        );
+        let probe = |name: &str| {
+            let probe = &api[name];
+            assert_eq!(probe["httpGet"]["port"], "http", "{target}: {name}");
+            (
+                probe["httpGet"]["path"].as_str().unwrap(),
+                probe["periodSeconds"].as_i64().unwrap(),
+                probe["failureThreshold"].as_i64().unwrap(),
+            )
+        };
+        assert_eq!(probe("startupProbe"), ("/healthz", 2, 30), "{target}: up to 60 s to start");
+        assert_eq!(probe("livenessProbe"), ("/healthz", 10, 3), "{target}");
+        assert_eq!(probe("readinessProbe"), ("/readyz", 5, 3), "{target}");
     }
 }

@@ -184,13 +184,17 @@ async fn streams_per_tenant_are_bounded() {
     }
 }
 
+/// The drain as a rolling update sees it: SIGTERM, readiness 503 at once, the load balancer
+/// still sending for a while (every request served), the listener closing at the end of
+/// `shutdown_delay_seconds`, and a request in flight then finishing within the grace period.
 #[tokio::test]
 async fn sigterm_drains_without_failing_requests() {
+    const DELAY: Duration = Duration::from_secs(4);
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start_local(
         dir.path(),
         &[
-            ("OATS_SHUTDOWN_DELAY_SECONDS", "2"),
+            ("OATS_SHUTDOWN_DELAY_SECONDS", "4"),
             ("OATS_SHUTDOWN_GRACE_SECONDS", "10"),
             ("OATS_DEMO_TURN_DELAY_MS", "1000"),
         ],
@@ -201,17 +205,21 @@ async fn sigterm_drains_without_failing_requests() {
     let follow = server.http.get(server.url(&format!("/api/v1/jobs/{long}/logs?follow=true"))).send().await.unwrap();
     let watch = server.http.get(server.url(&format!("/api/v1/jobs/{long}/watch"))).send().await.unwrap();
 
-    // Load, as a load balancer would send it: until readiness says stop.
+    // Load, as a load balancer would send it: it goes on after readiness flips, until the
+    // endpoints controller would have caught up (half the delay).
     let draining = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
+    let flipped = Arc::new(AtomicBool::new(false));
+    let (done, after_flip) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut workers = Vec::new();
     for worker in 0..4 {
         let (http, base) = (reqwest::Client::new(), server.base.clone());
-        let (draining, done, failures) = (draining.clone(), done.clone(), failures.clone());
+        let (draining, flipped, done, after_flip, failures) =
+            (draining.clone(), flipped.clone(), done.clone(), after_flip.clone(), failures.clone());
         workers.push(tokio::spawn(async move {
             let mut i = 0;
             while !draining.load(Ordering::SeqCst) {
+                let late = flipped.load(Ordering::SeqCst);
                 let result = if i % 2 == 0 {
                     http.post(format!("{base}/api/v1/jobs"))
                         .json(&json!({"goal": format!("load {worker}-{i}"), "max_turns": 1}))
@@ -223,6 +231,9 @@ async fn sigterm_drains_without_failing_requests() {
                 match result {
                     Ok(r) if r.status().is_success() => {
                         done.fetch_add(1, Ordering::SeqCst);
+                        if late {
+                            after_flip.fetch_add(1, Ordering::SeqCst);
+                        }
                     }
                     Ok(r) => failures.lock().unwrap().push(format!("HTTP {}", r.status())),
                     Err(e) => failures.lock().unwrap().push(format!("{e:?}")),
@@ -231,7 +242,11 @@ async fn sigterm_drains_without_failing_requests() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while done.load(Ordering::SeqCst) < 10 {
+        assert!(Instant::now() < deadline, "the load never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let pid = server.pid();
     let sent = Instant::now();
     assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
@@ -244,12 +259,38 @@ async fn sigterm_drains_without_failing_requests() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(sent.elapsed() < Duration::from_secs(1), "readiness must flip at once");
+    flipped.store(true, Ordering::SeqCst);
+
+    // A submission whose body is still arriving when the listener closes.
+    let (body, body_stream) = futures::channel::mpsc::unbounded::<Result<&'static str, std::io::Error>>();
+    body.unbounded_send(Ok(r#"{"goal": "in flight at the close", "#)).unwrap();
+    let in_flight = tokio::spawn(
+        reqwest::Client::new()
+            .post(server.url("/api/v1/jobs"))
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(body_stream))
+            .send(),
+    );
+
+    tokio::time::sleep_until((sent + DELAY / 2).into()).await;
     draining.store(true, Ordering::SeqCst);
     for worker in workers {
         worker.await.unwrap();
     }
     assert!(failures.lock().unwrap().is_empty(), "requests failed during shutdown: {:?}", failures.lock().unwrap());
-    assert!(done.load(Ordering::SeqCst) > 10, "the load ran");
+    assert!(after_flip.load(Ordering::SeqCst) >= 5, "the load went on during the delay");
+
+    // The listener closes at the end of the delay; then the request's body is completed.
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let deadline = Instant::now() + DELAY + Duration::from_secs(5);
+    while std::net::TcpStream::connect(&address).is_ok() {
+        assert!(Instant::now() < deadline, "the listener never closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    body.unbounded_send(Ok(r#""max_turns": 1}"#)).unwrap();
+    drop(body);
+    let answer = in_flight.await.unwrap().expect("the request in flight got an answer");
+    assert_eq!(answer.status(), StatusCode::CREATED, "the request in flight was served");
 
     // Streams end cleanly: the log body completes, the watch says goodbye.
     let body = tokio::time::timeout(Duration::from_secs(5), follow.bytes()).await.expect("the log stream ended");

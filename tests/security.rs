@@ -419,6 +419,41 @@ async fn the_policy_file_denies_by_rule() {
     }
 }
 
+/// The policy file is polled: a running server judges by the new file, without a restart.
+#[tokio::test]
+async fn a_changed_policy_file_changes_decisions_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "defaults:\n  max_turns: 10\n").unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_POLICY_FILE", &policy.display().to_string())]).await;
+    let eleven = json!({"goal": "eleven turns", "max_turns": 11});
+    assert_problem(server.submit(eleven.clone()).await, 422, "policy/max-turns").await;
+
+    std::fs::write(&policy, "defaults:\n  max_turns: 100\n").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = server.submit(eleven.clone()).await;
+        if response.status() == StatusCode::CREATED {
+            break;
+        }
+        assert_problem(response, 422, "policy/max-turns").await;
+        assert!(std::time::Instant::now() < deadline, "the new policy was never applied");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And back: a tighter file denies what the looser one allowed.
+    std::fs::write(&policy, "defaults:\n  max_turns: 5\n").unwrap();
+    let six = json!({"goal": "six turns", "max_turns": 6});
+    loop {
+        let response = server.submit(six.clone()).await;
+        if response.status() != StatusCode::CREATED {
+            assert_problem(response, 422, "policy/max-turns").await;
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the tighter policy was never applied");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn hostile_input_never_breaks_the_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -480,14 +515,29 @@ async fn floods_are_rate_limited() {
     std::fs::write(&policy, "defaults:\n  submissions_per_minute: 30\n").unwrap();
     let policy = policy.display().to_string();
     let server = Server::start_local(dir.path(), &[("OATS_POLICY_FILE", &policy)]).await;
-    let flood = (0..100).map(|i| server.submit(json!({"goal": format!("flood {i}"), "max_turns": 1})));
-    let statuses: Vec<u16> = futures::future::join_all(flood).await.iter().map(|r| r.status().as_u16()).collect();
+    let flood = (0..100).map(|i| {
+        let (http, url) = (server.http.clone(), server.url("/api/v1/jobs"));
+        async move { http.post(url).json(&json!({"goal": format!("flood {i}"), "max_turns": 1})).send().await.unwrap() }
+    });
+    let flood = tokio::spawn(futures::future::join_all(flood));
+    // The readiness probe, on a connection of its own as the kubelet's, answers throughout the
+    // flood well within the shipped probe timeout (timeoutSeconds: 2).
+    let probe = reqwest::Client::new();
+    let mut slowest = Duration::ZERO;
+    let mut probes = 0;
+    while !flood.is_finished() || probes == 0 {
+        let started = std::time::Instant::now();
+        let status = probe.get(server.url("/readyz")).send().await.unwrap().status();
+        slowest = slowest.max(started.elapsed());
+        probes += 1;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert!(slowest < Duration::from_secs(1), "a readiness probe took {slowest:?} during the flood");
+    let statuses: Vec<u16> = flood.await.unwrap().iter().map(|r| r.status().as_u16()).collect();
     let created = statuses.iter().filter(|s| **s == 201).count();
     let limited = statuses.iter().filter(|s| **s == 429).count();
     assert_eq!(created + limited, 100, "{statuses:?}");
     assert!((30..=32).contains(&created), "the bucket holds 30 (plus refill during the flood): {created}");
-    let (status, _) = server.get_json("/readyz").await;
-    assert_eq!(status, StatusCode::OK);
 }
 
 /// Resident memory of a process, in KiB.

@@ -147,7 +147,11 @@ mod tests {
 
     #[test]
     fn pages_walk_every_job_once_newest_first_despite_inserts() {
-        let mut all: Vec<Arc<JobRecord>> = (0..25).map(|i| record(i / 2, JobPhase::Pending, "a")).collect();
+        // 25 jobs created at distinct seconds, listed in a shuffled order (7 is prime to 25).
+        let seconds: Vec<i64> = (0..25).map(|i| (i * 7) % 25).collect();
+        let mut all: Vec<Arc<JobRecord>> = seconds.iter().map(|&s| record(s, JobPhase::Pending, "a")).collect();
+        let id_at = |second: i64| all[seconds.iter().position(|&s| s == second).unwrap()].id.clone();
+        let expected: Vec<JobId> = (0..25).rev().map(id_at).collect();
         let mut seen = Vec::new();
         let mut token = None;
         loop {
@@ -161,10 +165,7 @@ mod tests {
                 None => break,
             }
         }
-        let mut expected: Vec<Arc<JobRecord>> =
-            all.iter().filter(|r| r.created_at.timestamp() < 1_700_001_000).cloned().collect();
-        expected.sort_by(|a, b| sort_key(b).cmp(&sort_key(a)));
-        assert_eq!(seen, expected.iter().map(|r| r.id.clone()).collect::<Vec<_>>());
+        assert_eq!(seen, expected, "newest first: seconds 24, 23, ..., 0");
     }
 
     #[test]

@@ -14,21 +14,6 @@ pub struct Violation {
     pub detail: String,
 }
 
-const BASELINE_CAPABILITIES: &[&str] = &[
-    "AUDIT_WRITE",
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "MKNOD",
-    "NET_BIND_SERVICE",
-    "SETFCAP",
-    "SETGID",
-    "SETPCAP",
-    "SETUID",
-    "SYS_CHROOT",
-];
 const SAFE_SYSCTLS: &[&str] = &[
     "kernel.shm_rmid_forced",
     "net.ipv4.ip_local_port_range",
@@ -69,14 +54,11 @@ pub fn check_restricted(template: &PodTemplateSpec) -> Vec<Violation> {
         if sc.privileged == Some(true) {
             fail("privileged", format!("container {name} is privileged"));
         }
+        // capabilities_restricted replaces capabilities_baseline at this level (upstream's
+        // override): the API server names only the restricted control.
         if let Some(add) = sc.capabilities.as_ref().and_then(|c| c.add.as_ref()) {
-            for cap in add {
-                if !BASELINE_CAPABILITIES.contains(&cap.as_str()) {
-                    fail("capabilities_baseline", format!("container {name} adds {cap}"));
-                }
-                if cap != "NET_BIND_SERVICE" {
-                    fail("capabilities_restricted", format!("container {name} adds {cap}"));
-                }
+            for cap in add.iter().filter(|cap| *cap != "NET_BIND_SERVICE") {
+                fail("capabilities_restricted", format!("container {name} adds {cap}"));
             }
         }
         if sc.proc_mount.as_deref().is_some_and(|p| p != "Default") {
@@ -164,9 +146,11 @@ pub fn check_restricted(template: &PodTemplateSpec) -> Vec<Violation> {
             fail("appArmorProfile", format!("annotation {key}={value}"));
         }
     }
+    // restrictedVolumes replaces hostPathVolumes at this level, as upstream overrides it.
     for volume in spec.volumes.iter().flatten() {
         if volume.host_path.is_some() {
-            fail("hostPathVolumes", format!("volume {} is a hostPath", volume.name));
+            fail("restrictedVolumes", format!("volume {} is a hostPath", volume.name));
+            continue;
         }
         let allowed = volume.config_map.is_some()
             || volume.downward_api.is_some()
@@ -293,12 +277,12 @@ mod tests {
                 ..Default::default()
             })
         });
-        assert_eq!(with_host_path, vec!["hostPathVolumes", "restrictedVolumes"]);
+        assert_eq!(with_host_path, vec!["restrictedVolumes"]);
         let adds_sys_admin = controls_after(|t| {
             container(t).capabilities =
                 Some(Capabilities { add: Some(vec!["SYS_ADMIN".into()]), drop: Some(vec!["ALL".into()]) })
         });
-        assert_eq!(adds_sys_admin, vec!["capabilities_baseline", "capabilities_restricted"]);
+        assert_eq!(adds_sys_admin, vec!["capabilities_restricted"]);
         let pod_level_root = controls_after(|t| {
             t.spec.as_mut().unwrap().security_context =
                 Some(PodSecurityContext { run_as_user: Some(0), ..Default::default() })
