@@ -3,8 +3,8 @@
 //! Every key is declared once in the table below, with its type, default and documentation; the
 //! README table is printed from it (`oats config`) and a test keeps the two in step.
 
-use crate::jobs::JobLimits;
-use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, path::PathBuf, str::FromStr};
+use crate::{http_server::HttpLimits, jobs::JobLimits};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, path::PathBuf, str::FromStr, time::Duration};
 
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -450,7 +450,7 @@ impl Config {
                 return invalid(key, "must be at least 1".into());
             }
         }
-        if self.http_max_header_bytes < crate::http_server::HttpLimits::MIN_HEADER_BYTES {
+        if self.http_max_header_bytes < HttpLimits::MIN_HEADER_BYTES {
             return invalid("http_max_header_bytes", "must be at least 8192".into());
         }
         if self.max_body_bytes < 1024 {
@@ -514,6 +514,17 @@ impl Config {
             default_timeout_seconds: self.default_timeout_seconds,
             max_timeout_seconds: self.max_timeout_seconds,
             max_model_len: JobLimits::MODEL_LEN_CEILING,
+        }
+    }
+
+    /// The limits of every HTTP listener this configuration sets.
+    pub fn http_limits(&self) -> HttpLimits {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(self.http_header_read_timeout_seconds.into()),
+            idle_timeout: Duration::from_secs(self.http_idle_timeout_seconds.into()),
+            max_header_bytes: self.http_max_header_bytes,
+            max_concurrent_streams: self.http2_max_concurrent_streams,
+            max_connections: self.http_max_connections,
         }
     }
 
@@ -613,7 +624,7 @@ mod tests {
         ] {
             assert!(Config::load(None, env(&[(key, value)])).is_err(), "{key}={value} accepted");
         }
-        let limits = crate::http_server::HttpLimits::from_config(&Config::default());
+        let limits = Config::default().http_limits();
         assert_eq!(limits.max_header_bytes, 32_768);
         assert!(limits.header_read_timeout < limits.idle_timeout);
     }

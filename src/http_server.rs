@@ -56,17 +56,6 @@ pub struct HttpLimits {
 impl HttpLimits {
     /// Smallest head limit hyper accepts.
     pub const MIN_HEADER_BYTES: usize = 8192;
-
-    /// The limits a configuration sets.
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        Self {
-            header_read_timeout: Duration::from_secs(config.http_header_read_timeout_seconds.into()),
-            idle_timeout: Duration::from_secs(config.http_idle_timeout_seconds.into()),
-            max_header_bytes: config.http_max_header_bytes,
-            max_concurrent_streams: config.http2_max_concurrent_streams,
-            max_connections: config.http_max_connections,
-        }
-    }
 }
 
 /// Bind a listener, saying which address failed.

@@ -6,18 +6,16 @@ use oats::{
     api::{self, ApiState, RequestLimits, types::CreateJobRequest},
     auth::{Authenticator, OidcSettings, OidcVerifier, TokenStore},
     backend::{
-        JobBackend,
         kubernetes::{KubernetesBackend, render},
         local::{AgentGateway, LocalBackend, LocalSettings},
     },
     config::{BackendKind, Config},
-    http_server::{self, HttpLimits},
-    jobs::{AgentCredentials, JobId, JobRequest, JobService, NewJob},
+    http_server,
+    jobs::{AgentCredentials, JobBackend, JobId, JobRequest, JobService, NewJob, policy::Policy},
     llm::{
         Gateway, LlmMetrics, Providers,
         identity::{Identities, ServiceAccountRules, ServiceAccountVerifier},
     },
-    policy::Policy,
     store::Store,
     telemetry::{kube_client::KubeMetricsLayer, metrics::Metrics},
 };
@@ -169,7 +167,7 @@ async fn serve(config: Config, addresses_file: Option<PathBuf>) -> Result<()> {
     let llm_metrics = LlmMetrics::default();
     llm_metrics.register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
-    let http_limits = HttpLimits::from_config(&config);
+    let http_limits = config.http_limits();
     let providers = load_providers(&config)?;
     let credentials = Arc::new(AgentCredentials::random());
     // Bound before the backend starts: agents are given the gateway's address as bound (port 0
@@ -184,9 +182,9 @@ async fn serve(config: Config, addresses_file: Option<PathBuf>) -> Result<()> {
     let (backend, kube) = select_backend(&config, &metrics, agent_gateway).await?;
     tracing::info!(backend = backend.name(), listen = %config.api_listen(), "starting OATS");
     let counted = backend.clone();
-    metrics.count_jobs_with(Box::new(move || counted.counts()));
+    metrics.jobs.count_jobs_with(Box::new(move || counted.counts()));
     let policy = load_policy(&config)?;
-    let mut jobs = JobService::new(backend, config.job_limits(), policy.clone(), metrics.clone());
+    let mut jobs = JobService::new(backend, config.job_limits(), policy.clone(), metrics.jobs.clone());
     let store = open_store(&config, providers.is_some()).await?;
     if let Some(store) = &store {
         jobs = jobs.with_usage(Arc::new(store.clone()));
@@ -211,7 +209,12 @@ async fn serve(config: Config, addresses_file: Option<PathBuf>) -> Result<()> {
         tokio::spawn(http_server::serve(listener, oats::llm::app(gateway), http_limits, pending(), None));
     }
     let shutdown = CancellationToken::new();
-    let state = Arc::new(ApiState { jobs, auth: authenticator(&config)?, shutdown: shutdown.clone() });
+    let state = Arc::new(ApiState {
+        jobs,
+        auth: authenticator(&config)?,
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    });
     let limits = RequestLimits {
         max_body_bytes: config.max_body_bytes,
         read_timeout: Duration::from_secs(config.request_read_timeout_seconds.into()),

@@ -162,14 +162,14 @@ fn write_fixtures(dir: &Path, components: &[&str]) {
     docs.push(job);
     // An agent whose profile grants public HTTPS, as OATS renders it.
     let mut web = agent_job();
-    web.resources = Some(oats::policy::ResourceProfile {
+    web.resources = Some(oats::jobs::policy::ResourceProfile {
         cpu_request: "250m".into(),
         cpu_limit: "1".into(),
         memory_request: "256Mi".into(),
         memory_limit: "512Mi".into(),
         image: None,
         command: None,
-        egress: Some(oats::policy::Egress::PublicHttps),
+        egress: Some(oats::jobs::policy::Egress::PublicHttps),
     });
     let web = serde_json::to_value(render_job(&web, &AgentTemplate::from_config(&agent_config(), NS))).unwrap();
     let template = &web["spec"]["template"];

@@ -9,10 +9,7 @@ use super::{
         UsageReport, WatchEventKind,
     },
 };
-use crate::{
-    auth::{Caller, Role},
-    jobs::{ListQuery, LogOptions, StreamKind, WatchEvent},
-};
+use crate::jobs::{Caller, ListQuery, LogOptions, Role, StreamKind, WatchEvent};
 use futures::stream::BoxStream;
 use poem::web::sse::Event;
 use poem_openapi::payload::EventStream;

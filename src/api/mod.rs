@@ -7,6 +7,7 @@ mod json;
 mod observe;
 pub mod problem;
 pub mod redact;
+mod timestamp;
 pub mod types;
 
 use crate::{
@@ -27,6 +28,8 @@ use std::{sync::Arc, time::Duration};
 pub struct ApiState {
     pub jobs: Arc<JobService>,
     pub auth: Authenticator,
+    /// The process's metrics: the HTTP server's are recorded here, all are served at `/metrics`.
+    pub metrics: Arc<Metrics>,
     /// Cancelled when the server starts shutting down: readiness turns 503 and streams end.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -140,7 +143,7 @@ pub fn build_app(state: Arc<ApiState>, limits: RequestLimits) -> impl Endpoint<O
     let spec = poem::endpoint::make_sync(move |_| {
         Response::builder().content_type("application/json; charset=utf-8").body(document.clone())
     });
-    let metrics = state.jobs.metrics().clone();
+    let metrics = state.metrics.clone();
     let pipeline = Arc::new(Pipeline { state, limits, routes });
     Route::new()
         .nest("/", api)
@@ -181,7 +184,7 @@ impl Pipeline {
         // for requests that carry one; the handler authenticates again as usual).
         let caller_trace = request.headers().contains_key("traceparent")
             && Box::pin(self.state.auth.authenticate(bearer_token(&request))).await.is_ok();
-        Ok(observe::observe(request, self.state.jobs.metrics(), &self.routes, caller_trace, handle).await)
+        Ok(observe::observe(request, &self.state.metrics, &self.routes, caller_trace, handle).await)
     }
 }
 

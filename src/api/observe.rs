@@ -3,8 +3,13 @@
 //! gauge. Routes are templates (`/api/v1/jobs/{id}`), never raw paths: the raw path is not
 //! recorded at all, since it may carry ids.
 
-use crate::telemetry;
-use crate::telemetry::metrics::{HttpLabels, MethodLabel, Metrics, SubmissionOutcome, TraceLabel};
+use crate::{
+    jobs::metrics::SubmissionOutcome,
+    telemetry::{
+        self,
+        metrics::{HttpLabels, MethodLabel, Metrics, TraceLabel},
+    },
+};
 use opentelemetry::{global, trace::TraceContextExt};
 use opentelemetry_http::HeaderExtractor;
 use poem::{Request, Response, http::Method};
@@ -139,7 +144,7 @@ where
     // Submissions refused before reaching the job service (unparsable body or header) are
     // invalid submissions too.
     if method == "POST" && route == "/api/v1/jobs" && matches!(status, 400 | 413 | 415) {
-        metrics.submission(SubmissionOutcome::Invalid);
+        metrics.jobs.submission(SubmissionOutcome::Invalid);
     }
     let labels = HttpLabels { http_request_method: method, http_route: route, http_response_status_code: status };
     let exemplar = trace_id.map(|trace_id| TraceLabel { trace_id });

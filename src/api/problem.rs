@@ -2,7 +2,10 @@
 //! `application/problem+json` with a stable `type`.
 
 use super::types::{FieldProblem, Problem};
-use crate::{auth::AuthError, jobs::JobError, policy::Rule};
+use crate::{
+    auth::AuthError,
+    jobs::{JobError, policy::Rule},
+};
 use poem::{
     IntoResponse, Response,
     error::{MethodNotAllowedError, NotFoundError},

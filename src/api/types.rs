@@ -1,6 +1,6 @@
 //! The JSON shapes of the API. Their doc comments and bounds become the OpenAPI schema.
 
-use super::json;
+use super::timestamp;
 use crate::jobs::{self, Budget, JobPhase, JobReason, JobRecord, JobRequest, JobUsage, NanoUsd};
 use chrono::{DateTime, Utc};
 use poem_openapi::{
@@ -430,13 +430,13 @@ pub struct Job {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// When the job was accepted.
-    #[serde(serialize_with = "json::rfc3339")]
+    #[serde(serialize_with = "timestamp::rfc3339")]
     pub created_at: DateTime<Utc>,
     /// When the agent first started running.
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "json::rfc3339_opt")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "timestamp::rfc3339_opt")]
     pub started_at: Option<DateTime<Utc>>,
     /// When the job reached a final status.
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "json::rfc3339_opt")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "timestamp::rfc3339_opt")]
     pub finished_at: Option<DateTime<Utc>>,
     /// How many times the agent was started.
     pub attempts: u32,
@@ -662,8 +662,8 @@ pub struct RuleVerdict {
     pub detail: String,
 }
 
-impl From<crate::policy::Verdict> for RuleVerdict {
-    fn from(v: crate::policy::Verdict) -> Self {
+impl From<crate::jobs::policy::Verdict> for RuleVerdict {
+    fn from(v: crate::jobs::policy::Verdict) -> Self {
         Self { rule: v.rule.name().into(), allowed: v.allowed, detail: v.detail }
     }
 }

@@ -10,7 +10,8 @@ mod tokens;
 pub use oidc::{OidcSettings, OidcVerifier};
 pub use tokens::{TokenFile, TokenStore, hash_token};
 
-use std::{fmt, sync::Arc};
+use crate::jobs::{Caller, Role};
+use std::sync::Arc;
 
 /// Whether `tenant` can name a tenant: it becomes the value of a Kubernetes label
 /// (`oats.dev/tenant`), so it must be one, and not empty.
@@ -19,56 +20,6 @@ pub fn check_tenant(tenant: &str) -> Result<(), String> {
         return Err("a tenant must not be empty".into());
     }
     crate::jobs::check_label_value(tenant).map_err(|why| format!("a tenant becomes a Kubernetes label, so its {why}"))
-}
-
-/// What a caller may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Read the tenant's jobs.
-    Viewer,
-    /// Create, read and cancel the tenant's jobs.
-    Submitter,
-    /// Everything, in every tenant.
-    Admin,
-}
-
-impl Role {
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "viewer" => Some(Self::Viewer),
-            "submitter" => Some(Self::Submitter),
-            "admin" => Some(Self::Admin),
-            _ => None,
-        }
-    }
-}
-
-/// An authenticated caller.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Caller {
-    pub tenant: String,
-    pub role: Role,
-    /// A name for logs (the token's name or the JWT subject), never the credential.
-    pub name: String,
-}
-
-impl fmt::Debug for Caller {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{} ({:?})", self.name, self.tenant, self.role)
-    }
-}
-
-impl Caller {
-    /// Whether this caller may see jobs of `tenant`.
-    pub fn sees(&self, tenant: &str) -> bool {
-        self.role == Role::Admin || self.tenant == tenant
-    }
-
-    /// Whether this caller may create and cancel jobs.
-    pub fn may_write(&self) -> bool {
-        matches!(self.role, Role::Submitter | Role::Admin)
-    }
 }
 
 /// Why a caller could not be authenticated. Details go to logs, never to the response.

@@ -9,7 +9,8 @@
 //! outage of the identity provider costs a request nothing beyond the cached keys (a token the
 //! cached keys cannot verify is refused at once).
 
-use super::{AuthError, Caller, Role};
+use super::AuthError;
+use crate::jobs::{Caller, Role};
 use futures::{
     FutureExt,
     future::{BoxFuture, Shared},

@@ -2,7 +2,7 @@
 //! reloaded when the file changes. A file that fails to load is reported and the last good set of
 //! tokens stays in force.
 
-use super::{Caller, Role};
+use crate::jobs::{Caller, Role};
 use sha2::{Digest, Sha256};
 use std::{
     path::{Path, PathBuf},

@@ -30,7 +30,7 @@ pub enum JobError {
     Forbidden(String),
     /// A policy rule denies the submission.
     #[error("denied by policy rule {}: {detail}", rule.name())]
-    PolicyDenied { rule: crate::policy::Rule, detail: String, retry_after: Option<Duration> },
+    PolicyDenied { rule: crate::jobs::policy::Rule, detail: String, retry_after: Option<Duration> },
     /// The job finished before it could be cancelled.
     #[error("job {id} already finished as {phase}")]
     AlreadyFinished { id: String, phase: &'static str },

@@ -2,16 +2,22 @@
 //!
 //! Nothing here knows about HTTP or Kubernetes; both backends speak in these types.
 
+mod backend;
 mod budget;
+mod caller;
 mod credential;
 mod error;
 mod id;
+pub mod metrics;
 mod page;
+pub mod policy;
 mod selector;
 mod service;
 mod spec;
 
+pub use backend::{BackendError, JobBackend, JobCounts, Preview};
 pub use budget::{Budget, DailySpend, JobUsage, NanoUsd, Prices, Refusal, TokenCounts};
+pub use caller::{Caller, Role};
 pub use credential::AgentCredentials;
 pub use error::{FieldError, JobError};
 pub use id::{IdempotencyKey, JobId};
@@ -149,6 +155,23 @@ pub struct TraceContext {
 }
 
 impl TraceContext {
+    /// The W3C trace context of the current span, when tracing is on (captured when a job is
+    /// created, so its lifecycle joins the trace of the request that created it).
+    pub fn current() -> Option<Self> {
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let cx = tracing::Span::current().context();
+        if !cx.span().span_context().is_valid() {
+            return None;
+        }
+        let mut carrier = std::collections::HashMap::new();
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.inject_context(&cx, &mut carrier));
+        Some(Self {
+            traceparent: carrier.remove("traceparent")?,
+            tracestate: carrier.remove("tracestate").filter(|s| !s.is_empty()),
+        })
+    }
+
     /// The trace id (32 hex digits) of a well-formed `traceparent`.
     pub fn trace_id(&self) -> Option<&str> {
         let mut parts = self.traceparent.split('-');
@@ -225,7 +248,7 @@ pub struct NewJob {
     pub request_hash: String,
     pub trace: Option<TraceContext>,
     /// Resources of the job's profile; `None` for the server's configured defaults.
-    pub resources: Option<crate::policy::ResourceProfile>,
+    pub resources: Option<policy::ResourceProfile>,
 }
 
 impl NewJob {

@@ -1,17 +1,12 @@
 //! The job service: the one entry point the HTTP layer calls.
 
 use super::{
-    CreateOutcome, FieldError, IdempotencyKey, JobError, JobEvent, JobId, JobLimits, JobPage, JobPhase, JobRecord,
-    JobRequest, JobUsage, ListQuery, LogOptions, LogStream, NewJob, UsageSource, page,
-};
-use crate::{
-    auth::{Caller, Role},
-    backend::{BackendError, JobBackend},
-    policy::{Policy, Rule, Submission, Verdict},
-    telemetry::{
-        self,
-        metrics::{Metrics, RuleLabel, SubmissionOutcome},
-    },
+    BackendError, Caller, CreateOutcome, FieldError, IdempotencyKey, JobBackend, JobError, JobEvent, JobId, JobLimits,
+    JobPage, JobPhase, JobRecord, JobRequest, JobUsage, ListQuery, LogOptions, LogStream, NewJob, Role, TraceContext,
+    UsageSource,
+    metrics::{JobMetrics, RuleLabel, SubmissionOutcome},
+    page,
+    policy::{Evaluation, Policy, Rule, Submission, TenantRules, Verdict},
 };
 use chrono::Utc;
 use futures::stream::BoxStream;
@@ -129,7 +124,7 @@ pub struct JobService {
     backend: Arc<dyn JobBackend>,
     limits: JobLimits,
     policy: Arc<Policy>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<JobMetrics>,
     streams: Arc<Mutex<HashMap<String, u32>>>,
     /// Per tenant, the submissions admitted and not yet created (see [`Reservation`]). Admission
     /// (count, judge, reserve) happens under this lock, so a burst on one replica cannot pass
@@ -139,7 +134,7 @@ pub struct JobService {
 }
 
 impl JobService {
-    pub fn new(backend: Arc<dyn JobBackend>, limits: JobLimits, policy: Arc<Policy>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(backend: Arc<dyn JobBackend>, limits: JobLimits, policy: Arc<Policy>, metrics: Arc<JobMetrics>) -> Self {
         Self { backend, limits, policy, metrics, streams: Arc::default(), creating: Arc::default(), usage: None }
     }
 
@@ -271,10 +266,6 @@ impl JobService {
         Ok(Box::pin(events))
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
     }
@@ -376,7 +367,7 @@ impl JobService {
             request_hash: spec.fingerprint(),
             spec,
             created_at: Utc::now(),
-            trace: telemetry::trace::current(),
+            trace: TraceContext::current(),
             resources: None,
         };
         Ok((key, job))
@@ -389,7 +380,7 @@ impl JobService {
     }
 
     /// Judge `job` by the policy; `creating` more of the tenant's jobs are being created now.
-    fn evaluate(&self, job: &NewJob, consume: bool, creating: usize) -> crate::policy::Evaluation {
+    fn evaluate(&self, job: &NewJob, consume: bool, creating: usize) -> Evaluation {
         let active_jobs = self.backend.active_jobs(&job.tenant) + creating;
         // A submission being created will hold a Job too.
         let kept_jobs = self.backend.kept_jobs(&job.tenant) + creating;
@@ -467,7 +458,7 @@ impl JobService {
     }
 
     /// The policy's rules for `tenant` now.
-    pub fn rules_for(&self, tenant: &str) -> crate::policy::TenantRules {
+    pub fn rules_for(&self, tenant: &str) -> TenantRules {
         self.policy.rules_for(tenant)
     }
 
@@ -562,11 +553,7 @@ impl From<BackendError> for JobError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        backend::Preview,
-        jobs::{CreateOutcome, LogStream},
-        telemetry::metrics::JobCounts,
-    };
+    use crate::jobs::{CreateOutcome, JobCounts, LogStream, Preview};
     use async_trait::async_trait;
 
     /// A backend whose create takes a while (an API server round trip) and that counts a job

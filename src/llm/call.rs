@@ -2,13 +2,12 @@
 
 use super::{
     ApiError, Gateway,
-    metrics::{
-        CostLabels, DurationLabels, LEDGER_UNAVAILABLE, MODEL_NOT_ALLOWED, ModelLabels, Outcome, ProviderLabel,
-        TokenLabels,
-    },
+    metrics::{LEDGER_UNAVAILABLE, MODEL_NOT_ALLOWED, Outcome, ProviderLabel},
     openai,
     providers::Model,
-    relay, sizing,
+    relay,
+    settle::{Call, Used},
+    sizing,
 };
 use crate::{
     jobs::{JobRecord, NanoUsd, Refusal, TokenCounts},
@@ -22,7 +21,6 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
-use tokio::sync::OwnedSemaphorePermit;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// How often a refused reservation is re-sized against the budget that concurrent calls left.
@@ -31,21 +29,6 @@ const RESERVE_ATTEMPTS: usize = 3;
 const SLOT_WAIT: Duration = Duration::from_secs(30);
 /// Largest non-streamed answer read from a provider.
 const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
-
-/// A call in flight: what it reserved and what settling it must report.
-pub(super) struct Call {
-    gateway: Arc<Gateway>,
-    job: Arc<JobRecord>,
-    model: Arc<Model>,
-    ticket: CallTicket,
-    input_bound: u64,
-    max_output_tokens: u64,
-    started: Instant,
-    pub(super) span: tracing::Span,
-    /// The tenant's policy lets prompts and completions be recorded in spans.
-    record_content: bool,
-    _slot: OwnedSemaphorePermit,
-}
 
 /// Most bytes of content recorded in one span attribute, when a tenant opts in.
 const MAX_CONTENT_BYTES: usize = 16 * 1024;
@@ -60,17 +43,6 @@ fn bounded(mut text: String) -> String {
         text.truncate(end);
     }
     text
-}
-
-/// What a finished call used, as far as the gateway knows.
-pub(super) enum Used {
-    /// The provider reported its usage.
-    Reported(TokenCounts),
-    /// The provider answered but reported nothing (or the stream broke): the reservation is
-    /// charged, the most the call could have cost.
-    Unknown,
-    /// No answer came: nothing is charged.
-    Nothing,
 }
 
 pub(super) async fn chat(
@@ -466,112 +438,4 @@ async fn answer(call: Call, upstream: reqwest::Response) -> Result<Response, Api
     }
     call.finish(used, None, &openai::finish_reasons(&answer)).await;
     Ok(Response::builder().status(StatusCode::OK).content_type("application/json").body(bytes))
-}
-
-impl Call {
-    /// Settle the reservation to what was used, and report the call in metrics and its span.
-    pub(super) async fn finish(self, used: Used, error_type: Option<&'static str>, finish_reasons: &[String]) {
-        let prices = self.model.prices;
-        let (tokens, cost) = match used {
-            Used::Reported(tokens) => (tokens, prices.cost(&tokens)),
-            Used::Unknown => (
-                TokenCounts { input: self.input_bound, output: self.max_output_tokens, ..TokenCounts::default() },
-                self.ticket.reserved_cost,
-            ),
-            Used::Nothing => (TokenCounts::default(), NanoUsd(0)),
-        };
-        let metrics = &self.gateway.metrics;
-        let provider = self.model.provider.name.clone();
-        metrics.in_flight.get_or_create(&ProviderLabel { provider: provider.clone() }).dec();
-        match self.gateway.store.settle(&self.ticket, tokens, cost).await {
-            // The tenant's spend of the day, as the settlement left it, for the near-the-limit alert.
-            Ok(Some(spent)) if self.ticket.day == crate::store::today() => {
-                let tenant = super::metrics::TenantLabel { tenant: self.job.tenant.clone() };
-                self.gateway.metrics.tenant_spend_today.get_or_create(&tenant).set(spent.as_usd());
-                if let Some(limit) = self.gateway.jobs.rules_for(&self.job.tenant).daily_spend_limit {
-                    self.gateway.metrics.tenant_daily_limit.get_or_create(&tenant).set(limit.as_usd());
-                }
-            }
-            Ok(_) => {}
-            // The reservation stays charged (the most the call could cost) until the sweeper
-            // settles it; never less than what was used.
-            Err(error) => {
-                tracing::error!(%error, job_id = %self.job.id, "cannot settle a model call; its reservation stays charged")
-            }
-        }
-        let model = self.model.name.clone();
-        metrics
-            .operation_duration
-            .get_or_create(&DurationLabels {
-                gen_ai_operation_name: "chat",
-                gen_ai_provider_name: provider.clone(),
-                gen_ai_request_model: model.clone(),
-                error_type: error_type.unwrap_or(""),
-            })
-            .observe(self.started.elapsed().as_secs_f64());
-        if tokens.total() > 0 {
-            for (token_type, count) in [("input", tokens.input), ("output", tokens.output)] {
-                metrics
-                    .token_usage
-                    .get_or_create(&TokenLabels {
-                        gen_ai_operation_name: "chat",
-                        gen_ai_provider_name: provider.clone(),
-                        gen_ai_request_model: model.clone(),
-                        gen_ai_token_type: token_type,
-                    })
-                    .observe(count as f64);
-            }
-        }
-        metrics
-            .cost
-            .get_or_create(&CostLabels { provider: provider.clone(), model: model.clone() })
-            .inc_by(cost.as_usd());
-        let outcome = if error_type.is_some() { Outcome::UpstreamError } else { Outcome::Ok };
-        metrics.request(&provider, &model, outcome);
-        let span = &self.span;
-        span.record("gen_ai.usage.input_tokens", tokens.input);
-        span.record("gen_ai.usage.output_tokens", tokens.output);
-        span.record("gen_ai.usage.cache_read.input_tokens", tokens.cached_input);
-        span.record("gen_ai.usage.reasoning.output_tokens", tokens.reasoning);
-        span.record("oats.llm.cost_usd", cost.as_usd());
-        if !finish_reasons.is_empty() {
-            span.record("gen_ai.response.finish_reasons", format!("{finish_reasons:?}"));
-        }
-        if let Some(error_type) = error_type {
-            span.record("error.type", error_type);
-            span.record("otel.status_code", "ERROR");
-        }
-        tracing::info!(
-            parent: span,
-            job_id = %self.job.id,
-            model = %model,
-            input_tokens = tokens.input,
-            output_tokens = tokens.output,
-            cost_usd = cost.as_usd(),
-            error_type = error_type.unwrap_or(""),
-            "model call"
-        );
-    }
-
-    /// Time to the first chunk of a stream.
-    pub(super) fn first_chunk(&self) {
-        self.gateway
-            .metrics
-            .time_to_first_chunk
-            .get_or_create(&ModelLabels {
-                gen_ai_operation_name: "chat",
-                gen_ai_provider_name: self.model.provider.name.clone(),
-                gen_ai_request_model: self.model.name.clone(),
-            })
-            .observe(self.started.elapsed().as_secs_f64());
-    }
-}
-
-/// Build a streamed response from relayed bytes.
-pub(super) fn stream_response(body: impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static) -> Response {
-    Response::builder()
-        .status(StatusCode::OK)
-        .content_type("text/event-stream")
-        .header("cache-control", "no-cache")
-        .body(Body::from_bytes_stream(body))
 }

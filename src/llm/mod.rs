@@ -12,6 +12,7 @@ pub mod metrics;
 mod openai;
 pub mod providers;
 mod relay;
+mod settle;
 mod sizing;
 
 pub use metrics::LlmMetrics;
@@ -19,8 +20,7 @@ pub use openai::ApiError;
 pub use providers::{Catalog, Providers, ProvidersError};
 
 use crate::{
-    jobs::{JobRecord, JobService},
-    policy::Policy,
+    jobs::{JobRecord, JobService, policy::Policy},
     store::Store,
 };
 use identity::{Identities, IdentityError};

@@ -6,8 +6,8 @@
 //! breaks upstream ends with an error event, as OpenAI's own do.
 
 use super::{
-    call::{Call, Used, stream_response},
     openai,
+    settle::{Call, Used, stream_response},
 };
 use crate::jobs::TokenCounts;
 use bytes::{Bytes, BytesMut};

@@ -9,20 +9,6 @@ use opentelemetry::{
 use std::collections::HashMap;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// The W3C trace context of the current span, when tracing is on.
-pub fn current() -> Option<TraceContext> {
-    let cx = tracing::Span::current().context();
-    if !cx.span().span_context().is_valid() {
-        return None;
-    }
-    let mut carrier = HashMap::new();
-    global::get_text_map_propagator(|propagator| propagator.inject_context(&cx, &mut carrier));
-    Some(TraceContext {
-        traceparent: carrier.remove("traceparent")?,
-        tracestate: carrier.remove("tracestate").filter(|s| !s.is_empty()),
-    })
-}
-
 /// The OpenTelemetry context a W3C trace context names (to parent spans on it).
 pub fn context_of(trace: &TraceContext) -> Context {
     extract(trace)

@@ -3,11 +3,8 @@
 
 use super::{KubernetesBackend, render};
 use crate::{
-    auth::{Caller, Role},
-    backend::JobBackend,
     config::Config,
-    jobs::{JobError, JobLimits, JobPhase, JobRequest, JobService},
-    policy::Policy,
+    jobs::{Caller, JobBackend, JobError, JobLimits, JobPhase, JobRequest, JobService, Role, policy::Policy},
 };
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::batch::v1::Job;
@@ -298,7 +295,7 @@ async fn not_ready_until_both_caches_sync() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!backend.is_ready(), "ready before any list answered");
     let listed = backend.list().await;
-    assert!(matches!(listed, Err(crate::backend::BackendError::Unavailable { .. })));
+    assert!(matches!(listed, Err(crate::jobs::BackendError::Unavailable { .. })));
 }
 
 impl FakeApiServer {
@@ -326,7 +323,7 @@ async fn a_job_counts_from_its_create_not_from_when_the_watch_delivers_it() {
     for i in 0..5 {
         match service.submit(&caller("t"), request(&format!("job {i}")), None).await {
             Ok(submitted) => accepted.push(submitted.job.id),
-            Err(JobError::PolicyDenied { rule, .. }) => assert_eq!(rule, crate::policy::Rule::MaxConcurrentJobs),
+            Err(JobError::PolicyDenied { rule, .. }) => assert_eq!(rule, crate::jobs::policy::Rule::MaxConcurrentJobs),
             Err(other) => panic!("{other:?}"),
         }
     }

@@ -7,20 +7,23 @@ pub mod cache;
 pub mod pss;
 pub mod render;
 pub mod status;
+pub mod wire;
 
 #[cfg(test)]
 mod mock_tests;
 
-use super::{BackendError, JobBackend, Preview};
 use crate::{
-    jobs::{CreateOutcome, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob},
+    jobs::{
+        BackendError, CreateOutcome, JobBackend, JobCounts, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob,
+        Preview,
+    },
     telemetry::{
         self,
-        metrics::{JobCounts, Metrics, ResourceLabel},
+        metrics::{Metrics, ResourceLabel},
     },
 };
 use async_trait::async_trait;
-use cache::{CachedJob, CachedPod, JobCache};
+use cache::JobCache;
 use futures::StreamExt;
 use k8s_openapi::api::{
     batch::v1::Job,
@@ -42,6 +45,7 @@ use std::{
 };
 use tokio::sync::Notify;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
+use wire::{CachedJob, CachedPod};
 
 /// How long clients are told to wait before retrying when the API server is unreachable.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -129,7 +133,7 @@ impl FinishCounter {
         tokio::spawn(async move {
             match counter.api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => {
-                    counter.metrics.job_finished(&record);
+                    counter.metrics.jobs.job_finished(&record);
                     telemetry::trace::emit_lifecycle(&record);
                 }
                 Err(kube::Error::Api(status)) if status.is_conflict() || status.is_not_found() => {}

@@ -579,7 +579,7 @@ mod tests {
     fn a_profile_sets_the_resources() {
         let mut job = job();
         job.spec.profile = Some("large".into());
-        job.resources = Some(crate::policy::ResourceProfile {
+        job.resources = Some(crate::jobs::policy::ResourceProfile {
             image: None,
             command: None,
             egress: None,
@@ -604,7 +604,7 @@ mod tests {
     #[test]
     fn agents_of_other_images_get_the_launcher_when_the_gateway_is_on() {
         let mut job = job();
-        job.resources = Some(crate::policy::ResourceProfile {
+        job.resources = Some(crate::jobs::policy::ResourceProfile {
             image: Some("registry.example.com/oats/team:1".into()),
             command: Some(vec!["/oats-launcher/oats".into(), "launch".into(), "--".into(), "agent".into()]),
             egress: None,
@@ -638,10 +638,10 @@ mod tests {
     #[test]
     fn a_profile_names_the_agent_image_and_command() {
         let mut job = job();
-        job.resources = Some(crate::policy::ResourceProfile {
+        job.resources = Some(crate::jobs::policy::ResourceProfile {
             image: Some("registry.example.com/oats/team:1".into()),
             command: Some(vec!["/oats/oats".into(), "launch".into(), "--".into(), "agent".into()]),
-            egress: Some(crate::policy::Egress::PublicHttps),
+            egress: Some(crate::jobs::policy::Egress::PublicHttps),
             cpu_request: "1".into(),
             cpu_limit: "1".into(),
             memory_request: "1Gi".into(),

@@ -1,11 +1,11 @@
 //! Pure mapping from a Job and its Pods to a job record. No I/O, so a table of cases pins it.
 
-use super::cache::{CachedJob, CachedPod};
 use super::render::{
     AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, COUNTED_ANNOTATION, CREATED_AT_ANNOTATION, ENV_ESCAPED_ANNOTATION,
     JOB_ID_LABEL, LABEL_KEYS_ANNOTATION, PROFILE_ANNOTATION, REQUEST_HASH_ANNOTATION, TENANT_LABEL,
     TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION, unescape_env_value,
 };
+use super::wire::{CachedJob, CachedPod};
 use crate::jobs::{
     Budget, JobId, JobPhase, JobReason, JobRecord, JobSpec, JobStatus, Labels, NanoUsd, RESERVED_LABEL_PREFIX,
     TraceContext, agent_env, agent_exit, truncate_result,

@@ -11,16 +11,12 @@
 mod logs;
 mod process;
 
-use super::{BackendError, JobBackend, Preview};
 use crate::{
     jobs::{
-        CreateOutcome, JobEvent, JobId, JobPhase, JobReason, JobRecord, JobStatus, LogOptions, LogStream, NewJob,
-        Rendered, agent_env,
+        BackendError, CreateOutcome, JobBackend, JobCounts, JobEvent, JobId, JobPhase, JobReason, JobRecord, JobStatus,
+        LogOptions, LogStream, NewJob, Preview, Rendered, agent_env,
     },
-    telemetry::{
-        self,
-        metrics::{JobCounts, Metrics},
-    },
+    telemetry::{self, metrics::Metrics},
 };
 use async_trait::async_trait;
 use chrono::Utc;
@@ -223,7 +219,7 @@ impl Inner {
 
     /// Count a job's finish and emit its lifecycle spans (one process: each job ends once).
     fn finished(&self, record: &JobRecord) {
-        self.metrics.job_finished(record);
+        self.metrics.jobs.job_finished(record);
         telemetry::trace::emit_lifecycle(record);
     }
 

@@ -1,0 +1,54 @@
+//! Who asks: the tenant and role the domain checks every operation against (`crate::auth`
+//! finds them from credentials).
+
+use std::fmt;
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read the tenant's jobs.
+    Viewer,
+    /// Create, read and cancel the tenant's jobs.
+    Submitter,
+    /// Everything, in every tenant.
+    Admin,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "viewer" => Some(Self::Viewer),
+            "submitter" => Some(Self::Submitter),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub tenant: String,
+    pub role: Role,
+    /// A name for logs (the token's name or the JWT subject), never the credential.
+    pub name: String,
+}
+
+impl fmt::Debug for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{} ({:?})", self.name, self.tenant, self.role)
+    }
+}
+
+impl Caller {
+    /// Whether this caller may see jobs of `tenant`.
+    pub fn sees(&self, tenant: &str) -> bool {
+        self.role == Role::Admin || self.tenant == tenant
+    }
+
+    /// Whether this caller may create and cancel jobs.
+    pub fn may_write(&self) -> bool {
+        matches!(self.role, Role::Submitter | Role::Admin)
+    }
+}
