@@ -33,7 +33,7 @@ impl TraceService for Receiver {
                 .iter()
                 .flat_map(|r| &r.attributes)
                 .find(|kv| kv.key == "service.name")
-                .and_then(|kv| string_of(kv))
+                .and_then(string_of)
                 .unwrap_or_default();
             for scope in resource_spans.scope_spans {
                 spans.extend(scope.spans.into_iter().map(|s| (service.clone(), s)));

@@ -731,9 +731,9 @@ impl Bench {
         std::fs::write(
             &providers,
             format!(
-                "providers:\n  - name: fake\n    base_url: {}/v1\n    timeout_seconds: 600\n    max_concurrency: 4096\n    \
+                "providers:\n  - name: fake\n    base_url: http://{}/v1\n    timeout_seconds: 600\n    max_concurrency: 4096\n    \
                  max_retries: 0\n    models:\n{models}",
-                format!("http://{}", upstream.api())
+                upstream.api()
             ),
         )?;
         let policy = self.work.join(format!("{name}-policy.yaml"));

@@ -81,9 +81,9 @@ impl Bench {
         let oats_sat = oats_runs.pop().expect("two rounds");
         let bare_sat = bare_runs.pop().expect("two rounds");
         let rate = oats_sat.rps() / 2.0;
-        let oats_half = self.open(job_paths(oats), &oats, rate).await;
+        let oats_half = self.open(job_paths(oats), oats, rate).await;
         self.load_note(&format!("1 OATS GET job at half saturation ({rate:.0} req/s offered)"), &oats_half);
-        let bare_half = self.open(job_paths(bare), &bare, rate).await;
+        let bare_half = self.open(job_paths(bare), bare, rate).await;
         self.load_note(&format!("1 bare handler at {rate:.0} req/s offered"), &bare_half);
         self.row(
             "1",
