@@ -69,7 +69,8 @@ kueue_ldflags() {
 # makes it testenv/modules/kueue/cmd/kueue/main.go.
 kueue_overlay() {
   local src main n
-  src=$(kueue_src) && [ -n "$src" ] || die "cannot locate the sigs.k8s.io/kueue module source"
+  src=$(kueue_src) || die "cannot locate the sigs.k8s.io/kueue module source"
+  [ -n "$src" ] || die "go list reported no directory for the sigs.k8s.io/kueue module"
   main=$src/cmd/kueue/main.go
   n=$(grep -cF "$KUEUE_METRICS_CERTS_FROM" "$main" || true)
   [ "$n" = 1 ] || die "$main: expected $KUEUE_METRICS_CERTS_FROM exactly once, found ${n:-0}"
@@ -383,8 +384,9 @@ visibility_served() { api "$APISERVER/apis/visibility.kueue.x-k8s.io/v1beta2" | 
 # Service `localhost` (it resolves such a Service to https://<externalName>:<port> itself;
 # Endpoints cannot hold loopback addresses).
 start_kueue() {
-  local src kdir=$DIR/kueue ca
-  src=$(kueue_src) && [ -n "$src" ] || die "cannot locate the sigs.k8s.io/kueue module source"
+  local src kdir=$DIR/kueue ca d
+  src=$(kueue_src) || die "cannot locate the sigs.k8s.io/kueue module source"
+  [ -n "$src" ] || die "go list reported no directory for the sigs.k8s.io/kueue module"
   kc create -f "$src/config/components/crd/bases" >/dev/null || die "could not create Kueue's CRDs"
   kc wait --for=condition=Established --timeout="${TIMEOUT}s" -f "$src/config/components/crd/bases" >/dev/null ||
     die "Kueue's CRDs did not become Established"
@@ -394,12 +396,13 @@ start_kueue() {
   kc create --dry-run=client -o json -f "$src/config/components/rbac/manager_secrets_role.yaml" |
     jq '.metadata.name = "kueue-manager-secrets-role" | .metadata.namespace = "kueue-system"' |
     kc create -f - >/dev/null || die "could not create Role kueue-system/kueue-manager-secrets-role"
-  kc create clusterrolebinding kueue-manager --clusterrole=kueue-manager-role --user=kueue >/dev/null &&
-    kc -n kueue-system create rolebinding kueue-manager-secrets --role=kueue-manager-secrets-role --user=kueue >/dev/null &&
-    kc create clusterrolebinding kueue-auth-delegator --clusterrole=system:auth-delegator --user=kueue >/dev/null &&
-    kc -n kube-system create rolebinding kueue-extension-apiserver-authentication-reader \
-      --role=extension-apiserver-authentication-reader --user=kueue >/dev/null ||
+  if ! { kc create clusterrolebinding kueue-manager --clusterrole=kueue-manager-role --user=kueue &&
+         kc -n kueue-system create rolebinding kueue-manager-secrets --role=kueue-manager-secrets-role --user=kueue &&
+         kc create clusterrolebinding kueue-auth-delegator --clusterrole=system:auth-delegator --user=kueue &&
+         kc -n kube-system create rolebinding kueue-extension-apiserver-authentication-reader \
+           --role=extension-apiserver-authentication-reader --user=kueue; } >/dev/null; then
     die "could not bind Kueue's roles"
+  fi
 
   mkdir -p "$kdir/certs" "$kdir/visibility" "$kdir/metrics-certs"
   for d in certs visibility metrics-certs; do
