@@ -9,11 +9,11 @@ cd "$(dirname "$0")/.."
 rate=${1:-200}
 seconds=${2:-6}
 command -v valgrind >/dev/null || { echo "bench/instructions.sh: valgrind is not installed" >&2; exit 1; }
-cargo build --release --features bench --bin oats --bin oats-bench
+cargo build --release -p oats -p oats-bench
 work=$(mktemp -d /tmp/oats-instructions.XXXXXX)
-sink_port=14318
-python3 - "$sink_port" <<'PY' &
-import sys
+# The sink binds any free port and says which in $work/sink.port.
+python3 - "$work/sink.port" <<'PY' &
+import os, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Sink(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -25,28 +25,39 @@ class Sink(BaseHTTPRequestHandler):
         self.end_headers()
     def log_message(self, *args):
         pass
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+with open(sys.argv[1] + ".partial", "w") as f:
+    f.write(str(server.server_address[1]))
+os.rename(sys.argv[1] + ".partial", sys.argv[1])
+server.serve_forever()
 PY
 sink=$!
 trap 'kill $sink 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 1 100); do [ -s "$work/sink.port" ] && break; sleep 0.1; done
+sink_port=$(cat "$work/sink.port")
 
 measure() {
   local name=$1; shift
-  local state="$work/$name" port=18181
+  local state="$work/$name" addresses="$work/$name.addresses" addr=
   mkdir -p "$state"
-  env "$@" OATS_BACKEND=local OATS_STATE_DIR="$state" OATS_LOG_FORMAT=json OATS_LISTEN=127.0.0.1:$port \
+  # Port 0: the server writes the address it got to $addresses.
+  env "$@" OATS_BACKEND=local OATS_STATE_DIR="$state" OATS_LOG_FORMAT=json OATS_LISTEN=127.0.0.1:0 \
+    OATS_ADDRESSES_FILE="$addresses" \
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/$name.out" \
     target/release/oats serve >"$work/$name.log" 2>&1 &
   local server=$!
-  for _ in $(seq 1 120); do curl -fs "localhost:$port/healthz" >/dev/null && break; sleep 0.5; done
+  for _ in $(seq 1 120); do
+    [ -s "$addresses" ] && addr=$(awk '$1 == "api" {print $2}' "$addresses") && curl -fs "$addr/healthz" >/dev/null && break
+    sleep 0.5
+  done
   local id
-  id=$(curl -fs -XPOST "localhost:$port/api/v1/jobs" -H 'content-type: application/json' \
+  id=$(curl -fs -XPOST "$addr/api/v1/jobs" -H 'content-type: application/json' \
     -d '{"goal":"count instructions","max_turns":2,"labels":{"team":"a"}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
   sleep 3
   # Warm-up, then count only the measured requests.
-  target/release/oats-bench probe --addr 127.0.0.1:$port --path "/api/v1/jobs/$id" --rate 100 --seconds 2 >/dev/null
+  target/release/oats-bench probe --addr $addr --path "/api/v1/jobs/$id" --rate 100 --seconds 2 >/dev/null
   callgrind_control -i on $server >/dev/null
-  target/release/oats-bench probe --addr 127.0.0.1:$port --path "/api/v1/jobs/$id" --rate "$rate" --seconds "$seconds" \
+  target/release/oats-bench probe --addr $addr --path "/api/v1/jobs/$id" --rate "$rate" --seconds "$seconds" \
     >"$work/$name.probe"
   sleep 6 # one batch export (every 5 s) of the spans
   callgrind_control -i off $server >/dev/null

@@ -10,9 +10,9 @@
 #      and Swagger UI in headless Chromium (scripts/swagger-ui-test.sh);
 #   2. the test control plane (testenv/testenv.sh up: built once from Go modules, cached) and its
 #      self-test (testenv/selftest.sh, which leaves it up);
-#   3. cargo test: unit tests, the OpenAPI drift check, HTTP end-to-end tests on the local
-#      backend, telemetry, security and monitoring tests, and end-to-end tests of the Kubernetes
-#      backend against that control plane.
+#   3. a build of the benchmark crate (bench/), then cargo test: unit tests, the OpenAPI drift
+#      check, HTTP end-to-end tests on the local backend, telemetry, security and monitoring
+#      tests, and end-to-end tests of the Kubernetes backend against that control plane.
 # Locally, OATS_SKIP_KUBE_E2E=1 skips the control plane and the test binaries that need it
 # (tests/kube_*.rs), and the summary at the end names them; CI never does. The summary also
 # counts the passed, failed and ignored tests and lists each ignored test with its reason.
@@ -64,6 +64,9 @@ if in_ci || [ "${OATS_SKIP_KUBE_E2E:-}" != "1" ]; then
     exit 1
   fi
 fi
+
+# The benchmark (bench/, a member of the workspace) is built by no test target: it must compile.
+cargo build --locked -p oats-bench
 
 targets=(--all-targets)
 not_run=()

@@ -63,6 +63,16 @@ pub async fn bind(address: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(address).await.map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {address}: {e}")))
 }
 
+/// Write the bound addresses of the listeners to `path`, one `NAME ADDRESS` line each, as a
+/// whole file or none (written aside, then renamed): how a caller that asked for port 0 learns
+/// which ports it got (`oats serve --addresses-file`).
+pub fn write_addresses(path: &std::path::Path, bound: &[(&str, SocketAddr)]) -> io::Result<()> {
+    let text: String = bound.iter().map(|(name, address)| format!("{name} {address}\n")).collect();
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, text)?;
+    std::fs::rename(&partial, path)
+}
+
 /// Serve `app` on `listener` within `limits` until `shutdown` resolves; then stop accepting, let
 /// requests in progress finish for up to `grace` (forever with `None`), and return.
 pub async fn serve<E>(

@@ -138,15 +138,12 @@ fn render_job(config: &Config) -> Result<()> {
         CreateJobRequest::parse_from_json(Some(value)).map_err(|e| anyhow::anyhow!("{}", e.into_message()))?;
     let spec = JobRequest::from(request).validate(&config.job_limits()).map_err(oats::jobs::JobError::Invalid)?;
     let rules = match &config.policy_file {
-        Some(path) => Policy::load(path).map_err(anyhow::Error::msg)?.rules_for(&config.tenant),
+        Some(path) => Policy::load(path)?.rules_for(&config.tenant),
         None => Policy::builtin().rules_for(&config.tenant),
     };
-    let profile = spec.profile.clone().or(rules.default_profile.clone());
-    let resources = match &profile {
-        Some(name) => {
-            Some(rules.resource_profiles.get(name).cloned().with_context(|| format!("no resource profile {name}"))?)
-        }
-        None => None,
+    let resources = match rules.profile_for(&spec) {
+        (Some(name), None) => bail!("no resource profile {name}"),
+        (_, resources) => resources,
     };
     let job = NewJob {
         id: JobId::random(),
@@ -278,7 +275,7 @@ fn load_policy(config: &Config) -> Result<Arc<Policy>> {
         tracing::info!("no policy file; built-in limits apply");
         return Ok(Policy::builtin());
     };
-    let policy = Policy::load(path).map_err(anyhow::Error::msg)?;
+    let policy = Policy::load(path)?;
     policy.watch(RELOAD_EVERY);
     Ok(policy)
 }
@@ -286,7 +283,7 @@ fn load_policy(config: &Config) -> Result<Arc<Policy>> {
 fn authenticator(config: &Config) -> Result<Authenticator> {
     let tokens = match &config.auth_tokens_file {
         Some(path) => {
-            let store = TokenStore::load(path).map_err(anyhow::Error::msg)?;
+            let store = TokenStore::load(path)?;
             store.watch(RELOAD_EVERY);
             Some(store)
         }
@@ -302,8 +299,7 @@ fn authenticator(config: &Config) -> Result<Authenticator> {
                 role_claim: config.oidc_role_claim.clone(),
                 clock_skew: Duration::from_secs(config.oidc_clock_skew_seconds.into()),
                 refresh_every: Duration::from_secs(config.oidc_jwks_refresh_seconds.into()),
-            })
-            .map_err(anyhow::Error::msg)?,
+            })?,
         ),
         None => None,
     };

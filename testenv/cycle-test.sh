@@ -85,7 +85,7 @@ for i in $(seq 1 "$N"); do
     name=$(basename "$f" .pid)
     procs+=("$name:$(cat "$f"):$(cat "$DIR/pids/$name.start" 2>/dev/null || true)")
   done
-  [ "${#procs[@]}" -eq 5 ] || fail "expected 5 PID files, found ${#procs[@]}"
+  [ "${#procs[@]}" -eq 6 ] || fail "expected 6 PID files (5 components and Kueue), found ${#procs[@]}"
 
   t1=$(date +%s.%N)
   "$TE" down >"$BASE/down.log" 2>&1 || { cat "$BASE/down.log" >&2; fail "testenv.sh down failed"; }

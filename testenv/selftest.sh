@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Self-test of the OATS test environment: brings it up, checks every kwok outcome label on a
 # PodSecurity-restricted namespace with real batch/v1 Jobs, checks activeDeadlineSeconds, pod logs,
-# RBAC, TokenRequest, ValidatingAdmissionPolicy and stop-apiserver/start-apiserver, then
-# brings it down. Prints "N passed, M failed" last; exits non-zero on any failure.
+# RBAC, TokenRequest, ValidatingAdmissionPolicy, Kueue admission with positions from its
+# visibility API, and stop-apiserver/start-apiserver, then brings it down. Prints "N passed, M
+# failed" last; exits non-zero on any failure.
 #
 # If the environment in $OATS_TESTENV_DIR is already up (scripts/test.sh runs this right after
 # `testenv.sh up`), it is used and left up: the self-test then deletes what it created (its
@@ -29,6 +30,7 @@ export KUBECONFIG OATS_TESTENV_DIR OATS_TESTENV_APISERVER
 
 # remove_own_objects: what the checks create, so that a shared environment is left as found.
 remove_own_objects() {
+  kueue_cleanup &&
   "$KUBECTL" delete validatingadmissionpolicybinding oats-selftest-deny --ignore-not-found >/dev/null &&
     "$KUBECTL" delete validatingadmissionpolicy oats-selftest-deny --ignore-not-found >/dev/null &&
     "$KUBECTL" delete namespace "$NS" --ignore-not-found --timeout=120s >/dev/null
@@ -132,6 +134,15 @@ expect() { # <description> <actual> <expected>
 pod_matches() { pod_json "$1" | jq -e "$2"; }
 pod_gone() { local out; out=$(k get pod -n "$NS" "$1" 2>&1) && return 1; grep -q NotFound <<<"$out"; }
 secs() { date -d "$1" +%s.%N; }
+
+# Kueue objects of the Kueue check (cluster-scoped ones outlive the namespace). Jobs first: a
+# ClusterQueue and a ResourceFlavor keep their finalizers while workloads use them.
+kueue_cleanup() {
+  "$KUBECTL" delete jobs -n "$NS" -l oats-selftest=kueue --ignore-not-found --wait=true --timeout=120s >/dev/null 2>&1 || true
+  "$KUBECTL" delete localqueue -n "$NS" oats-selftest --ignore-not-found --timeout=120s >/dev/null 2>&1 || true
+  "$KUBECTL" delete clusterqueue oats-selftest --ignore-not-found --timeout=120s >/dev/null &&
+    "$KUBECTL" delete resourceflavor oats-selftest --ignore-not-found --timeout=120s >/dev/null
+}
 
 # ---------------------------------------------------------------------------------------------
 
@@ -310,6 +321,96 @@ EOF
   echo "  unlabelled ConfigMap allowed"
 }
 
+# kueue_job <name>: a suspended Job for LocalQueue oats-selftest, requesting 1 CPU; kwok keeps
+# its pod running once Kueue admits (unsuspends) it.
+kueue_job() {
+  k create -f - >/dev/null <<EOF
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: $1
+  namespace: $NS
+  labels: {app: oats-agent, oats-selftest: kueue, kueue.x-k8s.io/queue-name: oats-selftest}
+spec:
+  suspend: true
+  backoffLimit: 0
+  template:
+    metadata:
+      labels: {app: oats-agent, kwok.oats.dev/outcome: run}
+    spec:
+      restartPolicy: Never
+      automountServiceAccountToken: false
+      securityContext: {runAsNonRoot: true, runAsUser: 65532, seccompProfile: {type: RuntimeDefault}}
+      containers:
+      - name: agent
+        image: registry.invalid/oats/agent:selftest
+        resources:
+          requests: {cpu: "1", memory: 128Mi}
+          limits: {cpu: "1", memory: 512Mi}
+        securityContext:
+          allowPrivilegeEscalation: false
+          readOnlyRootFilesystem: true
+          runAsNonRoot: true
+          runAsUser: 65532
+          capabilities: {drop: [ALL]}
+          seccompProfile: {type: RuntimeDefault}
+EOF
+}
+
+# suspended_count <true|false>: how many of the Kueue check's Jobs have spec.suspend = that.
+suspended_count() {
+  k get jobs -n "$NS" -l oats-selftest=kueue -o json | jq --argjson s "$1" '[.items[] | select(.spec.suspend == $s)] | length'
+}
+two_admitted_one_pending() {
+  [ "$(suspended_count false)" = 2 ] && [ "$(suspended_count true)" = 1 ] &&
+    [ "$(k get pods -n "$NS" -l kwok.oats.dev/outcome=run -o json |
+        jq '[.items[] | select(.status.phase == "Running")] | length')" = 2 ]
+}
+PENDING_PATH=/apis/visibility.kueue.x-k8s.io/v1beta2/namespaces/$NS/localqueues/oats-selftest/pendingworkloads
+one_pending_workload() { k get --raw "$PENDING_PATH" | jq -e '.items | length == 1'; }
+
+kueue_admission_and_positions() {
+  k apply -f - >/dev/null <<EOF
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ResourceFlavor
+metadata: {name: oats-selftest}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ClusterQueue
+metadata: {name: oats-selftest}
+spec:
+  namespaceSelector: {}
+  resourceGroups:
+  - coveredResources: [cpu, memory]
+    flavors:
+    - name: oats-selftest
+      resources:
+      - {name: cpu, nominalQuota: 2}
+      - {name: memory, nominalQuota: 8Gi}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: LocalQueue
+metadata: {name: oats-selftest, namespace: $NS}
+spec: {clusterQueue: oats-selftest}
+EOF
+  local j
+  for j in sel-kueue-1 sel-kueue-2 sel-kueue-3; do kueue_job "$j"; done
+  until_true 120 two_admitted_one_pending
+  echo "  2 Jobs admitted (unsuspended, pods Running), 1 suspended"
+  until_true 60 one_pending_workload
+  local pending want
+  pending=$(k get --raw "$PENDING_PATH")
+  echo "  GET $PENDING_PATH -> $(echo "$pending" | jq -c '[.items[] | {name: .metadata.name, owner: .metadata.ownerReferences[0].name, positionInLocalQueue, positionInClusterQueue, localQueueName}]')"
+  want=$(k get jobs -n "$NS" -l oats-selftest=kueue -o json | jq -r '.items[] | select(.spec.suspend) | .metadata.name')
+  expect "pending workload's Job" "$(echo "$pending" | jq -r '.items[0].metadata.ownerReferences[0].name')" "$want"
+  expect positionInLocalQueue "$(echo "$pending" | jq -r '.items[0].positionInLocalQueue')" 0
+  expect positionInClusterQueue "$(echo "$pending" | jq -r '.items[0].positionInClusterQueue')" 0
+  expect localQueueName "$(echo "$pending" | jq -r '.items[0].localQueueName')" oats-selftest
+  kueue_cleanup
+  if k get clusterqueue oats-selftest >/dev/null 2>&1; then echo "  ClusterQueue oats-selftest still there" >&2; return 1; fi
+  echo "  Jobs, LocalQueue, ClusterQueue and ResourceFlavor deleted"
+}
+
 apiserver_restart() {
   # a Job whose pod is due to terminate while the apiserver is down
   job sel-across-restart "across restart" kwok.oats.dev/run-ms=4000
@@ -345,4 +446,5 @@ check "outcome run, then activeDeadlineSeconds=1" run_then_deadline
 check "kubectl logs of a kwok pod (Logs object)" pod_logs
 check "RBAC and TokenRequest" rbac_and_tokens
 check "ValidatingAdmissionPolicy" validating_admission_policy
+check "Kueue admits 2 of 3 Jobs (quota cpu 2), visibility API shows the 3rd with its position" kueue_admission_and_positions
 check "stop-apiserver / start-apiserver" apiserver_restart

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # OATS test environment: a real Kubernetes control plane (etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler) plus kwok with one fake node, all on 127.0.0.1,
-# built from the official Go modules pinned in testenv/modules/*/go.{mod,sum}.
+# kube-controller-manager, kube-scheduler) plus kwok with one fake node and the Kueue controller,
+# all on 127.0.0.1, built from the official Go modules pinned in testenv/modules/*/go.{mod,sum}.
 #
 # Usage: testenv/testenv.sh up|down|env|status|logs|stop-apiserver|start-apiserver|build
 # See testenv/README.md.
@@ -13,9 +13,12 @@ CACHE=${OATS_TESTENV_CACHE:-${HOME:-/root}/.cache/oats-testenv}
 TIMEOUT=${OATS_TESTENV_TIMEOUT:-180}        # seconds to wait for each component
 NICE=${OATS_TESTENV_NICE:-15}               # niceness of go build
 NODE_NAME=kwok-node-0
+KUBECTL=${KUBECTL:-kubectl}
 # Bump when the build recipe (flags below) changes, to invalidate cached binaries.
 RECIPE=oats-testenv-build-v1
-COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+# Same for the Kueue build (its own cache directory, so adding it left the other binaries' key alone).
+KUEUE_RECIPE=oats-testenv-kueue-build-v1
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok kueue)
 
 die() { echo "testenv: ERROR: $*" >&2; exit 1; }
 log() { echo "testenv: $*" >&2; }
@@ -42,15 +45,67 @@ cache_key() {
 
 bin_dir() { echo "$CACHE/bin/$(cache_key)"; }
 
-# go_build <module dir> <output path> <package> [ldflags]
+kueue_version() {
+  sed -nE 's/^[[:space:]]*(require[[:space:]]+)?sigs\.k8s\.io\/kueue[[:space:]]+(v[0-9][^[:space:]]*).*/\2/p' \
+    "$HERE/modules/kueue/go.mod" | head -n1
+}
+
+# Kueue reads two certificates from hard-coded absolute directories when its internal cert
+# management is off (it is: that would issue the webhook certificate for a Service name, not for
+# 127.0.0.1): the visibility server's from /visibility, the metrics server's from
+# /etc/kueue/metrics/certs. Both become paths relative to Kueue's working directory ($DIR/kueue),
+# so several environments can run side by side without writing outside $DIR: the first by a
+# link-time override, the second (a local variable in cmd/kueue/main.go, Kueue's only file of
+# package main) by building a copy of main.go with that one literal replaced (the build fails if it
+# is not found exactly once). Go refuses overlays of files in the module cache, so the copy is
+# overlaid as cmd/kueue/main.go of the wrapper module (a directory that exists only in the overlay).
+KUEUE_METRICS_CERTS_FROM='"/etc/kueue/metrics/certs"'
+KUEUE_METRICS_CERTS_TO='"metrics-certs"'
+kueue_ldflags() {
+  echo "-s -w -X 'sigs.k8s.io/kueue/pkg/version.GitVersion=$(kueue_version)' -X 'sigs.k8s.io/kueue/pkg/visibility.certDir=visibility'"
+}
+
+# kueue_overlay <dir>: writes <dir>/main.go (the patched copy) and <dir>/overlay.json, which
+# makes it testenv/modules/kueue/cmd/kueue/main.go.
+kueue_overlay() {
+  local src main n
+  src=$(kueue_src) || die "cannot locate the sigs.k8s.io/kueue module source"
+  [ -n "$src" ] || die "go list reported no directory for the sigs.k8s.io/kueue module"
+  main=$src/cmd/kueue/main.go
+  n=$(grep -cF "$KUEUE_METRICS_CERTS_FROM" "$main" || true)
+  [ "$n" = 1 ] || die "$main: expected $KUEUE_METRICS_CERTS_FROM exactly once, found ${n:-0}"
+  sed "s|$KUEUE_METRICS_CERTS_FROM|$KUEUE_METRICS_CERTS_TO|" "$main" >"$1/main.go"
+  jq -n --arg from "$HERE/modules/kueue/cmd/kueue/main.go" --arg to "$1/main.go" '{Replace: {($from): $to}}' >"$1/overlay.json"
+}
+
+kueue_bin_dir() {
+  local key
+  key=$({
+    echo "$KUEUE_RECIPE"
+    GOTOOLCHAIN=local go version
+    kueue_ldflags
+    echo "$KUEUE_METRICS_CERTS_FROM $KUEUE_METRICS_CERTS_TO"
+    cat "$HERE/modules/kueue/go.mod" "$HERE/modules/kueue/go.sum"
+  } | sha256sum | cut -c1-16)
+  echo "$CACHE/bin/kueue-$key"
+}
+
+# kueue_src: the directory of the pinned Kueue module (CRDs and webhook manifests come from it).
+kueue_src() {
+  (cd "$HERE/modules/kueue" && export GOTOOLCHAIN=local GOWORK=off GOFLAGS=-mod=readonly &&
+    go mod download sigs.k8s.io/kueue && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)
+}
+
+# go_build <module dir> <output path> <package> [ldflags [extra go build flags...]]
 go_build() {
   local mod=$1 out=$2 pkg=$3 ldflags=${4:-"-s -w"} tmp start
+  local extra=("${@:5}")
   tmp="$out.tmp.$$"
   start=$(date +%s)
   log "building $(basename "$out") ($pkg) ..."
   if ! (cd "$HERE/modules/$mod" &&
         GOTOOLCHAIN=local CGO_ENABLED=0 GOWORK=off GOFLAGS=-mod=readonly \
-          nice -n "$NICE" go build -trimpath -ldflags "$ldflags" -o "$tmp" "$pkg"); then
+          nice -n "$NICE" go build -trimpath "${extra[@]}" -ldflags "$ldflags" -o "$tmp" "$pkg"); then
     rm -f "$tmp"
     die "go build of $pkg (module testenv/modules/$mod) failed"
   fi
@@ -68,10 +123,12 @@ kwok_crds() {
     die "kwok's Logs/ClusterLogs CRDs are missing from $dir"
 }
 
+# build: prints the bin directory, then Kueue's bin directory.
 build() {
-  local bin ver minor ldf p
+  local bin kbin ver minor ldf p
   bin=$(bin_dir)
-  mkdir -p "$bin"
+  kbin=$(kueue_bin_dir)
+  mkdir -p "$bin" "$kbin"
   exec 9>"$CACHE/build.lock"
   flock 9
   ver=$(k8s_version)
@@ -91,11 +148,19 @@ build() {
     kwok_crds >"$bin/kwok-logs-crds.yaml.tmp.$$"
     mv -f "$bin/kwok-logs-crds.yaml.tmp.$$" "$bin/kwok-logs-crds.yaml"
   fi
+  if [ ! -x "$kbin/kueue" ]; then
+    local ov=$kbin/.overlay   # under the build lock; a failed build's copy is replaced next time
+    rm -rf "$ov" && mkdir -p "$ov"
+    kueue_overlay "$ov"
+    go_build kueue "$kbin/kueue" ./cmd/kueue "$(kueue_ldflags)" -overlay="$ov/overlay.json"
+    rm -rf "$ov"
+  fi
   flock -u 9
   # Sanity: the version stamp must be there (kwokctl-style clients parse it).
   "$bin/kube-apiserver" --version | grep -qx "Kubernetes $ver" ||
     die "$bin/kube-apiserver --version does not print 'Kubernetes $ver'"
   echo "$bin"
+  echo "$kbin"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +300,25 @@ EOF
     openssl verify -CAfile ca.crt kwok.crt
     openssl genrsa -out sa.key 2048
     openssl rsa -in sa.key -pubout -out sa.pub
+    # Front proxy (API aggregation): the apiserver authenticates to aggregated API servers
+    # (Kueue's visibility server) with this client certificate and passes the user in headers.
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout front-proxy-ca.key -out front-proxy-ca.crt -days 3650 \
+      -subj "/CN=oats-testenv-front-proxy-ca" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+    openssl req -newkey rsa:2048 -nodes -keyout front-proxy-client.key -out front-proxy-client.csr \
+      -subj "/CN=front-proxy-client"
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+      "extendedKeyUsage=clientAuth" >front-proxy-client.ext
+    openssl x509 -req -in front-proxy-client.csr -CA front-proxy-ca.crt -CAkey front-proxy-ca.key \
+      -CAcreateserial -out front-proxy-client.crt -days 3650 -extfile front-proxy-client.ext
+    # Kueue's webhook and visibility servers (127.0.0.1 / localhost), signed by the cluster CA,
+    # which is the caBundle of Kueue's webhook configurations.
+    openssl req -newkey rsa:2048 -nodes -keyout kueue.key -out kueue.csr -subj "/CN=kueue"
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+      "extendedKeyUsage=serverAuth" "subjectAltName=DNS:localhost,IP:127.0.0.1" >kueue.ext
+    openssl x509 -req -in kueue.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+      -out kueue.crt -days 3650 -extfile kueue.ext
+    openssl verify -CAfile ca.crt kueue.crt
   ) >"$pki/openssl.log" 2>&1 || { cat "$pki/openssl.log" >&2; die "openssl failed to create the PKI"; }
 }
 
@@ -327,11 +411,117 @@ start_apiserver() {
   wait_for kube-apiserver "kube-apiserver /readyz on 127.0.0.1:$API_PORT" apiserver_ready
 }
 
+# kc <kubectl args...>: kubectl as admin.
+kc() { "$KUBECTL" --kubeconfig="$DIR/admin.kubeconfig" "$@"; }
+
+kueue_ready() { curl -fsS --max-time 5 "http://127.0.0.1:$KUEUE_HEALTH_PORT/readyz"; }
+
+# kueue_webhook_answers: the apiserver can call Kueue's webhooks (a server-side dry run of a
+# ResourceFlavor passes its mutating and validating webhooks, which fail closed).
+kueue_webhook_answers() {
+  kc create --dry-run=server -o name -f - <<'EOF'
+{"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "testenv-probe"}}
+EOF
+}
+
+visibility_served() { api "$APISERVER/apis/visibility.kueue.x-k8s.io/v1beta2" | jq -e '.resources | length > 0'; }
+
+# start_kueue: installs Kueue's CRDs, RBAC (for its own token identity), webhook configurations
+# (URLs on 127.0.0.1, caBundle = the cluster CA) and the APIServices of its visibility API, and
+# starts the controller. The aggregator reaches the visibility server through an ExternalName
+# Service `localhost` (it resolves such a Service to https://<externalName>:<port> itself;
+# Endpoints cannot hold loopback addresses).
+start_kueue() {
+  local src kdir=$DIR/kueue ca d
+  src=$(kueue_src) || die "cannot locate the sigs.k8s.io/kueue module source"
+  [ -n "$src" ] || die "go list reported no directory for the sigs.k8s.io/kueue module"
+  kc create -f "$src/config/components/crd/bases" >/dev/null || die "could not create Kueue's CRDs"
+  kc wait --for=condition=Established --timeout="${TIMEOUT}s" -f "$src/config/components/crd/bases" >/dev/null ||
+    die "Kueue's CRDs did not become Established"
+  kc create namespace kueue-system >/dev/null || die "could not create namespace kueue-system"
+  kc create --dry-run=client -o json -f "$src/config/components/rbac/role.yaml" |
+    jq '.metadata.name = "kueue-manager-role"' | kc create -f - >/dev/null || die "could not create ClusterRole kueue-manager-role"
+  kc create --dry-run=client -o json -f "$src/config/components/rbac/manager_secrets_role.yaml" |
+    jq '.metadata.name = "kueue-manager-secrets-role" | .metadata.namespace = "kueue-system"' |
+    kc create -f - >/dev/null || die "could not create Role kueue-system/kueue-manager-secrets-role"
+  if ! { kc create clusterrolebinding kueue-manager --clusterrole=kueue-manager-role --user=kueue &&
+         kc -n kueue-system create rolebinding kueue-manager-secrets --role=kueue-manager-secrets-role --user=kueue &&
+         kc create clusterrolebinding kueue-auth-delegator --clusterrole=system:auth-delegator --user=kueue &&
+         kc -n kube-system create rolebinding kueue-extension-apiserver-authentication-reader \
+           --role=extension-apiserver-authentication-reader --user=kueue; } >/dev/null; then
+    die "could not bind Kueue's roles"
+  fi
+
+  mkdir -p "$kdir/certs" "$kdir/visibility" "$kdir/metrics-certs"
+  for d in certs visibility metrics-certs; do
+    cp "$DIR/pki/kueue.crt" "$kdir/$d/tls.crt"; cp "$DIR/pki/kueue.key" "$kdir/$d/tls.key"
+  done
+  cat >"$kdir/config.yaml" <<EOF
+apiVersion: config.kueue.x-k8s.io/v1beta2
+kind: Configuration
+namespace: kueue-system
+health:
+  healthProbeBindAddress: 127.0.0.1:$KUEUE_HEALTH_PORT
+metrics:
+  bindAddress: 127.0.0.1:$KUEUE_METRICS_PORT
+webhook:
+  host: 127.0.0.1
+  port: $KUEUE_WEBHOOK_PORT
+  certDir: $kdir/certs
+leaderElection:
+  leaderElect: false
+internalCertManagement:
+  enable: false
+manageJobsWithoutQueueName: false
+visibilityServer:
+  bindAddress: 127.0.0.1
+  bindPort: $KUEUE_VISIBILITY_PORT
+fairSharing:
+  preemptionStrategies: [LessThanOrEqualToFinalShare, LessThanInitialShare]
+integrations:
+  frameworks: ["batch/job"]
+EOF
+  start_proc kueue env -C "$kdir" "$KUEUE_BIN/kueue" --config="$kdir/config.yaml" \
+    --kubeconfig="$DIR/kueue.kubeconfig" --zap-log-level=info
+  wait_for kueue "Kueue /readyz on 127.0.0.1:$KUEUE_HEALTH_PORT" kueue_ready
+
+  # Only the webhooks Kueue serves here: its own API and batch/v1 Jobs (the others are for
+  # integrations that are not enabled, and would reject every Pod, Deployment, ...).
+  ca=$(base64 -w0 "$DIR/pki/ca.crt")
+  kc create --dry-run=client -o json -f "$src/config/components/webhook/manifests.yaml" |
+    jq --arg base "https://127.0.0.1:$KUEUE_WEBHOOK_PORT" --arg ca "$ca" '
+      .metadata.name = "kueue-" + .metadata.name
+      | .webhooks |= map(select(.clientConfig.service.path | test("-kueue-x-k8s-io-|-batch-v1-job$"))
+          | .clientConfig = {url: ($base + .clientConfig.service.path), caBundle: $ca})' |
+    kc create -f - >/dev/null || die "could not create Kueue's webhook configurations"
+  wait_for kueue "Kueue's webhooks to answer the apiserver (127.0.0.1:$KUEUE_WEBHOOK_PORT)" kueue_webhook_answers
+
+  kc create -f - >/dev/null <<EOF || die "could not register Kueue's visibility API"
+{"apiVersion": "v1", "kind": "List", "items": [
+ {"apiVersion": "v1", "kind": "Service",
+  "metadata": {"name": "visibility-server", "namespace": "kueue-system"},
+  "spec": {"type": "ExternalName", "externalName": "localhost",
+           "ports": [{"name": "https", "port": $KUEUE_VISIBILITY_PORT, "protocol": "TCP"}]}},
+ {"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+  "metadata": {"name": "v1beta2.visibility.kueue.x-k8s.io"},
+  "spec": {"group": "visibility.kueue.x-k8s.io", "version": "v1beta2",
+           "groupPriorityMinimum": 100, "versionPriority": 100, "insecureSkipTLSVerify": true,
+           "service": {"name": "visibility-server", "namespace": "kueue-system", "port": $KUEUE_VISIBILITY_PORT}}},
+ {"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+  "metadata": {"name": "v1beta1.visibility.kueue.x-k8s.io"},
+  "spec": {"group": "visibility.kueue.x-k8s.io", "version": "v1beta1",
+           "groupPriorityMinimum": 100, "versionPriority": 90, "insecureSkipTLSVerify": true,
+           "service": {"name": "visibility-server", "namespace": "kueue-system", "port": $KUEUE_VISIBILITY_PORT}}}]}
+EOF
+  wait_for kueue "Kueue's visibility API through the apiserver (/apis/visibility.kueue.x-k8s.io/v1beta2)" visibility_served
+}
+
 cmd_up() {
   command -v openssl >/dev/null || die "openssl not found"
   command -v curl >/dev/null || die "curl not found"
   command -v jq >/dev/null || die "jq not found"
   command -v ss >/dev/null || die "ss (iproute2) not found"
+  command -v "$KUBECTL" >/dev/null || die "kubectl not found (set KUBECTL)"
 
   if [ -f "$DIR/state" ]; then
     local n running=0
@@ -348,29 +538,31 @@ cmd_up() {
     fi
   fi
 
-  local t0 bin
+  local t0 bins
   t0=$(date +%s)
-  bin=$(build)
-  BIN=$bin
-  log "binaries: $BIN"
+  bins=$(build)
+  BIN=$(sed -n 1p <<<"$bins")
+  KUEUE_BIN=$(sed -n 2p <<<"$bins")
+  log "binaries: $BIN, $KUEUE_BIN"
 
   # Fresh run directory (only our own sub-paths are removed).
   mkdir -p "$DIR"
   rm -rf "$DIR/pki" "$DIR/etcd" "$DIR/logs" "$DIR/pids" "$DIR/kwok-workdir" \
     "$DIR/state" "$DIR/env" "$DIR"/*.kubeconfig "$DIR/tokens.csv" "$DIR/kube-apiserver.args" \
-    "$DIR/kube-scheduler.yaml"
+    "$DIR/kube-scheduler.yaml" "$DIR/kueue"
   mkdir -p "$DIR/logs" "$DIR/pids" "$DIR/kwok-workdir"
   trap 'rc=$?; if [ $rc -ne 0 ]; then echo "testenv: up failed; stopping what was started (logs kept in $DIR/logs)" >&2; cmd_down >/dev/null 2>&1 || true; fi' EXIT
 
   make_pki
   ADMIN_TOKEN=$(openssl rand -hex 24)
-  local kcm_token sched_token alice_token bob_token
-  kcm_token=$(openssl rand -hex 24); sched_token=$(openssl rand -hex 24)
+  local kcm_token sched_token kueue_token alice_token bob_token
+  kcm_token=$(openssl rand -hex 24); sched_token=$(openssl rand -hex 24); kueue_token=$(openssl rand -hex 24)
   alice_token=$(openssl rand -hex 24); bob_token=$(openssl rand -hex 24)
   cat >"$DIR/tokens.csv" <<EOF
 $ADMIN_TOKEN,oats-admin,uid-oats-admin,"system:masters"
 $kcm_token,system:kube-controller-manager,uid-kcm
 $sched_token,system:kube-scheduler,uid-scheduler
+$kueue_token,kueue,uid-kueue
 $alice_token,alice,uid-alice,"oats-testers"
 $bob_token,bob,uid-bob,"oats-testers"
 EOF
@@ -379,9 +571,10 @@ EOF
   local ETCD_PORT ETCD_PEER_PORT KCM_PORT SCHED_PORT
   pick_port ETCD_PORT; pick_port ETCD_PEER_PORT; pick_port API_PORT; pick_port KCM_PORT; pick_port SCHED_PORT
   pick_port KWOK_PORT
+  pick_port KUEUE_WEBHOOK_PORT; pick_port KUEUE_VISIBILITY_PORT; pick_port KUEUE_HEALTH_PORT; pick_port KUEUE_METRICS_PORT
   APISERVER=https://127.0.0.1:$API_PORT
   mkkc admin "$ADMIN_TOKEN"; mkkc kube-controller-manager "$kcm_token"
-  mkkc kube-scheduler "$sched_token"; mkkc alice "$alice_token"; mkkc bob "$bob_token"
+  mkkc kube-scheduler "$sched_token"; mkkc kueue "$kueue_token"; mkkc alice "$alice_token"; mkkc bob "$bob_token"
 
   cat >"$DIR/state" <<EOF
 BIN=$BIN
@@ -390,6 +583,11 @@ ETCD_PORT=$ETCD_PORT
 KCM_PORT=$KCM_PORT
 SCHED_PORT=$SCHED_PORT
 KWOK_PORT=$KWOK_PORT
+KUEUE_BIN=$KUEUE_BIN
+KUEUE_WEBHOOK_PORT=$KUEUE_WEBHOOK_PORT
+KUEUE_VISIBILITY_PORT=$KUEUE_VISIBILITY_PORT
+KUEUE_HEALTH_PORT=$KUEUE_HEALTH_PORT
+KUEUE_METRICS_PORT=$KUEUE_METRICS_PORT
 APISERVER=$APISERVER
 ADMIN_TOKEN=$ADMIN_TOKEN
 EOF
@@ -415,6 +613,13 @@ EOF
 --tls-cert-file=$DIR/pki/apiserver.crt
 --tls-private-key-file=$DIR/pki/apiserver.key
 --client-ca-file=$DIR/pki/ca.crt
+--requestheader-client-ca-file=$DIR/pki/front-proxy-ca.crt
+--requestheader-allowed-names=front-proxy-client
+--requestheader-username-headers=X-Remote-User
+--requestheader-group-headers=X-Remote-Group
+--requestheader-extra-headers-prefix=X-Remote-Extra-
+--proxy-client-cert-file=$DIR/pki/front-proxy-client.crt
+--proxy-client-key-file=$DIR/pki/front-proxy-client.key
 --token-auth-file=$DIR/tokens.csv
 --anonymous-auth=false
 --authorization-mode=Node,RBAC
@@ -502,6 +707,9 @@ EOF
   wait_for kwok "node $NODE_NAME Ready and untainted" node_ready
   wait_for kube-controller-manager "service account default/default" default_sa_exists
 
+  # --- Kueue (after the rest: it needs its CRDs, and the aggregator for its visibility API)
+  start_kueue
+
   cat >"$DIR/env" <<EOF
 export KUBECONFIG=$DIR/admin.kubeconfig
 export OATS_TESTENV_DIR=$DIR
@@ -513,7 +721,7 @@ EOF
 
 cmd_down() {
   local n
-  for n in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_proc "$n"; done
+  for n in kueue kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_proc "$n"; done
   log "down (logs kept in $DIR/logs)"
 }
 

@@ -1,6 +1,6 @@
-//! Several OATS replicas against the real control plane of `testenv/`, each test in a namespace
-//! of its own (deleted when the test ends, passed or failed), so the metrics of its replicas
-//! count its own Jobs and nothing else.
+//! OATS (one or several replicas) against the real control plane of `testenv/`, each test in a
+//! namespace of its own (deleted when the test ends, passed or failed), so the metrics of its
+//! replicas count its own Jobs and calls and nothing else.
 
 mod common;
 mod kube;
@@ -196,4 +196,90 @@ async fn render_job_prints_exactly_what_serve_creates() {
     std::fs::write(&file, rendered.to_string()).unwrap();
     let dry = ns.cluster.kubectl_json(&["create", "--dry-run=server", "-n", &ns.name, "-f", file.to_str().unwrap()]);
     assert_eq!(without_server_fields(dry), stored);
+}
+
+/// `oats_kube_requests_total` of one replica by (verb, resource, code), and its
+/// `oats_kube_cache_synced` by resource.
+async fn kube_metrics(server: &Server) -> (BTreeMap<(String, String, String), f64>, BTreeMap<String, f64>) {
+    let text = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let label = |labels: &str, name: &str| {
+        labels.split(',').find_map(|kv| kv.strip_prefix(&format!("{name}=\""))?.strip_suffix('"')).unwrap().to_owned()
+    };
+    let (mut requests, mut synced) = (BTreeMap::new(), BTreeMap::new());
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("oats_kube_requests_total{") {
+            let (labels, value) = rest.split_once("} ").unwrap();
+            let key = (label(labels, "verb"), label(labels, "resource"), label(labels, "code"));
+            requests.insert(key, value.split(' ').next().unwrap().parse().unwrap());
+        } else if let Some(rest) = line.strip_prefix("oats_kube_cache_synced{") {
+            let (labels, value) = rest.split_once("} ").unwrap();
+            synced.insert(label(labels, "resource"), value.parse().unwrap());
+        }
+    }
+    (requests, synced)
+}
+
+/// The Kubernetes metrics the alerts read (OatsKubernetesApiErrors: requests by code;
+/// OatsWatchCacheNotSynced: the caches) count exactly the calls a scenario makes: two jobs that
+/// succeed and one that is cancelled are three creates (201), one read of the cancelled Job
+/// (200) and four patches (200: the cancel and three finishes counted).
+#[tokio::test]
+async fn the_kubernetes_metrics_the_alerts_read_count_each_call() {
+    let cluster = kube::cluster();
+    let ns = TestNamespace::create(cluster, "kube-metrics");
+    let dir = tempfile::tempdir().unwrap();
+    let server = ns.start_oats(dir.path(), &[]).await;
+    let (before, synced) = kube_metrics(&server).await;
+    assert_eq!(synced, [("jobs".to_owned(), 1.0), ("pods".to_owned(), 1.0)].into(), "ready: both caches synced");
+    // Starting: the version check (as the client classifies GET /version), then one list and
+    // one watch per cache.
+    let call = |verb: &str, resource: &str| (verb.to_owned(), resource.to_owned(), "200".to_owned());
+    let startup: BTreeMap<_, f64> = [
+        (call("list", "version"), 1.0),
+        (call("list", "jobs"), 1.0),
+        (call("list", "pods"), 1.0),
+        (call("watch", "jobs"), 1.0),
+        (call("watch", "pods"), 1.0),
+    ]
+    .into();
+    assert_eq!(before, startup);
+
+    let job = |outcome: &str| {
+        json!({"goal": "count me", "max_turns": 1,
+                                     "labels": {"kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": "300"}})
+    };
+    let done = [submit(&server, job("succeed")).await, submit(&server, job("succeed")).await];
+    let running = submit(&server, job("run")).await;
+    for id in &done {
+        server.wait_for(id, "succeeded", SOON).await;
+    }
+    server.wait_for(&running, "running", SOON).await;
+    let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{running}/cancel"))).send().await.unwrap();
+    assert_eq!(cancel.status(), reqwest::StatusCode::OK);
+
+    let key = |verb: &str, code: &str| (verb.to_owned(), "jobs".to_owned(), code.to_owned());
+    let expected: BTreeMap<_, f64> =
+        [(key("create", "201"), 3.0), (key("get", "200"), 1.0), (key("patch", "200"), 4.0)].into();
+    let deadline = Instant::now() + SOON;
+    loop {
+        let (after, synced) = kube_metrics(&server).await;
+        // The calls on Jobs other than the watches' (lists and watches reconnect on their own).
+        let delta: BTreeMap<_, f64> = after
+            .iter()
+            .filter(|((verb, resource, _), _)| resource == "jobs" && verb != "list" && verb != "watch")
+            .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+            .filter(|(_, v)| *v != 0.0)
+            .collect();
+        let marked =
+            ns.jobs().iter().filter(|j| j["metadata"]["annotations"][render::COUNTED_ANNOTATION].is_string()).count();
+        if marked == 3 && delta.get(&key("patch", "200")) == Some(&4.0) {
+            assert_eq!(delta, expected);
+            assert_eq!(synced.values().copied().collect::<Vec<_>>(), [1.0, 1.0]);
+            let errors: Vec<_> = after.keys().filter(|(_, _, code)| !code.starts_with('2')).collect();
+            assert!(errors.is_empty(), "no call failed: {errors:?}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "calls on jobs: {delta:?}, {marked} finishes counted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

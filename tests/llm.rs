@@ -26,10 +26,6 @@ struct Gateway {
     dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A providers file pointing at `fake`, in `dir`, with the provider's timeout in seconds.
 fn providers_file_with_timeout(dir: &Path, fake: &FakeLlm, timeout_seconds: u32) -> PathBuf {
     std::fs::write(dir.join("provider.key"), format!("{PROVIDER_KEY}\n")).unwrap();
@@ -56,15 +52,12 @@ impl Gateway {
         let fake = FakeLlm::start().await;
         let dir = tempfile::tempdir().unwrap();
         let providers = providers_file_with_timeout(dir.path(), &fake, timeout_seconds);
-        let listen = format!("127.0.0.1:{}", free_port());
-        let mut env = vec![
-            ("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap().to_owned()),
-            ("OATS_LLM_LISTEN", listen.clone()),
-        ];
+        let mut env = vec![("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap().to_owned())];
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let server = Server::start_local(&dir.path().join("state"), &env).await;
-        Self { fake, server, url: format!("http://{listen}/v1"), dir }
+        let url = server.gateway_url();
+        Self { fake, server, url, dir }
     }
 
     fn state_dir(&self) -> PathBuf {

@@ -939,8 +939,6 @@ async fn every_dashboard_panel_shows_a_value_on_a_live_system() {
     use std::sync::{Arc, atomic::AtomicBool, atomic::Ordering};
     let dir = tempfile::tempdir().unwrap();
     let providers = idle_gateway_providers(dir.path());
-    let llm_listen =
-        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
     let agent = format!("{},demo-agent", env!("CARGO_BIN_EXE_oats"));
     let policy = path("policies/oats-policy.yaml");
     let server = common::Server::start_local(
@@ -948,7 +946,6 @@ async fn every_dashboard_panel_shows_a_value_on_a_live_system() {
         &[
             ("OATS_POLICY_FILE", policy.to_str().unwrap()),
             ("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap()),
-            ("OATS_LLM_LISTEN", &llm_listen),
             ("OATS_LOCAL_AGENT_COMMAND", &agent),
         ],
     )

@@ -7,8 +7,8 @@
 mod oidc;
 mod tokens;
 
-pub use oidc::{OidcSettings, OidcVerifier};
-pub use tokens::{TokenFile, TokenStore, hash_token};
+pub use oidc::{OidcError, OidcSettings, OidcVerifier};
+pub use tokens::{TokenFile, TokenFileError, TokenStore, TokensError, hash_token};
 
 use crate::jobs::{Caller, Role};
 use std::sync::Arc;

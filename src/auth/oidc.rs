@@ -97,12 +97,16 @@ async fn fetch(http: reqwest::Client, issuer: String, jwks_url: Option<String>) 
     serde_json::from_value(get_json(&http, &url).await?).map_err(|e| format!("{url}: {e}"))
 }
 
+/// Why the OIDC verifier cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OidcError {
+    #[error("cannot build the HTTP client for OIDC: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
 impl OidcVerifier {
-    pub fn new(settings: OidcSettings) -> Result<Arc<Self>, String> {
-        let http = reqwest::Client::builder()
-            .timeout(FETCH_TIMEOUT)
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client for OIDC: {e}"))?;
+    pub fn new(settings: OidcSettings) -> Result<Arc<Self>, OidcError> {
+        let http = reqwest::Client::builder().timeout(FETCH_TIMEOUT).build().map_err(OidcError::Client)?;
         Ok(Arc::new(Self { settings, http, keys: Arc::default(), refresh: Arc::default() }))
     }
 

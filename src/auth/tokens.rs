@@ -10,6 +10,27 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+/// Why a token file cannot be used. At start this stops the server; on a reload the file is
+/// rejected and the tokens in force stay.
+#[derive(Debug, thiserror::Error)]
+pub enum TokensError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: TokenFileError },
+}
+
+/// What is wrong inside a token file.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("{0}")]
+    Parse(String),
+    #[error("token {0}: sha256 must be 64 hex digits")]
+    BadHash(String),
+    #[error("token {name}: tenant {tenant:?} is not usable: {why}")]
+    UnusableTenant { name: String, tenant: String, why: String },
+}
+
 /// The token file: `tokens: [{name, sha256, tenant, role}]`, where `sha256` is the hex SHA-256
 /// of the token (`oats hash-token` prints it).
 #[derive(Debug, serde::Deserialize)]
@@ -42,8 +63,8 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn parse(text: &str) -> Result<Vec<Token>, String> {
-    let file: TokenFile = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
+fn parse(text: &str) -> Result<Vec<Token>, TokenFileError> {
+    let file: TokenFile = serde_saphyr::from_str(text).map_err(|e| TokenFileError::Parse(e.to_string()))?;
     file.tokens
         .into_iter()
         .map(|entry| {
@@ -51,15 +72,19 @@ fn parse(text: &str) -> Result<Vec<Token>, String> {
                 .step_by(2)
                 .map(|i| entry.sha256.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
                 .collect::<Option<Vec<u8>>>();
-            let hash: [u8; 32] = bytes
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| format!("token {}: sha256 must be 64 hex digits", entry.name))?;
+            let hash: [u8; 32] =
+                bytes.and_then(|b| b.try_into().ok()).ok_or_else(|| TokenFileError::BadHash(entry.name.clone()))?;
             if let Err(why) = super::check_tenant(&entry.tenant) {
-                return Err(format!("token {}: tenant {:?} is not usable: {why}", entry.name, entry.tenant));
+                return Err(TokenFileError::UnusableTenant { name: entry.name, tenant: entry.tenant, why });
             }
             Ok(Token { hash, caller: Caller { tenant: entry.tenant, role: entry.role, name: entry.name } })
         })
         .collect()
+}
+
+fn read(path: &Path) -> Result<Vec<Token>, TokensError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read { path: path.into(), source })?;
+    parse(&text).map_err(|reason| TokensError::Invalid { path: path.into(), reason })
 }
 
 /// The current tokens, kept up to date with the file.
@@ -71,9 +96,8 @@ pub struct TokenStore {
 
 impl TokenStore {
     /// Load the file; it must be valid at start.
-    pub fn load(path: &Path) -> Result<Arc<Self>, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let tokens = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Arc<Self>, TokensError> {
+        let tokens = read(path)?;
         tracing::info!(path = %path.display(), tokens = tokens.len(), "API tokens loaded");
         Ok(Arc::new(Self {
             path: path.to_owned(),
@@ -93,7 +117,7 @@ impl TokenStore {
             return;
         }
         *self.loaded.write().unwrap() = current;
-        match std::fs::read_to_string(&self.path).map_err(|e| e.to_string()).and_then(|t| parse(&t)) {
+        match read(&self.path) {
             Ok(tokens) => {
                 tracing::info!(path = %self.path.display(), tokens = tokens.len(), "API tokens reloaded");
                 *self.tokens.write().unwrap() = tokens;
@@ -179,7 +203,7 @@ mod tests {
                 hash_token("b")
             );
             std::fs::write(&path, text).unwrap();
-            let error = TokenStore::load(&path).err().unwrap_or_else(|| panic!("tenant {tenant} accepted"));
+            let error = TokenStore::load(&path).err().unwrap_or_else(|| panic!("tenant {tenant} accepted")).to_string();
             assert!(error.contains("token ci-bot: tenant") && error.contains(why), "{tenant}: {error}");
         }
         // At most 63 characters of the label alphabet is fine.

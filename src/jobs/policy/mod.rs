@@ -9,7 +9,7 @@ mod rule;
 mod rules;
 
 pub use rule::Rule;
-pub use rules::{Egress, GUARDED_LABEL_DOMAINS, PolicyDocument, ResourceProfile, TenantRules};
+pub use rules::{Egress, GUARDED_LABEL_DOMAINS, PolicyDocument, PolicyError, ResourceProfile, TenantRules};
 
 use crate::jobs::JobSpec;
 use std::{
@@ -91,7 +91,7 @@ impl Policy {
     }
 
     /// Load the file; it must be valid at start.
-    pub fn load(path: &Path) -> Result<Arc<Self>, String> {
+    pub fn load(path: &Path) -> Result<Arc<Self>, PolicyError> {
         let document = PolicyDocument::read(path)?;
         tracing::info!(path = %path.display(), tenants = document.tenant_count(), "policy loaded");
         Ok(Arc::new(Self::with_document(Some(path.to_owned()), document)))

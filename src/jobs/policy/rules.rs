@@ -1,8 +1,25 @@
 //! The policy document and the rules of one tenant.
 
 use super::{Rule, Submission, Verdict};
-use crate::jobs::{Budget, NanoUsd};
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use crate::jobs::{Budget, JobSpec, NanoUsd};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+/// Why a policy file cannot be used. At start this stops the server; on a reload the file is
+/// rejected and the policy in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    /// A tenant's rules (or the defaults', tenant `(defaults)`) contradict themselves.
+    #[error("{}: tenant {tenant}: {message}", path.display())]
+    Tenant { path: PathBuf, tenant: String, message: String },
+}
 
 /// When a submission refused by `max_kept_jobs` may be retried.
 const KEPT_JOBS_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -220,23 +237,26 @@ impl PolicyDocument {
         self.tenants.keys().map(String::as_str)
     }
 
-    pub fn read(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let document: Self = serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn read(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read { path: path.into(), source })?;
+        let document: Self = serde_saphyr::from_str(&text)
+            .map_err(|e| PolicyError::Parse { path: path.into(), message: e.to_string() })?;
+        let invalid =
+            |tenant: &str, message: String| PolicyError::Tenant { path: path.into(), tenant: tenant.into(), message };
         for (tenant, patch) in std::iter::once(("(defaults)", &document.defaults))
             .chain(document.tenants.iter().map(|(name, patch)| (name.as_str(), patch)))
         {
-            patch.check_amounts().map_err(|e| format!("{}: tenant {tenant}: {e}", path.display()))?;
+            patch.check_amounts().map_err(|message| invalid(tenant, message))?;
         }
         for tenant in std::iter::once("(defaults)").chain(document.tenants.keys().map(String::as_str)) {
             let rules = document.rules_for(tenant);
             if let Some(why) = rules.default_budget.exceeds(&rules.max_budget) {
-                return Err(format!("{}: tenant {tenant}: default_budget is above max_budget: {why}", path.display()));
+                return Err(invalid(tenant, format!("default_budget is above max_budget: {why}")));
             }
             if let Some(profile) = &rules.default_profile
                 && !rules.resource_profiles.contains_key(profile)
             {
-                return Err(format!("{}: tenant {tenant}: default_profile {profile} is not defined", path.display()));
+                return Err(invalid(tenant, format!("default_profile {profile} is not defined")));
             }
         }
         Ok(document)
@@ -291,6 +311,14 @@ impl TenantRules {
     }
 
     /// Every rule but the rate limit (which needs the shared buckets).
+    /// The profile a job gets (its own, else the tenant's default) and that profile's resources;
+    /// `None` resources for a name the tenant does not define (the resource-profile rule denies).
+    pub fn profile_for(&self, spec: &JobSpec) -> (Option<String>, Option<ResourceProfile>) {
+        let name = spec.profile.clone().or_else(|| self.default_profile.clone());
+        let resources = name.as_ref().and_then(|p| self.resource_profiles.get(p)).cloned();
+        (name, resources)
+    }
+
     pub(super) fn judge(&self, s: &Submission<'_>) -> (Vec<Verdict>, Option<ResourceProfile>) {
         let spec = s.spec;
         let mut verdicts = Vec::new();
@@ -346,8 +374,7 @@ impl TenantRules {
                 format!("label keys not allowed: {}", refused.join(", "))
             },
         );
-        let profile_name = spec.profile.clone().or_else(|| self.default_profile.clone());
-        let resources = profile_name.as_ref().and_then(|p| self.resource_profiles.get(p)).cloned();
+        let (profile_name, resources) = self.profile_for(spec);
         match &profile_name {
             Some(name) => check(
                 Rule::ResourceProfile,
@@ -572,7 +599,7 @@ defaults:
             ("defaults:\n  max_in_flight_calls: 0\n", "at least 1"),
         ] {
             std::fs::write(&path, yaml).unwrap();
-            let error = PolicyDocument::read(&path).unwrap_err();
+            let error = PolicyDocument::read(&path).unwrap_err().to_string();
             assert!(error.contains(expected), "{yaml}: {error}");
         }
     }

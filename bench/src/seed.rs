@@ -1,0 +1,94 @@
+//! Preloaded job histories: records written through the local backend's own seeding API
+//! (`oats::backend::local::seed`) before a server starts on the directory.
+
+use anyhow::{Result, anyhow};
+use chrono::{DateTime, Utc};
+use oats::jobs::{JobEvent, JobId, JobLimits, JobPhase, JobRecord, JobRequest, JobStatus};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+/// A 200-byte goal, numbered.
+pub fn goal_text(i: usize) -> String {
+    let mut goal = format!("Benchmark job {i:06}: ");
+    while goal.len() < 200 {
+        goal.push_str("summarise the open issues of the repository and propose a plan. ");
+    }
+    goal.truncate(200);
+    goal
+}
+
+fn event(time: DateTime<Utc>, reason: &str, message: &str) -> JobEvent {
+    JobEvent {
+        time,
+        kind: "Normal".into(),
+        reason: reason.into(),
+        message: message.into(),
+        object: "Process/agent".into(),
+        count: 1,
+    }
+}
+
+/// What [`preload`] wrote.
+pub struct Preloaded {
+    /// The jobs' ids, in an arbitrary order (so not cache-friendly).
+    pub ids: Vec<String>,
+    pub took: Duration,
+    /// Bytes of the records on disk.
+    pub bytes: u64,
+}
+
+/// Write `n` jobs in `phase` into a fresh state directory `dir`.
+pub fn preload(dir: &Path, n: usize, phase: JobPhase) -> Result<Preloaded> {
+    let started = Instant::now();
+    let _ = std::fs::remove_dir_all(dir);
+    let base = Utc::now() - chrono::Duration::seconds(n as i64 * 10 + 3600);
+    let mut jobs = Vec::with_capacity(n);
+    for i in 0..n {
+        let spec = JobRequest {
+            goal: goal_text(i),
+            max_turns: 5,
+            labels: BTreeMap::from([
+                ("team".to_owned(), format!("team-{}", i % 10)),
+                ("env".to_owned(), "prod".to_owned()),
+            ]),
+            model: Some("gpt-4o-mini".into()),
+            ..Default::default()
+        }
+        .validate(&JobLimits::default())
+        .map_err(|e| anyhow!("invalid job: {e:?}"))?;
+        let created = base + chrono::Duration::seconds(i as i64 * 10);
+        let finished = phase.is_terminal();
+        let record = JobRecord {
+            id: JobId::random(),
+            tenant: "default".into(),
+            request_hash: spec.fingerprint(),
+            spec,
+            status: JobStatus::new(phase),
+            created_at: created,
+            started_at: finished.then(|| created + chrono::Duration::seconds(1)),
+            finished_at: finished.then(|| created + chrono::Duration::seconds(9)),
+            attempts: u32::from(finished),
+            result: finished.then(|| format!("done: benchmark job {i} finished after 3 turns")),
+            trace: None,
+            rendered: Default::default(),
+        };
+        let mut events = vec![event(created, "Submitted", "job accepted; waiting for a free slot")];
+        if finished {
+            events.push(event(
+                created + chrono::Duration::seconds(1),
+                "Started",
+                "agent started as process group 4242",
+            ));
+            events.push(event(created + chrono::Duration::seconds(9), "Completed", "the agent finished"));
+        }
+        jobs.push((record, events));
+    }
+    // Random ids sorted: an order unrelated to creation (or to where the server keeps them).
+    let mut ids: Vec<String> = jobs.iter().map(|(record, _)| record.id.to_string()).collect();
+    ids.sort_unstable();
+    let bytes = oats::backend::local::seed(dir, jobs)?;
+    Ok(Preloaded { ids, took: started.elapsed(), bytes })
+}

@@ -1,0 +1,169 @@
+//! OTLP trace sinks: a real OTLP/gRPC receiver that keeps every span (the tests read them), and
+//! an OTLP/HTTP one that only counts them (the benchmark, where keeping them would cost memory).
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{KeyValue, any_value},
+    trace::v1::Span,
+};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+};
+
+/// An OTLP trace receiver: the collector's gRPC service, keeping every span it gets.
+#[derive(Clone, Default)]
+pub struct Receiver {
+    pub spans: Arc<Mutex<Vec<(String, Span)>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(string_of)
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                spans.extend(scope.spans.into_iter().map(|s| (service.clone(), s)));
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+pub fn string_of(kv: &KeyValue) -> Option<String> {
+    match kv.value.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        any_value::Value::IntValue(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+pub fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes.iter().find(|kv| kv.key == key).and_then(string_of)
+}
+
+pub async fn start_receiver() -> (Receiver, u16) {
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let service = TraceServiceServer::new(receiver.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream_of(listener))
+            .await
+            .unwrap();
+    });
+    (receiver, port)
+}
+
+/// Accepted connections of `listener` as the stream tonic serves from.
+fn tokio_stream_of(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    })
+}
+
+/// An OTLP/HTTP trace receiver (`POST /v1/traces`, protobuf) that counts the spans it gets,
+/// stopped when dropped.
+pub struct HttpSink {
+    /// `http://127.0.0.1:PORT`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub endpoint: String,
+    pub spans: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpSink {
+    pub async fn start() -> std::io::Result<Self> {
+        use poem::{Body, EndpointExt as _, Response, Route, handler, listener::Acceptor as _, post, web::Data};
+        #[handler]
+        async fn traces(body: Body, spans: Data<&Arc<AtomicU64>>) -> Response {
+            let bytes = body.into_bytes().await.unwrap_or_default();
+            spans.fetch_add(count_spans(&bytes), Ordering::Relaxed);
+            Response::builder().content_type("application/x-protobuf").body(Vec::<u8>::new())
+        }
+        let spans = Arc::new(AtomicU64::new(0));
+        let acceptor = poem::listener::TcpAcceptor::from_tokio(tokio::net::TcpListener::bind("127.0.0.1:0").await?)?;
+        let endpoint = format!("http://{}", acceptor.local_addr()[0]);
+        let app = Route::new().at("/v1/traces", post(traces)).data(spans.clone());
+        let task = tokio::spawn(async move {
+            let _ = poem::Server::new_with_acceptor(acceptor).run(app).await;
+        });
+        Ok(Self { endpoint, spans, task })
+    }
+}
+
+impl Drop for HttpSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Length-delimited fields number `field` of a protobuf message.
+fn proto_fields(mut buf: &[u8], field: u64) -> Vec<&[u8]> {
+    fn varint(buf: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = buf.split_first()?;
+            *buf = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    let mut out = Vec::new();
+    while let Some(key) = varint(&mut buf) {
+        let skip = match key & 7 {
+            0 => {
+                varint(&mut buf);
+                0
+            }
+            1 => 8,
+            5 => 4,
+            2 => {
+                let Some(len) = varint(&mut buf) else { break };
+                let len = len as usize;
+                if len > buf.len() {
+                    break;
+                }
+                if key >> 3 == field {
+                    out.push(&buf[..len]);
+                }
+                len
+            }
+            _ => break,
+        };
+        if skip > buf.len() {
+            break;
+        }
+        buf = &buf[skip..];
+    }
+    out
+}
+
+/// Spans in an `ExportTraceServiceRequest` (resource_spans = 1, scope_spans = 2, spans = 2).
+fn count_spans(request: &[u8]) -> u64 {
+    proto_fields(request, 1)
+        .into_iter()
+        .flat_map(|rs| proto_fields(rs, 2))
+        .map(|ss| proto_fields(ss, 2).len() as u64)
+        .sum()
+}
