@@ -31,17 +31,16 @@ fn stderr(out: &Output) -> String {
 
 /// As shipped: the LLM gateway on (agents get its address and a projected token), no Secret.
 fn config() -> Config {
-    let mut config = Config::default();
-    config.llm_providers_file = Some("/etc/oats/llm/providers.yaml".into());
-    config
+    Config { llm_providers_file: Some("/etc/oats/llm/providers.yaml".into()), ..Config::default() }
 }
 
 /// The opt-in for agents that call a provider directly: a Secret mounted as llm-credentials.
 fn secret_config() -> Config {
-    let mut config = Config::default();
-    config.llm_secret_name = Some("oats-llm-credentials".into());
-    config.llm_secret_keys = vec!["api-key".into()];
-    config
+    Config {
+        llm_secret_name: Some("oats-llm-credentials".into()),
+        llm_secret_keys: vec!["api-key".into()],
+        ..Config::default()
+    }
 }
 
 /// The Job OATS renders for a plain request (as JSON), through the library.

@@ -238,10 +238,11 @@ fn pod(name: &str, namespace: &str, labels: &Value, spec: Value) -> Value {
 }
 
 fn agent_config() -> Config {
-    let mut config = Config::default();
-    config.llm_secret_name = Some("oats-llm-credentials".into());
-    config.llm_secret_keys = vec!["api-key".into()];
-    config
+    Config {
+        llm_secret_name: Some("oats-llm-credentials".into()),
+        llm_secret_keys: vec!["api-key".into()],
+        ..Config::default()
+    }
 }
 
 fn agent_job() -> NewJob {

@@ -76,11 +76,13 @@ mod tests {
 
     #[test]
     fn a_rendered_job_keeps_its_shape_and_loses_its_internals() {
-        let mut config = Config::default();
-        config.llm_secret_name = Some("prod-openai-credentials".into());
-        config.llm_secret_keys = vec!["api-key".into()];
-        config.llm_providers_file = Some("/etc/oats/providers.yaml".into());
-        config.agent_service_account = "agents-in-prod".into();
+        let config = Config {
+            llm_secret_name: Some("prod-openai-credentials".into()),
+            llm_secret_keys: vec!["api-key".into()],
+            llm_providers_file: Some("/etc/oats/providers.yaml".into()),
+            agent_service_account: "agents-in-prod".into(),
+            ..Config::default()
+        };
         let template = render::AgentTemplate::from_config(&config, "oats-agents");
         let mut manifest = serde_json::to_value(render::render_job(&job("/plan the picnic"), &template)).unwrap();
         let before = manifest.to_string();

@@ -21,7 +21,7 @@ pub fn reserved_label_key(key: &str) -> Option<&'static str> {
     if ["job-name", "controller-uid", "pod-template-hash"].contains(&key) {
         return Some("this key is reserved: the Kubernetes Job controller sets it");
     }
-    let Some((prefix, _)) = key.rsplit_once('/') else { return None };
+    let (prefix, _) = key.rsplit_once('/')?;
     let under = |domain: &str| prefix == domain || prefix.ends_with(&format!(".{domain}"));
     if prefix != "app.kubernetes.io" && (under("kubernetes.io") || under("k8s.io")) {
         return Some("this key is reserved: keys under kubernetes.io and k8s.io belong to Kubernetes");

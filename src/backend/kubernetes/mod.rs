@@ -219,7 +219,7 @@ impl KubernetesBackend {
             let list = api.list(&params).await.map_err(api_error)?;
             events.extend(list.items.iter().map(|e| to_job_event(e, &kind, &name)));
         }
-        events.sort_by(|a, b| b.time.cmp(&a.time));
+        events.sort_by_key(|e| std::cmp::Reverse(e.time));
         Ok(events)
     }
 

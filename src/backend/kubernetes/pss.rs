@@ -234,7 +234,8 @@ mod tests {
 
     #[test]
     fn each_control_catches_its_violation() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut PodTemplateSpec)>)> = vec![
+        type Breaks = Box<dyn FnOnce(&mut PodTemplateSpec)>;
+        let cases: Vec<(&str, Breaks)> = vec![
             ("hostNamespaces", Box::new(|t| t.spec.as_mut().unwrap().host_pid = Some(true))),
             ("privileged", Box::new(|t| container(t).privileged = Some(true))),
             ("allowPrivilegeEscalation", Box::new(|t| container(t).allow_privilege_escalation = None)),

@@ -447,9 +447,11 @@ mod tests {
     }
 
     fn template() -> AgentTemplate {
-        let mut config = Config::default();
-        config.llm_secret_name = Some("llm-credentials".into());
-        config.llm_secret_keys = vec!["api-key".into()];
+        let config = Config {
+            llm_secret_name: Some("llm-credentials".into()),
+            llm_secret_keys: vec!["api-key".into()],
+            ..Config::default()
+        };
         AgentTemplate::from_config(&config, "oats")
     }
 

@@ -415,7 +415,8 @@ mod tests {
     fn status_and_reason_table() {
         use JobPhase::*;
         use JobReason::*;
-        let cases: Vec<(&str, Job, Vec<Pod>, JobPhase, Option<JobReason>)> = vec![
+        type Case = (&'static str, Job, Vec<Pod>, JobPhase, Option<JobReason>);
+        let cases: Vec<Case> = vec![
             ("no pod yet", job(&[], (0, 0, 0)), vec![], Pending, None),
             ("pod scheduling", job(&[], (1, 0, 0)), vec![pod("Pending", waiting("ContainerCreating"))], Pending, None),
             ("unschedulable", job(&[], (1, 0, 0)), vec![unschedulable()], Pending, Some(Unschedulable)),
