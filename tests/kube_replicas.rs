@@ -221,8 +221,8 @@ async fn kube_metrics(server: &Server) -> (BTreeMap<(String, String, String), f6
 
 /// The Kubernetes metrics the alerts read (OatsKubernetesApiErrors: requests by code;
 /// OatsWatchCacheNotSynced: the caches) count exactly the calls a scenario makes: two jobs that
-/// succeed and one that is cancelled are three creates (201), one read of the cancelled Job
-/// (200) and four patches (200: the cancel and three finishes counted).
+/// succeed and one that is cancelled are three creates (201), four patches that succeed (200:
+/// the cancel and three finishes counted), one read of the cancelled Job plus one per conflict.
 #[tokio::test]
 async fn the_kubernetes_metrics_the_alerts_read_count_each_call() {
     let cluster = kube::cluster();
@@ -258,13 +258,11 @@ async fn the_kubernetes_metrics_the_alerts_read_count_each_call() {
     assert_eq!(cancel.status(), reqwest::StatusCode::OK);
 
     let key = |verb: &str, code: &str| (verb.to_owned(), "jobs".to_owned(), code.to_owned());
-    let expected: BTreeMap<_, f64> =
-        [(key("create", "201"), 3.0), (key("get", "200"), 1.0), (key("patch", "200"), 4.0)].into();
     let deadline = Instant::now() + SOON;
     loop {
         let (after, synced) = kube_metrics(&server).await;
         // The calls on Jobs other than the watches' (lists and watches reconnect on their own).
-        let delta: BTreeMap<_, f64> = after
+        let mut delta: BTreeMap<_, f64> = after
             .iter()
             .filter(|((verb, resource, _), _)| resource == "jobs" && verb != "list" && verb != "watch")
             .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
@@ -273,10 +271,20 @@ async fn the_kubernetes_metrics_the_alerts_read_count_each_call() {
         let marked =
             ns.jobs().iter().filter(|j| j["metadata"]["annotations"][render::COUNTED_ANNOTATION].is_string()).count();
         if marked == 3 && delta.get(&key("patch", "200")) == Some(&4.0) {
-            assert_eq!(delta, expected);
+            // A patch guarded by a version the Job controller has just replaced is refused (409,
+            // normal operation, not an error for the alert) and made again: the cancel after
+            // reading the Job again, the claim of a finish at the version the watch brings.
+            let conflicts = delta.remove(&key("patch", "409")).unwrap_or(0.0);
+            let reads = delta.remove(&key("get", "200")).unwrap_or(0.0);
+            assert!((1.0..=1.0 + conflicts).contains(&reads), "{reads} reads for one cancel and {conflicts} conflicts");
+            assert_eq!(delta, [(key("create", "201"), 3.0), (key("patch", "200"), 4.0)].into());
             assert_eq!(synced.values().copied().collect::<Vec<_>>(), [1.0, 1.0]);
-            let errors: Vec<_> = after.keys().filter(|(_, _, code)| !code.starts_with('2')).collect();
-            assert!(errors.is_empty(), "no call failed: {errors:?}");
+            // What OatsKubernetesApiErrors counts as an error: none.
+            let errors: Vec<_> = after
+                .keys()
+                .filter(|(_, _, code)| !["2", "3"].iter().any(|c| code.starts_with(c)) && code != "409")
+                .collect();
+            assert!(errors.is_empty(), "calls the alert counts as errors: {errors:?}");
             return;
         }
         assert!(Instant::now() < deadline, "calls on jobs: {delta:?}, {marked} finishes counted");
