@@ -384,7 +384,8 @@ async fn restarted_oats_finds_every_job_with_its_status() {
     server.wait_for(&running, "running", SOON).await;
     server.crash();
     // While OATS is down, the done job finishes.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let complete = format!("job/{done}");
+    cluster.kubectl_ok(&["wait", "--for=condition=Complete", "--timeout=60s", "-n", kube::NAMESPACE, &complete]);
     let server = cluster.start_oats(dir.path()).await;
     assert_eq!(server.job(&running).await["status"], "running");
     server.wait_for(&done, "succeeded", SOON).await;
@@ -664,15 +665,12 @@ async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_ru
     let dir = tempfile::tempdir().unwrap();
     let fake = common::fake_llm::FakeLlm::start().await;
     let providers = providers_file(dir.path(), &fake);
-    let listen =
-        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
-    let gateway = format!("http://{listen}/v1");
     let extra = [
         ("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap()),
-        ("OATS_LLM_LISTEN", listen.as_str()),
         ("OATS_STATE_DIR", dir.path().to_str().unwrap()),
     ];
     let server = cluster.start_oats_with(dir.path(), &extra).await;
+    let gateway = server.gateway_url();
     let id =
         id_of(&submit(&server, "Use the model", json!({"e2e": run, "kwok.oats.dev/outcome": "run"}), Some(600)).await);
     server.wait_for(&id, "running", SOON).await;
@@ -1086,17 +1084,15 @@ async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
     let mut replicas = Vec::new();
     let mut gateways = Vec::new();
     for name in ["a", "b"] {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let listen = format!("127.0.0.1:{port}");
         let state = dir.path().join(name);
         let extra = [
             ("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap()),
-            ("OATS_LLM_LISTEN", listen.as_str()),
             ("OATS_STATE_DIR", state.to_str().unwrap()),
             ("OATS_DATABASE_URL", database.as_str()),
         ];
-        replicas.push(cluster.start_oats_with(&dir.path().join(name), &extra).await);
-        gateways.push(format!("http://{listen}/v1/chat/completions"));
+        let replica = cluster.start_oats_with(&dir.path().join(name), &extra).await;
+        gateways.push(format!("{}/chat/completions", replica.gateway_url()));
+        replicas.push(replica);
     }
     // About 200 tokens are reserved per call (its body bounds the input, max_tokens the output):
     // a budget of 2,000 fits about 10 of the 50.
@@ -1328,10 +1324,16 @@ async fn unknown_job_ids_never_reach_the_api_server_and_events_are_listed_at_mos
     let listed = count(&kube_call_counts(&server).await, "list", "events") - before;
     assert!(started.elapsed() < Duration::from_secs(5), "the 50 requests took {:?}", started.elapsed());
     assert!((1.0..=2.0).contains(&listed), "50 events requests made {listed} LIST calls");
-    tokio::time::sleep(Duration::from_millis(5500)).await;
-    let (status, _) = server.get_json(&events).await;
-    assert_eq!(status, StatusCode::OK);
-    let again = count(&kube_call_counts(&server).await, "list", "events") - before;
-    assert!(again > listed, "the events were listed again once the cached listing expired");
+    // Once the cached listing expires (5 s), a request lists them again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _) = server.get_json(&events).await;
+        assert_eq!(status, StatusCode::OK);
+        if count(&kube_call_counts(&server).await, "list", "events") - before > listed {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the events were never listed again");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     cluster.delete_jobs(&format!("e2e={run}"));
 }
