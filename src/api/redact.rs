@@ -14,7 +14,7 @@ const INTERNAL_KEYS: [&str; 5] = ["serviceAccountName", "serviceAccount", "secre
 const REFERENCES: [&str; 6] = ["secret", "secretKeyRef", "secretRef", "configMap", "configMapKeyRef", "configMapRef"];
 
 /// The caller's own goal, passed to the agent as it is: never hidden, whatever it looks like.
-const GOAL: &str = "OATS_GOAL";
+const GOAL: &str = crate::jobs::agent_env::GOAL;
 
 /// Hide the internal configuration in a preview (the rendered Kubernetes Job, or the local
 /// backend's command and environment).

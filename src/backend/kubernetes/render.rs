@@ -317,7 +317,7 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
             ..Default::default()
         });
         env.push(EnvVar {
-            name: "OATS_LLM_CREDENTIALS_DIR".into(),
+            name: agent_env::LLM_CREDENTIALS_DIR.into(),
             value: Some(LLM_CREDENTIALS_DIR.into()),
             value_from: None,
         });
