@@ -982,10 +982,20 @@ async fn every_dashboard_panel_shows_a_value_on_a_live_system() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    // The shipped rules loaded and evaluate without error.
-    let rule_groups = prometheus.api("/api/v1/rules", &[]).await;
+    // The shipped rules loaded and evaluate without error (once each has been evaluated).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let rule_groups = loop {
+        let rule_groups = prometheus.api("/api/v1/rules", &[]).await;
+        let evaluated = rule_groups["groups"].as_array().is_some_and(|groups| {
+            !groups.is_empty()
+                && groups.iter().flat_map(|g| g["rules"].as_array().unwrap()).all(|r| r["health"] != "unknown")
+        });
+        if evaluated {
+            break rule_groups;
+        }
+        assert!(std::time::Instant::now() < deadline, "the rules were never evaluated: {rule_groups}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     let groups = rule_groups["groups"].as_array().unwrap();
     assert_eq!(groups.len(), prometheus_rule()["spec"]["groups"].as_array().unwrap().len(), "rule groups loaded");
     for group in groups {
