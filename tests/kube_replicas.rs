@@ -291,3 +291,61 @@ async fn the_kubernetes_metrics_the_alerts_read_count_each_call() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// `backend=auto` (the default; OATS_BACKEND is not set) as README says: Kubernetes when a
+/// kubeconfig works, else local (no kubeconfig, or one whose API server does not answer).
+#[tokio::test]
+async fn backend_auto_picks_kubernetes_with_a_working_kubeconfig_and_local_otherwise() {
+    for inherited in ["OATS_BACKEND", "KUBERNETES_SERVICE_HOST"] {
+        assert!(std::env::var_os(inherited).is_none(), "{inherited} is set: the server would inherit it");
+    }
+    let cluster = kube::cluster();
+    let ns = TestNamespace::create(cluster, "auto");
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let dead = dir.path().join("dead.kubeconfig");
+    std::fs::write(
+        &dead,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: dead\n  cluster:\n    server: https://127.0.0.1:1\n\
+         users:\n- name: nobody\n  user:\n    token: x\ncontexts:\n- name: dead\n  context:\n    cluster: dead\n    \
+         user: nobody\ncurrent-context: dead\n",
+    )
+    .unwrap();
+    let kubeconfig = cluster.admin_kubeconfig.display().to_string();
+    let cases = [
+        ("none", None, "local"),
+        ("dead", Some(dead.display().to_string()), "local"),
+        ("working", Some(kubeconfig), "kubernetes"),
+    ];
+    for (name, kubeconfig, expected) in cases {
+        let state = dir.path().join(name);
+        let mut env = vec![
+            ("HOME".to_owned(), home.display().to_string()),
+            ("OATS_STATE_DIR".to_owned(), state.display().to_string()),
+            ("OATS_NAMESPACE".to_owned(), ns.name.clone()),
+            ("OATS_LOG_FORMAT".to_owned(), "json".to_owned()),
+        ];
+        env.extend(kubeconfig.map(|k| ("KUBECONFIG".to_owned(), k)));
+        let server = Server::start(env, &state).await;
+        let goal = format!("where do I run ({name})");
+        let id =
+            submit(&server, json!({"goal": goal, "max_turns": 1, "labels": {"kwok.oats.dev/outcome": "run"}})).await;
+        let in_cluster = ns.jobs().iter().any(|j| j["metadata"]["name"] == id.as_str());
+        let in_state_dir = state.join("jobs").join(&id).exists();
+        let said = format!(
+            "backend=auto: {}",
+            if expected == "local" { "no usable cluster" } else { "a Kubernetes API server answered" }
+        );
+        assert!(
+            server.log_text().contains(&said),
+            "{name} kubeconfig: the log does not say {said:?}:\n{}",
+            server.log_text()
+        );
+        assert_eq!(
+            (in_cluster, in_state_dir),
+            (expected == "kubernetes", expected == "local"),
+            "{name} kubeconfig: expected {expected}"
+        );
+    }
+}
