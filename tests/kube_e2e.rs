@@ -1181,20 +1181,23 @@ async fn a_burst_of_50_parallel_submissions_gets_exactly_max_concurrent_jobs() {
     // 50 submissions at once, each on its own connection: the watch delivers none of the
     // created Jobs before the others are judged.
     let submissions = (0..50).map(|i| reqwest::Client::new().post(server.url("/api/v1/jobs")).json(&body(i)).send());
-    let mut created = 0;
+    let mut created = Vec::new();
     for response in futures::future::join_all(submissions).await {
         let response = response.unwrap();
         if response.status() == StatusCode::CREATED {
-            created += 1;
+            created.push(id_of(&response.json().await.unwrap()));
             continue;
         }
         let problem = assert_problem(response, 429, "policy/max-concurrent-jobs").await;
         assert!(problem["detail"].as_str().unwrap().contains("the limit is 2"), "{problem}");
     }
-    assert_eq!(created, 2, "exactly the limit is accepted");
+    assert_eq!(created.len(), 2, "exactly the limit is accepted");
     assert_eq!(cluster.jobs_labelled(&format!("e2e={run}")).len(), 2);
-    // Once the watch has delivered them, they are counted once, not twice.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Once the watch has delivered them (running: their pods came through the watch too), they
+    // are counted once, not twice.
+    for id in &created {
+        server.wait_for(id, "running", SOON).await;
+    }
     let (_, page) = server.get_json(&format!("/api/v1/jobs?label=e2e%3D{run}")).await;
     assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
     let response = server.submit(body(50)).await;
