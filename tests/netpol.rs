@@ -29,11 +29,13 @@
 //!
 //! Needs Go (to build the analyzer once) and kubectl; fails, never skips, without them.
 
-use chrono::Utc;
+mod common;
+
+use common::fixtures;
 use oats::{
     backend::kubernetes::render::{AgentTemplate, render_job},
     config::Config,
-    jobs::{JobId, JobLimits, JobRequest, NewJob},
+    jobs::{JobRequest, NewJob},
 };
 use serde_json::{Value, json};
 use std::{
@@ -246,26 +248,8 @@ fn agent_config() -> Config {
 }
 
 fn agent_job() -> NewJob {
-    let spec = JobRequest {
-        goal: "Probe the network policies".into(),
-        max_turns: 3,
-        labels: Default::default(),
-        timeout_seconds: Some(600),
-        model: None,
-        profile: None,
-        budget: Default::default(),
-    }
-    .validate(&JobLimits::default())
-    .unwrap();
-    NewJob {
-        id: JobId::random(),
-        tenant: "default".into(),
-        request_hash: spec.fingerprint(),
-        trace: None,
-        resources: None,
-        spec,
-        created_at: Utc::now(),
-    }
+    let request = JobRequest { timeout_seconds: Some(600), ..fixtures::request("Probe the network policies", 3) };
+    fixtures::new_job(request)
 }
 
 /// Remove IPv6 ipBlock peers (the analyzer misreads them, see the module doc). A rule whose
