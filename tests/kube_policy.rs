@@ -6,11 +6,10 @@
 mod common;
 mod kube;
 
-use chrono::Utc;
 use oats::{
     backend::kubernetes::render::{AgentTemplate, render_job},
     config::Config,
-    jobs::{JobId, JobLimits, JobRequest, NewJob, policy::ResourceProfile},
+    jobs::{JobLimits, JobRequest, NewJob, policy::ResourceProfile},
 };
 use serde_json::{Value, json};
 use std::{
@@ -50,26 +49,12 @@ fn rendered_with(
     timeout: u32,
     profile: Option<ResourceProfile>,
 ) -> Value {
-    let spec = JobRequest {
-        goal: "Check the admission policy".into(),
-        max_turns: 3,
+    let request = JobRequest {
         labels,
         timeout_seconds: Some(timeout),
-        model: None,
-        profile: None,
-        budget: Default::default(),
-    }
-    .validate(&JobLimits::default())
-    .unwrap();
-    let job = NewJob {
-        id: JobId::random(),
-        tenant: "default".into(),
-        request_hash: spec.fingerprint(),
-        trace: None,
-        resources: profile,
-        spec,
-        created_at: Utc::now(),
+        ..common::fixtures::request("Check the admission policy", 3)
     };
+    let job = NewJob { resources: profile, ..common::fixtures::new_job(request) };
     serde_json::to_value(render_job(&job, &AgentTemplate::from_config(config, kube::NAMESPACE))).unwrap()
 }
 
