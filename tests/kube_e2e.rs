@@ -665,10 +665,8 @@ async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_ru
     let dir = tempfile::tempdir().unwrap();
     let fake = common::fake_llm::FakeLlm::start().await;
     let providers = providers_file(dir.path(), &fake);
-    let extra = [
-        ("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap()),
-        ("OATS_STATE_DIR", dir.path().to_str().unwrap()),
-    ];
+    let extra =
+        [("OATS_LLM_PROVIDERS_FILE", providers.to_str().unwrap()), ("OATS_STATE_DIR", dir.path().to_str().unwrap())];
     let server = cluster.start_oats_with(dir.path(), &extra).await;
     let gateway = server.gateway_url();
     let id =
