@@ -57,6 +57,7 @@ fn assert_subset(expected: &Value, actual: &Value, path: &str) {
 async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
     let cluster = kube::cluster();
     let run = kube::unique("render");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let job = submit(&server, "Render me", json!({"e2e": run, "kwok.oats.dev/outcome": "run"}), Some(120)).await;
@@ -190,13 +191,13 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
         events["items"].as_array().unwrap().iter().all(|e| e["reason"] != "FailedCreate"),
         "the Job controller could not create the pod: {events}"
     );
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn every_status_path_is_reported() {
     let cluster = kube::cluster();
     let run = kube::unique("paths");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let label = |outcome: &str, extra: &[(&str, &str)]| {
@@ -248,13 +249,13 @@ async fn every_status_path_is_reported() {
     let mut sorted = times.clone();
     sorted.sort_by(|a, b| b.cmp(a));
     assert_eq!(times, sorted, "events are newest first");
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn cancel_removes_the_pods_and_keeps_the_record() {
     let cluster = kube::cluster();
     let run = kube::unique("cancel");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let id = id_of(&submit(&server, "Cancel me", json!({"e2e": run, "kwok.oats.dev/outcome": "run"}), None).await);
@@ -277,13 +278,13 @@ async fn cancel_removes_the_pods_and_keeps_the_record() {
     assert_eq!(kept["reason"], "Cancelled");
     let again = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
     assert_eq!(again.status(), StatusCode::OK, "cancelling twice is harmless");
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn list_filter_and_page_through_300_jobs() {
     let cluster = kube::cluster();
     let run = kube::unique("page");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let mut created = Vec::new();
@@ -321,13 +322,13 @@ async fn list_filter_and_page_through_300_jobs() {
     assert_eq!(seen, created, "every job once, newest first");
     let (_, shard_a) = server.get_json(&format!("/api/v1/jobs?label=e2e%3D{run},shard%3Da&limit=500")).await;
     assert_eq!(shard_a["items"].as_array().unwrap().len(), 100);
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn concurrent_idempotent_submissions_on_two_replicas_create_one_job() {
     let cluster = kube::cluster();
     let run = kube::unique("idem");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let first = cluster.start_oats(dir.path()).await;
     let second = cluster.start_oats(dir.path()).await;
@@ -369,13 +370,13 @@ async fn concurrent_idempotent_submissions_on_two_replicas_create_one_job() {
         .await
         .unwrap();
     assert_problem(reuse, 409, "idempotency-key-reused").await;
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn restarted_oats_finds_every_job_with_its_status() {
     let cluster = kube::cluster();
     let run = kube::unique("restart");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let running =
@@ -391,7 +392,6 @@ async fn restarted_oats_finds_every_job_with_its_status() {
     server.wait_for(&done, "succeeded", SOON).await;
     let (_, all) = server.get_json(&format!("/api/v1/jobs?label=e2e%3D{run}")).await;
     assert_eq!(all["items"].as_array().unwrap().len(), 2);
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 /// `kubectl auth can-i` arguments for `[verb, resource]`: a `pods/log` resource is the
@@ -522,6 +522,7 @@ fn kube_calls_by_code(metrics: &str) -> std::collections::BTreeMap<(String, Stri
 async fn the_shipped_role_grants_exactly_the_calls_the_backend_makes() {
     let cluster = kube::cluster();
     let run = kube::unique("rbac");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let labels = |outcome: &str| json!({"e2e": run, "kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": "500"});
@@ -563,7 +564,6 @@ async fn the_shipped_role_grants_exactly_the_calls_the_backend_makes() {
         assert!(std::time::Instant::now() < deadline, "the finishes were never counted: {calls:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    cluster.delete_jobs(&format!("e2e={run}"));
 
     let refused: Vec<_> = calls.keys().filter(|(_, _, code)| code == "403").collect();
     assert!(refused.is_empty(), "the API server refused calls of the shipped service account: {refused:?}");
@@ -601,6 +601,7 @@ async fn the_shipped_role_grants_exactly_the_calls_the_backend_makes() {
 async fn kubernetes_calls_are_child_spans_of_the_job_creation() {
     let cluster = kube::cluster();
     let run = kube::unique("spans");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let (receiver, port) = common::otlp::start_receiver().await;
     let endpoint = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
@@ -644,7 +645,6 @@ async fn kubernetes_calls_are_child_spans_of_the_job_creation() {
         assert!(std::time::Instant::now() < deadline, "no client span under `create job`: {names:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 /// A providers file for the fake upstream, in `dir`.
@@ -662,6 +662,7 @@ fn providers_file(dir: &std::path::Path, fake: &common::fake_llm::FakeLlm) -> st
 async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_runs() {
     let cluster = kube::cluster();
     let run = kube::unique("llm");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let fake = common::fake_llm::FakeLlm::start().await;
     let providers = providers_file(dir.path(), &fake);
@@ -735,7 +736,6 @@ async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_ru
     assert_eq!(call(bound).await, StatusCode::UNAUTHORIZED, "the token dies with the job");
     assert_eq!(fake.requests().len(), 1, "no refused call reached the upstream");
     cluster.kubectl_ok(&["delete", "pod", stray, "-n", kube::NAMESPACE, "--wait=false"]);
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 /// Apply `yaml` as the cluster admin.
@@ -769,6 +769,7 @@ fn stored_env(cluster: &kube::Cluster, id: &str) -> std::collections::BTreeMap<S
 async fn the_goal_and_the_trace_context_reach_the_agent_byte_for_byte() {
     let cluster = kube::cluster();
     let run = kube::unique("bytes");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let (_receiver, port) = common::otlp::start_receiver().await;
     let endpoint = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
@@ -804,13 +805,13 @@ async fn the_goal_and_the_trace_context_reach_the_agent_byte_for_byte() {
     assert_eq!(server.job(&id).await["goal"], goal);
     let (_, listed) = server.get_json(&format!("/api/v1/jobs?label=e2e%3D{run}")).await;
     assert_eq!(listed["items"][0]["goal"], goal);
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn labels_round_trip_byte_for_byte_and_keys_kubernetes_owns_are_refused() {
     let cluster = kube::cluster();
     let run = kube::unique("labels");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let labels = json!({
@@ -862,13 +863,13 @@ async fn labels_round_trip_byte_for_byte_and_keys_kubernetes_owns_are_refused() 
         assert!(problem["detail"].as_str().unwrap().contains(key), "{problem}");
     }
     assert_eq!(cluster.jobs_labelled(&format!("e2e={run}")).len(), 1, "no refused submission made a Job");
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn an_api_server_refusal_is_a_422_with_its_message_and_the_dry_run_predicts_it() {
     let cluster = kube::cluster();
     let run = kube::unique("refuse");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     // An admission policy of the cluster (as a platform team would add) refuses Jobs labelled
@@ -938,7 +939,6 @@ spec:
 
     cluster.kubectl_ok(&["delete", "validatingadmissionpolicybinding", &name]);
     cluster.kubectl_ok(&["delete", "validatingadmissionpolicy", &name]);
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
@@ -1011,6 +1011,7 @@ async fn an_exhausted_namespace_quota_is_a_429_quota_exhausted_counted_and_predi
 async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
     let cluster = kube::cluster();
     let run = kube::unique("finished");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let labels = |outcome: &str| json!({"e2e": run, "kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": "200", "kwok.oats.dev/exit-code": "3"});
@@ -1059,7 +1060,6 @@ async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 /// The store's PostgreSQL (scripts/test.sh starts it); its absence is a failure.
@@ -1072,6 +1072,7 @@ fn database_url() -> String {
 async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
     let cluster = kube::cluster();
     let run = kube::unique("budget");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let fake = common::fake_llm::FakeLlm::start().await;
     for _ in 0..50 {
@@ -1162,13 +1163,13 @@ async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
     // At most 4 calls of a job are in flight at once (the default max_in_flight_calls), so how
     // many of the 50 get through depends on timing; the budget must hold whatever it is.
     assert!(answered >= 1, "no call was answered");
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn a_burst_of_50_parallel_submissions_gets_exactly_max_concurrent_jobs() {
     let cluster = kube::cluster();
     let run = kube::unique("burst");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
     std::fs::write(&policy, "defaults:\n  max_concurrent_jobs: 2\n").unwrap();
@@ -1200,13 +1201,13 @@ async fn a_burst_of_50_parallel_submissions_gets_exactly_max_concurrent_jobs() {
     assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
     let response = server.submit(body(50)).await;
     assert_problem(response, 429, "policy/max-concurrent-jobs").await;
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 #[tokio::test]
 async fn finished_jobs_count_against_max_kept_jobs_until_their_ttl_removes_them() {
     let cluster = kube::cluster();
     let run = kube::unique("kept");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
     std::fs::write(&policy, "defaults:\n  max_concurrent_jobs: 10\n  max_kept_jobs: 2\n").unwrap();
@@ -1257,7 +1258,6 @@ async fn finished_jobs_count_against_max_kept_jobs_until_their_ttl_removes_them(
         .map(|j| j["metadata"]["name"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(left, HashSet::from([running, id_of(&accepted)]), "the TTL removed {finished} only");
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 /// `oats_kube_requests_total` by (verb, resource), summed over status codes.
@@ -1284,6 +1284,7 @@ fn count(counts: &std::collections::HashMap<(String, String), f64>, verb: &str, 
 async fn unknown_job_ids_never_reach_the_api_server_and_events_are_listed_at_most_every_few_seconds() {
     let cluster = kube::cluster();
     let run = kube::unique("reads");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await; // ready: the caches have synced
     let before = kube_call_counts(&server).await;
@@ -1336,5 +1337,4 @@ async fn unknown_job_ids_never_reach_the_api_server_and_events_are_listed_at_mos
         assert!(std::time::Instant::now() < deadline, "the events were never listed again");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    cluster.delete_jobs(&format!("e2e={run}"));
 }

@@ -718,6 +718,7 @@ fn the_policy_is_scoped_to_the_jobs_namespace_by_name() {
 async fn cancelling_passes_the_policy_and_deadline_updates_are_checked() {
     let cluster = cluster_with_policy();
     let run = kube::unique("policy-cancel");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let labels = [("e2e", run.as_str()), ("kwok.oats.dev/outcome", "run")].map(|(k, v)| (k.to_owned(), v.to_owned()));
     let job = rendered_with(&config(), labels.into(), 600, None);
     let name = job["metadata"]["name"].as_str().unwrap().to_owned();
@@ -757,7 +758,6 @@ async fn cancelling_passes_the_policy_and_deadline_updates_are_checked() {
     let stored = cluster.kubectl_json(&["get", "job", &id, "-n", kube::NAMESPACE]);
     assert_eq!(stored["spec"]["activeDeadlineSeconds"], 1);
     assert!(stored["metadata"]["annotations"]["oats.dev/cancelled-at"].is_string(), "{stored}");
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 /// The prometheus-operator CRDs that infra/monitoring (prod) needs, applied once and established.

@@ -155,11 +155,6 @@ impl Cluster {
         let list = self.kubectl_json(&["get", "jobs", "-n", NAMESPACE, "-l", selector]);
         list["items"].as_array().unwrap().clone()
     }
-
-    /// Delete the jobs (and their pods) a test made, so the cluster stays small.
-    pub fn delete_jobs(&self, selector: &str) {
-        self.kubectl_ok(&["delete", "jobs", "-n", NAMESPACE, "-l", selector, "--cascade=background", "--wait=false"]);
-    }
 }
 
 /// A namespace of one test, deleted when the guard drops (also when the test fails), with the
@@ -197,5 +192,34 @@ impl TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         let _ = self.cluster.kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// Deletes, when dropped (also when the test fails), the Jobs (and their pods) a test labelled
+/// with `selector`, so the cluster stays small.
+pub struct JobsCleanup {
+    cluster: &'static Cluster,
+    selector: String,
+}
+
+impl Cluster {
+    /// The Jobs labelled `e2e=<run>` are deleted when the returned guard drops.
+    pub fn delete_jobs_on_drop(&'static self, run: &str) -> JobsCleanup {
+        JobsCleanup { cluster: self, selector: format!("e2e={run}") }
+    }
+}
+
+impl Drop for JobsCleanup {
+    fn drop(&mut self) {
+        let _ = self.cluster.kubectl(&[
+            "delete",
+            "jobs",
+            "-n",
+            NAMESPACE,
+            "-l",
+            &self.selector,
+            "--cascade=background",
+            "--wait=false",
+        ]);
     }
 }
