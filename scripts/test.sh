@@ -16,11 +16,17 @@
 # Locally, OATS_SKIP_KUBE_E2E=1 skips the control plane and the test binaries that need it
 # (tests/kube_*.rs), and the summary at the end names them; CI never does. The summary also
 # counts the passed, failed and ignored tests and lists each ignored test with its reason.
+# It starts with `cargo fmt --check` and `cargo clippy -D warnings`; either failing fails the run.
 # Everything this script starts (PostgreSQL, the control plane) is stopped when it exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 in_ci() { [ -n "${CI:-}" ] && [ "${CI}" != "false" ]; }
+
+# Formatting and lints first, over every crate of the workspace: they fail in a minute, before
+# the long suites.
+cargo fmt --all -- --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 tools_env=$(scripts/install-test-tools.sh)
 eval "$tools_env"

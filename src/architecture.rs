@@ -251,7 +251,7 @@ impl Crate {
     /// through re-exports.
     fn resolve(&self, path: &[String]) -> ModPath {
         let mut len = path.len();
-        while len > 0 && !self.modules.contains(&path[..len].to_vec()) {
+        while len > 0 && !self.modules.contains(&path[..len]) {
             len -= 1;
         }
         let module = path[..len].to_vec();

@@ -5,6 +5,7 @@
 //! to `OATS_RESULT_FILE` (on Kubernetes, the container's termination message). A goal containing
 //! `#fail` makes it exit with code 3 after the first turn, to show a failing job.
 
+use crate::jobs::agent_env;
 use std::{io::Write, time::Duration};
 
 /// Exit code of an agent stopped by SIGTERM (128 + 15), as shells report it.
@@ -14,10 +15,10 @@ const DEMO_FAILURE: i32 = 3;
 
 /// Run the demo agent; returns its exit code.
 pub async fn run() -> i32 {
-    let goal = std::env::var("OATS_GOAL").unwrap_or_default();
-    let max_turns: u32 = std::env::var("OATS_MAX_TURNS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let goal = std::env::var(agent_env::GOAL).unwrap_or_default();
+    let max_turns: u32 = std::env::var(agent_env::MAX_TURNS).ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let delay = std::env::var("OATS_DEMO_TURN_DELAY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
-    let result_file = std::env::var("OATS_RESULT_FILE").unwrap_or_else(|_| "/dev/termination-log".into());
+    let result_file = std::env::var(agent_env::RESULT_FILE).unwrap_or_else(|_| "/dev/termination-log".into());
     let short_goal: String = goal.chars().take(80).collect();
     let Ok(mut terminate) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
         eprintln!("demo agent: cannot install a SIGTERM handler");

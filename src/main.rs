@@ -290,17 +290,15 @@ fn authenticator(config: &Config) -> Result<Authenticator> {
         None => None,
     };
     let oidc = match &config.oidc_issuer {
-        Some(issuer) => Some(
-            OidcVerifier::new(OidcSettings {
-                issuer: issuer.clone(),
-                jwks_url: config.oidc_jwks_url.clone(),
-                audience: config.oidc_audience.clone(),
-                tenant_claim: config.oidc_tenant_claim.clone(),
-                role_claim: config.oidc_role_claim.clone(),
-                clock_skew: Duration::from_secs(config.oidc_clock_skew_seconds.into()),
-                refresh_every: Duration::from_secs(config.oidc_jwks_refresh_seconds.into()),
-            })?,
-        ),
+        Some(issuer) => Some(OidcVerifier::new(OidcSettings {
+            issuer: issuer.clone(),
+            jwks_url: config.oidc_jwks_url.clone(),
+            audience: config.oidc_audience.clone(),
+            tenant_claim: config.oidc_tenant_claim.clone(),
+            role_claim: config.oidc_role_claim.clone(),
+            clock_skew: Duration::from_secs(config.oidc_clock_skew_seconds.into()),
+            refresh_every: Duration::from_secs(config.oidc_jwks_refresh_seconds.into()),
+        })?),
         None => None,
     };
     let auth = Authenticator::new(tokens, oidc, &config.tenant);

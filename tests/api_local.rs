@@ -98,10 +98,16 @@ async fn cancel_stops_a_long_job_and_keeps_its_record() {
     assert_eq!(again.status(), StatusCode::OK);
 
     // The agent process group is gone: its output stops and says so.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let logs = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs"))).send().await.unwrap();
-    let text = logs.text().await.unwrap();
-    assert!(text.contains("cancelled during turn"), "the agent did not see SIGTERM: {text}");
+    let deadline = std::time::Instant::now() + SOON;
+    let text = loop {
+        let logs = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs"))).send().await.unwrap();
+        let text = logs.text().await.unwrap();
+        if text.contains("cancelled during turn") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent did not see SIGTERM: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let settled = server.job(id).await;
     assert_eq!(settled["status"], "cancelled");
     assert!(settled["finished_at"].is_string());
@@ -484,8 +490,17 @@ async fn finished_jobs_count_against_max_kept_jobs_for_ttl_seconds_after_finishe
     assert!(response.headers().contains_key("retry-after"));
     let problem = assert_problem(response, 429, "policy/max-kept-jobs").await;
     assert!(problem["detail"].as_str().unwrap().contains("the limit is 2"), "{problem}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(server.submit(json!({"goal": "third", "max_turns": 1})).await.status(), StatusCode::CREATED);
+    // Once their TTL has passed they no longer count.
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let response = server.submit(json!({"goal": "third", "max_turns": 1})).await;
+        if response.status() == StatusCode::CREATED {
+            break;
+        }
+        assert_problem(response, 429, "policy/max-kept-jobs").await;
+        assert!(std::time::Instant::now() < deadline, "the finished jobs kept counting after their TTL");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]

@@ -22,12 +22,22 @@ async fn wait_for_readiness(server: &common::Server, expected: StatusCode) {
     }
 }
 
+/// `oats_kube_cache_synced` of the jobs and the pods caches.
+async fn cache_synced(server: &common::Server) -> [f64; 2] {
+    let text = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    ["jobs", "pods"].map(|resource| {
+        let prefix = format!("oats_kube_cache_synced{{resource=\"{resource}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {prefix}")).parse().unwrap()
+    })
+}
+
 #[tokio::test]
 async fn oats_recovers_from_an_api_server_restart() {
     let cluster = kube::cluster();
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let run = kube::unique("apiserver");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let labels = json!({"e2e": run, "kwok.oats.dev/outcome": "run"});
     let mut ids = Vec::new();
     for i in 0..5 {
@@ -36,8 +46,11 @@ async fn oats_recovers_from_an_api_server_restart() {
         ids.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
     }
 
+    assert_eq!(cache_synced(&server).await, [1.0, 1.0]);
     cluster.testenv("stop-apiserver");
     wait_for_readiness(&server, StatusCode::SERVICE_UNAVAILABLE).await;
+    // What OatsWatchCacheNotSynced reads: the caches say so.
+    assert!(cache_synced(&server).await.contains(&0.0), "not ready, yet every cache says synced");
     let refused = server.submit(json!({"goal": "while down", "max_turns": 1, "labels": labels})).await;
     let retry_after = refused.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
     assert_problem(refused, 503, "backend-unavailable").await;
@@ -45,6 +58,7 @@ async fn oats_recovers_from_an_api_server_restart() {
 
     cluster.testenv("start-apiserver");
     wait_for_readiness(&server, StatusCode::OK).await;
+    assert_eq!(cache_synced(&server).await, [1.0, 1.0]);
     for id in &ids {
         let (status, job) = server.get_json(&format!("/api/v1/jobs/{id}")).await;
         assert_eq!(status, StatusCode::OK, "{job}");
@@ -59,5 +73,4 @@ async fn oats_recovers_from_an_api_server_restart() {
     // may be in their watch backoff for a while; the suites after this one need them back).
     let after = after.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
     server.wait_for(&after, "running", std::time::Duration::from_secs(180)).await;
-    cluster.delete_jobs(&format!("e2e={run}"));
 }

@@ -6,11 +6,10 @@
 mod common;
 mod kube;
 
-use chrono::Utc;
 use oats::{
     backend::kubernetes::render::{AgentTemplate, render_job},
     config::Config,
-    jobs::{JobId, JobLimits, JobRequest, NewJob, policy::ResourceProfile},
+    jobs::{JobLimits, JobRequest, NewJob, policy::ResourceProfile},
 };
 use serde_json::{Value, json};
 use std::{
@@ -31,17 +30,16 @@ fn stderr(out: &Output) -> String {
 
 /// As shipped: the LLM gateway on (agents get its address and a projected token), no Secret.
 fn config() -> Config {
-    let mut config = Config::default();
-    config.llm_providers_file = Some("/etc/oats/llm/providers.yaml".into());
-    config
+    Config { llm_providers_file: Some("/etc/oats/llm/providers.yaml".into()), ..Config::default() }
 }
 
 /// The opt-in for agents that call a provider directly: a Secret mounted as llm-credentials.
 fn secret_config() -> Config {
-    let mut config = Config::default();
-    config.llm_secret_name = Some("oats-llm-credentials".into());
-    config.llm_secret_keys = vec!["api-key".into()];
-    config
+    Config {
+        llm_secret_name: Some("oats-llm-credentials".into()),
+        llm_secret_keys: vec!["api-key".into()],
+        ..Config::default()
+    }
 }
 
 /// The Job OATS renders for a plain request (as JSON), through the library.
@@ -51,26 +49,12 @@ fn rendered_with(
     timeout: u32,
     profile: Option<ResourceProfile>,
 ) -> Value {
-    let spec = JobRequest {
-        goal: "Check the admission policy".into(),
-        max_turns: 3,
+    let request = JobRequest {
         labels,
         timeout_seconds: Some(timeout),
-        model: None,
-        profile: None,
-        budget: Default::default(),
-    }
-    .validate(&JobLimits::default())
-    .unwrap();
-    let job = NewJob {
-        id: JobId::random(),
-        tenant: "default".into(),
-        request_hash: spec.fingerprint(),
-        trace: None,
-        resources: profile,
-        spec,
-        created_at: Utc::now(),
+        ..common::fixtures::request("Check the admission policy", 3)
     };
+    let job = NewJob { resources: profile, ..common::fixtures::new_job(request) };
     serde_json::to_value(render_job(&job, &AgentTemplate::from_config(config, kube::NAMESPACE))).unwrap()
 }
 
@@ -734,6 +718,7 @@ fn the_policy_is_scoped_to_the_jobs_namespace_by_name() {
 async fn cancelling_passes_the_policy_and_deadline_updates_are_checked() {
     let cluster = cluster_with_policy();
     let run = kube::unique("policy-cancel");
+    let _cleanup = cluster.delete_jobs_on_drop(&run);
     let labels = [("e2e", run.as_str()), ("kwok.oats.dev/outcome", "run")].map(|(k, v)| (k.to_owned(), v.to_owned()));
     let job = rendered_with(&config(), labels.into(), 600, None);
     let name = job["metadata"]["name"].as_str().unwrap().to_owned();
@@ -773,7 +758,6 @@ async fn cancelling_passes_the_policy_and_deadline_updates_are_checked() {
     let stored = cluster.kubectl_json(&["get", "job", &id, "-n", kube::NAMESPACE]);
     assert_eq!(stored["spec"]["activeDeadlineSeconds"], 1);
     assert!(stored["metadata"]["annotations"]["oats.dev/cancelled-at"].is_string(), "{stored}");
-    cluster.delete_jobs(&format!("e2e={run}"));
 }
 
 /// The prometheus-operator CRDs that infra/monitoring (prod) needs, applied once and established.

@@ -7,6 +7,8 @@
 //!
 //! Needs `kubectl` (its built-in kustomize) on PATH; it fails, never skips, without it.
 
+mod common;
+
 use serde_json::{Value, json};
 use std::{collections::BTreeMap, process::Command, sync::OnceLock};
 
@@ -1092,19 +1094,7 @@ fn agent_pods_hold_no_secret_and_the_policy_parameters_fit_what_oats_renders() {
 }
 
 fn agent_job() -> oats::jobs::NewJob {
-    use oats::jobs::{JobId, JobLimits, JobRequest, NewJob};
-    let spec = JobRequest { goal: "Check the mounts".into(), max_turns: 3, ..Default::default() }
-        .validate(&JobLimits::default())
-        .unwrap();
-    NewJob {
-        id: JobId::random(),
-        tenant: "default".into(),
-        request_hash: spec.fingerprint(),
-        trace: None,
-        resources: None,
-        spec,
-        created_at: chrono::Utc::now(),
-    }
+    common::fixtures::new_job(common::fixtures::request("Check the mounts", 3))
 }
 
 /// The store: PostgreSQL from the Secret oats-database (several replicas share one ledger), the

@@ -800,7 +800,7 @@ fn prometheus_binary() -> PathBuf {
         })
 }
 
-/// A Prometheus server on a free loopback port, killed on drop.
+/// A Prometheus server on a loopback port of its own choosing, killed on drop.
 struct Prometheus {
     child: std::process::Child,
     base: String,
@@ -827,22 +827,36 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let log = dir.join("prometheus.log");
-        let child = Command::new(&bin)
+        // Port 0: Prometheus logs the address it got ("Listening on", at level info).
+        let mut child = Command::new(&bin)
             .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
             .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--web.listen-address=127.0.0.1:0")
             .arg("--storage.tsdb.retention.time=1h")
-            .arg("--log.level=warn")
+            .arg("--log.level=info")
             .current_dir(dir)
             .stdout(std::fs::File::create(dir.join("prometheus.out")).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let address = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let listening = text
+                .lines()
+                .filter(|l| l.contains("msg=\"Listening on\""))
+                .find_map(|l| l.split_whitespace().find_map(|field| field.strip_prefix("address=")).map(str::to_owned));
+            if let Some(address) = listening {
+                break address;
+            }
+            let exited = child.try_wait().unwrap();
+            assert!(exited.is_none() && std::time::Instant::now() < deadline, "Prometheus did not listen:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         let prometheus = Self {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: format!("http://{address}"),
             log,
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
         };
@@ -982,10 +996,20 @@ async fn every_dashboard_panel_shows_a_value_on_a_live_system() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    // The shipped rules loaded and evaluate without error.
-    let rule_groups = prometheus.api("/api/v1/rules", &[]).await;
+    // The shipped rules loaded and evaluate without error (once each has been evaluated).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let rule_groups = loop {
+        let rule_groups = prometheus.api("/api/v1/rules", &[]).await;
+        let evaluated = rule_groups["groups"].as_array().is_some_and(|groups| {
+            !groups.is_empty()
+                && groups.iter().flat_map(|g| g["rules"].as_array().unwrap()).all(|r| r["health"] != "unknown")
+        });
+        if evaluated {
+            break rule_groups;
+        }
+        assert!(std::time::Instant::now() < deadline, "the rules were never evaluated: {rule_groups}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     let groups = rule_groups["groups"].as_array().unwrap();
     assert_eq!(groups.len(), prometheus_rule()["spec"]["groups"].as_array().unwrap().len(), "rule groups loaded");
     for group in groups {

@@ -29,11 +29,13 @@
 //!
 //! Needs Go (to build the analyzer once) and kubectl; fails, never skips, without them.
 
-use chrono::Utc;
+mod common;
+
+use common::fixtures;
 use oats::{
     backend::kubernetes::render::{AgentTemplate, render_job},
     config::Config,
-    jobs::{JobId, JobLimits, JobRequest, NewJob},
+    jobs::{JobRequest, NewJob},
 };
 use serde_json::{Value, json};
 use std::{
@@ -238,33 +240,16 @@ fn pod(name: &str, namespace: &str, labels: &Value, spec: Value) -> Value {
 }
 
 fn agent_config() -> Config {
-    let mut config = Config::default();
-    config.llm_secret_name = Some("oats-llm-credentials".into());
-    config.llm_secret_keys = vec!["api-key".into()];
-    config
+    Config {
+        llm_secret_name: Some("oats-llm-credentials".into()),
+        llm_secret_keys: vec!["api-key".into()],
+        ..Config::default()
+    }
 }
 
 fn agent_job() -> NewJob {
-    let spec = JobRequest {
-        goal: "Probe the network policies".into(),
-        max_turns: 3,
-        labels: Default::default(),
-        timeout_seconds: Some(600),
-        model: None,
-        profile: None,
-        budget: Default::default(),
-    }
-    .validate(&JobLimits::default())
-    .unwrap();
-    NewJob {
-        id: JobId::random(),
-        tenant: "default".into(),
-        request_hash: spec.fingerprint(),
-        trace: None,
-        resources: None,
-        spec,
-        created_at: Utc::now(),
-    }
+    let request = JobRequest { timeout_seconds: Some(600), ..fixtures::request("Probe the network policies", 3) };
+    fixtures::new_job(request)
 }
 
 /// Remove IPv6 ipBlock peers (the analyzer misreads them, see the module doc). A rule whose

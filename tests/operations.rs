@@ -73,7 +73,16 @@ async fn the_cli_drives_jobs_with_meaningful_exit_codes() {
                 .unwrap()
         })
     };
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Cancel once the watch is connected (the server counts its stream).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if metrics.lines().any(|l| l == "oats_watch_streams 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the CLI's watch never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let cancelled = cli(&server, &["cancel", &id]);
     assert_eq!(cancelled.status.code(), Some(0));
     let watched = tokio::task::spawn_blocking(move || watcher.join().unwrap()).await.unwrap();

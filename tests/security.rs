@@ -119,9 +119,12 @@ async fn tokens_tenants_and_roles() {
     }
     assert_eq!(call(&server, M::GET, "/api/v1/jobs", Some(BETA)).await.status(), StatusCode::UNAUTHORIZED);
     std::fs::write(&path, "tokens: [this is not valid\n").unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !server.log_text().contains("token file rejected") {
+        assert!(std::time::Instant::now() < deadline, "the broken token file was never read");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(call(&server, M::GET, "/api/v1/jobs", Some("gamma-token")).await.status(), StatusCode::OK);
-    assert!(server.log_text().contains("token file rejected"));
 
     // No credential ever reaches the logs.
     let log = server.log_text();

@@ -3,7 +3,7 @@
 
 use anyhow::{Result, anyhow};
 use chrono::{DateTime, Utc};
-use oats::jobs::{JobEvent, JobId, JobLimits, JobPhase, JobRecord, JobRequest, JobStatus};
+use oats::jobs::{JobEvent, JobId, JobLimits, JobPhase, JobRecord, JobRequest, JobState};
 use std::{
     collections::BTreeMap,
     path::Path,
@@ -66,14 +66,14 @@ pub fn preload(dir: &Path, n: usize, phase: JobPhase) -> Result<Preloaded> {
             tenant: "default".into(),
             request_hash: spec.fingerprint(),
             spec,
-            status: JobStatus::new(phase),
+            status: JobState::new(phase),
             created_at: created,
             started_at: finished.then(|| created + chrono::Duration::seconds(1)),
             finished_at: finished.then(|| created + chrono::Duration::seconds(9)),
             attempts: u32::from(finished),
             result: finished.then(|| format!("done: benchmark job {i} finished after 3 turns")),
             trace: None,
-            rendered: Default::default(),
+            json: Default::default(),
         };
         let mut events = vec![event(created, "Submitted", "job accepted; waiting for a free slot")];
         if finished {

@@ -60,12 +60,12 @@ impl Contract {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let need = |name: &str| var(name).ok_or_else(|| format!("{name} is not set"));
         Ok(Self {
-            goal: need("OATS_GOAL")?,
-            max_turns: var("OATS_MAX_TURNS").and_then(|v| v.parse().ok()).unwrap_or(10),
-            model: var("OATS_MODEL"),
-            workspace: PathBuf::from(var("OATS_WORKSPACE").unwrap_or_else(|| ".".into())),
-            result_file: PathBuf::from(var("OATS_RESULT_FILE").unwrap_or_else(|| "/dev/termination-log".into())),
-            timeout: Duration::from_secs(var("OATS_TIMEOUT_SECONDS").and_then(|v| v.parse().ok()).unwrap_or(600)),
+            goal: need(agent_env::GOAL)?,
+            max_turns: var(agent_env::MAX_TURNS).and_then(|v| v.parse().ok()).unwrap_or(10),
+            model: var(agent_env::MODEL),
+            workspace: PathBuf::from(var(agent_env::WORKSPACE).unwrap_or_else(|| ".".into())),
+            result_file: PathBuf::from(var(agent_env::RESULT_FILE).unwrap_or_else(|| "/dev/termination-log".into())),
+            timeout: Duration::from_secs(var(agent_env::TIMEOUT_SECONDS).and_then(|v| v.parse().ok()).unwrap_or(600)),
             base_url: need(agent_env::OPENAI_BASE_URL)?,
             credential: match (var(agent_env::OPENAI_API_KEY), var(agent_env::LLM_TOKEN_FILE)) {
                 (Some(key), _) => Credential::Fixed(key),
@@ -135,7 +135,7 @@ async fn run_traced() -> i32 {
         Ok(contract) => contract,
         Err(problem) => {
             eprintln!("agent: the job's environment is incomplete: {problem}");
-            let result = PathBuf::from(std::env::var("OATS_RESULT_FILE").unwrap_or_default());
+            let result = PathBuf::from(std::env::var(agent_env::RESULT_FILE).unwrap_or_default());
             return finish(&result, None, EXIT_FAILED, &format!("Failed: {problem}"));
         }
     };

@@ -225,6 +225,7 @@ impl JobsApi {
     /// The agent's output as plain text. `follow=true` streams new lines (chunked transfer
     /// encoding, not SSE) until the agent exits; a job that has not started yet is waited for.
     #[oai(path = "/jobs/:id/logs", method = "get", operation_id = "getJobLogs")]
+    #[expect(clippy::too_many_arguments, reason = "one argument per parameter of the operation")]
     async fn get_job_logs(
         &self,
         state: Data<&Arc<ApiState>>,

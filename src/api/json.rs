@@ -141,36 +141,36 @@ impl<S: Type, T: Send> Payload for JsonBody<S, T> {
 }
 
 /// A response body's bytes.
-pub trait Render {
-    fn render(&self) -> serde_json::Result<bytes::Bytes>;
+pub trait EncodeJson {
+    fn encode_json(&self) -> serde_json::Result<bytes::Bytes>;
 }
 
 /// Types written as they are.
-macro_rules! render_with_serde {
+macro_rules! encode_with_serde {
     ($($type:ty),*) => {$(
-        impl Render for $type {
-            fn render(&self) -> serde_json::Result<bytes::Bytes> {
+        impl EncodeJson for $type {
+            fn encode_json(&self) -> serde_json::Result<bytes::Bytes> {
                 serde_json::to_vec(self).map(bytes::Bytes::from)
             }
         }
     )*};
 }
-render_with_serde!(super::types::Job, super::types::JobList, super::types::Health, JobListJson);
+encode_with_serde!(super::types::Job, super::types::JobList, super::types::Health, JobListJson);
 
 /// A job is written once per version of its record: polls of an unchanged job reuse the bytes.
 /// Usage changes without the record, so a job with usage is written afresh.
-impl Render for JobJson {
-    fn render(&self) -> serde_json::Result<bytes::Bytes> {
+impl EncodeJson for JobJson {
+    fn encode_json(&self) -> serde_json::Result<bytes::Bytes> {
         match self.1 {
             Some(_) => serde_json::to_vec(self).map(bytes::Bytes::from),
-            None => self.0.rendered.get_or_try_init(|| serde_json::to_vec(self).map(bytes::Bytes::from)),
+            None => self.0.json.get_or_try_init(|| serde_json::to_vec(self).map(bytes::Bytes::from)),
         }
     }
 }
 
-impl<S: Type, T: Render + Send> IntoResponse for JsonBody<S, T> {
+impl<S: Type, T: EncodeJson + Send> IntoResponse for JsonBody<S, T> {
     fn into_response(self) -> Response {
-        match self.0.render() {
+        match self.0.encode_json() {
             Ok(body) => Response::builder().header(header::CONTENT_TYPE, Self::CONTENT_TYPE).body(body),
             Err(error) => poem::Error::from_string(
                 format!("cannot serialise the response: {error}"),
@@ -181,7 +181,7 @@ impl<S: Type, T: Render + Send> IntoResponse for JsonBody<S, T> {
     }
 }
 
-impl<S: Type + ToJSON, T: Render + Send> ApiResponse for JsonBody<S, T> {
+impl<S: Type + ToJSON, T: EncodeJson + Send> ApiResponse for JsonBody<S, T> {
     fn meta() -> MetaResponses {
         PlainJson::<S>::meta()
     }
@@ -343,9 +343,9 @@ mod tests {
             tenant: "t".into(),
             spec: crate::jobs::JobSpec { profile: every_field.then(|| "small".into()), ..spec },
             status: if every_field {
-                crate::jobs::JobStatus::with_reason(JobPhase::Failed, JobReason::OOMKilled, "killed")
+                crate::jobs::JobState::with_reason(JobPhase::Failed, JobReason::OOMKilled, "killed")
             } else {
-                crate::jobs::JobStatus::new(JobPhase::Pending)
+                crate::jobs::JobState::new(JobPhase::Pending)
             },
             created_at: now,
             started_at: every_field.then_some(now),
@@ -357,7 +357,7 @@ mod tests {
                 traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
                 tracestate: None,
             }),
-            rendered: Default::default(),
+            json: Default::default(),
         })
     }
 
@@ -367,18 +367,18 @@ mod tests {
             let record = record(every_field);
             let documented = Job::from(&*record).to_json().unwrap().to_string();
             assert_eq!(serde_json::to_string(&JobJson(record.clone(), None)).unwrap(), documented);
-            // Rendered once, then reused; a changed copy renders afresh.
-            assert_eq!(JobJson(record.clone(), None).render().unwrap(), documented.as_bytes());
-            assert_eq!(JobJson(record.clone(), None).render().unwrap(), documented.as_bytes());
+            // Encoded once, then reused; a changed copy is encoded afresh.
+            assert_eq!(JobJson(record.clone(), None).encode_json().unwrap(), documented.as_bytes());
+            assert_eq!(JobJson(record.clone(), None).encode_json().unwrap(), documented.as_bytes());
             // Usage is written afresh each time, beside the memoized record.
             let usage = usage(every_field);
             let with_usage = Job::with_usage(&record, Some(&usage)).to_json().unwrap().to_string();
-            assert_eq!(JobJson(record.clone(), Some(usage)).render().unwrap(), with_usage.as_bytes());
+            assert_eq!(JobJson(record.clone(), Some(usage)).encode_json().unwrap(), with_usage.as_bytes());
             let mut changed = JobRecord::clone(&record);
             changed.attempts += 1;
             let changed = Arc::new(changed);
             let expected = Job::from(&*changed).to_json().unwrap().to_string();
-            assert_eq!(JobJson(changed, None).render().unwrap(), expected.as_bytes());
+            assert_eq!(JobJson(changed, None).encode_json().unwrap(), expected.as_bytes());
         }
         let items = vec![record(true), record(false)];
         let documented = JobList { items: items.iter().map(|r| Job::from(&**r)).collect(), next_page_token: None };

@@ -4,9 +4,9 @@
 
 mod handlers;
 mod json;
-mod observe;
 pub mod problem;
 pub mod redact;
+mod request_telemetry;
 mod timestamp;
 pub mod types;
 
@@ -137,7 +137,7 @@ pub fn spec_yaml() -> String {
 /// The whole HTTP application, ready to serve or to drive from tests without a socket.
 pub fn build_app(state: Arc<ApiState>, limits: RequestLimits) -> impl Endpoint<Output = Response> {
     let api = openapi();
-    let routes = Arc::new(observe::Routes::from_spec(&spec()));
+    let routes = Arc::new(request_telemetry::Routes::from_spec(&spec()));
     let docs = api.swagger_ui();
     let document = spec_json();
     let spec = poem::endpoint::make_sync(move |_| {
@@ -160,7 +160,7 @@ pub fn build_app(state: Arc<ApiState>, limits: RequestLimits) -> impl Endpoint<O
 struct Pipeline {
     state: Arc<ApiState>,
     limits: RequestLimits,
-    routes: Arc<observe::Routes>,
+    routes: Arc<request_telemetry::Routes>,
 }
 
 impl Pipeline {
@@ -184,7 +184,7 @@ impl Pipeline {
         // for requests that carry one; the handler authenticates again as usual).
         let caller_trace = request.headers().contains_key("traceparent")
             && Box::pin(self.state.auth.authenticate(bearer_token(&request))).await.is_ok();
-        Ok(observe::observe(request, &self.state.metrics, &self.routes, caller_trace, handle).await)
+        Ok(request_telemetry::instrument(request, &self.state.metrics, &self.routes, caller_trace, handle).await)
     }
 }
 

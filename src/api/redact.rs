@@ -14,7 +14,7 @@ const INTERNAL_KEYS: [&str; 5] = ["serviceAccountName", "serviceAccount", "secre
 const REFERENCES: [&str; 6] = ["secret", "secretKeyRef", "secretRef", "configMap", "configMapKeyRef", "configMapRef"];
 
 /// The caller's own goal, passed to the agent as it is: never hidden, whatever it looks like.
-const GOAL: &str = "OATS_GOAL";
+const GOAL: &str = crate::jobs::agent_env::GOAL;
 
 /// Hide the internal configuration in a preview (the rendered Kubernetes Job, or the local
 /// backend's command and environment).
@@ -76,11 +76,13 @@ mod tests {
 
     #[test]
     fn a_rendered_job_keeps_its_shape_and_loses_its_internals() {
-        let mut config = Config::default();
-        config.llm_secret_name = Some("prod-openai-credentials".into());
-        config.llm_secret_keys = vec!["api-key".into()];
-        config.llm_providers_file = Some("/etc/oats/providers.yaml".into());
-        config.agent_service_account = "agents-in-prod".into();
+        let config = Config {
+            llm_secret_name: Some("prod-openai-credentials".into()),
+            llm_secret_keys: vec!["api-key".into()],
+            llm_providers_file: Some("/etc/oats/providers.yaml".into()),
+            agent_service_account: "agents-in-prod".into(),
+            ..Config::default()
+        };
         let template = render::AgentTemplate::from_config(&config, "oats-agents");
         let mut manifest = serde_json::to_value(render::render_job(&job("/plan the picnic"), &template)).unwrap();
         let before = manifest.to_string();

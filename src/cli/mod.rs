@@ -141,19 +141,7 @@ async fn execute(client: &ApiClient, format: Format, command: JobsCommand) -> Re
             idempotency_key,
             follow,
         } => {
-            let goal = match (goal, goal_file) {
-                (Some(goal), _) => goal,
-                (None, Some(path)) if path.as_os_str() == "-" => {
-                    let mut text = String::new();
-                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                        .map_err(|e| ClientError::Local(format!("cannot read the goal from stdin: {e}")))?;
-                    text
-                }
-                (None, Some(path)) => std::fs::read_to_string(&path)
-                    .map_err(|e| ClientError::Local(format!("cannot read {}: {e}", path.display())))?,
-                (None, None) => unreachable!("clap requires --goal or --goal-file"),
-            };
-            let mut body = json!({"goal": goal, "max_turns": max_turns});
+            let mut body = json!({"goal": read_goal(goal, goal_file)?, "max_turns": max_turns});
             if !labels.is_empty() {
                 body["labels"] =
                     labels.into_iter().map(|(k, v)| (k, Value::from(v))).collect::<serde_json::Map<_, _>>().into();
@@ -183,17 +171,9 @@ async fn execute(client: &ApiClient, format: Format, command: JobsCommand) -> Re
             Ok(0)
         }
         JobsCommand::List { status, label, limit, all } => {
-            let mut items = Vec::new();
-            let mut token: Option<String> = None;
-            loop {
-                let page = client.list(status.as_deref(), label.as_deref(), limit, token.as_deref()).await?;
-                items.extend(page["items"].as_array().cloned().unwrap_or_default());
-                token = page["next_page_token"].as_str().map(String::from);
-                if !all || token.is_none() {
-                    output::print_list(&mut out, &items, if all { None } else { token.as_deref() }, format);
-                    return Ok(0);
-                }
-            }
+            let (items, token) = list(client, status.as_deref(), label.as_deref(), limit, all).await?;
+            output::print_list(&mut out, &items, token.as_deref(), format);
+            Ok(0)
         }
         JobsCommand::Logs { id, follow, tail } => {
             client.stream_logs(&id, follow, tail, &mut out).await?;
@@ -204,21 +184,57 @@ async fn execute(client: &ApiClient, format: Format, command: JobsCommand) -> Re
             Ok(0)
         }
         JobsCommand::Watch { id } => {
-            let job = client
-                .watch(&id, |job| {
-                    if format == Format::Table {
-                        let status = output::clean(job["status"].as_str().unwrap_or("?"));
-                        let reason =
-                            job["reason"].as_str().map(|r| format!(" ({})", output::clean(r))).unwrap_or_default();
-                        let now = chrono::Local::now().format("%H:%M:%S");
-                        let _ = writeln!(std::io::stdout(), "{now}  {}{reason}", output::paint_status(&status));
-                    } else {
-                        output::print_job(&mut std::io::stdout(), job, format);
-                    }
-                })
-                .await?;
+            let job = client.watch(&id, |job| print_change(job, format)).await?;
             Ok(exit_code(&job))
         }
+    }
+}
+
+/// The goal given inline, or read from a file (`-`: standard input).
+fn read_goal(goal: Option<String>, goal_file: Option<PathBuf>) -> Result<String, ClientError> {
+    Ok(match (goal, goal_file) {
+        (Some(goal), _) => goal,
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| ClientError::Local(format!("cannot read the goal from stdin: {e}")))?;
+            text
+        }
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map_err(|e| ClientError::Local(format!("cannot read {}: {e}", path.display())))?,
+        (None, None) => unreachable!("clap requires --goal or --goal-file"),
+    })
+}
+
+/// One page of jobs and the token of the next, or with `all` every page (and no token).
+async fn list(
+    client: &ApiClient,
+    status: Option<&str>,
+    label: Option<&str>,
+    limit: u32,
+    all: bool,
+) -> Result<(Vec<Value>, Option<String>), ClientError> {
+    let mut items = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = client.list(status, label, limit, token.as_deref()).await?;
+        items.extend(page["items"].as_array().cloned().unwrap_or_default());
+        token = page["next_page_token"].as_str().map(String::from);
+        if !all || token.is_none() {
+            return Ok((items, if all { None } else { token }));
+        }
+    }
+}
+
+/// One change of a watched job: a timestamped status line, or the job in JSON or YAML.
+fn print_change(job: &Value, format: Format) {
+    if format == Format::Table {
+        let status = output::clean(job["status"].as_str().unwrap_or("?"));
+        let reason = job["reason"].as_str().map(|r| format!(" ({})", output::clean(r))).unwrap_or_default();
+        let now = chrono::Local::now().format("%H:%M:%S");
+        let _ = writeln!(std::io::stdout(), "{now}  {}{reason}", output::paint_status(&status));
+    } else {
+        output::print_job(&mut std::io::stdout(), job, format);
     }
 }
 

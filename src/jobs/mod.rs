@@ -119,15 +119,16 @@ impl JobReason {
     }
 }
 
-/// The observed state of a job: phase plus why, for humans and machines.
+/// The state of a job: its phase plus why, for humans and machines. (The API calls the phase
+/// alone a job's `status`.)
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct JobStatus {
+pub struct JobState {
     pub phase: JobPhase,
     pub reason: Option<JobReason>,
     pub message: Option<String>,
 }
 
-impl JobStatus {
+impl JobState {
     pub fn new(phase: JobPhase) -> Self {
         Self { phase, reason: None, message: None }
     }
@@ -192,7 +193,7 @@ pub struct JobRecord {
     pub id: JobId,
     pub tenant: String,
     pub spec: JobSpec,
-    pub status: JobStatus,
+    pub status: JobState,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -207,40 +208,40 @@ pub struct JobRecord {
     /// How the API last wrote this record (records are shared immutably, so a poll of an
     /// unchanged job reuses it). Not part of the record's value: never stored, compared or copied.
     #[serde(skip)]
-    pub rendered: Rendered,
+    pub json: EncodedJson,
 }
 
-/// A memo of a record's rendering, filled on first use by whoever renders it. A copy starts
-/// empty, so a record changed after copying (copy-on-write) is never served its old rendering.
+/// A memo of a record's JSON, filled on first use by whoever encodes it. A copy starts empty, so
+/// a record changed after copying (copy-on-write) is never served its old encoding.
 #[derive(Default)]
-pub struct Rendered(std::sync::OnceLock<bytes::Bytes>);
+pub struct EncodedJson(std::sync::OnceLock<bytes::Bytes>);
 
-impl Rendered {
-    /// The memoized rendering, made by `render` the first time.
-    pub fn get_or_try_init<E>(&self, render: impl FnOnce() -> Result<bytes::Bytes, E>) -> Result<bytes::Bytes, E> {
+impl EncodedJson {
+    /// The memoized encoding, made by `encode` the first time.
+    pub fn get_or_try_init<E>(&self, encode: impl FnOnce() -> Result<bytes::Bytes, E>) -> Result<bytes::Bytes, E> {
         if let Some(bytes) = self.0.get() {
             return Ok(bytes.clone());
         }
-        let bytes = render()?;
+        let bytes = encode()?;
         Ok(self.0.get_or_init(|| bytes).clone())
     }
 }
 
-impl Clone for Rendered {
+impl Clone for EncodedJson {
     fn clone(&self) -> Self {
         Self::default()
     }
 }
 
-impl PartialEq for Rendered {
+impl PartialEq for EncodedJson {
     fn eq(&self, _: &Self) -> bool {
         true
     }
 }
 
-impl std::fmt::Debug for Rendered {
+impl std::fmt::Debug for EncodedJson {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.get().is_some() { "Rendered" } else { "Rendered(empty)" })
+        f.write_str(if self.0.get().is_some() { "EncodedJson" } else { "EncodedJson(empty)" })
     }
 }
 
@@ -264,7 +265,7 @@ impl NewJob {
             id: self.id.clone(),
             tenant: self.tenant.clone(),
             spec: self.spec.clone(),
-            status: JobStatus::new(JobPhase::Pending),
+            status: JobState::new(JobPhase::Pending),
             created_at: self.created_at,
             started_at: None,
             finished_at: None,
@@ -272,7 +273,7 @@ impl NewJob {
             result: None,
             request_hash: self.request_hash.clone(),
             trace: self.trace.clone(),
-            rendered: Rendered::default(),
+            json: EncodedJson::default(),
         }
     }
 }

@@ -122,7 +122,7 @@ pub fn paginate(mut records: Vec<Arc<JobRecord>>, query: &ListQuery) -> JobPage 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::{JobId, JobLimits, JobRequest, JobStatus};
+    use crate::jobs::{JobId, JobLimits, JobRequest, JobState};
     use chrono::TimeZone;
 
     fn record(second: i64, phase: JobPhase, team: &str) -> Arc<JobRecord> {
@@ -138,7 +138,7 @@ mod tests {
             id: JobId::random(),
             tenant: "default".into(),
             spec,
-            status: JobStatus::new(phase),
+            status: JobState::new(phase),
             created_at: Utc.timestamp_opt(1_700_000_000 + second, 0).unwrap(),
             started_at: None,
             finished_at: None,
@@ -146,7 +146,7 @@ mod tests {
             result: None,
             request_hash: String::new(),
             trace: None,
-            rendered: Default::default(),
+            json: Default::default(),
         })
     }
 

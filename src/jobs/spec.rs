@@ -21,7 +21,7 @@ pub fn reserved_label_key(key: &str) -> Option<&'static str> {
     if ["job-name", "controller-uid", "pod-template-hash"].contains(&key) {
         return Some("this key is reserved: the Kubernetes Job controller sets it");
     }
-    let Some((prefix, _)) = key.rsplit_once('/') else { return None };
+    let (prefix, _) = key.rsplit_once('/')?;
     let under = |domain: &str| prefix == domain || prefix.ends_with(&format!(".{domain}"));
     if prefix != "app.kubernetes.io" && (under("kubernetes.io") || under("k8s.io")) {
         return Some("this key is reserved: keys under kubernetes.io and k8s.io belong to Kubernetes");
@@ -60,6 +60,22 @@ pub struct JobSpec {
 
 /// Names of the environment variables of the agent contract (docs/agent-contract.md).
 pub mod agent_env {
+    /// The job's id (`job-…`).
+    pub const JOB_ID: &str = "OATS_JOB_ID";
+    /// What the agent is asked to do.
+    pub const GOAL: &str = "OATS_GOAL";
+    /// The most model calls the agent may make.
+    pub const MAX_TURNS: &str = "OATS_MAX_TURNS";
+    pub const TIMEOUT_SECONDS: &str = "OATS_TIMEOUT_SECONDS";
+    /// Where the agent writes its answer (on Kubernetes, the termination message).
+    pub const RESULT_FILE: &str = "OATS_RESULT_FILE";
+    /// The only directory the agent works in.
+    pub const WORKSPACE: &str = "OATS_WORKSPACE";
+    /// The model the job asked for, when it named one.
+    pub const MODEL: &str = "OATS_MODEL";
+    /// On Kubernetes, where a provider Secret is mounted (the opt-in for agents that call a
+    /// provider directly).
+    pub const LLM_CREDENTIALS_DIR: &str = "OATS_LLM_CREDENTIALS_DIR";
     /// The job's budget, for agents that plan their spending (the gateway enforces it anyway).
     pub const BUDGET_MAX_TOKENS: &str = "OATS_BUDGET_MAX_TOKENS";
     pub const BUDGET_MAX_COST_USD: &str = "OATS_BUDGET_MAX_COST_USD";
@@ -103,15 +119,15 @@ impl JobSpec {
     /// The environment contract every agent gets, on Kubernetes and locally alike.
     pub fn agent_env(&self, id: &super::JobId, result_file: &str, workspace: &str) -> Vec<(String, String)> {
         let mut env = vec![
-            ("OATS_JOB_ID".to_owned(), id.to_string()),
-            ("OATS_GOAL".to_owned(), self.goal.clone()),
-            ("OATS_MAX_TURNS".to_owned(), self.max_turns.to_string()),
-            ("OATS_TIMEOUT_SECONDS".to_owned(), self.timeout_seconds.to_string()),
-            ("OATS_RESULT_FILE".to_owned(), result_file.to_owned()),
-            ("OATS_WORKSPACE".to_owned(), workspace.to_owned()),
+            (agent_env::JOB_ID.to_owned(), id.to_string()),
+            (agent_env::GOAL.to_owned(), self.goal.clone()),
+            (agent_env::MAX_TURNS.to_owned(), self.max_turns.to_string()),
+            (agent_env::TIMEOUT_SECONDS.to_owned(), self.timeout_seconds.to_string()),
+            (agent_env::RESULT_FILE.to_owned(), result_file.to_owned()),
+            (agent_env::WORKSPACE.to_owned(), workspace.to_owned()),
         ];
         if let Some(model) = &self.model {
-            env.push(("OATS_MODEL".to_owned(), model.clone()));
+            env.push((agent_env::MODEL.to_owned(), model.clone()));
         }
         if let Some(tokens) = self.budget.max_tokens {
             env.push((agent_env::BUDGET_MAX_TOKENS.to_owned(), tokens.to_string()));

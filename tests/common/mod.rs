@@ -3,5 +3,6 @@
 #![allow(dead_code, unused_imports)] // each test binary uses a part
 
 pub mod fake_llm;
+pub mod fixtures;
 
 pub use oats_testkit::{Server, assert_problem, otlp};

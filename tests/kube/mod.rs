@@ -123,7 +123,7 @@ impl Cluster {
     ///
     /// As shipped, the LLM gateway is on, so every Job is rendered as in a deployment (the
     /// gateway's projected token and address, no Secret): a providers file whose one provider
-    /// is a dummy address nothing listens on, the gateway on a free port of its own, and a state
+    /// is a dummy address nothing listens on, the gateway on a port of its own (port 0), and a state
     /// directory (the SQLite store) per server. Tests that call the gateway override the three.
     pub async fn start_oats_with(&self, log_dir: &Path, extra: &[(&str, &str)]) -> Server {
         std::fs::create_dir_all(log_dir).unwrap();
@@ -133,7 +133,6 @@ impl Cluster {
             "providers:\n  - name: dummy\n    base_url: http://127.0.0.1:9/v1\n    models:\n      - name: dummy-model\n",
         )
         .unwrap();
-        let llm_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let state = tempfile::Builder::new().prefix("oats-state-").tempdir_in(log_dir).unwrap().keep();
         let mut env = vec![
             ("OATS_BACKEND".to_owned(), "kubernetes".to_owned()),
@@ -141,7 +140,7 @@ impl Cluster {
             ("KUBECONFIG".to_owned(), self.oats_kubeconfig.display().to_string()),
             ("OATS_LOG_FORMAT".to_owned(), "json".to_owned()),
             ("OATS_LLM_PROVIDERS_FILE".to_owned(), providers.display().to_string()),
-            ("OATS_LLM_LISTEN".to_owned(), format!("127.0.0.1:{llm_port}")),
+            ("OATS_LLM_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
             ("OATS_STATE_DIR".to_owned(), state.display().to_string()),
             // Every test's server watches the whole test namespace; without a shared database
             // each would archive every other test's jobs (and its Kubernetes call counts would
@@ -159,11 +158,6 @@ impl Cluster {
     pub fn jobs_labelled(&self, selector: &str) -> Vec<Value> {
         let list = self.kubectl_json(&["get", "jobs", "-n", NAMESPACE, "-l", selector]);
         list["items"].as_array().unwrap().clone()
-    }
-
-    /// Delete the jobs (and their pods) a test made, so the cluster stays small.
-    pub fn delete_jobs(&self, selector: &str) {
-        self.kubectl_ok(&["delete", "jobs", "-n", NAMESPACE, "-l", selector, "--cascade=background", "--wait=false"]);
     }
 }
 
@@ -202,5 +196,34 @@ impl TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         let _ = self.cluster.kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// Deletes, when dropped (also when the test fails), the Jobs (and their pods) a test labelled
+/// with `selector`, so the cluster stays small.
+pub struct JobsCleanup {
+    cluster: &'static Cluster,
+    selector: String,
+}
+
+impl Cluster {
+    /// The Jobs labelled `e2e=<run>` are deleted when the returned guard drops.
+    pub fn delete_jobs_on_drop(&'static self, run: &str) -> JobsCleanup {
+        JobsCleanup { cluster: self, selector: format!("e2e={run}") }
+    }
+}
+
+impl Drop for JobsCleanup {
+    fn drop(&mut self) {
+        let _ = self.cluster.kubectl(&[
+            "delete",
+            "jobs",
+            "-n",
+            NAMESPACE,
+            "-l",
+            &self.selector,
+            "--cascade=background",
+            "--wait=false",
+        ]);
     }
 }

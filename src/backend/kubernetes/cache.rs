@@ -41,7 +41,7 @@ impl Entry {
     fn refresh(&mut self, pods: &[Arc<CachedPod>]) {
         let pods: Vec<&CachedPod> = pods.iter().map(Arc::as_ref).collect();
         let mut record = JobRecord::clone(&self.record);
-        status::observe(&mut record, &self.facts, &pods);
+        status::apply_pods(&mut record, &self.facts, &pods);
         self.record = Arc::new(record);
     }
 }
@@ -109,7 +109,7 @@ fn as_departed(record: &Arc<JobRecord>) -> Arc<JobRecord> {
 
 impl JobCache {
     /// Apply one event of the Job watch; returns the entry an applied Job now has.
-    pub fn observe_job(&self, event: Event<CachedJob>) -> Option<(String, Entry)> {
+    pub fn apply_job_event(&self, event: Event<CachedJob>) -> Option<(String, Entry)> {
         match event {
             Event::Init => *self.listing_jobs.lock().unwrap() = Some((HashMap::new(), Instant::now())),
             Event::InitApply(job) => {
@@ -186,7 +186,7 @@ impl JobCache {
     }
 
     /// Apply one event of the Pod watch, recomputing the record of the pod's job.
-    pub fn observe_pod(&self, event: Event<CachedPod>) {
+    pub fn apply_pod_event(&self, event: Event<CachedPod>) {
         match event {
             Event::Init => *self.listing_pods.lock().unwrap() = Some(HashMap::new()),
             Event::InitApply(mut pod) => {
@@ -368,30 +368,30 @@ mod tests {
     #[test]
     fn a_pod_seen_before_its_job_counts_and_changes_update_the_record() {
         let cache = JobCache::default();
-        cache.observe_pod(Event::Apply(pod("a-1", A, "Running")));
-        let (_, entry) = cache.observe_job(Event::Apply(job(A, "t1"))).unwrap();
+        cache.apply_pod_event(Event::Apply(pod("a-1", A, "Running")));
+        let (_, entry) = cache.apply_job_event(Event::Apply(job(A, "t1"))).unwrap();
         assert_eq!(entry.record.status.phase, JobPhase::Running);
         assert_eq!(cache.get(A).unwrap().attempts, 1);
 
-        cache.observe_pod(Event::Delete(pod("a-1", A, "Running")));
+        cache.apply_pod_event(Event::Delete(pod("a-1", A, "Running")));
         assert_eq!(cache.get(A).unwrap().status.phase, JobPhase::Pending);
         assert!(cache.pods(A).is_empty());
 
-        cache.observe_job(Event::Delete(job(A, "t1")));
+        cache.apply_job_event(Event::Delete(job(A, "t1")));
         assert!(cache.get(A).is_none());
     }
 
     #[test]
     fn a_relist_replaces_the_cache_when_it_completes() {
         let cache = JobCache::default();
-        cache.observe_job(Event::Apply(job(A, "t1")));
-        cache.observe_job(Event::Init);
-        cache.observe_job(Event::InitApply(job(B, "t1")));
+        cache.apply_job_event(Event::Apply(job(A, "t1")));
+        cache.apply_job_event(Event::Init);
+        cache.apply_job_event(Event::InitApply(job(B, "t1")));
         // Until the list completes, readers see the old cache.
         assert!(cache.get(A).is_some() && cache.get(B).is_none());
         // A pod that arrives mid-list is reflected once the list lands.
-        cache.observe_pod(Event::Apply(pod("b-1", B, "Running")));
-        cache.observe_job(Event::InitDone);
+        cache.apply_pod_event(Event::Apply(pod("b-1", B, "Running")));
+        cache.apply_job_event(Event::InitDone);
         assert!(cache.get(A).is_none());
         assert_eq!(cache.get(B).unwrap().status.phase, JobPhase::Running);
     }
@@ -401,16 +401,16 @@ mod tests {
         let cache = JobCache::default();
         let mut foreign = job(A, "t1");
         foreign.metadata.labels = None;
-        assert!(cache.observe_job(Event::Apply(foreign)).is_none());
+        assert!(cache.apply_job_event(Event::Apply(foreign)).is_none());
         assert!(cache.records().is_empty());
 
-        cache.observe_job(Event::Apply(job(A, "t1")));
-        cache.observe_job(Event::Apply(job(B, "t2")));
+        cache.apply_job_event(Event::Apply(job(A, "t1")));
+        cache.apply_job_event(Event::Apply(job(B, "t2")));
         assert_eq!((cache.active_jobs("t1"), cache.active_jobs("t2"), cache.active_jobs("t3")), (1, 1, 0));
         let counts = cache.counts(chrono::Utc::now() + chrono::Duration::minutes(5));
         assert_eq!(counts.by_phase.iter().sum::<u64>(), 2);
         assert_eq!(counts.without_pod, 2);
-        cache.observe_pod(Event::Apply(pod("a-1", A, "Running")));
+        cache.apply_pod_event(Event::Apply(pod("a-1", A, "Running")));
         assert_eq!(cache.counts(chrono::Utc::now() + chrono::Duration::minutes(5)).without_pod, 1);
     }
 
@@ -430,18 +430,18 @@ mod tests {
             });
             job
         };
-        cache.observe_job(Event::Apply(job(A, "t1")));
-        cache.observe_job(Event::Apply(finished(B)));
-        cache.observe_job(Event::Apply(job("job-cccccccccccccccccccc", "t2")));
+        cache.apply_job_event(Event::Apply(job(A, "t1")));
+        cache.apply_job_event(Event::Apply(finished(B)));
+        cache.apply_job_event(Event::Apply(job("job-cccccccccccccccccccc", "t2")));
         assert_eq!((cache.active_jobs("t1"), cache.kept_jobs("t1"), cache.kept_jobs("t2")), (1, 2, 1));
         // One this replica just created counts at once.
         let d = "job-dddddddddddddddddddd";
         cache.note_created(d, Arc::new(status::job_record(&job(d, "t1"), &[]).unwrap()));
         assert_eq!(cache.kept_jobs("t1"), 3);
-        cache.observe_job(Event::Apply(job(d, "t1")));
+        cache.apply_job_event(Event::Apply(job(d, "t1")));
         assert_eq!(cache.kept_jobs("t1"), 3, "counted once, from the watch");
         // The TTL controller deletes the finished Job: it no longer counts.
-        cache.observe_job(Event::Delete(finished(B)));
+        cache.apply_job_event(Event::Delete(finished(B)));
         assert_eq!((cache.active_jobs("t1"), cache.kept_jobs("t1")), (2, 2));
     }
 
@@ -453,19 +453,19 @@ mod tests {
         assert_eq!((cache.active_jobs("t1"), cache.records().len()), (1, 1));
         assert!(cache.get(A).is_some());
         // Delivered by the watch: counted once, from the watch.
-        cache.observe_job(Event::Apply(job(A, "t1")));
+        cache.apply_job_event(Event::Apply(job(A, "t1")));
         assert_eq!((cache.active_jobs("t1"), cache.records().len()), (1, 1));
-        cache.observe_job(Event::Delete(job(A, "t1")));
+        cache.apply_job_event(Event::Delete(job(A, "t1")));
         assert_eq!(cache.active_jobs("t1"), 0, "a deleted job is not counted from its create");
 
         // A re-list that started before the create may miss the job: it stays counted.
-        cache.observe_job(Event::Init);
+        cache.apply_job_event(Event::Init);
         cache.note_created(B, record(B));
-        cache.observe_job(Event::InitDone);
+        cache.apply_job_event(Event::InitDone);
         assert_eq!(cache.active_jobs("t1"), 1);
         // A re-list that started after the create and misses it: the job is gone.
-        cache.observe_job(Event::Init);
-        cache.observe_job(Event::InitDone);
+        cache.apply_job_event(Event::Init);
+        cache.apply_job_event(Event::InitDone);
         assert_eq!(cache.active_jobs("t1"), 0);
         assert!(cache.get(B).is_none());
     }

@@ -380,3 +380,74 @@ async fn a_jobs_events_are_listed_at_most_once_per_ttl() {
     service.events(&caller("default"), id.as_str()).await.unwrap();
     assert_eq!(lists(), 2, "listed again once the listing expired");
 }
+
+/// The fake's copy of Job `name`.
+fn stored(fake: &FakeApiServer, name: &str) -> Value {
+    fake.jobs.lock().unwrap().iter().find(|j| j["metadata"]["name"] == name).unwrap().clone()
+}
+
+/// The fake's copy of Job `name` as the watch would deliver it.
+fn delivered(fake: &FakeApiServer, name: &str) -> super::wire::CachedJob {
+    serde_json::from_value(stored(fake, name)).unwrap()
+}
+
+#[tokio::test]
+async fn a_finish_whose_claim_loses_to_a_change_is_claimed_again_and_counted_once() {
+    let fake = FakeApiServer::new(Writes::Accept);
+    let service = job_service(&fake).await;
+    let id = service.submit(&caller("default"), request("Finish"), None).await.unwrap().job.id.to_string();
+    // The Job controller marks the Job complete (version 2) and the watch delivers it.
+    {
+        let mut jobs = fake.jobs.lock().unwrap();
+        let job = jobs.iter_mut().find(|j| j["metadata"]["name"] == id.as_str()).unwrap();
+        merge(
+            job,
+            &json!({"status": {"succeeded": 1, "startTime": "2027-01-15T07:59:00Z",
+            "completionTime": "2027-01-15T08:00:00Z",
+            "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": "2027-01-15T08:00:00Z"}]}}),
+        );
+        job["metadata"]["resourceVersion"] = fake.next_version();
+    }
+    let cache = super::cache::JobCache::default();
+    let (name, complete) = cache.apply_job_event(kube::runtime::watcher::Event::Apply(delivered(&fake, &id))).unwrap();
+    assert!(complete.record.status.phase.is_terminal());
+
+    let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+    let counter = Arc::new(super::FinishCounter {
+        api: kube::Api::namespaced(fake.clone().start(), "oats"),
+        metrics: metrics.clone(),
+        replica: "replica-a".into(),
+        claiming: Mutex::default(),
+    });
+    // While the claim of version 2 is in flight the Job changes again (version 3, which the
+    // watch delivers at once): the claim gets 409.
+    let change = json!({"metadata": {"annotations": {"example.com/note": "changed"}}});
+    *fake.before_patch.lock().unwrap() = Some(change.clone());
+    counter.count_finish(name.clone(), &complete);
+    let mut changed = stored(&fake, &id);
+    merge(&mut changed, &change);
+    changed["metadata"]["resourceVersion"] = json!("3");
+    let (_, newer) =
+        cache.apply_job_event(kube::runtime::watcher::Event::Apply(serde_json::from_value(changed).unwrap())).unwrap();
+    counter.count_finish(name, &newer);
+
+    let finished = || -> f64 {
+        let text = metrics.encode(false);
+        text.lines()
+            .filter(|l| l.starts_with("oats_jobs_finished_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while finished() < 1.0 {
+        let patches: Vec<_> = fake.writes().into_iter().filter(|(m, _, _)| m == Method::PATCH).collect();
+        assert!(std::time::Instant::now() < deadline, "the finish was never counted: {patches:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let patches: Vec<Value> =
+        fake.writes().into_iter().filter(|(m, _, _)| m == Method::PATCH).map(|(_, _, body)| body).collect();
+    let versions: Vec<&Value> = patches.iter().map(|p| &p["metadata"]["resourceVersion"]).collect();
+    assert_eq!(versions, [&json!("2"), &json!("3")], "the claim of version 2 lost, the one of version 3 won");
+    assert_eq!(stored(&fake, &id)["metadata"]["annotations"][render::COUNTED_ANNOTATION], "replica-a");
+    assert_eq!(finished(), 1.0);
+}

@@ -36,7 +36,7 @@ use kube::{
 };
 use render::{AGENT_CONTAINER, AgentTemplate, CANCELLED_AT_ANNOTATION};
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, hash_map},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -114,21 +114,29 @@ impl CacheHealth {
 /// Counts each job's finish exactly once across replicas: the replica whose annotation patch,
 /// guarded by the Job's resourceVersion, succeeds is the one that counts it (and emits its
 /// lifecycle spans). A replica that loses the race gets 409 Conflict and counts nothing; a job
-/// that changed meanwhile is claimed again on its next watch event.
+/// that changed meanwhile is claimed again at its newer version: the one its watch delivered
+/// while the claim was in flight, or the next one it delivers.
 struct FinishCounter {
     api: Api<CachedJob>,
     metrics: Arc<Metrics>,
     replica: String,
-    claiming: Mutex<HashSet<String>>,
+    /// Jobs whose claim is in flight, with the newest version seen meanwhile.
+    claiming: Mutex<HashMap<String, Option<cache::Entry>>>,
 }
 
 impl FinishCounter {
-    fn observe(self: &Arc<Self>, name: String, entry: &cache::Entry) {
+    fn count_finish(self: &Arc<Self>, name: String, entry: &cache::Entry) {
         if entry.facts.counted || !entry.record.status.phase.is_terminal() {
             return;
         }
-        if !self.claiming.lock().unwrap().insert(name.clone()) {
-            return;
+        match self.claiming.lock().unwrap().entry(name.clone()) {
+            hash_map::Entry::Occupied(mut claim) => {
+                claim.insert(Some(entry.clone()));
+                return;
+            }
+            hash_map::Entry::Vacant(claim) => {
+                claim.insert(None);
+            }
         }
         let patch = serde_json::json!({"metadata": {
             "resourceVersion": entry.facts.resource_version,
@@ -137,15 +145,23 @@ impl FinishCounter {
         let counter = self.clone();
         let record = entry.record.clone();
         tokio::spawn(async move {
-            match counter.api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            let lost = match counter.api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => {
                     counter.metrics.jobs.job_finished(&record);
                     telemetry::trace::emit_lifecycle(&record);
+                    false
                 }
-                Err(kube::Error::Api(status)) if status.is_conflict() || status.is_not_found() => {}
-                Err(error) => tracing::warn!(job_id = %name, %error, "cannot mark the job's finish as counted"),
+                Err(kube::Error::Api(status)) if status.is_not_found() => false,
+                Err(kube::Error::Api(status)) if status.is_conflict() => true,
+                Err(error) => {
+                    tracing::warn!(job_id = %name, %error, "cannot mark the job's finish as counted");
+                    true
+                }
+            };
+            let newer = counter.claiming.lock().unwrap().remove(&name).flatten();
+            if lost && let Some(newer) = newer {
+                counter.count_finish(name, &newer);
             }
-            counter.claiming.lock().unwrap().remove(&name);
         });
     }
 }
@@ -174,8 +190,8 @@ impl KubernetesBackend {
         let job_events = watcher(job_api, config.clone()).default_backoff();
         let jobs = cache.clone();
         let on_job = move |event: watcher::Event<CachedJob>| {
-            if let Some((name, entry)) = jobs.observe_job(event) {
-                finishes.observe(name, &entry);
+            if let Some((name, entry)) = jobs.apply_job_event(event) {
+                finishes.count_finish(name, &entry);
             }
         };
         tokio::spawn(drive(job_events, health.clone(), |h| &h.jobs, on_job));
@@ -183,7 +199,7 @@ impl KubernetesBackend {
         let pod_api: Api<CachedPod> = Api::namespaced(client.clone(), &template.namespace);
         let pod_events = watcher(pod_api, config).default_backoff();
         let pods = cache.clone();
-        tokio::spawn(drive(pod_events, health.clone(), |h| &h.pods, move |event| pods.observe_pod(event)));
+        tokio::spawn(drive(pod_events, health.clone(), |h| &h.pods, move |event| pods.apply_pod_event(event)));
         tokio::spawn(probe_until_reachable(client.clone(), template.namespace.clone(), selector, health.clone()));
 
         Self { client, template, cache, health, events: Mutex::default() }
@@ -225,7 +241,7 @@ impl KubernetesBackend {
             let list = api.list(&params).await.map_err(api_error)?;
             events.extend(list.items.iter().map(|e| to_job_event(e, &kind, &name)));
         }
-        events.sort_by(|a, b| b.time.cmp(&a.time));
+        events.sort_by_key(|e| std::cmp::Reverse(e.time));
         Ok(events)
     }
 

@@ -5,7 +5,7 @@
 //! It judges a pod template the way Pod Security Admission judges the pods a Job creates, so a
 //! template can be refused before a Job that could never start is created.
 
-use k8s_openapi::api::core::v1::{Container, PodTemplateSpec, SecurityContext};
+use k8s_openapi::api::core::v1::{Container, PodSecurityContext, PodSpec, PodTemplateSpec, SecurityContext};
 
 /// One control a pod template fails, named by the upstream check id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,26 +30,62 @@ const SAFE_SYSCTLS: &[&str] = &[
 ];
 const SELINUX_TYPES: &[&str] = &["", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"];
 
-/// Every restricted-profile control `template` fails; empty when it passes.
+/// Every restricted-profile control `template` fails; empty when it passes. The checks run in
+/// the order of [`RESTRICTED`], each adding what it finds.
 pub fn check_restricted(template: &PodTemplateSpec) -> Vec<Violation> {
     let mut v = Vec::new();
-    let mut fail = |control: &'static str, detail: String| v.push(Violation { control, detail });
     let Some(spec) = &template.spec else {
-        fail("spec", "pod template has no spec".into());
+        v.push(Violation { control: "spec", detail: "pod template has no spec".into() });
         return v;
     };
-    let containers: Vec<&Container> = spec.containers.iter().chain(spec.init_containers.iter().flatten()).collect();
-    let ephemeral: Vec<(&str, Option<&SecurityContext>)> =
-        spec.ephemeral_containers.iter().flatten().map(|c| (c.name.as_str(), c.security_context.as_ref())).collect();
-    let all: Vec<(&str, Option<&SecurityContext>)> =
-        containers.iter().map(|c| (c.name.as_str(), c.security_context.as_ref())).chain(ephemeral).collect();
-    let psc = spec.security_context.as_ref();
+    let pod = Pod::new(template, spec);
+    for check in RESTRICTED {
+        check(&pod, &mut v);
+    }
+    v
+}
 
-    // Baseline.
+/// What the checks read of a pod template.
+struct Pod<'a> {
+    template: &'a PodTemplateSpec,
+    spec: &'a PodSpec,
+    /// Regular and init containers.
+    containers: Vec<&'a Container>,
+    /// Every container's security context, ephemeral containers' included.
+    contexts: Vec<(&'a str, Option<&'a SecurityContext>)>,
+    psc: Option<&'a PodSecurityContext>,
+}
+
+impl<'a> Pod<'a> {
+    fn new(template: &'a PodTemplateSpec, spec: &'a PodSpec) -> Self {
+        let containers: Vec<&Container> = spec.containers.iter().chain(spec.init_containers.iter().flatten()).collect();
+        let ephemeral =
+            spec.ephemeral_containers.iter().flatten().map(|c| (c.name.as_str(), c.security_context.as_ref()));
+        let contexts =
+            containers.iter().map(|c| (c.name.as_str(), c.security_context.as_ref())).chain(ephemeral).collect();
+        Self { template, spec, containers, contexts, psc: spec.security_context.as_ref() }
+    }
+}
+
+/// The restricted profile's checks (baseline's included), in the order violations are listed.
+const RESTRICTED: [fn(&Pod<'_>, &mut Vec<Violation>); 6] =
+    [host_namespaces, container_contexts, host_ports_and_probes, pod_context, apparmor_annotations, volume_types];
+
+/// Baseline: no host network, PID or IPC namespace.
+fn host_namespaces(pod: &Pod<'_>, v: &mut Vec<Violation>) {
+    let mut fail = |control: &'static str, detail: String| v.push(Violation { control, detail });
+    let spec = pod.spec;
     if spec.host_network == Some(true) || spec.host_pid == Some(true) || spec.host_ipc == Some(true) {
         fail("hostNamespaces", "hostNetwork, hostPID and hostIPC must be unset or false".into());
     }
-    for (name, sc) in &all {
+}
+
+/// Each container's security context: baseline (privileged, capabilities, procMount, Windows
+/// host process, SELinux, AppArmor, seccomp), then restricted (no escalation, drop ALL, non-root).
+fn container_contexts(pod: &Pod<'_>, v: &mut Vec<Violation>) {
+    let mut fail = |control: &'static str, detail: String| v.push(Violation { control, detail });
+    let psc = pod.psc;
+    for (name, sc) in &pod.contexts {
         let sc = sc.cloned().unwrap_or_default();
         if sc.privileged == Some(true) {
             fail("privileged", format!("container {name} is privileged"));
@@ -99,7 +135,12 @@ pub fn check_restricted(template: &PodTemplateSpec) -> Vec<Violation> {
             fail("runAsUser", format!("container {name} runs as uid 0"));
         }
     }
-    for c in &containers {
+}
+
+/// Baseline: no host ports, and probes and lifecycle hooks that name no host.
+fn host_ports_and_probes(pod: &Pod<'_>, v: &mut Vec<Violation>) {
+    let mut fail = |control: &'static str, detail: String| v.push(Violation { control, detail });
+    for c in &pod.containers {
         for port in c.ports.iter().flatten() {
             if port.host_port.is_some_and(|p| p != 0) {
                 fail("hostPorts", format!("container {} uses a host port", c.name));
@@ -116,7 +157,12 @@ pub fn check_restricted(template: &PodTemplateSpec) -> Vec<Violation> {
             fail("hostProbesAndHostLifecycle", format!("container {} probes or hooks a host", c.name));
         }
     }
-    if let Some(psc) = psc {
+}
+
+/// The pod's security context: root uid, seccomp, sysctls, SELinux, AppArmor.
+fn pod_context(pod: &Pod<'_>, v: &mut Vec<Violation>) {
+    let mut fail = |control: &'static str, detail: String| v.push(Violation { control, detail });
+    if let Some(psc) = pod.psc {
         if psc.run_as_user == Some(0) {
             fail("runAsUser", "pod runs as uid 0".into());
         }
@@ -138,7 +184,12 @@ pub fn check_restricted(template: &PodTemplateSpec) -> Vec<Violation> {
             fail("appArmorProfile", "pod is AppArmor unconfined".into());
         }
     }
-    let annotations = template.metadata.as_ref().and_then(|m| m.annotations.as_ref());
+}
+
+/// Baseline: AppArmor annotations name only the runtime's default or a local profile.
+fn apparmor_annotations(pod: &Pod<'_>, v: &mut Vec<Violation>) {
+    let mut fail = |control: &'static str, detail: String| v.push(Violation { control, detail });
+    let annotations = pod.template.metadata.as_ref().and_then(|m| m.annotations.as_ref());
     for (key, value) in annotations.into_iter().flatten() {
         if key.starts_with("container.apparmor.security.beta.kubernetes.io/")
             && !(value.is_empty() || value == "runtime/default" || value.starts_with("localhost/"))
@@ -146,8 +197,13 @@ pub fn check_restricted(template: &PodTemplateSpec) -> Vec<Violation> {
             fail("appArmorProfile", format!("annotation {key}={value}"));
         }
     }
+}
+
+/// Restricted: only the volume types the profile allows.
+fn volume_types(pod: &Pod<'_>, v: &mut Vec<Violation>) {
+    let mut fail = |control: &'static str, detail: String| v.push(Violation { control, detail });
     // restrictedVolumes replaces hostPathVolumes at this level, as upstream overrides it.
-    for volume in spec.volumes.iter().flatten() {
+    for volume in pod.spec.volumes.iter().flatten() {
         if volume.host_path.is_some() {
             fail("restrictedVolumes", format!("volume {} is a hostPath", volume.name));
             continue;
@@ -165,7 +221,6 @@ pub fn check_restricted(template: &PodTemplateSpec) -> Vec<Violation> {
             fail("restrictedVolumes", format!("volume {} has a type the restricted profile forbids", volume.name));
         }
     }
-    v
 }
 
 /// OATS hardening beyond the profile: read-only roots and no API token in agent pods.
@@ -234,7 +289,8 @@ mod tests {
 
     #[test]
     fn each_control_catches_its_violation() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut PodTemplateSpec)>)> = vec![
+        type Breaks = Box<dyn FnOnce(&mut PodTemplateSpec)>;
+        let cases: Vec<(&str, Breaks)> = vec![
             ("hostNamespaces", Box::new(|t| t.spec.as_mut().unwrap().host_pid = Some(true))),
             ("privileged", Box::new(|t| container(t).privileged = Some(true))),
             ("allowPrivilegeEscalation", Box::new(|t| container(t).allow_privilege_escalation = None)),

@@ -232,18 +232,57 @@ fn launcher(gateway: &GatewayAccess, security: &SecurityContext) -> (Volume, Vol
 /// Build the Job that runs `job`. Pure: the same input always gives the same manifest.
 pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
     let id = job.id.to_string();
-    let quantity = |q: &str| Quantity(q.to_owned());
+    let (pod_labels, job_labels) = labels(job);
+    let parts = PodParts::of(job, template);
+    Job {
+        metadata: ObjectMeta {
+            name: Some(id),
+            namespace: Some(template.namespace.clone()),
+            labels: Some(job_labels),
+            annotations: Some(annotations(job)),
+            ..Default::default()
+        },
+        spec: Some(K8sJobSpec {
+            backoff_limit: Some(template.backoff_limit as i32),
+            active_deadline_seconds: Some(i64::from(job.spec.timeout_seconds)),
+            ttl_seconds_after_finished: Some(template.ttl_seconds_after_finished as i32),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(pod_labels), ..Default::default() }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    service_account_name: Some(template.service_account.clone()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security_context(template.uid)),
+                    containers: vec![agent_container(job, template, parts.env, parts.mounts)],
+                    init_containers: (!parts.init_containers.is_empty()).then_some(parts.init_containers),
+                    volumes: Some(parts.volumes),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
 
+/// The pod's labels (the job's own, OATS's, the egress profile's) and the Job's (those and the
+/// tenant's).
+fn labels(job: &NewJob) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let mut pod_labels: BTreeMap<String, String> = job.spec.labels.clone();
     pod_labels.insert(APP_LABEL.0.into(), APP_LABEL.1.into());
-    pod_labels.insert(JOB_ID_LABEL.into(), id.clone());
+    pod_labels.insert(JOB_ID_LABEL.into(), job.id.to_string());
     if let Some(egress) = job.resources.as_ref().and_then(|p| p.egress) {
         pod_labels.insert(EGRESS_LABEL.into(), egress.as_str().into());
     }
     let mut job_labels = pod_labels.clone();
     job_labels.insert(TENANT_LABEL.into(), job.tenant.clone());
     job_labels.insert("app.kubernetes.io/managed-by".into(), "oats".into());
+    (pod_labels, job_labels)
+}
 
+/// The Job's annotations: what the status mapping reads back besides the environment.
+fn annotations(job: &NewJob) -> BTreeMap<String, String> {
     let label_keys: Vec<&str> = job.spec.labels.keys().map(String::as_str).collect();
     let mut annotations = BTreeMap::from([
         (CREATED_AT_ANNOTATION.to_owned(), job.created_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)),
@@ -260,90 +299,110 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
             annotations.insert(TRACESTATE_ANNOTATION.to_owned(), state.clone());
         }
     }
+    annotations
+}
 
-    let mut env: Vec<EnvVar> = job
-        .spec
-        .agent_env(&job.id, "/dev/termination-log", "/workspace")
-        .into_iter()
-        .chain(trace_env(job))
-        .map(|(name, value)| EnvVar { name, value: Some(escape_env_value(&value)), value_from: None })
-        .collect();
-    env.extend([("HOME", "/workspace"), ("TMPDIR", "/tmp")].map(|(name, value)| EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        value_from: None,
-    }));
+/// The agent's environment and storage: the contract's variables, scratch and workspace volumes,
+/// and what the LLM credentials (a Secret, or the gateway's token and launcher) add.
+struct PodParts {
+    env: Vec<EnvVar>,
+    volumes: Vec<Volume>,
+    mounts: Vec<VolumeMount>,
+    init_containers: Vec<Container>,
+}
 
-    let mut volumes = vec![
-        Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(quantity(&template.tmp_size)), medium: None }),
-            ..Default::default()
-        },
-        Volume {
-            name: "workspace".into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                size_limit: Some(quantity(&template.workspace_size)),
-                medium: None,
-            }),
-            ..Default::default()
-        },
-    ];
-    let mut mounts = vec![
-        VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
-        VolumeMount { name: "workspace".into(), mount_path: "/workspace".into(), ..Default::default() },
-    ];
-    if let Some(secret) = &template.llm_secret_name {
-        volumes.push(Volume {
-            name: "llm-credentials".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
-                items: Some(
-                    template
-                        .llm_secret_keys
-                        .iter()
-                        .map(|key| KeyToPath { key: key.clone(), path: key.clone(), mode: None })
-                        .collect(),
-                ),
-                default_mode: Some(0o440),
-                optional: Some(false),
-            }),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: "llm-credentials".into(),
-            mount_path: LLM_CREDENTIALS_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
-        env.push(EnvVar {
-            name: "OATS_LLM_CREDENTIALS_DIR".into(),
-            value: Some(LLM_CREDENTIALS_DIR.into()),
+impl PodParts {
+    fn of(job: &NewJob, template: &AgentTemplate) -> Self {
+        let quantity = |q: &str| Quantity(q.to_owned());
+        let mut env: Vec<EnvVar> = job
+            .spec
+            .agent_env(&job.id, "/dev/termination-log", "/workspace")
+            .into_iter()
+            .chain(trace_env(job))
+            .map(|(name, value)| EnvVar { name, value: Some(escape_env_value(&value)), value_from: None })
+            .collect();
+        env.extend([("HOME", "/workspace"), ("TMPDIR", "/tmp")].map(|(name, value)| EnvVar {
+            name: name.into(),
+            value: Some(value.into()),
             value_from: None,
-        });
-    }
+        }));
 
-    let mut init_containers = Vec::new();
-    if let Some(gateway) = &template.llm_gateway {
-        let (volume, mount, gateway_env) = gateway_token(gateway, job.spec.timeout_seconds);
-        volumes.push(volume);
-        mounts.push(mount);
-        env.extend(gateway_env);
-        // A profile's own image gets the launcher, for agents that read OPENAI_API_KEY at start.
-        if job.resources.as_ref().is_some_and(|p| p.image.is_some()) {
-            let (volume, mount, installer) = launcher(gateway, &restricted_security_context());
+        let mut volumes = vec![
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(quantity(&template.tmp_size)), medium: None }),
+                ..Default::default()
+            },
+            Volume {
+                name: "workspace".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: Some(quantity(&template.workspace_size)),
+                    medium: None,
+                }),
+                ..Default::default()
+            },
+        ];
+        let mut mounts = vec![
+            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
+            VolumeMount { name: "workspace".into(), mount_path: "/workspace".into(), ..Default::default() },
+        ];
+        if let Some(secret) = &template.llm_secret_name {
+            volumes.push(Volume {
+                name: "llm-credentials".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.clone()),
+                    items: Some(
+                        template
+                            .llm_secret_keys
+                            .iter()
+                            .map(|key| KeyToPath { key: key.clone(), path: key.clone(), mode: None })
+                            .collect(),
+                    ),
+                    default_mode: Some(0o440),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            });
+            mounts.push(VolumeMount {
+                name: "llm-credentials".into(),
+                mount_path: LLM_CREDENTIALS_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+            env.push(EnvVar {
+                name: agent_env::LLM_CREDENTIALS_DIR.into(),
+                value: Some(LLM_CREDENTIALS_DIR.into()),
+                value_from: None,
+            });
+        }
+
+        let mut init_containers = Vec::new();
+        if let Some(gateway) = &template.llm_gateway {
+            let (volume, mount, gateway_env) = gateway_token(gateway, job.spec.timeout_seconds);
             volumes.push(volume);
             mounts.push(mount);
-            init_containers.push(installer);
+            env.extend(gateway_env);
+            // A profile's own image gets the launcher, for agents that read OPENAI_API_KEY at start.
+            if job.resources.as_ref().is_some_and(|p| p.image.is_some()) {
+                let (volume, mount, installer) = launcher(gateway, &restricted_security_context());
+                volumes.push(volume);
+                mounts.push(mount);
+                init_containers.push(installer);
+            }
         }
+        Self { env, volumes, mounts, init_containers }
     }
+}
 
-    let uid = i64::from(template.uid);
+/// The agent container: image and command (the profile's, else the server's), resources,
+/// restricted security context.
+fn agent_container(job: &NewJob, template: &AgentTemplate, env: Vec<EnvVar>, mounts: Vec<VolumeMount>) -> Container {
+    let quantity = |q: &str| Quantity(q.to_owned());
     let (cpu_request, cpu_limit, memory_request, memory_limit) = match &job.resources {
         Some(p) => (&p.cpu_request, &p.cpu_limit, &p.memory_request, &p.memory_limit),
         None => (&template.cpu_request, &template.cpu_limit, &template.memory_request, &template.memory_limit),
     };
-    let container = Container {
+    Container {
         name: AGENT_CONTAINER.into(),
         image: Some(job.resources.as_ref().and_then(|p| p.image.clone()).unwrap_or_else(|| template.image.clone())),
         image_pull_policy: Some(template.image_pull_policy.clone()),
@@ -370,47 +429,19 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         volume_mounts: Some(mounts),
         ..Default::default()
-    };
+    }
+}
 
-    Job {
-        metadata: ObjectMeta {
-            name: Some(id),
-            namespace: Some(template.namespace.clone()),
-            labels: Some(job_labels),
-            annotations: Some(annotations),
-            ..Default::default()
-        },
-        spec: Some(K8sJobSpec {
-            backoff_limit: Some(template.backoff_limit as i32),
-            active_deadline_seconds: Some(i64::from(job.spec.timeout_seconds)),
-            ttl_seconds_after_finished: Some(template.ttl_seconds_after_finished as i32),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(pod_labels), ..Default::default() }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".into()),
-                    service_account_name: Some(template.service_account.clone()),
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(uid),
-                        run_as_group: Some(uid),
-                        fs_group: Some(uid),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            localhost_profile: None,
-                        }),
-                        ..Default::default()
-                    }),
-                    containers: vec![container],
-                    init_containers: (!init_containers.is_empty()).then_some(init_containers),
-                    volumes: Some(volumes),
-                    ..Default::default()
-                }),
-            },
-            ..Default::default()
-        }),
-        status: None,
+/// The pod runs as the agent's non-root uid, under the runtime's default seccomp profile.
+fn pod_security_context(uid: u32) -> PodSecurityContext {
+    let uid = i64::from(uid);
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(uid),
+        run_as_group: Some(uid),
+        fs_group: Some(uid),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+        ..Default::default()
     }
 }
 
@@ -447,9 +478,11 @@ mod tests {
     }
 
     fn template() -> AgentTemplate {
-        let mut config = Config::default();
-        config.llm_secret_name = Some("llm-credentials".into());
-        config.llm_secret_keys = vec!["api-key".into()];
+        let config = Config {
+            llm_secret_name: Some("llm-credentials".into()),
+            llm_secret_keys: vec!["api-key".into()],
+            ..Config::default()
+        };
         AgentTemplate::from_config(&config, "oats")
     }
 

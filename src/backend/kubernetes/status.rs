@@ -7,7 +7,7 @@ use super::render::{
 };
 use super::wire::{CachedJob, CachedPod};
 use crate::jobs::{
-    Budget, JobId, JobPhase, JobReason, JobRecord, JobSpec, JobStatus, Labels, NanoUsd, RESERVED_LABEL_PREFIX,
+    Budget, JobId, JobPhase, JobReason, JobRecord, JobSpec, JobState, Labels, NanoUsd, RESERVED_LABEL_PREFIX,
     TraceContext, agent_env, agent_exit, truncate_result,
 };
 use chrono::{DateTime, Utc};
@@ -67,7 +67,7 @@ impl JobFacts {
         self.conditions.iter().find(|c| c.type_ == kind)
     }
 
-    /// Whether the Job has reached a final status: the same judgement as [`observe`], from the
+    /// Whether the Job has reached a final status: the same judgement as [`apply_pods`], from the
     /// Job alone (pods only add detail to a final status, never decide it).
     pub fn is_finished(&self) -> bool {
         self.cancelled_at.is_some()
@@ -83,7 +83,7 @@ pub fn job_record(job: &CachedJob, pods: &[&CachedPod]) -> Option<JobRecord> {
 /// [`job_record`] with the Job's facts already taken.
 pub fn job_record_with(job: &CachedJob, facts: &JobFacts, pods: &[&CachedPod]) -> Option<JobRecord> {
     let mut record = submitted(job)?;
-    observe(&mut record, facts, pods);
+    apply_pods(&mut record, facts, pods);
     Some(record)
 }
 
@@ -119,11 +119,11 @@ fn submitted(job: &CachedJob) -> Option<JobRecord> {
             .collect(),
     };
     let job_spec = JobSpec {
-        goal: env("OATS_GOAL").unwrap_or_default(),
-        max_turns: env("OATS_MAX_TURNS").and_then(|v| v.parse().ok()).unwrap_or(0),
+        goal: env(agent_env::GOAL).unwrap_or_default(),
+        max_turns: env(agent_env::MAX_TURNS).and_then(|v| v.parse().ok()).unwrap_or(0),
         labels: user_labels,
-        timeout_seconds: env("OATS_TIMEOUT_SECONDS").and_then(|v| v.parse().ok()).unwrap_or(0),
-        model: env("OATS_MODEL"),
+        timeout_seconds: env(agent_env::TIMEOUT_SECONDS).and_then(|v| v.parse().ok()).unwrap_or(0),
+        model: env(agent_env::MODEL),
         profile: annotation(PROFILE_ANNOTATION),
         budget: Budget {
             max_tokens: env(agent_env::BUDGET_MAX_TOKENS).and_then(|v| v.parse().ok()),
@@ -139,7 +139,7 @@ fn submitted(job: &CachedJob) -> Option<JobRecord> {
         id,
         tenant,
         spec: job_spec,
-        status: JobStatus::new(JobPhase::Pending),
+        status: JobState::new(JobPhase::Pending),
         created_at,
         started_at: None,
         finished_at: None,
@@ -148,7 +148,7 @@ fn submitted(job: &CachedJob) -> Option<JobRecord> {
         request_hash: annotation(REQUEST_HASH_ANNOTATION).unwrap_or_default(),
         trace: annotation(TRACEPARENT_ANNOTATION)
             .map(|traceparent| TraceContext { traceparent, tracestate: annotation(TRACESTATE_ANNOTATION) }),
-        rendered: Default::default(),
+        json: Default::default(),
     })
 }
 
@@ -172,7 +172,7 @@ fn agent_started_at(pods: &[&CachedPod]) -> Option<DateTime<Utc>> {
 }
 
 /// Set what Kubernetes says about the job (status, times, attempts, result) on its record.
-pub fn observe(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod]) {
+pub fn apply_pods(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod]) {
     let mut pods: Vec<&CachedPod> = pods.to_vec();
     pods.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(to_chrono));
     let attempts = facts.pods_seen.max(pods.len()) as u32;
@@ -186,7 +186,7 @@ pub fn observe(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod]) {
     record.result = None;
 
     if let Some(done) = facts.condition("Complete").or_else(|| facts.condition("SuccessCriteriaMet")) {
-        record.status = JobStatus::new(JobPhase::Succeeded);
+        record.status = JobState::new(JobPhase::Succeeded);
         record.finished_at = facts.completion_time.as_ref().or(done.last_transition_time.as_ref()).map(to_chrono);
         record.result = latest_terminated.and_then(|t| message_of(t.message.as_ref()));
         return;
@@ -200,7 +200,7 @@ pub fn observe(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod]) {
         // (a Job annotated some other way) happened first, and the outcome stands.
         let failed_first = matches!((failed_at, cancelled), (Some(f), Some(c)) if f.timestamp() < c.timestamp());
         if !failed_first {
-            record.status = JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
+            record.status = JobState::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
             record.finished_at = cancelled.or(failed_at);
             return;
         }
@@ -212,34 +212,34 @@ pub fn observe(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod]) {
     record.finished_at = failed.last_transition_time.as_ref().map(to_chrono);
     let pod_reason = latest.and_then(|p| p.status.as_ref()?.reason.as_deref());
     record.status = match failed.reason.as_deref() {
-        Some("DeadlineExceeded") => JobStatus::with_reason(
+        Some("DeadlineExceeded") => JobState::with_reason(
             JobPhase::Failed,
             JobReason::DeadlineExceeded,
             format!("the job ran longer than its timeout of {}s", record.spec.timeout_seconds),
         ),
         _ if pod_reason == Some("Evicted") => {
-            JobStatus::with_reason(JobPhase::Failed, JobReason::Evicted, "the node evicted the agent pod")
+            JobState::with_reason(JobPhase::Failed, JobReason::Evicted, "the node evicted the agent pod")
         }
         _ => match latest_terminated {
-            Some(t) if t.reason.as_deref() == Some("OOMKilled") => JobStatus::with_reason(
+            Some(t) if t.reason.as_deref() == Some("OOMKilled") => JobState::with_reason(
                 JobPhase::Failed,
                 JobReason::OOMKilled,
                 "the agent was killed for exceeding its memory limit",
             ),
             Some(t) if let Some((reason, message)) = agent_exit::reason(t.exit_code) => {
-                JobStatus::with_reason(JobPhase::Failed, reason, message)
+                JobState::with_reason(JobPhase::Failed, reason, message)
             }
-            Some(t) if attempts > 1 => JobStatus::with_reason(
+            Some(t) if attempts > 1 => JobState::with_reason(
                 JobPhase::Failed,
                 JobReason::BackoffLimitExceeded,
                 format!("the agent failed {attempts} times; last exit code {}", t.exit_code),
             ),
-            Some(t) => JobStatus::with_reason(
+            Some(t) => JobState::with_reason(
                 JobPhase::Failed,
                 JobReason::AgentError,
                 format!("the agent exited with code {}", t.exit_code),
             ),
-            None => JobStatus::with_reason(
+            None => JobState::with_reason(
                 JobPhase::Failed,
                 JobReason::BackoffLimitExceeded,
                 failed.message.clone().unwrap_or_else(|| "the job failed".into()),
@@ -249,8 +249,8 @@ pub fn observe(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod]) {
 }
 
 /// A job that has not finished: pending (with why, when Kubernetes says) or running.
-fn active_status(latest: Option<&CachedPod>) -> JobStatus {
-    let Some(pod) = latest else { return JobStatus::new(JobPhase::Pending) };
+fn active_status(latest: Option<&CachedPod>) -> JobState {
+    let Some(pod) = latest else { return JobState::new(JobPhase::Pending) };
     let pod_status = pod.status.clone().unwrap_or_default();
     if let Some(waiting) = agent_status(pod).and_then(|c| c.state.as_ref()?.waiting.clone()) {
         let message = waiting.message.clone().unwrap_or_default();
@@ -267,9 +267,9 @@ fn active_status(latest: Option<&CachedPod>) -> JobStatus {
         if let Some(reason) = reason {
             let detail = waiting.reason.unwrap_or_default();
             let message = if message.is_empty() { detail } else { format!("{detail}: {message}") };
-            return JobStatus::with_reason(JobPhase::Pending, reason, message);
+            return JobState::with_reason(JobPhase::Pending, reason, message);
         }
-        return JobStatus::new(JobPhase::Pending);
+        return JobState::new(JobPhase::Pending);
     }
     if let Some(unschedulable) = pod_status
         .conditions
@@ -277,15 +277,15 @@ fn active_status(latest: Option<&CachedPod>) -> JobStatus {
         .flatten()
         .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
     {
-        return JobStatus::with_reason(
+        return JobState::with_reason(
             JobPhase::Pending,
             JobReason::Unschedulable,
             unschedulable.message.clone().unwrap_or_else(|| "no node can run the agent yet".into()),
         );
     }
     match pod_status.phase.as_deref() {
-        Some("Running" | "Succeeded" | "Failed") => JobStatus::new(JobPhase::Running),
-        _ => JobStatus::new(JobPhase::Pending),
+        Some("Running" | "Succeeded" | "Failed") => JobState::new(JobPhase::Running),
+        _ => JobState::new(JobPhase::Pending),
     }
 }
 
@@ -415,7 +415,8 @@ mod tests {
     fn status_and_reason_table() {
         use JobPhase::*;
         use JobReason::*;
-        let cases: Vec<(&str, Job, Vec<Pod>, JobPhase, Option<JobReason>)> = vec![
+        type Case = (&'static str, Job, Vec<Pod>, JobPhase, Option<JobReason>);
+        let cases: Vec<Case> = vec![
             ("no pod yet", job(&[], (0, 0, 0)), vec![], Pending, None),
             ("pod scheduling", job(&[], (1, 0, 0)), vec![pod("Pending", waiting("ContainerCreating"))], Pending, None),
             ("unschedulable", job(&[], (1, 0, 0)), vec![unschedulable()], Pending, Some(Unschedulable)),

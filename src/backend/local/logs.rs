@@ -204,7 +204,7 @@ mod tests {
         let mut unfinished = log(3);
         let whole = unfinished.len() as u64;
         unfinished.extend_from_slice(b"2026-12-01T00:00:00Z half a li");
-        let last = log(3).split_inclusive(|b| *b == b'\n').last().unwrap().len() as u64;
+        let last = log(3).split_inclusive(|b| *b == b'\n').next_back().unwrap().len() as u64;
         assert_eq!(tail_start(&mut Cursor::new(unfinished), 1).await.unwrap(), whole - last);
         // Lines across chunk boundaries.
         let text = log(5_000);

@@ -13,8 +13,8 @@ mod process;
 
 use crate::{
     jobs::{
-        BackendError, CreateOutcome, JobBackend, JobCounts, JobEvent, JobId, JobPhase, JobReason, JobRecord, JobStatus,
-        LogOptions, LogStream, NewJob, Preview, Rendered, agent_env,
+        BackendError, CreateOutcome, EncodedJson, JobBackend, JobCounts, JobEvent, JobId, JobPhase, JobReason,
+        JobRecord, JobState, LogOptions, LogStream, NewJob, Preview, agent_env,
     },
     telemetry::{self, metrics::Metrics},
 };
@@ -75,7 +75,7 @@ impl StoredJob {
     /// its old rendering.
     fn record_mut(&mut self) -> &mut JobRecord {
         let record = Arc::make_mut(&mut self.record);
-        record.rendered = Rendered::default();
+        record.json = EncodedJson::default();
         record
     }
 }
@@ -142,7 +142,7 @@ impl LocalBackend {
                     stored.pgid = None;
                     let now = Utc::now();
                     let record = stored.record_mut();
-                    record.status = JobStatus::with_reason(
+                    record.status = JobState::with_reason(
                         JobPhase::Failed,
                         JobReason::ServerRestarted,
                         "the server stopped while the agent was running",
@@ -328,7 +328,7 @@ impl Inner {
                     // A cancel that landed while the agent was starting stays in force; the
                     // agent is stopped as soon as it is waited on.
                     if s.record.status.phase == JobPhase::Pending {
-                        s.record_mut().status = JobStatus::new(JobPhase::Running);
+                        s.record_mut().status = JobState::new(JobPhase::Running);
                     }
                     let record = s.record_mut();
                     record.started_at = Some(started_at);
@@ -519,7 +519,7 @@ impl JobBackend for LocalBackend {
                 _ => {}
             }
             let record = entry.stored.record_mut();
-            record.status = JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
+            record.status = JobState::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
             record.finished_at = Some(Utc::now());
             let record = record.clone();
             entry.stored.events.push(event("Normal", "Cancelled", "cancelled by request; stopping the agent"));
@@ -571,7 +571,7 @@ mod tests {
             resources: None,
         };
         let mut record = new.pending_record();
-        record.status = JobStatus::new(JobPhase::Succeeded);
+        record.status = JobState::new(JobPhase::Succeeded);
         record.finished_at = Some(created_at + chrono::Duration::seconds(9));
         record.result = Some("done".into());
         let events = vec![event("Normal", "Submitted", "accepted"), event("Normal", "Completed", "finished")];
@@ -609,11 +609,11 @@ mod tests {
         };
         let mut stored = StoredJob { record: Arc::new(new.pending_record()), events: vec![], pgid: None };
         let rendered = |record: &JobRecord| {
-            record.rendered.get_or_try_init(|| Ok::<_, ()>(record.status.phase.as_str().to_owned().into())).unwrap()
+            record.json.get_or_try_init(|| Ok::<_, ()>(record.status.phase.as_str().to_owned().into())).unwrap()
         };
         assert_eq!(rendered(&stored.record), "pending");
         // No other holder: the record is changed in place, and must render afresh.
-        stored.record_mut().status = JobStatus::new(JobPhase::Running);
+        stored.record_mut().status = JobState::new(JobPhase::Running);
         assert_eq!(rendered(&stored.record), "running");
     }
 }

@@ -9,7 +9,7 @@
 
 use super::LocalSettings;
 use crate::jobs::{
-    JobId, JobPhase, JobReason, JobRecord, JobStatus, MAX_RESULT_BYTES, agent_env, agent_exit, truncate_result,
+    JobId, JobPhase, JobReason, JobRecord, JobState, MAX_RESULT_BYTES, agent_env, agent_exit, truncate_result,
 };
 use nix::{sys::signal::Signal, unistd::Pid};
 use std::{path::Path, process::Stdio, time::Duration};
@@ -34,13 +34,13 @@ const GRACE: Duration = Duration::from_secs(3);
 
 /// How a run ended.
 pub struct Outcome {
-    pub status: JobStatus,
+    pub status: JobState,
     pub result: Option<String>,
 }
 
 impl Outcome {
     fn failed(reason: JobReason, message: impl Into<String>) -> Self {
-        Self { status: JobStatus::with_reason(JobPhase::Failed, reason, message), result: None }
+        Self { status: JobState::with_reason(JobPhase::Failed, reason, message), result: None }
     }
 }
 
@@ -117,7 +117,7 @@ impl RunningAgent {
             status = self.child.wait() => match status {
                 Ok(status) if status.success() => {
                     let result = read_result(&self.result_file).await;
-                    Outcome { status: JobStatus::new(JobPhase::Succeeded), result }
+                    Outcome { status: JobState::new(JobPhase::Succeeded), result }
                 }
                 Ok(status) => {
                     // A failed agent's result is its partial answer or why it stopped.
@@ -141,7 +141,7 @@ impl RunningAgent {
             () = cancel.notified() => {
                 self.stop().await;
                 let result = read_result(&self.result_file).await;
-                Outcome { status: JobStatus::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request"), result }
+                Outcome { status: JobState::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request"), result }
             }
         };
         // Make sure nothing the agent started outlives the job (in its group or not), then flush

@@ -319,47 +319,77 @@ impl TenantRules {
         (name, resources)
     }
 
+    /// Every rule's verdict on a submission, in a fixed order (the first denial decides), and the
+    /// resources its profile gives.
     pub(super) fn judge(&self, s: &Submission<'_>) -> (Vec<Verdict>, Option<ResourceProfile>) {
         let spec = s.spec;
-        let mut verdicts = Vec::new();
-        let mut check = |rule, ok: bool, detail: String| {
-            verdicts.push(if ok { Verdict::allow(rule, detail) } else { Verdict::deny(rule, detail) })
-        };
-        check(
+        let (profile, resources) = self.profile_for(spec);
+        let verdicts = vec![
+            self.goal_size(spec),
+            self.turns(spec),
+            self.timeout(spec),
+            self.model(spec),
+            self.budget_ceiling(spec),
+            self.label_keys(spec),
+            self.profile(profile.as_deref(), resources.is_some()),
+            self.image(s.image, resources.as_ref()),
+            self.concurrency(s),
+            self.kept(s),
+        ];
+        (verdicts, resources)
+    }
+
+    fn goal_size(&self, spec: &JobSpec) -> Verdict {
+        verdict(
             Rule::MaxGoalBytes,
             spec.goal.len() <= self.max_goal_bytes,
             format!("goal is {} bytes; the limit is {}", spec.goal.len(), self.max_goal_bytes),
-        );
-        check(
+        )
+    }
+
+    fn turns(&self, spec: &JobSpec) -> Verdict {
+        verdict(
             Rule::MaxTurns,
             spec.max_turns <= self.max_turns,
             format!("max_turns is {}; the limit is {}", spec.max_turns, self.max_turns),
-        );
-        check(
+        )
+    }
+
+    fn timeout(&self, spec: &JobSpec) -> Verdict {
+        verdict(
             Rule::MaxTimeout,
             spec.timeout_seconds <= self.max_timeout_seconds,
             format!("timeout is {}s; the limit is {}s", spec.timeout_seconds, self.max_timeout_seconds),
-        );
+        )
+    }
+
+    fn model(&self, spec: &JobSpec) -> Verdict {
         match &spec.model {
-            Some(model) => check(
+            Some(model) => verdict(
                 Rule::AllowedModels,
                 listed(&self.allowed_models, model),
                 format!("model {model}; allowed: {}", self.allowed_models.join(", ")),
             ),
-            None => check(Rule::AllowedModels, true, "no model requested".into()),
+            None => verdict(Rule::AllowedModels, true, "no model requested".into()),
         }
-        check(
+    }
+
+    fn budget_ceiling(&self, spec: &JobSpec) -> Verdict {
+        verdict(
             Rule::MaxBudget,
             spec.budget.exceeds(&self.max_budget).is_none(),
             spec.budget.exceeds(&self.max_budget).unwrap_or_else(|| "the budget is within the tenant's ceiling".into()),
-        );
+        )
+    }
+
+    fn label_keys(&self, spec: &JobSpec) -> Verdict {
         let refused: Vec<&str> = spec
             .labels
             .keys()
             .filter(|k| !label_key_allowed(&self.allowed_label_keys, k))
             .map(String::as_str)
             .collect();
-        check(
+        verdict(
             Rule::AllowedLabelKeys,
             refused.is_empty(),
             if refused.is_empty() {
@@ -373,33 +403,41 @@ impl TenantRules {
             } else {
                 format!("label keys not allowed: {}", refused.join(", "))
             },
-        );
-        let (profile_name, resources) = self.profile_for(spec);
-        match &profile_name {
-            Some(name) => check(
+        )
+    }
+
+    fn profile(&self, name: Option<&str>, defined: bool) -> Verdict {
+        match name {
+            Some(name) => verdict(
                 Rule::ResourceProfile,
-                resources.is_some(),
+                defined,
                 format!(
                     "profile {name}; defined: {}",
                     self.resource_profiles.keys().cloned().collect::<Vec<_>>().join(", ")
                 ),
             ),
-            None => check(Rule::ResourceProfile, true, "the server's default resources".into()),
+            None => verdict(Rule::ResourceProfile, true, "the server's default resources".into()),
         }
-        // A profile's own image replaces the server's.
-        let image = match (s.image, resources.as_ref().and_then(|r| r.image.as_deref())) {
+    }
+
+    /// The agent image: a profile's own image replaces the server's.
+    fn image(&self, server_image: Option<&str>, resources: Option<&ResourceProfile>) -> Verdict {
+        let image = match (server_image, resources.and_then(|r| r.image.as_deref())) {
             (Some(_), Some(own)) => Some(own),
             (image, _) => image,
         };
         match image {
-            Some(image) => check(
+            Some(image) => verdict(
                 Rule::AllowedImages,
                 image_allowed(&self.allowed_images, image),
                 format!("agent image {image}; allowed: {}", self.allowed_images.join(", ")),
             ),
-            None => check(Rule::AllowedImages, true, "no container image (local backend)".into()),
+            None => verdict(Rule::AllowedImages, true, "no container image (local backend)".into()),
         }
-        let concurrency = Verdict {
+    }
+
+    fn concurrency(&self, s: &Submission<'_>) -> Verdict {
+        Verdict {
             retry_after: (s.active_jobs >= self.max_concurrent_jobs as usize).then_some(Duration::from_secs(10)),
             ..if s.active_jobs < self.max_concurrent_jobs as usize {
                 Verdict::allow(
@@ -415,11 +453,13 @@ impl TenantRules {
                     ),
                 )
             }
-        };
-        verdicts.push(concurrency);
+        }
+    }
+
+    fn kept(&self, s: &Submission<'_>) -> Verdict {
         // Room appears when one of the tenant's finished jobs is removed (its TTL) or deleted;
         // nothing tells when, so clients come back in a minute.
-        let kept = if s.kept_jobs < self.max_kept_jobs as usize {
+        if s.kept_jobs < self.max_kept_jobs as usize {
             Verdict::allow(Rule::MaxKeptJobs, format!("{} of {} jobs kept", s.kept_jobs, self.max_kept_jobs))
         } else {
             Verdict {
@@ -433,10 +473,13 @@ impl TenantRules {
                     ),
                 )
             }
-        };
-        verdicts.push(kept);
-        (verdicts, resources)
+        }
     }
+}
+
+/// An allowing or denying verdict of `rule`.
+fn verdict(rule: Rule, ok: bool, detail: String) -> Verdict {
+    if ok { Verdict::allow(rule, detail) } else { Verdict::deny(rule, detail) }
 }
 
 #[cfg(test)]

@@ -102,7 +102,7 @@ fn method_label(method: &Method) -> &'static str {
 /// request carries a `traceparent` and its caller authenticated, so the span continues the
 /// caller's trace and is sampled; an anonymous caller's `traceparent` is ignored (it could
 /// otherwise force every request it sends into the trace pipeline, or pick our trace ids).
-pub async fn observe<F, Fut>(
+pub async fn instrument<F, Fut>(
     request: Request,
     metrics: &Metrics,
     routes: &Routes,
