@@ -11,7 +11,7 @@ use super::{
     status::{self, JobFacts},
     wire::{CachedJob, CachedPod, compact_pod_status},
 };
-use crate::jobs::{JobCounts, JobPhase, JobReason, JobRecord, JobStatus};
+use crate::jobs::{JobCounts, JobPhase, JobReason, JobRecord, JobState};
 use kube::{ResourceExt, runtime::watcher::Event};
 use std::{
     collections::HashMap,
@@ -98,7 +98,7 @@ fn as_departed(record: &Arc<JobRecord>) -> Arc<JobRecord> {
         return record.clone();
     }
     let mut gone = JobRecord::clone(record);
-    gone.status = JobStatus::with_reason(
+    gone.status = JobState::with_reason(
         JobPhase::Failed,
         JobReason::Deleted,
         "the Kubernetes Job was deleted before it finished",
