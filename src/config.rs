@@ -28,6 +28,15 @@ pub enum BackendKind {
     Local,
 }
 
+/// Who decides when a Kubernetes Job may start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queueing {
+    /// Jobs start when created; OATS's per-replica tenant limits apply.
+    None,
+    /// Jobs are created suspended in their tenant's Kueue LocalQueue; Kueue admits them.
+    Kueue,
+}
+
 /// How the server writes its own logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -161,6 +170,23 @@ impl ConfigValue for BackendKind {
     }
 }
 
+impl ConfigValue for Queueing {
+    fn parse_value(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "none" => Ok(Self::None),
+            "kueue" => Ok(Self::Kueue),
+            other => Err(format!("`{other}` is not one of none, kueue")),
+        }
+    }
+    fn show(&self) -> String {
+        match self {
+            Self::None => "none",
+            Self::Kueue => "kueue",
+        }
+        .into()
+    }
+}
+
 impl ConfigValue for LogFormat {
     fn parse_value(text: &str) -> Result<Self, String> {
         match text.trim() {
@@ -278,6 +304,10 @@ config_keys! {
     max_timeout_seconds: u32 = 3600;
     /// Seconds a finished job is kept before it is removed: on Kubernetes the Job (deleted by its TTL controller), locally its record, output and workspace; a finished job counts against `max_kept_jobs` until then (on both backends). After it, the job is answered from the job history (`retention_days`).
     ttl_seconds_after_finished: u32 = 600;
+    /// Who starts Kubernetes Jobs: `none` (at once) or `kueue` (created suspended in the tenant's LocalQueue, from the policy's `local_queue`; Kueue admits them against its ClusterQueue quotas, cluster-wide). Kueue must be installed (infra/kueue).
+    queueing: Queueing = Queueing::None;
+    /// LocalQueue (in `namespace`) of tenants whose policy names none, when `queueing` is `kueue`.
+    kueue_default_queue: String = "oats".into();
     /// Retries of a failed agent pod before the job fails.
     backoff_limit: u32 = 0;
     /// Opt-in: name of a Secret mounted into every agent pod, for agents that must call a provider directly (the admission policy's `llmSecretName` must name it too). Empty: agents hold no secret; they reach models through the LLM gateway.

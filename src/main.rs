@@ -6,10 +6,10 @@ use oats::{
     api::{self, ApiState, RequestLimits, types::CreateJobRequest},
     auth::{Authenticator, OidcSettings, OidcVerifier, TokenStore},
     backend::{
-        kubernetes::{KubernetesBackend, render},
+        kubernetes::{KubernetesBackend, kueue::QueueMetrics, render},
         local::{AgentGateway, LocalBackend, LocalSettings},
     },
-    config::{BackendKind, Config},
+    config::{BackendKind, Config, Queueing},
     http_server,
     jobs::{
         AgentCredentials, JobBackend, JobId, JobRequest, JobService, NewJob,
@@ -151,6 +151,7 @@ fn render_job(config: &Config) -> Result<()> {
         request_hash: spec.fingerprint(),
         trace: None,
         resources,
+        queue: rules.queue_choice(),
         spec,
         created_at: chrono::Utc::now(),
     };
@@ -166,13 +167,17 @@ async fn serve(config: Config) -> Result<()> {
     llm_metrics.register(metrics.registry_mut());
     let archive_metrics = ArchiveMetrics::default();
     archive_metrics.register(metrics.registry_mut());
+    let queue_metrics = QueueMetrics::default();
+    if config.queueing == Queueing::Kueue {
+        queue_metrics.register(metrics.registry_mut());
+    }
     let metrics = Arc::new(metrics);
     let http_limits = config.http_limits();
     let providers = load_providers(&config)?;
     let credentials = Arc::new(AgentCredentials::random());
     let gateway_url = providers.as_ref().map(|_| agent_gateway_url(&config));
     let agent_gateway = gateway_url.map(|base_url| AgentGateway { base_url, credentials: credentials.clone() });
-    let (backend, kube) = select_backend(&config, &metrics, agent_gateway).await?;
+    let (backend, kube) = select_backend(&config, &metrics, queue_metrics, agent_gateway).await?;
     tracing::info!(backend = backend.name(), listen = %config.api_listen(), "starting OATS");
     let counted = backend.clone();
     metrics.jobs.count_jobs_with(Box::new(move || counted.counts()));
@@ -318,6 +323,7 @@ type KubeAccess = Option<(kube::Client, String)>;
 async fn select_backend(
     config: &Config,
     metrics: &Arc<Metrics>,
+    queue_metrics: QueueMetrics,
     gateway: Option<AgentGateway>,
 ) -> Result<(Arc<dyn JobBackend>, KubeAccess)> {
     let kubernetes = match config.backend {
@@ -340,7 +346,7 @@ async fn select_backend(
         let namespace = config.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
         tracing::info!(%namespace, "agent Jobs go to this namespace");
         let template = render::AgentTemplate::from_config(config, &namespace);
-        let backend = Arc::new(KubernetesBackend::start(client.clone(), template, metrics.clone()));
+        let backend = Arc::new(KubernetesBackend::start(client.clone(), template, metrics.clone(), queue_metrics));
         return Ok((backend, Some((client, namespace))));
     }
     let command = if config.local_agent_command.is_empty() {

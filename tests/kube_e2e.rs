@@ -1601,3 +1601,237 @@ async fn logs_of_a_finished_job_read_the_same_from_the_history_after_its_kuberne
         assert_eq!(logs_of(&server, &id, query).await, before, "{query}: the archived logs read as the live ones did");
     }
 }
+
+/// Kueue objects of one test (cluster-scoped ones named after it), deleted on drop.
+struct KueueQueues {
+    namespace: kube::TestNamespace,
+    local_queue: String,
+    cluster_scoped: Vec<(&'static str, String)>,
+}
+
+impl KueueQueues {
+    /// A ResourceFlavor, a ClusterQueue admitting `cpus` agents (1 CPU each) from the test's
+    /// namespace, preempting lower priorities within it, a LocalQueue, and the priority classes
+    /// `<name>-low` (100) and `<name>-high` (1000).
+    fn create(prefix: &str, cpus: u32) -> Self {
+        let namespace = kube::TestNamespace::create(kube::cluster(), prefix);
+        let name = namespace.name.clone();
+        let manifests = format!(
+            r#"
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ResourceFlavor
+metadata: {{name: {name}}}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ClusterQueue
+metadata: {{name: {name}}}
+spec:
+  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {name}}}}}
+  preemption: {{withinClusterQueue: LowerPriority}}
+  resourceGroups:
+    - coveredResources: [cpu, memory, ephemeral-storage]
+      flavors:
+        - name: {name}
+          resources:
+            - {{name: cpu, nominalQuota: "{cpus}"}}
+            - {{name: memory, nominalQuota: 100Gi}}
+            - {{name: ephemeral-storage, nominalQuota: 100Gi}}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: LocalQueue
+metadata: {{name: {name}, namespace: {name}}}
+spec: {{clusterQueue: {name}}}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: WorkloadPriorityClass
+metadata: {{name: {name}-low}}
+value: 100
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: WorkloadPriorityClass
+metadata: {{name: {name}-high}}
+value: 1000
+"#
+        );
+        let file = std::env::temp_dir().join(format!("{name}-kueue.yaml"));
+        std::fs::write(&file, manifests).unwrap();
+        namespace.cluster.kubectl_ok(&["apply", "-f", file.to_str().unwrap()]);
+        let cluster_scoped = vec![
+            ("clusterqueue", name.clone()),
+            ("resourceflavor", name.clone()),
+            ("workloadpriorityclass", format!("{name}-low")),
+            ("workloadpriorityclass", format!("{name}-high")),
+        ];
+        Self { local_queue: name, namespace, cluster_scoped }
+    }
+
+    /// OATS with queueing on, its agents requesting 1 CPU, jobs in this queue; history on (a
+    /// cancelled queued Job is deleted and answered from it).
+    async fn start_oats(&self, dir: &std::path::Path, policy: &str, tenant: &str) -> Server {
+        let database = std::env::var("OATS_TEST_DATABASE_URL")
+            .expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts PostgreSQL");
+        let policy_file = dir.join("policy.yaml");
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(&policy_file, policy).unwrap();
+        let env = [
+            ("OATS_QUEUEING", "kueue"),
+            ("OATS_KUEUE_DEFAULT_QUEUE", self.local_queue.as_str()),
+            ("OATS_AGENT_CPU_REQUEST", "1"),
+            ("OATS_AGENT_CPU_LIMIT", "1"),
+            ("OATS_POLICY_FILE", policy_file.to_str().unwrap()),
+            ("OATS_TENANT", tenant),
+            ("OATS_RETENTION_DAYS", "30"),
+            ("OATS_DATABASE_URL", database.as_str()),
+        ];
+        self.namespace.start_oats(dir, &env).await
+    }
+
+    /// The Jobs of the namespace that Kueue let start (not suspended).
+    fn admitted(&self) -> usize {
+        self.namespace.jobs().iter().filter(|j| j["spec"]["suspend"] != json!(true)).count()
+    }
+}
+
+impl Drop for KueueQueues {
+    fn drop(&mut self) {
+        let _ = self.namespace.cluster.kubectl(&["delete", "jobs", "--all", "-n", &self.namespace.name, "--wait=false"]);
+        let _ = self.namespace.cluster.kubectl(&["delete", "localqueue", &self.local_queue, "-n", &self.namespace.name, "--wait=false"]);
+        for (kind, name) in &self.cluster_scoped {
+            let _ = self.namespace.cluster.kubectl(&["delete", kind, name, "--wait=false"]);
+        }
+    }
+}
+
+/// Poll `check` until it holds (or fail with what it last saw).
+async fn eventually<T: std::fmt::Debug>(within: Duration, mut check: impl AsyncFnMut() -> (bool, T)) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (done, seen) = check().await;
+        if done {
+            return seen;
+        }
+        assert!(std::time::Instant::now() < deadline, "not reached within {within:?}; last seen: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Each job's (status, reason, queue position), by id.
+async fn queue_states(server: &Server, ids: &[String]) -> Vec<(String, String, Option<u64>)> {
+    let mut states = Vec::new();
+    for id in ids {
+        let job = server.job(id).await;
+        states.push((
+            job["status"].as_str().unwrap().to_owned(),
+            job["reason"].as_str().unwrap_or_default().to_owned(),
+            job["queue"]["position"].as_u64(),
+        ));
+    }
+    states
+}
+
+#[tokio::test]
+async fn with_kueue_a_tenant_with_quota_for_two_runs_two_and_the_rest_wait_with_their_place() {
+    let queues = KueueQueues::create("kueue-fifo", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let server = queues.start_oats(dir.path(), "defaults: {}\n", "fifo").await;
+    let labels = |outcome: &str, run_ms: &str| json!({"kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": run_ms});
+    let mut ids = vec![id_of(&submit(&server, "Finishes first", labels("succeed", "6000"), None).await)];
+    for goal in ["second", "third", "fourth", "fifth"] {
+        ids.push(id_of(&submit(&server, goal, labels("run", "1000"), None).await));
+    }
+    // Two run; three are queued with places 1, 2 and 3 (Kueue orders jobs created in the same
+    // second by its own tie-break, so the places are compared as a set).
+    let states = eventually(SOON, async || {
+        let states = queue_states(&server, &ids).await;
+        let running = states.iter().filter(|s| s.0 == "running").count();
+        let mut places: Vec<u64> = states.iter().filter_map(|s| s.2).collect();
+        places.sort_unstable();
+        (running == 2 && places == [1, 2, 3], states)
+    })
+    .await;
+    assert_eq!(states[0].0, "running", "the first job was admitted first: {states:?}");
+    assert!(states.iter().filter(|s| s.0 == "pending").all(|s| s.1 == "Queued"), "{states:?}");
+    assert_eq!(queues.admitted(), 2, "Kueue admitted two Jobs");
+    let job = server.job(&ids[4]).await;
+    assert_eq!(job["queue"]["name"], queues.local_queue.as_str(), "{job}");
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let waiting = format!("oats_queue_jobs{{queue=\"{}\"}} 3", queues.local_queue);
+    assert!(metrics.contains(&waiting), "{waiting} in\n{metrics}");
+
+    // The first finishes: the next is admitted and the places move up.
+    server.wait_for(&ids[0], "succeeded", SOON).await;
+    let states = eventually(SOON, async || {
+        let states = queue_states(&server, &ids[1..]).await;
+        let running = states.iter().filter(|s| s.0 == "running").count();
+        let mut places: Vec<u64> = states.iter().filter_map(|s| s.2).collect();
+        places.sort_unstable();
+        (running == 2 && places == [1, 2], states)
+    })
+    .await;
+
+    // A queued job is cancelled: it leaves the queue (its Job is deleted) and stays readable.
+    let queued = ids[1..].iter().zip(&states).find(|(_, s)| s.2 == Some(2)).map(|(id, _)| id.clone()).unwrap();
+    let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{queued}/cancel"))).send().await.unwrap();
+    assert_eq!(cancel.status(), StatusCode::OK);
+    let cancelled = eventually(SOON, async || {
+        let (status, job) = server.get_json(&format!("/api/v1/jobs/{queued}")).await;
+        (status == StatusCode::OK && job["status"] == "cancelled" && !queues.namespace.jobs().iter().any(|j| j["metadata"]["name"] == queued.as_str()), job)
+    })
+    .await;
+    assert!(cancelled.get("queue").is_none(), "{cancelled}");
+    let last = ids[1..].iter().zip(&states).find(|(_, s)| s.2 == Some(1)).map(|(id, _)| id.clone()).unwrap();
+    eventually(SOON, async || {
+        let job = server.job(&last).await;
+        (job["queue"]["position"] == 1, job)
+    })
+    .await;
+    assert_eq!(queues.admitted(), 2, "still two running");
+}
+
+#[tokio::test]
+async fn with_kueue_two_replicas_submitting_at_once_never_run_more_than_the_quota() {
+    let queues = KueueQueues::create("kueue-two", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let a = queues.start_oats(&dir.path().join("a"), "defaults: {}\n", "two").await;
+    let b = queues.start_oats(&dir.path().join("b"), "defaults: {}\n", "two").await;
+    let labels = json!({"kwok.oats.dev/outcome": "run"});
+    let submissions = (0..8).map(|i| {
+        let server = if i % 2 == 0 { &a } else { &b };
+        submit(server, "in parallel", labels.clone(), None)
+    });
+    let ids: Vec<String> = futures::future::join_all(submissions).await.iter().map(id_of).collect();
+    let states = eventually(SOON, async || {
+        let states = queue_states(&a, &ids).await;
+        let queued = states.iter().filter(|s| s.1 == "Queued" && s.2.is_some()).count();
+        (queued == 6, states)
+    })
+    .await;
+    assert_eq!(states.iter().filter(|s| s.0 == "running" || s.0 == "pending" && s.1.is_empty()).count(), 2, "{states:?}");
+    for _ in 0..8 {
+        assert!(queues.admitted() <= 2, "more Jobs than the quota started");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(queue_states(&b, &ids).await.iter().filter(|s| s.1 == "Queued").count(), 6, "both replicas agree");
+}
+
+#[tokio::test]
+async fn with_kueue_a_higher_priority_job_preempts_a_lower_one_which_waits_again() {
+    let queues = KueueQueues::create("kueue-prio", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let name = &queues.local_queue;
+    let batch = queues.start_oats(&dir.path().join("batch"), &format!("defaults: {{priority_class: {name}-low}}\n"), "batch").await;
+    let urgent =
+        queues.start_oats(&dir.path().join("urgent"), &format!("defaults: {{priority_class: {name}-high}}\n"), "urgent").await;
+    let low = id_of(&submit(&batch, "Batch work", json!({"kwok.oats.dev/outcome": "run"}), None).await);
+    batch.wait_for(&low, "running", SOON).await;
+    let high = id_of(&submit(&urgent, "Urgent work", json!({"kwok.oats.dev/outcome": "run"}), None).await);
+    urgent.wait_for(&high, "running", SOON).await;
+    let preempted = eventually(SOON, async || {
+        let job = batch.job(&low).await;
+        (job["status"] == "pending" && job["reason"] == "Preempted", job)
+    })
+    .await;
+    assert_eq!(preempted["queue"]["name"], name.as_str(), "{preempted}");
+    assert!(preempted["message"].as_str().unwrap().contains("make room"), "{preempted}");
+    assert_eq!(queues.admitted(), 1);
+}

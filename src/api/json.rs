@@ -9,7 +9,7 @@
 
 use super::{
     timestamp::rfc3339,
-    types::{JobBudget, JobStatus, JobStatusReason, Usage},
+    types::{JobBudget, JobQueue, JobStatus, JobStatusReason, Usage},
 };
 use crate::jobs::{JobId, JobRecord, JobUsage};
 use poem::{IntoResponse, Request, RequestBody, Response, http::header};
@@ -209,6 +209,9 @@ impl Serialize for JobJson {
         if let Some(message) = &r.status.message {
             map.serialize_entry("message", message)?;
         }
+        if let Some(queue) = &r.queue {
+            map.serialize_entry("queue", &JobQueue::from(queue))?;
+        }
         map.serialize_entry("created_at", &Timestamp(r.created_at))?;
         if let Some(started_at) = r.started_at {
             map.serialize_entry("started_at", &Timestamp(started_at))?;
@@ -357,6 +360,7 @@ mod tests {
                 traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
                 tracestate: None,
             }),
+            queue: None,
             json: Default::default(),
         })
     }

@@ -71,6 +71,7 @@ mod tests {
             request_hash: "h".into(),
             trace: None,
             resources: None,
+            queue: Default::default(),
         }
     }
 

@@ -316,6 +316,10 @@ pub enum JobStatusReason {
     ServerRestarted,
     /// The Job was deleted before it finished (not by OATS); the job shows what was last seen.
     Deleted,
+    /// Pending: waiting in its queue for Kueue to admit it (see `queue`).
+    Queued,
+    /// Pending: Kueue stopped the job to make room for another and queued it again.
+    Preempted,
     /// The agent could not be started.
     StartFailed,
     /// The job's budget (or its tenant's daily spend limit) could not pay for another model call.
@@ -338,6 +342,8 @@ impl From<JobReason> for JobStatusReason {
             JobReason::AgentError => Self::AgentError,
             JobReason::ServerRestarted => Self::ServerRestarted,
             JobReason::Deleted => Self::Deleted,
+            JobReason::Queued => Self::Queued,
+            JobReason::Preempted => Self::Preempted,
             JobReason::StartFailed => Self::StartFailed,
             JobReason::BudgetExhausted => Self::BudgetExhausted,
             JobReason::MaxTurnsReached => Self::MaxTurnsReached,
@@ -418,6 +424,22 @@ pub struct JobLinks {
     pub cancel: String,
 }
 
+/// Where a job waits for admission (Kubernetes with Kueue).
+#[derive(Debug, Clone, PartialEq, Eq, Object, Serialize)]
+pub struct JobQueue {
+    /// The Kueue LocalQueue the job waits in.
+    pub name: String,
+    /// The job's place in that queue: 1 is admitted next. Absent until Kueue reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<u32>,
+}
+
+impl From<&jobs::QueuePlace> for JobQueue {
+    fn from(place: &jobs::QueuePlace) -> Self {
+        Self { name: place.name.clone(), position: place.position }
+    }
+}
+
 /// An agent job.
 #[derive(Debug, Clone, Object, Serialize)]
 #[oai(skip_serializing_if_is_none, example)]
@@ -432,6 +454,9 @@ pub struct Job {
     /// Human-readable explanation of the status.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// While the job waits for admission (reason `Queued` or `Preempted`): its queue and place.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<JobQueue>,
     /// When the job was accepted.
     #[serde(serialize_with = "timestamp::rfc3339")]
     pub created_at: DateTime<Utc>,
@@ -495,6 +520,7 @@ impl Job {
             status: r.status.phase.into(),
             reason: r.status.reason.map(Into::into),
             message: r.status.message.clone(),
+            queue: r.queue.as_ref().map(JobQueue::from),
             created_at: r.created_at,
             started_at: r.started_at,
             finished_at: r.finished_at,
@@ -530,6 +556,7 @@ impl Example for Job {
             status: JobStatus::Succeeded,
             reason: None,
             message: None,
+            queue: None,
             created_at,
             started_at: Some(created_at + chrono::Duration::seconds(2)),
             finished_at: Some(created_at + chrono::Duration::seconds(9)),

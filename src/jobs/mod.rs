@@ -96,6 +96,10 @@ pub enum JobReason {
     /// The job's Kubernetes Job was deleted (by someone else than OATS) before it finished; what
     /// was seen of it is kept.
     Deleted,
+    /// Pending: waiting in its queue for Kueue to admit it (see the job's `queue`).
+    Queued,
+    /// Pending: Kueue stopped the running job to make room for another and queued it again.
+    Preempted,
 }
 
 impl JobReason {
@@ -112,6 +116,8 @@ impl JobReason {
             Self::AgentError => "AgentError",
             Self::ServerRestarted => "ServerRestarted",
             Self::Deleted => "Deleted",
+            Self::Queued => "Queued",
+            Self::Preempted => "Preempted",
             Self::StartFailed => "StartFailed",
             Self::BudgetExhausted => "BudgetExhausted",
             Self::MaxTurnsReached => "MaxTurnsReached",
@@ -205,6 +211,9 @@ pub struct JobRecord {
     /// The trace that created the job, when tracing was on.
     #[serde(default)]
     pub trace: Option<TraceContext>,
+    /// The queue the job waits in for admission, while it waits (Kubernetes with Kueue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueuePlace>,
     /// How the API last wrote this record (records are shared immutably, so a poll of an
     /// unchanged job reuses it). Not part of the record's value: never stored, compared or copied.
     #[serde(skip)]
@@ -245,6 +254,24 @@ impl std::fmt::Debug for EncodedJson {
     }
 }
 
+/// Where a job waits for admission.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueuePlace {
+    /// The Kueue LocalQueue.
+    pub name: String,
+    /// 1 for the next job to be admitted; `None` until Kueue reports it.
+    pub position: Option<u32>,
+}
+
+/// The queue and priority the policy gives a tenant's jobs (used when queueing is on).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueChoice {
+    /// The LocalQueue; `None` for the server's `kueue_default_queue`.
+    pub local_queue: Option<String>,
+    /// A Kueue WorkloadPriorityClass; `None` for Kueue's default priority.
+    pub priority_class: Option<String>,
+}
+
 /// A job the domain has validated and named, ready for a backend to create.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -256,6 +283,8 @@ pub struct NewJob {
     pub trace: Option<TraceContext>,
     /// Resources of the job's profile; `None` for the server's configured defaults.
     pub resources: Option<policy::ResourceProfile>,
+    /// Where the job queues for admission, when the backend queues (Kueue).
+    pub queue: QueueChoice,
 }
 
 impl NewJob {
@@ -273,6 +302,7 @@ impl NewJob {
             result: None,
             request_hash: self.request_hash.clone(),
             trace: self.trace.clone(),
+            queue: None,
             json: EncodedJson::default(),
         }
     }

@@ -146,6 +146,7 @@ mod tests {
             result: None,
             request_hash: String::new(),
             trace: None,
+            queue: None,
             json: Default::default(),
         })
     }

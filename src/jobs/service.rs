@@ -379,7 +379,8 @@ impl JobService {
                 return Err(JobError::Invalid(errors));
             }
         };
-        spec.budget = spec.budget.or(self.policy.rules_for(&caller.tenant).default_budget);
+        let rules = self.policy.rules_for(&caller.tenant);
+        spec.budget = spec.budget.or(rules.default_budget);
         let id = match &key {
             Some(key) => JobId::for_idempotency_key(&caller.tenant, key),
             None => JobId::random(),
@@ -393,6 +394,7 @@ impl JobService {
             created_at: Utc::now(),
             trace: TraceContext::current(),
             resources: None,
+            queue: rules.queue_choice(),
         };
         Ok((key, job))
     }

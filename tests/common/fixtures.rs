@@ -17,6 +17,7 @@ pub fn new_job(request: JobRequest) -> NewJob {
         request_hash: spec.fingerprint(),
         trace: None,
         resources: None,
+        queue: Default::default(),
         spec,
         created_at: chrono::Utc::now(),
     }

@@ -163,6 +163,11 @@ impl JobCache {
         }
     }
 
+    /// Whether any job waits in a Kueue queue.
+    pub fn any_queued(&self) -> bool {
+        self.state.read().unwrap().jobs.values().any(|e| e.record.queue.is_some())
+    }
+
     /// The jobs that left the cluster since the last call.
     pub fn take_departed(&self) -> Vec<Arc<JobRecord>> {
         std::mem::take(&mut *self.departed.lock().unwrap())
@@ -324,6 +329,7 @@ mod tests {
             request_hash: "h".into(),
             trace: None,
             resources: None,
+            queue: Default::default(),
         };
         CachedJob::from_job(&render_job(&new, &AgentTemplate::from_config(&Config::default(), "ns"))).unwrap()
     }

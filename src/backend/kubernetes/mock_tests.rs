@@ -157,6 +157,7 @@ async fn backend(fake: &FakeApiServer) -> Arc<KubernetesBackend> {
         client,
         render::AgentTemplate::from_config(&Config::default(), "oats"),
         Arc::default(),
+        Default::default(),
     ));
     for _ in 0..200 {
         if backend.is_ready() {
@@ -200,6 +201,7 @@ async fn create_posts_exactly_the_rendered_job() {
             request_hash: spec.fingerprint(),
             trace: None,
             resources: None,
+            queue: Default::default(),
             spec,
             created_at: submitted.job.created_at,
         },
@@ -291,6 +293,7 @@ async fn not_ready_until_both_caches_sync() {
         client,
         render::AgentTemplate::from_config(&Config::default(), "oats"),
         Arc::default(),
+        Default::default(),
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!backend.is_ready(), "ready before any list answered");

@@ -4,6 +4,7 @@
 //! to the API server, which is the only source of truth, so any number of replicas agree.
 
 pub mod cache;
+pub mod kueue;
 pub mod pss;
 pub mod render;
 pub mod status;
@@ -34,6 +35,7 @@ use kube::{
     api::{ListParams, LogParams, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
+use kueue::{QueueMetrics, QueueView};
 use render::{AGENT_CONTAINER, AgentTemplate, CANCELLED_AT_ANNOTATION};
 use std::{
     collections::{HashMap, hash_map},
@@ -73,6 +75,8 @@ pub struct KubernetesBackend {
     health: Arc<CacheHealth>,
     /// Per job, its events as last listed (for [`EVENTS_TTL`]); one listing at a time per job.
     events: Mutex<HashMap<JobId, EventsSlot>>,
+    /// With Kueue: the places of waiting jobs.
+    queues: Option<Arc<QueueView>>,
 }
 
 /// Whether one watch has listed once, and whether it is healthy now.
@@ -169,7 +173,7 @@ impl FinishCounter {
 impl KubernetesBackend {
     /// Start the watches (on the current Tokio runtime) and return at once; `is_ready` turns true
     /// when both caches have synced.
-    pub fn start(client: Client, template: AgentTemplate, metrics: Arc<Metrics>) -> Self {
+    pub fn start(client: Client, template: AgentTemplate, metrics: Arc<Metrics>, queue_metrics: QueueMetrics) -> Self {
         let selector = format!("{}={}", render::APP_LABEL.0, render::APP_LABEL.1);
         let config = watcher::Config::default().labels(&selector);
         let health = Arc::new(CacheHealth {
@@ -202,7 +206,21 @@ impl KubernetesBackend {
         tokio::spawn(drive(pod_events, health.clone(), |h| &h.pods, move |event| pods.apply_pod_event(event)));
         tokio::spawn(probe_until_reachable(client.clone(), template.namespace.clone(), selector, health.clone()));
 
-        Self { client, template, cache, health, events: Mutex::default() }
+        let queues = template.kueue_default_queue.as_ref().map(|_| {
+            let view = QueueView::new(client.clone(), template.namespace.clone(), queue_metrics);
+            let waiting = cache.clone();
+            view.spawn(move || waiting.any_queued());
+            view
+        });
+        Self { client, template, cache, health, events: Mutex::default(), queues }
+    }
+
+    /// A record as Kueue places it (unchanged without Kueue, or when it does not wait).
+    fn placed(&self, record: Arc<JobRecord>) -> Arc<JobRecord> {
+        match &self.queues {
+            Some(view) if record.queue.is_some() => view.place(&record),
+            _ => record,
+        }
     }
 
     /// Create `manifest`, reading the API server's answer straight into the compact type (the
@@ -216,6 +234,15 @@ impl KubernetesBackend {
         let mut request = jobs.create(&params, body).map_err(kube::Error::BuildRequest)?;
         request.extensions_mut().insert("create");
         self.client.request::<CachedJob>(request).await
+    }
+
+    async fn delete_queued(&self, id: &JobId) -> Result<(), BackendError> {
+        let params = kube::api::DeleteParams::background();
+        match self.job_api().delete(id.as_str(), &params).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+            Err(other) => Err(write_error(other)),
+        }
     }
 
     fn job_api(&self) -> Api<CachedJob> {
@@ -483,7 +510,7 @@ impl JobBackend for KubernetesBackend {
 
     async fn get(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, BackendError> {
         if let Some(record) = self.cache.get(id.as_str()) {
-            return Ok(Some(record));
+            return Ok(Some(self.placed(record)));
         }
         if !self.is_ready() {
             return Err(not_ready());
@@ -497,7 +524,11 @@ impl JobBackend for KubernetesBackend {
         if !self.health.jobs.synced.load(Ordering::Relaxed) || !self.health.pods.synced.load(Ordering::Relaxed) {
             return Err(not_ready());
         }
-        Ok(self.cache.records())
+        let records = self.cache.records();
+        Ok(match &self.queues {
+            Some(_) => records.into_iter().map(|r| self.placed(r)).collect(),
+            None => records,
+        })
     }
 
     async fn cancel(&self, id: &JobId) -> Result<JobRecord, BackendError> {
@@ -529,6 +560,11 @@ impl JobBackend for KubernetesBackend {
             match self.job_api().patch(id.as_str(), &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(patched) => {
                     tracing::info!(job_id = %id, "cancelled Kubernetes Job");
+                    if record.queue.is_some() {
+                        // A Job Kueue holds suspended has no deadline running: it goes (the
+                        // history keeps it, cancelled).
+                        self.delete_queued(id).await?;
+                    }
                     let record = self.record(&patched).ok_or_else(not_found)?;
                     self.cache.note_read(id.as_str(), Arc::new(record.clone()));
                     return Ok(record);

@@ -265,6 +265,7 @@ mod tests {
             request_hash: String::new(),
             trace: None,
             resources: None,
+            queue: Default::default(),
         };
         render_job(&job, &AgentTemplate::from_config(&Config::default(), "ns")).spec.unwrap().template
     }

@@ -5,7 +5,7 @@
 //! only as read-only files of the keys configured.
 
 use crate::{
-    config::Config,
+    config::{Config, Queueing},
     jobs::{NewJob, agent_env},
 };
 use k8s_openapi::{
@@ -30,6 +30,10 @@ pub const JOB_ID_LABEL: &str = "oats.dev/job-id";
 pub const EGRESS_LABEL: &str = "oats.dev/egress";
 /// Label holding the owning tenant.
 pub const TENANT_LABEL: &str = "oats.dev/tenant";
+/// Kueue's label naming the LocalQueue a Job waits in.
+pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
+/// Kueue's label naming a Job's WorkloadPriorityClass.
+pub const KUEUE_PRIORITY_LABEL: &str = "kueue.x-k8s.io/priority-class";
 /// Precise creation time (RFC 3339, nanoseconds): orders listings where metadata has only seconds.
 pub const CREATED_AT_ANNOTATION: &str = "oats.dev/created-at";
 /// Fingerprint of the normalised request, compared on idempotent retries.
@@ -96,6 +100,8 @@ pub struct AgentTemplate {
     pub llm_secret_keys: Vec<String>,
     /// The LLM gateway, when it is on.
     pub llm_gateway: Option<GatewayAccess>,
+    /// With Kueue: the LocalQueue of jobs whose tenant names none. `None`: Jobs start at once.
+    pub kueue_default_queue: Option<String>,
 }
 
 impl AgentTemplate {
@@ -127,6 +133,7 @@ impl AgentTemplate {
                 audience: config.llm_token_audience.clone(),
                 launcher_image: config.agent_launcher_image.clone(),
             }),
+            kueue_default_queue: (config.queueing == Queueing::Kueue).then(|| config.kueue_default_queue.clone()),
         }
     }
 }
@@ -232,7 +239,14 @@ fn launcher(gateway: &GatewayAccess, security: &SecurityContext) -> (Volume, Vol
 /// Build the Job that runs `job`. Pure: the same input always gives the same manifest.
 pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
     let id = job.id.to_string();
-    let (pod_labels, job_labels) = labels(job);
+    let (pod_labels, mut job_labels) = labels(job);
+    if let Some(default) = &template.kueue_default_queue {
+        let local_queue = job.queue.local_queue.as_ref().unwrap_or(default);
+        job_labels.insert(KUEUE_QUEUE_LABEL.into(), local_queue.clone());
+        if let Some(priority) = &job.queue.priority_class {
+            job_labels.insert(KUEUE_PRIORITY_LABEL.into(), priority.clone());
+        }
+    }
     let parts = PodParts::of(job, template);
     Job {
         metadata: ObjectMeta {
@@ -246,6 +260,8 @@ pub fn render_job(job: &NewJob, template: &AgentTemplate) -> Job {
             backoff_limit: Some(template.backoff_limit as i32),
             active_deadline_seconds: Some(i64::from(job.spec.timeout_seconds)),
             ttl_seconds_after_finished: Some(template.ttl_seconds_after_finished as i32),
+            // Queued: Kueue unsuspends the Job when it admits it.
+            suspend: template.kueue_default_queue.as_ref().map(|_| true),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta { labels: Some(pod_labels), ..Default::default() }),
                 spec: Some(PodSpec {
@@ -474,6 +490,7 @@ mod tests {
             request_hash: "feedface".into(),
             trace: None,
             resources: None,
+            queue: Default::default(),
         }
     }
 
@@ -510,6 +527,37 @@ mod tests {
         assert_eq!(pod_labels["app"], "oats-agent");
         assert_eq!(pod_labels[JOB_ID_LABEL], "job-abcdefghijklmnopqrst");
         assert_eq!(pod_labels["team"], "ml");
+    }
+
+    #[test]
+    fn with_kueue_a_job_is_created_suspended_in_its_tenants_queue() {
+        let kueue = Config { queueing: crate::config::Queueing::Kueue, ..Config::default() };
+        let template = AgentTemplate::from_config(&kueue, "oats");
+        let rendered = render_job(&job(), &template);
+        let labels = rendered.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[KUEUE_QUEUE_LABEL], "oats", "the default queue");
+        assert!(!labels.contains_key(KUEUE_PRIORITY_LABEL));
+        assert_eq!(rendered.spec.as_ref().unwrap().suspend, Some(true));
+        let pod_labels = rendered.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        assert!(!pod_labels.contains_key(KUEUE_QUEUE_LABEL), "Kueue reads the Job's labels, not the pod's");
+
+        let mut chosen = job();
+        chosen.queue =
+            crate::jobs::QueueChoice { local_queue: Some("team-a".into()), priority_class: Some("oats-high".into()) };
+        let rendered = render_job(&chosen, &template);
+        let labels = rendered.metadata.labels.as_ref().unwrap();
+        assert_eq!(
+            (labels[KUEUE_QUEUE_LABEL].as_str(), labels[KUEUE_PRIORITY_LABEL].as_str()),
+            ("team-a", "oats-high")
+        );
+
+        let plain = render_job(&chosen, &template_without_kueue());
+        assert!(!plain.metadata.labels.as_ref().unwrap().contains_key(KUEUE_QUEUE_LABEL));
+        assert_eq!(plain.spec.as_ref().unwrap().suspend, None, "without Kueue a Job starts at once");
+    }
+
+    fn template_without_kueue() -> AgentTemplate {
+        AgentTemplate::from_config(&Config::default(), "oats")
     }
 
     #[test]

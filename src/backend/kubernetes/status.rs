@@ -2,13 +2,13 @@
 
 use super::render::{
     AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, COUNTED_ANNOTATION, CREATED_AT_ANNOTATION, ENV_ESCAPED_ANNOTATION,
-    JOB_ID_LABEL, LABEL_KEYS_ANNOTATION, PROFILE_ANNOTATION, REQUEST_HASH_ANNOTATION, TENANT_LABEL,
+    JOB_ID_LABEL, KUEUE_QUEUE_LABEL, LABEL_KEYS_ANNOTATION, PROFILE_ANNOTATION, REQUEST_HASH_ANNOTATION, TENANT_LABEL,
     TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION, unescape_env_value,
 };
 use super::wire::{CachedJob, CachedPod};
 use crate::jobs::{
-    Budget, JobId, JobPhase, JobReason, JobRecord, JobSpec, JobState, Labels, NanoUsd, RESERVED_LABEL_PREFIX,
-    TraceContext, agent_env, agent_exit, truncate_result,
+    Budget, JobId, JobPhase, JobReason, JobRecord, JobSpec, JobState, Labels, NanoUsd, QueuePlace,
+    RESERVED_LABEL_PREFIX, TraceContext, agent_env, agent_exit, truncate_result,
 };
 use chrono::{DateTime, Utc};
 use k8s_openapi::{
@@ -35,6 +35,9 @@ pub struct JobFacts {
     /// yet counted.
     pub pods_seen: usize,
     pub completion_time: Option<Time>,
+    /// The LocalQueue of a Job held suspended by Kueue until it admits it; `None` once admitted
+    /// (or without Kueue).
+    pub queued_in: Option<String>,
 }
 
 impl JobFacts {
@@ -60,6 +63,11 @@ impl JobFacts {
                 .collect(),
             pods_seen: counted.max(0) as usize + uncounted,
             completion_time: status.and_then(|s| s.completion_time.clone()),
+            queued_in: job
+                .spec
+                .as_ref()
+                .filter(|spec| spec.suspend == Some(true))
+                .and_then(|_| job.metadata.labels.as_ref()?.get(KUEUE_QUEUE_LABEL).cloned()),
         }
     }
 
@@ -148,6 +156,7 @@ fn submitted(job: &CachedJob) -> Option<JobRecord> {
         request_hash: annotation(REQUEST_HASH_ANNOTATION).unwrap_or_default(),
         trace: annotation(TRACEPARENT_ANNOTATION)
             .map(|traceparent| TraceContext { traceparent, tracestate: annotation(TRACESTATE_ANNOTATION) }),
+        queue: None,
         json: Default::default(),
     })
 }
@@ -184,6 +193,7 @@ pub fn apply_pods(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod])
     record.started_at = started_at;
     record.finished_at = None;
     record.result = None;
+    record.queue = None;
 
     if let Some(done) = facts.condition("Complete").or_else(|| facts.condition("SuccessCriteriaMet")) {
         record.status = JobState::new(JobPhase::Succeeded);
@@ -206,7 +216,10 @@ pub fn apply_pods(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod])
         }
     }
     let Some(failed) = failed else {
-        record.status = active_status(latest);
+        record.status = match &facts.queued_in {
+            Some(queue) => queued(record, queue),
+            None => active_status(latest),
+        };
         return;
     };
     record.finished_at = failed.last_transition_time.as_ref().map(to_chrono);
@@ -246,6 +259,17 @@ pub fn apply_pods(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod])
             ),
         },
     };
+}
+
+/// A job waiting for Kueue's admission. Its place is filled in from Kueue's visibility API (and
+/// the reason turns `Preempted` for a job Kueue stopped), see `kueue.rs`.
+fn queued(record: &mut JobRecord, queue: &str) -> JobState {
+    record.queue = Some(QueuePlace { name: queue.to_owned(), position: None });
+    JobState::with_reason(
+        JobPhase::Pending,
+        JobReason::Queued,
+        format!("waiting in queue {queue} for Kueue to admit it"),
+    )
 }
 
 /// A job that has not finished: pending (with why, when Kubernetes says) or running.
@@ -328,6 +352,7 @@ mod tests {
             request_hash: "h".into(),
             trace: None,
             resources: None,
+            queue: Default::default(),
         };
         let mut job = render_job(&new, &AgentTemplate::from_config(&Config::default(), "ns"));
         job.status = Some(K8sJobStatus {
@@ -349,6 +374,33 @@ mod tests {
             ..Default::default()
         });
         job
+    }
+
+    #[test]
+    fn a_job_kueue_holds_suspended_is_queued_and_running_once_admitted() {
+        let mut queued = job(&[("Suspended", "JobSuspended")], (0, 0, 0));
+        queued.spec.as_mut().unwrap().suspend = Some(true);
+        queued.metadata.labels.as_mut().unwrap().insert(KUEUE_QUEUE_LABEL.into(), "team-a".into());
+        let record = record_of(&queued, &[]).unwrap();
+        assert_eq!((record.status.phase, record.status.reason), (JobPhase::Pending, Some(JobReason::Queued)));
+        assert_eq!(record.queue, Some(QueuePlace { name: "team-a".into(), position: None }));
+
+        queued.spec.as_mut().unwrap().suspend = Some(false);
+        let admitted = record_of(&queued, &[]).unwrap();
+        assert_eq!((admitted.status.phase, admitted.queue), (JobPhase::Pending, None));
+        assert_eq!(admitted.status.reason, None);
+
+        let mut cancelled = job(&[], (0, 0, 0));
+        cancelled.spec.as_mut().unwrap().suspend = Some(true);
+        cancelled.metadata.labels.as_mut().unwrap().insert(KUEUE_QUEUE_LABEL.into(), "team-a".into());
+        cancelled
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(CANCELLED_AT_ANNOTATION.into(), "2027-01-15T08:00:00Z".into());
+        let record = record_of(&cancelled, &[]).unwrap();
+        assert_eq!((record.status.phase, record.queue), (JobPhase::Cancelled, None), "cancelled while queued");
     }
 
     fn pod(phase: &str, state: ContainerState) -> Pod {
@@ -554,6 +606,7 @@ mod tests {
             request_hash: "h".into(),
             trace: None,
             resources: None,
+            queue: Default::default(),
         };
         let rendered = render_job(&new, &AgentTemplate::from_config(&Config::default(), "ns"));
         assert_eq!(rendered.metadata.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"], "oats");

@@ -23,11 +23,13 @@ pub struct CachedJob {
     pub status: Option<k8s_openapi::api::batch::v1::JobStatus>,
 }
 
-/// `spec.template.spec.containers[].env[]` of a Job: where the job's spec travels.
+/// `spec.template.spec.containers[].env[]` of a Job (where the job's spec travels) and `spec.suspend`.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct CachedJobSpec {
     #[serde(default)]
     pub template: CachedPodTemplate,
+    /// Kueue holds a queued Job suspended until it admits it.
+    pub suspend: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -569,6 +569,7 @@ mod tests {
             request_hash: "h".into(),
             trace: None,
             resources: None,
+            queue: Default::default(),
         };
         let mut record = new.pending_record();
         record.status = JobState::new(JobPhase::Succeeded);
@@ -606,6 +607,7 @@ mod tests {
             request_hash: "h".into(),
             trace: None,
             resources: None,
+            queue: Default::default(),
         };
         let mut stored = StoredJob { record: Arc::new(new.pending_record()), events: vec![], pgid: None };
         let rendered = |record: &JobRecord| {

@@ -94,6 +94,18 @@ pub struct TenantRules {
     pub max_in_flight_calls: u32,
     /// Whether prompts and completions may be recorded in spans (off: only counts and names).
     pub record_llm_content: bool,
+    /// The Kueue LocalQueue of the tenant's jobs when queueing is on (`None`: the server's
+    /// `kueue_default_queue`).
+    pub local_queue: Option<String>,
+    /// The Kueue WorkloadPriorityClass of the tenant's jobs (`None`: Kueue's default priority).
+    pub priority_class: Option<String>,
+}
+
+impl TenantRules {
+    /// Where the tenant's jobs queue when queueing is on.
+    pub fn queue_choice(&self) -> crate::jobs::QueueChoice {
+        crate::jobs::QueueChoice { local_queue: self.local_queue.clone(), priority_class: self.priority_class.clone() }
+    }
 }
 
 impl Default for TenantRules {
@@ -116,6 +128,8 @@ impl Default for TenantRules {
             daily_spend_limit: None,
             max_in_flight_calls: 4,
             record_llm_content: false,
+            local_queue: None,
+            priority_class: None,
         }
     }
 }
@@ -159,6 +173,8 @@ struct RulesPatch {
     daily_spend_limit_usd: Option<f64>,
     max_in_flight_calls: Option<u32>,
     record_llm_content: Option<bool>,
+    local_queue: Option<String>,
+    priority_class: Option<String>,
 }
 
 impl RulesPatch {
@@ -183,8 +199,14 @@ impl RulesPatch {
             allowed_label_keys,
             resource_profiles
         );
-        if self.default_profile.is_some() {
-            rules.default_profile = self.default_profile.clone();
+        for (patch, rule) in [
+            (&self.default_profile, &mut rules.default_profile),
+            (&self.local_queue, &mut rules.local_queue),
+            (&self.priority_class, &mut rules.priority_class),
+        ] {
+            if patch.is_some() {
+                rule.clone_from(patch);
+            }
         }
         take!(max_in_flight_calls, record_llm_content);
         // Amounts were checked when the file was read.
