@@ -1034,16 +1034,18 @@ async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
     // has recorded the failure on the Job (OATS may report it earlier, from the pod), and in a
     // later second.
     let deadline = std::time::Instant::now() + SOON;
-    loop {
+    let failed_at: DateTime<Utc> = loop {
         let stored = cluster.kubectl_json(&["get", "job", &failing, "-n", kube::NAMESPACE]);
         let conditions = stored["status"]["conditions"].as_array().cloned().unwrap_or_default();
-        if conditions.iter().any(|c| c["type"] == "Failed" && c["status"] == "True") {
-            break;
+        if let Some(failure) = conditions.iter().find(|c| c["type"] == "Failed" && c["status"] == "True") {
+            break failure["lastTransitionTime"].as_str().unwrap().parse().unwrap();
         }
         assert!(std::time::Instant::now() < deadline, "the Job controller never recorded the failure: {stored}");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    while Utc::now() < failed_at + chrono::Duration::seconds(1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let late = format!(
         "{}={}",
         render::CANCELLED_AT_ANNOTATION,
