@@ -281,8 +281,9 @@ async fn median_submission(server: &Server, count: usize, goal: &str) -> Duratio
 
 /// A collector that accepts connections and never answers (a listener nobody accepts on: the
 /// kernel completes the handshakes), the worst case for an exporter that would wait for it.
-/// Submissions, each a sampled trace, take no longer than without any collector, within 10 ms
-/// of median (a blocked export would add its whole timeout, seconds).
+/// Submissions, each a sampled trace, take no longer than without any collector, within 25 ms
+/// of median, generous for a loaded machine (a blocked export would add its whole timeout,
+/// seconds).
 #[tokio::test]
 async fn a_dead_collector_never_blocks_requests() {
     let dir = tempfile::tempdir().unwrap();
@@ -302,7 +303,7 @@ async fn a_dead_collector_never_blocks_requests() {
     without.sort();
     let (with_dead, without) = (with_dead[2], without[2]);
     assert!(
-        with_dead <= without + Duration::from_millis(10),
+        with_dead <= without + Duration::from_millis(25),
         "a dead collector slows submissions: median {with_dead:?} vs {without:?} without one"
     );
     let (status, list) = traced.get_json("/api/v1/jobs?limit=500").await;
