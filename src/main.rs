@@ -45,6 +45,10 @@ enum Command {
         /// Address to listen on (overrides the `listen` key).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Once every listener is bound, write their addresses to this file, one `NAME ADDRESS`
+        /// line each (`api`, `metrics`, `llm`): how a caller that asked for port 0 learns the ports.
+        #[arg(long, env = "OATS_ADDRESSES_FILE")]
+        addresses_file: Option<PathBuf>,
     },
     /// Talk to a running server: submit, get, list, logs, cancel, watch.
     Jobs {
@@ -111,14 +115,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::RenderJob => render_job(&load_config(cli.config.as_deref())?),
-        Command::Serve { listen } => {
+        Command::Serve { listen, addresses_file } => {
             let mut config = load_config(cli.config.as_deref())?;
             if let Some(listen) = listen {
                 config.listen = Some(listen);
             }
             runtime.block_on(async {
                 let telemetry = oats::telemetry::init(config.log_format);
-                let served = serve(config).await;
+                let served = serve(config, addresses_file).await;
                 telemetry.shutdown();
                 served
             })
@@ -161,7 +165,7 @@ fn render_job(config: &Config) -> Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config) -> Result<()> {
+async fn serve(config: Config, addresses_file: Option<PathBuf>) -> Result<()> {
     let mut metrics = Metrics::new();
     let llm_metrics = LlmMetrics::default();
     llm_metrics.register(metrics.registry_mut());
@@ -175,7 +179,14 @@ async fn serve(config: Config) -> Result<()> {
     let http_limits = config.http_limits();
     let providers = load_providers(&config)?;
     let credentials = Arc::new(AgentCredentials::random());
-    let gateway_url = providers.as_ref().map(|_| agent_gateway_url(&config));
+    // Bound before the backend starts: agents are given the gateway's address as bound (port 0
+    // means any free port).
+    let llm_listener = match &providers {
+        Some(_) => Some(http_server::bind(config.llm_listen).await?),
+        None => None,
+    };
+    let llm_address = llm_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let gateway_url = llm_address.map(|address| agent_gateway_url(&config, address));
     let agent_gateway = gateway_url.map(|base_url| AgentGateway { base_url, credentials: credentials.clone() });
     let (backend, kube) = select_backend(&config, &metrics, queue_metrics, agent_gateway).await?;
     tracing::info!(backend = backend.name(), listen = %config.api_listen(), "starting OATS");
@@ -193,7 +204,8 @@ async fn serve(config: Config) -> Result<()> {
         jobs = jobs.with_usage(Arc::new(store.clone()));
     }
     let jobs = Arc::new(jobs);
-    if let Some(providers) = providers {
+    let mut bound = vec![];
+    if let (Some(providers), Some(listener)) = (providers, llm_listener) {
         let kubernetes = kube.map(|(client, namespace)| {
             let rules = ServiceAccountRules {
                 audience: config.llm_token_audience.clone(),
@@ -206,8 +218,8 @@ async fn serve(config: Config) -> Result<()> {
         let gateway = Gateway::new(jobs.clone(), identities, providers, store, llm_metrics, config.llm_max_body_bytes);
         gateway.sweep_abandoned_calls();
         gateway.publish_tenant_gauges(policy);
-        tracing::info!(address = %config.llm_listen, "serving the LLM gateway for agents");
-        let listener = http_server::bind(config.llm_listen).await?;
+        tracing::info!(address = %listener.local_addr()?, "serving the LLM gateway for agents");
+        bound.push(("llm", listener.local_addr()?));
         tokio::spawn(http_server::serve(listener, oats::llm::app(gateway), http_limits, pending(), None));
     }
     let shutdown = CancellationToken::new();
@@ -225,11 +237,16 @@ async fn serve(config: Config) -> Result<()> {
     if let Some(address) = config.metrics_listen {
         tracing::info!(%address, "serving /metrics on a separate port");
         let listener = http_server::bind(address).await?;
+        bound.push(("metrics", listener.local_addr()?));
         tokio::spawn(http_server::serve(listener, api::metrics_app(metrics), http_limits, pending(), None));
     }
     let delay = Duration::from_secs(config.shutdown_delay_seconds.into());
     let grace = Duration::from_secs(config.shutdown_grace_seconds.into());
     let listener = http_server::bind(config.api_listen()).await?;
+    bound.insert(0, ("api", listener.local_addr()?));
+    if let Some(path) = &addresses_file {
+        http_server::write_addresses(path, &bound).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     http_server::serve(listener, app, http_limits, drain(shutdown, delay), Some(grace))
         .await
         .context("the HTTP server failed")?;
@@ -267,9 +284,9 @@ fn archive_settings(config: &Config) -> ArchiveSettings {
     }
 }
 
-/// The gateway's address as agents see it.
-fn agent_gateway_url(config: &Config) -> String {
-    config.llm_gateway_url.clone().unwrap_or_else(|| format!("http://{}/v1", config.llm_listen))
+/// The gateway's address as agents see it, given the address its listener is bound to.
+fn agent_gateway_url(config: &Config, bound: SocketAddr) -> String {
+    config.llm_gateway_url.clone().unwrap_or_else(|| format!("http://{bound}/v1"))
 }
 
 /// How often the tokens and policy files are checked for changes.

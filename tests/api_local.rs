@@ -833,3 +833,19 @@ async fn jobs_that_finish_while_the_database_is_down_are_archived_when_it_answer
         assert!(logs.contains(goal), "the output collected during the outage was kept: {logs}");
     }
 }
+
+/// Every listener bound to port 0 gets a port of its own, which the addresses file names
+/// (`oats serve --addresses-file`, what the test kit reads), and serves there.
+#[tokio::test]
+async fn every_listener_on_port_0_reports_the_port_it_got() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_METRICS_LISTEN", "127.0.0.1:0")]).await;
+    let (api, metrics) = (server.address("api").unwrap(), server.address("metrics").expect("a metrics line"));
+    assert!(api.port() != 0 && metrics.port() != 0 && api != metrics, "api {api}, metrics {metrics}");
+    assert_eq!(server.address("llm"), None, "no gateway without a providers file");
+    let scraped = server.http.get(format!("http://{metrics}/metrics")).send().await.unwrap();
+    assert_eq!(scraped.status(), StatusCode::OK);
+    assert!(scraped.text().await.unwrap().contains("# HELP oats_jobs "), "the metrics port serves metrics");
+    let (status, _) = server.get_json("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -1034,16 +1034,18 @@ async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
     // has recorded the failure on the Job (OATS may report it earlier, from the pod), and in a
     // later second.
     let deadline = std::time::Instant::now() + SOON;
-    loop {
+    let failed_at: DateTime<Utc> = loop {
         let stored = cluster.kubectl_json(&["get", "job", &failing, "-n", kube::NAMESPACE]);
         let conditions = stored["status"]["conditions"].as_array().cloned().unwrap_or_default();
-        if conditions.iter().any(|c| c["type"] == "Failed" && c["status"] == "True") {
-            break;
+        if let Some(failure) = conditions.iter().find(|c| c["type"] == "Failed" && c["status"] == "True") {
+            break failure["lastTransitionTime"].as_str().unwrap().parse().unwrap();
         }
         assert!(std::time::Instant::now() < deadline, "the Job controller never recorded the failure: {stored}");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    while Utc::now() < failed_at + chrono::Duration::seconds(1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let late = format!(
         "{}={}",
         render::CANCELLED_AT_ANNOTATION,
@@ -1694,8 +1696,16 @@ value: 1000
 
 impl Drop for KueueQueues {
     fn drop(&mut self) {
-        let _ = self.namespace.cluster.kubectl(&["delete", "jobs", "--all", "-n", &self.namespace.name, "--wait=false"]);
-        let _ = self.namespace.cluster.kubectl(&["delete", "localqueue", &self.local_queue, "-n", &self.namespace.name, "--wait=false"]);
+        let _ =
+            self.namespace.cluster.kubectl(&["delete", "jobs", "--all", "-n", &self.namespace.name, "--wait=false"]);
+        let _ = self.namespace.cluster.kubectl(&[
+            "delete",
+            "localqueue",
+            &self.local_queue,
+            "-n",
+            &self.namespace.name,
+            "--wait=false",
+        ]);
         for (kind, name) in &self.cluster_scoped {
             let _ = self.namespace.cluster.kubectl(&["delete", kind, name, "--wait=false"]);
         }
@@ -1734,7 +1744,8 @@ async fn with_kueue_a_tenant_with_quota_for_two_runs_two_and_the_rest_wait_with_
     let queues = KueueQueues::create("kueue-fifo", 2);
     let dir = tempfile::tempdir().unwrap();
     let server = queues.start_oats(dir.path(), "defaults: {}\n", "fifo").await;
-    let labels = |outcome: &str, run_ms: &str| json!({"kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": run_ms});
+    let labels =
+        |outcome: &str, run_ms: &str| json!({"kwok.oats.dev/outcome": outcome, "kwok.oats.dev/run-ms": run_ms});
     let mut ids = vec![id_of(&submit(&server, "Finishes first", labels("succeed", "6000"), None).await)];
     for goal in ["second", "third", "fourth", "fifth"] {
         ids.push(id_of(&submit(&server, goal, labels("run", "1000"), None).await));
@@ -1775,7 +1786,12 @@ async fn with_kueue_a_tenant_with_quota_for_two_runs_two_and_the_rest_wait_with_
     assert_eq!(cancel.status(), StatusCode::OK);
     let cancelled = eventually(SOON, async || {
         let (status, job) = server.get_json(&format!("/api/v1/jobs/{queued}")).await;
-        (status == StatusCode::OK && job["status"] == "cancelled" && !queues.namespace.jobs().iter().any(|j| j["metadata"]["name"] == queued.as_str()), job)
+        (
+            status == StatusCode::OK
+                && job["status"] == "cancelled"
+                && !queues.namespace.jobs().iter().any(|j| j["metadata"]["name"] == queued.as_str()),
+            job,
+        )
     })
     .await;
     assert!(cancelled.get("queue").is_none(), "{cancelled}");
@@ -1806,7 +1822,11 @@ async fn with_kueue_two_replicas_submitting_at_once_never_run_more_than_the_quot
         (queued == 6, states)
     })
     .await;
-    assert_eq!(states.iter().filter(|s| s.0 == "running" || s.0 == "pending" && s.1.is_empty()).count(), 2, "{states:?}");
+    assert_eq!(
+        states.iter().filter(|s| s.0 == "running" || s.0 == "pending" && s.1.is_empty()).count(),
+        2,
+        "{states:?}"
+    );
     for _ in 0..8 {
         assert!(queues.admitted() <= 2, "more Jobs than the quota started");
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1819,9 +1839,12 @@ async fn with_kueue_a_higher_priority_job_preempts_a_lower_one_which_waits_again
     let queues = KueueQueues::create("kueue-prio", 1);
     let dir = tempfile::tempdir().unwrap();
     let name = &queues.local_queue;
-    let batch = queues.start_oats(&dir.path().join("batch"), &format!("defaults: {{priority_class: {name}-low}}\n"), "batch").await;
-    let urgent =
-        queues.start_oats(&dir.path().join("urgent"), &format!("defaults: {{priority_class: {name}-high}}\n"), "urgent").await;
+    let batch = queues
+        .start_oats(&dir.path().join("batch"), &format!("defaults: {{priority_class: {name}-low}}\n"), "batch")
+        .await;
+    let urgent = queues
+        .start_oats(&dir.path().join("urgent"), &format!("defaults: {{priority_class: {name}-high}}\n"), "urgent")
+        .await;
     let low = id_of(&submit(&batch, "Batch work", json!({"kwok.oats.dev/outcome": "run"}), None).await);
     batch.wait_for(&low, "running", SOON).await;
     let high = id_of(&submit(&urgent, "Urgent work", json!({"kwok.oats.dev/outcome": "run"}), None).await);

@@ -15,6 +15,25 @@ use std::time::{Duration, Instant};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
+/// The trace of a request sent last, to know when every earlier span has been exported.
+const MARKER_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+
+/// The spans received once one of trace `trace` is among them.
+async fn wait_for_trace(
+    spans: &std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>,
+    trace: &str,
+) -> Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let received = spans.lock().unwrap().clone();
+        let hex = |id: &[u8]| id.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        if received.iter().any(|(_, s)| hex(&s.trace_id) == trace) {
+            return received;
+        }
+        assert!(Instant::now() < deadline, "the span of trace {trace} never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 /// A local-backend server exporting spans over OTLP/gRPC to `port` every 100 ms, with `extra`
 /// variables.
@@ -166,9 +185,17 @@ async fn sampling_spares_untraced_reads_but_never_submissions() {
         assert!(Instant::now() < deadline, "spans never arrived: {} GET, {posts} POST", gets.len());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Everything exported by now (the batch is flushed every 100 ms): still one traced read.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let spans = receiver.spans.lock().unwrap().clone();
+    // A last traced request (a list, by a trace of its own): the batch exporter sends spans in
+    // the order they ended, so once its span is in, every earlier one is. Still one traced read.
+    let marker = server
+        .http
+        .get(server.url("/api/v1/jobs"))
+        .header("traceparent", format!("00-{MARKER_TRACE}-{CALLER_SPAN}-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(marker.status(), StatusCode::OK);
+    let spans = wait_for_trace(&receiver.spans, MARKER_TRACE).await;
     assert_eq!(spans.iter().filter(|(_, s)| s.name == "GET /api/v1/jobs/{id}").count(), 1);
 }
 
@@ -228,8 +255,11 @@ async fn only_authenticated_callers_traces_are_followed() {
         assert!(Instant::now() < deadline, "the spans never arrived");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let spans = receiver.spans.lock().unwrap().clone();
+    // A last traced request (a job that does not exist, by a trace of its own): once its span
+    // is in, every earlier one is (spans are exported in the order they ended).
+    let marker = get("/api/v1/jobs/job-aaaaaaaaaaaaaaaaaaaa", MARKER_TRACE, Some("good-token")).await.unwrap();
+    assert_eq!(marker.status(), StatusCode::NOT_FOUND);
+    let spans = wait_for_trace(&receiver.spans, MARKER_TRACE).await;
     let names: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
     assert!(spans.iter().all(|(_, s)| hex(&s.trace_id) != untrusted), "an anonymous caller's trace was followed");
     assert_eq!(names.iter().filter(|n| **n == "GET /api/v1/jobs").count(), 1, "{names:?}");
@@ -251,8 +281,9 @@ async fn median_submission(server: &Server, count: usize, goal: &str) -> Duratio
 
 /// A collector that accepts connections and never answers (a listener nobody accepts on: the
 /// kernel completes the handshakes), the worst case for an exporter that would wait for it.
-/// Submissions, each a sampled trace, take no longer than without any collector, within 10 ms
-/// of median (a blocked export would add its whole timeout, seconds).
+/// Submissions, each a sampled trace, take no longer than without any collector, within 25 ms
+/// of median, generous for a loaded machine (a blocked export would add its whole timeout,
+/// seconds).
 #[tokio::test]
 async fn a_dead_collector_never_blocks_requests() {
     let dir = tempfile::tempdir().unwrap();
@@ -272,7 +303,7 @@ async fn a_dead_collector_never_blocks_requests() {
     without.sort();
     let (with_dead, without) = (with_dead[2], without[2]);
     assert!(
-        with_dead <= without + Duration::from_millis(10),
+        with_dead <= without + Duration::from_millis(25),
         "a dead collector slows submissions: median {with_dead:?} vs {without:?} without one"
     );
     let (status, list) = traced.get_json("/api/v1/jobs?limit=500").await;

@@ -125,7 +125,7 @@ where
     let span_context = context.span().span_context().clone();
     let trace_id = span_context.is_sampled().then(|| span_context.trace_id().to_string());
 
-    let active = metrics.http_active.get_or_create(&MethodLabel { http_request_method: method }).clone();
+    let active = metrics.http.active.get_or_create(&MethodLabel { http_request_method: method }).clone();
     active.inc();
     let started = Instant::now();
     let mut response = handle(request).instrument(span.clone()).await;
@@ -148,7 +148,7 @@ where
     }
     let labels = HttpLabels { http_request_method: method, http_route: route, http_response_status_code: status };
     let exemplar = trace_id.map(|trace_id| TraceLabel { trace_id });
-    metrics.http_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64(), exemplar, None);
+    metrics.http.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64(), exemplar, None);
     response
 }
 

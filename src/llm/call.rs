@@ -10,7 +10,7 @@ use super::{
     sizing,
 };
 use crate::{
-    jobs::{JobRecord, NanoUsd, Refusal, TokenCounts},
+    jobs::{JobRecord, NanoUsd, Refusal, TokenCounts, policy::TenantRules},
     store::{CallTicket, LedgerLimits},
 };
 use bytes::Bytes;
@@ -51,44 +51,8 @@ pub(super) async fn chat(
     body: Body,
     traceparent: Option<String>,
 ) -> Result<Response, ApiError> {
-    let bytes = body.into_bytes_limit(gateway.max_body_bytes).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "request_too_large",
-            format!("the request body is over {} bytes", gateway.max_body_bytes),
-        )
-    })?;
-    let mut request: Map<String, Value> = match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(map)) => map,
-        _ => return Err(ApiError::invalid("the body must be a JSON object (a chat completion request)")),
-    };
-    let model_name = match request.get("model") {
-        Some(Value::String(name)) => name.clone(),
-        _ => return Err(ApiError::invalid("`model` must be a string")),
-    };
-    if !request.get("messages").is_some_and(Value::is_array) {
-        return Err(ApiError::invalid("`messages` must be an array"));
-    }
-    let model = gateway.providers.catalog().model(&model_name).cloned().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-            format!("the model `{model_name}` does not exist here; GET /v1/models lists this job's models"),
-        )
-    })?;
-    let rules = gateway.jobs.rules_for(&job.tenant);
-    if !rules.allows_model(std::iter::once(model.name.as_str()).chain(model.aliases.iter().map(String::as_str))) {
-        gateway.metrics.refused(MODEL_NOT_ALLOWED);
-        gateway.metrics.request(&model.provider.name, &model.name, Outcome::Refused);
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "model_not_allowed",
-            format!("tenant {} may not use the model `{}`", job.tenant, model.name),
-        ));
-    }
+    let (input_bound, mut request, model_name) = read_request(&gateway, body).await?;
+    let (model, rules) = allowed_model(&gateway, &job, &model_name)?;
     let limits = LedgerLimits {
         budget: job.spec.budget,
         max_calls: job.spec.max_turns,
@@ -97,20 +61,11 @@ pub(super) async fn chat(
     };
     let requested_field = ["max_completion_tokens", "max_tokens"].into_iter().find(|f| request.contains_key(*f));
     let requested = requested_field.and_then(|f| request.get(f)).and_then(Value::as_u64);
-    let input_bound = bytes.len() as u64;
     let (ticket, size) = reserve(&gateway, &job, &model, &limits, input_bound, requested).await?;
 
     request.insert("model".into(), Value::String(model.upstream.clone()));
     request.insert(requested_field.unwrap_or("max_tokens").into(), size.max_output_tokens.into());
-    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let client_wants_usage = stream
-        && request.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
-    if stream {
-        let options = request.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
-        if let Value::Object(options) = options {
-            options.insert("include_usage".into(), Value::Bool(true));
-        }
-    }
+    let (stream, client_wants_usage) = ask_for_usage(&mut request);
     let slot = match tokio::time::timeout(SLOT_WAIT, model.provider.slots.clone().acquire_owned()).await {
         Ok(Ok(slot)) => slot,
         _ => {
@@ -153,6 +108,70 @@ pub(super) async fn chat(
         return Ok(relay::stream(call, upstream, client_wants_usage));
     }
     answer(call, upstream).await
+}
+
+/// The request's body (at most the gateway's limit) as a JSON object, its size (the bound of its
+/// input tokens) and the model it names.
+async fn read_request(gateway: &Gateway, body: Body) -> Result<(u64, Map<String, Value>, String), ApiError> {
+    let bytes = body.into_bytes_limit(gateway.max_body_bytes).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("the request body is over {} bytes", gateway.max_body_bytes),
+        )
+    })?;
+    let request: Map<String, Value> = match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(map)) => map,
+        _ => return Err(ApiError::invalid("the body must be a JSON object (a chat completion request)")),
+    };
+    let model_name = match request.get("model") {
+        Some(Value::String(name)) => name.clone(),
+        _ => return Err(ApiError::invalid("`model` must be a string")),
+    };
+    if !request.get("messages").is_some_and(Value::is_array) {
+        return Err(ApiError::invalid("`messages` must be an array"));
+    }
+    Ok((bytes.len() as u64, request, model_name))
+}
+
+/// The model `name` stands for, if the job's tenant may use it, and the tenant's rules.
+fn allowed_model(gateway: &Gateway, job: &JobRecord, name: &str) -> Result<(Arc<Model>, TenantRules), ApiError> {
+    let model = gateway.providers.catalog().model(name).cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("the model `{name}` does not exist here; GET /v1/models lists this job's models"),
+        )
+    })?;
+    let rules = gateway.jobs.rules_for(&job.tenant);
+    if !rules.allows_model(std::iter::once(model.name.as_str()).chain(model.aliases.iter().map(String::as_str))) {
+        gateway.metrics.refused(MODEL_NOT_ALLOWED);
+        gateway.metrics.request(&model.provider.name, &model.name, Outcome::Refused);
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "model_not_allowed",
+            format!("tenant {} may not use the model `{}`", job.tenant, model.name),
+        ));
+    }
+    Ok((model, rules))
+}
+
+/// Whether the call streams, and whether its client asked for the usage chunk; a stream always
+/// asks the provider for it (the call is charged what it used).
+fn ask_for_usage(request: &mut Map<String, Value>) -> (bool, bool) {
+    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let client_wants_usage = stream
+        && request.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
+    if stream {
+        let options = request.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(options) = options {
+            options.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    (stream, client_wants_usage)
 }
 
 /// Size the call and reserve it, re-sizing when concurrent calls took what it was sized for.

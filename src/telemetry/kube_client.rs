@@ -51,10 +51,10 @@ where
                 Ok(response) => status_label(response.status().as_u16()),
                 Err(_) => "error",
             };
-            metrics.kube_requests.get_or_create(&KubeLabels { verb, resource, code }).inc();
+            metrics.kube_client.requests.get_or_create(&KubeLabels { verb, resource, code }).inc();
             if verb != "watch" {
                 let labels = KubeOperationLabels { verb, resource };
-                metrics.kube_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+                metrics.kube_client.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
             }
             result
         })

@@ -1,5 +1,7 @@
-//! The process's metric registry and the metrics of the HTTP server and the Kubernetes client;
-//! subsystems add theirs with `register(&mut Registry)` (docs/metrics.md is the contract).
+//! The process's metric registry. Each subsystem's metrics are a struct with
+//! `register(&mut Registry)`: the HTTP server's, the Kubernetes client's (recorded by `kube_client`),
+//! the Kubernetes watches' and the local backend's here, the jobs' in `jobs::metrics`, the
+//! gateway's in `llm::metrics` (docs/metrics.md is the contract).
 //!
 //! Label values are bounded by construction: `&'static str` from fixed sets (methods, route
 //! templates, statuses, reasons, verbs, resources) and status codes.
@@ -25,7 +27,8 @@ pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; versio
 /// Media type of the classic Prometheus text format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// OpenTelemetry's recommended buckets for `http.server.request.duration`.
+/// OpenTelemetry's recommended buckets for `http.server.request.duration` (the Kubernetes
+/// client's latency uses them too).
 const HTTP_BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,6 +50,46 @@ pub struct TraceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    pub resource: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    revision: &'static str,
+}
+
+type HttpDuration = Family<HttpLabels, HistogramWithExemplars<TraceLabel>, fn() -> HistogramWithExemplars<TraceLabel>>;
+
+/// The HTTP server's metrics (OpenTelemetry's names), recorded per request by the API.
+pub struct HttpMetrics {
+    pub duration: HttpDuration,
+    pub active: Family<MethodLabel, Gauge>,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        Self {
+            duration: Family::new_with_constructor(|| HistogramWithExemplars::new(HTTP_BUCKETS.into_iter())),
+            active: Family::default(),
+        }
+    }
+}
+
+impl HttpMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register_with_unit(
+            "http_server_request_duration",
+            "Duration of HTTP server requests",
+            Unit::Seconds,
+            self.duration.clone(),
+        );
+        registry.register("http_server_active_requests", "HTTP requests in flight", self.active.clone());
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KubeLabels {
     pub verb: &'static str,
     pub resource: &'static str,
@@ -59,90 +102,92 @@ pub struct KubeOperationLabels {
     pub resource: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResourceLabel {
-    pub resource: &'static str,
+/// The Kubernetes API calls: counted by verb, resource and status code, timed (watches aside).
+pub struct KubeClientMetrics {
+    pub requests: Family<KubeLabels, Counter>,
+    pub duration: Family<KubeOperationLabels, Histogram, fn() -> Histogram>,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-    revision: &'static str,
+impl Default for KubeClientMetrics {
+    fn default() -> Self {
+        Self { requests: Family::default(), duration: Family::new_with_constructor(|| Histogram::new(HTTP_BUCKETS)) }
+    }
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+impl KubeClientMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let oats = registry.sub_registry_with_prefix("oats");
+        oats.register("kube_requests", "Kubernetes API calls by verb, resource and status code", self.requests.clone());
+        oats.register_with_unit(
+            "kube_request_duration",
+            "Latency of Kubernetes API calls (watches excluded)",
+            Unit::Seconds,
+            self.duration.clone(),
+        );
+    }
+}
 
-/// All metric families, registered once.
+/// The Kubernetes backend's watches: failures, re-lists and whether each cache is synced.
+#[derive(Default)]
+pub struct WatchMetrics {
+    pub errors: Family<ResourceLabel, Counter>,
+    pub restarts: Family<ResourceLabel, Counter>,
+    pub cache_synced: Family<ResourceLabel, Gauge>,
+}
+
+impl WatchMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let oats = registry.sub_registry_with_prefix("oats");
+        oats.register("kube_watch_errors", "Failures of the Kubernetes watches", self.errors.clone());
+        oats.register(
+            "kube_watch_restarts",
+            "Full re-lists of the Kubernetes watches, the first sync included",
+            self.restarts.clone(),
+        );
+        oats.register("kube_cache_synced", "1 when the watch cache is synced and healthy", self.cache_synced.clone());
+    }
+}
+
+/// The local backend's agent processes.
+#[derive(Default)]
+pub struct LocalMetrics {
+    pub running: Gauge,
+}
+
+impl LocalMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let oats = registry.sub_registry_with_prefix("oats");
+        oats.register("local_running_processes", "Agent processes run by the local backend", self.running.clone());
+    }
+}
+
+/// The process's registry and every subsystem's metrics registered in it: one per process,
+/// shared by the API, the backends and the Kubernetes client.
 pub struct Metrics {
     registry: Registry,
-    pub http_duration:
-        Family<HttpLabels, HistogramWithExemplars<TraceLabel>, fn() -> HistogramWithExemplars<TraceLabel>>,
-    pub http_active: Family<MethodLabel, Gauge>,
-    /// The job metrics, registered here too.
+    pub http: HttpMetrics,
     pub jobs: Arc<JobMetrics>,
-    pub kube_requests: Family<KubeLabels, Counter>,
-    pub kube_duration: HistogramFamily<KubeOperationLabels>,
-    pub watch_errors: Family<ResourceLabel, Counter>,
-    pub watch_restarts: Family<ResourceLabel, Counter>,
-    pub cache_synced: Family<ResourceLabel, Gauge>,
-    pub local_running: Gauge,
+    pub kube_client: KubeClientMetrics,
+    pub watches: WatchMetrics,
+    pub local: LocalMetrics,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let http_duration = Family::<_, _, fn() -> HistogramWithExemplars<TraceLabel>>::new_with_constructor(|| {
-            HistogramWithExemplars::new(HTTP_BUCKETS.into_iter())
-        });
-        registry.register_with_unit(
-            "http_server_request_duration",
-            "Duration of HTTP server requests",
-            Unit::Seconds,
-            http_duration.clone(),
-        );
-        let http_active = Family::<MethodLabel, Gauge>::default();
-        registry.register("http_server_active_requests", "HTTP requests in flight", http_active.clone());
-
+        let http = HttpMetrics::default();
+        http.register(&mut registry);
         registry.register_collector(Box::new(super::process::ProcessCollector));
         let jobs = Arc::new(JobMetrics::default());
         jobs.register(&mut registry);
-        let oats = registry.sub_registry_with_prefix("oats");
-        let kube_requests = Family::<KubeLabels, Counter>::default();
-        oats.register("kube_requests", "Kubernetes API calls by verb, resource and status code", kube_requests.clone());
-        let kube_duration: HistogramFamily<KubeOperationLabels> =
-            Family::new_with_constructor(|| Histogram::new(HTTP_BUCKETS));
-        oats.register_with_unit(
-            "kube_request_duration",
-            "Latency of Kubernetes API calls (watches excluded)",
-            Unit::Seconds,
-            kube_duration.clone(),
-        );
-        let watch_errors = Family::<ResourceLabel, Counter>::default();
-        oats.register("kube_watch_errors", "Failures of the Kubernetes watches", watch_errors.clone());
-        let watch_restarts = Family::<ResourceLabel, Counter>::default();
-        oats.register(
-            "kube_watch_restarts",
-            "Full re-lists of the Kubernetes watches, the first sync included",
-            watch_restarts.clone(),
-        );
-        let cache_synced = Family::<ResourceLabel, Gauge>::default();
-        oats.register("kube_cache_synced", "1 when the watch cache is synced and healthy", cache_synced.clone());
-        let local_running = Gauge::default();
-        oats.register("local_running_processes", "Agent processes run by the local backend", local_running.clone());
-        oats.register_collector(Box::new(BuildInfo));
-
-        Self {
-            registry,
-            http_duration,
-            http_active,
-            jobs,
-            kube_requests,
-            kube_duration,
-            watch_errors,
-            watch_restarts,
-            cache_synced,
-            local_running,
-        }
+        let kube_client = KubeClientMetrics::default();
+        kube_client.register(&mut registry);
+        let watches = WatchMetrics::default();
+        watches.register(&mut registry);
+        let local = LocalMetrics::default();
+        local.register(&mut registry);
+        registry.sub_registry_with_prefix("oats").register_collector(Box::new(BuildInfo));
+        Self { registry, http, jobs, kube_client, watches, local }
     }
 
     /// The registry, for subsystems that register their own metrics (`register(&mut Registry)`).

@@ -111,7 +111,7 @@ struct CacheHealth {
 impl CacheHealth {
     fn publish(&self, watch: &WatchHealth) {
         let value = i64::from(watch.ready());
-        self.metrics.cache_synced.get_or_create(&ResourceLabel { resource: watch.resource }).set(value);
+        self.metrics.watches.cache_synced.get_or_create(&ResourceLabel { resource: watch.resource }).set(value);
     }
 }
 
@@ -312,7 +312,7 @@ async fn drive<S, K>(
         let event = match event {
             Ok(event) => event,
             Err(error) => {
-                health.metrics.watch_errors.get_or_create(&resource).inc();
+                health.metrics.watches.errors.get_or_create(&resource).inc();
                 if state.healthy.swap(false, Ordering::Relaxed) {
                     tracing::warn!(watch = state.resource, %error, "watch failed; retrying with backoff");
                     health.publish(state);
@@ -328,7 +328,7 @@ async fn drive<S, K>(
         );
         on_event(event);
         if restarted {
-            health.metrics.watch_restarts.get_or_create(&resource).inc();
+            health.metrics.watches.restarts.get_or_create(&resource).inc();
         } else if listed {
             state.synced.store(true, Ordering::Relaxed);
             if !state.healthy.swap(true, Ordering::Relaxed) {

@@ -319,7 +319,7 @@ impl Inner {
         let dir = self.job_dir(&id);
         let outcome = match process::spawn_agent(&self.settings, &dir, &stored.record).await {
             Ok(agent) => {
-                self.metrics.local_running.inc();
+                self.metrics.local.running.inc();
                 let pgid = agent.pgid();
                 let started_at = Utc::now();
                 let started = event("Normal", "Started", &format!("agent started as process group {pgid}"));
@@ -339,7 +339,7 @@ impl Inner {
                     tracing::error!(%error, "cannot persist job start");
                 }
                 let outcome = agent.wait(stored.record.spec.timeout_seconds, &cancel).await;
-                self.metrics.local_running.dec();
+                self.metrics.local.running.dec();
                 outcome
             }
             Err(outcome) => outcome,
