@@ -1688,9 +1688,14 @@ value: 1000
         self.namespace.start_oats(dir, &env).await
     }
 
-    /// The Jobs of the namespace that Kueue let start (not suspended).
+    /// The unfinished Jobs of the namespace that Kueue let start (not suspended).
     fn admitted(&self) -> usize {
-        self.namespace.jobs().iter().filter(|j| j["spec"]["suspend"] != json!(true)).count()
+        let finished = |j: &Value| {
+            j["status"]["conditions"].as_array().into_iter().flatten().any(|c| {
+                (c["type"] == "Complete" || c["type"] == "Failed") && c["status"] == "True"
+            })
+        };
+        self.namespace.jobs().iter().filter(|j| j["spec"]["suspend"] != json!(true) && !finished(j)).count()
     }
 }
 
