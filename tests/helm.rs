@@ -993,3 +993,27 @@ fn the_deployment_runs_its_replicas_with_probes_and_a_grace_period() {
         }
     }
 }
+
+/// `kueue.enabled` does what infra/components/kueue-queueing does: queueing on, the default
+/// queue, and the same Role for the API's ServiceAccount.
+#[test]
+fn kueue_values_match_the_kustomize_component() {
+    let docs = template(&["--set", "kueue.enabled=true", "--set", "kueue.defaultQueue=team-a"]);
+    let (_, data) = config_data(&docs);
+    assert_eq!(
+        (data["OATS_QUEUEING"].as_str(), data["OATS_KUEUE_DEFAULT_QUEUE"].as_str()),
+        (Some("kueue"), Some("team-a"))
+    );
+    let component: Vec<Value> = parse(&read("infra/components/kueue-queueing/rbac.yaml"), "the component's rbac.yaml");
+    let chart = by_key(&docs);
+    for object in &component {
+        let key = key(object);
+        let rendered = chart.get(&key).unwrap_or_else(|| panic!("the chart lacks {key}"));
+        for field in ["rules", "roleRef", "subjects"] {
+            assert_eq!(rendered[field], object[field], "{key}.{field}");
+        }
+    }
+    let off = by_key(&template(&[]));
+    assert!(!off.keys().any(|k| k.contains("oats-kueue-reader")), "no Kueue Role unless enabled");
+    assert!(!config_data(&template(&[])).1.contains_key("OATS_QUEUEING"));
+}

@@ -1691,9 +1691,11 @@ value: 1000
     /// The unfinished Jobs of the namespace that Kueue let start (not suspended).
     fn admitted(&self) -> usize {
         let finished = |j: &Value| {
-            j["status"]["conditions"].as_array().into_iter().flatten().any(|c| {
-                (c["type"] == "Complete" || c["type"] == "Failed") && c["status"] == "True"
-            })
+            j["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| (c["type"] == "Complete" || c["type"] == "Failed") && c["status"] == "True")
         };
         self.namespace.jobs().iter().filter(|j| j["spec"]["suspend"] != json!(true) && !finished(j)).count()
     }

@@ -435,6 +435,38 @@ fn network_policies_deny_by_default_and_isolate_the_agents() {
     }
 }
 
+/// The Kueue component: queueing on, and a Role that only reads Kueue (and deletes a Job).
+#[test]
+fn the_kueue_component_switches_queueing_on_with_least_privilege() {
+    let dir = format!("{}/infra/components/kueue-queueing", env!("CARGO_MANIFEST_DIR"));
+    let kustomization: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(format!("{dir}/kustomization.yaml")).unwrap()).unwrap();
+    assert_eq!(kustomization["kind"], "Component");
+    let literals = strings(&kustomization["configMapGenerator"][0]["literals"]);
+    assert_eq!(literals, ["OATS_QUEUEING=kueue", "OATS_KUEUE_DEFAULT_QUEUE=oats"]);
+    let rbac = std::fs::read_to_string(format!("{dir}/rbac.yaml")).unwrap();
+    let docs: Vec<Value> = rbac.split("\n---\n").map(|d| serde_saphyr::from_str(d).unwrap()).collect();
+    let role = docs.iter().find(|d| d["kind"] == "Role").unwrap();
+    assert_eq!(role["metadata"]["namespace"], NAMESPACE);
+    let verbs: Vec<(String, Vec<&str>)> = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|rule| {
+            assert!(rule_violations(rule).is_empty(), "{rule}: {:?}", rule_violations(rule));
+            (format!("{}/{}", strings(&rule["apiGroups"])[0], strings(&rule["resources"])[0]), strings(&rule["verbs"]))
+        })
+        .collect();
+    assert_eq!(
+        verbs,
+        [
+            ("kueue.x-k8s.io/workloads".to_owned(), vec!["get", "list", "watch"]),
+            ("visibility.kueue.x-k8s.io/localqueues/pendingworkloads".to_owned(), vec!["get"]),
+            ("batch/jobs".to_owned(), vec!["delete"]),
+        ]
+    );
+}
+
 /// The opt-in components (infra/components): each adds one NetworkPolicy, no more than it says.
 #[test]
 fn the_opt_in_network_components_open_what_they_say() {

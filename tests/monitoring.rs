@@ -37,7 +37,7 @@ const RULES_FILE_IN_TESTS: &str = "oats.rules.yaml";
 
 /// Metrics of other exporters that dashboards and alerts may use (docs/metrics.md, last part).
 const EXTERNAL_METRICS: [&str; 1] = ["up"];
-const EXTERNAL_PREFIXES: [&str; 2] = ["kube_", "apiserver_"];
+const EXTERNAL_PREFIXES: [&str; 3] = ["kube_", "apiserver_", "kueue_"];
 /// Target labels Prometheus adds to every scraped series (ServiceMonitor defaults).
 const TARGET_LABELS: [&str; 7] = ["job", "namespace", "instance", "pod", "service", "container", "endpoint"];
 
@@ -708,7 +708,7 @@ fn latency_panels_show_exemplars_with_trace_links() {
 /// Panels whose every metric only exists on the Kubernetes backend (docs/metrics.md) or comes
 /// from another exporter of the cluster (kube-state-metrics, kube-apiserver): the live test, on
 /// the local backend, skips them. Every other panel query must return a series.
-const KUBERNETES_ONLY_PANELS: [(&str, &str); 11] = [
+const KUBERNETES_ONLY_PANELS: [(&str, &str); 14] = [
     ("oats-jobs.json", "Agent Kubernetes Jobs (kube-state-metrics)"),
     ("oats-kubernetes.json", "Requests by verb and resource"),
     ("oats-kubernetes.json", "Requests by code"),
@@ -720,6 +720,9 @@ const KUBERNETES_ONLY_PANELS: [(&str, &str); 11] = [
     ("oats-kubernetes.json", "Watch restarts (re-lists)"),
     ("oats-kubernetes.json", "Watch cache synced"),
     ("oats-kubernetes.json", "API replicas available (kube-state-metrics)"),
+    ("oats-kubernetes.json", "OATS jobs waiting in Kueue by queue"),
+    ("oats-kubernetes.json", "Kueue admission wait, mean by queue"),
+    ("oats-kubernetes.json", "Kueue pending workloads by ClusterQueue (Kueue's metrics)"),
 ];
 
 /// Metrics that exist only where OATS runs against Kubernetes (docs/metrics.md) or that other
@@ -728,6 +731,9 @@ fn kubernetes_only_metric(name: &str) -> bool {
     (name.starts_with("oats_kube_") && name != "oats_kube_quota_refusals_total")
         || name.starts_with("kube_")
         || name.starts_with("apiserver_")
+        // With `queueing: kueue` only, and Kueue's own exporter.
+        || name.starts_with("oats_queue_")
+        || name.starts_with("kueue_")
 }
 
 fn kubernetes_only_panel(file: &str, title: &str) -> bool {

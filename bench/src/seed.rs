@@ -73,6 +73,7 @@ pub fn preload(dir: &Path, n: usize, phase: JobPhase) -> Result<Preloaded> {
             attempts: u32::from(finished),
             result: finished.then(|| format!("done: benchmark job {i} finished after 3 turns")),
             trace: None,
+            queue: None,
             json: Default::default(),
         };
         let mut events = vec![event(created, "Submitted", "job accepted; waiting for a free slot")];

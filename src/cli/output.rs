@@ -122,6 +122,14 @@ fn print_structured(out: &mut impl Write, value: &Value, format: Format) {
     let _ = out.write_all(text.as_bytes());
 }
 
+/// `queue` or `queue, position 3`.
+fn queue_place(queue: &str, position: &Value) -> String {
+    match position.as_u64() {
+        Some(position) => format!("{queue}, position {position}"),
+        None => queue.to_owned(),
+    }
+}
+
 /// One job: key/value lines, or the object.
 pub fn print_job(out: &mut impl Write, job: &Value, format: Format) {
     if format != Format::Table {
@@ -136,6 +144,9 @@ pub fn print_job(out: &mut impl Write, job: &Value, format: Format) {
         if let Some(value) = job[key].as_str() {
             rows.push((key, value.to_owned()));
         }
+    }
+    if let Some(queue) = job["queue"]["name"].as_str() {
+        rows.push(("queue", queue_place(queue, &job["queue"]["position"])));
     }
     rows.push(("created", relative(job["created_at"].as_str().unwrap_or_default(), now)));
     rows.push(("duration", duration(job)));
@@ -262,7 +273,11 @@ impl Spinner {
         const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
         self.frame = (self.frame + 1) % FRAMES.len();
         let reason = job["reason"].as_str().map(|r| format!(" ({})", clean(r))).unwrap_or_default();
-        eprint!("\r{} pending{reason}   ", FRAMES[self.frame]);
+        let place = job["queue"]["name"]
+            .as_str()
+            .map(|queue| format!(" in {}", clean(&queue_place(queue, &job["queue"]["position"]))))
+            .unwrap_or_default();
+        eprint!("\r{} pending{reason}{place}   ", FRAMES[self.frame]);
         self.shown = true;
     }
 
@@ -287,6 +302,16 @@ mod tests {
         assert_eq!(relative("2026-11-26T09:00:00Z", now), "3h ago");
         assert_eq!(relative("2026-11-23T12:00:00Z", now), "3d ago");
         assert_eq!(relative("garbage", now), "-");
+    }
+
+    #[test]
+    fn a_queued_job_shows_its_queue_and_place() {
+        let job = serde_json::json!({"id": "job-q", "status": "pending", "reason": "Queued", "queue": {"name": "team-a", "position": 3}});
+        let mut out = Vec::new();
+        print_job(&mut out, &job, Format::Table);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.lines().any(|l| l.starts_with("queue") && l.ends_with("team-a, position 3")), "{text}");
+        assert_eq!(queue_place("team-a", &Value::Null), "team-a");
     }
 
     #[test]

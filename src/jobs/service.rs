@@ -82,7 +82,8 @@ pub enum WatchEvent {
 fn state_id(job: &JobRecord, usage: Option<&JobUsage>) -> String {
     use sha2::{Digest, Sha256};
     let spent = usage.map(|u| (u.model_calls, u.tokens.total(), u.cost.0, u.refused));
-    let state = serde_json::json!([job.status, job.attempts, job.started_at, job.finished_at, job.result, spent]);
+    let state =
+        serde_json::json!([job.status, job.attempts, job.started_at, job.finished_at, job.result, job.queue, spent]);
     let digest = Sha256::digest(state.to_string());
     let short: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
     format!("{}-{short}", job.status.phase.as_str())

@@ -85,6 +85,7 @@ impl Bench {
                 created_at: Utc::now(),
                 trace: None,
                 resources: None,
+                queue: Default::default(),
             };
             Ok(oats::backend::kubernetes::render::render_job(
                 &job,

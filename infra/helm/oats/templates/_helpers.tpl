@@ -85,6 +85,10 @@ Data of the API's ConfigMap, as sorted `KEY: "value"` lines. The derived keys wi
 {{- $_ := set $derived "OATS_LLM_SECRET_KEYS" (join "," .keys) -}}
 {{- end -}}
 {{- end -}}
+{{- if .Values.kueue.enabled -}}
+{{- $_ := set $derived "OATS_QUEUEING" "kueue" -}}
+{{- $_ := set $derived "OATS_KUEUE_DEFAULT_QUEUE" .Values.kueue.defaultQueue -}}
+{{- end -}}
 {{- if .Values.policy.enabled -}}
 {{- $_ := set $derived "OATS_POLICY_FILE" (printf "%s/oats-policy.yaml" (trimSuffix "/" .Values.policy.mountPath)) -}}
 {{- end -}}
