@@ -1378,6 +1378,19 @@ async fn finished_jobs_outlive_their_kubernetes_job_in_a_history_two_replicas_sh
         assert!(std::time::Instant::now() < deadline, "the TTL controller never removed the finished Job");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // Each job was archived by one replica: the claims let exactly one of the two collect it.
+    let archived = async |server: &Server| -> f64 {
+        let text = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix("oats_archive_archived_total ")).unwrap().parse().unwrap()
+    };
+    let total = eventually(SOON, async || {
+        let total = archived(&a).await + archived(&b).await;
+        (total >= 2.0, total)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // a second archive would happen within a tick
+    assert_eq!(archived(&a).await + archived(&b).await, total);
+    assert_eq!(total, 2.0, "two jobs, each archived once across both replicas");
     for server in [&a, &b] {
         let kept = server.job(&finished).await;
         for field in ["id", "status", "reason", "goal", "labels", "created_at", "started_at", "result", "max_turns"] {
