@@ -197,8 +197,9 @@ async fn serve(config: Config, addresses_file: Option<PathBuf>) -> Result<()> {
     let mut jobs = JobService::new(backend.clone(), config.job_limits(), policy.clone(), metrics.jobs.clone());
     if config.retention_days > 0 {
         let history: Arc<dyn JobHistory> = Arc::new(store.clone());
-        jobs = jobs.with_history(history.clone());
-        Arc::new(Archiver::new(backend, history, archive_settings(&config), archive_metrics)).spawn();
+        let archiver = Arc::new(Archiver::new(backend, history.clone(), archive_settings(&config), archive_metrics));
+        jobs = jobs.with_history(history, archiver.horizon().await);
+        archiver.spawn();
     }
     if providers.is_some() || config.database_url()?.is_some() {
         jobs = jobs.with_usage(Arc::new(store.clone()));

@@ -6,7 +6,7 @@
 //! replica that dies mid-way leaves a claim that runs out; another one takes over. When the
 //! database is down, what was collected waits in memory and is written when it answers again.
 
-use super::history::{ArchivedJob, HistoryError, JobHistory, OutputTail};
+use super::history::{ArchivedJob, HistoryError, HistoryHorizon, JobHistory, OutputTail};
 use super::{JobBackend, JobEvent, JobId, JobRecord, LogOptions};
 
 use chrono::{DateTime, Utc};
@@ -108,6 +108,7 @@ pub struct Archiver {
     /// Jobs collected while the database was down, written first when it answers.
     held: Mutex<HashMap<JobId, ArchivedJob>>,
     backoff: Mutex<HashMap<JobId, Backoff>>,
+    horizon: Arc<HistoryHorizon>,
 }
 
 impl Archiver {
@@ -125,7 +126,22 @@ impl Archiver {
             archived: Mutex::default(),
             held: Mutex::default(),
             backoff: Mutex::default(),
+            horizon: Arc::default(),
         }
+    }
+
+    /// The horizon the job service reads (see [`HistoryHorizon`]), raised to the newest archived
+    /// job now; unknown while the history cannot be read.
+    pub async fn horizon(&self) -> Arc<HistoryHorizon> {
+        match self.history.newest_created().await {
+            Ok(Some(newest)) => self.horizon.raise(newest),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the job history's newest job; every list will ask it");
+                self.horizon.raise_to_unknown();
+            }
+        }
+        self.horizon.clone()
     }
 
     /// Archive and purge in the background, for as long as the process runs.

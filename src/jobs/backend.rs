@@ -90,6 +90,12 @@ pub trait JobBackend: Send + Sync {
         Vec::new()
     }
 
+    /// The creation time of the newest job that left the backend since it started (so a list
+    /// knows whether the history may hold jobs newer than its page). Not drained.
+    fn newest_departed(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        None
+    }
+
     /// Current jobs by phase, for the `oats_jobs` gauges; cheap enough for every scrape.
     fn counts(&self) -> JobCounts;
 

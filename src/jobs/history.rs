@@ -8,7 +8,14 @@ use super::{JobEvent, JobId, JobRecord, ListQuery, LogOptions, LogStream};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 /// A finished job as the archive keeps it.
 #[derive(Debug, Clone)]
@@ -59,8 +66,34 @@ pub trait JobHistory: Send + Sync {
     /// The archived output (timestamped lines), if the job is archived.
     async fn logs(&self, id: &JobId) -> Result<Option<Vec<u8>>, HistoryError>;
 
+    /// The creation time of the newest archived job, if any.
+    async fn newest_created(&self) -> Result<Option<DateTime<Utc>>, HistoryError>;
+
     /// Forget jobs that finished before `finished_before`; how many went.
     async fn purge(&self, finished_before: DateTime<Utc>) -> Result<u64, HistoryError>;
+}
+
+/// The creation time of the newest job the history held when this server started (jobs the
+/// backend forgets since are the backend's `newest_departed`): a list page of live jobs all newer
+/// than both needs nothing from the history.
+#[derive(Debug, Default)]
+pub struct HistoryHorizon(AtomicI64);
+
+impl HistoryHorizon {
+    /// Nanoseconds since the epoch; 0: nothing yet.
+    pub fn raise(&self, created_at: DateTime<Utc>) {
+        self.0.fetch_max(created_at.timestamp_nanos_opt().unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    /// Unknown (e.g. the history could not be read at start): every list asks the history.
+    pub fn raise_to_unknown(&self) {
+        self.0.store(i64::MAX, Ordering::Relaxed);
+    }
+
+    /// Whether the history may hold a job created at or after `time` that the backend does not.
+    pub fn may_hold_newer_than(&self, time: DateTime<Utc>) -> bool {
+        self.0.load(Ordering::Relaxed) >= time.timestamp_nanos_opt().unwrap_or(i64::MAX)
+    }
 }
 
 /// Serve archived output as the live endpoints would: the lines since `since_seconds`, the last

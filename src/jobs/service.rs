@@ -4,7 +4,7 @@ use super::{
     BackendError, Caller, CreateOutcome, FieldError, IdempotencyKey, JobBackend, JobError, JobEvent, JobId, JobLimits,
     JobPage, JobPhase, JobRecord, JobRequest, JobUsage, ListQuery, LogOptions, LogStream, NewJob, Role, TraceContext,
     UsageSource,
-    history::{self, HistoryError, JobHistory},
+    history::{self, HistoryError, HistoryHorizon, JobHistory},
     metrics::{JobMetrics, RuleLabel, SubmissionOutcome},
     page,
     policy::{Evaluation, Policy, Rule, Submission, TenantRules, Verdict},
@@ -135,6 +135,8 @@ pub struct JobService {
     usage: Option<Arc<dyn UsageSource>>,
     /// Finished jobs the backend no longer holds.
     history: Option<Arc<dyn JobHistory>>,
+    /// How new the jobs are that the history may hold and the backend not.
+    horizon: Arc<HistoryHorizon>,
 }
 
 /// Where a readable job is now.
@@ -154,6 +156,7 @@ impl JobService {
             creating: Arc::default(),
             usage: None,
             history: None,
+            horizon: Arc::default(),
         }
     }
 
@@ -163,9 +166,11 @@ impl JobService {
         self
     }
 
-    /// Answer for finished jobs the backend forgot from `history`.
-    pub fn with_history(mut self, history: Arc<dyn JobHistory>) -> Self {
+    /// Answer for finished jobs the backend forgot from `history`; `horizon` is kept by the
+    /// archiver (see [`HistoryHorizon`]).
+    pub fn with_history(mut self, history: Arc<dyn JobHistory>, horizon: Arc<HistoryHorizon>) -> Self {
         self.history = Some(history);
+        self.horizon = horizon;
         self
     }
 
@@ -517,19 +522,36 @@ impl JobService {
     /// A page of the caller's jobs: live ones and archived ones in one order. While the history
     /// cannot be read, the page holds the live jobs (and says so in the server's log).
     pub async fn list(&self, caller: &Caller, query: &ListQuery) -> Result<JobPage, JobError> {
+        let live = self.live_page(caller, query).await?;
+        let Some(history) = &self.history else { return Ok(live) };
+        // A full page of live jobs all newer than any job the backend forgot needs nothing from
+        // the history (it would sort after the page): no database call.
+        let last = live.items.last().map(|j| j.created_at);
+        let departed_since = |t| self.backend.newest_departed().is_some_and(|d| d >= t);
+        if live.next_page_token.is_some()
+            && last.is_some_and(|t| !self.horizon.may_hold_newer_than(t) && !departed_since(t))
+        {
+            return Ok(live);
+        }
+        let tenant = (caller.role != Role::Admin).then_some(caller.tenant.as_str());
+        let archived = match history.page(tenant, query).await {
+            Ok(archived) => archived,
+            Err(error) => {
+                tracing::warn!(%error, "listing without archived jobs: the history cannot be read");
+                return Ok(live);
+            }
+        };
         let mut jobs = self.backend.list().await?;
         jobs.retain(|j| caller.sees(&j.tenant));
-        if let Some(history) = &self.history {
-            let tenant = (caller.role != Role::Admin).then_some(caller.tenant.as_str());
-            match history.page(tenant, query).await {
-                Ok(archived) => {
-                    let live: HashSet<&JobId> = jobs.iter().map(|j| &j.id).collect();
-                    let gone: Vec<_> = archived.into_iter().filter(|j| !live.contains(&j.id)).collect();
-                    jobs.extend(gone);
-                }
-                Err(error) => tracing::warn!(%error, "listing without archived jobs: the history cannot be read"),
-            }
-        }
+        let known: HashSet<&JobId> = jobs.iter().map(|j| &j.id).collect();
+        let gone: Vec<_> = archived.into_iter().filter(|j| !known.contains(&j.id)).collect();
+        jobs.extend(gone);
+        Ok(page::paginate(jobs, query))
+    }
+
+    async fn live_page(&self, caller: &Caller, query: &ListQuery) -> Result<JobPage, JobError> {
+        let mut jobs = self.backend.list().await?;
+        jobs.retain(|j| caller.sees(&j.tenant));
         Ok(page::paginate(jobs, query))
     }
 

@@ -190,6 +190,15 @@ impl JobHistory for Store {
         decompress(id, &bytes).map(Some)
     }
 
+    async fn newest_created(&self) -> Result<Option<DateTime<Utc>>, HistoryError> {
+        let row = sqlx::query("SELECT MAX(created_ns) AS newest FROM job_archive")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let newest: Option<i64> = row.try_get("newest").map_err(unavailable)?;
+        Ok(newest.map(DateTime::from_timestamp_nanos))
+    }
+
     async fn purge(&self, finished_before: DateTime<Utc>) -> Result<u64, HistoryError> {
         let purged = sqlx::query("DELETE FROM job_archive WHERE finished_ms < $1")
             .bind(finished_before.timestamp_millis())

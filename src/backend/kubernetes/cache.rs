@@ -86,6 +86,8 @@ pub struct JobCache {
     listing_pods: Mutex<Option<HashMap<String, Vec<Arc<CachedPod>>>>>,
     /// Jobs that left the cluster, as last seen, until the archiver takes them.
     departed: Mutex<Vec<Arc<JobRecord>>>,
+    /// The newest creation time among them, ever (not drained).
+    newest_departed: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
 }
 
 /// Most departed jobs kept for the archiver (it takes them every second).
@@ -156,7 +158,9 @@ impl JobCache {
 
     fn depart<'a>(&self, records: impl Iterator<Item = &'a Arc<JobRecord>>) {
         let mut departed = self.departed.lock().unwrap();
+        let mut newest = self.newest_departed.lock().unwrap();
         for record in records {
+            *newest = (*newest).max(Some(record.created_at));
             if departed.len() < MAX_DEPARTED {
                 departed.push(as_departed(record));
             }
@@ -166,6 +170,11 @@ impl JobCache {
     /// Whether any job waits in a Kueue queue.
     pub fn any_queued(&self) -> bool {
         self.state.read().unwrap().jobs.values().any(|e| e.record.queue.is_some())
+    }
+
+    /// The creation time of the newest job that ever left the cluster while watched.
+    pub fn newest_departed(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        *self.newest_departed.lock().unwrap()
     }
 
     /// The jobs that left the cluster since the last call.

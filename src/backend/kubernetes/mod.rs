@@ -469,6 +469,10 @@ impl JobBackend for KubernetesBackend {
         self.cache.take_departed()
     }
 
+    fn newest_departed(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.cache.newest_departed()
+    }
+
     async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError> {
         let manifest = render::render_job(&job, &self.template);
         let violations = pod_security_violations(&manifest);

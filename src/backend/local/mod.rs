@@ -99,6 +99,8 @@ struct Inner {
     /// Jobs removed past their TTL, until the archiver takes them (it archives a job soon after
     /// it finishes; this covers a TTL shorter than that, or a database that was down).
     departed: Mutex<Vec<Arc<JobRecord>>>,
+    /// The newest creation time among them, ever (not drained).
+    newest_departed: Mutex<Option<chrono::DateTime<Utc>>>,
 }
 
 impl LocalBackend {
@@ -119,6 +121,7 @@ impl LocalBackend {
             jobs: Mutex::new(HashMap::new()),
             write_lock: tokio::sync::Mutex::new(()),
             departed: Mutex::default(),
+            newest_departed: Mutex::default(),
         });
         let mut pending = Vec::new();
         let mut interrupted = Vec::new();
@@ -298,6 +301,8 @@ impl Inner {
         for id in expired {
             let _guard = self.write_lock.lock().await;
             if let Some(entry) = self.jobs.lock().unwrap().remove(&id) {
+                let mut newest = self.newest_departed.lock().unwrap();
+                *newest = (*newest).max(Some(entry.stored.record.created_at));
                 self.departed.lock().unwrap().push(entry.stored.record);
             }
             if let Err(error) = tokio::fs::remove_dir_all(self.job_dir(&id)).await {
@@ -469,6 +474,10 @@ impl JobBackend for LocalBackend {
 
     fn departed(&self) -> Vec<Arc<JobRecord>> {
         std::mem::take(&mut *self.inner.departed.lock().unwrap())
+    }
+
+    fn newest_departed(&self) -> Option<chrono::DateTime<Utc>> {
+        *self.inner.newest_departed.lock().unwrap()
     }
 
     fn counts(&self) -> JobCounts {
