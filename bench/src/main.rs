@@ -18,7 +18,10 @@
 //! 6. resident memory with 0, 10,000 and 100,000 jobs; time to ready; the Kubernetes cache;
 //! 7. the LLM gateway: chat completions through `oats serve`'s gateway vs straight to a fake
 //!    OpenAI-compatible upstream (latency, throughput, CPU per call, time to first streamed chunk),
-//!    and the memory of 1,000 streamed calls held open.
+//!    and the memory of 1,000 streamed calls held open;
+//! 8. the job history: the archiver's pace (SQLite, and PostgreSQL with `OATS_BENCH_DATABASE_URL`)
+//!    vs the same rows written straight, and list/GET p99 with 100,000 archived jobs vs the bare
+//!    handler, and the storage per archived job.
 //!
 //! On a machine with two or more cores, load scenarios pin the server under test to CPU 1 and
 //! this program (the load generator) to CPU 0, so client and server never steal each other's
@@ -53,7 +56,7 @@ use std::{
 #[derive(Parser)]
 #[command(name = "oats-bench", about = "Benchmarks of the OATS server against bare references (issue 7)")]
 struct Args {
-    /// Run every scenario (1-7, including the Kubernetes ones).
+    /// Run every scenario (1-8, including the Kubernetes ones).
     #[arg(long)]
     all: bool,
     /// Scenarios to run, e.g. `1,2,5` (`6k` = the Kubernetes-cache part of 6; `6` includes it).
@@ -263,6 +266,9 @@ async fn run(args: Args, cores: usize, pin: bool) -> Result<()> {
         }
         if wanted("7") {
             bench.gateway_scenario().await?;
+        }
+        if wanted("8") {
+            bench.history_scenario().await?;
         }
         anyhow::Ok(())
     }

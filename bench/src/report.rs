@@ -22,7 +22,7 @@ pub(crate) struct Row {
 pub(crate) const TABLE_HEAD: &str =
     "| # | figure | OATS | reference | ratio | target | result |\n|---|---|---|---|---|---|---|";
 /// Every scenario, as the first column of the table names it.
-pub(crate) const SCENARIOS: [&str; 8] = ["1", "2", "3", "4", "5", "6", "6k", "7"];
+pub(crate) const SCENARIOS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "6k", "7", "8"];
 
 /// A results file with the scenarios of this run replaced.
 pub(crate) struct Merged {

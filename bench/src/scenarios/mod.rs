@@ -2,6 +2,7 @@
 
 pub mod gateway;
 pub mod get_job;
+pub mod history;
 pub mod kube;
 pub mod list;
 pub mod memory;

@@ -1,0 +1,316 @@
+//! Scenario 8: the job history (issue 13).
+//! - Archiving: the archiver (the one `oats serve` runs) archives finished jobs a backend hands
+//!   it, each with two events and a 2 KiB output, into SQLite (and PostgreSQL with
+//!   `OATS_BENCH_DATABASE_URL`): jobs/s, vs the same rows written straight to the store (the
+//!   database's own pace, the floor of any archiver).
+//! - Reading: 100,000 archived jobs behind `oats serve` (local backend, nothing live): the list's
+//!   first page and a page after 90,000 jobs, and GET of archived jobs, p99, vs the bare handler
+//!   answering the same bytes.
+//! - Storage per archived job (record and events; the output excluded), from the database.
+
+use crate::{Bench, load::Target, procs::local_env};
+use anyhow::{Context, Result, anyhow};
+use base64::Engine;
+use chrono::{DateTime, Duration as Days, Utc};
+use finished_backend::FinishedJobs;
+use oats::{
+    jobs::{
+        JobEvent, JobId, JobRecord,
+        archive::{ArchiveMetrics, ArchiveSettings, Archiver},
+        history::{ArchivedJob, JobHistory},
+    },
+    store::Store,
+};
+use std::{sync::Arc, time::Instant};
+
+/// Jobs archived per measurement of the archiver.
+const ARCHIVED: usize = 2_000;
+/// Jobs in the history read through `oats serve`.
+const HISTORY: usize = 100_000;
+/// Rows written at once while seeding.
+const SEED_PARALLEL: usize = 16;
+
+impl Bench {
+    pub(crate) async fn history_scenario(&mut self) -> Result<()> {
+        println!("-- scenario 8: job history (archiving, reads of {HISTORY} archived jobs, bytes per job)");
+        let dir = self.work.join("history-sqlite");
+        let sqlite = Store::open_in(&dir).await?;
+        self.archiving_rows("SQLite", &sqlite).await?;
+        if let Ok(url) = std::env::var("OATS_BENCH_DATABASE_URL") {
+            let postgres = Store::open(&url).await.context("OATS_BENCH_DATABASE_URL")?;
+            self.archiving_rows("PostgreSQL", &postgres).await?;
+        }
+        self.reading_rows(&dir, &sqlite).await
+    }
+
+    /// Archiver vs straight writes, alternating, on one engine.
+    async fn archiving_rows(&mut self, engine: &str, store: &Store) -> Result<()> {
+        let (mut archiver_rates, mut direct_rates) = (Vec::new(), Vec::new());
+        for round in 1..=2 {
+            let jobs = finished_jobs(ARCHIVED, Utc::now());
+            let backend = Arc::new(FinishedJobs::new(jobs.clone()));
+            let settings = ArchiveSettings {
+                log_bytes: 1024 * 1024,
+                retention: Days::days(30),
+                holder: format!("bench-{}", std::process::id()),
+            };
+            let history: Arc<dyn JobHistory> = Arc::new(store.clone());
+            let archiver = Archiver::new(backend, history.clone(), settings, ArchiveMetrics::default());
+            let ids: Vec<JobId> = jobs.iter().map(|j| j.id.clone()).collect();
+            let started = Instant::now();
+            while history.archived_among(&ids).await?.len() < ids.len() {
+                archiver.tick().await;
+            }
+            archiver_rates.push(ARCHIVED as f64 / started.elapsed().as_secs_f64());
+
+            let rows: Vec<ArchivedJob> = finished_jobs(ARCHIVED, Utc::now()).into_iter().map(archived).collect();
+            let started = Instant::now();
+            write_all(store, rows).await?;
+            direct_rates.push(ARCHIVED as f64 / started.elapsed().as_secs_f64());
+            self.notes.push(format!(
+                "8 archiving on {engine}, round {round}: archiver {:.0} jobs/s, straight writes {:.0} jobs/s",
+                archiver_rates[round - 1],
+                direct_rates[round - 1]
+            ));
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let (archiver, direct) = (mean(&archiver_rates), mean(&direct_rates));
+        self.row(
+            "8",
+            &format!("archiving finished jobs ({engine}, 2 KiB output each): jobs/s"),
+            format!("{archiver:.0}"),
+            format!("{direct:.0} (the same rows written straight)"),
+            Some(archiver / direct),
+            "≥ 100 jobs/s",
+            Some(archiver >= 100.0),
+        );
+        Ok(())
+    }
+
+    /// 100,000 archived jobs read through `oats serve`.
+    async fn reading_rows(&mut self, dir: &std::path::Path, store: &Store) -> Result<()> {
+        let newest = Utc::now() - Days::days(1);
+        let jobs = finished_jobs(HISTORY, newest);
+        let started = Instant::now();
+        write_all(store, jobs.iter().cloned().map(archived).collect()).await?;
+        println!("seeded {HISTORY} archived jobs in {:.1}s", started.elapsed().as_secs_f64());
+        let bytes = store_bytes_per_job(dir, HISTORY + 4 * ARCHIVED);
+        // Newest first: the page after 90,000 jobs starts after the 90,000th newest.
+        let mut by_age = jobs.clone();
+        by_age.sort_by(|a, b| (b.created_at, b.id.as_str()).cmp(&(a.created_at, a.id.as_str())));
+        let deep_token = page_token(&by_age[89_999]);
+
+        let oats = self.start_oats("oats-history", &local_env(dir), self.pin).await?;
+        let first_path = "/api/v1/jobs?limit=50".to_owned();
+        let deep_path = format!("/api/v1/jobs?limit=50&page_token={deep_token}");
+        let job_paths: Vec<String> = jobs.iter().step_by(97).map(|j| format!("/api/v1/jobs/{}", j.id)).collect();
+        let list_body = self.http.get(oats.url(&first_path)).send().await?.bytes().await?;
+        let job_body = self.http.get(oats.url(&job_paths[0])).send().await?.bytes().await?;
+        if list_body.len() < 1000 || job_body.len() < 100 {
+            return Err(anyhow!(
+                "the server does not answer from the history: {}",
+                String::from_utf8_lossy(&list_body)
+            ));
+        }
+        let (list_file, job_file) = (self.work.join("history-list.json"), self.work.join("history-job.json"));
+        std::fs::write(&list_file, &list_body)?;
+        std::fs::write(&job_file, &job_body)?;
+        let bare = self.start_bare(&job_file, &list_file).await?;
+
+        let bare_list = self.closed(Target::new(&bare, ["/api/v1/jobs?limit=50".to_owned()]), &bare).await;
+        let first = self.closed(Target::new(&oats, [first_path]), &oats).await;
+        let deep = self.closed(Target::new(&oats, [deep_path]), &oats).await;
+        let bare_job = self.closed(Target::new(&bare, ["/api/v1/jobs/job-x".to_owned()]), &bare).await;
+        let get = self.closed(Target::new(&oats, job_paths), &oats).await;
+        for (what, load) in [
+            ("bare list", &bare_list),
+            ("list first page", &first),
+            ("list after 90,000", &deep),
+            ("bare job", &bare_job),
+            ("GET archived job", &get),
+        ] {
+            self.load_note(&format!("8 {what}, 100k archived, saturated"), load);
+        }
+        for (figure, load, target) in [
+            ("list first page, 100k archived (SQLite): p99", &first, 20.0),
+            ("list page after 90,000 archived (SQLite): p99", &deep, 20.0),
+        ] {
+            self.row(
+                "8",
+                figure,
+                format!("{:.1} ms ({:.0} req/s)", load.pct(0.99), load.rps()),
+                format!("{:.1} ms ({:.0} req/s, bare)", bare_list.pct(0.99), bare_list.rps()),
+                Some(load.rps() / bare_list.rps()),
+                &format!("p99 < {target:.0} ms"),
+                Some(load.pct(0.99) < target),
+            );
+        }
+        self.row(
+            "8",
+            "GET an archived job, 100k archived (SQLite): p99",
+            format!("{:.2} ms ({:.0} req/s)", get.pct(0.99), get.rps()),
+            format!("{:.2} ms ({:.0} req/s, bare)", bare_job.pct(0.99), bare_job.rps()),
+            Some(get.rps() / bare_job.rps()),
+            "p99 < 5 ms",
+            Some(get.pct(0.99) < 5.0),
+        );
+        self.row("8", "storage per archived job (record + events, SQLite file)", bytes, String::new(), None, "", None);
+        Ok(())
+    }
+}
+
+/// `count` finished jobs, one second apart, the newest created at `newest`.
+fn finished_jobs(count: usize, newest: DateTime<Utc>) -> Vec<Arc<JobRecord>> {
+    (0..count)
+        .map(|i| {
+            let created = newest - Days::seconds(i as i64);
+            let record: JobRecord = serde_json::from_value(serde_json::json!({
+                "id": JobId::random().as_str(),
+                "tenant": "default",
+                "spec": {"goal": "Summarise the quarterly report and list three risks", "max_turns": 5,
+                         "labels": {"team": "research", "run": format!("r{}", i % 100)},
+                         "timeout_seconds": 600, "model": "gpt-4o-mini"},
+                "status": {"phase": "succeeded", "reason": null, "message": null},
+                "created_at": created,
+                "started_at": created + Days::seconds(2),
+                "finished_at": created + Days::seconds(40),
+                "attempts": 1,
+                "result": "Three risks: currency exposure, supplier concentration, and a delayed product launch.",
+                "request_hash": "0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+                "trace": null,
+            }))
+            .expect("a job record");
+            Arc::new(record)
+        })
+        .collect()
+}
+
+fn events(record: &JobRecord) -> Vec<JobEvent> {
+    let event = |reason: &str, message: &str, object: String| JobEvent {
+        time: record.created_at,
+        kind: "Normal".into(),
+        reason: reason.into(),
+        message: message.into(),
+        object,
+        count: 1,
+    };
+    vec![
+        event("Completed", "Job completed", format!("Job/{}", record.id)),
+        event("Started", "Started container agent", format!("Pod/{}-x7k2p", record.id)),
+    ]
+}
+
+/// Two KiB of timestamped output.
+fn output(record: &JobRecord) -> Vec<u8> {
+    let stamp = record.created_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    (0..32)
+        .flat_map(|i| {
+            format!("{stamp} turn {i:02}: reading section {i} of the report, noting risks ...\n").into_bytes()
+        })
+        .collect()
+}
+
+fn archived(record: Arc<JobRecord>) -> ArchivedJob {
+    ArchivedJob {
+        events: events(&record),
+        logs: output(&record),
+        logs_truncated: false,
+        record: JobRecord::clone(&record),
+    }
+}
+
+async fn write_all(store: &Store, rows: Vec<ArchivedJob>) -> Result<()> {
+    use futures::StreamExt;
+    let results: Vec<_> = futures::stream::iter(rows)
+        .map(|row| async move { store.archive(&row).await })
+        .buffer_unordered(SEED_PARALLEL)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    Ok(())
+}
+
+/// The page token the API hands out after `record` (`v1:<created nanoseconds>:<id>`, base64).
+fn page_token(record: &JobRecord) -> String {
+    let nanos = record.created_at.timestamp_nanos_opt().unwrap_or(i64::MAX);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{nanos}:{}", record.id.as_str()))
+}
+
+/// The SQLite file's size per archived row, outputs included, after a checkpoint.
+fn store_bytes_per_job(dir: &std::path::Path, rows: usize) -> String {
+    let size = |name: &str| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+    let total = size("oats.db") + size("oats.db-wal");
+    format!(
+        "{} B per job incl. its 2 KiB output compressed ({:.1} MiB for {rows} jobs)",
+        total / rows as u64,
+        total as f64 / 1048576.0
+    )
+}
+
+/// A backend holding finished jobs only: what the archiver reads.
+mod finished_backend {
+    use oats::jobs::{
+        BackendError, CreateOutcome, JobBackend, JobCounts, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob,
+        Preview,
+    };
+    use std::{collections::HashMap, sync::Arc};
+
+    pub struct FinishedJobs {
+        jobs: HashMap<JobId, Arc<JobRecord>>,
+    }
+
+    impl FinishedJobs {
+        pub fn new(jobs: Vec<Arc<JobRecord>>) -> Self {
+            Self { jobs: jobs.into_iter().map(|j| (j.id.clone(), j)).collect() }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl JobBackend for FinishedJobs {
+        fn name(&self) -> &'static str {
+            "bench"
+        }
+        fn is_ready(&self) -> bool {
+            true
+        }
+        fn agent_image(&self) -> Option<String> {
+            None
+        }
+        fn preview(&self, _job: &NewJob) -> Preview {
+            Preview { manifest: serde_json::Value::Null, pod_security_violations: Vec::new() }
+        }
+        fn active_jobs(&self, _tenant: &str) -> usize {
+            0
+        }
+        fn kept_jobs(&self, _tenant: &str) -> usize {
+            self.jobs.len()
+        }
+        fn knows(&self, id: &JobId) -> bool {
+            self.jobs.contains_key(id)
+        }
+        fn counts(&self) -> JobCounts {
+            JobCounts::default()
+        }
+        async fn create(&self, _job: NewJob) -> Result<CreateOutcome, BackendError> {
+            Err(BackendError::Internal("the benchmark's backend creates nothing".into()))
+        }
+        async fn get(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, BackendError> {
+            Ok(self.jobs.get(id).cloned())
+        }
+        async fn list(&self) -> Result<Vec<Arc<JobRecord>>, BackendError> {
+            Ok(self.jobs.values().cloned().collect())
+        }
+        async fn cancel(&self, id: &JobId) -> Result<JobRecord, BackendError> {
+            Err(BackendError::AlreadyFinished(id.to_string()))
+        }
+        async fn logs(&self, id: &JobId, _options: LogOptions) -> Result<LogStream, BackendError> {
+            let record = self.jobs.get(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+            let bytes = bytes::Bytes::from(super::output(record));
+            Ok(Box::pin(futures::stream::iter([Ok(bytes)])))
+        }
+        async fn events(&self, id: &JobId) -> Result<Vec<JobEvent>, BackendError> {
+            let record = self.jobs.get(id).ok_or_else(|| BackendError::NotFound(id.to_string()))?;
+            Ok(super::events(record))
+        }
+    }
+}
