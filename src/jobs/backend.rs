@@ -1,7 +1,7 @@
 //! What the domain needs from where jobs run (`crate::backend`: a Kubernetes cluster, or child
 //! processes on this machine): the trait each backend implements, its errors and its counts.
 
-use super::{CreateOutcome, JobEvent, JobId, JobPhase, JobRecord, LogOptions, LogStream, NewJob};
+use super::{CreateOutcome, JobChanges, JobEvent, JobId, JobPhase, JobRecord, LogOptions, LogStream, NewJob};
 use async_trait::async_trait;
 use std::{sync::Arc, time::Duration};
 
@@ -93,6 +93,12 @@ pub trait JobBackend: Send + Sync {
     /// The creation time of the newest job that left the backend since it started (so a list
     /// knows whether the history may hold jobs newer than its page). Not drained.
     fn newest_departed(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        None
+    }
+
+    /// Where the backend says which job changed, so watch streams wait for a change instead of
+    /// polling. `None`: the backend does not say, and watchers poll.
+    fn changes(&self) -> Option<&JobChanges> {
         None
     }
 

@@ -19,6 +19,14 @@ const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 #[serde(try_from = "String", into = "String")]
 pub struct JobId(String);
 
+/// Maps keyed by id can be asked with a Kubernetes object's name (the derived `Hash`, `Eq` and
+/// `Ord` are those of the one `String` field, so they agree with `str`'s).
+impl std::borrow::Borrow<str> for JobId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl JobId {
     /// A fresh random id.
     pub fn random() -> Self {

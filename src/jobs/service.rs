@@ -19,7 +19,8 @@ use std::{
 };
 use tokio_util::sync::CancellationToken;
 
-/// How often a watched job is re-read (from the backend's cache).
+/// How often a watched job is re-read (from the backend's cache) when its backend does not say when
+/// it changes.
 const WATCH_POLL: Duration = Duration::from_millis(250);
 
 /// One of a tenant's stream slots (watch or log follow), released when dropped.
@@ -88,6 +89,48 @@ fn state_id(job: &JobRecord, usage: Option<&JobUsage>) -> String {
     let short: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
     format!("{}-{short}", job.status.phase.as_str())
 }
+
+/// One watch stream's view of its job.
+struct Watch {
+    backend: Arc<dyn JobBackend>,
+    usage: Option<Arc<dyn UsageSource>>,
+    id: JobId,
+    /// Wakes when the backend says the job changed; `None`: poll.
+    changes: Option<tokio::sync::watch::Receiver<u64>>,
+}
+
+impl Watch {
+    /// The job now and what it spent; `None` once the job is gone.
+    async fn read(&self) -> Option<(Arc<JobRecord>, Option<JobUsage>)> {
+        let job = self.backend.get(&self.id).await.ok().flatten()?;
+        let spent = match &self.usage {
+            Some(source) => source.usage_of(std::slice::from_ref(&self.id)).await.remove(&self.id),
+            None => None,
+        };
+        Some((job, spent))
+    }
+
+    /// Until the job may have changed: the backend's word, or a poll where it gives none. Usage
+    /// settled by another replica's gateway is seen at the next change, or within
+    /// [`USAGE_REFRESH`] while the job runs.
+    async fn next_change(&mut self, job: &JobRecord) {
+        let Some(changes) = &mut self.changes else { return tokio::time::sleep(WATCH_POLL).await };
+        let refresh = self.usage.is_some() && job.status.phase == JobPhase::Running;
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    // The backend dropped the channel: fall back to polling.
+                    tokio::time::sleep(WATCH_POLL).await;
+                }
+            }
+            () = tokio::time::sleep(USAGE_REFRESH), if refresh => {}
+        }
+    }
+}
+
+/// How often a watch of a running job re-reads its usage without a change (another replica's
+/// gateway settles calls without telling this one).
+const USAGE_REFRESH: Duration = Duration::from_secs(5);
 
 /// The longest range of days one spend report covers.
 const MAX_SPEND_DAYS: i64 = 366;
@@ -258,42 +301,44 @@ impl JobService {
         stop: CancellationToken,
     ) -> Result<BoxStream<'static, WatchEvent>, JobError> {
         let job = self.get(caller, id).await?;
-        let (backend, usage) = (self.backend.clone(), self.usage.clone());
-        let start = (backend, usage, job.id.clone(), last_seen, false);
-        let events = futures::stream::unfold(start, move |(backend, usage, id, last, done)| {
+        let changes = self.backend.changes().map(|changes| changes.subscribe(&job.id));
+        let watch = Watch { backend: self.backend.clone(), usage: self.usage.clone(), id: job.id.clone(), changes };
+        let start = (watch, last_seen, false);
+        let events = futures::stream::unfold(start, move |(mut watch, last, done)| {
             let stop = stop.clone();
             async move {
                 if done {
                     return None;
                 }
                 loop {
-                    let job = backend.get(&id).await.ok().flatten()?;
-                    let spent = match &usage {
-                        Some(source) => source.usage_of(std::slice::from_ref(&id)).await.remove(&id),
-                        None => None,
-                    };
+                    let (job, spent) = watch.read().await?;
                     let state = state_id(&job, spent.as_ref());
                     if last.as_deref() != Some(state.as_str()) {
                         let finished = job.status.phase.is_terminal();
-                        return Some((
-                            WatchEvent::Changed { id: state.clone(), job, usage: spent },
-                            (backend, usage, id, Some(state), finished),
-                        ));
+                        let changed = WatchEvent::Changed { id: state.clone(), job, usage: spent };
+                        return Some((changed, (watch, Some(state), finished)));
                     }
                     if job.status.phase.is_terminal() {
                         return None;
                     }
                     tokio::select! {
-                        () = tokio::time::sleep(WATCH_POLL) => {}
+                        () = watch.next_change(&job) => {}
                         () = stop.cancelled() => {
                             let closing = WatchEvent::Closing { id: state, job, usage: spent };
-                            return Some((closing, (backend, usage, id, last, true)));
+                            return Some((closing, (watch, last, true)));
                         }
                     }
                 }
             }
         });
         Ok(Box::pin(events))
+    }
+
+    /// A job's usage changed (the gateway settled one of its calls): wake its watchers.
+    pub fn usage_changed(&self, id: &JobId) {
+        if let Some(changes) = self.backend.changes() {
+            changes.changed(id.as_str());
+        }
     }
 
     pub fn backend_name(&self) -> &'static str {

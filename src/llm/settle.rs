@@ -72,6 +72,7 @@ impl Call {
                 tracing::error!(%error, job_id = %self.job.id, "cannot settle a model call; its reservation stays charged")
             }
         }
+        self.gateway.jobs.usage_changed(&self.job.id);
         let model = self.model.name.clone();
         metrics
             .operation_duration

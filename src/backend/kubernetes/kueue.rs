@@ -3,7 +3,7 @@
 //! Workloads and one call to Kueue's visibility API per LocalQueue with waiting jobs — and kept
 //! here, so requests read memory and never call Kueue.
 
-use crate::jobs::{JobPhase, JobReason, JobRecord, JobState};
+use crate::jobs::{JobChanges, JobPhase, JobReason, JobRecord, JobState};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
@@ -81,10 +81,12 @@ pub struct QueueView {
     /// Queues that had waiting jobs, so a queue that empties shows 0.
     queues_seen: RwLock<HashSet<String>>,
     metrics: QueueMetrics,
+    /// Watch streams of a job whose place changed are woken.
+    changes: Arc<JobChanges>,
 }
 
 impl QueueView {
-    pub fn new(client: Client, namespace: String, metrics: QueueMetrics) -> Arc<Self> {
+    pub fn new(client: Client, namespace: String, metrics: QueueMetrics, changes: Arc<JobChanges>) -> Arc<Self> {
         Arc::new(Self {
             client,
             namespace,
@@ -92,6 +94,7 @@ impl QueueView {
             waiting: RwLock::default(),
             queues_seen: RwLock::default(),
             metrics,
+            changes,
         })
     }
 
@@ -179,7 +182,11 @@ impl QueueView {
             let count = waiting_by_queue.get(queue).copied().unwrap_or(0);
             self.metrics.waiting.get_or_create(&QueueLabel { queue: queue.clone() }).set(count);
         }
-        *self.places.write().unwrap() = places.clone();
+        let old = std::mem::replace(&mut *self.places.write().unwrap(), places.clone());
+        let moved = places.iter().filter(|(job, place)| old.get(*job) != Some(place)).map(|(job, _)| job);
+        for job in moved.chain(old.keys().filter(|job| !places.contains_key(*job))) {
+            self.changes.changed(job);
+        }
     }
 
     async fn workloads(&self) -> Result<Vec<DynamicObject>, kube::Error> {

@@ -15,8 +15,8 @@ mod mock_tests;
 
 use crate::{
     jobs::{
-        BackendError, CreateOutcome, JobBackend, JobCounts, JobEvent, JobId, JobRecord, LogOptions, LogStream, NewJob,
-        Preview,
+        BackendError, CreateOutcome, JobBackend, JobChanges, JobCounts, JobEvent, JobId, JobRecord, LogOptions,
+        LogStream, NewJob, Preview,
     },
     telemetry::{
         self,
@@ -77,6 +77,34 @@ pub struct KubernetesBackend {
     events: Mutex<HashMap<JobId, EventsSlot>>,
     /// With Kueue: the places of waiting jobs.
     queues: Option<Arc<QueueView>>,
+    /// Which job the watches just changed, for the API's watch streams.
+    changes: Arc<JobChanges>,
+}
+
+/// What a watch event changed: one job (by id), or, for a re-list, possibly every job.
+enum Changed {
+    One(String),
+    All,
+    Nothing,
+}
+
+fn changed_object<K>(event: &watcher::Event<K>, job_of: impl Fn(&K) -> Option<String>) -> Changed {
+    match event {
+        watcher::Event::Apply(object) | watcher::Event::Delete(object) => {
+            job_of(object).map_or(Changed::Nothing, Changed::One)
+        }
+        watcher::Event::InitDone => Changed::All,
+        watcher::Event::Init | watcher::Event::InitApply(_) => Changed::Nothing,
+    }
+}
+
+/// Wake the watch streams of what changed, once the cache holds it.
+fn tell(changes: &JobChanges, changed: Changed) {
+    match changed {
+        Changed::One(id) => changes.changed(&id),
+        Changed::All => changes.changed_all(),
+        Changed::Nothing => {}
+    }
 }
 
 /// Whether one watch has listed once, and whether it is healthy now.
@@ -190,29 +218,37 @@ impl KubernetesBackend {
             claiming: Mutex::default(),
         });
         let cache = Arc::new(JobCache::default());
+        let changes = Arc::new(JobChanges::default());
 
         let job_events = watcher(job_api, config.clone()).default_backoff();
-        let jobs = cache.clone();
+        let (jobs, job_changes) = (cache.clone(), changes.clone());
         let on_job = move |event: watcher::Event<CachedJob>| {
+            let changed = changed_object(&event, |job: &CachedJob| Some(job.name_any()));
             if let Some((name, entry)) = jobs.apply_job_event(event) {
                 finishes.count_finish(name, &entry);
             }
+            tell(&job_changes, changed);
         };
         tokio::spawn(drive(job_events, health.clone(), |h| &h.jobs, on_job));
 
         let pod_api: Api<CachedPod> = Api::namespaced(client.clone(), &template.namespace);
         let pod_events = watcher(pod_api, config).default_backoff();
-        let pods = cache.clone();
-        tokio::spawn(drive(pod_events, health.clone(), |h| &h.pods, move |event| pods.apply_pod_event(event)));
+        let (pods, pod_changes) = (cache.clone(), changes.clone());
+        let on_pod = move |event: watcher::Event<CachedPod>| {
+            let changed = changed_object(&event, |pod: &CachedPod| pod.job_id().cloned());
+            pods.apply_pod_event(event);
+            tell(&pod_changes, changed);
+        };
+        tokio::spawn(drive(pod_events, health.clone(), |h| &h.pods, on_pod));
         tokio::spawn(probe_until_reachable(client.clone(), template.namespace.clone(), selector, health.clone()));
 
         let queues = template.kueue_default_queue.as_ref().map(|_| {
-            let view = QueueView::new(client.clone(), template.namespace.clone(), queue_metrics);
+            let view = QueueView::new(client.clone(), template.namespace.clone(), queue_metrics, changes.clone());
             let waiting = cache.clone();
             view.spawn(move || waiting.any_queued());
             view
         });
-        Self { client, template, cache, health, events: Mutex::default(), queues }
+        Self { client, template, cache, health, events: Mutex::default(), queues, changes }
     }
 
     /// A record as Kueue places it (unchanged without Kueue, or when it does not wait).
@@ -469,6 +505,10 @@ impl JobBackend for KubernetesBackend {
         self.cache.take_departed()
     }
 
+    fn changes(&self) -> Option<&JobChanges> {
+        Some(&self.changes)
+    }
+
     fn newest_departed(&self) -> Option<chrono::DateTime<chrono::Utc>> {
         self.cache.newest_departed()
     }
@@ -571,6 +611,7 @@ impl JobBackend for KubernetesBackend {
                     }
                     let record = self.record(&patched).ok_or_else(not_found)?;
                     self.cache.note_read(id.as_str(), Arc::new(record.clone()));
+                    self.changes.changed(id.as_str());
                     return Ok(record);
                 }
                 Err(kube::Error::Api(s)) if s.is_conflict() => continue,

@@ -13,8 +13,8 @@ mod process;
 
 use crate::{
     jobs::{
-        BackendError, CreateOutcome, EncodedJson, JobBackend, JobCounts, JobEvent, JobId, JobPhase, JobReason,
-        JobRecord, JobState, LogOptions, LogStream, NewJob, Preview, agent_env,
+        BackendError, CreateOutcome, EncodedJson, JobBackend, JobChanges, JobCounts, JobEvent, JobId, JobPhase,
+        JobReason, JobRecord, JobState, LogOptions, LogStream, NewJob, Preview, agent_env,
     },
     telemetry::{self, metrics::Metrics},
 };
@@ -101,6 +101,8 @@ struct Inner {
     departed: Mutex<Vec<Arc<JobRecord>>>,
     /// The newest creation time among them, ever (not drained).
     newest_departed: Mutex<Option<chrono::DateTime<Utc>>>,
+    /// Which job just changed, for the API's watch streams.
+    changes: JobChanges,
 }
 
 impl LocalBackend {
@@ -122,6 +124,7 @@ impl LocalBackend {
             write_lock: tokio::sync::Mutex::new(()),
             departed: Mutex::default(),
             newest_departed: Mutex::default(),
+            changes: JobChanges::default(),
         });
         let mut pending = Vec::new();
         let mut interrupted = Vec::new();
@@ -238,6 +241,7 @@ impl Inner {
         if let Some(entry) = self.jobs.lock().unwrap().get_mut(id) {
             change(&mut entry.stored);
         }
+        self.changes.changed(id.as_str());
     }
 
     /// Write the job's current state; the snapshot is taken under the write lock, so the last
@@ -300,7 +304,9 @@ impl Inner {
         };
         for id in expired {
             let _guard = self.write_lock.lock().await;
-            if let Some(entry) = self.jobs.lock().unwrap().remove(&id) {
+            let removed = self.jobs.lock().unwrap().remove(&id);
+            self.changes.changed(id.as_str());
+            if let Some(entry) = removed {
                 let mut newest = self.newest_departed.lock().unwrap();
                 *newest = (*newest).max(Some(entry.stored.record.created_at));
                 self.departed.lock().unwrap().push(entry.stored.record);
@@ -476,6 +482,10 @@ impl JobBackend for LocalBackend {
         std::mem::take(&mut *self.inner.departed.lock().unwrap())
     }
 
+    fn changes(&self) -> Option<&JobChanges> {
+        Some(&self.inner.changes)
+    }
+
     fn newest_departed(&self) -> Option<chrono::DateTime<Utc>> {
         *self.inner.newest_departed.lock().unwrap()
     }
@@ -535,6 +545,7 @@ impl JobBackend for LocalBackend {
             entry.cancel.notify_one();
             record
         };
+        self.inner.changes.changed(id.as_str());
         self.inner.save(id).await?;
         self.inner.finished(&record);
         Ok(record)
