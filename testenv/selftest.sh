@@ -336,7 +336,7 @@ spec:
   backoffLimit: 0
   template:
     metadata:
-      labels: {app: oats-agent, kwok.oats.dev/outcome: run}
+      labels: {app: oats-agent, kwok.oats.dev/outcome: run, oats-selftest: kueue}
     spec:
       restartPolicy: Never
       automountServiceAccountToken: false
@@ -363,7 +363,8 @@ suspended_count() {
 }
 two_admitted_one_pending() {
   [ "$(suspended_count false)" = 2 ] && [ "$(suspended_count true)" = 1 ] &&
-    [ "$(k get pods -n "$NS" -l kwok.oats.dev/outcome=run -o json |
+    # Only this check's pods: other checks leave pods of their own running in the namespace.
+    [ "$(k get pods -n "$NS" -l oats-selftest=kueue -o json |
         jq '[.items[] | select(.status.phase == "Running")] | length')" = 2 ]
 }
 PENDING_PATH=/apis/visibility.kueue.x-k8s.io/v1beta2/namespaces/$NS/localqueues/oats-selftest/pendingworkloads
