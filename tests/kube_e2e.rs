@@ -1878,3 +1878,29 @@ async fn with_kueue_a_higher_priority_job_preempts_a_lower_one_which_waits_again
     assert!(preempted["message"].as_str().unwrap().contains("make room"), "{preempted}");
     assert_eq!(queues.admitted(), 1);
 }
+
+#[tokio::test]
+async fn with_kueue_a_tenant_that_fails_preempted_jobs_sees_them_failed_not_requeued() {
+    let queues = KueueQueues::create("kueue-fail", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let name = &queues.local_queue;
+    let policy = format!("defaults: {{priority_class: {name}-low, on_preemption: fail}}\n");
+    let batch = queues.start_oats(&dir.path().join("batch"), &policy, "batch").await;
+    let urgent = queues
+        .start_oats(&dir.path().join("urgent"), &format!("defaults: {{priority_class: {name}-high}}\n"), "urgent")
+        .await;
+    let low = id_of(&submit(&batch, "Must not run twice", json!({"kwok.oats.dev/outcome": "run"}), None).await);
+    batch.wait_for(&low, "running", SOON).await;
+    let high = id_of(&submit(&urgent, "Urgent work", json!({"kwok.oats.dev/outcome": "run"}), None).await);
+    let failed = batch.wait_for(&low, "failed", SOON).await;
+    assert_eq!(failed["reason"], "Preempted", "{failed}");
+    assert!(failed.get("queue").is_none(), "{failed}");
+    urgent.wait_for(&high, "running", SOON).await;
+    // Its Job is gone from the queue (deleted), and the history answers for it.
+    eventually(SOON, async || {
+        let gone = !queues.namespace.jobs().iter().any(|j| j["metadata"]["name"] == low.as_str());
+        (gone, queues.namespace.jobs().len())
+    })
+    .await;
+    assert_eq!(batch.job(&low).await["reason"], "Preempted");
+}

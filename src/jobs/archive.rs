@@ -66,7 +66,7 @@ pub struct ArchiveMetrics {
 impl ArchiveMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let registry = registry.sub_registry_with_prefix("oats_archive");
-        registry.register("archived", "Finished jobs this replica archived", self.archived.clone());
+        registry.register("archived", "Finished jobs this replica stored in the history", self.archived.clone());
         registry.register(
             "failures",
             "Failed archive attempts by stage (collect: reading the backend; store: writing the history)",
@@ -202,9 +202,11 @@ impl Archiver {
         let held: Vec<ArchivedJob> = self.held.lock().unwrap().values().cloned().collect();
         for job in held {
             match self.history.archive(&job).await {
-                Ok(()) => {
+                Ok(stored) => {
                     self.held.lock().unwrap().remove(&job.record.id);
-                    self.metrics.archived.inc();
+                    if stored {
+                        self.metrics.archived.inc();
+                    }
                 }
                 Err(error) => return self.store_failed(&error),
             }
@@ -225,8 +227,10 @@ impl Archiver {
                 return self.hold(job);
             }
             match self.history.archive(&job).await {
-                Ok(()) => {
-                    self.metrics.archived.inc();
+                Ok(stored) => {
+                    if stored {
+                        self.metrics.archived.inc();
+                    }
                     self.archived.lock().unwrap().insert(id.clone());
                     self.backoff.lock().unwrap().remove(&id);
                     tracing::debug!(job_id = %id, "archived");

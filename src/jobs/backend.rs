@@ -90,6 +90,16 @@ pub trait JobBackend: Send + Sync {
         Vec::new()
     }
 
+    /// A job that left the backend moments ago, as last seen (answered until the history has it).
+    fn recently_departed(&self, _id: &JobId) -> Option<Arc<JobRecord>> {
+        None
+    }
+
+    /// Every job that left the backend moments ago.
+    fn all_recently_departed(&self) -> Vec<Arc<JobRecord>> {
+        Vec::new()
+    }
+
     /// The creation time of the newest job that left the backend since it started (so a list
     /// knows whether the history may hold jobs newer than its page). Not drained.
     fn newest_departed(&self) -> Option<chrono::DateTime<chrono::Utc>> {

@@ -50,7 +50,8 @@ pub trait JobHistory: Send + Sync {
     async fn claim(&self, id: &JobId, holder: &str, lease: Duration) -> Result<bool, HistoryError>;
 
     /// Keep `job` (once; a second call for the same id changes nothing) and release its claim.
-    async fn archive(&self, job: &ArchivedJob) -> Result<(), HistoryError>;
+    /// Whether this call stored it (`false`: it was archived already).
+    async fn archive(&self, job: &ArchivedJob) -> Result<bool, HistoryError>;
 
     /// Which of `ids` are archived.
     async fn archived_among(&self, ids: &[JobId]) -> Result<HashSet<JobId>, HistoryError>;

@@ -272,6 +272,8 @@ pub struct QueueChoice {
     pub local_queue: Option<String>,
     /// A Kueue WorkloadPriorityClass; `None` for Kueue's default priority.
     pub priority_class: Option<String>,
+    /// When Kueue preempts the job: fail it (`true`) or let Kueue queue it again.
+    pub fail_on_preemption: bool,
 }
 
 /// A job the domain has validated and named, ready for a backend to create.

@@ -186,6 +186,8 @@ pub struct JobService {
 enum Located {
     Live(Arc<JobRecord>),
     Archived(Arc<JobRecord>),
+    /// Gone from the backend moments ago and not archived yet: as last seen.
+    Departed(Arc<JobRecord>),
 }
 
 impl JobService {
@@ -541,7 +543,7 @@ impl JobService {
 
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<Arc<JobRecord>, JobError> {
         match self.locate(caller, id).await? {
-            Located::Live(job) | Located::Archived(job) => Ok(job),
+            Located::Live(job) | Located::Archived(job) | Located::Departed(job) => Ok(job),
         }
     }
 
@@ -555,8 +557,9 @@ impl JobService {
                 None => None,
             },
         };
+        let found = found.or_else(|| self.backend.recently_departed(&id).map(Located::Departed));
         match found {
-            Some(Located::Live(job) | Located::Archived(job)) if !caller.sees(&job.tenant) => {
+            Some(Located::Live(job) | Located::Archived(job) | Located::Departed(job)) if !caller.sees(&job.tenant) => {
                 Err(JobError::NotFound(id.to_string()))
             }
             Some(located) => Ok(located),
@@ -587,10 +590,13 @@ impl JobService {
             }
         };
         let mut jobs = self.backend.list().await?;
+        let just_gone = self.backend.all_recently_departed();
         jobs.retain(|j| caller.sees(&j.tenant));
-        let known: HashSet<&JobId> = jobs.iter().map(|j| &j.id).collect();
+        let known: HashSet<JobId> = jobs.iter().map(|j| j.id.clone()).collect();
         let gone: Vec<_> = archived.into_iter().filter(|j| !known.contains(&j.id)).collect();
+        let known: HashSet<JobId> = known.into_iter().chain(gone.iter().map(|j| j.id.clone())).collect();
         jobs.extend(gone);
+        jobs.extend(just_gone.into_iter().filter(|j| caller.sees(&j.tenant) && !known.contains(&j.id)));
         Ok(page::paginate(jobs, query))
     }
 
@@ -625,12 +631,14 @@ impl JobService {
                 let logs = self.history()?.logs(&job.id).await.map_err(history_error)?.unwrap_or_default();
                 Ok(history::archived_log_stream(logs, &options, chrono::Utc::now()))
             }
+            // Its pods went with it; the history will have its output once it is archived.
+            Located::Departed(_) => Ok(Box::pin(futures::stream::empty())),
         }
     }
 
     pub async fn events(&self, caller: &Caller, id: &str) -> Result<Vec<JobEvent>, JobError> {
         match self.locate(caller, id).await? {
-            Located::Live(job) => Ok(self.backend.events(&job.id).await?),
+            Located::Live(job) | Located::Departed(job) => Ok(self.backend.events(&job.id).await?),
             Located::Archived(job) => {
                 Ok(self.history()?.events(&job.id).await.map_err(history_error)?.unwrap_or_default())
             }

@@ -97,13 +97,13 @@ impl JobHistory for Store {
         Ok(claimed.rows_affected() == 1)
     }
 
-    async fn archive(&self, job: &ArchivedJob) -> Result<(), HistoryError> {
+    async fn archive(&self, job: &ArchivedJob) -> Result<bool, HistoryError> {
         let record = &job.record;
         let record_json = serde_json::to_string(record).expect("a job record serialises");
         let events_json = serde_json::to_string(&job.events).expect("events serialise");
         let finished = record.finished_at.map_or_else(now_millis, |t| t.timestamp_millis());
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query(
+        let stored = sqlx::query(
             "INSERT INTO job_archive (id, tenant, created_ns, finished_ms, phase, record, events, logs, log_bytes, \
              logs_truncated, archived_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (id) DO NOTHING",
@@ -127,7 +127,8 @@ impl JobHistory for Store {
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)
+        tx.commit().await.map_err(unavailable)?;
+        Ok(stored.rows_affected() == 1)
     }
 
     async fn archived_among(&self, ids: &[JobId]) -> Result<HashSet<JobId>, HistoryError> {

@@ -226,7 +226,7 @@ async fn write_all(store: &Store, rows: Vec<ArchivedJob>) -> Result<()> {
         .buffer_unordered(SEED_PARALLEL)
         .collect()
         .await;
-    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    results.into_iter().collect::<Result<Vec<bool>, _>>()?;
     Ok(())
 }
 

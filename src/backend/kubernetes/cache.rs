@@ -88,7 +88,14 @@ pub struct JobCache {
     departed: Mutex<Vec<Arc<JobRecord>>>,
     /// The newest creation time among them, ever (not drained).
     newest_departed: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
+    /// Jobs that just left, still read (and listed) from here for [`RECENTLY_DEPARTED_TTL`], so a
+    /// job is never missing between its Job's deletion and its archiving.
+    recently_departed: Mutex<HashMap<String, (Instant, Arc<JobRecord>)>>,
 }
+
+/// How long a job that left the cluster is still answered from memory (its archiving takes a
+/// second or two; longer only while the database is down).
+const RECENTLY_DEPARTED_TTL: Duration = Duration::from_secs(120);
 
 /// Most departed jobs kept for the archiver (it takes them every second).
 const MAX_DEPARTED: usize = 10_000;
@@ -159,12 +166,24 @@ impl JobCache {
     fn depart<'a>(&self, records: impl Iterator<Item = &'a Arc<JobRecord>>) {
         let mut departed = self.departed.lock().unwrap();
         let mut newest = self.newest_departed.lock().unwrap();
+        let mut recent = self.recently_departed.lock().unwrap();
+        recent.retain(|_, (at, _)| at.elapsed() < RECENTLY_DEPARTED_TTL);
         for record in records {
             *newest = (*newest).max(Some(record.created_at));
+            let gone = as_departed(record);
+            if recent.len() < MAX_DEPARTED {
+                recent.insert(gone.id.to_string(), (Instant::now(), gone.clone()));
+            }
             if departed.len() < MAX_DEPARTED {
-                departed.push(as_departed(record));
+                departed.push(gone);
             }
         }
+    }
+
+    /// Whether the tenant of job `id` fails it if Kueue preempts it, and it is not failed yet.
+    pub fn fails_on_preemption(&self, id: &str) -> bool {
+        let state = self.state.read().unwrap();
+        state.jobs.get(id).is_some_and(|e| e.facts.fails_on_preemption && e.facts.preempted_at.is_none())
     }
 
     /// Whether any job waits in a Kueue queue.
@@ -256,11 +275,38 @@ impl JobCache {
         }
     }
 
+    /// A job that left the cluster less than [`RECENTLY_DEPARTED_TTL`] ago, as last seen.
+    pub fn recently_departed(&self, id: &str) -> Option<Arc<JobRecord>> {
+        let recent = self.recently_departed.lock().unwrap();
+        recent.get(id).filter(|(at, _)| at.elapsed() < RECENTLY_DEPARTED_TTL).map(|(_, record)| record.clone())
+    }
+
+    /// Every job that left the cluster less than [`RECENTLY_DEPARTED_TTL`] ago.
+    pub fn all_recently_departed(&self) -> Vec<Arc<JobRecord>> {
+        let recent = self.recently_departed.lock().unwrap();
+        recent
+            .values()
+            .filter(|(at, _)| at.elapsed() < RECENTLY_DEPARTED_TTL)
+            .map(|(_, record)| record.clone())
+            .collect()
+    }
+
     pub fn records(&self) -> Vec<Arc<JobRecord>> {
         let state = self.state.read().unwrap();
         let created =
             state.created.iter().filter(|(id, c)| !state.jobs.contains_key(*id) && c.at.elapsed() < CREATED_TTL);
-        state.jobs.values().map(|e| e.record.clone()).chain(created.map(|(_, c)| c.record.clone())).collect()
+        let recent = self.recently_departed.lock().unwrap();
+        let departed = recent
+            .iter()
+            .filter(|(id, (at, _))| !state.jobs.contains_key(*id) && at.elapsed() < RECENTLY_DEPARTED_TTL)
+            .map(|(_, (_, record))| record.clone());
+        state
+            .jobs
+            .values()
+            .map(|e| e.record.clone())
+            .chain(created.map(|(_, c)| c.record.clone()))
+            .chain(departed)
+            .collect()
     }
 
     pub fn pods(&self, id: &str) -> Vec<Arc<CachedPod>> {
@@ -394,6 +440,10 @@ mod tests {
 
         cache.apply_job_event(Event::Delete(job(A, "t1")));
         assert!(cache.get(A).is_none());
+        let gone = cache.recently_departed(A).expect("kept as it was last seen until it is archived");
+        assert_eq!((gone.status.phase, gone.status.reason), (JobPhase::Failed, Some(JobReason::Deleted)));
+        assert_eq!(cache.active_jobs("t1"), 0, "a deleted Job counts no more");
+        assert_eq!(cache.take_departed().len(), 1, "and the archiver is told");
     }
 
     #[test]
@@ -408,6 +458,8 @@ mod tests {
         cache.apply_pod_event(Event::Apply(pod("b-1", B, "Running")));
         cache.apply_job_event(Event::InitDone);
         assert!(cache.get(A).is_none());
+        assert_eq!(cache.recently_departed(A).unwrap().status.reason, Some(JobReason::Deleted), "A left unwatched");
+        assert_eq!(cache.kept_jobs("t1"), 1, "only B is in the namespace");
         assert_eq!(cache.get(B).unwrap().status.phase, JobPhase::Running);
     }
 

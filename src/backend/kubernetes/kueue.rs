@@ -83,10 +83,19 @@ pub struct QueueView {
     metrics: QueueMetrics,
     /// Watch streams of a job whose place changed are woken.
     changes: Arc<JobChanges>,
+    /// Told of every job Kueue preempted and holds again (the backend fails it when its tenant
+    /// asked for that).
+    on_preempted: Box<dyn Fn(&str) + Send + Sync>,
 }
 
 impl QueueView {
-    pub fn new(client: Client, namespace: String, metrics: QueueMetrics, changes: Arc<JobChanges>) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        namespace: String,
+        metrics: QueueMetrics,
+        changes: Arc<JobChanges>,
+        on_preempted: Box<dyn Fn(&str) + Send + Sync>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             client,
             namespace,
@@ -95,6 +104,7 @@ impl QueueView {
             queues_seen: RwLock::default(),
             metrics,
             changes,
+            on_preempted,
         })
     }
 
@@ -153,6 +163,9 @@ impl QueueView {
                     place.position = Some(position);
                 }
             }
+        }
+        for (job, _) in places.iter().filter(|(_, place)| place.preempted) {
+            (self.on_preempted)(job);
         }
         self.publish(&places, &waiting_by_queue, admitted);
         Ok(())

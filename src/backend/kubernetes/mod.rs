@@ -38,7 +38,7 @@ use kube::{
 use kueue::{QueueMetrics, QueueView};
 use render::{AGENT_CONTAINER, AgentTemplate, CANCELLED_AT_ANNOTATION};
 use std::{
-    collections::{HashMap, hash_map},
+    collections::{HashMap, HashSet, hash_map},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -79,6 +79,39 @@ pub struct KubernetesBackend {
     queues: Option<Arc<QueueView>>,
     /// Which job the watches just changed, for the API's watch streams.
     changes: Arc<JobChanges>,
+}
+
+/// Fails a job Kueue preempted when its tenant's policy says so (`on_preemption: fail`, an
+/// annotation on the Job): marks it preempted, then deletes the Job Kueue holds suspended (the
+/// history keeps the job, failed). Each replica may try; both steps are idempotent.
+struct PreemptionFailer {
+    api: Api<CachedJob>,
+    cache: Arc<JobCache>,
+    failing: Mutex<HashSet<String>>,
+}
+
+impl PreemptionFailer {
+    fn fail_if_asked(self: &Arc<Self>, job: &str) {
+        if !self.cache.fails_on_preemption(job) || !self.failing.lock().unwrap().insert(job.to_owned()) {
+            return;
+        }
+        let (failer, job) = (self.clone(), job.to_owned());
+        tokio::spawn(async move {
+            let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+            let patch = serde_json::json!({"metadata": {"annotations": {render::PREEMPTED_AT_ANNOTATION: at}}});
+            let marked = failer.api.patch(&job, &PatchParams::default(), &Patch::Merge(&patch)).await;
+            let deleted = match marked {
+                Ok(_) => failer.api.delete(&job, &kube::api::DeleteParams::background()).await.map(drop),
+                Err(error) => Err(error),
+            };
+            match deleted {
+                Ok(()) => tracing::info!(job_id = %job, "failed a job Kueue preempted, as its tenant's policy asks"),
+                Err(kube::Error::Api(status)) if status.is_not_found() => {}
+                Err(error) => tracing::warn!(job_id = %job, %error, "cannot fail a preempted job; retrying"),
+            }
+            failer.failing.lock().unwrap().remove(&job);
+        });
+    }
 }
 
 /// What a watch event changed: one job (by id), or, for a re-list, possibly every job.
@@ -243,7 +276,19 @@ impl KubernetesBackend {
         tokio::spawn(probe_until_reachable(client.clone(), template.namespace.clone(), selector, health.clone()));
 
         let queues = template.kueue_default_queue.as_ref().map(|_| {
-            let view = QueueView::new(client.clone(), template.namespace.clone(), queue_metrics, changes.clone());
+            let failer = Arc::new(PreemptionFailer {
+                api: Api::namespaced(client.clone(), &template.namespace),
+                cache: cache.clone(),
+                failing: Mutex::default(),
+            });
+            let on_preempted = Box::new(move |job: &str| failer.fail_if_asked(job));
+            let view = QueueView::new(
+                client.clone(),
+                template.namespace.clone(),
+                queue_metrics,
+                changes.clone(),
+                on_preempted,
+            );
             let waiting = cache.clone();
             view.spawn(move || waiting.any_queued());
             view
@@ -511,6 +556,14 @@ impl JobBackend for KubernetesBackend {
 
     fn newest_departed(&self) -> Option<chrono::DateTime<chrono::Utc>> {
         self.cache.newest_departed()
+    }
+
+    fn recently_departed(&self, id: &JobId) -> Option<Arc<JobRecord>> {
+        self.cache.recently_departed(id.as_str())
+    }
+
+    fn all_recently_departed(&self) -> Vec<Arc<JobRecord>> {
+        self.cache.all_recently_departed()
     }
 
     async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError> {

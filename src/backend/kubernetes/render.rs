@@ -48,6 +48,10 @@ pub const PROFILE_ANNOTATION: &str = "oats.dev/profile";
 pub const COUNTED_ANNOTATION: &str = "oats.dev/finish-counted";
 /// Set when a user cancels the job.
 pub const CANCELLED_AT_ANNOTATION: &str = "oats.dev/cancelled-at";
+/// On a queued Job whose tenant fails preempted jobs (`on_preemption: fail`).
+pub const FAIL_ON_PREEMPTION_ANNOTATION: &str = "oats.dev/fail-on-preemption";
+/// When OATS failed the job because Kueue preempted it.
+pub const PREEMPTED_AT_ANNOTATION: &str = "oats.dev/preempted-at";
 /// The keys of the user's labels, comma-separated (label keys hold no commas): what GET shows,
 /// told apart from the labels OATS sets (`app`, `oats.dev/*`, `app.kubernetes.io/managed-by`).
 pub const LABEL_KEYS_ANNOTATION: &str = "oats.dev/label-keys";
@@ -309,6 +313,9 @@ fn annotations(job: &NewJob) -> BTreeMap<String, String> {
     if let Some(profile) = &job.spec.profile {
         annotations.insert(PROFILE_ANNOTATION.to_owned(), profile.clone());
     }
+    if job.queue.fail_on_preemption {
+        annotations.insert(FAIL_ON_PREEMPTION_ANNOTATION.to_owned(), "true".to_owned());
+    }
     if let Some(trace) = &job.trace {
         annotations.insert(TRACEPARENT_ANNOTATION.to_owned(), trace.traceparent.clone());
         if let Some(state) = &trace.tracestate {
@@ -542,8 +549,11 @@ mod tests {
         assert!(!pod_labels.contains_key(KUEUE_QUEUE_LABEL), "Kueue reads the Job's labels, not the pod's");
 
         let mut chosen = job();
-        chosen.queue =
-            crate::jobs::QueueChoice { local_queue: Some("team-a".into()), priority_class: Some("oats-high".into()) };
+        chosen.queue = crate::jobs::QueueChoice {
+            local_queue: Some("team-a".into()),
+            priority_class: Some("oats-high".into()),
+            fail_on_preemption: true,
+        };
         let rendered = render_job(&chosen, &template);
         let labels = rendered.metadata.labels.as_ref().unwrap();
         assert_eq!(

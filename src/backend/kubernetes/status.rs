@@ -2,8 +2,9 @@
 
 use super::render::{
     AGENT_CONTAINER, CANCELLED_AT_ANNOTATION, COUNTED_ANNOTATION, CREATED_AT_ANNOTATION, ENV_ESCAPED_ANNOTATION,
-    JOB_ID_LABEL, KUEUE_QUEUE_LABEL, LABEL_KEYS_ANNOTATION, PROFILE_ANNOTATION, REQUEST_HASH_ANNOTATION, TENANT_LABEL,
-    TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION, unescape_env_value,
+    FAIL_ON_PREEMPTION_ANNOTATION, JOB_ID_LABEL, KUEUE_QUEUE_LABEL, LABEL_KEYS_ANNOTATION, PREEMPTED_AT_ANNOTATION,
+    PROFILE_ANNOTATION, REQUEST_HASH_ANNOTATION, TENANT_LABEL, TRACEPARENT_ANNOTATION, TRACESTATE_ANNOTATION,
+    unescape_env_value,
 };
 use super::wire::{CachedJob, CachedPod};
 use crate::jobs::{
@@ -29,6 +30,10 @@ pub struct JobFacts {
     /// Whether a replica already counted the job's finish ([`COUNTED_ANNOTATION`]).
     pub counted: bool,
     pub cancelled_at: Option<String>,
+    /// OATS failed the job because Kueue preempted it (the tenant's `on_preemption: fail`).
+    pub preempted_at: Option<String>,
+    /// The tenant fails the job if Kueue preempts it.
+    pub fails_on_preemption: bool,
     /// Only the conditions that hold (`status: "True"`).
     pub conditions: Vec<JobCondition>,
     /// Pods the Job controller counted as active, succeeded or failed, plus terminated ones not
@@ -54,6 +59,8 @@ impl JobFacts {
             resource_version: job.metadata.resource_version.clone(),
             counted: annotations.is_some_and(|a| a.contains_key(COUNTED_ANNOTATION)),
             cancelled_at: annotation(CANCELLED_AT_ANNOTATION),
+            preempted_at: annotation(PREEMPTED_AT_ANNOTATION),
+            fails_on_preemption: annotation(FAIL_ON_PREEMPTION_ANNOTATION).is_some(),
             conditions: status
                 .and_then(|s| s.conditions.as_ref())
                 .into_iter()
@@ -79,6 +86,7 @@ impl JobFacts {
     /// Job alone (pods only add detail to a final status, never decide it).
     pub fn is_finished(&self) -> bool {
         self.cancelled_at.is_some()
+            || self.preempted_at.is_some()
             || ["Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"].iter().any(|k| self.condition(k).is_some())
     }
 }
@@ -199,6 +207,15 @@ pub fn apply_pods(record: &mut JobRecord, facts: &JobFacts, pods: &[&CachedPod])
         record.status = JobState::new(JobPhase::Succeeded);
         record.finished_at = facts.completion_time.as_ref().or(done.last_transition_time.as_ref()).map(to_chrono);
         record.result = latest_terminated.and_then(|t| message_of(t.message.as_ref()));
+        return;
+    }
+    if let Some(at) = &facts.preempted_at {
+        record.status = JobState::with_reason(
+            JobPhase::Failed,
+            JobReason::Preempted,
+            "Kueue preempted the job, and its tenant's policy fails preempted jobs",
+        );
+        record.finished_at = DateTime::parse_from_rfc3339(at).ok().map(|t| t.with_timezone(&Utc));
         return;
     }
     let failed = facts.condition("Failed").or_else(|| facts.condition("FailureTarget"));
@@ -401,6 +418,18 @@ mod tests {
             .insert(CANCELLED_AT_ANNOTATION.into(), "2027-01-15T08:00:00Z".into());
         let record = record_of(&cancelled, &[]).unwrap();
         assert_eq!((record.status.phase, record.queue), (JobPhase::Cancelled, None), "cancelled while queued");
+
+        let mut preempted = queued.clone();
+        preempted.spec.as_mut().unwrap().suspend = Some(true);
+        preempted
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(PREEMPTED_AT_ANNOTATION.into(), "2027-01-15T08:00:00Z".into());
+        let record = record_of(&preempted, &[]).unwrap();
+        assert_eq!((record.status.phase, record.status.reason), (JobPhase::Failed, Some(JobReason::Preempted)));
+        assert!(JobFacts::of(&CachedJob::from_job(&preempted).unwrap()).is_finished());
     }
 
     fn pod(phase: &str, state: ContainerState) -> Pod {

@@ -9,7 +9,9 @@ mod rule;
 mod rules;
 
 pub use rule::Rule;
-pub use rules::{Egress, GUARDED_LABEL_DOMAINS, PolicyDocument, PolicyError, ResourceProfile, TenantRules};
+pub use rules::{
+    Egress, GUARDED_LABEL_DOMAINS, OnPreemption, PolicyDocument, PolicyError, ResourceProfile, TenantRules,
+};
 
 use crate::jobs::JobSpec;
 use std::{

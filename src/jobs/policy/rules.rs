@@ -99,12 +99,29 @@ pub struct TenantRules {
     pub local_queue: Option<String>,
     /// The Kueue WorkloadPriorityClass of the tenant's jobs (`None`: Kueue's default priority).
     pub priority_class: Option<String>,
+    /// What becomes of a job Kueue preempts: queued again (Kueue's way) or failed.
+    pub on_preemption: OnPreemption,
+}
+
+/// What becomes of a job Kueue preempts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPreemption {
+    /// Kueue queues it again and it starts over when admitted (reason `Preempted` meanwhile).
+    #[default]
+    Requeue,
+    /// It fails with reason `Preempted` (for work that must not run twice).
+    Fail,
 }
 
 impl TenantRules {
     /// Where the tenant's jobs queue when queueing is on.
     pub fn queue_choice(&self) -> crate::jobs::QueueChoice {
-        crate::jobs::QueueChoice { local_queue: self.local_queue.clone(), priority_class: self.priority_class.clone() }
+        crate::jobs::QueueChoice {
+            local_queue: self.local_queue.clone(),
+            priority_class: self.priority_class.clone(),
+            fail_on_preemption: self.on_preemption == OnPreemption::Fail,
+        }
     }
 }
 
@@ -130,6 +147,7 @@ impl Default for TenantRules {
             record_llm_content: false,
             local_queue: None,
             priority_class: None,
+            on_preemption: OnPreemption::Requeue,
         }
     }
 }
@@ -175,6 +193,7 @@ struct RulesPatch {
     record_llm_content: Option<bool>,
     local_queue: Option<String>,
     priority_class: Option<String>,
+    on_preemption: Option<OnPreemption>,
 }
 
 impl RulesPatch {
@@ -208,7 +227,7 @@ impl RulesPatch {
                 rule.clone_from(patch);
             }
         }
-        take!(max_in_flight_calls, record_llm_content);
+        take!(max_in_flight_calls, record_llm_content, on_preemption);
         // Amounts were checked when the file was read.
         if let Some(budget) = self.default_budget.and_then(|b| b.budget().ok()) {
             rules.default_budget = budget;
