@@ -18,7 +18,7 @@ use std::{
 };
 
 /// Rows read per query while a label selector filters a page (the selector is applied here, not
-/// in SQL: labels are part of the JSON record).
+/// in SQL: labels are part of the JSON record); without one, a query reads just the page.
 const PAGE_BATCH: i64 = 200;
 /// Ids asked about in one query.
 const IDS_PER_QUERY: usize = 500;
@@ -160,9 +160,11 @@ impl JobHistory for Store {
             let (created_at, id) = t.position();
             (nanos(created_at), id.to_owned())
         });
+        // Without a selector every row counts: read just the page; with one, read ahead.
+        let batch = if query.selector.is_some() { PAGE_BATCH } else { wanted as i64 };
         loop {
-            let rows = self.page_rows(tenant, query, after.as_ref()).await?;
-            let exhausted = rows.len() < PAGE_BATCH as usize;
+            let rows = self.page_rows(tenant, query, after.as_ref(), batch).await?;
+            let exhausted = rows.len() < batch as usize;
             for row in &rows {
                 let record = record_of(row)?;
                 after = Some((row.try_get("created_ns").map_err(unavailable)?, record.id.to_string()));
@@ -223,6 +225,7 @@ impl Store {
         tenant: Option<&str>,
         query: &ListQuery,
         after: Option<&(i64, String)>,
+        batch: i64,
     ) -> Result<Vec<AnyRow>, HistoryError> {
         let mut conditions = Vec::new();
         let mut next = 1;
@@ -237,8 +240,9 @@ impl Store {
             conditions.push(format!("phase = {}", param()));
         }
         if after.is_some() {
-            let (ns, ns_again, id) = (param(), param(), param());
-            conditions.push(format!("(created_ns < {ns} OR (created_ns = {ns_again} AND id < {id}))"));
+            // A row value: both engines seek the (created_ns, id) index to it.
+            let (ns, id) = (param(), param());
+            conditions.push(format!("(created_ns, id) < ({ns}, {id})"));
         }
         let filter = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
         let sql = format!(
@@ -253,8 +257,8 @@ impl Store {
             statement = statement.bind(status.as_str());
         }
         if let Some((ns, id)) = after {
-            statement = statement.bind(*ns).bind(*ns).bind(id.as_str());
+            statement = statement.bind(*ns).bind(id.as_str());
         }
-        statement.bind(PAGE_BATCH).fetch_all(&self.pool).await.map_err(unavailable)
+        statement.bind(batch).fetch_all(&self.pool).await.map_err(unavailable)
     }
 }
