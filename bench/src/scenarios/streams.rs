@@ -114,8 +114,8 @@ impl Bench {
         );
         self.note(format!(
             "4: {open} of {STREAMS} streams got their first event within {:.1} s; {still_open} still open after 7 s; \
-             {} `job` events received in all; RSS {:.1} MiB after the clients disconnected. Each watch re-reads its job every 250 ms \
-             (src/jobs/service.rs WATCH_POLL), so 1,000 idle streams cost ~4,000 backend reads and state hashes per second.",
+             {} `job` events received in all; RSS {:.1} MiB after the clients disconnected. A watch waits for its job's \
+             change (src/jobs/changes.rs), so idle streams cost no work but the shared heartbeat.",
             open_took.as_secs_f64(),
             events.load(Ordering::Relaxed),
             after as f64 / 1024.0,
