@@ -36,11 +36,24 @@ impl Bench {
         let dir = self.work.join("history-sqlite");
         let sqlite = Store::open_in(&dir).await?;
         self.archiving_rows("SQLite", &sqlite).await?;
-        if let Ok(url) = std::env::var("OATS_BENCH_DATABASE_URL") {
-            let postgres = Store::open(&url).await.context("OATS_BENCH_DATABASE_URL")?;
-            self.archiving_rows("PostgreSQL", &postgres).await?;
+        let postgres = match std::env::var("OATS_BENCH_DATABASE_URL") {
+            Ok(url) => {
+                let store = Store::open(&url).await.context("OATS_BENCH_DATABASE_URL")?;
+                self.archiving_rows("PostgreSQL", &store).await?;
+                Some((url, store))
+            }
+            Err(_) => None,
+        };
+        self.reading_rows("SQLite", &dir, &sqlite, local_env(&dir)).await?;
+        let bytes = store_bytes_per_job(&dir, HISTORY + 4 * ARCHIVED);
+        self.row("8", "storage per archived job (record + events, SQLite file)", bytes, String::new(), None, "", None);
+        if let Some((url, store)) = postgres {
+            let dir = self.work.join("history-postgres");
+            let mut env = local_env(&dir);
+            env.push(("OATS_DATABASE_URL".into(), url));
+            self.reading_rows("PostgreSQL", &dir, &store, env).await?;
         }
-        self.reading_rows(&dir, &sqlite).await
+        Ok(())
     }
 
     /// Archiver vs straight writes, alternating, on one engine.
@@ -88,19 +101,25 @@ impl Bench {
     }
 
     /// 100,000 archived jobs read through `oats serve`.
-    async fn reading_rows(&mut self, dir: &std::path::Path, store: &Store) -> Result<()> {
+    async fn reading_rows(
+        &mut self,
+        engine: &str,
+        dir: &std::path::Path,
+        store: &Store,
+        env: Vec<(String, String)>,
+    ) -> Result<()> {
         let newest = Utc::now() - Days::days(1);
         let jobs = finished_jobs(HISTORY, newest);
         let started = Instant::now();
         write_all(store, jobs.iter().cloned().map(archived).collect()).await?;
-        println!("seeded {HISTORY} archived jobs in {:.1}s", started.elapsed().as_secs_f64());
-        let bytes = store_bytes_per_job(dir, HISTORY + 4 * ARCHIVED);
+        println!("seeded {HISTORY} archived jobs ({engine}) in {:.1}s", started.elapsed().as_secs_f64());
         // Newest first: the page after 90,000 jobs starts after the 90,000th newest.
         let mut by_age = jobs.clone();
         by_age.sort_by(|a, b| (b.created_at, b.id.as_str()).cmp(&(a.created_at, a.id.as_str())));
         let deep_token = page_token(&by_age[89_999]);
 
-        let oats = self.start_oats("oats-history", &local_env(dir), self.pin).await?;
+        std::fs::create_dir_all(dir)?;
+        let oats = self.start_oats("oats-history", &env, self.pin).await?;
         let first_path = "/api/v1/jobs?limit=50".to_owned();
         let deep_path = format!("/api/v1/jobs?limit=50&page_token={deep_token}");
         let job_paths: Vec<String> = jobs.iter().step_by(97).map(|j| format!("/api/v1/jobs/{}", j.id)).collect();
@@ -129,15 +148,14 @@ impl Bench {
             ("bare job", &bare_job),
             ("GET archived job", &get),
         ] {
-            self.load_note(&format!("8 {what}, 100k archived, saturated"), load);
+            self.load_note(&format!("8 {what}, 100k archived ({engine}), saturated"), load);
         }
-        for (figure, load, target) in [
-            ("list first page, 100k archived (SQLite): p99", &first, 20.0),
-            ("list page after 90,000 archived (SQLite): p99", &deep, 20.0),
-        ] {
+        for (figure, load, target) in
+            [("list first page, 100k archived", &first, 20.0), ("list page after 90,000 archived", &deep, 20.0)]
+        {
             self.row(
                 "8",
-                figure,
+                &format!("{figure} ({engine}), saturated c={}: p99", self.concurrency),
                 format!("{:.1} ms ({:.0} req/s)", load.pct(0.99), load.rps()),
                 format!("{:.1} ms ({:.0} req/s, bare)", bare_list.pct(0.99), bare_list.rps()),
                 Some(load.rps() / bare_list.rps()),
@@ -147,14 +165,13 @@ impl Bench {
         }
         self.row(
             "8",
-            "GET an archived job, 100k archived (SQLite): p99",
+            &format!("GET an archived job, 100k archived ({engine}): p99"),
             format!("{:.2} ms ({:.0} req/s)", get.pct(0.99), get.rps()),
             format!("{:.2} ms ({:.0} req/s, bare)", bare_job.pct(0.99), bare_job.rps()),
             Some(get.rps() / bare_job.rps()),
             "p99 < 5 ms",
             Some(get.pct(0.99) < 5.0),
         );
-        self.row("8", "storage per archived job (record + events, SQLite file)", bytes, String::new(), None, "", None);
         Ok(())
     }
 }
