@@ -248,6 +248,10 @@ async fn sigterm_drains_without_failing_requests() {
                     Err(e) => failures.lock().unwrap().push(format!("{e:?}")),
                 }
                 i += 1;
+                // Paced, as steady traffic: four workers send about 200 requests a second, half of
+                // them submissions, within the tenant's 1,200 submissions a minute (unpaced, a fast
+                // server answers so quickly that the rate limit rightly answers 429).
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }));
     }
