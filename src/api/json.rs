@@ -155,7 +155,30 @@ macro_rules! encode_with_serde {
         }
     )*};
 }
-encode_with_serde!(super::types::Job, super::types::JobList, super::types::Health, JobListJson);
+encode_with_serde!(super::types::Job, super::types::JobList, super::types::Health);
+
+/// A page is the jobs' own (mostly memoized) bytes joined: writing it copies, it does not
+/// serialise each job again.
+impl EncodeJson for JobListJson {
+    fn encode_json(&self) -> serde_json::Result<bytes::Bytes> {
+        let mut body = Vec::with_capacity(1024 * (self.items.len() + 1));
+        body.extend_from_slice(b"{\"items\":[");
+        for (i, record) in self.items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            let usage = self.usage.get(&record.id).copied();
+            body.extend_from_slice(&JobJson(record.clone(), usage).encode_json()?);
+        }
+        body.push(b']');
+        if let Some(token) = &self.next_page_token {
+            body.extend_from_slice(b",\"next_page_token\":");
+            serde_json::to_writer(&mut body, token)?;
+        }
+        body.push(b'}');
+        Ok(body.into())
+    }
+}
 
 /// A job is written once per version of its record: polls of an unchanged job reuse the bytes.
 /// Usage changes without the record, so a job with usage is written afresh.
@@ -388,9 +411,18 @@ mod tests {
         let documented = JobList { items: items.iter().map(|r| Job::from(&**r)).collect(), next_page_token: None };
         let view = JobListJson { items: items.clone(), next_page_token: None, usage: HashMap::new() };
         assert_eq!(serde_json::to_string(&view).unwrap(), documented.to_json().unwrap().to_string());
-        let view = JobListJson { items, next_page_token: Some("t".into()), usage: HashMap::new() };
-        let documented = JobList { next_page_token: Some("t".into()), ..documented };
+        assert_eq!(view.encode_json().unwrap(), documented.to_json().unwrap().to_string().as_bytes());
+        let view = JobListJson { items, next_page_token: Some("t\"".into()), usage: HashMap::new() };
+        let documented = JobList { next_page_token: Some("t\"".into()), ..documented };
         assert_eq!(serde_json::to_string(&view).unwrap(), documented.to_json().unwrap().to_string());
+        assert_eq!(view.encode_json().unwrap(), documented.to_json().unwrap().to_string().as_bytes());
+        let usage = usage(true);
+        let view = JobListJson { items: vec![record(false)], next_page_token: None, usage: HashMap::new() };
+        let view = JobListJson { usage: [(view.items[0].id.clone(), usage)].into(), ..view };
+        let documented = JobList { items: vec![Job::with_usage(&view.items[0], Some(&usage))], next_page_token: None };
+        assert_eq!(view.encode_json().unwrap(), documented.to_json().unwrap().to_string().as_bytes());
+        let empty = JobListJson { items: vec![], next_page_token: None, usage: HashMap::new() };
+        assert_eq!(&empty.encode_json().unwrap()[..], br#"{"items":[]}"#);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! What the domain needs from where jobs run (`crate::backend`: a Kubernetes cluster, or child
 //! processes on this machine): the trait each backend implements, its errors and its counts.
 
-use super::{CreateOutcome, JobChanges, JobEvent, JobId, JobPhase, JobRecord, LogOptions, LogStream, NewJob};
+use super::{
+    CreateOutcome, JobChanges, JobEvent, JobId, JobPhase, JobRecord, ListQuery, LogOptions, LogStream, NewJob, page,
+};
 use async_trait::async_trait;
 use std::{sync::Arc, time::Duration};
 
@@ -95,11 +97,6 @@ pub trait JobBackend: Send + Sync {
         None
     }
 
-    /// Every job that left the backend moments ago.
-    fn all_recently_departed(&self) -> Vec<Arc<JobRecord>> {
-        Vec::new()
-    }
-
     /// The creation time of the newest job that left the backend since it started (so a list
     /// knows whether the history may hold jobs newer than its page). Not drained.
     fn newest_departed(&self) -> Option<chrono::DateTime<chrono::Utc>> {
@@ -130,6 +127,17 @@ pub trait JobBackend: Send + Sync {
 
     /// Every job this backend knows, in no particular order.
     async fn list(&self) -> Result<Vec<Arc<JobRecord>>, BackendError>;
+
+    /// Up to `query.limit + 1` jobs of `tenant` (or of every tenant) after the query's page
+    /// token, newest first, that match its status and selector. This default lists and sorts
+    /// every job; a backend that keeps a [`JobIndex`](super::JobIndex) answers in O(page).
+    async fn page(&self, tenant: Option<&str>, query: &ListQuery) -> Result<Vec<Arc<JobRecord>>, BackendError> {
+        let mut records = self.list().await?;
+        if let Some(tenant) = tenant {
+            records.retain(|r| r.tenant == tenant);
+        }
+        Ok(page::candidates(records, query))
+    }
 
     /// Stop the agent and mark the job cancelled; the record stays readable. Cancelling a
     /// cancelled job returns it unchanged.

@@ -47,6 +47,11 @@ impl Caller {
         self.role == Role::Admin || self.tenant == tenant
     }
 
+    /// The one tenant whose jobs this caller may list, or `None` for every tenant (an admin).
+    pub fn listed_tenant(&self) -> Option<&str> {
+        (self.role != Role::Admin).then_some(self.tenant.as_str())
+    }
+
     /// Whether this caller may create and cancel jobs.
     pub fn may_write(&self) -> bool {
         matches!(self.role, Role::Submitter | Role::Admin)

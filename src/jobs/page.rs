@@ -100,28 +100,68 @@ fn sort_key(record: &JobRecord) -> (DateTime<Utc>, &str) {
     (record.created_at, record.id.as_str())
 }
 
-/// Filter, order newest first and cut one page out of `records`.
-pub fn paginate(mut records: Vec<Arc<JobRecord>>, query: &ListQuery) -> JobPage {
+/// The jobs of `records` a page of `query` may show: up to `query.limit + 1` (one more tells
+/// whether another page follows), newest first.
+pub fn candidates(mut records: Vec<Arc<JobRecord>>, query: &ListQuery) -> Vec<Arc<JobRecord>> {
     records.retain(|r| {
         query.status.is_none_or(|s| r.status.phase == s)
             && query.selector.as_ref().is_none_or(|sel| sel.matches(&r.spec.labels))
             && query.page_token.as_ref().is_none_or(|t| sort_key(r) < t.sort_key())
     });
-    let newest_first = |a: &Arc<JobRecord>, b: &Arc<JobRecord>| sort_key(b).cmp(&sort_key(a));
-    let more = records.len() > query.limit;
-    if more {
+    let wanted = query.limit + 1;
+    if records.len() > wanted {
         // Only the page needs ordering: move its records to the front, then sort just those.
-        records.select_nth_unstable_by(query.limit, newest_first);
-        records.truncate(query.limit);
+        records.select_nth_unstable_by(wanted, newest_first);
+        records.truncate(wanted);
     }
     records.sort_unstable_by(newest_first);
-    let next_page_token = if more { records.last().map(|r| PageToken::of(r).encode()) } else { None };
-    JobPage { items: records, next_page_token }
+    records
+}
+
+/// Merge two candidate lists (each newest first) into one, a job in both counted once (the copy
+/// in `preferred` wins), keeping up to `limit + 1`.
+pub fn merge(preferred: Vec<Arc<JobRecord>>, other: Vec<Arc<JobRecord>>, limit: usize) -> Vec<Arc<JobRecord>> {
+    let mut merged: Vec<Arc<JobRecord>> = Vec::with_capacity(limit + 1);
+    let (mut a, mut b) = (preferred.into_iter().peekable(), other.into_iter().peekable());
+    while merged.len() <= limit {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => match newest_first(x, y) {
+                std::cmp::Ordering::Greater => b.next(),
+                std::cmp::Ordering::Equal => {
+                    b.next(); // the same job (same id and creation time): keep the preferred copy
+                    a.next()
+                }
+                std::cmp::Ordering::Less => a.next(),
+            },
+            (Some(_), None) => a.next(),
+            (None, Some(_)) => b.next(),
+            (None, None) => break,
+        };
+        merged.extend(next);
+    }
+    merged
+}
+
+/// A page of at most `limit` out of `candidates` (newest first, up to `limit + 1`).
+pub fn cut(mut candidates: Vec<Arc<JobRecord>>, limit: usize) -> JobPage {
+    let more = candidates.len() > limit;
+    candidates.truncate(limit);
+    let next_page_token = if more { candidates.last().map(|r| PageToken::of(r).encode()) } else { None };
+    JobPage { items: candidates, next_page_token }
+}
+
+fn newest_first(a: &Arc<JobRecord>, b: &Arc<JobRecord>) -> std::cmp::Ordering {
+    sort_key(b).cmp(&sort_key(a))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Filter, order newest first and cut one page out of `records`.
+    fn paginate(records: Vec<Arc<JobRecord>>, query: &ListQuery) -> JobPage {
+        cut(candidates(records, query), query.limit)
+    }
     use crate::jobs::{JobId, JobLimits, JobRequest, JobState};
     use chrono::TimeZone;
 
@@ -199,5 +239,22 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_merge_keeps_the_order_counts_a_shared_job_once_and_prefers_the_first_copy() {
+        let (newest, shared, oldest) = (
+            record(30, JobPhase::Running, "a"),
+            record(20, JobPhase::Running, "a"),
+            record(10, JobPhase::Running, "a"),
+        );
+        let mut archived_copy = JobRecord::clone(&shared);
+        archived_copy.status = JobState::new(JobPhase::Succeeded);
+        let archived = vec![Arc::new(archived_copy), oldest.clone()];
+        let merged = merge(vec![newest.clone(), shared.clone()], archived.clone(), 5);
+        assert_eq!(merged, vec![newest.clone(), shared.clone(), oldest.clone()]);
+        assert_eq!(merged[1].status.phase, JobPhase::Running, "the first list's copy");
+        // limit + 1 at most: one more than a page says a next page exists.
+        assert_eq!(merge(vec![newest.clone(), shared.clone()], archived, 1), vec![newest, shared]);
     }
 }

@@ -37,6 +37,14 @@ impl LabelSelector {
         Ok(Self(requirements))
     }
 
+    /// The `key=value` pairs every match must carry (what an index can look up).
+    pub fn required_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().filter_map(|r| match r {
+            Requirement::Equals(k, v) => Some((k.as_str(), v.as_str())),
+            _ => None,
+        })
+    }
+
     pub fn matches(&self, labels: &Labels) -> bool {
         self.0.iter().all(|r| match r {
             Requirement::Equals(k, v) => labels.get(k) == Some(v),

@@ -13,7 +13,7 @@ use chrono::Utc;
 use futures::stream::BoxStream;
 use prometheus_client::metrics::gauge::Gauge;
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -570,40 +570,28 @@ impl JobService {
     /// A page of the caller's jobs: live ones and archived ones in one order. While the history
     /// cannot be read, the page holds the live jobs (and says so in the server's log).
     pub async fn list(&self, caller: &Caller, query: &ListQuery) -> Result<JobPage, JobError> {
-        let live = self.live_page(caller, query).await?;
-        let Some(history) = &self.history else { return Ok(live) };
+        let tenant = caller.listed_tenant();
+        let live = self.backend.page(tenant, query).await?;
+        let Some(history) = &self.history else { return Ok(page::cut(live, query.limit)) };
         // A full page of live jobs all newer than any job the backend forgot needs nothing from
         // the history (it would sort after the page): no database call.
-        let last = live.items.last().map(|j| j.created_at);
         let departed_since = |t| self.backend.newest_departed().is_some_and(|d| d >= t);
-        if live.next_page_token.is_some()
-            && last.is_some_and(|t| !self.horizon.may_hold_newer_than(t) && !departed_since(t))
+        let more_live = live.len() > query.limit;
+        if let Some(last) = live.get(query.limit - 1).map(|j| j.created_at)
+            && more_live
+            && !self.horizon.may_hold_newer_than(last)
+            && !departed_since(last)
         {
-            return Ok(live);
+            return Ok(page::cut(live, query.limit));
         }
-        let tenant = (caller.role != Role::Admin).then_some(caller.tenant.as_str());
         let archived = match history.page(tenant, query).await {
             Ok(archived) => archived,
             Err(error) => {
                 tracing::warn!(%error, "listing without archived jobs: the history cannot be read");
-                return Ok(live);
+                return Ok(page::cut(live, query.limit));
             }
         };
-        let mut jobs = self.backend.list().await?;
-        let just_gone = self.backend.all_recently_departed();
-        jobs.retain(|j| caller.sees(&j.tenant));
-        let known: HashSet<JobId> = jobs.iter().map(|j| j.id.clone()).collect();
-        let gone: Vec<_> = archived.into_iter().filter(|j| !known.contains(&j.id)).collect();
-        let known: HashSet<JobId> = known.into_iter().chain(gone.iter().map(|j| j.id.clone())).collect();
-        jobs.extend(gone);
-        jobs.extend(just_gone.into_iter().filter(|j| caller.sees(&j.tenant) && !known.contains(&j.id)));
-        Ok(page::paginate(jobs, query))
-    }
-
-    async fn live_page(&self, caller: &Caller, query: &ListQuery) -> Result<JobPage, JobError> {
-        let mut jobs = self.backend.list().await?;
-        jobs.retain(|j| caller.sees(&j.tenant));
-        Ok(page::paginate(jobs, query))
+        Ok(page::cut(page::merge(live, archived, query.limit), query.limit))
     }
 
     /// Cancel a job. Cancelling a cancelled job is harmless; cancelling a finished one is refused.

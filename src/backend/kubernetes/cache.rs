@@ -11,7 +11,7 @@ use super::{
     status::{self, JobFacts},
     wire::{CachedJob, CachedPod, compact_pod_status},
 };
-use crate::jobs::{JobCounts, JobPhase, JobReason, JobRecord, JobState};
+use crate::jobs::{JobCounts, JobIndex, JobPhase, JobReason, JobRecord, JobState, ListQuery, page};
 use kube::{ResourceExt, runtime::watcher::Event};
 use std::{
     collections::HashMap,
@@ -56,6 +56,8 @@ struct Created {
 struct State {
     /// By job id (the Job's name).
     jobs: HashMap<String, Entry>,
+    /// The records of `jobs` in list order (kept in step with `jobs`).
+    index: JobIndex,
     /// By job id, then in no order; pods may arrive before their Job.
     pods: HashMap<String, Vec<Arc<CachedPod>>>,
     /// By job id: jobs known from the API server's answers but not (yet) from the watch. A job
@@ -68,11 +70,23 @@ impl State {
         self.pods.get(id).map(Vec::as_slice).unwrap_or_default()
     }
 
+    /// Recompute every record from its pods, and the index from the records.
     fn refresh_all(&mut self) {
         let Self { jobs, pods, .. } = self;
         for (id, entry) in jobs.iter_mut() {
             entry.refresh(pods.get(id).map(Vec::as_slice).unwrap_or_default());
         }
+        self.index = JobIndex::of(self.jobs.values().map(|e| e.record.clone()));
+    }
+
+    fn insert(&mut self, id: String, entry: Entry) {
+        self.index.put(entry.record.clone());
+        self.jobs.insert(id, entry);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Entry> {
+        self.index.remove(id);
+        self.jobs.remove(id)
     }
 }
 
@@ -147,15 +161,15 @@ impl JobCache {
                 let mut state = self.state.write().unwrap();
                 state.created.remove(&id);
                 let Some(entry) = Entry::of(&job, state.pods_of(&id)) else {
-                    state.jobs.remove(&id);
+                    state.remove(&id);
                     return None;
                 };
-                state.jobs.insert(id.clone(), entry.clone());
+                state.insert(id.clone(), entry.clone());
                 return Some((id, entry));
             }
             Event::Delete(job) => {
                 let mut state = self.state.write().unwrap();
-                let gone = state.jobs.remove(&job.name_any());
+                let gone = state.remove(&job.name_any());
                 self.depart(gone.iter().map(|e| &e.record));
                 state.created.remove(&job.name_any());
             }
@@ -261,9 +275,10 @@ impl JobCache {
     }
 
     fn refresh(state: &mut State, id: &str) {
-        let State { jobs, pods, .. } = state;
+        let State { jobs, pods, index, .. } = state;
         if let Some(entry) = jobs.get_mut(id) {
             entry.refresh(pods.get(id).map(Vec::as_slice).unwrap_or_default());
+            index.put(entry.record.clone());
         }
     }
 
@@ -281,18 +296,31 @@ impl JobCache {
         recent.get(id).filter(|(at, _)| at.elapsed() < RECENTLY_DEPARTED_TTL).map(|(_, record)| record.clone())
     }
 
-    /// Every job that left the cluster less than [`RECENTLY_DEPARTED_TTL`] ago.
-    pub fn all_recently_departed(&self) -> Vec<Arc<JobRecord>> {
-        let recent = self.recently_departed.lock().unwrap();
-        recent
-            .values()
-            .filter(|(at, _)| at.elapsed() < RECENTLY_DEPARTED_TTL)
-            .map(|(_, record)| record.clone())
-            .collect()
-    }
-
     pub fn records(&self) -> Vec<Arc<JobRecord>> {
         let state = self.state.read().unwrap();
+        let mut records: Vec<_> = state.index.records().cloned().collect();
+        records.extend(self.unwatched(&state));
+        records
+    }
+
+    /// Up to `query.limit + 1` jobs of `tenant` (or of all) after the query's page token, newest
+    /// first, that match it: the watched jobs from the index, merged with the few known otherwise.
+    pub fn page(&self, tenant: Option<&str>, query: &ListQuery) -> Vec<Arc<JobRecord>> {
+        let state = self.state.read().unwrap();
+        let watched = state.index.page(tenant, query);
+        let mut unwatched = self.unwatched(&state);
+        if let Some(tenant) = tenant {
+            unwatched.retain(|r| r.tenant == tenant);
+        }
+        if unwatched.is_empty() {
+            return watched;
+        }
+        page::merge(watched, page::candidates(unwatched, query), query.limit)
+    }
+
+    /// Jobs known but not (or no longer) watched: created by this replica and not delivered yet,
+    /// or departed moments ago.
+    fn unwatched(&self, state: &State) -> Vec<Arc<JobRecord>> {
         let created =
             state.created.iter().filter(|(id, c)| !state.jobs.contains_key(*id) && c.at.elapsed() < CREATED_TTL);
         let recent = self.recently_departed.lock().unwrap();
@@ -300,13 +328,7 @@ impl JobCache {
             .iter()
             .filter(|(id, (at, _))| !state.jobs.contains_key(*id) && at.elapsed() < RECENTLY_DEPARTED_TTL)
             .map(|(_, (_, record))| record.clone());
-        state
-            .jobs
-            .values()
-            .map(|e| e.record.clone())
-            .chain(created.map(|(_, c)| c.record.clone()))
-            .chain(departed)
-            .collect()
+        created.map(|(_, c)| c.record.clone()).chain(departed).collect()
     }
 
     pub fn pods(&self, id: &str) -> Vec<Arc<CachedPod>> {

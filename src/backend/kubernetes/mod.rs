@@ -15,8 +15,8 @@ mod mock_tests;
 
 use crate::{
     jobs::{
-        BackendError, CreateOutcome, JobBackend, JobChanges, JobCounts, JobEvent, JobId, JobRecord, LogOptions,
-        LogStream, NewJob, Preview,
+        BackendError, CreateOutcome, JobBackend, JobChanges, JobCounts, JobEvent, JobId, JobRecord, ListQuery,
+        LogOptions, LogStream, NewJob, Preview,
     },
     telemetry::{
         self,
@@ -296,6 +296,12 @@ impl KubernetesBackend {
         Self { client, template, cache, health, events: Mutex::default(), queues, changes }
     }
 
+    /// Reads of the whole cache wait for both watches' first lists.
+    fn check_synced(&self) -> Result<(), BackendError> {
+        let synced = |w: &WatchHealth| w.synced.load(Ordering::Relaxed);
+        if synced(&self.health.jobs) && synced(&self.health.pods) { Ok(()) } else { Err(not_ready()) }
+    }
+
     /// A record as Kueue places it (unchanged without Kueue, or when it does not wait).
     fn placed(&self, record: Arc<JobRecord>) -> Arc<JobRecord> {
         match &self.queues {
@@ -562,10 +568,6 @@ impl JobBackend for KubernetesBackend {
         self.cache.recently_departed(id.as_str())
     }
 
-    fn all_recently_departed(&self) -> Vec<Arc<JobRecord>> {
-        self.cache.all_recently_departed()
-    }
-
     async fn create(&self, job: NewJob) -> Result<CreateOutcome, BackendError> {
         let manifest = render::render_job(&job, &self.template);
         let violations = pod_security_violations(&manifest);
@@ -618,14 +620,13 @@ impl JobBackend for KubernetesBackend {
     }
 
     async fn list(&self) -> Result<Vec<Arc<JobRecord>>, BackendError> {
-        if !self.health.jobs.synced.load(Ordering::Relaxed) || !self.health.pods.synced.load(Ordering::Relaxed) {
-            return Err(not_ready());
-        }
-        let records = self.cache.records();
-        Ok(match &self.queues {
-            Some(_) => records.into_iter().map(|r| self.placed(r)).collect(),
-            None => records,
-        })
+        self.check_synced()?;
+        Ok(self.cache.records().into_iter().map(|r| self.placed(r)).collect())
+    }
+
+    async fn page(&self, tenant: Option<&str>, query: &ListQuery) -> Result<Vec<Arc<JobRecord>>, BackendError> {
+        self.check_synced()?;
+        Ok(self.cache.page(tenant, query).into_iter().map(|r| self.placed(r)).collect())
     }
 
     async fn cancel(&self, id: &JobId) -> Result<JobRecord, BackendError> {

@@ -13,8 +13,8 @@ mod process;
 
 use crate::{
     jobs::{
-        BackendError, CreateOutcome, EncodedJson, JobBackend, JobChanges, JobCounts, JobEvent, JobId, JobPhase,
-        JobReason, JobRecord, JobState, LogOptions, LogStream, NewJob, Preview, agent_env,
+        BackendError, CreateOutcome, EncodedJson, JobBackend, JobChanges, JobCounts, JobEvent, JobId, JobIndex,
+        JobPhase, JobReason, JobRecord, JobState, ListQuery, LogOptions, LogStream, NewJob, Preview, agent_env,
     },
     telemetry::{self, metrics::Metrics},
 };
@@ -94,6 +94,8 @@ struct Inner {
     settings: LocalSettings,
     metrics: Arc<Metrics>,
     jobs: Mutex<HashMap<JobId, Entry>>,
+    /// The records of `jobs` in list order; changed while `jobs` is locked, after it.
+    index: Mutex<JobIndex>,
     slots: Semaphore,
     write_lock: tokio::sync::Mutex<()>,
     /// Jobs removed past their TTL, until the archiver takes them (it archives a job soon after
@@ -121,6 +123,7 @@ impl LocalBackend {
             settings,
             metrics,
             jobs: Mutex::new(HashMap::new()),
+            index: Mutex::default(),
             write_lock: tokio::sync::Mutex::new(()),
             departed: Mutex::default(),
             newest_departed: Mutex::default(),
@@ -161,7 +164,9 @@ impl LocalBackend {
                 _ => {}
             }
             let id = stored.record.id.clone();
-            inner.jobs.lock().unwrap().insert(id, Entry { stored, cancel: Arc::new(Notify::new()) });
+            let mut jobs = inner.jobs.lock().unwrap();
+            inner.index.lock().unwrap().put(stored.record.clone());
+            jobs.insert(id, Entry { stored, cancel: Arc::new(Notify::new()) });
         }
         // Whatever the last server started, in any phase (an agent started just before its job
         // was saved as running, a process that left its group, one a cancel did not reach):
@@ -233,6 +238,12 @@ impl Inner {
         telemetry::trace::emit_lifecycle(record);
     }
 
+    fn forget(&self, id: &JobId) -> Option<Entry> {
+        let mut jobs = self.jobs.lock().unwrap();
+        self.index.lock().unwrap().remove(id.as_str());
+        jobs.remove(id)
+    }
+
     fn snapshot(&self, id: &JobId) -> Option<StoredJob> {
         self.jobs.lock().unwrap().get(id).map(|e| e.stored.clone())
     }
@@ -240,6 +251,7 @@ impl Inner {
     fn update(&self, id: &JobId, change: impl FnOnce(&mut StoredJob)) {
         if let Some(entry) = self.jobs.lock().unwrap().get_mut(id) {
             change(&mut entry.stored);
+            self.index.lock().unwrap().put(entry.stored.record.clone());
         }
         self.changes.changed(id.as_str());
     }
@@ -304,7 +316,7 @@ impl Inner {
         };
         for id in expired {
             let _guard = self.write_lock.lock().await;
-            let removed = self.jobs.lock().unwrap().remove(&id);
+            let removed = self.forget(&id);
             self.changes.changed(id.as_str());
             if let Some(entry) = removed {
                 let mut newest = self.newest_departed.lock().unwrap();
@@ -510,10 +522,11 @@ impl JobBackend for LocalBackend {
                 events: vec![event("Normal", "Submitted", "job accepted; waiting for a free slot")],
                 pgid: None,
             };
+            self.inner.index.lock().unwrap().put(stored.record.clone());
             jobs.insert(id.clone(), Entry { stored, cancel: Arc::new(Notify::new()) });
         }
         if let Err(error) = self.inner.save(&id).await {
-            self.inner.jobs.lock().unwrap().remove(&id);
+            self.inner.forget(&id);
             return Err(error);
         }
         tokio::spawn(self.inner.clone().run(id));
@@ -525,7 +538,11 @@ impl JobBackend for LocalBackend {
     }
 
     async fn list(&self) -> Result<Vec<Arc<JobRecord>>, BackendError> {
-        Ok(self.inner.jobs.lock().unwrap().values().map(|e| e.stored.record.clone()).collect())
+        Ok(self.inner.index.lock().unwrap().records().cloned().collect())
+    }
+
+    async fn page(&self, tenant: Option<&str>, query: &ListQuery) -> Result<Vec<Arc<JobRecord>>, BackendError> {
+        Ok(self.inner.index.lock().unwrap().page(tenant, query))
     }
 
     async fn cancel(&self, id: &JobId) -> Result<JobRecord, BackendError> {
@@ -541,6 +558,7 @@ impl JobBackend for LocalBackend {
             record.status = JobState::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
             record.finished_at = Some(Utc::now());
             let record = record.clone();
+            self.inner.index.lock().unwrap().put(entry.stored.record.clone());
             entry.stored.events.push(event("Normal", "Cancelled", "cancelled by request; stopping the agent"));
             entry.cancel.notify_one();
             record
