@@ -1902,3 +1902,69 @@ async fn with_kueue_a_tenant_that_fails_preempted_jobs_sees_them_failed_not_requ
     .await;
     assert_eq!(batch.job(&low).await["reason"], "Preempted");
 }
+
+#[tokio::test]
+async fn a_replica_killed_while_archiving_and_restarted_archives_every_job_once() {
+    let namespace = kube::TestNamespace::create(kube::cluster(), "archive-restart");
+    let run = kube::unique("archive-restart");
+    let dir = tempfile::tempdir().unwrap();
+    let database = std::env::var("OATS_TEST_DATABASE_URL")
+        .expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts PostgreSQL");
+    // The same pod name before and after (a container restarted in its pod): the restarted
+    // replica holds the claims the killed one left.
+    let holder = format!("oats-{run}");
+    let env = [
+        ("OATS_TENANT", run.as_str()),
+        ("OATS_RETENTION_DAYS", "30"),
+        ("OATS_DATABASE_URL", database.as_str()),
+        ("HOSTNAME", holder.as_str()),
+    ];
+    let archived = async |server: &Server| -> u64 {
+        let text = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix("oats_archive_archived_total ")).unwrap().parse().unwrap()
+    };
+    let first = namespace.start_oats(&dir.path().join("first"), &env).await;
+    // Jobs that finish 150 ms apart, so archiving is under way while later ones still run.
+    const JOBS: usize = 16;
+    let mut ids = HashSet::new();
+    for i in 0..JOBS {
+        let run_ms = (300 + 150 * i).to_string();
+        let labels = json!({"e2e": run, "kwok.oats.dev/outcome": "succeed", "kwok.oats.dev/run-ms": run_ms});
+        ids.insert(id_of(&submit(&first, "Archive me across a crash", labels, None).await));
+    }
+    let at_kill = eventually(SOON, async || {
+        let n = archived(&first).await;
+        (n >= 1, n)
+    })
+    .await;
+    first.kill();
+    assert!(at_kill < JOBS as u64, "killed before it archived every job ({at_kill} of {JOBS})");
+
+    let restarted = namespace.start_oats(&dir.path().join("restarted"), &env).await;
+    // Every Job finishes, and its record is then deleted from the cluster: from then on only the
+    // history can answer. A takeover that waited for the killed replica's 60 s claims would
+    // miss this deadline.
+    eventually(Duration::from_secs(45), async || {
+        let (_, page) = restarted.get_json(&format!("/api/v1/jobs?limit=100&label=e2e%3D{run}&status=succeeded")).await;
+        let done = page["items"].as_array().map_or(0, Vec::len);
+        (done == JOBS && archived(&restarted).await + at_kill >= JOBS as u64, done)
+    })
+    .await;
+    namespace.cluster.kubectl_ok(&["delete", "jobs", "--all", "-n", &namespace.name, "--wait=true"]);
+    let listed = eventually(Duration::from_secs(45), async || {
+        let (status, page) = restarted.get_json(&format!("/api/v1/jobs?limit=100&label=e2e%3D{run}")).await;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        let gone = namespace.jobs().is_empty();
+        (status == StatusCode::OK && gone && items.len() == JOBS, items)
+    })
+    .await;
+    let listed_ids: HashSet<String> = listed.iter().map(|j| j["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(listed_ids, ids, "every job, once, from the history");
+    for job in &listed {
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let id = job["id"].as_str().unwrap();
+        let (status, events) = restarted.get_json(&format!("/api/v1/jobs/{id}/events")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!events["items"].as_array().unwrap().is_empty(), "{id}: its events were archived: {events}");
+    }
+}

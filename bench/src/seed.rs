@@ -40,7 +40,8 @@ pub struct Preloaded {
     pub bytes: u64,
 }
 
-/// Write `n` jobs in `phase` into a fresh state directory `dir`.
+/// Write `n` jobs in `phase` into a fresh state directory `dir` (of finished jobs, one in seven
+/// failed, so a status filter has something to select), labelled `team=team-<i % 10>`, `env=prod`.
 pub fn preload(dir: &Path, n: usize, phase: JobPhase) -> Result<Preloaded> {
     let started = Instant::now();
     let _ = std::fs::remove_dir_all(dir);
@@ -66,7 +67,7 @@ pub fn preload(dir: &Path, n: usize, phase: JobPhase) -> Result<Preloaded> {
             tenant: "default".into(),
             request_hash: spec.fingerprint(),
             spec,
-            status: JobState::new(phase),
+            status: JobState::new(if finished && i % 7 == 0 { JobPhase::Failed } else { phase }),
             created_at: created,
             started_at: finished.then(|| created + chrono::Duration::seconds(1)),
             finished_at: finished.then(|| created + chrono::Duration::seconds(9)),
