@@ -299,11 +299,12 @@ pub(crate) async fn get_ok(http: &Client, url: &str) -> bool {
     }
 }
 
-pub(crate) fn spawn_scraper(http: Client, url: String) -> tokio::task::JoinHandle<()> {
+/// Scrape `url` every `every`, as Prometheus does, until aborted.
+pub(crate) fn spawn_scraper(http: Client, url: String, every: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let _ = get_ok(&http, &url).await;
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(every).await;
         }
     })
 }

@@ -11,6 +11,9 @@ use anyhow::Result;
 use oats_testkit::{Process, otlp::HttpSink};
 use std::{sync::atomic::Ordering, time::Duration};
 
+/// How often the telemetry-on servers are scraped.
+const SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
+
 impl Bench {
     pub(crate) async fn telemetry_scenario(&mut self, reads: &Reads) -> Result<()> {
         let Reads { dir, oats, .. } = reads;
@@ -33,6 +36,11 @@ impl Bench {
         let shipped =
             self.start_oats("oats-sampled", &traced_env("parentbased_traceidratio", Some("0.05")), self.pin).await?;
         let always = self.start_oats("oats-always-on", &traced_env("always_on", None), self.pin).await?;
+        // Scraped all along, every 15 s (the ServiceMonitor ships 30 s), not per window.
+        let scrapers: Vec<_> = [&shipped, &always]
+            .iter()
+            .map(|server| spawn_scraper(self.http.clone(), server.url("/metrics"), SCRAPE_INTERVAL))
+            .collect();
         let (mut off, mut sampled, mut every) = (Vec::new(), Vec::new(), Vec::new());
         let mut served_always = 0;
         let mut spans_always = 0;
@@ -44,9 +52,7 @@ impl Bench {
                 [(&shipped, &mut sampled, "reads sampled 5% (as shipped)"), (&always, &mut every, "always_on")]
             {
                 let before = sink.spans.load(Ordering::Relaxed);
-                let scraper = spawn_scraper(self.http.clone(), server.url("/metrics"));
                 let l = self.closed(job_paths(server), server).await;
-                scraper.abort();
                 if name == "always_on" {
                     // Let the batch processor's export of this window (every 5 s) arrive.
                     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -57,6 +63,7 @@ impl Bench {
                 runs.push(l);
             }
         }
+        scrapers.iter().for_each(|s| s.abort());
         let rps = |v: &[Load]| v.iter().map(Load::rps).sum::<f64>() / v.len() as f64;
         let p99 = |v: &[Load]| v.iter().map(|l| l.pct(0.99)).sum::<f64>() / v.len() as f64;
         let off_rps = rps(&off);
@@ -87,7 +94,7 @@ impl Bench {
             "5: with always_on the receiver got {spans_always} spans for {served_always} requests (one span per request \
              is exported, none dropped by the batch processor's queue). \"Off\" is the default deployment: no OTLP \
              endpoint, so no request spans; metrics are always recorded (they cannot be turned off) and /metrics is \
-             scraped every second only in the \"on\" runs. \"Sampled as shipped\" is the sampler the manifests set \
+             scraped every 15 s (all along, not per window) only in the \"on\" servers. \"Sampled as shipped\" is the sampler the manifests set \
              (parentbased_traceidratio 0.05: a caller's sampled trace is always continued, every write and 5% of \
              untraced reads start one); the batch processor's export thread shares the server's core"
         ));
