@@ -1,6 +1,6 @@
 //! Authentication, tenancy, roles, the policy file, and hostile input, against the real server.
 
-mod common;
+use crate::common;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use common::{Server, assert_problem};
@@ -261,7 +261,7 @@ async fn oidc_tokens_are_verified_against_the_issuers_keys() {
         let response = submit(token).await.unwrap();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{why} was accepted");
     }
-    // A genuine token without a tenant: 403, saying so (tests/oidc.rs has the other cases).
+    // A genuine token without a tenant: 403, saying so (tests/local/oidc.rs has the other cases).
     let problem =
         assert_problem(submit(jwt(&good, "key-1", claims(json!({"tenant": null})))).await.unwrap(), 403, "forbidden")
             .await;

@@ -1,6 +1,6 @@
 //! End-to-end HTTP tests: the real server binary, the local backend, a real HTTP client.
 
-mod common;
+use crate::common;
 
 use common::{Server, assert_problem};
 use futures::StreamExt;
@@ -778,8 +778,7 @@ impl Outage {
 
 #[tokio::test]
 async fn jobs_that_finish_while_the_database_is_down_are_archived_when_it_answers_again() {
-    let url = std::env::var("OATS_TEST_DATABASE_URL")
-        .expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts PostgreSQL");
+    let url = common::stores::postgres_url();
     let (head, tail) = url.rsplit_once('@').unwrap();
     let (host_port, database) = tail.split_once('/').unwrap();
     let outage = Outage::in_front_of(host_port.to_owned()).await;
