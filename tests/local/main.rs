@@ -7,6 +7,7 @@
 mod common;
 
 mod api;
+mod app;
 mod fake_llm;
 mod history;
 mod llm;
