@@ -3,7 +3,7 @@
 #   1. extracts .spec of the PrometheusRule (promtool does not read the CRD) to a plain rule file,
 #   2. `promtool check rules` on it (syntax, templates, duplicate rules),
 #   3. `promtool test rules` on tests/alerts/*.yaml, which name that file `oats.rules.yaml`.
-# tests/monitoring.rs runs this script, so `cargo test` fails when a rule or a test breaks.
+# tests/artefacts/monitoring.rs runs this script, so `cargo test` fails when a rule or a test breaks.
 #
 # Needs: promtool (Debian: apt-get install --no-install-recommends prometheus; or set
 # PROMTOOL=/path/to/promtool) and python3 with PyYAML (Debian: python3-yaml).

@@ -14,8 +14,9 @@
 #      check, HTTP end-to-end tests on the local backend, telemetry, security and monitoring
 #      tests, and end-to-end tests of the Kubernetes backend against that control plane.
 # Locally, OATS_SKIP_KUBE_E2E=1 skips the control plane and the test binaries that need it
-# (tests/kube_*.rs), and the summary at the end names them; CI never does. The summary also
-# counts the passed, failed and ignored tests and lists each ignored test with its reason.
+# (tests/kube/main.rs and tests/kube_*.rs), and the summary at the end names them; CI never does.
+# The summary also counts the passed, failed and ignored tests and lists each ignored test with
+# its reason.
 # It starts with `cargo fmt --check` and `cargo clippy -D warnings`; either failing fails the run.
 # Everything this script starts (PostgreSQL, the control plane) is stopped when it exits.
 set -euo pipefail
@@ -78,10 +79,11 @@ targets=(--all-targets)
 not_run=()
 if [ "$kube_enabled" = false ]; then
   targets=(--lib --bins --examples --benches)
-  for file in tests/*.rs; do
-    name=$(basename "$file" .rs)
+  # A test binary is tests/NAME.rs or tests/NAME/main.rs.
+  for file in tests/*.rs tests/*/main.rs; do
+    name=$(basename "${file%/main.rs}" .rs)
     case "$name" in
-      kube_*) not_run+=("$name") ;;
+      kube | kube_*) not_run+=("$name") ;;
       *) targets+=(--test "$name") ;;
     esac
   done

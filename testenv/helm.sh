@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prints the path of a `helm` (v3) binary, building it from its Go module (helm.sh/helm/v3,
-# ./cmd/helm) first if it is not cached. tests/helm.rs runs it over the chart in infra/helm/oats;
+# ./cmd/helm) first if it is not cached. tests/artefacts/helm.rs runs it over the chart in infra/helm/oats;
 # by hand:
 #
 #   helm=$(testenv/helm.sh)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prints the path of np-guard's offline NetworkPolicy analyzer (`netpolicy`, the CLI of
 # github.com/np-guard/netpol-analyzer), building it from its Go module first if it is not cached.
-# tests/netpol.rs runs it over the rendered infra/base; by hand:
+# tests/artefacts/netpol.rs runs it over the rendered infra/base; by hand:
 #
 #   np=$(testenv/netpol.sh)
 #   "$np" list --dirpath DIR              # every allowed connection

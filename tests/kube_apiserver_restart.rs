@@ -2,8 +2,9 @@
 //! then recovers by itself with no job lost or duplicated. A binary of its own, so no other test
 //! runs while the API server is down.
 
+#[path = "kube/cluster.rs"]
+mod cluster;
 mod common;
-mod kube;
 
 use common::assert_problem;
 use reqwest::StatusCode;
@@ -33,10 +34,10 @@ async fn cache_synced(server: &common::Server) -> [f64; 2] {
 
 #[tokio::test]
 async fn oats_recovers_from_an_api_server_restart() {
-    let cluster = kube::cluster();
+    let cluster = cluster::cluster();
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
-    let run = kube::unique("apiserver");
+    let run = cluster::unique("apiserver");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let labels = json!({"e2e": run, "kwok.oats.dev/outcome": "run"});
     let mut ids = Vec::new();

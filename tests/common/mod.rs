@@ -4,5 +4,6 @@
 
 pub mod fake_llm;
 pub mod fixtures;
+pub mod stores;
 
 pub use oats_testkit::{Server, assert_problem, otlp};

@@ -1,4 +1,4 @@
-"""Run as a job's agent by tests/llm.rs: the official openai SDK, configured only by the job's
+"""Run as a job's agent by tests/local/llm.rs: the official openai SDK, configured only by the job's
 environment (OPENAI_BASE_URL, OPENAI_API_KEY), calls the OATS gateway without and with streaming,
 then spends until the gateway refuses with insufficient_quota. Exit 0 when all of that held."""
 

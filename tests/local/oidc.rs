@@ -2,7 +2,7 @@
 //! unusable tenants, the refetch on an unknown key id, the cache's expiry, and what an outage
 //! costs (one fetch at a time, backoff, no request waiting on it).
 
-mod common;
+use crate::common;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use common::{Server, assert_problem};

@@ -14,7 +14,7 @@
 //!   real `oats serve` under scripted traffic, and every panel query of every dashboard returns a
 //!   series (0 rather than "No data" on a healthy system), Kubernetes-only panels excepted.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

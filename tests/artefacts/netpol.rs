@@ -22,14 +22,14 @@
 //! - IPv4 only, and an IPv6 `ipBlock` is silently misread as an IPv4 range (its first 32 bits:
 //!   `::/0` becomes 0.0.0.0/0, `fc00::/7` 252.0.0.0/7), which would make the agent's IPv6 rule
 //!   look like "any IPv4 address on 443". So IPv6 peers are removed from the copy analysed here
-//!   (a rule is dropped, never widened, if nothing else is left in it); tests/manifests.rs checks
+//!   (a rule is dropped, never widened, if nothing else is left in it); tests/artefacts/manifests.rs checks
 //!   the IPv6 rule's exceptions structurally.
 //! - `eval --source-ip` is rejected unless a destination IP is given too, so ingress from
 //!   outside the cluster is checked in the `list` output instead.
 //!
 //! Needs Go (to build the analyzer once) and kubectl; fails, never skips, without them.
 
-mod common;
+use crate::common;
 
 use common::fixtures;
 use oats::{

@@ -1,7 +1,7 @@
 //! Telemetry end to end: spans received by a real OTLP/gRPC receiver, an exact scrape of
 //! `/metrics`, and logs that never carry secrets.
 
-mod common;
+use crate::common;
 
 use common::{
     Server,

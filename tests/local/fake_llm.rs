@@ -1,6 +1,6 @@
 //! Tests of the scripted fake OpenAI upstream (tests/common/fake_llm.rs) itself.
 
-mod common;
+use crate::common;
 
 use common::fake_llm::{FakeLlm, Reply, Usage};
 use futures::StreamExt;

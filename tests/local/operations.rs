@@ -1,6 +1,6 @@
 //! The CLI against a live server, live status over Server-Sent Events, and graceful shutdown.
 
-mod common;
+use crate::common;
 
 use common::Server;
 use futures::StreamExt;

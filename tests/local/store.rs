@@ -1,25 +1,15 @@
 //! The store's ledger on both engines, with the same cases: SQLite in process, and a real
 //! PostgreSQL server (`OATS_TEST_DATABASE_URL`, started by scripts/test.sh).
 
+use crate::common::{
+    self,
+    stores::{engines, tenant},
+};
 use oats::{
     jobs::{Budget, JobId, NanoUsd, Refusal, TokenCounts},
     store::{LedgerLimits, Store},
 };
 use std::sync::Arc;
-
-/// The PostgreSQL URL of the test server; its absence is a failure, not a skip.
-fn postgres_url() -> String {
-    std::env::var("OATS_TEST_DATABASE_URL").expect(
-        "OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts a PostgreSQL server",
-    )
-}
-
-async fn engines() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
-    let dir = tempfile::tempdir().unwrap();
-    let sqlite = Store::open_in(dir.path()).await.expect("SQLite opens");
-    let postgres = Store::open(&postgres_url()).await.expect("PostgreSQL opens");
-    vec![("sqlite", sqlite, Some(dir)), ("postgres", postgres, None)]
-}
 
 fn limits(max_tokens: Option<u64>, max_cost: Option<u64>, max_calls: u32) -> LedgerLimits {
     LedgerLimits {
@@ -28,11 +18,6 @@ fn limits(max_tokens: Option<u64>, max_cost: Option<u64>, max_calls: u32) -> Led
         max_in_flight: 100,
         daily_limit: None,
     }
-}
-
-/// A tenant name no other test (or earlier run against the same database) uses.
-fn tenant() -> String {
-    format!("t-{}", JobId::random().as_str().trim_start_matches("job-"))
 }
 
 const ROUTE: (&str, &str) = ("fake", "test-model");
@@ -114,7 +99,7 @@ async fn a_tenants_daily_limit_holds_across_its_jobs() {
 /// a budget of 1,000 admit exactly 10, however they interleave.
 #[tokio::test]
 async fn concurrent_reservations_from_two_replicas_never_pass_the_budget() {
-    let url = postgres_url();
+    let url = common::stores::postgres_url();
     let replicas = [Arc::new(Store::open(&url).await.unwrap()), Arc::new(Store::open(&url).await.unwrap())];
     let dir = tempfile::tempdir().unwrap();
     let sqlite = Arc::new(Store::open_in(dir.path()).await.unwrap());
@@ -143,7 +128,7 @@ async fn concurrent_reservations_from_two_replicas_never_pass_the_budget() {
 
 #[tokio::test]
 async fn migrations_run_once_when_replicas_start_together() {
-    let url = postgres_url();
+    let url = common::stores::postgres_url();
     let opens = (0..4).map(|_| {
         let url = url.clone();
         tokio::spawn(async move { Store::open(&url).await.map(|_| ()) })
@@ -156,8 +141,7 @@ async fn migrations_run_once_when_replicas_start_together() {
 #[tokio::test]
 async fn usage_is_reported_by_tenant_model_and_day_and_abandoned_calls_are_settled() {
     // Settling abandoned calls touches every call in flight: this test has a database to itself.
-    let url =
-        std::env::var("OATS_TEST_DATABASE_URL2").expect("OATS_TEST_DATABASE_URL2 is not set: run scripts/test.sh");
+    let url = common::stores::second_postgres_url();
     let dir = tempfile::tempdir().unwrap();
     let stores =
         [("sqlite", Store::open_in(dir.path()).await.unwrap()), ("postgres", Store::open(&url).await.unwrap())];

@@ -2,11 +2,10 @@
 //! namespace of its own (deleted when the test ends, passed or failed), so the metrics of its
 //! replicas count its own Jobs and calls and nothing else.
 
-mod common;
-mod kube;
+use crate::{cluster, common};
 
+use cluster::TestNamespace;
 use common::Server;
-use kube::TestNamespace;
 use oats::backend::kubernetes::render;
 use serde_json::{Value, json};
 use std::{
@@ -83,7 +82,7 @@ fn wait_complete(ns: &TestNamespace, id: &str) {
 
 #[tokio::test]
 async fn two_replicas_count_each_finish_once_even_when_one_is_down() {
-    let cluster = kube::cluster();
+    let cluster = cluster::cluster();
     let ns = TestNamespace::create(cluster, "finish");
     let dir = tempfile::tempdir().unwrap();
     let a = ns.start_oats(&dir.path().join("a"), &[]).await;
@@ -156,7 +155,7 @@ fn without_server_fields(mut job: Value) -> Value {
 
 #[tokio::test]
 async fn render_job_prints_exactly_what_serve_creates() {
-    let cluster = kube::cluster();
+    let cluster = cluster::cluster();
     let ns = TestNamespace::create(cluster, "render");
     let dir = tempfile::tempdir().unwrap();
     let server = ns.start_oats(dir.path(), &[]).await;
@@ -225,7 +224,7 @@ async fn kube_metrics(server: &Server) -> (BTreeMap<(String, String, String), f6
 /// the cancel and three finishes counted), one read of the cancelled Job plus one per conflict.
 #[tokio::test]
 async fn the_kubernetes_metrics_the_alerts_read_count_each_call() {
-    let cluster = kube::cluster();
+    let cluster = cluster::cluster();
     let ns = TestNamespace::create(cluster, "kube-metrics");
     let dir = tempfile::tempdir().unwrap();
     let server = ns.start_oats(dir.path(), &[]).await;
@@ -299,7 +298,7 @@ async fn backend_auto_picks_kubernetes_with_a_working_kubeconfig_and_local_other
     for inherited in ["OATS_BACKEND", "KUBERNETES_SERVICE_HOST"] {
         assert!(std::env::var_os(inherited).is_none(), "{inherited} is set: the server would inherit it");
     }
-    let cluster = kube::cluster();
+    let cluster = cluster::cluster();
     let ns = TestNamespace::create(cluster, "auto");
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");

@@ -7,7 +7,7 @@
 //!
 //! Needs `kubectl` (its built-in kustomize) on PATH; it fails, never skips, without it.
 
-mod common;
+use crate::common;
 
 use serde_json::{Value, json};
 use std::{collections::BTreeMap, process::Command, sync::OnceLock};

@@ -3,8 +3,7 @@
 //! denied with its own message, OATS' cancel (an UPDATE) still passes, and every shipped
 //! manifest (base, dev, prod) passes a server-side dry run.
 
-mod common;
-mod kube;
+use crate::{cluster, common};
 
 use oats::{
     backend::kubernetes::render::{AgentTemplate, render_job},
@@ -55,7 +54,7 @@ fn rendered_with(
         ..common::fixtures::request("Check the admission policy", 3)
     };
     let job = NewJob { resources: profile, ..common::fixtures::new_job(request) };
-    serde_json::to_value(render_job(&job, &AgentTemplate::from_config(config, kube::NAMESPACE))).unwrap()
+    serde_json::to_value(render_job(&job, &AgentTemplate::from_config(config, cluster::NAMESPACE))).unwrap()
 }
 
 fn rendered() -> Value {
@@ -63,7 +62,7 @@ fn rendered() -> Value {
 }
 
 /// `kubectl <verb> --dry-run=server -f <job>` as the admin (no RBAC in the way).
-fn dry_run(cluster: &kube::Cluster, job: &Value) -> Output {
+fn dry_run(cluster: &cluster::Cluster, job: &Value) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("job.json");
     std::fs::write(&path, job.to_string()).unwrap();
@@ -83,15 +82,15 @@ fn remove(value: &mut Value, key: &str) {
 }
 
 /// The deadline limit from the parameters the cluster holds.
-fn max_deadline(cluster: &kube::Cluster) -> i64 {
-    let params = cluster.kubectl_json(&["get", "configmap", PARAMS, "-n", kube::NAMESPACE]);
+fn max_deadline(cluster: &cluster::Cluster) -> i64 {
+    let params = cluster.kubectl_json(&["get", "configmap", PARAMS, "-n", cluster::NAMESPACE]);
     params["data"]["maxActiveDeadlineSeconds"].as_str().unwrap().parse().unwrap()
 }
 
-/// The cluster, once the policy (applied by kube::cluster() with infra/base) is in force: the
+/// The cluster, once the policy (applied by cluster::cluster() with infra/base) is in force: the
 /// API server compiles a new policy asynchronously, so wait until a known-bad Job is denied.
-fn cluster_with_policy() -> &'static kube::Cluster {
-    let cluster = kube::cluster();
+fn cluster_with_policy() -> &'static cluster::Cluster {
+    let cluster = cluster::cluster();
     static READY: OnceLock<()> = OnceLock::new();
     READY.get_or_init(|| {
         let mut bad = rendered();
@@ -188,7 +187,7 @@ fn env_from_elsewhere(job: &mut Value, name: &str, value_from: Value) {
 type Mutation = Box<dyn Fn(&mut Value)>;
 
 /// Each mutation of `job` must be denied by the policy with its message.
-fn assert_each_denied(cluster: &kube::Cluster, job: &Value, cases: &[(String, Mutation, String)]) {
+fn assert_each_denied(cluster: &cluster::Cluster, job: &Value, cases: &[(String, Mutation, String)]) {
     let mut failures = Vec::new();
     for (what, mutate, message) in cases {
         let mut job = job.clone();
@@ -601,7 +600,7 @@ fn the_policy_denies_each_violation_with_its_own_message() {
 fn the_opt_ins_are_admitted_only_where_the_parameters_name_them() {
     let cluster = cluster_with_policy();
     const OPT_IN: &str = "oats-policy-opt-in";
-    let mut params = cluster.kubectl_json(&["get", "configmap", PARAMS, "-n", kube::NAMESPACE]);
+    let mut params = cluster.kubectl_json(&["get", "configmap", PARAMS, "-n", cluster::NAMESPACE]);
     params["data"]["llmSecretName"] = json!("oats-llm-credentials");
     params["data"]["allowedEgress"] = json!("public-https");
     let manifests = json!({"apiVersion": "v1", "kind": "List", "items": [
@@ -702,11 +701,11 @@ fn the_policy_is_scoped_to_the_jobs_namespace_by_name() {
     // And a namespace cannot pose as `oats`: the API server owns kubernetes.io/metadata.name.
     let dir = tempfile::tempdir().unwrap();
     let ns = dir.path().join("ns.json");
-    let name = kube::unique("pose");
+    let name = cluster::unique("pose");
     let manifest = json!({
         "apiVersion": "v1",
         "kind": "Namespace",
-        "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": kube::NAMESPACE}},
+        "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": cluster::NAMESPACE}},
     });
     std::fs::write(&ns, manifest.to_string()).unwrap();
     let created = cluster.kubectl_ok(&["create", "--dry-run=server", "-o", "json", "-f", ns.to_str().unwrap()]);
@@ -717,7 +716,7 @@ fn the_policy_is_scoped_to_the_jobs_namespace_by_name() {
 #[tokio::test]
 async fn cancelling_passes_the_policy_and_deadline_updates_are_checked() {
     let cluster = cluster_with_policy();
-    let run = kube::unique("policy-cancel");
+    let run = cluster::unique("policy-cancel");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let labels = [("e2e", run.as_str()), ("kwok.oats.dev/outcome", "run")].map(|(k, v)| (k.to_owned(), v.to_owned()));
     let job = rendered_with(&config(), labels.into(), 600, None);
@@ -728,7 +727,7 @@ async fn cancelling_passes_the_policy_and_deadline_updates_are_checked() {
     cluster.kubectl_ok(&["create", "-f", path.to_str().unwrap()]);
 
     let patch = |kind: &str, body: Value| {
-        cluster.kubectl(&["patch", "job", &name, "-n", kube::NAMESPACE, "--type", kind, "-p", &body.to_string()])
+        cluster.kubectl(&["patch", "job", &name, "-n", cluster::NAMESPACE, "--type", kind, "-p", &body.to_string()])
     };
     // Metadata-only updates are not the policy's business.
     let out = patch("merge", json!({"metadata": {"annotations": {"oats.dev/note": "x"}}}));
@@ -755,13 +754,13 @@ async fn cancelling_passes_the_policy_and_deadline_updates_are_checked() {
     server.wait_for(&id, "running", Duration::from_secs(60)).await;
     let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
     assert_eq!(cancel.status(), reqwest::StatusCode::OK, "{}\n{}", cancel.text().await.unwrap(), server.log_text());
-    let stored = cluster.kubectl_json(&["get", "job", &id, "-n", kube::NAMESPACE]);
+    let stored = cluster.kubectl_json(&["get", "job", &id, "-n", cluster::NAMESPACE]);
     assert_eq!(stored["spec"]["activeDeadlineSeconds"], 1);
     assert!(stored["metadata"]["annotations"]["oats.dev/cancelled-at"].is_string(), "{stored}");
 }
 
 /// The prometheus-operator CRDs that infra/monitoring (prod) needs, applied once and established.
-fn apply_monitoring_crds(cluster: &kube::Cluster) {
+fn apply_monitoring_crds(cluster: &cluster::Cluster) {
     let out = std::process::Command::new("testenv/crds.sh").output().expect("testenv/crds.sh runs");
     assert!(out.status.success(), "testenv/crds.sh: {}", stderr(&out));
     let paths: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect();
@@ -863,7 +862,7 @@ fn psa_reasons(stderr: &str) -> std::collections::BTreeSet<String> {
 /// (server-side dry run) to a namespace enforcing restricted, and the reasons are compared.
 #[test]
 fn the_pod_security_checker_agrees_with_the_api_server_on_each_violation() {
-    let ns = kube::TestNamespace::create(kube::cluster(), "pss");
+    let ns = cluster::TestNamespace::create(cluster::cluster(), "pss");
     ns.cluster.kubectl_ok(&["label", "namespace", &ns.name, "pod-security.kubernetes.io/enforce=restricted"]);
     let cases: Vec<(&str, Mutation)> = vec![
         ("as rendered", Box::new(|_| {})),

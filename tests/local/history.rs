@@ -1,33 +1,13 @@
 //! The job history on both engines, with the same cases: SQLite in process, and a real
 //! PostgreSQL server (`OATS_TEST_DATABASE_URL`, started by scripts/test.sh).
 
+use crate::common::stores::{engines, tenant};
 use chrono::{DateTime, Duration as Days, Utc};
-use oats::{
-    jobs::{
-        JobEvent, JobId, JobPhase, JobRecord, ListQuery,
-        history::{ArchivedJob, JobHistory, OutputTail},
-    },
-    store::Store,
+use oats::jobs::{
+    JobEvent, JobId, JobPhase, JobRecord, ListQuery,
+    history::{ArchivedJob, JobHistory, OutputTail},
 };
 use std::{collections::HashSet, time::Duration};
-
-fn postgres_url() -> String {
-    std::env::var("OATS_TEST_DATABASE_URL").expect(
-        "OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts a PostgreSQL server",
-    )
-}
-
-async fn engines() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
-    let dir = tempfile::tempdir().unwrap();
-    let sqlite = Store::open_in(dir.path()).await.expect("SQLite opens");
-    let postgres = Store::open(&postgres_url()).await.expect("PostgreSQL opens");
-    vec![("sqlite", sqlite, Some(dir)), ("postgres", postgres, None)]
-}
-
-/// A tenant name no other test (or earlier run against the same database) uses.
-fn tenant() -> String {
-    format!("t-{}", JobId::random().as_str().trim_start_matches("job-"))
-}
 
 /// A finished job's record, written as the JSON a backend keeps (independent of any builder).
 fn record(tenant: &str, created_at: DateTime<Utc>, phase: &str, labels: serde_json::Value) -> JobRecord {

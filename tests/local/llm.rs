@@ -2,7 +2,7 @@
 //! gateway, the scripted fake upstream (tests/common/fake_llm.rs), the built-in `oats agent`, and
 //! the official `openai` Python SDK as a client.
 
-mod common;
+use crate::common;
 
 use common::{
     Server,
@@ -731,7 +731,7 @@ impl Relay {
 
 #[tokio::test]
 async fn without_its_ledger_the_gateway_forwards_nothing_and_the_api_keeps_serving() {
-    let url = std::env::var("OATS_TEST_DATABASE_URL").expect("OATS_TEST_DATABASE_URL is not set: run scripts/test.sh");
+    let url = common::stores::postgres_url();
     let (head, rest) = url.rsplit_once('@').unwrap();
     let (host_port, database) = rest.split_once('/').unwrap();
     let relay = Relay::to(host_port.parse().unwrap()).await;

@@ -2,8 +2,7 @@
 //! Agent pods are played by kwok, steered by `kwok.oats.dev/*` labels on the job (see
 //! testenv/kwok/oats-stages.yaml).
 
-mod common;
-mod kube;
+use crate::{cluster, common};
 
 use chrono::{DateTime, Utc};
 use common::{Server, assert_problem};
@@ -55,21 +54,21 @@ fn assert_subset(expected: &Value, actual: &Value, path: &str) {
 
 #[tokio::test]
 async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
-    let cluster = kube::cluster();
-    let run = kube::unique("render");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("render");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
     let job = submit(&server, "Render me", json!({"e2e": run, "kwok.oats.dev/outcome": "run"}), Some(120)).await;
     let id = id_of(&job);
 
-    let stored = cluster.kubectl_json(&["get", "job", &id, "-n", kube::NAMESPACE]);
+    let stored = cluster.kubectl_json(&["get", "job", &id, "-n", cluster::NAMESPACE]);
     let annotations = &stored["metadata"]["annotations"];
     let created_at: DateTime<Utc> = annotations[render::CREATED_AT_ANNOTATION].as_str().unwrap().parse().unwrap();
     assert!((Utc::now() - created_at).num_seconds().abs() < 60, "created-at is the submission's time: {created_at}");
     let hash = annotations[render::REQUEST_HASH_ANNOTATION].as_str().unwrap();
     assert!(hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit()), "{hash}");
-    // What the Job must be, written out by hand (as shipped, kube::Cluster::start_oats: the LLM
+    // What the Job must be, written out by hand (as shipped, cluster::Cluster::start_oats: the LLM
     // gateway on, no Secret); the API server's defaults come on top.
     let labels = json!({"e2e": run, "kwok.oats.dev/outcome": "run"});
     let mut job_labels = json!({"app": "oats-agent", "app.kubernetes.io/managed-by": "oats", "oats.dev/job-id": id, "oats.dev/tenant": "default"});
@@ -84,7 +83,7 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
         "kind": "Job",
         "metadata": {
             "name": id,
-            "namespace": kube::NAMESPACE,
+            "namespace": cluster::NAMESPACE,
             "labels": job_labels,
             "annotations": {
                 "oats.dev/env-escaped": "true",
@@ -177,13 +176,13 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
     // The Job controller's pod was admitted under enforce=restricted.
     let running = server.wait_for(&id, "running", SOON).await;
     assert!(running["started_at"].is_string(), "{running}");
-    let pods = cluster.kubectl_json(&["get", "pods", "-n", kube::NAMESPACE, "-l", &format!("oats.dev/job-id={id}")]);
+    let pods = cluster.kubectl_json(&["get", "pods", "-n", cluster::NAMESPACE, "-l", &format!("oats.dev/job-id={id}")]);
     assert_eq!(pods["items"].as_array().unwrap().len(), 1);
     let events = cluster.kubectl_json(&[
         "get",
         "events",
         "-n",
-        kube::NAMESPACE,
+        cluster::NAMESPACE,
         "--field-selector",
         &format!("involvedObject.name={id}"),
     ]);
@@ -195,8 +194,8 @@ async fn submitted_job_is_the_rendered_template_and_pod_security_admits_it() {
 
 #[tokio::test]
 async fn every_status_path_is_reported() {
-    let cluster = kube::cluster();
-    let run = kube::unique("paths");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("paths");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -253,8 +252,8 @@ async fn every_status_path_is_reported() {
 
 #[tokio::test]
 async fn cancel_removes_the_pods_and_keeps_the_record() {
-    let cluster = kube::cluster();
-    let run = kube::unique("cancel");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("cancel");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -266,7 +265,7 @@ async fn cancel_removes_the_pods_and_keeps_the_record() {
     let selector = format!("oats.dev/job-id={id}");
     let deadline = std::time::Instant::now() + SOON;
     loop {
-        let pods = cluster.kubectl_json(&["get", "pods", "-n", kube::NAMESPACE, "-l", &selector]);
+        let pods = cluster.kubectl_json(&["get", "pods", "-n", cluster::NAMESPACE, "-l", &selector]);
         if pods["items"].as_array().unwrap().is_empty() {
             break;
         }
@@ -282,8 +281,8 @@ async fn cancel_removes_the_pods_and_keeps_the_record() {
 
 #[tokio::test]
 async fn list_filter_and_page_through_300_jobs() {
-    let cluster = kube::cluster();
-    let run = kube::unique("page");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("page");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -326,8 +325,8 @@ async fn list_filter_and_page_through_300_jobs() {
 
 #[tokio::test]
 async fn concurrent_idempotent_submissions_on_two_replicas_create_one_job() {
-    let cluster = kube::cluster();
-    let run = kube::unique("idem");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("idem");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let first = cluster.start_oats(dir.path()).await;
@@ -374,8 +373,8 @@ async fn concurrent_idempotent_submissions_on_two_replicas_create_one_job() {
 
 #[tokio::test]
 async fn restarted_oats_finds_every_job_with_its_status() {
-    let cluster = kube::cluster();
-    let run = kube::unique("restart");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("restart");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -386,7 +385,7 @@ async fn restarted_oats_finds_every_job_with_its_status() {
     server.crash();
     // While OATS is down, the done job finishes.
     let complete = format!("job/{done}");
-    cluster.kubectl_ok(&["wait", "--for=condition=Complete", "--timeout=60s", "-n", kube::NAMESPACE, &complete]);
+    cluster.kubectl_ok(&["wait", "--for=condition=Complete", "--timeout=60s", "-n", cluster::NAMESPACE, &complete]);
     let server = cluster.start_oats(dir.path()).await;
     assert_eq!(server.job(&running).await["status"], "running");
     server.wait_for(&done, "succeeded", SOON).await;
@@ -408,7 +407,7 @@ fn with_subresource<'a>([verb, resource]: [&'a str; 2], namespace: &'a str) -> V
 
 #[test]
 fn the_shipped_rbac_is_enough_and_no_more() {
-    let cluster = kube::cluster();
+    let cluster = cluster::cluster();
     let can = |kubeconfig: &std::path::Path, args: &[String]| {
         let mut full = vec!["auth", "can-i"];
         full.extend(args.iter().map(String::as_str));
@@ -427,7 +426,7 @@ fn the_shipped_rbac_is_enough_and_no_more() {
         ["get", "pods/log"],
         ["list", "events"],
     ] {
-        assert!(can(oats, &with_subresource(allowed, kube::NAMESPACE)), "OATS may not {allowed:?}");
+        assert!(can(oats, &with_subresource(allowed, cluster::NAMESPACE)), "OATS may not {allowed:?}");
     }
     for denied in [
         ["get", "secrets"],
@@ -439,11 +438,11 @@ fn the_shipped_rbac_is_enough_and_no_more() {
         ["patch", "namespaces"],
         ["create", "rolebindings"],
     ] {
-        assert!(!can(oats, &with_subresource(denied, kube::NAMESPACE)), "OATS may {denied:?}");
+        assert!(!can(oats, &with_subresource(denied, cluster::NAMESPACE)), "OATS may {denied:?}");
     }
     assert!(!can(oats, &with_subresource(["list", "jobs.batch"], "default")), "OATS reaches another namespace");
     // Real calls, not only the authorizer's opinion: 403s.
-    let forbidden = cluster.kubectl_as(oats, &["get", "secrets", "-n", kube::NAMESPACE]);
+    let forbidden = cluster.kubectl_as(oats, &["get", "secrets", "-n", cluster::NAMESPACE]);
     assert!(String::from_utf8_lossy(&forbidden.stderr).contains("Forbidden"));
     let elsewhere = cluster.kubectl_as(oats, &["get", "jobs", "-n", "default"]);
     assert!(String::from_utf8_lossy(&elsewhere.stderr).contains("Forbidden"));
@@ -458,13 +457,13 @@ fn the_shipped_rbac_is_enough_and_no_more() {
             verb_resource[0],
             verb_resource[1],
             "-n",
-            kube::NAMESPACE,
+            cluster::NAMESPACE,
             "--as",
             agent,
         ]);
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no", "the agent may {verb_resource:?}");
     }
-    let sa = cluster.kubectl_json(&["get", "serviceaccount", "oats-agent", "-n", kube::NAMESPACE]);
+    let sa = cluster.kubectl_json(&["get", "serviceaccount", "oats-agent", "-n", cluster::NAMESPACE]);
     assert_eq!(sa["automountServiceAccountToken"], false);
 }
 
@@ -520,8 +519,8 @@ fn kube_calls_by_code(metrics: &str) -> std::collections::BTreeMap<(String, Stri
 /// every call is granted, none was refused.
 #[tokio::test]
 async fn the_shipped_role_grants_exactly_the_calls_the_backend_makes() {
-    let cluster = kube::cluster();
-    let run = kube::unique("rbac");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("rbac");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -599,8 +598,8 @@ async fn the_shipped_role_grants_exactly_the_calls_the_backend_makes() {
 
 #[tokio::test]
 async fn kubernetes_calls_are_child_spans_of_the_job_creation() {
-    let cluster = kube::cluster();
-    let run = kube::unique("spans");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("spans");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let (receiver, port) = common::otlp::start_receiver().await;
     let endpoint = format!("http://127.0.0.1:{port}");
@@ -660,8 +659,8 @@ fn providers_file(dir: &std::path::Path, fake: &common::fake_llm::FakeLlm) -> st
 
 #[tokio::test]
 async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_runs() {
-    let cluster = kube::cluster();
-    let run = kube::unique("llm");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("llm");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let fake = common::fake_llm::FakeLlm::start().await;
@@ -675,7 +674,7 @@ async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_ru
     server.wait_for(&id, "running", SOON).await;
 
     // The Job carries the gateway's address and a projected token for it, and no secret of a provider.
-    let stored = cluster.kubectl_json(&["get", "job", &id, "-n", kube::NAMESPACE]);
+    let stored = cluster.kubectl_json(&["get", "job", &id, "-n", cluster::NAMESPACE]);
     let pod_spec = &stored["spec"]["template"]["spec"];
     let env = pod_spec["containers"][0]["env"].as_array().unwrap();
     let value = |name: &str| env.iter().find(|e| e["name"] == name).map(|e| e["value"].clone());
@@ -696,14 +695,14 @@ async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_ru
         "get",
         "pods",
         "-n",
-        kube::NAMESPACE,
+        cluster::NAMESPACE,
         "-l",
         &selector,
         "-o",
         "jsonpath={.items[0].metadata.name}",
     ]);
     let token = |extra: &[&str]| {
-        let mut args = vec!["create", "token", "oats-agent", "-n", kube::NAMESPACE, "--duration=10m"];
+        let mut args = vec!["create", "token", "oats-agent", "-n", cluster::NAMESPACE, "--duration=10m"];
         args.extend_from_slice(extra);
         cluster.kubectl_ok(&args).trim().to_owned()
     };
@@ -723,7 +722,7 @@ async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_ru
     let stray = "job-aaaaaaaaaaaaaaaaaaaa-stray";
     let manifest = format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {stray}, namespace: {ns}, labels: {{e2e: {run}}}}}\nspec:\n  serviceAccountName: oats-agent\n  automountServiceAccountToken: false\n  securityContext: {{runAsNonRoot: true, runAsUser: 65532, seccompProfile: {{type: RuntimeDefault}}}}\n  containers:\n  - name: c\n    image: busybox\n    securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}\n",
-        ns = kube::NAMESPACE
+        ns = cluster::NAMESPACE
     );
     let manifest_path = dir.path().join("stray.yaml");
     std::fs::write(&manifest_path, manifest).unwrap();
@@ -735,11 +734,11 @@ async fn agents_reach_the_gateway_with_a_pod_bound_token_only_while_their_job_ru
     assert_eq!(cancel.status(), StatusCode::OK);
     assert_eq!(call(bound).await, StatusCode::UNAUTHORIZED, "the token dies with the job");
     assert_eq!(fake.requests().len(), 1, "no refused call reached the upstream");
-    cluster.kubectl_ok(&["delete", "pod", stray, "-n", kube::NAMESPACE, "--wait=false"]);
+    cluster.kubectl_ok(&["delete", "pod", stray, "-n", cluster::NAMESPACE, "--wait=false"]);
 }
 
 /// Apply `yaml` as the cluster admin.
-fn apply_yaml(cluster: &kube::Cluster, yaml: &str) {
+fn apply_yaml(cluster: &cluster::Cluster, yaml: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("manifest.yaml");
     std::fs::write(&path, yaml).unwrap();
@@ -759,16 +758,16 @@ fn verdict<'a>(dry: &'a Value, rule: &str) -> &'a Value {
 }
 
 /// The env of the agent container of a stored Job, by name.
-fn stored_env(cluster: &kube::Cluster, id: &str) -> std::collections::BTreeMap<String, String> {
-    let stored = cluster.kubectl_json(&["get", "job", id, "-n", kube::NAMESPACE]);
+fn stored_env(cluster: &cluster::Cluster, id: &str) -> std::collections::BTreeMap<String, String> {
+    let stored = cluster.kubectl_json(&["get", "job", id, "-n", cluster::NAMESPACE]);
     let env = stored["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap().clone();
     env.iter().map(|e| (e["name"].as_str().unwrap().to_owned(), e["value"].as_str().unwrap_or("").to_owned())).collect()
 }
 
 #[tokio::test]
 async fn the_goal_and_the_trace_context_reach_the_agent_byte_for_byte() {
-    let cluster = kube::cluster();
-    let run = kube::unique("bytes");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("bytes");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let (_receiver, port) = common::otlp::start_receiver().await;
     let endpoint = format!("http://127.0.0.1:{port}");
@@ -809,8 +808,8 @@ async fn the_goal_and_the_trace_context_reach_the_agent_byte_for_byte() {
 
 #[tokio::test]
 async fn labels_round_trip_byte_for_byte_and_keys_kubernetes_owns_are_refused() {
-    let cluster = kube::cluster();
-    let run = kube::unique("labels");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("labels");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -835,7 +834,7 @@ async fn labels_round_trip_byte_for_byte_and_keys_kubernetes_owns_are_refused() 
         assert_eq!(page["items"][0]["labels"], labels);
     }
     // OATS's own labels are on the Job, and not the user's.
-    let stored = cluster.kubectl_json(&["get", "job", &id, "-n", kube::NAMESPACE]);
+    let stored = cluster.kubectl_json(&["get", "job", &id, "-n", cluster::NAMESPACE]);
     assert_eq!(stored["metadata"]["labels"]["app.kubernetes.io/managed-by"], "oats");
 
     // Keys Kubernetes owns: a 422 naming the key, for the dry run as for the submission (the
@@ -867,8 +866,8 @@ async fn labels_round_trip_byte_for_byte_and_keys_kubernetes_owns_are_refused() 
 
 #[tokio::test]
 async fn an_api_server_refusal_is_a_422_with_its_message_and_the_dry_run_predicts_it() {
-    let cluster = kube::cluster();
-    let run = kube::unique("refuse");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("refuse");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -900,7 +899,7 @@ spec:
     namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
     objectSelector: {{matchLabels: {{e2e-refuse: {run}}}}}
 "#,
-            ns = kube::NAMESPACE
+            ns = cluster::NAMESPACE
         ),
     );
     let refused = json!({"goal": "Refuse me", "max_turns": 1, "labels": {"e2e": run, "e2e-refuse": run}});
@@ -943,13 +942,13 @@ spec:
 
 #[tokio::test]
 async fn an_exhausted_namespace_quota_is_a_429_quota_exhausted_counted_and_predicted() {
-    let cluster = kube::cluster();
+    let cluster = cluster::cluster();
     // A namespace of its own, so that its quota of two Jobs stops no other test: OATS runs there
     // with the shipped Role, bound to its service account.
     let namespace = format!("oats-quota-{}", std::process::id());
     let _ = cluster.kubectl(&["delete", "namespace", &namespace, "--wait=true", "--timeout=60s"]);
     cluster.kubectl_ok(&["create", "namespace", &namespace]);
-    let mut role = cluster.kubectl_json(&["get", "role", "oats-backend-api-job-manager", "-n", kube::NAMESPACE]);
+    let mut role = cluster.kubectl_json(&["get", "role", "oats-backend-api-job-manager", "-n", cluster::NAMESPACE]);
     role["metadata"] = json!({"name": "oats-backend-api-job-manager", "namespace": namespace});
     apply_yaml(cluster, &role.to_string());
     cluster.kubectl_ok(&[
@@ -959,7 +958,7 @@ async fn an_exhausted_namespace_quota_is_a_429_quota_exhausted_counted_and_predi
         "-n",
         &namespace,
         "--role=oats-backend-api-job-manager",
-        &format!("--serviceaccount={}:oats-backend-api", kube::NAMESPACE),
+        &format!("--serviceaccount={}:oats-backend-api", cluster::NAMESPACE),
     ]);
     apply_yaml(
         cluster,
@@ -1009,8 +1008,8 @@ async fn an_exhausted_namespace_quota_is_a_429_quota_exhausted_counted_and_predi
 
 #[tokio::test]
 async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
-    let cluster = kube::cluster();
-    let run = kube::unique("finished");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("finished");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await;
@@ -1024,7 +1023,7 @@ async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
         let response = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
         let problem = assert_problem(response, 409, "job-finished").await;
         assert!(problem["detail"].as_str().unwrap().contains(phase), "{problem}");
-        let stored = cluster.kubectl_json(&["get", "job", id, "-n", kube::NAMESPACE]);
+        let stored = cluster.kubectl_json(&["get", "job", id, "-n", cluster::NAMESPACE]);
         assert!(stored["metadata"]["annotations"].get(render::CANCELLED_AT_ANNOTATION).is_none(), "{stored}");
         assert_eq!(server.job(id).await["status"], phase);
     }
@@ -1035,7 +1034,7 @@ async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
     // later second.
     let deadline = std::time::Instant::now() + SOON;
     let failed_at: DateTime<Utc> = loop {
-        let stored = cluster.kubectl_json(&["get", "job", &failing, "-n", kube::NAMESPACE]);
+        let stored = cluster.kubectl_json(&["get", "job", &failing, "-n", cluster::NAMESPACE]);
         let conditions = stored["status"]["conditions"].as_array().cloned().unwrap_or_default();
         if let Some(failure) = conditions.iter().find(|c| c["type"] == "Failed" && c["status"] == "True") {
             break failure["lastTransitionTime"].as_str().unwrap().parse().unwrap();
@@ -1051,7 +1050,7 @@ async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
         render::CANCELLED_AT_ANNOTATION,
         Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
     );
-    cluster.kubectl_ok(&["annotate", "job", &failing, "-n", kube::NAMESPACE, &late]);
+    cluster.kubectl_ok(&["annotate", "job", &failing, "-n", cluster::NAMESPACE, &late]);
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     while std::time::Instant::now() < deadline {
         let job = server.job(&failing).await;
@@ -1064,16 +1063,10 @@ async fn a_finished_job_keeps_its_outcome_and_cancelling_it_is_409() {
     }
 }
 
-/// The store's PostgreSQL (scripts/test.sh starts it); its absence is a failure.
-fn database_url() -> String {
-    std::env::var("OATS_TEST_DATABASE_URL")
-        .expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh")
-}
-
 #[tokio::test]
 async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
-    let cluster = kube::cluster();
-    let run = kube::unique("budget");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("budget");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let fake = common::fake_llm::FakeLlm::start().await;
@@ -1081,7 +1074,7 @@ async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
         fake.push(common::fake_llm::Reply::text("x", 60, 90));
     }
     let providers = providers_file(dir.path(), &fake);
-    let database = database_url();
+    let database = common::stores::postgres_url();
     let mut replicas = Vec::new();
     let mut gateways = Vec::new();
     for name in ["a", "b"] {
@@ -1110,7 +1103,7 @@ async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
         "get",
         "pods",
         "-n",
-        kube::NAMESPACE,
+        cluster::NAMESPACE,
         "-l",
         &selector,
         "-o",
@@ -1122,7 +1115,7 @@ async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
             "token",
             "oats-agent",
             "-n",
-            kube::NAMESPACE,
+            cluster::NAMESPACE,
             "--duration=10m",
             "--audience",
             "oats-llm",
@@ -1169,8 +1162,8 @@ async fn two_replicas_sharing_postgresql_never_spend_past_a_jobs_budget() {
 
 #[tokio::test]
 async fn a_burst_of_50_parallel_submissions_gets_exactly_max_concurrent_jobs() {
-    let cluster = kube::cluster();
-    let run = kube::unique("burst");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("burst");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
@@ -1207,8 +1200,8 @@ async fn a_burst_of_50_parallel_submissions_gets_exactly_max_concurrent_jobs() {
 
 #[tokio::test]
 async fn finished_jobs_count_against_max_kept_jobs_until_their_ttl_removes_them() {
-    let cluster = kube::cluster();
-    let run = kube::unique("kept");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("kept");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
@@ -1284,8 +1277,8 @@ fn count(counts: &std::collections::HashMap<(String, String), f64>, verb: &str, 
 
 #[tokio::test]
 async fn unknown_job_ids_never_reach_the_api_server_and_events_are_listed_at_most_every_few_seconds() {
-    let cluster = kube::cluster();
-    let run = kube::unique("reads");
+    let cluster = cluster::cluster();
+    let run = cluster::unique("reads");
     let _cleanup = cluster.delete_jobs_on_drop(&run);
     let dir = tempfile::tempdir().unwrap();
     let server = cluster.start_oats(dir.path()).await; // ready: the caches have synced
@@ -1343,11 +1336,10 @@ async fn unknown_job_ids_never_reach_the_api_server_and_events_are_listed_at_mos
 
 #[tokio::test]
 async fn finished_jobs_outlive_their_kubernetes_job_in_a_history_two_replicas_share() {
-    let namespace = kube::TestNamespace::create(kube::cluster(), "history");
-    let run = kube::unique("history");
+    let namespace = cluster::TestNamespace::create(cluster::cluster(), "history");
+    let run = cluster::unique("history");
     let dir = tempfile::tempdir().unwrap();
-    let database = std::env::var("OATS_TEST_DATABASE_URL")
-        .expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts PostgreSQL");
+    let database = common::stores::postgres_url();
     // Two replicas of one tenant sharing PostgreSQL; the TTL controller removes finished Jobs
     // 3 s after they finish.
     let env = [
@@ -1424,7 +1416,7 @@ fn stamp(at: DateTime<Utc>) -> String {
 }
 
 /// The name of the pod of a job.
-fn agent_pod(namespace: &kube::TestNamespace, id: &str) -> String {
+fn agent_pod(namespace: &cluster::TestNamespace, id: &str) -> String {
     let pods = namespace.cluster.kubectl_json(&["get", "pods", "-n", &namespace.name, "-l", &format!("job-name={id}")]);
     let pods = pods["items"].as_array().unwrap();
     assert_eq!(pods.len(), 1, "one pod for job {id}");
@@ -1432,7 +1424,7 @@ fn agent_pod(namespace: &kube::TestNamespace, id: &str) -> String {
 }
 
 /// A kwok `Logs` object: kwok's server answers the pod's agent logs from `file`.
-fn serve_logs(namespace: &kube::TestNamespace, pod: &str, file: &std::path::Path) {
+fn serve_logs(namespace: &cluster::TestNamespace, pod: &str, file: &std::path::Path) {
     let node = namespace.cluster.kubectl_json(&["get", "node", "kwok-node-0"]);
     assert!(
         node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"].as_u64().unwrap_or(0) > 0,
@@ -1474,7 +1466,7 @@ async fn logs_become(server: &Server, id: &str, expected: &str) {
 
 #[tokio::test]
 async fn logs_of_a_running_job_come_from_its_pod_with_tail_since_and_timestamps() {
-    let namespace = kube::TestNamespace::create(kube::cluster(), "logs");
+    let namespace = cluster::TestNamespace::create(cluster::cluster(), "logs");
     let dir = tempfile::tempdir().unwrap();
     let server = namespace.start_oats(&dir.path().join("oats"), &[]).await;
     let id = id_of(&submit(&server, "Talk", json!({"kwok.oats.dev/outcome": "run"}), None).await);
@@ -1512,7 +1504,7 @@ async fn logs_of_a_running_job_come_from_its_pod_with_tail_since_and_timestamps(
 
 #[tokio::test]
 async fn logs_followed_stream_a_growing_file_and_end_when_the_pod_ends() {
-    let namespace = kube::TestNamespace::create(kube::cluster(), "logs-follow");
+    let namespace = cluster::TestNamespace::create(cluster::cluster(), "logs-follow");
     let dir = tempfile::tempdir().unwrap();
     let server = namespace.start_oats(&dir.path().join("oats"), &[]).await;
     // The pod succeeds 20 s after it started: time to follow two lines first.
@@ -1566,11 +1558,10 @@ async fn logs_followed_stream_a_growing_file_and_end_when_the_pod_ends() {
 
 #[tokio::test]
 async fn logs_of_a_finished_job_read_the_same_from_the_history_after_its_kubernetes_job_is_gone() {
-    let namespace = kube::TestNamespace::create(kube::cluster(), "logs-history");
-    let run = kube::unique("logs-history");
+    let namespace = cluster::TestNamespace::create(cluster::cluster(), "logs-history");
+    let run = cluster::unique("logs-history");
     let dir = tempfile::tempdir().unwrap();
-    let database = std::env::var("OATS_TEST_DATABASE_URL")
-        .expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts PostgreSQL");
+    let database = common::stores::postgres_url();
     let env = [
         ("OATS_TENANT", run.as_str()),
         ("OATS_TTL_SECONDS_AFTER_FINISHED", "20"),
@@ -1619,7 +1610,7 @@ async fn logs_of_a_finished_job_read_the_same_from_the_history_after_its_kuberne
 
 /// Kueue objects of one test (cluster-scoped ones named after it), deleted on drop.
 struct KueueQueues {
-    namespace: kube::TestNamespace,
+    namespace: cluster::TestNamespace,
     local_queue: String,
     cluster_scoped: Vec<(&'static str, String)>,
 }
@@ -1629,7 +1620,7 @@ impl KueueQueues {
     /// namespace, preempting lower priorities within it, a LocalQueue, and the priority classes
     /// `<name>-low` (100) and `<name>-high` (1000).
     fn create(prefix: &str, cpus: u32) -> Self {
-        let namespace = kube::TestNamespace::create(kube::cluster(), prefix);
+        let namespace = cluster::TestNamespace::create(cluster::cluster(), prefix);
         let name = namespace.name.clone();
         let manifests = format!(
             r#"
@@ -1683,8 +1674,7 @@ value: 1000
     /// OATS with queueing on, its agents requesting 1 CPU, jobs in this queue; history on (a
     /// cancelled queued Job is deleted and answered from it).
     async fn start_oats(&self, dir: &std::path::Path, policy: &str, tenant: &str) -> Server {
-        let database = std::env::var("OATS_TEST_DATABASE_URL")
-            .expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts PostgreSQL");
+        let database = common::stores::postgres_url();
         let policy_file = dir.join("policy.yaml");
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(&policy_file, policy).unwrap();
