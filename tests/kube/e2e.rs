@@ -1895,8 +1895,8 @@ async fn with_kueue_a_tenant_that_fails_preempted_jobs_sees_them_failed_not_requ
 
 #[tokio::test]
 async fn a_replica_killed_while_archiving_and_restarted_archives_every_job_once() {
-    let namespace = kube::TestNamespace::create(kube::cluster(), "archive-restart");
-    let run = kube::unique("archive-restart");
+    let namespace = cluster::TestNamespace::create(cluster::cluster(), "archive-restart");
+    let run = cluster::unique("archive-restart");
     let dir = tempfile::tempdir().unwrap();
     let database = std::env::var("OATS_TEST_DATABASE_URL")
         .expect("OATS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts PostgreSQL");
