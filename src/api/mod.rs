@@ -148,8 +148,8 @@ pub fn build_app(state: Arc<ApiState>, limits: RequestLimits) -> impl Endpoint<O
     Route::new()
         .nest("/", api)
         .nest("/docs", docs)
-        .at("/openapi.json", spec)
-        .at("/metrics", metrics_endpoint(metrics))
+        .at("/openapi.json", poem::get(spec))
+        .at("/metrics", poem::get(metrics_endpoint(metrics)))
         .around(move |endpoint, request| pipeline.clone().serve(endpoint, request))
 }
 
@@ -197,7 +197,7 @@ fn bearer_token(request: &Request) -> Option<&str> {
 
 /// Only `/metrics`, for a separate metrics port.
 pub fn metrics_app(metrics: Arc<Metrics>) -> impl Endpoint<Output = Response> {
-    Route::new().at("/metrics", metrics_endpoint(metrics))
+    Route::new().at("/metrics", poem::get(metrics_endpoint(metrics)))
 }
 
 /// Prometheus scrape: OpenMetrics (with exemplars) when asked for, else the 0.0.4 text format.

@@ -220,6 +220,8 @@ async fn routes_match_exactly_and_misses_are_404_or_405_problems() {
     assert_problem(app.client.patch(job).send().await, 405, "method-not-allowed").await;
     assert_problem(app.get(&format!("{job}/cancel")).await, 405, "method-not-allowed").await;
     assert_problem(app.client.post("/healthz").send().await, 405, "method-not-allowed").await;
+    assert_problem(app.client.delete("/openapi.json").send().await, 405, "method-not-allowed").await;
+    assert_problem(app.client.post("/metrics").send().await, 405, "method-not-allowed").await;
     // The routes that exist answer for a job that does not: 404 naming the job.
     for response in [app.get(&format!("{job}/logs")).await, app.client.post(format!("{job}/cancel")).send().await] {
         let body = assert_problem(response, 404, "not-found").await;
