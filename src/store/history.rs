@@ -2,7 +2,7 @@
 //! tail compressed), ordered for listing by `(created_ns, id)` like the live list, and claims
 //! that let one replica archive each job.
 
-use super::{Store, StoreError, db_int, now_millis};
+use super::{IDS_PER_QUERY, Store, StoreError, db_int, now_millis, placeholders};
 use crate::jobs::{
     JobEvent, JobId, JobRecord, ListQuery,
     history::{ArchivedJob, HistoryError, JobHistory},
@@ -20,8 +20,6 @@ use std::{
 /// Rows read per query while a label selector filters a page (the selector is applied here, not
 /// in SQL: labels are part of the JSON record); without one, a query reads just the page.
 const PAGE_BATCH: i64 = 200;
-/// Ids asked about in one query.
-const IDS_PER_QUERY: usize = 500;
 
 impl From<StoreError> for HistoryError {
     fn from(error: StoreError) -> Self {
@@ -58,11 +56,6 @@ fn record_of(row: &AnyRow) -> Result<Arc<JobRecord>, HistoryError> {
     let id: String = row.try_get("id").map_err(unavailable)?;
     let json: String = row.try_get("record").map_err(unavailable)?;
     decode(&id, "record", &json).map(Arc::new)
-}
-
-/// `$from, $from+1, …` for `count` parameters.
-fn placeholders(from: usize, count: usize) -> String {
-    (from..from + count).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 
 impl Store {

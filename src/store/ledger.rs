@@ -6,9 +6,40 @@
 //! so the sum reserved and spent never passes a limit, however many replicas charge it. After
 //! the answer, the call is settled to what the upstream reported.
 
-use super::{Store, StoreError, db_int, from_db, now_millis};
+use super::{IDS_PER_QUERY, Store, StoreError, db_int, from_db, now_millis, placeholders};
 use crate::jobs::{Budget, DailySpend, JobId, JobUsage, NanoUsd, Refusal, TokenCounts};
-use sqlx::{Any, Row, Transaction};
+use sqlx::{Any, Row, Transaction, any::AnyRow};
+use std::collections::HashMap;
+
+/// The columns of a job's ledger row that [`usage_of_row`] reads.
+const USAGE_COLUMNS: &str = "max_tokens, max_cost, calls, reserved_tokens, reserved_cost, input_tokens, \
+    output_tokens, cached_tokens, reasoning_tokens, cost, refused, in_flight";
+
+/// What a job's ledger row says it has spent and has left.
+fn usage_of_row(row: &AnyRow) -> Result<JobUsage, StoreError> {
+    let tokens = TokenCounts {
+        input: from_db(row.try_get("input_tokens")?),
+        output: from_db(row.try_get("output_tokens")?),
+        cached_input: from_db(row.try_get("cached_tokens")?),
+        reasoning: from_db(row.try_get("reasoning_tokens")?),
+    };
+    let cost = NanoUsd(from_db(row.try_get("cost")?));
+    let calls = from_db(row.try_get("calls")?);
+    let in_flight = from_db(row.try_get("in_flight")?);
+    let reserved_tokens = from_db(row.try_get("reserved_tokens")?);
+    let reserved_cost = NanoUsd(from_db(row.try_get("reserved_cost")?));
+    let max_tokens: Option<i64> = row.try_get("max_tokens")?;
+    let max_cost: Option<i64> = row.try_get("max_cost")?;
+    let refused: Option<String> = row.try_get("refused")?;
+    Ok(JobUsage {
+        model_calls: calls.saturating_sub(in_flight),
+        tokens,
+        cost,
+        tokens_left: max_tokens.map(|m| from_db(m).saturating_sub(tokens.total() + reserved_tokens)),
+        cost_left: max_cost.map(|m| NanoUsd(from_db(m)).saturating_sub(NanoUsd(cost.0 + reserved_cost.0))),
+        refused: refused.as_deref().and_then(Refusal::parse),
+    })
+}
 
 /// A job's limits, written to its ledger row on its first call.
 #[derive(Debug, Clone)]
@@ -245,38 +276,34 @@ impl Store {
 
     /// What the job has spent and has left; `None` if it never called a model.
     pub async fn job_usage(&self, job: &JobId) -> Result<Option<JobUsage>, StoreError> {
-        let Some(row) = sqlx::query(
-            "SELECT max_tokens, max_cost, calls, reserved_tokens, reserved_cost, input_tokens, output_tokens, \
-             cached_tokens, reasoning_tokens, cost, refused, in_flight FROM llm_job_ledger WHERE job_id = $1",
-        )
-        .bind(job.as_str())
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let tokens = TokenCounts {
-            input: from_db(row.try_get("input_tokens")?),
-            output: from_db(row.try_get("output_tokens")?),
-            cached_input: from_db(row.try_get("cached_tokens")?),
-            reasoning: from_db(row.try_get("reasoning_tokens")?),
-        };
-        let cost = NanoUsd(from_db(row.try_get("cost")?));
-        let calls = from_db(row.try_get("calls")?);
-        let in_flight = from_db(row.try_get("in_flight")?);
-        let reserved_tokens = from_db(row.try_get("reserved_tokens")?);
-        let reserved_cost = NanoUsd(from_db(row.try_get("reserved_cost")?));
-        let max_tokens: Option<i64> = row.try_get("max_tokens")?;
-        let max_cost: Option<i64> = row.try_get("max_cost")?;
-        let refused: Option<String> = row.try_get("refused")?;
-        Ok(Some(JobUsage {
-            model_calls: calls.saturating_sub(in_flight),
-            tokens,
-            cost,
-            tokens_left: max_tokens.map(|m| from_db(m).saturating_sub(tokens.total() + reserved_tokens)),
-            cost_left: max_cost.map(|m| NanoUsd(from_db(m)).saturating_sub(NanoUsd(cost.0 + reserved_cost.0))),
-            refused: refused.as_deref().and_then(Refusal::parse),
-        }))
+        let row = sqlx::query(&format!("SELECT {USAGE_COLUMNS} FROM llm_job_ledger WHERE job_id = $1"))
+            .bind(job.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(usage_of_row).transpose()
+    }
+
+    /// The usage of each of `ids` that called a model: one query per [`IDS_PER_QUERY`] ids
+    /// (a page of jobs asks about all of its jobs at once).
+    async fn jobs_usage(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobUsage>, StoreError> {
+        let mut found = HashMap::new();
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let sql = format!(
+                "SELECT job_id, {USAGE_COLUMNS} FROM llm_job_ledger WHERE job_id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                let id: String = row.try_get("job_id")?;
+                if let Ok(id) = JobId::parse(&id) {
+                    found.insert(id, usage_of_row(&row)?);
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// What the tenant has spent (settled) on the current UTC day.
@@ -375,21 +402,11 @@ fn uuid_like() -> String {
 
 #[async_trait::async_trait]
 impl crate::jobs::UsageSource for Store {
-    async fn usage_of(&self, ids: &[JobId]) -> std::collections::HashMap<JobId, JobUsage> {
-        let mut found = std::collections::HashMap::new();
-        for id in ids {
-            match self.job_usage(id).await {
-                Ok(Some(usage)) => {
-                    found.insert(id.clone(), usage);
-                }
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "job usage is not available");
-                    break;
-                }
-            }
-        }
-        found
+    async fn usage_of(&self, ids: &[JobId]) -> HashMap<JobId, JobUsage> {
+        self.jobs_usage(ids).await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "job usage is not available");
+            HashMap::new()
+        })
     }
 
     async fn daily_spend(

@@ -10,7 +10,7 @@ mod migrate;
 pub use ledger::{CallTicket, LedgerLimits, today};
 
 use sqlx::{
-    AnyPool,
+    AnyPool, Connection,
     any::{AnyConnectOptions, AnyPoolOptions},
 };
 use std::{path::Path, str::FromStr, time::Duration};
@@ -61,6 +61,10 @@ impl Engine {
     }
 }
 
+/// A PostgreSQL connection idle this long is pinged before use (the server or the network may
+/// have dropped it meanwhile); one in steady use is not.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(30);
+
 /// A connection pool to the store's database, migrated to the schema this build expects.
 #[derive(Clone)]
 pub struct Store {
@@ -83,12 +87,21 @@ impl Store {
         let options = AnyConnectOptions::from_str(url)?;
         let pool = match engine {
             // SQLite has one writer at a time; one connection keeps every transaction serial
-            // instead of retrying on SQLITE_BUSY.
+            // instead of retrying on SQLITE_BUSY. A file cannot drop a connection: never pinged.
             Engine::Sqlite => {
                 AnyPoolOptions::new().max_connections(1).after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)))
             }
-            Engine::Postgres => AnyPoolOptions::new().max_connections(16),
+            Engine::Postgres => AnyPoolOptions::new().max_connections(16).before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IDLE_AFTER {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            }),
         }
+        // sqlx pings every connection it hands out by default: a round trip before every query.
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await?;
@@ -120,6 +133,14 @@ async fn sqlite_pragmas(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Erro
         sqlx::query(pragma).execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// Ids asked about in one query (well under SQLite's limit of bound parameters).
+const IDS_PER_QUERY: usize = 500;
+
+/// `$from, $from+1, …` for `count` parameters.
+fn placeholders(from: usize, count: usize) -> String {
+    (from..from + count).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 
 /// Milliseconds since the Unix epoch, as stored.
