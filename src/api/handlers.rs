@@ -199,8 +199,7 @@ impl JobsApi {
         id: Path<String>,
     ) -> Result<JsonBody<Job, JobJson>> {
         let caller = credentials.caller(&state).await?;
-        let job = state.jobs.get(&caller, &id.0).await?;
-        let usage = state.jobs.usage(&job.id).await;
+        let (job, usage) = state.jobs.get_with_usage(&caller, &id.0).await?;
         Ok(JsonBody::new(JobJson(job, usage)))
     }
 

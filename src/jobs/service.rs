@@ -267,7 +267,7 @@ impl JobService {
     }
 
     /// What one job spent on model calls, if it made any.
-    pub async fn usage(&self, id: &JobId) -> Option<JobUsage> {
+    async fn usage(&self, id: &JobId) -> Option<JobUsage> {
         self.usage_of(std::slice::from_ref(id)).await.remove(id)
     }
 
@@ -545,6 +545,18 @@ impl JobService {
         match self.locate(caller, id).await? {
             Located::Live(job) | Located::Archived(job) | Located::Departed(job) => Ok(job),
         }
+    }
+
+    /// A job the caller may see and what it spent, both read at once (for an archived job, the
+    /// two database reads overlap instead of following each other).
+    pub async fn get_with_usage(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(Arc<JobRecord>, Option<JobUsage>), JobError> {
+        let parsed = parse_id(id)?;
+        let (job, usage) = tokio::join!(self.get(caller, id), self.usage(&parsed));
+        Ok((job?, usage))
     }
 
     /// Find a job the caller may see: in the backend, else in the history.
