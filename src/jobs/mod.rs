@@ -14,6 +14,7 @@ mod id;
 pub mod metrics;
 mod page;
 pub mod policy;
+pub mod records;
 mod selector;
 mod service;
 mod spec;

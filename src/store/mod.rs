@@ -5,6 +5,7 @@
 
 mod history;
 mod ledger;
+mod local;
 mod migrate;
 
 pub use ledger::{CallTicket, LedgerLimits, today};
