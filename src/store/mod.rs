@@ -113,6 +113,15 @@ impl Store {
     pub async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
+
+    /// Make an SQLite store refuse (or take again) every write, as a database that is down
+    /// would: for tests of what a failed write does. SQLite has one connection, so this holds.
+    #[cfg(test)]
+    pub(crate) async fn refuse_writes(&self, refuse: bool) {
+        assert_eq!(self.engine, Engine::Sqlite, "only an SQLite store can be made read-only");
+        let pragma = if refuse { "PRAGMA query_only = ON" } else { "PRAGMA query_only = OFF" };
+        sqlx::query(pragma).execute(&self.pool).await.unwrap();
+    }
 }
 
 /// WAL lets readers go on while the one writer writes.
