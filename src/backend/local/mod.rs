@@ -313,7 +313,8 @@ impl Inner {
     /// readers see it, so a state the API reported survives a crash (a job shown running is
     /// reported `ServerRestarted` after a restart, never run again). When the store does not
     /// take it, nothing changes. `change` must be idempotent and respect what happened in
-    /// between (it is applied to a copy, then to the live state).
+    /// between (it is applied to a copy, then to the live state), and give both the same
+    /// values (times made outside it).
     async fn change_durably(&self, id: &JobId, change: impl Fn(&mut StoredJob)) -> Result<(), BackendError> {
         let _guard = self.write_lock.lock().await;
         let Some(mut next) = self.snapshot(id) else { return Ok(()) };
@@ -409,11 +410,12 @@ impl Inner {
         let mut backoff = RETRY_EVERY;
         let permit = loop {
             let Ok(permit) = self.slots.acquire().await else { return };
+            let started_at = Utc::now();
             let start = |s: &mut StoredJob| {
                 if s.record.status.phase == JobPhase::Pending {
                     let record = s.record_mut();
                     record.status = JobState::new(JobPhase::Running);
-                    record.started_at = Some(Utc::now());
+                    record.started_at = Some(started_at);
                     record.attempts = 1;
                 }
             };
@@ -628,14 +630,16 @@ impl JobBackend for LocalBackend {
     }
 
     async fn cancel(&self, id: &JobId) -> Result<JobRecord, BackendError> {
+        // Made once: the stored copy and the live state must hold the same times.
         let finished_at = Utc::now();
+        let cancelled = event("Normal", "Cancelled", "cancelled by request; stopping the agent");
         let cancel = |s: &mut StoredJob| {
             if !s.record.status.phase.is_terminal() {
                 let record = s.record_mut();
                 record.status =
                     JobState::with_reason(JobPhase::Cancelled, JobReason::Cancelled, "cancelled by request");
                 record.finished_at = Some(finished_at);
-                s.events.push(event("Normal", "Cancelled", "cancelled by request; stopping the agent"));
+                s.events.push(cancelled.clone());
             }
         };
         let inner = &self.inner;
