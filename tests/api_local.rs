@@ -679,9 +679,10 @@ async fn local_jobs_are_private_bounded_and_tailed_from_the_end() {
     for dir in [state.join("jobs"), job_dir.clone(), job_dir.join("workspace")] {
         assert_eq!(mode(&dir), 0o700, "{}", dir.display());
     }
-    for file in ["record.json", "output.log", "result"] {
+    for file in ["output.log", "result"] {
         assert_eq!(mode(&job_dir.join(file)), 0o600, "{file}");
     }
+    assert_eq!(mode(&state.join("oats.db")), 0o600, "the store, which holds the records");
 
     // The tail of a large log is read from its end: memory follows the answer, not the log.
     let line = format!("2026-12-01T00:00:00.000000000Z {}\n", "y".repeat(200));
@@ -785,14 +786,29 @@ async fn jobs_that_finish_while_the_database_is_down_are_archived_when_it_answer
     let outage = Outage::in_front_of(host_port.to_owned()).await;
     let proxied = format!("{head}@{}/{database}", outage.address);
     let dir = tempfile::tempdir().unwrap();
-    let env = [("OATS_TTL_SECONDS_AFTER_FINISHED", "1"), ("OATS_DATABASE_URL", proxied.as_str())];
+    // Jobs are submitted while the database answers (a submission is stored before it is
+    // answered) and finish once it is down: each waits for this file.
+    let gate = dir.path().join("go");
+    let agent = format!(
+        r#"sh,-c,echo "$OATS_GOAL"; while [ ! -e {} ]; do sleep 0.05; done; echo done > "$OATS_RESULT_FILE""#,
+        gate.display()
+    );
+    let env = [
+        ("OATS_TTL_SECONDS_AFTER_FINISHED", "1"),
+        ("OATS_DATABASE_URL", proxied.as_str()),
+        ("OATS_LOCAL_AGENT_COMMAND", agent.as_str()),
+    ];
     let server = Server::start_local(dir.path(), &env).await;
 
-    outage.cut();
     let mut ids = Vec::new();
     for goal in ["first while down", "second while down", "third while down"] {
         ids.push(server.create(goal, 2).await["id"].as_str().unwrap().to_owned());
     }
+    for id in &ids {
+        server.wait_for(id, "running", SOON).await;
+    }
+    outage.cut();
+    std::fs::write(&gate, "").unwrap();
     for id in &ids {
         server.wait_for(id, "succeeded", SOON).await;
     }

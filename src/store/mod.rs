@@ -14,7 +14,7 @@ use sqlx::{
     AnyPool,
     any::{AnyConnectOptions, AnyPoolOptions},
 };
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{os::unix::fs::OpenOptionsExt as _, path::Path, str::FromStr, time::Duration};
 
 /// Why the store could not do what was asked. Never carries the database URL (it may hold a
 /// password).
@@ -98,11 +98,14 @@ impl Store {
         Ok(store)
     }
 
-    /// The embedded default: `oats.db` in the state directory (created if missing).
+    /// The embedded default: `oats.db` in the state directory (created if missing, readable by
+    /// this user only, as its journal files then are too).
     pub async fn open_in(state_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(state_dir)
-            .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", state_dir.display())))?;
-        Self::open(&format!("sqlite://{}?mode=rwc", state_dir.join("oats.db").display())).await
+        let path = state_dir.join("oats.db");
+        let failed = |e: std::io::Error| StoreError::Unavailable(format!("cannot create {}: {e}", path.display()));
+        std::fs::create_dir_all(state_dir).map_err(failed)?;
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path).map_err(failed)?;
+        Self::open(&format!("sqlite://{}?mode=rwc", path.display())).await
     }
 
     pub fn engine(&self) -> Engine {

@@ -309,19 +309,16 @@ impl Inner {
         }
     }
 
-    /// Apply `change` durably first, then visibly: the job is written with the change before
-    /// readers see it, so a state the API reported survives a crash (a job shown running is
-    /// reported `ServerRestarted` after a restart, never run again). When the store does not
-    /// take it, nothing changes. `change` must be idempotent and respect what happened in
-    /// between (it is applied to a copy, then to the live state), and give both the same
-    /// values (times made outside it).
-    async fn change_durably(&self, id: &JobId, change: impl Fn(&mut StoredJob)) -> Result<(), BackendError> {
+    /// Store the job as `change` will make it, before anyone sees the change: a state the API
+    /// reports is stored first, so it survives a crash (a job shown running is reported
+    /// `ServerRestarted` after a restart, never run again). Whether the store took it (a job
+    /// that is gone is not written).
+    async fn store_ahead(&self, id: &JobId, change: impl Fn(&mut StoredJob)) -> Result<bool, BackendError> {
         let _guard = self.write_lock.lock().await;
-        let Some(mut next) = self.snapshot(id) else { return Ok(()) };
+        let Some(mut next) = self.snapshot(id) else { return Ok(false) };
         change(&mut next);
         self.records.put(&self.owner, &next.record, &next.events).await.map_err(unavailable)?;
-        self.update(id, change);
-        Ok(())
+        Ok(true)
     }
 
     /// Write again, every [`RETRY_EVERY`], what the store did not take, for as long as the
@@ -408,19 +405,27 @@ impl Inner {
     /// outcome.
     async fn run(self: Arc<Self>, id: JobId) {
         let mut backoff = RETRY_EVERY;
-        let permit = loop {
+        // Made once: what is stored ahead and what is shown hold the same start.
+        let started_at = Utc::now();
+        let start = |s: &mut StoredJob| {
+            // A cancel that landed while the agent was starting stays in force; the agent is
+            // stopped as soon as it is waited on.
+            if s.record.status.phase == JobPhase::Pending {
+                let record = s.record_mut();
+                record.status = JobState::new(JobPhase::Running);
+                record.started_at = Some(started_at);
+                record.attempts = 1;
+            }
+        };
+        let (permit, stored) = loop {
             let Ok(permit) = self.slots.acquire().await else { return };
-            let started_at = Utc::now();
-            let start = |s: &mut StoredJob| {
-                if s.record.status.phase == JobPhase::Pending {
-                    let record = s.record_mut();
-                    record.status = JobState::new(JobPhase::Running);
-                    record.started_at = Some(started_at);
-                    record.attempts = 1;
-                }
-            };
-            match self.change_durably(&id, start).await {
-                Ok(()) => break permit,
+            let Some(stored) = self.snapshot(&id) else { return };
+            if stored.record.status.phase != JobPhase::Pending {
+                return; // cancelled while waiting
+            }
+            match self.store_ahead(&id, start).await {
+                Ok(true) => break (permit, stored),
+                Ok(false) => return,
                 Err(error) => {
                     drop(permit);
                     tracing::warn!(job_id = %id, %error, "cannot store the job's start; it waits");
@@ -429,10 +434,6 @@ impl Inner {
                 }
             }
         };
-        let Some(stored) = self.snapshot(&id) else { return };
-        if stored.record.status.phase != JobPhase::Running {
-            return; // cancelled while waiting
-        }
         let cancel = self.jobs.lock().unwrap().get(&id).map(|e| e.cancel.clone());
         let Some(cancel) = cancel else { return };
         let dir = self.job_dir(&id);
@@ -440,9 +441,11 @@ impl Inner {
             Ok(agent) => {
                 self.metrics.local.running.inc();
                 let pgid = agent.pgid();
+                let started = event("Normal", "Started", &format!("agent started as process group {pgid}"));
                 self.update(&id, |s| {
                     s.pgid = Some(pgid);
-                    s.events.push(event("Normal", "Started", &format!("agent started as process group {pgid}")));
+                    start(s);
+                    s.events.push(started);
                 });
                 // A failed write is written again later; the agent runs on.
                 let _ = self.save(&id).await;
