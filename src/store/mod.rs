@@ -1,7 +1,8 @@
-//! The store: state that must outlive a process and agree across replicas (today the LLM
-//! ledger). One interface, two engines behind sqlx's `Any` driver: SQLite (embedded, a file in the
-//! state directory, the default) and PostgreSQL (`database_url`, for several replicas). The SQL is
-//! written once, in the subset both engines run.
+//! The store: state that must outlive a process and agree across replicas (the LLM ledger, the
+//! job history, the local backend's jobs). One interface, two engines behind sqlx's `Any`
+//! driver: SQLite (embedded, a file in the state directory, the default) and PostgreSQL
+//! (`database_url`, for several replicas). The SQL is written once, in the subset both engines
+//! run.
 
 mod history;
 mod ledger;
