@@ -218,3 +218,93 @@ async fn jobs_survive_a_restart_and_a_crash_of_the_server_with_their_state() {
     assert_eq!(list["items"].as_array().unwrap().len(), 7, "{list}");
     assert!(std::fs::read_dir(state.join("jobs")).unwrap().all(|e| !e.unwrap().path().join("record.json").exists()));
 }
+
+/// A TCP proxy in front of the test PostgreSQL that can be cut (every connection dropped, new
+/// ones refused) and restored: a real database outage as the server sees it.
+struct Outage {
+    address: std::net::SocketAddr,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Outage {
+    async fn in_front_of(upstream: String) -> Self {
+        use std::sync::{Arc, atomic::Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let (down_flag, cut_signal) = (down.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { return };
+                if down_flag.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let (upstream, cut) = (upstream.clone(), cut_signal.clone());
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        Self { address, down, cut }
+    }
+
+    fn cut(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut.notify_waiters();
+    }
+
+    fn restore(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn while_the_database_is_down_submissions_are_refused_and_accepted_jobs_are_kept() {
+    let url = postgres_url();
+    let (head, tail) = url.rsplit_once('@').unwrap();
+    let (host_port, database) = tail.split_once('/').unwrap();
+    let outage = Outage::in_front_of(host_port.to_owned()).await;
+    let proxied = format!("{head}@{}/{database}", outage.address);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let gate = dir.path().join("go");
+    let agent =
+        format!(r#"sh,-c,while [ ! -e {} ]; do sleep 0.05; done; echo done > "$OATS_RESULT_FILE""#, gate.display());
+    let env =
+        [KEEP, ("OATS_RETENTION_DAYS", "0"), ("OATS_DATABASE_URL", &proxied), ("OATS_LOCAL_AGENT_COMMAND", &agent)];
+    let server = Server::start_local(&state, &env).await;
+    let running = server.create("runs through the outage", 1).await["id"].as_str().unwrap().to_owned();
+    server.wait_for(&running, "running", SOON).await;
+
+    outage.cut();
+    let response = server.submit(serde_json::json!({"goal": "while down", "max_turns": 1})).await;
+    assert_eq!(response.headers()["retry-after"], "5");
+    common::assert_problem(response, 503, "backend-unavailable").await;
+    let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{running}/cancel"))).send().await.unwrap();
+    common::assert_problem(cancel, 503, "backend-unavailable").await;
+    // The job runs on and finishes; reads answer from memory.
+    std::fs::write(&gate, "").unwrap();
+    server.wait_for(&running, "succeeded", SOON).await;
+    let (_, list) = server.get_json("/api/v1/jobs").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+
+    // Once the database answers, the finish is stored; a restart finds the job as it ended.
+    outage.restore();
+    let deadline = std::time::Instant::now() + SOON;
+    while !server.log_text().lines().any(|l| l.contains("after a failed write") && l.contains(&running)) {
+        assert!(std::time::Instant::now() < deadline, "the finish was never stored:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = reads(&server, &running).await;
+    server.stop();
+    let server = Server::start_local(&state, &env).await;
+    assert_eq!(reads(&server, &running).await, before);
+    let (_, list) = server.get_json("/api/v1/jobs").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "the refused submission was not kept: {list}");
+}
