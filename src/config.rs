@@ -314,7 +314,7 @@ config_keys! {
     llm_secret_name: Option<String> = None;
     /// Keys of that Secret mounted as files under /var/run/secrets/oats/llm (comma-separated).
     llm_secret_keys: Vec<String> = Vec::new();
-    /// Directory of the local backend's job records, logs and workspaces.
+    /// Directory of the local backend's job output and workspaces, and of the store's SQLite file by default (job records are in the store).
     state_dir: PathBuf = default_state_dir();
     /// Jobs the local backend runs at once; the rest wait as pending.
     local_concurrency: usize = 4;
@@ -348,7 +348,7 @@ config_keys! {
     http2_max_concurrent_streams: u32 = 100;
     /// Connections each listener serves at once; further connections wait in the accept queue until one closes.
     http_max_connections: usize = 2048;
-    /// Database of the store (job history, the LLM ledger): `postgres://…` for several replicas (prefer `database_url_file` when it holds a password), or `sqlite:<path>`. Empty: SQLite file `oats.db` in `state_dir`.
+    /// Database of the store (the local backend's jobs, job history, the LLM ledger): `postgres://…` for several replicas (prefer `database_url_file` when it holds a password), or `sqlite:<path>`. Empty: SQLite file `oats.db` in `state_dir`.
     database_url: Option<Secret> = None;
     /// File holding the database URL (a mounted Secret); wins over `database_url`.
     database_url_file: Option<PathBuf> = None;

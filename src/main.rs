@@ -188,12 +188,12 @@ async fn serve(config: Config, addresses_file: Option<PathBuf>) -> Result<()> {
     let llm_address = llm_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let gateway_url = llm_address.map(|address| agent_gateway_url(&config, address));
     let agent_gateway = gateway_url.map(|base_url| AgentGateway { base_url, credentials: credentials.clone() });
-    let (backend, kube) = select_backend(&config, &metrics, queue_metrics, agent_gateway).await?;
+    let store = open_store(&config).await?;
+    let (backend, kube) = select_backend(&config, &metrics, queue_metrics, agent_gateway, &store).await?;
     tracing::info!(backend = backend.name(), listen = %config.api_listen(), "starting OATS");
     let counted = backend.clone();
     metrics.jobs.count_jobs_with(Box::new(move || counted.counts()));
     let policy = load_policy(&config)?;
-    let store = open_store(&config).await?;
     let mut jobs = JobService::new(backend.clone(), config.job_limits(), policy.clone(), metrics.jobs.clone());
     if config.retention_days > 0 {
         let history: Arc<dyn JobHistory> = Arc::new(store.clone());
@@ -266,8 +266,8 @@ fn load_providers(config: &Config) -> Result<Option<Arc<Providers>>> {
     Ok(Some(providers))
 }
 
-/// The store (job history, the gateway's ledger): the configured database, else SQLite in the
-/// state directory.
+/// The store (the local backend's jobs, job history, the gateway's ledger): the configured
+/// database, else SQLite in the state directory.
 async fn open_store(config: &Config) -> Result<Store> {
     let store = match config.database_url()? {
         Some(url) => Store::open(&url).await?,
@@ -343,6 +343,7 @@ async fn select_backend(
     metrics: &Arc<Metrics>,
     queue_metrics: QueueMetrics,
     gateway: Option<AgentGateway>,
+    store: &Store,
 ) -> Result<(Arc<dyn JobBackend>, KubeAccess)> {
     let kubernetes = match config.backend {
         BackendKind::Local => None,
@@ -385,7 +386,8 @@ async fn select_backend(
         kept_after_finish: Duration::from_secs(config.ttl_seconds_after_finished.into()),
     };
     tracing::info!(state_dir = %settings.state_dir.display(), "local backend state directory");
-    Ok((Arc::new(LocalBackend::start(settings, metrics.clone()).await?), None))
+    let backend = LocalBackend::start(settings, metrics.clone(), Arc::new(store.clone())).await?;
+    Ok((Arc::new(backend), None))
 }
 
 /// A client for the in-cluster service account or the kubeconfig, checked by asking the server

@@ -247,7 +247,7 @@ async fn run(args: Args, cores: usize, pin: bool) -> Result<()> {
     let result = async {
         if wanted("1") || wanted("2") || wanted("5") || wanted("6") {
             let dir = work.join("state-10k");
-            let jobs = seed::preload(&dir, JOBS_10K, JobPhase::Succeeded)?;
+            let jobs = seed::preload(&dir, JOBS_10K, JobPhase::Succeeded).await?;
             println!("preloaded {JOBS_10K} job records in {:.1}s", jobs.took.as_secs_f64());
             if wanted("1") || wanted("2") || wanted("5") {
                 bench.read_scenarios(&dir, &jobs.ids, wanted("1"), wanted("2"), wanted("5")).await?;

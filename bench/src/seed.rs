@@ -1,5 +1,6 @@
-//! Preloaded job histories: records written through the local backend's own seeding API
-//! (`oats::backend::local::seed`) before a server starts on the directory.
+//! Preloaded job histories: records stored through the local backend's own seeding API
+//! (`oats::backend::local::seed`, into the store a server on the directory opens: SQLite
+//! `oats.db` in it) before a server starts on the directory.
 
 use anyhow::{Result, anyhow};
 use chrono::{DateTime, Utc};
@@ -36,13 +37,13 @@ pub struct Preloaded {
     /// The jobs' ids, in an arbitrary order (so not cache-friendly).
     pub ids: Vec<String>,
     pub took: Duration,
-    /// Bytes of the records on disk.
+    /// Bytes of the records and events as JSON, as the store keeps them.
     pub bytes: u64,
 }
 
-/// Write `n` jobs in `phase` into a fresh state directory `dir` (of finished jobs, one in seven
+/// Store `n` jobs in `phase` for a fresh state directory `dir` (of finished jobs, one in seven
 /// failed, so a status filter has something to select), labelled `team=team-<i % 10>`, `env=prod`.
-pub fn preload(dir: &Path, n: usize, phase: JobPhase) -> Result<Preloaded> {
+pub async fn preload(dir: &Path, n: usize, phase: JobPhase) -> Result<Preloaded> {
     let started = Instant::now();
     let _ = std::fs::remove_dir_all(dir);
     let base = Utc::now() - chrono::Duration::seconds(n as i64 * 10 + 3600);
@@ -91,6 +92,11 @@ pub fn preload(dir: &Path, n: usize, phase: JobPhase) -> Result<Preloaded> {
     // Random ids sorted: an order unrelated to creation (or to where the server keeps them).
     let mut ids: Vec<String> = jobs.iter().map(|(record, _)| record.id.to_string()).collect();
     ids.sort_unstable();
-    let bytes = oats::backend::local::seed(dir, jobs)?;
+    let mut bytes = 0;
+    for (record, events) in &jobs {
+        bytes += (serde_json::to_vec(record)?.len() + serde_json::to_vec(events)?.len()) as u64;
+    }
+    let store = oats::store::Store::open_in(dir).await?;
+    oats::backend::local::seed(dir, &store, jobs).await?;
     Ok(Preloaded { ids, took: started.elapsed(), bytes })
 }

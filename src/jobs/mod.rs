@@ -15,6 +15,7 @@ mod index;
 pub mod metrics;
 pub mod page;
 pub mod policy;
+pub mod records;
 mod selector;
 mod service;
 mod spec;

@@ -11,6 +11,7 @@ use sqlx::{Connection, Row};
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "llm ledger", include_str!("migrations/0001_llm_ledger.sql")),
     (2, "job history", include_str!("migrations/0002_job_history.sql")),
+    (3, "local jobs", include_str!("migrations/0003_local_jobs.sql")),
 ];
 
 /// Key of the advisory lock ("oats" in ASCII).

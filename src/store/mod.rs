@@ -1,10 +1,12 @@
-//! The store: state that must outlive a process and agree across replicas (today the LLM
-//! ledger). One interface, two engines behind sqlx's `Any` driver: SQLite (embedded, a file in the
-//! state directory, the default) and PostgreSQL (`database_url`, for several replicas). The SQL is
-//! written once, in the subset both engines run.
+//! The store: state that must outlive a process and agree across replicas (the LLM ledger, the
+//! job history, the local backend's jobs). One interface, two engines behind sqlx's `Any`
+//! driver: SQLite (embedded, a file in the state directory, the default) and PostgreSQL
+//! (`database_url`, for several replicas). The SQL is written once, in the subset both engines
+//! run.
 
 mod history;
 mod ledger;
+mod local;
 mod migrate;
 
 pub use ledger::{CallTicket, LedgerLimits, today};
@@ -13,7 +15,7 @@ use sqlx::{
     AnyPool, Connection,
     any::{AnyConnectOptions, AnyPoolOptions},
 };
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{os::unix::fs::OpenOptionsExt as _, path::Path, str::FromStr, time::Duration};
 
 /// Why the store could not do what was asked. Never carries the database URL (it may hold a
 /// password).
@@ -110,11 +112,14 @@ impl Store {
         Ok(store)
     }
 
-    /// The embedded default: `oats.db` in the state directory (created if missing).
+    /// The embedded default: `oats.db` in the state directory (created if missing, readable by
+    /// this user only, as its journal files then are too).
     pub async fn open_in(state_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(state_dir)
-            .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", state_dir.display())))?;
-        Self::open(&format!("sqlite://{}?mode=rwc", state_dir.join("oats.db").display())).await
+        let path = state_dir.join("oats.db");
+        let failed = |e: std::io::Error| StoreError::Unavailable(format!("cannot create {}: {e}", path.display()));
+        std::fs::create_dir_all(state_dir).map_err(failed)?;
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path).map_err(failed)?;
+        Self::open(&format!("sqlite://{}?mode=rwc", path.display())).await
     }
 
     pub fn engine(&self) -> Engine {
@@ -124,6 +129,15 @@ impl Store {
     /// Whether the database answers now.
     pub async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Make an SQLite store refuse (or take again) every write, as a database that is down
+    /// would: for tests of what a failed write does. SQLite has one connection, so this holds.
+    #[cfg(test)]
+    pub(crate) async fn refuse_writes(&self, refuse: bool) {
+        assert_eq!(self.engine, Engine::Sqlite, "only an SQLite store can be made read-only");
+        let pragma = if refuse { "PRAGMA query_only = ON" } else { "PRAGMA query_only = OFF" };
+        sqlx::query(pragma).execute(&self.pool).await.unwrap();
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod fake_llm;
 pub mod fixtures;
+pub mod outage;
 pub mod stores;
 
 pub use oats_testkit::{Server, assert_problem, otlp};

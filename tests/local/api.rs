@@ -2,7 +2,7 @@
 
 use crate::common;
 
-use common::{Server, assert_problem};
+use common::{Server, assert_problem, outage::Outage};
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -589,9 +589,10 @@ async fn local_jobs_are_private_bounded_and_tailed_from_the_end() {
     for dir in [state.join("jobs"), job_dir.clone(), job_dir.join("workspace")] {
         assert_eq!(mode(&dir), 0o700, "{}", dir.display());
     }
-    for file in ["record.json", "output.log", "result"] {
+    for file in ["output.log", "result"] {
         assert_eq!(mode(&job_dir.join(file)), 0o600, "{file}");
     }
+    assert_eq!(mode(&state.join("oats.db")), 0o600, "the store, which holds the records");
 
     // The tail of a large log is read from its end: memory follows the answer, not the log.
     let line = format!("2026-12-01T00:00:00.000000000Z {}\n", "y".repeat(200));
@@ -641,67 +642,33 @@ async fn agents_see_only_allowlisted_variables_and_results_are_cut_on_a_characte
     assert_eq!(done["result"].as_str().unwrap(), format!("a{}", "é".repeat(2047)));
 }
 
-/// A TCP proxy in front of the test PostgreSQL that can be cut (every connection dropped and new
-/// ones refused) and restored, so the server sees a real database outage.
-struct Outage {
-    address: std::net::SocketAddr,
-    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    cut: std::sync::Arc<tokio::sync::Notify>,
-}
-
-impl Outage {
-    async fn in_front_of(upstream: String) -> Self {
-        use std::sync::{Arc, atomic::Ordering};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let cut = Arc::new(tokio::sync::Notify::new());
-        let (down_flag, cut_signal) = (down.clone(), cut.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else { return };
-                if down_flag.load(Ordering::SeqCst) {
-                    continue; // dropped: the connection is closed at once
-                }
-                let (upstream, cut) = (upstream.clone(), cut_signal.clone());
-                tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        () = cut.notified() => {}
-                    }
-                });
-            }
-        });
-        Self { address, down, cut }
-    }
-
-    fn cut(&self) {
-        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.cut.notify_waiters();
-    }
-
-    fn restore(&self) {
-        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 #[tokio::test]
 async fn jobs_that_finish_while_the_database_is_down_are_archived_when_it_answers_again() {
-    let url = common::stores::postgres_url();
-    let (head, tail) = url.rsplit_once('@').unwrap();
-    let (host_port, database) = tail.split_once('/').unwrap();
-    let outage = Outage::in_front_of(host_port.to_owned()).await;
-    let proxied = format!("{head}@{}/{database}", outage.address);
+    let (outage, proxied) = Outage::before_postgres(&common::stores::postgres_url()).await;
     let dir = tempfile::tempdir().unwrap();
-    let env = [("OATS_TTL_SECONDS_AFTER_FINISHED", "1"), ("OATS_DATABASE_URL", proxied.as_str())];
+    // Jobs are submitted while the database answers (a submission is stored before it is
+    // answered) and finish once it is down: each waits for this file.
+    let gate = dir.path().join("go");
+    let agent = format!(
+        r#"sh,-c,echo "$OATS_GOAL"; while [ ! -e {} ]; do sleep 0.05; done; echo done > "$OATS_RESULT_FILE""#,
+        gate.display()
+    );
+    let env = [
+        ("OATS_TTL_SECONDS_AFTER_FINISHED", "1"),
+        ("OATS_DATABASE_URL", proxied.as_str()),
+        ("OATS_LOCAL_AGENT_COMMAND", agent.as_str()),
+    ];
     let server = Server::start_local(dir.path(), &env).await;
 
-    outage.cut();
     let mut ids = Vec::new();
     for goal in ["first while down", "second while down", "third while down"] {
         ids.push(server.create(goal, 2).await["id"].as_str().unwrap().to_owned());
     }
+    for id in &ids {
+        server.wait_for(id, "running", SOON).await;
+    }
+    outage.cut();
+    std::fs::write(&gate, "").unwrap();
     for id in &ids {
         server.wait_for(id, "succeeded", SOON).await;
     }

@@ -10,6 +10,7 @@ use oats::{
     backend::local::{LocalBackend, LocalSettings},
     config::Config,
     jobs::{JobService, policy::Policy},
+    store::Store,
     telemetry::metrics::Metrics,
 };
 use poem::{
@@ -43,7 +44,9 @@ impl App {
             gateway: None,
             kept_after_finish: Duration::from_secs(config.ttl_seconds_after_finished.into()),
         };
-        let backend = Arc::new(LocalBackend::start(settings, metrics.clone()).await.expect("the local backend starts"));
+        let store = Store::open_in(&config.state_dir).await.expect("the store opens");
+        let backend = LocalBackend::start(settings, metrics.clone(), Arc::new(store)).await;
+        let backend = Arc::new(backend.expect("the local backend starts"));
         let jobs = JobService::new(backend, config.job_limits(), Policy::builtin(), metrics.jobs.clone());
         let state = Arc::new(ApiState {
             jobs: Arc::new(jobs),

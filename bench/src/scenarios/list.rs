@@ -105,7 +105,7 @@ impl Bench {
     /// The first page and the page after 90,000 jobs with 100,000 jobs, vs 10,000 jobs.
     async fn pages_of_100k(&mut self, first_10k: &Load, deep_10k: &Load) -> Result<()> {
         let dir = self.work.join("state-100k-list");
-        let took = preload(&dir, JOBS_100K, JobPhase::Succeeded)?.took;
+        let took = preload(&dir, JOBS_100K, JobPhase::Succeeded).await?.took;
         println!("preloaded {JOBS_100K} job records in {:.1}s", took.as_secs_f64());
         let oats = self.start_oats("oats-100k-list", &local_env(&dir), self.pin).await?;
         let first = self.closed(Target::new(&oats, ["/api/v1/jobs?limit=50".to_owned()]), &oats).await;

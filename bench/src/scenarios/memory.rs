@@ -30,7 +30,7 @@ impl Bench {
         let ready_10k = ready[1];
 
         let dir_100k = self.work.join("state-100k");
-        let took = preload(&dir_100k, JOBS_100K, JobPhase::Succeeded)?.took;
+        let took = preload(&dir_100k, JOBS_100K, JobPhase::Succeeded).await?.took;
         println!("preloaded {JOBS_100K} job records in {:.1}s", took.as_secs_f64());
         let oats = self.start_oats("oats-100k", &local_env(&dir_100k), false).await?;
         let ready_100k = oats.ready_after();
@@ -87,7 +87,7 @@ impl Bench {
             Some(ready_10k < Duration::from_secs(2)),
         );
         self.note(format!(
-            "6: ready times of the three 10k starts: {}; a record on disk is ~{} bytes of JSON (3 events, 200-byte goal, 2 labels, a result).",
+            "6: ready times of the three 10k starts: {}; a job in the store is ~{} bytes of JSON (3 events, 200-byte goal, 2 labels, a result).",
             ready.iter().map(|d| format!("{:.2} s", d.as_secs_f64())).collect::<Vec<_>>().join(", "),
             jobs_10k.bytes / jobs_10k.ids.len().max(1) as u64,
         ));

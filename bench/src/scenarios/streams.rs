@@ -21,7 +21,7 @@ impl Bench {
     pub(crate) async fn streams_scenario(&mut self) -> Result<()> {
         println!("== scenario 4: {STREAMS} concurrent watch streams");
         let dir = self.work.join("state-streams");
-        let ids = preload(&dir, STREAMS + 1, JobPhase::Pending)?.ids;
+        let ids = preload(&dir, STREAMS + 1, JobPhase::Pending).await?.ids;
         let policy = self.work.join("policy-streams.yaml");
         std::fs::write(&policy, format!("defaults:\n  max_streams: {}\n", STREAMS * 2))?;
         let mut env = local_env(&dir);

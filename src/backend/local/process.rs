@@ -202,32 +202,33 @@ async fn signal_marked(id: &JobId, signal: Signal) {
     }
 }
 
-/// Kill every process of these jobs, wherever it is: stopped first (a stopped process cannot
-/// fork), until a pass finds none it has not stopped, then killed.
+/// Kill every process of these jobs, wherever it is (see [`kill_marked_now`]).
 pub async fn kill_marked(ids: &[JobId]) -> usize {
     if ids.is_empty() {
         return 0;
     }
     let ids = ids.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let mut stopped = std::collections::HashSet::new();
-        for _ in 0..100 {
-            let found: Vec<i32> = marked_processes(&ids).into_iter().filter(|pid| !stopped.contains(pid)).collect();
-            if found.is_empty() {
-                break;
-            }
-            for pid in found {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGSTOP);
-                stopped.insert(pid);
-            }
+    tokio::task::spawn_blocking(move || kill_marked_now(&ids)).await.unwrap_or(0)
+}
+
+/// Kill every process of these jobs, wherever it is: stopped first (a stopped process cannot
+/// fork), until a pass finds none it has not stopped, then killed. Blocks; how many were killed.
+pub fn kill_marked_now(ids: &[JobId]) -> usize {
+    let mut stopped = std::collections::HashSet::new();
+    for _ in 0..100 {
+        let found: Vec<i32> = marked_processes(ids).into_iter().filter(|pid| !stopped.contains(pid)).collect();
+        if found.is_empty() {
+            break;
         }
-        for pid in &stopped {
-            let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        for pid in found {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGSTOP);
+            stopped.insert(pid);
         }
-        stopped.len()
-    })
-    .await
-    .unwrap_or(0)
+    }
+    for pid in &stopped {
+        let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    stopped.len()
 }
 
 async fn read_result(path: &Path) -> Option<String> {
