@@ -71,6 +71,16 @@ pub(crate) fn local_env(dir: &Path) -> Vec<(String, String)> {
     ]
 }
 
+/// [`local_env`] for a state directory of preloaded jobs: finished long ago, they stay (no TTL
+/// removal during the run) and are not archived (the history is off, so a server does not spend
+/// the measured window archiving the whole preload; scenario 8 measures the history).
+pub(crate) fn seeded_env(dir: &Path) -> Vec<(String, String)> {
+    let mut env = local_env(dir);
+    env.push(("OATS_TTL_SECONDS_AFTER_FINISHED".into(), "315360000".into()));
+    env.push(("OATS_RETENTION_DAYS".into(), "0".into()));
+    env
+}
+
 /// Resident memory a second after now.
 pub(crate) async fn settled_rss(process: &Process) -> u64 {
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -15,21 +15,43 @@ use std::{
 };
 
 /// A job's place in the list: newest first, then by id, descending (the page token's order).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Two integers, so the index's maps copy no strings: a job id (`job-` and 20 characters of
+/// `a-z2-7`) as a number that orders as its text does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Position {
-    created_at: DateTime<Utc>,
-    id: JobId,
+    created_ns: i64,
+    id: u128,
 }
 
 impl Position {
     fn of(record: &JobRecord) -> Self {
-        Self { created_at: record.created_at, id: record.id.clone() }
+        let id = id_number(record.id.as_str()).expect("a JobId is a job id");
+        Self { created_ns: nanos(record.created_at), id }
     }
+}
+
+/// The list's time order, as the page token writes it.
+fn nanos(at: DateTime<Utc>) -> i64 {
+    at.timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+/// A job id's 20 characters after `job-` as a base-32 number whose digits are ranked in ASCII
+/// order (`2`-`7` before `a`-`z`), so numbers compare as the ids do. `None` for what is no job id.
+fn id_number(id: &str) -> Option<u128> {
+    let digits = id.strip_prefix("job-").filter(|d| d.len() == 20)?;
+    digits.bytes().try_fold(0, |n, b| {
+        let digit = match b {
+            b'2'..=b'7' => b - b'2',
+            b'a'..=b'z' => b - b'a' + 6,
+            _ => return None,
+        };
+        Some((n << 5) | u128::from(digit))
+    })
 }
 
 impl Ord for Position {
     fn cmp(&self, other: &Self) -> Ordering {
-        (other.created_at, &other.id).cmp(&(self.created_at, &self.id))
+        (other.created_ns, other.id).cmp(&(self.created_ns, self.id))
     }
 }
 
@@ -46,7 +68,8 @@ type Posting = BTreeMap<Position, Arc<JobRecord>>;
 #[derive(Debug, Default)]
 pub struct JobIndex {
     all: Posting,
-    positions: HashMap<JobId, Position>,
+    /// By [`id_number`].
+    positions: HashMap<u128, Position>,
     tenants: HashMap<String, Posting>,
     phases: HashMap<JobPhase, Posting>,
     labels: HashMap<(String, String), Posting>,
@@ -71,7 +94,7 @@ impl JobIndex {
     }
 
     pub fn get(&self, id: &str) -> Option<&Arc<JobRecord>> {
-        self.positions.get(id).and_then(|position| self.all.get(position))
+        self.positions.get(&id_number(id)?).and_then(|position| self.all.get(position))
     }
 
     /// Every job, newest first.
@@ -89,13 +112,13 @@ impl JobIndex {
         for (key, value) in &record.spec.labels {
             insert_into(labels, &(key.clone(), value.clone()), &position, &record);
         }
-        self.positions.insert(record.id.clone(), position.clone());
+        self.positions.insert(position.id, position);
         self.all.insert(position, record);
     }
 
     /// Forget a job; returns its record.
     pub fn remove(&mut self, id: &str) -> Option<Arc<JobRecord>> {
-        let position = self.positions.remove(id)?;
+        let position = self.positions.remove(&id_number(id)?)?;
         let record = self.all.remove(&position)?;
         let Self { tenants, phases, labels, .. } = self;
         remove_from(tenants, &record.tenant, &position);
@@ -128,9 +151,9 @@ impl JobIndex {
         let start = match &query.page_token {
             Some(token) => {
                 let (created_at, id) = token.position();
-                match JobId::parse(id) {
-                    Ok(id) => Bound::Excluded(Position { created_at, id }),
-                    Err(_) => return Vec::new(),
+                match id_number(id) {
+                    Some(id) => Bound::Excluded(Position { created_ns: nanos(created_at), id }),
+                    None => return Vec::new(),
                 }
             }
             None => Bound::Unbounded,
@@ -155,9 +178,9 @@ fn insert_into<K: std::hash::Hash + Eq + Clone>(
     record: &Arc<JobRecord>,
 ) {
     if let Some(posting) = postings.get_mut(key) {
-        posting.insert(position.clone(), record.clone());
+        posting.insert(*position, record.clone());
     } else {
-        postings.insert(key.clone(), Posting::from([(position.clone(), record.clone())]));
+        postings.insert(key.clone(), Posting::from([(*position, record.clone())]));
     }
 }
 
@@ -246,6 +269,29 @@ mod tests {
         assert!(index.tenants.get("t").is_some_and(|p| p.len() == 1), "an emptied posting shrinks");
         assert!(index.page(None, &query(Some(JobPhase::Pending), None, 10, None)).is_empty());
         assert!(!index.phases.contains_key(&JobPhase::Pending), "an empty posting is dropped");
+    }
+
+    #[test]
+    fn id_numbers_order_as_the_ids_do() {
+        let mut ids: Vec<JobId> = (0..2000).map(|_| JobId::random()).collect();
+        ids.push(JobId::parse(&format!("job-{}", "2".repeat(20))).unwrap());
+        ids.push(JobId::parse(&format!("job-{}", "z".repeat(20))).unwrap());
+        ids.push(JobId::parse(&format!("job-{}7", "a".repeat(19))).unwrap());
+        ids.push(JobId::parse(&format!("job-{}a", "7".repeat(19))).unwrap());
+        let mut by_text = ids.clone();
+        by_text.sort();
+        ids.sort_by_key(|id| id_number(id.as_str()).unwrap());
+        assert_eq!(ids, by_text);
+        for not_an_id in [
+            "",
+            "job-",
+            "job-aaaa",
+            "task-aaaaaaaaaaaaaaaaaaaa",
+            "job-aaaaaaaaaaaaaaaaaaa1",
+            "job-AAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert_eq!(id_number(not_an_id), None, "{not_an_id}");
+        }
     }
 
     /// Whatever happened to the jobs, every page the index cuts equals the page of a plain sort

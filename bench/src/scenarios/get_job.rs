@@ -4,7 +4,7 @@
 use crate::{
     Bench,
     load::{Load, Target, mean},
-    procs::local_env,
+    procs::seeded_env,
     scenarios::reads::Reads,
 };
 use anyhow::Result;
@@ -18,7 +18,7 @@ impl Bench {
         // Alternate reference and OATS windows, so drift of the machine's speed hits both. A
         // third server, identical but for RUST_LOG=warn, shows what the log layer's handling
         // of the request span costs (nothing is logged per request either way).
-        let mut quiet_env = local_env(dir);
+        let mut quiet_env = seeded_env(dir);
         quiet_env.push(("RUST_LOG".into(), "warn".into()));
         let quiet = self.start_oats("oats-quiet", &quiet_env, self.pin).await?;
         let (mut bare_runs, mut oats_runs, mut quiet_runs) = (Vec::new(), Vec::new(), Vec::new());

@@ -5,7 +5,7 @@
 use crate::{
     Bench, JOBS_100K,
     load::{Load, Target},
-    procs::local_env,
+    procs::seeded_env,
     scenarios::reads::Reads,
     seed::preload,
 };
@@ -107,7 +107,7 @@ impl Bench {
         let dir = self.work.join("state-100k-list");
         let took = preload(&dir, JOBS_100K, JobPhase::Succeeded).await?.took;
         println!("preloaded {JOBS_100K} job records in {:.1}s", took.as_secs_f64());
-        let oats = self.start_oats("oats-100k-list", &local_env(&dir), self.pin).await?;
+        let oats = self.start_oats("oats-100k-list", &seeded_env(&dir), self.pin).await?;
         let first = self.closed(Target::new(&oats, ["/api/v1/jobs?limit=50".to_owned()]), &oats).await;
         self.load_note("2 OATS list first page, 100k jobs, saturated", &first);
         let token = self.deep_page_token(&oats, 90_000).await?;

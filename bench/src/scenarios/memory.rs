@@ -3,7 +3,7 @@
 
 use crate::{
     Bench, JOBS_10K, JOBS_100K,
-    procs::{local_env, settled_rss},
+    procs::{seeded_env, settled_rss},
     seed::{Preloaded, preload},
 };
 use anyhow::Result;
@@ -15,14 +15,14 @@ impl Bench {
         println!("== scenario 6: resident memory and time to ready");
         let empty = self.work.join("state-empty");
         std::fs::create_dir_all(&empty)?;
-        let idle = self.start_oats("oats-idle", &local_env(&empty), false).await?;
+        let idle = self.start_oats("oats-idle", &seeded_env(&empty), false).await?;
         let rss_idle = settled_rss(&idle).await;
         drop(idle);
 
         let mut ready = Vec::new();
         let mut rss_10k = 0;
         for _ in 0..3 {
-            let oats = self.start_oats("oats-10k", &local_env(dir_10k), false).await?;
+            let oats = self.start_oats("oats-10k", &seeded_env(dir_10k), false).await?;
             ready.push(oats.ready_after());
             rss_10k = settled_rss(&oats).await;
         }
@@ -32,7 +32,7 @@ impl Bench {
         let dir_100k = self.work.join("state-100k");
         let took = preload(&dir_100k, JOBS_100K, JobPhase::Succeeded).await?.took;
         println!("preloaded {JOBS_100K} job records in {:.1}s", took.as_secs_f64());
-        let oats = self.start_oats("oats-100k", &local_env(&dir_100k), false).await?;
+        let oats = self.start_oats("oats-100k", &seeded_env(&dir_100k), false).await?;
         let ready_100k = oats.ready_after();
         let rss_100k = settled_rss(&oats).await;
         drop(oats);

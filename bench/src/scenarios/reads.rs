@@ -1,6 +1,6 @@
 //! Scenarios 1, 2 and 5 read the same 10,000 jobs from one server: the setup they share.
 
-use crate::{Bench, JOBS_10K, load::Target, procs::local_env};
+use crate::{Bench, JOBS_10K, load::Target, procs::seeded_env};
 use anyhow::{Result, anyhow, bail};
 use bytes::Bytes;
 use oats_testkit::Process;
@@ -36,7 +36,7 @@ impl Bench {
         s5: bool,
     ) -> Result<()> {
         println!("== scenarios 1/2/5: GET with {JOBS_10K} jobs");
-        let oats = self.start_oats("oats-off", &local_env(dir), self.pin).await?;
+        let oats = self.start_oats("oats-off", &seeded_env(dir), self.pin).await?;
         // Bodies of the same size for the bare reference: the very bytes OATS answers.
         let job_body = self.http.get(oats.url(&format!("/api/v1/jobs/{}", ids[0]))).send().await?.bytes().await?;
         let list_body = self.http.get(oats.url("/api/v1/jobs?limit=50")).send().await?.bytes().await?;

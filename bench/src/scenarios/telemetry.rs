@@ -4,7 +4,7 @@
 use crate::{
     Bench,
     load::{Load, spawn_scraper},
-    procs::local_env,
+    procs::seeded_env,
     scenarios::reads::Reads,
 };
 use anyhow::Result;
@@ -24,7 +24,7 @@ impl Bench {
         );
         let sink = HttpSink::start().await?;
         let traced_env = |sampler: &str, arg: Option<&str>| {
-            let mut env = local_env(dir);
+            let mut env = seeded_env(dir);
             env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), sink.endpoint.clone()));
             env.push(("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "http/protobuf".into()));
             env.push(("OTEL_TRACES_SAMPLER".into(), sampler.into()));
