@@ -5,7 +5,7 @@
 //! smallest posting its query names from the cursor on, checking the rest of the query on each
 //! job: no scan of every job, no sort.
 
-use super::{JobId, JobPhase, JobRecord, ListQuery};
+use super::{JobPhase, JobRecord, ListQuery};
 use chrono::{DateTime, Utc};
 use std::{
     cmp::Ordering,
@@ -196,7 +196,7 @@ fn remove_from<K: std::hash::Hash + Eq>(postings: &mut HashMap<K, Posting>, key:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::{JobLimits, JobRequest, JobState, page};
+    use crate::jobs::{JobId, JobLimits, JobRequest, JobState, page};
     use chrono::TimeZone;
     use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
