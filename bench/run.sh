@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 cargo build --release -p oats -p oats-bench
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--all)
-exec target/release/oats-bench "${args[@]}"
+exec "${CARGO_TARGET_DIR:-target}/release/oats-bench" "${args[@]}"

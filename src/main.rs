@@ -229,6 +229,7 @@ async fn serve(config: Config, addresses_file: Option<PathBuf>) -> Result<()> {
         auth: authenticator(&config)?,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
+        heartbeat: api::Heartbeat::every(api::HEARTBEAT),
     });
     let limits = RequestLimits {
         max_body_bytes: config.max_body_bytes,

@@ -4,20 +4,16 @@ use super::{
     ApiState,
     json::{JobJson, JobListJson, JsonBody, PlainJson as Json},
     problem::ProblemResponse,
+    sse::WatchEvents,
     types::{
         CreateJobRequest, DryRunResult, Health, Job, JobChange, JobEventList, JobList, JobStatus, RuleVerdict,
         UsageReport, WatchEventKind,
     },
 };
 use crate::jobs::{Caller, ListQuery, LogOptions, Role, StreamKind, WatchEvent};
-use futures::stream::BoxStream;
-use poem::web::sse::Event;
-use poem_openapi::payload::EventStream;
-use std::time::Duration;
-
-/// Comment lines sent on idle streams so proxies keep them open.
-const HEARTBEAT: Duration = Duration::from_secs(15);
+use bytes::Bytes;
 use futures::StreamExt;
+use poem::web::sse::Event;
 use poem::{Body, web::Data};
 use poem_openapi::{
     ApiResponse, OpenApi, SecurityScheme, Tags,
@@ -97,7 +93,7 @@ pub enum WatchResponse {
     /// changed since. `event: shutdown` ends the stream when the server stops. Comment lines every
     /// 15 s keep idle connections open.
     #[oai(status = 200)]
-    Events(EventStream<BoxStream<'static, JobChange>>),
+    Events(WatchEvents),
 }
 
 /// Answer of the readiness probe.
@@ -280,25 +276,15 @@ impl JobsApi {
         let caller = credentials.caller(&state).await?;
         let slot = state.jobs.open_stream(&caller, StreamKind::Watch)?;
         let events = state.jobs.watch(&caller, &id.0, last_event_id.0, state.shutdown.clone()).await?;
-        let changes = events
-            .map(move |event| {
-                let _held = &slot;
-                let (event, state, job, usage) = match event {
-                    WatchEvent::Changed { id, job, usage } => (WatchEventKind::Job, id, job, usage),
-                    WatchEvent::Closing { id, job, usage } => (WatchEventKind::Shutdown, id, job, usage),
-                };
-                JobChange { event, state, job: Job::with_usage(&job, usage.as_ref()) }
-            })
-            .boxed();
-        let stream = EventStream::new(changes).keep_alive(HEARTBEAT).to_event(|change| {
-            let kind = match change.event {
-                WatchEventKind::Job => "job",
-                WatchEventKind::Shutdown => "shutdown",
+        let changes = events.map(move |event| {
+            let _held = &slot;
+            let (event, state, job, usage) = match event {
+                WatchEvent::Changed { id, job, usage } => (WatchEventKind::Job, id, job, usage),
+                WatchEvent::Closing { id, job, usage } => (WatchEventKind::Shutdown, id, job, usage),
             };
-            let id = change.state.clone();
-            let json = poem_openapi::types::ToJSON::to_json(&change).map(|v| v.to_string()).unwrap_or_default();
-            Event::message(json).event_type(kind).id(id)
+            sse_event(&JobChange { event, state, job: Job::with_usage(&job, usage.as_ref()) })
         });
+        let stream = WatchEvents::new(changes, state.heartbeat.clone());
         Ok(WatchResponse::Events(stream))
     }
 
@@ -366,4 +352,15 @@ impl HealthApi {
             ReadyResponse::NotReady(JsonBody::new(Health { status: "unavailable".into(), backend }))
         }
     }
+}
+
+/// One change as an SSE event: `event: job` (or `shutdown`), the state as its `id`, the change as
+/// JSON data.
+fn sse_event(change: &JobChange) -> Bytes {
+    let kind = match change.event {
+        WatchEventKind::Job => "job",
+        WatchEventKind::Shutdown => "shutdown",
+    };
+    let json = poem_openapi::types::ToJSON::to_json(change).map(|v| v.to_string()).unwrap_or_default();
+    Bytes::from(Event::message(json).event_type(kind).id(change.state.clone()).to_string())
 }

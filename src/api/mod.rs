@@ -7,6 +7,7 @@ mod json;
 pub mod problem;
 pub mod redact;
 mod request_telemetry;
+mod sse;
 mod timestamp;
 pub mod types;
 
@@ -22,6 +23,7 @@ use poem::{
 };
 use poem_openapi::OpenApiService;
 use problem::{ProblemKind, problem_response};
+pub use sse::Heartbeat;
 use std::{sync::Arc, time::Duration};
 
 /// What every handler can reach.
@@ -32,7 +34,12 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server starts shutting down: readiness turns 503 and streams end.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The one timer of every watch stream's heartbeat comments.
+    pub heartbeat: Heartbeat,
 }
+
+/// How often a watch stream sends a comment line, so proxies keep idle streams open.
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// The OpenAPI service; the spec is a function of the code alone, not of configuration.
 pub fn openapi() -> OpenApiService<(JobsApi, HealthApi), ()> {

@@ -11,29 +11,38 @@ const TIDY_ABOVE: usize = 1024;
 /// One version counter per job that someone watches.
 #[derive(Debug, Default)]
 pub struct JobChanges {
-    channels: Mutex<HashMap<JobId, watch::Sender<u64>>>,
+    channels: Mutex<Channels>,
+}
+
+#[derive(Debug, Default)]
+struct Channels {
+    by_job: HashMap<JobId, watch::Sender<u64>>,
+    /// The next subscribe past this many channels tidies: twice what the last tidy kept, so that
+    /// thousands of watched jobs do not make every subscribe walk them all.
+    tidy_above: usize,
 }
 
 impl JobChanges {
     /// A receiver that sees every change of `id` from now on (`changed().await`).
     pub fn subscribe(&self, id: &JobId) -> watch::Receiver<u64> {
         let mut channels = self.channels.lock().unwrap();
-        if channels.len() > TIDY_ABOVE {
-            channels.retain(|_, sender| sender.receiver_count() > 0);
+        if channels.by_job.len() > channels.tidy_above.max(TIDY_ABOVE) {
+            channels.by_job.retain(|_, sender| sender.receiver_count() > 0);
+            channels.tidy_above = channels.by_job.len() * 2;
         }
-        channels.entry(id.clone()).or_insert_with(|| watch::channel(0).0).subscribe()
+        channels.by_job.entry(id.clone()).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
     /// `id` changed: wake its watchers (nothing to do when there are none).
     pub fn changed(&self, id: &str) {
-        if let Some(sender) = self.channels.lock().unwrap().get(id) {
+        if let Some(sender) = self.channels.lock().unwrap().by_job.get(id) {
             sender.send_modify(|version| *version += 1);
         }
     }
 
     /// Everything may have changed (a re-list): wake every watcher.
     pub fn changed_all(&self) {
-        for sender in self.channels.lock().unwrap().values() {
+        for sender in self.channels.lock().unwrap().by_job.values() {
             sender.send_modify(|version| *version += 1);
         }
     }
@@ -55,5 +64,18 @@ mod tests {
         changes.changed_all();
         assert!(watch_b.has_changed().unwrap());
         changes.changed(JobId::random().as_str()); // nobody watches it: a no-op
+    }
+
+    #[test]
+    fn channels_nobody_listens_to_are_dropped_and_the_others_kept() {
+        let changes = JobChanges::default();
+        let kept: Vec<_> = (0..TIDY_ABOVE).map(|_| changes.subscribe(&JobId::random())).collect();
+        for _ in 0..10 * TIDY_ABOVE {
+            drop(changes.subscribe(&JobId::random()));
+        }
+        // Tidied whenever twice the channels kept were passed: never more than that, plus the newest.
+        let count = changes.channels.lock().unwrap().by_job.len();
+        assert!(count <= 2 * TIDY_ABOVE + 1, "{count} channels for {TIDY_ABOVE} listened to");
+        assert!(kept.iter().all(|receiver| receiver.has_changed().is_ok()), "a listened-to channel was dropped");
     }
 }

@@ -53,6 +53,7 @@ impl App {
             auth: Authenticator::new(None, None, &config.tenant),
             metrics,
             shutdown: Default::default(),
+            heartbeat: api::Heartbeat::every(api::HEARTBEAT),
         });
         let limits = RequestLimits {
             max_body_bytes: config.max_body_bytes,

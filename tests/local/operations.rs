@@ -168,6 +168,28 @@ async fn watch_streams_changes_and_resumes_from_the_last_event() {
     assert!(metrics.contains("oats_watch_streams 0"), "every watcher was released");
 }
 
+/// An idle watch stream gets the heartbeat comment (`:` and a blank line) from the server's
+/// shared timer, every 15 s, so it arrives within one period of the first event.
+#[tokio::test]
+async fn idle_watch_streams_get_heartbeat_comments() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_local(dir.path(), &[("OATS_DEMO_TURN_DELAY_MS", "1000")]).await;
+    let id = server.create("idle", 100).await["id"].as_str().unwrap().to_owned();
+    let response = server.http.get(server.url(&format!("/api/v1/jobs/{id}/watch"))).send().await.unwrap();
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let chunk = tokio::time::timeout_at(deadline.into(), body.next()).await;
+        let chunk = chunk.expect("no heartbeat within two periods").expect("the stream stays open").unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        // Events end in a blank line; the comment is a block of its own between them.
+        if text.starts_with("id: ") && text.split("\n\n").any(|block| block == ":") {
+            break;
+        }
+    }
+}
+
 #[tokio::test]
 async fn streams_per_tenant_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
