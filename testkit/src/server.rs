@@ -89,11 +89,6 @@ impl Server {
         self.process.wait();
     }
 
-    /// Kill the server (SIGKILL): a crash, nothing drained or flushed.
-    pub fn kill(mut self) {
-        self.process.kill();
-    }
-
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }

@@ -1927,7 +1927,7 @@ async fn a_replica_killed_while_archiving_and_restarted_archives_every_job_once(
         (n >= 1, n)
     })
     .await;
-    first.kill();
+    first.crash();
     assert!(at_kill < JOBS as u64, "killed before it archived every job ({at_kill} of {JOBS})");
 
     let restarted = namespace.start_oats(&dir.path().join("restarted"), &env).await;

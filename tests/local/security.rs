@@ -617,8 +617,13 @@ async fn http_limits_hold_against_slow_and_greedy_clients() {
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
     let idle_for = idle_since.elapsed();
     assert!((Duration::from_millis(2500)..Duration::from_secs(6)).contains(&idle_for), "closed after {idle_for:?}");
-    let id = server.create("a slow stream", 20).await["id"].as_str().unwrap().to_owned();
-    let logs = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs?follow=true"))).send().await.unwrap();
+    // On a new connection: the client's pooled one has been idle as long as the idle timeout, and
+    // a request sent on it as the server closes it would be lost (a POST is not retried).
+    let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let submitted = fresh.post(server.url("/api/v1/jobs")).json(&json!({"goal": "a slow stream", "max_turns": 20}));
+    let created: Value = submitted.send().await.unwrap().json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let logs = fresh.get(server.url(&format!("/api/v1/jobs/{id}/logs?follow=true"))).send().await.unwrap();
     let text = logs.text().await.expect("the stream outlived the idle and header timeouts");
     assert!(text.contains("turn 20/20") && text.contains("demo agent: done"), "{text}");
 
