@@ -196,35 +196,8 @@ fn remove_from<K: std::hash::Hash + Eq>(postings: &mut HashMap<K, Posting>, key:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::{JobId, JobLimits, JobRequest, JobState, page};
-    use chrono::TimeZone;
+    use crate::jobs::{JobId, JobState, page, page::tests::record_in as record};
     use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
-
-    fn record(second: i64, tenant: &str, phase: JobPhase, labels: &[(&str, &str)]) -> Arc<JobRecord> {
-        let spec = JobRequest {
-            goal: "g".into(),
-            max_turns: 1,
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            ..Default::default()
-        }
-        .validate(&JobLimits::default())
-        .unwrap();
-        Arc::new(JobRecord {
-            id: JobId::random(),
-            tenant: tenant.into(),
-            spec,
-            status: JobState::new(phase),
-            created_at: Utc.timestamp_opt(1_700_000_000 + second, 0).unwrap(),
-            started_at: None,
-            finished_at: None,
-            attempts: 0,
-            result: None,
-            request_hash: String::new(),
-            trace: None,
-            queue: None,
-            json: Default::default(),
-        })
-    }
 
     fn query(status: Option<JobPhase>, label: Option<&str>, limit: u32, token: Option<&str>) -> ListQuery {
         ListQuery::parse(status, label, Some(limit), token).unwrap()

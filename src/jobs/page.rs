@@ -155,7 +155,7 @@ fn newest_first(a: &Arc<JobRecord>, b: &Arc<JobRecord>) -> std::cmp::Ordering {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Filter, order newest first and cut one page out of `records`.
@@ -165,18 +165,24 @@ mod tests {
     use crate::jobs::{JobId, JobLimits, JobRequest, JobState};
     use chrono::TimeZone;
 
-    fn record(second: i64, phase: JobPhase, team: &str) -> Arc<JobRecord> {
+    /// A job of `tenant` created `second`s after a fixed instant, in `phase`, with `labels`.
+    pub(in crate::jobs) fn record_in(
+        second: i64,
+        tenant: &str,
+        phase: JobPhase,
+        labels: &[(&str, &str)],
+    ) -> Arc<JobRecord> {
         let spec = JobRequest {
             goal: "g".into(),
             max_turns: 1,
-            labels: [("team".to_string(), team.to_string())].into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ..Default::default()
         }
         .validate(&JobLimits::default())
         .unwrap();
         Arc::new(JobRecord {
             id: JobId::random(),
-            tenant: "default".into(),
+            tenant: tenant.into(),
             spec,
             status: JobState::new(phase),
             created_at: Utc.timestamp_opt(1_700_000_000 + second, 0).unwrap(),
@@ -189,6 +195,10 @@ mod tests {
             queue: None,
             json: Default::default(),
         })
+    }
+
+    fn record(second: i64, phase: JobPhase, team: &str) -> Arc<JobRecord> {
+        record_in(second, "default", phase, &[("team", team)])
     }
 
     #[test]
