@@ -52,14 +52,24 @@ fn decode<T: serde::de::DeserializeOwned>(id: &str, what: &str, json: &str) -> R
     serde_json::from_str(json).map_err(|e| HistoryError::Corrupt { id: id.to_owned(), message: format!("{what}: {e}") })
 }
 
-fn record_of(row: &AnyRow) -> Result<Arc<JobRecord>, HistoryError> {
-    let id: String = row.try_get("id").map_err(unavailable)?;
-    let json: String = row.try_get("record").map_err(unavailable)?;
-    decode(&id, "record", &json).map(Arc::new)
+impl Store {
+    /// The record of an archived row (`id`, `record`, `finished_ms`): kept decoded after the
+    /// first read (see [`record_cache`](super::record_cache)).
+    fn record_of(&self, row: &AnyRow) -> Result<Arc<JobRecord>, HistoryError> {
+        let id: String = row.try_get("id").map_err(unavailable)?;
+        if let Some(record) = JobId::parse(&id).ok().and_then(|id| self.archived.get(&id)) {
+            return Ok(record);
+        }
+        let json: String = row.try_get("record").map_err(unavailable)?;
+        let finished_ms: i64 = row.try_get("finished_ms").map_err(unavailable)?;
+        let record: Arc<JobRecord> = decode(&id, "record", &json).map(Arc::new)?;
+        self.archived.insert(record.clone(), finished_ms, json.len());
+        Ok(record)
+    }
 }
 
 impl Store {
-    /// One column of one archived job.
+    /// Columns of one archived job (and its id).
     async fn archived_column(&self, id: &JobId, column: &str) -> Result<Option<AnyRow>, HistoryError> {
         sqlx::query(&format!("SELECT id, {column} FROM job_archive WHERE id = $1"))
             .bind(id.as_str())
@@ -143,7 +153,10 @@ impl JobHistory for Store {
     }
 
     async fn record(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, HistoryError> {
-        self.archived_column(id, "record").await?.as_ref().map(record_of).transpose()
+        if let Some(record) = self.archived.get(id) {
+            return Ok(Some(record));
+        }
+        self.archived_column(id, "record, finished_ms").await?.as_ref().map(|row| self.record_of(row)).transpose()
     }
 
     async fn page(&self, tenant: Option<&str>, query: &ListQuery) -> Result<Vec<Arc<JobRecord>>, HistoryError> {
@@ -159,7 +172,7 @@ impl JobHistory for Store {
             let rows = self.page_rows(tenant, query, after.as_ref(), batch).await?;
             let exhausted = rows.len() < batch as usize;
             for row in &rows {
-                let record = record_of(row)?;
+                let record = self.record_of(row)?;
                 after = Some((row.try_get("created_ns").map_err(unavailable)?, record.id.to_string()));
                 if query.selector.as_ref().is_none_or(|s| s.matches(&record.spec.labels)) {
                     page.push(record);
@@ -201,6 +214,7 @@ impl JobHistory for Store {
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
+        self.archived.purge(finished_before.timestamp_millis());
         // Claims of jobs that were never archived (their backend forgot them first) expire too.
         sqlx::query("DELETE FROM job_archive_claims WHERE expires_ms < $1")
             .bind(finished_before.timestamp_millis())
@@ -239,7 +253,7 @@ impl Store {
         }
         let filter = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
         let sql = format!(
-            "SELECT id, created_ns, record FROM job_archive {filter} ORDER BY created_ns DESC, id DESC LIMIT {}",
+            "SELECT id, created_ns, finished_ms, record FROM job_archive {filter} ORDER BY created_ns DESC, id DESC LIMIT {}",
             param()
         );
         let mut statement = sqlx::query(&sql);

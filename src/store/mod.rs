@@ -8,6 +8,7 @@ mod history;
 mod ledger;
 mod local;
 mod migrate;
+mod record_cache;
 
 pub use ledger::{CallTicket, LedgerLimits, today};
 
@@ -72,6 +73,7 @@ const PING_IDLE_AFTER: Duration = Duration::from_secs(30);
 pub struct Store {
     pool: AnyPool,
     engine: Engine,
+    archived: std::sync::Arc<record_cache::ArchivedRecords>,
 }
 
 impl Store {
@@ -107,7 +109,7 @@ impl Store {
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await?;
-        let store = Self { pool, engine };
+        let store = Self { pool, engine, archived: Default::default() };
         migrate::run(&store).await?;
         Ok(store)
     }

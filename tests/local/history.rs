@@ -55,7 +55,10 @@ async fn an_archived_job_reads_back_exactly_and_archiving_twice_keeps_one_row() 
         store.archive(&job).await.unwrap();
         store.archive(&job).await.unwrap();
         let id = &job.record.id;
-        assert_eq!(*store.record(id).await.unwrap().expect("archived"), job.record, "{engine}: the record round-trips");
+        let read = store.record(id).await.unwrap().expect("archived");
+        assert_eq!(*read, job.record, "{engine}: the record round-trips");
+        let again = store.record(id).await.unwrap().unwrap();
+        assert!(std::sync::Arc::ptr_eq(&read, &again), "{engine}: read again, the record is the one decoded first");
         assert_eq!(store.events(id).await.unwrap().unwrap(), job.events, "{engine}");
         assert_eq!(store.logs(id).await.unwrap().unwrap(), job.logs, "{engine}");
         let page = store.page(Some(&tenant), &query(None, None, 10, None)).await.unwrap();
@@ -136,10 +139,16 @@ async fn retention_purges_what_finished_before_the_cutoff() {
         let recent = record(&tenant, Utc::now() - Days::days(2), "succeeded", serde_json::json!({}));
         store.archive(&archived(old.clone())).await.unwrap();
         store.archive(&archived(recent.clone())).await.unwrap();
+        // Read first, so that what the store keeps decoded is purged too.
+        assert!(store.record(&old.id).await.unwrap().is_some(), "{engine}");
+        let page = store.page(Some(&tenant), &query(None, None, 10, None)).await.unwrap();
+        assert_eq!(page.len(), 2, "{engine}");
         let purged = store.purge(Utc::now() - Days::days(30)).await.unwrap();
         assert!(purged >= 1, "{engine}");
         assert!(store.record(&old.id).await.unwrap().is_none(), "{engine}: past retention");
         assert!(store.record(&recent.id).await.unwrap().is_some(), "{engine}: within retention");
+        let page = store.page(Some(&tenant), &query(None, None, 10, None)).await.unwrap();
+        assert_eq!(page.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), [recent.id.clone()], "{engine}");
     }
 }
 
