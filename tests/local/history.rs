@@ -148,7 +148,8 @@ async fn retention_purges_what_finished_before_the_cutoff() {
         assert!(store.record(&old.id).await.unwrap().is_none(), "{engine}: past retention");
         assert!(store.record(&recent.id).await.unwrap().is_some(), "{engine}: within retention");
         let page = store.page(Some(&tenant), &query(None, None, 10, None)).await.unwrap();
-        assert_eq!(page.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), [recent.id.clone()], "{engine}");
+        let ids: Vec<_> = page.iter().map(|r| &r.id).collect();
+        assert_eq!(ids, [&recent.id], "{engine}");
     }
 }
 

@@ -157,7 +157,12 @@ impl Bench {
         let reads = [
             ("list first page, 100k archived", Target::new(&oats, [first_path]), 20.0, &bare_list),
             ("list page after 90,000 archived", Target::new(&oats, [deep_path]), 20.0, &bare_list),
-            ("list 90 pages in turn, after 10,000 to 99,000 archived", Target::new(&oats, many_pages), 20.0, &bare_list),
+            (
+                "list 90 pages in turn, after 10,000 to 99,000 archived",
+                Target::new(&oats, many_pages),
+                20.0,
+                &bare_list,
+            ),
             ("GET one of 1,031 archived jobs, 100k archived", Target::new(&oats, job_paths), 5.0, &bare_job),
             ("GET each of 100k archived jobs in turn", Target::new(&oats, every_job), 5.0, &bare_job),
         ];
