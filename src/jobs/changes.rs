@@ -160,4 +160,30 @@ mod tests {
             "a listened-to channel was dropped"
         );
     }
+
+    #[tokio::test]
+    async fn watchers_woken_together_by_a_change_share_one_read_of_it() {
+        let changes = JobChanges::default();
+        let id = JobId::random();
+        let mut subscriptions: Vec<_> = (0..50).map(|_| changes.subscribe(&id)).collect();
+        let record = crate::jobs::page::tests::record_in(0, "t", crate::jobs::JobPhase::Pending, &[]);
+        changes.changed(id.as_str());
+        let reads = std::sync::atomic::AtomicUsize::new(0);
+        let read = || async {
+            reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // A read takes a while (the store): the other watchers ask meanwhile.
+            tokio::task::yield_now().await;
+            Some(JobSnapshot::new("pending-1".into(), record.clone(), None))
+        };
+        let seen = futures::future::join_all(subscriptions.iter_mut().map(|s| s.latest(read))).await;
+        assert_eq!(reads.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let first = seen[0].clone().unwrap();
+        assert!(seen.iter().all(|snapshot| Arc::ptr_eq(snapshot.as_ref().unwrap(), &first)));
+
+        // The next change is read anew.
+        changes.changed(id.as_str());
+        let again = subscriptions[0].latest(read).await.unwrap();
+        assert!(!Arc::ptr_eq(&again, &first));
+        assert_eq!(reads.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
 }
