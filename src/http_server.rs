@@ -152,12 +152,22 @@ impl Connection {
     async fn serve(self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::default());
+        let protocol = tokio::select! {
+            first = tokio::time::timeout(self.limits.header_read_timeout, protocol(&stream)) => match first {
+                Ok(Some(protocol)) => protocol,
+                // Closed, or silent past the header read timeout, before a first byte.
+                Ok(None) | Err(_) => return,
+            },
+            () = self.graceful.cancelled() => return,
+        };
         let io = Guarded::new(stream, activity.clone(), self.limits);
         let (endpoint, local, remote) = (self.endpoint.clone(), self.local, self.remote);
         let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
             let endpoint = endpoint.clone();
             let in_flight = InFlight::start(activity.clone());
-            async move {
+            // Boxed: hyper keeps a slot of the service future's size for the connection's life,
+            // and a streamed response (a watch) outlives its future by hours.
+            Box::pin(async move {
                 let request = poem::Request::from((
                     request,
                     poem::web::LocalAddr(poem::Addr::SocketAddr(local)),
@@ -167,29 +177,78 @@ impl Connection {
                 let response: http::Response<PoemBody> = endpoint.get_response(request).await.into();
                 // The request counts as in progress until its body has been sent (or dropped).
                 Ok::<_, Infallible>(response.map(|body| Tracked { body, _in_flight: in_flight }))
-            }
+            })
         });
+        let io = TokioIo::new(io);
+        let max_buf_size = self.limits.max_header_bytes.max(HttpLimits::MIN_HEADER_BYTES);
+        // Serve until the connection ends, or until the server shuts down: then ask it to finish
+        // its requests in progress, and drop it when the grace period ends. (A macro: rustc cannot
+        // prove the future of a generic async fn doing this `Send`.)
+        macro_rules! serve_until_shutdown {
+            ($connection:ident) => {
+                tokio::select! {
+                    _ = $connection.as_mut() => return,
+                    () = self.graceful.cancelled() => {}
+                    () = self.hard.cancelled() => return,
+                }
+                $connection.as_mut().graceful_shutdown();
+                tokio::select! {
+                    _ = $connection => {}
+                    () = self.hard.cancelled() => {}
+                }
+            };
+        }
+        if protocol == Protocol::Http1 {
+            let connection =
+                hyper::server::conn::http1::Builder::new().max_buf_size(max_buf_size).serve_connection(io, service);
+            tokio::pin!(connection);
+            serve_until_shutdown!(connection);
+            return;
+        }
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().max_buf_size(self.limits.max_header_bytes.max(HttpLimits::MIN_HEADER_BYTES));
+        if protocol == Protocol::Http2 {
+            builder = builder.http2_only();
+        }
+        builder.http1().max_buf_size(max_buf_size);
         builder
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.limits.max_concurrent_streams)
             .max_header_list_size(u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX))
             .max_pending_accept_reset_streams(20);
-        let connection = builder.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(connection);
-        tokio::select! {
-            _ = connection.as_mut() => return,
-            () = self.graceful.cancelled() => {}
-            () = self.hard.cancelled() => return,
-        }
-        connection.as_mut().graceful_shutdown();
-        tokio::select! {
-            _ = connection => {}
-            () = self.hard.cancelled() => {}
-        }
+        // Boxed: HTTP/2's state is twice the size of HTTP/1's, and every connection's task would
+        // be that size.
+        let mut connection = Box::pin(builder.serve_connection(io, service));
+        serve_until_shutdown!(connection);
     }
+}
+
+/// The HTTP/2 connection preface (prior knowledge, as `h2c` clients send it).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Which protocol a connection speaks, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// Only the start of the HTTP/2 preface has arrived: hyper-util's detection reads the rest.
+    Unknown,
+}
+
+/// The protocol of `stream`, from its first bytes without consuming them; `None` when it closes
+/// first. hyper's own detection reads the first bytes into a buffer of 24 and hands them to the
+/// HTTP/1 parser first, so the parser's first read falls short of the request and it doubles its
+/// 8 KiB read buffer to 16 KiB, kept for the connection's life (thousands of watch streams).
+async fn protocol(stream: &TcpStream) -> Option<Protocol> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let read = stream.peek(&mut first).await.ok().filter(|read| *read > 0)?;
+    Some(if first[..read] != H2_PREFACE[..read] {
+        Protocol::Http1
+    } else if read == H2_PREFACE.len() {
+        Protocol::Http2
+    } else {
+        Protocol::Unknown
+    })
 }
 
 /// poem's response body type.
@@ -366,5 +425,37 @@ impl AsyncWrite for Guarded {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// What the server side of a connection detects once the client sent `first` (and closed,
+    /// when it sent nothing), and whether the bytes were left for hyper to read.
+    async fn detected(first: &[u8]) -> (Option<Protocol>, bool) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        if first.is_empty() {
+            drop(client);
+        } else {
+            client.write_all(first).await.unwrap();
+        }
+        let detected = protocol(&server).await;
+        let mut left = vec![0; first.len()];
+        let left_for_hyper = first.is_empty() || server.peek(&mut left).await.unwrap() == first.len() && left == first;
+        (detected, left_for_hyper)
+    }
+
+    #[tokio::test]
+    async fn the_protocol_is_read_from_the_first_bytes_without_consuming_them() {
+        assert_eq!(detected(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await, (Some(Protocol::Http1), true));
+        assert_eq!(detected(b"PRI /x HTTP/1.1\r\n\r\n").await, (Some(Protocol::Http1), true));
+        assert_eq!(detected(H2_PREFACE).await, (Some(Protocol::Http2), true));
+        assert_eq!(detected(&H2_PREFACE[..10]).await, (Some(Protocol::Unknown), true));
+        assert_eq!(detected(b"").await, (None, true));
     }
 }

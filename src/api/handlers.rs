@@ -278,11 +278,7 @@ impl JobsApi {
         let events = state.jobs.watch(&caller, &id.0, last_event_id.0, state.shutdown.clone()).await?;
         let changes = events.map(move |event| {
             let _held = &slot;
-            let (event, state, job, usage) = match event {
-                WatchEvent::Changed { id, job, usage } => (WatchEventKind::Job, id, job, usage),
-                WatchEvent::Closing { id, job, usage } => (WatchEventKind::Shutdown, id, job, usage),
-            };
-            sse_event(&JobChange { event, state, job: Job::with_usage(&job, usage.as_ref()) })
+            event.encoded(sse_event)
         });
         let stream = WatchEvents::new(changes, state.heartbeat.clone());
         Ok(WatchResponse::Events(stream))
@@ -356,11 +352,14 @@ impl HealthApi {
 
 /// One change as an SSE event: `event: job` (or `shutdown`), the state as its `id`, the change as
 /// JSON data.
-fn sse_event(change: &JobChange) -> Bytes {
-    let kind = match change.event {
-        WatchEventKind::Job => "job",
-        WatchEventKind::Shutdown => "shutdown",
+fn sse_event(event: &WatchEvent) -> Bytes {
+    let (kind, name) = match event {
+        WatchEvent::Changed(_) => (WatchEventKind::Job, "job"),
+        WatchEvent::Closing(_) => (WatchEventKind::Shutdown, "shutdown"),
     };
-    let json = poem_openapi::types::ToJSON::to_json(change).map(|v| v.to_string()).unwrap_or_default();
-    Bytes::from(Event::message(json).event_type(kind).id(change.state.clone()).to_string())
+    let now = event.snapshot();
+    let change =
+        JobChange { event: kind, state: now.state.clone(), job: Job::with_usage(&now.job, now.usage.as_ref()) };
+    let json = poem_openapi::types::ToJSON::to_json(&change).map(|v| v.to_string()).unwrap_or_default();
+    Bytes::from(Event::message(json).event_type(name).id(change.state).to_string())
 }

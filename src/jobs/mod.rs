@@ -23,7 +23,7 @@ mod spec;
 pub use backend::{BackendError, JobBackend, JobCounts, Preview};
 pub use budget::{Budget, DailySpend, JobUsage, NanoUsd, Prices, Refusal, TokenCounts};
 pub use caller::{Caller, Role};
-pub use changes::JobChanges;
+pub use changes::{JobChanges, JobSnapshot, JobSubscription};
 pub use credential::AgentCredentials;
 pub use error::{FieldError, JobError};
 pub use id::{IdempotencyKey, JobId};

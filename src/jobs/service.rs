@@ -4,11 +4,13 @@ use super::{
     BackendError, Caller, CreateOutcome, FieldError, IdempotencyKey, JobBackend, JobError, JobEvent, JobId, JobLimits,
     JobPage, JobPhase, JobRecord, JobRequest, JobUsage, ListQuery, LogOptions, LogStream, NewJob, Role, TraceContext,
     UsageSource,
+    changes::{JobSnapshot, JobSubscription},
     history::{self, HistoryError, HistoryHorizon, JobHistory},
     metrics::{JobMetrics, RuleLabel, SubmissionOutcome},
     page,
     policy::{Evaluation, Policy, Rule, Submission, TenantRules, Verdict},
 };
+use bytes::Bytes;
 use chrono::Utc;
 use futures::stream::BoxStream;
 use prometheus_client::metrics::gauge::Gauge;
@@ -70,13 +72,33 @@ pub enum StreamKind {
     Watch,
 }
 
-/// What a watch reports.
+/// What a watch reports: the job's state, shared with the other streams of the same change.
 #[derive(Debug, Clone)]
 pub enum WatchEvent {
-    /// The job as it is now; `id` identifies this state (for `Last-Event-ID`).
-    Changed { id: String, job: Arc<JobRecord>, usage: Option<JobUsage> },
+    /// The job as it is now; its `state` identifies it (for `Last-Event-ID`).
+    Changed(Arc<JobSnapshot>),
     /// The server is shutting down; reconnect elsewhere with the last id.
-    Closing { id: String, job: Arc<JobRecord>, usage: Option<JobUsage> },
+    Closing(Arc<JobSnapshot>),
+}
+
+impl WatchEvent {
+    pub fn snapshot(&self) -> &JobSnapshot {
+        match self {
+            Self::Changed(snapshot) | Self::Closing(snapshot) => snapshot,
+        }
+    }
+
+    /// The event's bytes: `encode` runs for the first stream that sends a shared state, the
+    /// others get the same bytes. A stream's own state is encoded and not kept.
+    pub fn encoded(&self, encode: impl FnOnce(&Self) -> Bytes) -> Bytes {
+        let snapshot = self.snapshot();
+        let Some(encoded) = &snapshot.encoded else { return encode(self) };
+        let slot = match self {
+            Self::Changed(_) => 0,
+            Self::Closing(_) => 1,
+        };
+        encoded[slot].get_or_init(|| encode(self)).clone()
+    }
 }
 
 /// A short name for a job's observable state: its phase and a hash of the rest.
@@ -96,18 +118,23 @@ struct Watch {
     usage: Option<Arc<dyn UsageSource>>,
     id: JobId,
     /// Wakes when the backend says the job changed; `None`: poll.
-    changes: Option<tokio::sync::watch::Receiver<u64>>,
+    changes: Option<JobSubscription>,
+    /// The next read is this stream's own, not the one shared by the job's watchers: the first
+    /// (a new stream sees the job as it is, whatever was read for the last change) and those
+    /// after a timer rather than a change.
+    read_alone: bool,
 }
 
 impl Watch {
-    /// The job now and what it spent; `None` once the job is gone.
-    async fn read(&self) -> Option<(Arc<JobRecord>, Option<JobUsage>)> {
-        let job = self.backend.get(&self.id).await.ok().flatten()?;
-        let spent = match &self.usage {
-            Some(source) => source.usage_of(std::slice::from_ref(&self.id)).await.remove(&self.id),
-            None => None,
-        };
-        Some((job, spent))
+    /// The job now and what it spent; `None` once the job is gone. After a change, read once
+    /// for all the job's watchers.
+    async fn read(&mut self) -> Option<Arc<JobSnapshot>> {
+        let alone = std::mem::take(&mut self.read_alone);
+        let read = || snapshot(&*self.backend, self.usage.as_deref(), &self.id);
+        match &mut self.changes {
+            Some(changes) if !alone => changes.latest(read).await,
+            _ => read().await.map(Arc::new),
+        }
     }
 
     /// Until the job may have changed: the backend's word, or a poll where it gives none. Usage
@@ -120,12 +147,23 @@ impl Watch {
             changed = changes.changed() => {
                 if changed.is_err() {
                     // The backend dropped the channel: fall back to polling.
+                    self.read_alone = true;
                     tokio::time::sleep(WATCH_POLL).await;
                 }
             }
-            () = tokio::time::sleep(USAGE_REFRESH), if refresh => {}
+            () = tokio::time::sleep(USAGE_REFRESH), if refresh => self.read_alone = true,
         }
     }
+}
+
+/// The job in `backend` and what it spent; `None` once it is gone.
+async fn snapshot(backend: &dyn JobBackend, usage: Option<&dyn UsageSource>, id: &JobId) -> Option<JobSnapshot> {
+    let job = backend.get(id).await.ok().flatten()?;
+    let spent = match usage {
+        Some(source) => source.usage_of(std::slice::from_ref(id)).await.remove(id),
+        None => None,
+    };
+    Some(JobSnapshot::new(state_id(&job, spent.as_ref()), job, spent))
 }
 
 /// How often a watch of a running job re-reads its usage without a change (another replica's
@@ -304,32 +342,37 @@ impl JobService {
     ) -> Result<BoxStream<'static, WatchEvent>, JobError> {
         let job = self.get(caller, id).await?;
         let changes = self.backend.changes().map(|changes| changes.subscribe(&job.id));
-        let watch = Watch { backend: self.backend.clone(), usage: self.usage.clone(), id: job.id.clone(), changes };
-        let start = (watch, last_seen, false);
-        let events = futures::stream::unfold(start, move |(mut watch, last, done)| {
+        let watch = Watch {
+            backend: self.backend.clone(),
+            usage: self.usage.clone(),
+            id: job.id.clone(),
+            changes,
+            read_alone: true,
+        };
+        let start = (watch, last_seen, None::<Arc<JobSnapshot>>, false);
+        let events = futures::stream::unfold(start, move |(mut watch, last, mut seen, done)| {
             let stop = stop.clone();
             async move {
                 if done {
                     return None;
                 }
                 loop {
-                    let (job, spent) = watch.read().await?;
-                    let state = state_id(&job, spent.as_ref());
-                    if last.as_deref() != Some(state.as_str()) {
-                        let finished = job.status.phase.is_terminal();
-                        let changed = WatchEvent::Changed { id: state.clone(), job, usage: spent };
-                        return Some((changed, (watch, Some(state), finished)));
-                    }
-                    if job.status.phase.is_terminal() {
-                        return None;
-                    }
-                    tokio::select! {
-                        () = watch.next_change(&job) => {}
-                        () = stop.cancelled() => {
-                            let closing = WatchEvent::Closing { id: state, job, usage: spent };
-                            return Some((closing, (watch, last, true)));
+                    // The state last read, sent already or the client's: wait for a change first.
+                    if let Some(now) = seen.take() {
+                        if now.job.status.phase.is_terminal() {
+                            return None;
+                        }
+                        tokio::select! {
+                            () = watch.next_change(&now.job) => {}
+                            () = stop.cancelled() => return Some((WatchEvent::Closing(now), (watch, last, None, true))),
                         }
                     }
+                    let now = watch.read().await?;
+                    if last.as_deref() != Some(now.state.as_str()) {
+                        let state = now.state.clone();
+                        return Some((WatchEvent::Changed(now.clone()), (watch, Some(state), Some(now), false)));
+                    }
+                    seen = Some(now);
                 }
             }
         });
@@ -707,8 +750,10 @@ impl From<BackendError> for JobError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::{CreateOutcome, JobCounts, LogStream, Preview};
+    use crate::jobs::{CreateOutcome, JobChanges, JobCounts, LogStream, Preview};
     use async_trait::async_trait;
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A backend whose create takes a while (an API server round trip) and that counts a job
     /// from the moment its create returns, as every backend must.
@@ -718,6 +763,9 @@ mod tests {
         fail_creates: bool,
         /// Count the job before the create returns (the local backend stores it, then writes).
         counts_before_returning: bool,
+        /// Say which job changed (watchers wait for it), and count the reads of a job.
+        changes: Option<JobChanges>,
+        gets: AtomicUsize,
     }
 
     #[async_trait]
@@ -761,7 +809,11 @@ mod tests {
             self.jobs.lock().unwrap().push(Arc::new(record.clone()));
             Ok(CreateOutcome::Created(record))
         }
+        fn changes(&self) -> Option<&JobChanges> {
+            self.changes.as_ref()
+        }
         async fn get(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, BackendError> {
+            self.gets.fetch_add(1, Ordering::Relaxed);
             Ok(self.jobs.lock().unwrap().iter().find(|j| &j.id == id).cloned())
         }
         async fn list(&self) -> Result<Vec<Arc<JobRecord>>, BackendError> {
@@ -866,5 +918,57 @@ mod tests {
             assert!(matches!(result, Err(JobError::Unavailable { .. })), "{result:?}");
         }
         assert!(service.creating.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_watchers_of_a_change_share_one_read_and_one_encoding_of_it() {
+        const WATCHERS: usize = 20;
+        let backend = Arc::new(SlowBackend { changes: Some(JobChanges::default()), ..SlowBackend::default() });
+        let (_dir, service) = service(backend.clone(), 1);
+        let id = burst(&service, "t", 1).await.pop().unwrap().unwrap().job.id;
+        let mut streams = Vec::new();
+        for _ in 0..WATCHERS {
+            let mut events = service.watch(&caller("t"), id.as_str(), None, CancellationToken::new()).await.unwrap();
+            let first = events.next().await.unwrap();
+            assert!(matches!(&first, WatchEvent::Changed(now) if now.job.status.phase == JobPhase::Pending));
+            streams.push(events);
+        }
+
+        let reads_before = backend.gets.load(Ordering::Relaxed);
+        for job in backend.jobs.lock().unwrap().iter_mut() {
+            let mut record = JobRecord::clone(job);
+            record.status.phase = JobPhase::Cancelled;
+            *job = Arc::new(record);
+        }
+        backend.changes.as_ref().unwrap().changed(id.as_str());
+        let encodings = AtomicUsize::new(0);
+        let mut sent = Vec::new();
+        for events in &mut streams {
+            let change = events.next().await.unwrap();
+            assert!(matches!(&change, WatchEvent::Changed(now) if now.job.status.phase == JobPhase::Cancelled));
+            sent.push(change.encoded(|event| {
+                encodings.fetch_add(1, Ordering::Relaxed);
+                Bytes::from(event.snapshot().state.clone())
+            }));
+            assert!(events.next().await.is_none(), "a watch ends with its job");
+        }
+        assert_eq!(backend.gets.load(Ordering::Relaxed) - reads_before, 1, "one read of the change for all");
+        assert_eq!(encodings.load(Ordering::Relaxed), 1, "one encoding of the change for all");
+        assert!(sent.iter().all(|bytes| bytes.as_ptr() == sent[0].as_ptr()), "every stream sends the same bytes");
+        assert!(sent[0].starts_with(b"cancelled-"));
+    }
+
+    #[tokio::test]
+    async fn a_watch_ends_with_a_closing_event_of_the_state_last_sent_when_stopped() {
+        let backend = Arc::new(SlowBackend { changes: Some(JobChanges::default()), ..SlowBackend::default() });
+        let (_dir, service) = service(backend.clone(), 1);
+        let id = burst(&service, "t", 1).await.pop().unwrap().unwrap().job.id;
+        let stop = CancellationToken::new();
+        let mut events = service.watch(&caller("t"), id.as_str(), None, stop.clone()).await.unwrap();
+        let WatchEvent::Changed(sent) = events.next().await.unwrap() else { panic!("a change first") };
+        stop.cancel();
+        let closing = events.next().await.unwrap();
+        assert!(matches!(&closing, WatchEvent::Closing(now) if now.state == sent.state), "{closing:?}");
+        assert!(events.next().await.is_none(), "nothing after the closing event");
     }
 }
