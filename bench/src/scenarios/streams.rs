@@ -1,10 +1,12 @@
 //! Scenario 4: watch streams. 1,000 and then 10,000 held open on idle jobs (memory and CPU per
 //! stream, over one heartbeat period), and the latency of a status change to 1,000 watchers of a
-//! job against that of a single watcher.
+//! job against that of a single watcher; then 10,000 again over HTTP/2, on a server of their own.
 //!
-//! The watchers are plain TCP connections that send one HTTP/1.1 request and read the raw
+//! The HTTP/1.1 watchers are plain TCP connections that send one request and read the raw
 //! response (chunked SSE), so the load generator holds 10,000 of them cheaply and timestamps an
-//! event as soon as its bytes arrive.
+//! event as soon as its bytes arrive. Over HTTP/1.1 each stream has its connection, and hyper's
+//! two 8 KiB buffers of it; the HTTP/2 watchers share 100 h2c connections (prior knowledge, 100
+//! streams each: the server's default `http2_max_concurrent_streams`), through hyper's client.
 
 use crate::{
     Bench,
@@ -12,10 +14,15 @@ use crate::{
     seed::preload,
 };
 use anyhow::{Context, Result, bail};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use oats::jobs::JobPhase;
 use std::{
     net::SocketAddr,
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -41,6 +48,8 @@ const FAN_OUT_ROUNDS: usize = 3;
 const SINGLE_ROUNDS: usize = 50;
 /// The server's heartbeat period: CPU is measured over one, so each stream's comment is in it.
 const HEARTBEAT: Duration = Duration::from_secs(15);
+/// HTTP/2 streams to a connection: the server's default `http2_max_concurrent_streams`.
+const STREAMS_PER_CONNECTION: usize = 100;
 /// Connections being opened at once (their first event not yet read): more only overflow the
 /// listen backlog, and a dropped SYN costs a second.
 const OPENING_AT_ONCE: usize = 200;
@@ -52,6 +61,8 @@ struct Seen {
     opened: AtomicU64,
     events: AtomicU64,
     heartbeats: AtomicU64,
+    /// Streams that got a heartbeat comment (counted over HTTP/2).
+    beating: AtomicU64,
 }
 
 impl Bench {
@@ -65,15 +76,7 @@ impl Bench {
         let dir = self.work.join("state-streams");
         let jobs = 1 + MANY_STREAMS + FAN_OUT_ROUNDS + SINGLE_ROUNDS;
         let ids = preload(&dir, jobs, JobPhase::Pending).await?.ids;
-        let policy = self.work.join("policy-streams.yaml");
-        std::fs::write(&policy, format!("defaults:\n  max_streams: {}\n", 2 * (MANY_STREAMS + WATCHERS)))?;
-        let mut env = local_env(&dir);
-        env.push(("OATS_POLICY_FILE".into(), policy.display().to_string()));
-        env.push(("OATS_HTTP_MAX_CONNECTIONS".into(), (2 * (MANY_STREAMS + WATCHERS)).to_string()));
-        // One slot, taken by a long sleep: every other job stays pending, so its watch stays open.
-        env.push(("OATS_LOCAL_CONCURRENCY".into(), "1".into()));
-        env.push(("OATS_LOCAL_AGENT_COMMAND".into(), "sleep,300".into()));
-        let oats = self.start_oats("oats-streams", &env, self.pin).await?;
+        let oats = self.start_oats("oats-streams", &self.streams_env(&dir)?, self.pin).await?;
         let pid = oats.pid() as i32;
         let address = oats.api();
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -201,6 +204,136 @@ impl Bench {
         drop(oats);
         oats::backend::local::kill_agents(&dir);
         let _ = std::fs::remove_dir_all(&dir);
+        self.http2_streams().await
+    }
+
+    /// The environment of a server for watch streams on the jobs of `dir`.
+    fn streams_env(&self, dir: &Path) -> Result<Vec<(String, String)>> {
+        let policy = self.work.join("policy-streams.yaml");
+        std::fs::write(&policy, format!("defaults:\n  max_streams: {}\n", 2 * (MANY_STREAMS + WATCHERS)))?;
+        let mut env = local_env(dir);
+        env.push(("OATS_POLICY_FILE".into(), policy.display().to_string()));
+        env.push(("OATS_HTTP_MAX_CONNECTIONS".into(), (2 * (MANY_STREAMS + WATCHERS)).to_string()));
+        // One slot, taken by a long sleep: every other job stays pending, so its watch stays open.
+        env.push(("OATS_LOCAL_CONCURRENCY".into(), "1".into()));
+        env.push(("OATS_LOCAL_AGENT_COMMAND".into(), "sleep,300".into()));
+        Ok(env)
+    }
+
+    /// 10,000 watch streams over HTTP/2, 100 to a connection, held open over one heartbeat
+    /// period on a server of their own (its memory is not the HTTP/1.1 streams' memory reused).
+    /// Fails unless every stream opened, stayed open and got a heartbeat.
+    async fn http2_streams(&mut self) -> Result<()> {
+        let dir = self.work.join("state-streams-h2");
+        let ids = preload(&dir, 1 + MANY_STREAMS, JobPhase::Pending).await?.ids;
+        let oats = self.start_oats("oats-streams-h2", &self.streams_env(&dir)?, self.pin).await?;
+        let pid = oats.pid() as i32;
+        let address = oats.api();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let cpu0 = proc_cpu(pid, self.clk_tck);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle_cpu = (proc_cpu(pid, self.clk_tck) - cpu0) / 3.0;
+        let before = proc_status(pid, "VmRSS");
+
+        let seen = Arc::new(Seen::default());
+        let stop = CancellationToken::new();
+        let opening = Arc::new(Semaphore::new(OPENING_AT_ONCE));
+        let started = Instant::now();
+        let mut connections = Vec::new();
+        let mut streams = Vec::new();
+        for ids in ids[..MANY_STREAMS].chunks(STREAMS_PER_CONNECTION) {
+            let stream = TcpStream::connect(address).await.context("connecting for HTTP/2")?;
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .context("HTTP/2 handshake")?;
+            let stopped = stop.clone();
+            connections.push(tokio::spawn(async move {
+                tokio::select! {
+                    _ = connection => {}
+                    () = stopped.cancelled() => {}
+                }
+            }));
+            for id in ids {
+                let uri = format!("http://{address}/api/v1/jobs/{id}/watch");
+                let watcher = http2_watcher(sender.clone(), uri, seen.clone(), opening.clone(), stop.clone());
+                streams.push(tokio::spawn(watcher));
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while seen.opened.load(Ordering::Relaxed) < MANY_STREAMS as u64 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let open_took = started.elapsed();
+        let open = seen.opened.load(Ordering::Relaxed);
+        if open < MANY_STREAMS as u64 {
+            stop.cancel();
+            bail!("only {open} of {MANY_STREAMS} HTTP/2 watch streams got their first event within 120 s");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (cpu1, beats1) = (proc_cpu(pid, self.clk_tck), seen.heartbeats.load(Ordering::Relaxed));
+        tokio::time::sleep(HEARTBEAT).await;
+        let held_cpu = (proc_cpu(pid, self.clk_tck) - cpu1) / HEARTBEAT.as_secs_f64();
+        let beats = seen.heartbeats.load(Ordering::Relaxed) - beats1;
+        let rss = proc_status(pid, "VmRSS");
+        // Each stream has been open longer than a heartbeat period: its first comment is due.
+        let deadline = Instant::now() + HEARTBEAT;
+        while seen.beating.load(Ordering::Relaxed) < open && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let beating = seen.beating.load(Ordering::Relaxed);
+        let still_open = streams.iter().filter(|t| !t.is_finished()).count();
+        stop.cancel();
+        for task in streams.into_iter().chain(connections) {
+            let _ = task.await;
+        }
+        if still_open < MANY_STREAMS || beating < open {
+            bail!(
+                "of {MANY_STREAMS} HTTP/2 watch streams, {still_open} stayed open over the {} s hold and {beating} \
+                 got a heartbeat comment",
+                HEARTBEAT.as_secs() + 2
+            );
+        }
+
+        let per_stream = (rss as f64 - before as f64) / open as f64;
+        self.row(
+            "4",
+            &format!("{open} watch streams over HTTP/2 ({STREAMS_PER_CONNECTION} per connection): RSS"),
+            format!("{:.1} MiB", rss as f64 / 1024.0),
+            format!("{:.1} MiB (same server, no streams)", before as f64 / 1024.0),
+            Some(rss as f64 / before as f64),
+            "",
+            None,
+        );
+        self.row(
+            "4",
+            &format!("memory per open watch stream over HTTP/2, {open} streams"),
+            format!("{per_stream:.1} KiB"),
+            "".into(),
+            None,
+            "< 8 KiB",
+            Some(per_stream < 8.0),
+        );
+        self.row(
+            "4",
+            &format!("server CPU while holding {open} HTTP/2 streams (idle jobs; over one 15 s heartbeat period)"),
+            format!("{:.2}% of a core", held_cpu * 100.0),
+            format!("{:.2}% (no streams)", idle_cpu * 100.0),
+            None,
+            "< 1% of a core",
+            Some(held_cpu < 0.01),
+        );
+        self.note(format!(
+            "4 ({MANY_STREAMS} HTTP/2 streams): {} h2c connections (prior knowledge) of {STREAMS_PER_CONNECTION} \
+             streams each, on a server of their own; all streams got their first event within {:.1} s and stayed \
+             open over the {} s hold, {beats} heartbeat comments received in its last 15 s",
+            MANY_STREAMS / STREAMS_PER_CONNECTION,
+            open_took.as_secs_f64(),
+            HEARTBEAT.as_secs() + 2,
+        ));
+        drop(oats);
+        oats::backend::local::kill_agents(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 
@@ -305,6 +438,45 @@ async fn idle_watcher(
         seen.heartbeats.fetch_add(beats, Ordering::Relaxed);
         if events > 0 && permit.take().is_some() {
             seen.opened.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Watch over HTTP/2 until `stop`, counting events and heartbeat comments.
+async fn http2_watcher(
+    mut sender: http2::SendRequest<Empty<Bytes>>,
+    uri: String,
+    seen: Arc<Seen>,
+    opening: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    let permit = opening.acquire_owned().await;
+    let Ok(request) = hyper::Request::get(uri).header("accept", "text/event-stream").body(Empty::new()) else {
+        return;
+    };
+    let Ok(response) = sender.send_request(request).await else { return };
+    let mut body = response.into_body();
+    let mut permit = Some(permit);
+    let (mut event_tail, mut beat_tail) = (Vec::new(), Vec::new());
+    let mut beating = false;
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            () = stop.cancelled() => return,
+        };
+        let Some(Ok(frame)) = frame else { return };
+        let Ok(data) = frame.into_data() else { continue };
+        let events = count_new(&mut event_tail, &data, b"event: job");
+        // A comment follows the blank line that ends an event or another comment.
+        let beats = count_new(&mut beat_tail, &data, b"\n\n:\n\n");
+        seen.events.fetch_add(events, Ordering::Relaxed);
+        seen.heartbeats.fetch_add(beats, Ordering::Relaxed);
+        if events > 0 && permit.take().is_some() {
+            seen.opened.fetch_add(1, Ordering::Relaxed);
+        }
+        if beats > 0 && !beating {
+            beating = true;
+            seen.beating.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
