@@ -37,7 +37,7 @@ impl Routes {
         let templates = documented
             .chain(fixed)
             .map(|(path, methods)| {
-                let segments = path
+                let segments: Vec<Option<String>> = path
                     .trim_matches('/')
                     .split('/')
                     .map(|s| (!(s.starts_with('{') && s.ends_with('}'))).then(|| s.to_owned()))
@@ -45,6 +45,10 @@ impl Routes {
                 (&*Box::leak(path.into_boxed_str()), segments, methods)
             })
             .collect::<Vec<_>>();
+        assert!(
+            templates.iter().all(|(_, segments, _)| (1..=MAX_SEGMENTS).contains(&segments.len())),
+            "a route template has at most {MAX_SEGMENTS} segments"
+        );
         let routes = templates.iter().map(|(template, _, _)| *template).chain(["/docs", "unmatched"]);
         let span_names = routes
             .flat_map(|route| METHODS.map(|method| ((method, route), &*format!("{method} {route}").leak())))
@@ -64,12 +68,21 @@ impl Routes {
 
     /// The template `path` matches, `/docs` for Swagger UI's assets, else `unmatched`.
     pub fn route(&self, path: &str) -> &'static str {
+        // The path is split once, not once per template (this runs on every request).
+        let mut segments = [""; MAX_SEGMENTS];
+        let mut count = 0;
+        for segment in path.trim_matches('/').split('/') {
+            if count == MAX_SEGMENTS {
+                count = 0;
+                break;
+            }
+            segments[count] = segment;
+            count += 1;
+        }
+        let segments = &segments[..count];
         let matched = self.templates.iter().find(|(_, template, _)| {
-            let mut segments = path.trim_matches('/').split('/');
-            template
-                .iter()
-                .all(|t| segments.next().is_some_and(|s| !s.is_empty() && t.as_deref().is_none_or(|t| t == s)))
-                && segments.next().is_none()
+            template.len() == segments.len()
+                && template.iter().zip(segments).all(|(t, s)| !s.is_empty() && t.as_deref().is_none_or(|t| t == *s))
         });
         match matched {
             Some((template, _, _)) => template,
@@ -78,6 +91,9 @@ impl Routes {
         }
     }
 }
+
+/// Segments of the longest route template; a longer path matches none.
+const MAX_SEGMENTS: usize = 8;
 
 /// The method labels [`method_label`] gives.
 const METHODS: [&str; 10] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "CONNECT", "_OTHER"];
