@@ -194,7 +194,10 @@ impl EncodeJson for JobJson {
 impl<S: Type, T: EncodeJson + Send> IntoResponse for JsonBody<S, T> {
     fn into_response(self) -> Response {
         match self.0.encode_json() {
-            Ok(body) => Response::builder().header(header::CONTENT_TYPE, Self::CONTENT_TYPE).body(body),
+            Ok(body) => {
+                let content_type = header::HeaderValue::from_static(Self::CONTENT_TYPE);
+                Response::builder().header(header::CONTENT_TYPE, content_type).body(body)
+            }
             Err(error) => poem::Error::from_string(
                 format!("cannot serialise the response: {error}"),
                 poem::http::StatusCode::INTERNAL_SERVER_ERROR,

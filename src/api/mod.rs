@@ -18,13 +18,13 @@ use crate::{
 };
 use handlers::{HealthApi, JobsApi};
 use poem::{
-    Body, Endpoint, EndpointExt, IntoResponse, Request, Response, Route,
+    Body, Endpoint, IntoResponse, Request, Response, Route, RouteMethod,
     http::{Method, header},
 };
-use poem_openapi::OpenApiService;
+use poem_openapi::{__private::UrlQuery, OpenApi, OpenApiService};
 use problem::{ProblemKind, problem_response};
 pub use sse::Heartbeat;
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 /// What every handler can reach.
 pub struct ApiState {
@@ -43,12 +43,17 @@ pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// The OpenAPI service; the spec is a function of the code alone, not of configuration.
 pub fn openapi() -> OpenApiService<(JobsApi, HealthApi), ()> {
-    OpenApiService::new((JobsApi, HealthApi), "OATS", env!("CARGO_PKG_VERSION"))
+    OpenApiService::new(api_operations(), "OATS", env!("CARGO_PKG_VERSION"))
         .description(
             "Run LLM agents as jobs. Submit a goal, follow the agent's status and logs, read its result. \
              Every error is an RFC 9457 `application/problem+json` document with a stable `type`.",
         )
         .license(poem_openapi::LicenseObject::new("Apache-2.0"))
+}
+
+/// The operations of the API, documented by [`openapi`] and routed by [`build_app`].
+fn api_operations() -> (JobsApi, HealthApi) {
+    (JobsApi, HealthApi)
 }
 
 /// Limits on how clients send requests.
@@ -143,21 +148,26 @@ pub fn spec_yaml() -> String {
 
 /// The whole HTTP application, ready to serve or to drive from tests without a socket.
 pub fn build_app(state: Arc<ApiState>, limits: RequestLimits) -> impl Endpoint<Output = Response> {
-    let api = openapi();
-    let routes = Arc::new(request_telemetry::Routes::from_spec(&spec()));
-    let docs = api.swagger_ui();
+    let templates = request_telemetry::Routes::from_spec(&spec());
+    let docs = openapi().swagger_ui();
     let document = spec_json();
     let spec = poem::endpoint::make_sync(move |_| {
         Response::builder().content_type("application/json; charset=utf-8").body(document.clone())
     });
     let metrics = state.metrics.clone();
-    let pipeline = Arc::new(Pipeline { state, limits, routes });
-    Route::new()
-        .nest("/", api)
+    // The operations sit in the one route table, not behind `nest("/", api)`: the service's own
+    // endpoint would add a boxed layer, a second routing and a rewritten URI to every request.
+    // Its one other task, the parsed query string its `Query` parameters read, is the pipeline's.
+    let mut operations = HashMap::new();
+    api_operations().add_routes(&mut operations);
+    let api = operations.into_iter().fold(Route::new(), |route, (path, methods)| {
+        route.at(path, methods.into_iter().fold(RouteMethod::new(), |methods, (method, op)| methods.method(method, op)))
+    });
+    let routes = api
         .nest("/docs", docs)
         .at("/openapi.json", poem::get(spec))
-        .at("/metrics", poem::get(metrics_endpoint(metrics)))
-        .around(move |endpoint, request| pipeline.clone().serve(endpoint, request))
+        .at("/metrics", poem::get(metrics_endpoint(metrics)));
+    Pipeline { routes, state, limits, templates }
 }
 
 /// What every request goes through around the routes, in one layer: its telemetry, the body
@@ -165,24 +175,32 @@ pub fn build_app(state: Arc<ApiState>, limits: RequestLimits) -> impl Endpoint<O
 /// each: every layer's future holds the request and the inner future, and poem moves the whole
 /// nest into the heap per request; that copying was the largest cost of a small GET.)
 struct Pipeline {
+    routes: Route,
     state: Arc<ApiState>,
     limits: RequestLimits,
-    routes: Arc<request_telemetry::Routes>,
+    templates: request_telemetry::Routes,
 }
 
-impl Pipeline {
-    async fn serve<E: Endpoint>(self: Arc<Self>, endpoint: Arc<E>, request: Request) -> poem::Result<Response> {
+impl Endpoint for Pipeline {
+    type Output = Response;
+
+    async fn call(&self, request: Request) -> poem::Result<Response> {
         let (state, limits) = (self.state.clone(), self.limits);
         let handle = |mut request: Request| async move {
             request.extensions_mut().insert(state);
+            // The parsed query string poem-openapi's `Query` parameters read (a hidden type of
+            // poem-openapi, which its own service endpoint would insert).
+            let query = UrlQuery(request.params().unwrap_or_default());
+            request.extensions_mut().insert(query);
             if matches!(*request.method(), Method::POST | Method::PUT | Method::PATCH) {
                 request = match Box::pin(read_body(request, limits)).await {
                     Ok(request) => request,
                     Err(refusal) => return refusal,
                 };
             }
-            // Boxed so that the routes' (large) future is moved into the heap once.
-            match Box::pin(endpoint.call(request)).await {
+            // Not boxed: the server boxes this whole future once per request; boxing the routes'
+            // future too would be a second large allocation.
+            match self.routes.call(request).await {
                 Ok(output) => output.into_response(),
                 Err(error) => problem::from_poem_error(error),
             }
@@ -191,7 +209,7 @@ impl Pipeline {
         // for requests that carry one; the handler authenticates again as usual).
         let caller_trace = request.headers().contains_key("traceparent")
             && Box::pin(self.state.auth.authenticate(bearer_token(&request))).await.is_ok();
-        Ok(request_telemetry::instrument(request, &self.state.metrics, &self.routes, caller_trace, handle).await)
+        Ok(request_telemetry::instrument(request, &self.state.metrics, &self.templates, caller_trace, handle).await)
     }
 }
 

@@ -13,7 +13,8 @@ use crate::{
 use opentelemetry::{global, trace::TraceContextExt};
 use opentelemetry_http::HeaderExtractor;
 use poem::{Request, Response, http::Method};
-use std::{collections::HashMap, time::Instant};
+use prometheus_client::metrics::gauge::Gauge;
+use std::{collections::HashMap, sync::OnceLock, time::Instant};
 use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -21,8 +22,14 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub struct Routes {
     /// Each template with its segments (`None` marks a `{parameter}`) and its methods.
     templates: Vec<(&'static str, Vec<Option<String>>, String)>,
+    /// The places in `templates` of the templates of each length (in segments), in their order.
+    by_length: [Vec<usize>; MAX_SEGMENTS + 1],
     /// `{method} {route}` of every method and route: span names, built once rather than per request.
     span_names: HashMap<(&'static str, &'static str), &'static str>,
+    /// The in-flight gauge of each method (by its place in [`METHODS`]), looked up in the metrics'
+    /// family on a method's first request only: the family hashes the labels and locks per lookup.
+    /// (One app serves one registry, so the gauges are those of the metrics `instrument` is given.)
+    active: [OnceLock<Gauge>; METHODS.len()],
 }
 
 impl Routes {
@@ -37,7 +44,7 @@ impl Routes {
         let templates = documented
             .chain(fixed)
             .map(|(path, methods)| {
-                let segments = path
+                let segments: Vec<Option<String>> = path
                     .trim_matches('/')
                     .split('/')
                     .map(|s| (!(s.starts_with('{') && s.ends_with('}'))).then(|| s.to_owned()))
@@ -45,11 +52,19 @@ impl Routes {
                 (&*Box::leak(path.into_boxed_str()), segments, methods)
             })
             .collect::<Vec<_>>();
+        assert!(
+            templates.iter().all(|(_, segments, _)| (1..=MAX_SEGMENTS).contains(&segments.len())),
+            "a route template has at most {MAX_SEGMENTS} segments"
+        );
         let routes = templates.iter().map(|(template, _, _)| *template).chain(["/docs", "unmatched"]);
         let span_names = routes
             .flat_map(|route| METHODS.map(|method| ((method, route), &*format!("{method} {route}").leak())))
             .collect();
-        Self { templates, span_names }
+        let mut by_length: [Vec<usize>; MAX_SEGMENTS + 1] = Default::default();
+        for (place, (_, segments, _)) in templates.iter().enumerate() {
+            by_length[segments.len()].push(place);
+        }
+        Self { templates, by_length, span_names, active: Default::default() }
     }
 
     /// The server span's name for a request.
@@ -64,13 +79,26 @@ impl Routes {
 
     /// The template `path` matches, `/docs` for Swagger UI's assets, else `unmatched`.
     pub fn route(&self, path: &str) -> &'static str {
-        let matched = self.templates.iter().find(|(_, template, _)| {
-            let mut segments = path.trim_matches('/').split('/');
-            template
-                .iter()
-                .all(|t| segments.next().is_some_and(|s| !s.is_empty() && t.as_deref().is_none_or(|t| t == s)))
-                && segments.next().is_none()
-        });
+        // The path is split once, not once per template, by a byte loop: `split` searches each
+        // of these short segments with `memchr`, which cost more than the matching (this runs on
+        // every request).
+        let trimmed = path.trim_matches('/');
+        let mut segments = [""; MAX_SEGMENTS];
+        let (mut count, mut start) = (0, 0);
+        for end in trimmed.bytes().enumerate().filter(|(_, b)| *b == b'/').map(|(i, _)| i).chain([trimmed.len()]) {
+            if count == MAX_SEGMENTS {
+                count = 0;
+                break;
+            }
+            segments[count] = &trimmed[start..end];
+            count += 1;
+            start = end + 1;
+        }
+        let segments = &segments[..count];
+        let matched =
+            self.by_length[segments.len()].iter().map(|&place| &self.templates[place]).find(|(_, template, _)| {
+                template.iter().zip(segments).all(|(t, s)| !s.is_empty() && t.as_deref().is_none_or(|t| t == *s))
+            });
         match matched {
             Some((template, _, _)) => template,
             None if path.starts_with("/docs/") => "/docs",
@@ -79,22 +107,26 @@ impl Routes {
     }
 }
 
-/// The method labels [`method_label`] gives.
+/// Segments of the longest route template; a longer path matches none.
+const MAX_SEGMENTS: usize = 8;
+
+/// The method labels [`method_index`] points into.
 const METHODS: [&str; 10] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "CONNECT", "_OTHER"];
 
-/// The semantic-convention value of a method: known methods as they are, anything else `_OTHER`.
-fn method_label(method: &Method) -> &'static str {
+/// The place in [`METHODS`] of a method's semantic-convention value: known methods as they are,
+/// anything else `_OTHER`.
+fn method_index(method: &Method) -> usize {
     match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::TRACE => "TRACE",
-        Method::CONNECT => "CONNECT",
-        _ => "_OTHER",
+        Method::GET => 0,
+        Method::POST => 1,
+        Method::PUT => 2,
+        Method::PATCH => 3,
+        Method::DELETE => 4,
+        Method::HEAD => 5,
+        Method::OPTIONS => 6,
+        Method::TRACE => 7,
+        Method::CONNECT => 8,
+        _ => 9,
     }
 }
 
@@ -113,7 +145,8 @@ where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
 {
-    let method = method_label(request.method());
+    let method_index = method_index(request.method());
+    let method = METHODS[method_index];
     let route = routes.route(request.uri().path());
     let read_only = matches!(method, "GET" | "HEAD" | "OPTIONS");
     let span = if telemetry::trace_request(caller_trace, read_only) {
@@ -125,7 +158,8 @@ where
     let span_context = context.span().span_context().clone();
     let trace_id = span_context.is_sampled().then(|| span_context.trace_id().to_string());
 
-    let active = metrics.http.active.get_or_create(&MethodLabel { http_request_method: method }).clone();
+    let active = routes.active[method_index]
+        .get_or_init(|| metrics.http.active.get_or_create(&MethodLabel { http_request_method: method }).clone());
     active.inc();
     let started = Instant::now();
     let mut response = handle(request).instrument(span.clone()).await;

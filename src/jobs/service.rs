@@ -597,22 +597,28 @@ impl JobService {
         caller: &Caller,
         id: &str,
     ) -> Result<(Arc<JobRecord>, Option<JobUsage>), JobError> {
-        let parsed = parse_id(id)?;
-        let (job, usage) = tokio::join!(self.get(caller, id), self.usage(&parsed));
-        Ok((job?, usage))
+        let id = parse_id(id)?;
+        let (located, usage) = tokio::join!(self.locate_id(caller, &id), self.usage(&id));
+        match located? {
+            Located::Live(job) | Located::Archived(job) | Located::Departed(job) => Ok((job, usage)),
+        }
     }
 
     /// Find a job the caller may see: in the backend, else in the history.
     async fn locate(&self, caller: &Caller, id: &str) -> Result<Located, JobError> {
-        let id = parse_id(id)?;
-        let found = match self.backend.get(&id).await? {
+        self.locate_id(caller, &parse_id(id)?).await
+    }
+
+    /// [`Self::locate`] with the id parsed (once per request: parsing copies it).
+    async fn locate_id(&self, caller: &Caller, id: &JobId) -> Result<Located, JobError> {
+        let found = match self.backend.get(id).await? {
             Some(job) => Some(Located::Live(job)),
             None => match &self.history {
-                Some(history) => history.record(&id).await.map_err(history_error)?.map(Located::Archived),
+                Some(history) => history.record(id).await.map_err(history_error)?.map(Located::Archived),
                 None => None,
             },
         };
-        let found = found.or_else(|| self.backend.recently_departed(&id).map(Located::Departed));
+        let found = found.or_else(|| self.backend.recently_departed(id).map(Located::Departed));
         match found {
             Some(Located::Live(job) | Located::Archived(job) | Located::Departed(job)) if !caller.sees(&job.tenant) => {
                 Err(JobError::NotFound(id.to_string()))
