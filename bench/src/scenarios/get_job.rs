@@ -42,8 +42,8 @@ impl Bench {
             format!("{oats_rps:.0}"),
             format!("{bare_rps:.0} (bare poem, {} B body)", job_body.len()),
             Some(ratio),
-            "≥ 0.60",
-            Some(ratio >= 0.60),
+            "≥ 0.75",
+            Some(ratio >= 0.75),
         );
         let (bare_cpu, oats_cpu) = (mean(&bare_runs, Load::cpu_us), mean(&oats_runs, Load::cpu_us));
         self.row(
