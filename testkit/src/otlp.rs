@@ -100,7 +100,9 @@ impl HttpSink {
         }
         let spans = Arc::new(AtomicU64::new(0));
         let acceptor = poem::listener::TcpAcceptor::from_tokio(tokio::net::TcpListener::bind("127.0.0.1:0").await?)?;
-        let endpoint = format!("http://{}", acceptor.local_addr()[0]);
+        // The socket address itself: poem's `Addr` displays as `socket://…`.
+        let address = acceptor.local_addr()[0].as_socket_addr().copied().expect("a TCP listener has a socket address");
+        let endpoint = format!("http://{address}");
         let app = Route::new().at("/v1/traces", post(traces)).data(spans.clone());
         let task = tokio::spawn(async move {
             let _ = poem::Server::new_with_acceptor(acceptor).run(app).await;

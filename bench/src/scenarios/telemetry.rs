@@ -90,6 +90,12 @@ impl Bench {
                 None,
             );
         }
+        if spans_always * 2 < served_always {
+            anyhow::bail!(
+                "the OTLP receiver got {spans_always} spans for {served_always} always_on requests: the \"on\" servers \
+                 are not exporting, so what exporting costs is not measured"
+            );
+        }
         self.note(format!(
             "5: with always_on the receiver got {spans_always} spans for {served_always} requests (one span per request \
              is exported, none dropped by the batch processor's queue). \"Off\" is the default deployment: no OTLP \
