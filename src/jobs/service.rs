@@ -228,6 +228,15 @@ enum Located {
     Departed(Arc<JobRecord>),
 }
 
+impl Located {
+    /// The record, wherever it was found.
+    fn job(&self) -> &Arc<JobRecord> {
+        match self {
+            Self::Live(job) | Self::Archived(job) | Self::Departed(job) => job,
+        }
+    }
+}
+
 impl JobService {
     pub fn new(backend: Arc<dyn JobBackend>, limits: JobLimits, policy: Arc<Policy>, metrics: Arc<JobMetrics>) -> Self {
         Self {
@@ -585,9 +594,7 @@ impl JobService {
     }
 
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<Arc<JobRecord>, JobError> {
-        match self.locate(caller, id).await? {
-            Located::Live(job) | Located::Archived(job) | Located::Departed(job) => Ok(job),
-        }
+        Ok(self.locate(caller, id).await?.job().clone())
     }
 
     /// A job the caller may see and what it spent, both read at once (for an archived job, the
@@ -599,9 +606,7 @@ impl JobService {
     ) -> Result<(Arc<JobRecord>, Option<JobUsage>), JobError> {
         let id = parse_id(id)?;
         let (located, usage) = tokio::join!(self.locate_id(caller, &id), self.usage(&id));
-        match located? {
-            Located::Live(job) | Located::Archived(job) | Located::Departed(job) => Ok((job, usage)),
-        }
+        Ok((located?.job().clone(), usage))
     }
 
     /// Find a job the caller may see: in the backend, else in the history.
@@ -619,12 +624,10 @@ impl JobService {
             },
         };
         let found = found.or_else(|| self.backend.recently_departed(id).map(Located::Departed));
+        // Another tenant's job is answered as one that does not exist.
         match found {
-            Some(Located::Live(job) | Located::Archived(job) | Located::Departed(job)) if !caller.sees(&job.tenant) => {
-                Err(JobError::NotFound(id.to_string()))
-            }
-            Some(located) => Ok(located),
-            None => Err(JobError::NotFound(id.to_string())),
+            Some(located) if caller.sees(&located.job().tenant) => Ok(located),
+            _ => Err(JobError::NotFound(id.to_string())),
         }
     }
 

@@ -57,7 +57,7 @@ impl Store {
     /// first read (see [`record_cache`](super::record_cache)).
     fn record_of(&self, row: &AnyRow) -> Result<Arc<JobRecord>, HistoryError> {
         let id: String = row.try_get("id").map_err(unavailable)?;
-        if let Some(record) = JobId::parse(&id).ok().and_then(|id| self.archived.get(&id)) {
+        if let Some(record) = self.archived.get(&id) {
             return Ok(record);
         }
         let json: String = row.try_get("record").map_err(unavailable)?;
@@ -153,7 +153,7 @@ impl JobHistory for Store {
     }
 
     async fn record(&self, id: &JobId) -> Result<Option<Arc<JobRecord>>, HistoryError> {
-        if let Some(record) = self.archived.get(id) {
+        if let Some(record) = self.archived.get(id.as_str()) {
             return Ok(Some(record));
         }
         self.archived_column(id, "record, finished_ms").await?.as_ref().map(|row| self.record_of(row)).transpose()

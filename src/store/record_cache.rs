@@ -36,7 +36,7 @@ struct Entry {
 }
 
 impl ArchivedRecords {
-    pub(super) fn get(&self, id: &JobId) -> Option<Arc<JobRecord>> {
+    pub(super) fn get(&self, id: &str) -> Option<Arc<JobRecord>> {
         self.inner.lock().unwrap().by_id.get(id).map(|entry| entry.record.clone())
     }
 
@@ -105,9 +105,9 @@ mod tests {
         for record in &records {
             cache.insert(record.clone(), 0, json_len);
         }
-        let kept: Vec<bool> = records.iter().map(|r| cache.get(&r.id).is_some()).collect();
+        let kept: Vec<bool> = records.iter().map(|r| cache.get(r.id.as_str()).is_some()).collect();
         assert_eq!(kept, [false, false, true, true, true, true]);
-        assert!(Arc::ptr_eq(&cache.get(&records[5].id).unwrap(), &records[5]), "the same shared record");
+        assert!(Arc::ptr_eq(&cache.get(records[5].id.as_str()).unwrap(), &records[5]), "the same shared record");
         cache.insert(record(), 0, CACHED_BYTES); // larger than the whole cache: not kept
         assert_eq!(cache.inner.lock().unwrap().bytes, 4 * 2 * json_len);
     }
@@ -119,8 +119,8 @@ mod tests {
         cache.insert(old.clone(), 1_000, 100);
         cache.insert(recent.clone(), 2_000, 100);
         cache.purge(2_000);
-        assert!(cache.get(&old.id).is_none());
-        assert!(cache.get(&recent.id).is_some(), "finished at the cutoff: kept, as the database keeps it");
+        assert!(cache.get(old.id.as_str()).is_none());
+        assert!(cache.get(recent.id.as_str()).is_some(), "finished at the cutoff: kept, as the database keeps it");
         let inner = cache.inner.lock().unwrap();
         assert_eq!((inner.bytes, inner.order.len()), (200, 1));
     }

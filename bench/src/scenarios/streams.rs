@@ -20,6 +20,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use oats::jobs::JobPhase;
+use oats_testkit::Process;
 use std::{
     net::SocketAddr,
     path::Path,
@@ -54,6 +55,12 @@ const STREAMS_PER_CONNECTION: usize = 100;
 /// listen backlog, and a dropped SYN costs a second.
 const OPENING_AT_ONCE: usize = 200;
 
+/// A stream server before any stream: CPU (share of a core) and resident memory (KiB).
+struct Baseline {
+    idle_cpu: f64,
+    rss: u64,
+}
+
 /// What the watchers of the idle streams saw, together.
 #[derive(Default)]
 struct Seen {
@@ -75,15 +82,9 @@ impl Bench {
         }
         let dir = self.work.join("state-streams");
         let jobs = 1 + MANY_STREAMS + FAN_OUT_ROUNDS + SINGLE_ROUNDS;
-        let ids = preload(&dir, jobs, JobPhase::Pending).await?.ids;
-        let oats = self.start_oats("oats-streams", &self.streams_env(&dir)?, self.pin).await?;
+        let (oats, ids, Baseline { idle_cpu, rss: before }) = self.stream_server("oats-streams", &dir, jobs).await?;
         let pid = oats.pid() as i32;
         let address = oats.api();
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let cpu0 = proc_cpu(pid, self.clk_tck);
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let idle_cpu = (proc_cpu(pid, self.clk_tck) - cpu0) / 3.0;
-        let before = proc_status(pid, "VmRSS");
 
         // Idle streams: the first 1,000, then up to 10,000; one stream per job.
         let (idle_ids, rest) = ids.split_at(1 + MANY_STREAMS);
@@ -207,6 +208,19 @@ impl Bench {
         self.http2_streams().await
     }
 
+    /// A server for watch streams on `jobs` pending jobs preloaded into `dir`, their ids, and the
+    /// server's CPU and memory before any stream (settled for 2 s, CPU over the next 3 s).
+    async fn stream_server(&self, name: &str, dir: &Path, jobs: usize) -> Result<(Process, Vec<String>, Baseline)> {
+        let ids = preload(dir, jobs, JobPhase::Pending).await?.ids;
+        let oats = self.start_oats(name, &self.streams_env(dir)?, self.pin).await?;
+        let pid = oats.pid() as i32;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let cpu0 = proc_cpu(pid, self.clk_tck);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle_cpu = (proc_cpu(pid, self.clk_tck) - cpu0) / 3.0;
+        Ok((oats, ids, Baseline { idle_cpu, rss: proc_status(pid, "VmRSS") }))
+    }
+
     /// The environment of a server for watch streams on the jobs of `dir`.
     fn streams_env(&self, dir: &Path) -> Result<Vec<(String, String)>> {
         let policy = self.work.join("policy-streams.yaml");
@@ -225,15 +239,10 @@ impl Bench {
     /// Fails unless every stream opened, stayed open and got a heartbeat.
     async fn http2_streams(&mut self) -> Result<()> {
         let dir = self.work.join("state-streams-h2");
-        let ids = preload(&dir, 1 + MANY_STREAMS, JobPhase::Pending).await?.ids;
-        let oats = self.start_oats("oats-streams-h2", &self.streams_env(&dir)?, self.pin).await?;
+        let (oats, ids, Baseline { idle_cpu, rss: before }) =
+            self.stream_server("oats-streams-h2", &dir, 1 + MANY_STREAMS).await?;
         let pid = oats.pid() as i32;
         let address = oats.api();
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let cpu0 = proc_cpu(pid, self.clk_tck);
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let idle_cpu = (proc_cpu(pid, self.clk_tck) - cpu0) / 3.0;
-        let before = proc_status(pid, "VmRSS");
 
         let seen = Arc::new(Seen::default());
         let stop = CancellationToken::new();
