@@ -6,10 +6,10 @@
 //! so the sum reserved and spent never passes a limit, however many replicas charge it. After
 //! the answer, the call is settled to what the upstream reported.
 
-use super::{IDS_PER_QUERY, Store, StoreError, db_int, from_db, now_millis, placeholders};
+use super::{IDS_PER_QUERY, Store, StoreError, db_int, from_db, now_millis, placeholders, record_cache::FinalUsage};
 use crate::jobs::{Budget, DailySpend, JobId, JobUsage, NanoUsd, Refusal, TokenCounts};
 use sqlx::{Any, Row, Transaction, any::AnyRow};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// The columns of a job's ledger row that [`usage_of_row`] reads.
 const USAGE_COLUMNS: &str = "max_tokens, max_cost, calls, reserved_tokens, reserved_cost, input_tokens, \
@@ -284,10 +284,20 @@ impl Store {
     }
 
     /// The usage of each of `ids` that called a model: one query per [`IDS_PER_QUERY`] ids
-    /// (a page of jobs asks about all of its jobs at once).
+    /// (a page of jobs asks about all of its jobs at once), none for an archived job whose usage
+    /// is final and kept with its record.
     async fn jobs_usage(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobUsage>, StoreError> {
         let mut found = HashMap::new();
-        for chunk in ids.chunks(IDS_PER_QUERY) {
+        let mut unknown = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.archived.final_usage(id.as_str()) {
+                Some(FinalUsage::Spent(usage)) => drop(found.insert(id.clone(), usage)),
+                Some(FinalUsage::None) => {}
+                None => unknown.push(id),
+            }
+        }
+        let now = now_millis();
+        for chunk in unknown.chunks(IDS_PER_QUERY) {
             let sql = format!(
                 "SELECT job_id, {USAGE_COLUMNS} FROM llm_job_ledger WHERE job_id IN ({})",
                 placeholders(1, chunk.len())
@@ -296,11 +306,19 @@ impl Store {
             for id in chunk {
                 query = query.bind(id.as_str());
             }
+            let mut in_flight = HashSet::new();
             for row in query.fetch_all(&self.pool).await? {
                 let id: String = row.try_get("job_id")?;
                 if let Ok(id) = JobId::parse(&id) {
+                    if row.try_get::<i64, _>("in_flight")? > 0 {
+                        in_flight.insert(id.clone());
+                    }
                     found.insert(id, usage_of_row(&row)?);
                 }
+            }
+            for &id in chunk.iter().filter(|&&id| !in_flight.contains(id)) {
+                let usage = found.get(id).map_or(FinalUsage::None, |usage| FinalUsage::Spent(*usage));
+                self.archived.keep_usage(id.as_str(), usage, now);
             }
         }
         Ok(found)

@@ -4,8 +4,11 @@
 //! bytes memoized in the record. Bounded by bytes, oldest entry out first. Retention forgets
 //! entries as it deletes rows; a row another replica's pass deleted is forgotten here at this
 //! replica's own pass (every replica runs one, with the same cutoff).
+//!
+//! A cached job's usage is kept with it too, once it can no longer change (see
+//! [`USAGE_FINAL_AFTER_MS`]): a page or GET of such a job then asks the ledger nothing.
 
-use crate::jobs::{JobId, JobRecord};
+use crate::jobs::{JobId, JobRecord, JobUsage};
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
@@ -14,6 +17,21 @@ use std::{
 /// Bytes of archived records kept, counted as twice their stored JSON (the decoded record and
 /// the response bytes the API memoizes in it).
 pub(super) const CACHED_BYTES: usize = 8 * 1024 * 1024;
+
+/// How long after a job finished its usage is final. The gateway refuses calls of a finished
+/// job; a call admitted just before it finished settles within its provider's timeout, and one
+/// its replica abandoned is settled by the sweeper an hour after its reservation. Two hours is
+/// past all of these (an agent's connection ends with its pod, so a request admitted while the
+/// job ran cannot take longer to arrive).
+pub(super) const USAGE_FINAL_AFTER_MS: i64 = 2 * 3_600_000;
+
+/// What a job whose usage is final spent.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum FinalUsage {
+    /// It never called a model: the ledger has no row for it.
+    None,
+    Spent(JobUsage),
+}
 
 #[derive(Default)]
 pub(super) struct ArchivedRecords {
@@ -33,11 +51,27 @@ struct Entry {
     /// The row's `finished_ms`, the column retention compares.
     finished_ms: i64,
     weight: usize,
+    usage: Option<FinalUsage>,
 }
 
 impl ArchivedRecords {
     pub(super) fn get(&self, id: &str) -> Option<Arc<JobRecord>> {
         self.inner.lock().unwrap().by_id.get(id).map(|entry| entry.record.clone())
+    }
+
+    /// The usage of a cached job, once it is final.
+    pub(super) fn final_usage(&self, id: &str) -> Option<FinalUsage> {
+        self.inner.lock().unwrap().by_id.get(id).and_then(|entry| entry.usage.clone())
+    }
+
+    /// Keep the usage of `id`, read with no call of it in flight, if `id` is cached and
+    /// finished long enough before `now_ms` for that usage to be final.
+    pub(super) fn keep_usage(&self, id: &str, usage: FinalUsage, now_ms: i64) {
+        if let Some(entry) = self.inner.lock().unwrap().by_id.get_mut(id)
+            && entry.finished_ms <= now_ms.saturating_sub(USAGE_FINAL_AFTER_MS)
+        {
+            entry.usage = Some(usage);
+        }
     }
 
     /// Keep `record`, read from a row whose JSON is `json_len` bytes.
@@ -52,7 +86,7 @@ impl ArchivedRecords {
             return;
         }
         inner.bytes += weight;
-        inner.by_id.insert(id.clone(), Entry { record, finished_ms, weight });
+        inner.by_id.insert(id.clone(), Entry { record, finished_ms, weight, usage: None });
         inner.order.push_back(id);
         while inner.bytes > CACHED_BYTES {
             let Some(oldest) = inner.order.pop_front() else { break };
