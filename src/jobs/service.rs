@@ -597,16 +597,16 @@ impl JobService {
         Ok(self.locate(caller, id).await?.job().clone())
     }
 
-    /// A job the caller may see and what it spent, both read at once (for an archived job, the
-    /// two database reads overlap instead of following each other).
+    /// A job the caller may see and what it spent. The job first: reading an archived job may
+    /// bring its final usage along, and then the usage needs no read of its own.
     pub async fn get_with_usage(
         &self,
         caller: &Caller,
         id: &str,
     ) -> Result<(Arc<JobRecord>, Option<JobUsage>), JobError> {
         let id = parse_id(id)?;
-        let (located, usage) = tokio::join!(self.locate_id(caller, &id), self.usage(&id));
-        Ok((located?.job().clone(), usage))
+        let job = self.locate_id(caller, &id).await?.job().clone();
+        Ok((job, self.usage(&id).await))
     }
 
     /// Find a job the caller may see: in the backend, else in the history.

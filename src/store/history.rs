@@ -2,7 +2,7 @@
 //! tail compressed), ordered for listing by `(created_ns, id)` like the live list, and claims
 //! that let one replica archive each job.
 
-use super::{IDS_PER_QUERY, Store, StoreError, db_int, now_millis, placeholders};
+use super::{IDS_PER_QUERY, Store, StoreError, db_int, ledger::USAGE_COLUMNS, now_millis, placeholders};
 use crate::jobs::{
     JobEvent, JobId, JobRecord, ListQuery,
     history::{ArchivedJob, HistoryError, JobHistory},
@@ -156,7 +156,20 @@ impl JobHistory for Store {
         if let Some(record) = self.archived.get(id.as_str()) {
             return Ok(Some(record));
         }
-        self.archived_column(id, "record, finished_ms").await?.as_ref().map(|row| self.record_of(row)).transpose()
+        // Its ledger row comes in the same query: a job read once is usually read again, and
+        // then needs no query at all once its usage is final.
+        let row = sqlx::query(&format!(
+            "SELECT id, record, finished_ms, job_id, {USAGE_COLUMNS} FROM job_archive \
+             LEFT JOIN llm_job_ledger ON llm_job_ledger.job_id = job_archive.id WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let Some(row) = row else { return Ok(None) };
+        let record = self.record_of(&row)?;
+        self.keep_usage_of_row(id.as_str(), &row, now_millis())?;
+        Ok(Some(record))
     }
 
     async fn page(&self, tenant: Option<&str>, query: &ListQuery) -> Result<Vec<Arc<JobRecord>>, HistoryError> {

@@ -12,7 +12,7 @@ use sqlx::{Any, Row, Transaction, any::AnyRow};
 use std::collections::{HashMap, HashSet};
 
 /// The columns of a job's ledger row that [`usage_of_row`] reads.
-const USAGE_COLUMNS: &str = "max_tokens, max_cost, calls, reserved_tokens, reserved_cost, input_tokens, \
+pub(super) const USAGE_COLUMNS: &str = "max_tokens, max_cost, calls, reserved_tokens, reserved_cost, input_tokens, \
     output_tokens, cached_tokens, reasoning_tokens, cost, refused, in_flight";
 
 /// What a job's ledger row says it has spent and has left.
@@ -306,22 +306,35 @@ impl Store {
             for id in chunk {
                 query = query.bind(id.as_str());
             }
-            let mut in_flight = HashSet::new();
+            let mut never_called: HashSet<&JobId> = chunk.iter().copied().collect();
             for row in query.fetch_all(&self.pool).await? {
                 let id: String = row.try_get("job_id")?;
                 if let Ok(id) = JobId::parse(&id) {
-                    if row.try_get::<i64, _>("in_flight")? > 0 {
-                        in_flight.insert(id.clone());
-                    }
+                    self.keep_usage_of_row(id.as_str(), &row, now)?;
+                    never_called.remove(&id);
                     found.insert(id, usage_of_row(&row)?);
                 }
             }
-            for &id in chunk.iter().filter(|&&id| !in_flight.contains(id)) {
-                let usage = found.get(id).map_or(FinalUsage::None, |usage| FinalUsage::Spent(*usage));
-                self.archived.keep_usage(id.as_str(), usage, now);
+            for id in never_called {
+                self.archived.keep_usage(id.as_str(), FinalUsage::None, now);
             }
         }
         Ok(found)
+    }
+
+    /// Keep with the archived record of `id` the usage its ledger row (`job_id` and
+    /// [`USAGE_COLUMNS`], all null when the job never called a model) says at `now_ms`, if that
+    /// usage is final.
+    pub(super) fn keep_usage_of_row(&self, id: &str, row: &AnyRow, now_ms: i64) -> Result<(), StoreError> {
+        let usage = if row.try_get::<Option<String>, _>("job_id")?.is_none() {
+            FinalUsage::None
+        } else if row.try_get::<i64, _>("in_flight")? > 0 {
+            return Ok(());
+        } else {
+            FinalUsage::Spent(usage_of_row(row)?)
+        };
+        self.archived.keep_usage(id, usage, now_ms);
+        Ok(())
     }
 
     /// What the tenant has spent (settled) on the current UTC day.

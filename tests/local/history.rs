@@ -175,59 +175,60 @@ async fn a_50_mb_output_is_archived_as_its_last_archive_log_bytes() {
 }
 
 /// An archived job's usage is kept with its record once it is final (finished two hours ago,
-/// no call in flight): a later read asks the ledger nothing, so a ledger change the gateway could
-/// no longer make is not seen. Until then every read is fresh.
+/// no call in flight), whether it came with the record (a GET) or was asked for after (a page):
+/// a later read asks the ledger nothing, so a ledger change the gateway could no longer make is
+/// not seen. Until then every read is fresh.
 #[tokio::test]
 async fn an_archived_jobs_usage_is_kept_once_final_and_read_afresh_until_then() {
     use oats::{
-        jobs::{Budget, NanoUsd, TokenCounts, UsageSource},
+        jobs::{Budget, JobUsage, NanoUsd, TokenCounts, UsageSource},
         store::LedgerLimits,
     };
     let limits = LedgerLimits { budget: Budget::default(), max_calls: 10, max_in_flight: 10, daily_limit: None };
-    let route = ("fake", "test-model");
     let used = TokenCounts { input: 10, ..TokenCounts::default() };
     for (engine, store, _dir) in engines().await {
         let tenant = tenant();
         let finished_hours_ago =
             |hours| record(&tenant, Utc::now() - Days::hours(hours), "succeeded", serde_json::json!({}));
-        let (old, recent, never_called, in_flight) =
-            (finished_hours_ago(3), finished_hours_ago(0), finished_hours_ago(3), finished_hours_ago(3));
+        let jobs = [3, 3, 0, 3, 3].map(finished_hours_ago);
+        let [read_alone, listed, recent, never_called, in_flight] = &jobs;
         let call = |job: &JobRecord| {
             let (store, id, tenant, limits) = (store.clone(), job.id.clone(), tenant.clone(), limits.clone());
-            async move { store.reserve(&id, &tenant, &limits, route, 10, NanoUsd(0)).await.unwrap().unwrap() }
+            async move {
+                store.open_ledger(&id, &tenant, &limits).await.unwrap();
+                store.reserve(&id, &tenant, &limits, ("fake", "test-model"), 10, NanoUsd(0)).await.unwrap().unwrap()
+            }
         };
-        for job in [&old, &recent, &in_flight] {
-            store.open_ledger(&job.id, &tenant, &limits).await.unwrap();
-        }
-        for job in [&old, &recent] {
+        for job in [read_alone, listed, recent] {
             store.settle(&call(job).await, used, NanoUsd(5)).await.unwrap();
         }
-        let pending = call(&in_flight).await;
-        let ids: Vec<JobId> = [&old, &recent, &never_called, &in_flight].map(|job| job.id.clone()).to_vec();
-        for job in [&old, &recent, &never_called, &in_flight] {
+        let pending = call(in_flight).await;
+        for job in &jobs {
             store.archive(&archived(job.clone())).await.unwrap();
-            store.record(&job.id).await.unwrap().expect("archived and now kept decoded");
         }
-        let calls = |usage: &std::collections::HashMap<JobId, oats::jobs::JobUsage>, job: &JobRecord| {
-            usage.get(&job.id).map(|u| u.model_calls)
+        for job in [read_alone, recent, never_called, in_flight] {
+            store.record(&job.id).await.unwrap().expect("archived");
+        }
+        store.settle(&call(read_alone).await, used, NanoUsd(5)).await.unwrap();
+        assert_eq!(store.page(Some(&tenant), &query(None, None, 10, None)).await.unwrap().len(), 5, "{engine}");
+        let ids = jobs.clone().map(|job| job.id).to_vec();
+        let calls = |usage: &std::collections::HashMap<JobId, JobUsage>| {
+            ids.iter().map(|id| usage.get(id).map(|u| u.model_calls)).collect::<Vec<_>>()
         };
-        let first = store.usage_of(&ids).await;
         assert_eq!(
-            [calls(&first, &old), calls(&first, &recent), calls(&first, &never_called), calls(&first, &in_flight)],
-            [Some(1), Some(1), None, Some(0)],
-            "{engine}: as the ledger says"
+            calls(&store.usage_of(&ids).await),
+            [Some(1), Some(1), Some(1), None, Some(0)],
+            "{engine}: read alone: as its record's read found it; the rest as the ledger says"
         );
 
-        store.settle(&call(&old).await, used, NanoUsd(5)).await.unwrap();
-        store.settle(&call(&recent).await, used, NanoUsd(5)).await.unwrap();
-        store.open_ledger(&never_called.id, &tenant, &limits).await.unwrap();
-        store.settle(&call(&never_called).await, used, NanoUsd(5)).await.unwrap();
+        for job in [listed, recent, never_called] {
+            store.settle(&call(job).await, used, NanoUsd(5)).await.unwrap();
+        }
         store.settle(&pending, used, NanoUsd(5)).await.unwrap();
-        let second = store.usage_of(&ids).await;
         assert_eq!(
-            [calls(&second, &old), calls(&second, &recent), calls(&second, &never_called), calls(&second, &in_flight)],
-            [Some(1), Some(2), None, Some(1)],
-            "{engine}: final usage kept (old, never called); the rest read afresh (recent, in flight then)"
+            calls(&store.usage_of(&ids).await),
+            [Some(1), Some(1), Some(2), None, Some(1)],
+            "{engine}: final usage kept (read alone, listed, never called); the rest read afresh"
         );
     }
 }
