@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{Row, any::AnyRow};
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     io::{Read, Write},
     sync::Arc,
     time::Duration,
@@ -182,11 +182,13 @@ impl JobHistory for Store {
         // Without a selector every row counts: read just the page; with one, read ahead.
         let batch = if query.selector.is_some() { PAGE_BATCH } else { wanted as i64 };
         loop {
-            let rows = self.page_rows(tenant, query, after.as_ref(), batch).await?;
-            let exhausted = rows.len() < batch as usize;
-            for row in &rows {
-                let record = self.record_of(row)?;
-                after = Some((row.try_get("created_ns").map_err(unavailable)?, record.id.to_string()));
+            let positions = self.page_positions(tenant, query, after.as_ref(), batch).await?;
+            let exhausted = positions.len() < batch as usize;
+            let records = self.records_of(positions.iter().map(|(_, id)| id.as_str())).await?;
+            for (position, record) in positions.into_iter().zip(records) {
+                after = Some(position);
+                // A row purged between the two reads has no record: it is past retention.
+                let Some(record) = record else { continue };
                 if query.selector.as_ref().is_none_or(|s| s.matches(&record.spec.labels)) {
                     page.push(record);
                     if page.len() == wanted {
@@ -239,14 +241,46 @@ impl JobHistory for Store {
 }
 
 impl Store {
-    /// The next rows of a page, newest first, strictly after `after` (`(created_ns, id)`).
-    async fn page_rows(
+    /// The records of `ids`, in their order: those kept decoded as they are, the rest read in
+    /// one query per [`IDS_PER_QUERY`] (a page read again reads no record from the database).
+    async fn records_of<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a str>,
+    ) -> Result<Vec<Option<Arc<JobRecord>>>, HistoryError> {
+        let mut records: Vec<(&str, Option<Arc<JobRecord>>)> = ids.map(|id| (id, self.archived.get(id))).collect();
+        let missing: Vec<&str> = records.iter().filter(|(_, record)| record.is_none()).map(|(id, _)| *id).collect();
+        let mut read = HashMap::with_capacity(missing.len());
+        for chunk in missing.chunks(IDS_PER_QUERY) {
+            let sql = format!(
+                "SELECT id, record, finished_ms FROM job_archive WHERE id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut statement = sqlx::query(&sql);
+            for id in chunk {
+                statement = statement.bind(*id);
+            }
+            for row in statement.fetch_all(&self.pool).await.map_err(unavailable)? {
+                let record = self.record_of(&row)?;
+                read.insert(record.id.clone(), record);
+            }
+        }
+        for (id, record) in &mut records {
+            if record.is_none() {
+                *record = read.get(*id).cloned();
+            }
+        }
+        Ok(records.into_iter().map(|(_, record)| record).collect())
+    }
+
+    /// The positions (`(created_ns, id)`) of a page's next rows, newest first, strictly after
+    /// `after`.
+    async fn page_positions(
         &self,
         tenant: Option<&str>,
         query: &ListQuery,
         after: Option<&(i64, String)>,
         batch: i64,
-    ) -> Result<Vec<AnyRow>, HistoryError> {
+    ) -> Result<Vec<(i64, String)>, HistoryError> {
         let mut conditions = Vec::new();
         let mut next = 1;
         let mut param = || {
@@ -266,7 +300,7 @@ impl Store {
         }
         let filter = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
         let sql = format!(
-            "SELECT id, created_ns, finished_ms, record FROM job_archive {filter} ORDER BY created_ns DESC, id DESC LIMIT {}",
+            "SELECT id, created_ns FROM job_archive {filter} ORDER BY created_ns DESC, id DESC LIMIT {}",
             param()
         );
         let mut statement = sqlx::query(&sql);
@@ -279,6 +313,9 @@ impl Store {
         if let Some((ns, id)) = after {
             statement = statement.bind(*ns).bind(id.as_str());
         }
-        statement.bind(batch).fetch_all(&self.pool).await.map_err(unavailable)
+        let rows = statement.bind(batch).fetch_all(&self.pool).await.map_err(unavailable)?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("created_ns").map_err(unavailable)?, row.try_get("id").map_err(unavailable)?)))
+            .collect()
     }
 }
