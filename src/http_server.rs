@@ -13,6 +13,9 @@
 //! - **open connections** are bounded: at the limit, new connections wait in the kernel's accept
 //!   queue until one closes (the timeouts above make sure stalled ones do).
 //!
+//! Watch streams over HTTP/1.1 are served by `h1_watch` instead, within the same limits: hyper's
+//! buffers would be most of what an idle one costs.
+//!
 //! Shutdown is poem's: when `shutdown` resolves the listener closes, connections finish their
 //! requests in progress (idle ones close at once), and after `grace` the rest are dropped.
 
@@ -164,7 +167,7 @@ impl Connection {
             () = self.graceful.cancelled() => return,
         };
         if protocol == Protocol::Http1
-            && let Some(buffer) = h1_watch::peek_watch(&stream, &self.limits).await
+            && let Some(buffer) = h1_watch::peek_watch(&stream).await
         {
             h1_watch::serve(&self, stream, buffer, head_deadline).await;
             return;

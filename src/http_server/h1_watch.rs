@@ -3,16 +3,16 @@
 //! is most of what an idle watch stream costs over HTTP/1.1; a watch is one GET whose response
 //! streams for hours, so it needs none of them once its head is read.
 //!
-//! A connection whose first bytes hold a whole request line `GET /api/v1/jobs/<id>/watch[?…]
-//! HTTP/1.1` is served here: its head is read into a buffer bounded by the listener's head limit
-//! (431 beyond it) within the header read timeout (closed after it), the buffer is freed, the
-//! listener's endpoint answers, and the response is written as it comes (chunked when streamed),
-//! with `connection: close`. Like hyper, a peer that closes its side ends the response. At
-//! shutdown the response goes on (the watch ends itself with its closing event) until the grace
-//! period ends.
+//! A connection whose first bytes (as many as have arrived, up to 1 KiB) hold a whole request
+//! line `GET /api/v1/jobs/<id>/watch[?…] HTTP/1.1` is served here; any other stays with hyper.
+//! Its head is read into a buffer bounded by the listener's head limit (431 beyond it) within the
+//! header read timeout (closed after it), the buffer is freed, the listener's endpoint answers,
+//! and the response is written as it comes (chunked when streamed), with `connection: close`.
+//! Like hyper, a peer that closes its side ends the response. At shutdown the response goes on
+//! (the watch ends itself with its closing event) until the grace period ends.
 
 use super::{Connection, HttpLimits, PoemBody};
-use http::{HeaderMap, Method, StatusCode, Version, header};
+use http::{Method, StatusCode, Version, header};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use poem::Endpoint;
@@ -29,10 +29,14 @@ use tokio::{
 /// The most headers a request may have (hyper's limit too; more gets 431).
 const MAX_HEADERS: usize = 100;
 
-/// A buffer of the listener's head limit holding the connection's first bytes (peeked, not yet
-/// read) when they start with a watch's request line; `None` for any other request.
-pub(super) async fn peek_watch(stream: &TcpStream, limits: &HttpLimits) -> Option<Vec<u8>> {
-    let mut buffer = vec![0; limits.max_header_bytes.max(HttpLimits::MIN_HEADER_BYTES)];
+/// How much of a connection's first bytes is looked at, and the head buffer's first size: a
+/// watch's head is a few hundred bytes.
+const PEEK_BYTES: usize = 1024;
+
+/// A buffer holding the connection's first bytes (peeked, not yet read) when they start with a
+/// watch's request line; `None` for any other request.
+pub(super) async fn peek_watch(stream: &TcpStream) -> Option<Vec<u8>> {
+    let mut buffer = vec![0; PEEK_BYTES];
     let peeked = stream.peek(&mut buffer).await.ok()?;
     is_watch_request_line(&buffer[..peeked]).then_some(buffer)
 }
@@ -52,31 +56,20 @@ fn is_watch_request_line(first: &[u8]) -> bool {
 /// Serve the connection's one request, whose head is in `stream` (and peeked into `buffer`), and
 /// close it. The head must have arrived by `head_deadline`.
 pub(super) async fn serve(connection: &Connection, mut stream: TcpStream, buffer: Vec<u8>, head_deadline: Instant) {
+    let limit = connection.limits.max_header_bytes.max(HttpLimits::MIN_HEADER_BYTES);
     let head = tokio::select! {
-        head = tokio::time::timeout_at(head_deadline, read_head(&mut stream, buffer)) => match head {
+        head = tokio::time::timeout_at(head_deadline, read_head(&mut stream, buffer, limit)) => match head {
             Ok(Ok(head)) => head,
             // Closed, broken, or too slow (slowloris).
             Ok(Err(_)) | Err(_) => return,
         },
         () = connection.graceful.cancelled() => return,
     };
-    let (mut reader, mut writer) = stream.split();
-    let respond = async {
-        let response = match head {
-            Ok(parts) => {
-                let parts = poem::RequestParts::from((
-                    parts,
-                    poem::web::LocalAddr(poem::Addr::SocketAddr(connection.local)),
-                    poem::web::RemoteAddr(poem::Addr::SocketAddr(connection.remote)),
-                    http::uri::Scheme::HTTP,
-                ));
-                let request = poem::Request::from_parts(parts, poem::Body::empty());
-                connection.endpoint.get_response(request).await.into()
-            }
-            Err(status) => bare(status),
-        };
-        write_response(&mut writer, response).await
-    };
+    let (mut reader, writer) = stream.split();
+    // Boxed: the request's future is done when the stream starts; inline, its size would stay in
+    // the connection's task for the stream's life.
+    let answer = Box::pin(answer(connection, head));
+    let respond = async move { write_response(writer, answer.await).await };
     // Ended early by the peer closing its side or by the end of the shutdown's grace period.
     tokio::select! {
         _ = respond => {}
@@ -85,11 +78,33 @@ pub(super) async fn serve(connection: &Connection, mut stream: TcpStream, buffer
     }
 }
 
-/// Read the request head, which starts at the first byte of `buffer`'s size: the request, or the
-/// status that refuses it. The buffer is dropped when the head has been read.
+/// The endpoint's response to the request, or a bare one with the status that refuses it.
+async fn answer(connection: &Connection, head: Result<http::request::Parts, StatusCode>) -> http::Response<PoemBody> {
+    match head {
+        Ok(parts) => {
+            let parts = poem::RequestParts::from((
+                parts,
+                poem::web::LocalAddr(poem::Addr::SocketAddr(connection.local)),
+                poem::web::RemoteAddr(poem::Addr::SocketAddr(connection.remote)),
+                http::uri::Scheme::HTTP,
+            ));
+            let request = poem::Request::from_parts(parts, poem::Body::empty());
+            connection.endpoint.get_response(request).await.into()
+        }
+        Err(status) => {
+            let mut response = http::Response::new(PoemBody::default());
+            *response.status_mut() = status;
+            response
+        }
+    }
+}
+
+/// Read the request head into `buffer`, grown up to `limit` bytes: the request, or the status
+/// that refuses it. The buffer is dropped when the head has been read.
 async fn read_head(
     stream: &mut TcpStream,
     mut buffer: Vec<u8>,
+    limit: usize,
 ) -> io::Result<Result<http::request::Parts, StatusCode>> {
     let mut filled = 0;
     loop {
@@ -97,11 +112,17 @@ async fn read_head(
         if read == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
+        // A head ends with a line end: parsed only when one arrives, not once per byte of a slow one.
+        let line_ended = buffer[filled..filled + read].contains(&b'\n');
         filled += read;
-        match parse(&buffer[..filled]) {
-            Some(parsed) => return Ok(parsed),
-            None if filled == buffer.len() => return Ok(Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)),
-            None => {}
+        if let Some(parsed) = line_ended.then(|| parse(&buffer[..filled])).flatten() {
+            return Ok(parsed);
+        }
+        if filled == limit {
+            return Ok(Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+        }
+        if filled == buffer.len() {
+            buffer.resize((2 * filled).min(limit), 0);
         }
     }
 }
@@ -132,19 +153,13 @@ fn parse(bytes: &[u8]) -> Option<Result<http::request::Parts, StatusCode>> {
     Some(if parts.method != Method::GET || declares_body { Err(StatusCode::BAD_REQUEST) } else { Ok(parts) })
 }
 
-/// A response with only a status, as hyper answers a head it refuses.
-fn bare(status: StatusCode) -> http::Response<PoemBody> {
-    let mut response = http::Response::new(PoemBody::default());
-    *response.status_mut() = status;
-    response
-}
-
 /// Write `response`: its head with `connection: close`, then its body frame by frame as each
 /// comes (with `content-length` when its size is known, else chunked); then end the connection.
-async fn write_response(writer: &mut WriteHalf<'_>, response: http::Response<PoemBody>) -> io::Result<()> {
+async fn write_response(mut writer: WriteHalf<'_>, response: http::Response<PoemBody>) -> io::Result<()> {
     let (parts, mut body) = response.into_parts();
     let length = body.size_hint().exact();
-    writer.write_all(&response_head(parts.status, &parts.headers, length)).await?;
+    // The head is freed once written.
+    writer.write_all(&response_head(parts, length)).await?;
     while let Some(frame) = body.frame().await {
         // Trailers are not sent (poem's responses have none).
         let Ok(data) = frame?.into_data() else { continue };
@@ -168,11 +183,11 @@ async fn write_response(writer: &mut WriteHalf<'_>, response: http::Response<Poe
 }
 
 /// The status line and headers, with the framing, `connection` and `date` headers of our own.
-fn response_head(status: StatusCode, headers: &HeaderMap, length: Option<u64>) -> Vec<u8> {
-    let reason = status.canonical_reason().unwrap_or_default();
-    let mut head = format!("HTTP/1.1 {} {reason}\r\n", status.as_str()).into_bytes();
+fn response_head(parts: http::response::Parts, length: Option<u64>) -> Vec<u8> {
+    let reason = parts.status.canonical_reason().unwrap_or_default();
+    let mut head = format!("HTTP/1.1 {} {reason}\r\n", parts.status.as_str()).into_bytes();
     let ours = [header::CONTENT_LENGTH, header::TRANSFER_ENCODING, header::CONNECTION, header::DATE];
-    for (name, value) in headers.iter().filter(|(name, _)| !ours.contains(name)) {
+    for (name, value) in parts.headers.iter().filter(|(name, _)| !ours.contains(name)) {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
