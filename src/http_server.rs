@@ -166,6 +166,7 @@ impl Connection {
             },
             () = self.graceful.cancelled() => return,
         };
+        // The first bytes have arrived: peeking at them again does not wait.
         if protocol == Protocol::Http1
             && let Some(buffer) = h1_watch::peek_watch(&stream).await
         {
