@@ -13,8 +13,13 @@
 //! - **open connections** are bounded: at the limit, new connections wait in the kernel's accept
 //!   queue until one closes (the timeouts above make sure stalled ones do).
 //!
+//! Watch streams over HTTP/1.1 are served by `h1_watch` instead, within the same limits: hyper's
+//! buffers would be most of what an idle one costs.
+//!
 //! Shutdown is poem's: when `shutdown` resolves the listener closes, connections finish their
 //! requests in progress (idle ones close at once), and after `grace` the rest are dropped.
+
+mod h1_watch;
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
@@ -151,15 +156,30 @@ struct Connection {
 impl Connection {
     async fn serve(self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::default());
+        let accepted = Instant::now();
+        let head_deadline = accepted + self.limits.header_read_timeout;
         let protocol = tokio::select! {
-            first = tokio::time::timeout(self.limits.header_read_timeout, protocol(&stream)) => match first {
+            first = tokio::time::timeout_at(head_deadline, protocol(&stream)) => match first {
                 Ok(Some(protocol)) => protocol,
                 // Closed, or silent past the header read timeout, before a first byte.
                 Ok(None) | Err(_) => return,
             },
             () = self.graceful.cancelled() => return,
         };
+        // The first bytes have arrived: peeking at them again does not wait.
+        if protocol == Protocol::Http1
+            && let Some(buffer) = h1_watch::peek_watch(&stream).await
+        {
+            h1_watch::serve(&self, stream, buffer, head_deadline).await;
+            return;
+        }
+        // Boxed: hyper's connection state would make every connection's task its size, watch
+        // streams served by `h1_watch` included.
+        Box::pin(self.serve_with_hyper(stream, protocol, accepted)).await;
+    }
+
+    async fn serve_with_hyper(self, stream: TcpStream, protocol: Protocol, accepted: Instant) {
+        let activity = Arc::new(Activity::new(accepted));
         let io = Guarded::new(stream, activity.clone(), self.limits);
         let (endpoint, local, remote) = (self.endpoint.clone(), self.local, self.remote);
         let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
@@ -255,7 +275,6 @@ async fn protocol(stream: &TcpStream) -> Option<Protocol> {
 type PoemBody = http_body_util::combinators::BoxBody<Bytes, io::Error>;
 
 /// What a connection is doing, for its timeouts.
-#[derive(Default)]
 struct Activity {
     state: Mutex<ActivityState>,
     /// The connection's reader, woken when the last request in progress ends (its deadline changes).
@@ -271,15 +290,14 @@ struct ActivityState {
     head_started: Option<Instant>,
 }
 
-impl Default for ActivityState {
-    /// A new connection owes its first request head within the header read timeout.
-    fn default() -> Self {
-        let now = Instant::now();
-        Self { in_flight: 0, idle_since: now, head_started: Some(now) }
-    }
-}
-
 impl Activity {
+    /// A connection accepted at `accepted` owes its first request head within the header read
+    /// timeout from then.
+    fn new(accepted: Instant) -> Self {
+        let state = ActivityState { in_flight: 0, idle_since: accepted, head_started: Some(accepted) };
+        Self { state: Mutex::new(state), reader: AtomicWaker::new() }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }

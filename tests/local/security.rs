@@ -643,6 +643,144 @@ async fn http_limits_hold_against_slow_and_greedy_clients() {
     assert!(values.contains(&(0x6, 32_768)), "SETTINGS_MAX_HEADER_LIST_SIZE is not the limit: {values:?}");
 }
 
+/// A raw exchange: send `request` on a new connection and read until the server closes it.
+async fn exchange(address: &str, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut stream, Duration::from_secs(30)).await.expect("answered and closed");
+    String::from_utf8(answer).unwrap()
+}
+
+/// An answer's status line, its headers (lowercase, sorted, without `date`) and its body.
+fn answer_parts(answer: &str) -> (&str, Vec<String>, &str) {
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole head");
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap();
+    let mut headers: Vec<String> = lines.map(str::to_ascii_lowercase).filter(|h| !h.starts_with("date: ")).collect();
+    headers.sort();
+    (status, headers, body)
+}
+
+/// A chunked body's data; `None` unless it ends with the last chunk.
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut data = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size, 16).ok()?;
+        if size == 0 {
+            return (rest == "\r\n").then_some(data);
+        }
+        data.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
+/// The `id` and `data` of each SSE event in `text`.
+fn sse_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(name).map(str::to_owned));
+            Some((field("id: ")?, serde_json::from_str(&field("data: ")?).unwrap()))
+        })
+        .collect()
+}
+
+/// Watch streams over plain HTTP/1.1 are served outside hyper (issue 16); to a client nothing
+/// changes: the same events, answers and limits as the rest of the listener.
+#[tokio::test]
+async fn watch_streams_over_plain_http1_keep_the_listeners_answers_and_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_tokens(
+        dir.path(),
+        &[("OATS_HTTP_HEADER_READ_TIMEOUT_SECONDS", "2"), ("OATS_SHUTDOWN_DELAY_SECONDS", "0")],
+    )
+    .await;
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let created: Value = call(&server, reqwest::Method::POST, "/api/v1/jobs", Some(ACME)).await.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let watch = |extra: &str| {
+        format!("GET /api/v1/jobs/{id}/watch HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ACME}\r\n{extra}\r\n")
+    };
+
+    // The stream: chunked, every state up to the final one, then the connection closes.
+    let answer = exchange(&address, &watch("")).await;
+    let (status, headers, body) = answer_parts(&answer);
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    for header in ["connection: close", "transfer-encoding: chunked", "content-type: text/event-stream"] {
+        assert!(headers.iter().any(|h| h.starts_with(header)), "{header} missing: {headers:?}");
+    }
+    let events = sse_events(&dechunk(body).unwrap_or_else(|| panic!("not a whole chunked body: {body:?}")));
+    assert_eq!(events.last().map(|(_, data)| data["job"]["status"].as_str().unwrap()), Some("succeeded"), "{events:?}");
+
+    // Resuming from the first event skips it and sends the job as it is now: finished.
+    let (first, _) = &events[0];
+    let resumed = exchange(&address, &watch(&format!("last-event-id: {first}\r\n"))).await;
+    let resumed = sse_events(&dechunk(answer_parts(&resumed).2).unwrap());
+    assert!(resumed.iter().all(|(state, _)| state != first), "{resumed:?}");
+    assert_eq!(resumed.last(), events.last(), "resumed after {first}");
+
+    // Refusals are what hyper answers to the same request (whose bare LF line ends keep it off
+    // the watch path).
+    let unauthenticated = format!("GET /api/v1/jobs/{id}/watch HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    let unknown = format!(
+        "GET /api/v1/jobs/job-nosuchjob/watch HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ACME}\r\nconnection: close\r\n\r\n"
+    );
+    for (request, status) in [(unauthenticated, "401"), (unknown, "404")] {
+        let ours = exchange(&address, &request).await;
+        let hypers = exchange(&address, &request.replace("\r\n", "\n")).await;
+        let (ours, hypers) = (answer_parts(&ours), answer_parts(&hypers));
+        assert!(ours.0.starts_with(&format!("HTTP/1.1 {status} ")), "{ours:?}");
+        assert!(ours.1.iter().any(|h| h == "content-type: application/problem+json"), "{ours:?}");
+        assert_eq!(ours, hypers);
+    }
+    // A watch request declaring a body is refused.
+    let with_body = exchange(&address, &watch("content-length: 2\r\n\r\n{}")).await;
+    assert!(with_body.starts_with("HTTP/1.1 400 "), "{with_body}");
+
+    // A head within the limit is served however large; one over it gets 431; one that stalls is
+    // closed at the header read timeout.
+    let large = exchange(&address, &watch(&format!("x-filler: {}\r\n", "x".repeat(20 * 1024)))).await;
+    assert!(large.starts_with("HTTP/1.1 200 OK"), "{large}");
+    let greedy = exchange(&address, &watch(&format!("x-filler: {}\r\n", "x".repeat(100 * 1024)))).await;
+    assert!(greedy.starts_with("HTTP/1.1 431 "), "{greedy}");
+    let started = std::time::Instant::now();
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    slow.write_all(format!("GET /api/v1/jobs/{id}/watch HTTP/1.1\r\nhost: x\r\nx-half: ").as_bytes()).await.unwrap();
+    let closed = read_until_closed(&mut slow, Duration::from_secs(10)).await;
+    assert_eq!(closed, Some(Vec::new()), "the stalled head was not closed, or was answered");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "closed before the timeout: {:?}", started.elapsed());
+
+    // Other requests are hyper's as before: kept alive.
+    let mut kept = tokio::net::TcpStream::connect(&address).await.unwrap();
+    for _ in 0..2 {
+        let request = format!("GET /api/v1/jobs/{id} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ACME}\r\n\r\n");
+        kept.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 16 * 1024];
+        let read = tokio::time::timeout(Duration::from_secs(10), kept.read(&mut answer)).await.unwrap().unwrap();
+        let answer = String::from_utf8_lossy(&answer[..read]).to_string();
+        assert!(answer.starts_with("HTTP/1.1 200 OK") && !answer.contains("connection: close"), "{answer}");
+    }
+
+    // At shutdown a stream ends with its closing event, then the connection closes.
+    let long = json!({"goal": "outlives the server", "max_turns": 100});
+    let submitted = server.http.post(server.url("/api/v1/jobs")).bearer_auth(ACME).json(&long).send().await.unwrap();
+    let running: Value = submitted.json().await.unwrap();
+    let running = running["id"].as_str().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let request =
+        format!("GET /api/v1/jobs/{running}/watch HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ACME}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut first = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut first)).await.unwrap().unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    assert!(Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap().success());
+    let rest = read_until_closed(&mut stream, Duration::from_secs(20)).await.expect("the stream ended");
+    let rest = String::from_utf8(rest).unwrap();
+    let body = dechunk(rest.split_once("\r\n\r\n").unwrap().1).unwrap_or_else(|| panic!("not a whole body: {rest}"));
+    let last = body.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(last.lines().any(|line| line == "event: shutdown"), "{body}");
+}
+
 #[tokio::test]
 async fn open_connections_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
