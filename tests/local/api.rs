@@ -86,6 +86,17 @@ async fn cancel_stops_a_long_job_and_keeps_its_record() {
     let job = server.create("Think for a long time", 100).await;
     let id = job["id"].as_str().unwrap();
     server.wait_for(id, "running", SOON).await;
+    // "running" is the process started; its SIGTERM handler is there once it says it started
+    // (before that, on a busy machine, SIGTERM would end it before it could say it was cancelled).
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let logs = server.http.get(server.url(&format!("/api/v1/jobs/{id}/logs"))).send().await.unwrap();
+        if logs.text().await.unwrap().contains("demo agent: starting") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let cancel = server.http.post(server.url(&format!("/api/v1/jobs/{id}/cancel"))).send().await.unwrap();
     assert_eq!(cancel.status(), StatusCode::OK);
