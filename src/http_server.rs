@@ -28,7 +28,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use poem::{Endpoint, EndpointExt, IntoEndpoint, Response, endpoint::BoxEndpoint};
+use poem::{Endpoint, IntoEndpoint, Response};
 use std::{
     convert::Infallible,
     future::Future,
@@ -89,9 +89,11 @@ pub async fn serve<E>(
 ) -> io::Result<()>
 where
     E: IntoEndpoint,
-    E::Endpoint: 'static,
+    E::Endpoint: Endpoint<Output = Response> + 'static,
 {
-    let endpoint: Arc<BoxEndpoint<'static, Response>> = Arc::new(app.into_endpoint().map_to_response().boxed());
+    // Not a `BoxEndpoint`: its every call would be one more heap future next to the one each
+    // request's service future is (below); with the endpoint's type known, it is one.
+    let endpoint = Arc::new(app.into_endpoint());
     let local = listener.local_addr()?;
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = CancellationToken::new();
@@ -144,8 +146,8 @@ where
 }
 
 /// One accepted connection.
-struct Connection {
-    endpoint: Arc<BoxEndpoint<'static, Response>>,
+struct Connection<E> {
+    endpoint: Arc<E>,
     limits: HttpLimits,
     local: SocketAddr,
     remote: SocketAddr,
@@ -153,7 +155,7 @@ struct Connection {
     hard: CancellationToken,
 }
 
-impl Connection {
+impl<E: Endpoint<Output = Response> + 'static> Connection<E> {
     async fn serve(self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let accepted = Instant::now();
@@ -194,7 +196,10 @@ impl Connection {
                     poem::web::RemoteAddr(poem::Addr::SocketAddr(remote)),
                     http::uri::Scheme::HTTP,
                 ));
-                let response: http::Response<PoemBody> = endpoint.get_response(request).await.into();
+                // `call`, not `get_response`: its wrapping future would hold one more copy of
+                // the request.
+                let response = endpoint.call(request).await.unwrap_or_else(poem::Error::into_response);
+                let response: http::Response<PoemBody> = response.into();
                 // The request counts as in progress until its body has been sent (or dropped).
                 Ok::<_, Infallible>(response.map(|body| Tracked { body, _in_flight: in_flight }))
             })

@@ -16,15 +16,20 @@ use crate::{
     jobs::JobService,
     telemetry::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE},
 };
+use futures::future::BoxFuture;
 use handlers::{HealthApi, JobsApi};
 use poem::{
-    Body, Endpoint, IntoResponse, Request, Response, Route, RouteMethod,
+    Body, Endpoint, IntoResponse, Request, Response, Route,
+    endpoint::{BoxEndpoint, DynEndpoint},
+    error::MethodNotAllowedError,
     http::{Method, header},
 };
 use poem_openapi::{__private::UrlQuery, OpenApi, OpenApiService};
 use problem::{ProblemKind, problem_response};
+use request_telemetry::RequestTelemetry;
 pub use sse::Heartbeat;
 use std::{collections::HashMap, sync::Arc, time::Duration};
+use tracing::Instrument;
 
 /// What every handler can reach.
 pub struct ApiState {
@@ -160,14 +165,50 @@ pub fn build_app(state: Arc<ApiState>, limits: RequestLimits) -> impl Endpoint<O
     // Its one other task, the parsed query string its `Query` parameters read, is the pipeline's.
     let mut operations = HashMap::new();
     api_operations().add_routes(&mut operations);
-    let api = operations.into_iter().fold(Route::new(), |route, (path, methods)| {
-        route.at(path, methods.into_iter().fold(RouteMethod::new(), |methods, (method, op)| methods.method(method, op)))
-    });
+    let api = operations
+        .into_iter()
+        .fold(Route::new(), |route, (path, methods)| route.at(path, PathOperations(methods.into_iter().collect())));
     let routes = api
         .nest("/docs", docs)
         .at("/openapi.json", poem::get(spec))
         .at("/metrics", poem::get(metrics_endpoint(metrics)));
     Pipeline { routes, state, limits, templates }
+}
+
+/// The operations of one path, by method: the route table's endpoint for the path. It stands in
+/// for poem's `RouteMethod`, which wraps every operation in one more boxed endpoint, a second
+/// heap future per request; here the operation's own (boxed) future is the answer.
+struct PathOperations(Vec<(Method, BoxEndpoint<'static>)>);
+
+impl PathOperations {
+    fn operation(&self, method: &Method) -> Option<&BoxEndpoint<'static>> {
+        self.0.iter().find(|(m, _)| m == method).map(|(_, operation)| operation)
+    }
+
+    /// As `RouteMethod` answers: the method's operation; for HEAD without one, GET's without its
+    /// body; else 405 (the pipeline adds `Allow`).
+    fn answer(&self, mut request: Request) -> BoxFuture<'_, poem::Result<Response>> {
+        if let Some(operation) = self.operation(request.method()) {
+            return DynEndpoint::call(&**operation, request);
+        }
+        match self.operation(&Method::GET).filter(|_| request.method() == Method::HEAD) {
+            Some(get) => Box::pin(async move {
+                request.set_method(Method::GET);
+                let mut response = DynEndpoint::call(&**get, request).await?;
+                response.set_body(());
+                Ok(response)
+            }),
+            None => Box::pin(std::future::ready(Err(MethodNotAllowedError.into()))),
+        }
+    }
+}
+
+impl Endpoint for PathOperations {
+    type Output = Response;
+
+    fn call(&self, request: Request) -> impl Future<Output = poem::Result<Response>> + Send {
+        self.answer(request)
+    }
 }
 
 /// What every request goes through around the routes, in one layer: its telemetry, the body
@@ -184,32 +225,32 @@ struct Pipeline {
 impl Endpoint for Pipeline {
     type Output = Response;
 
-    async fn call(&self, request: Request) -> poem::Result<Response> {
-        let (state, limits) = (self.state.clone(), self.limits);
-        let handle = |mut request: Request| async move {
-            request.extensions_mut().insert(state);
-            // The parsed query string poem-openapi's `Query` parameters read (a hidden type of
-            // poem-openapi, which its own service endpoint would insert).
-            let query = UrlQuery(request.params().unwrap_or_default());
-            request.extensions_mut().insert(query);
-            if matches!(*request.method(), Method::POST | Method::PUT | Method::PATCH) {
-                request = match Box::pin(read_body(request, limits)).await {
-                    Ok(request) => request,
-                    Err(refusal) => return refusal,
-                };
-            }
-            // Not boxed: the server boxes this whole future once per request; boxing the routes'
-            // future too would be a second large allocation.
-            match self.routes.call(request).await {
-                Ok(output) => output.into_response(),
-                Err(error) => problem::from_poem_error(error),
-            }
-        };
+    /// One async fn, no nested futures around the routes' (each level would hold one more copy of
+    /// the request, and the whole is moved into the heap per request).
+    async fn call(&self, mut request: Request) -> poem::Result<Response> {
         // A caller's trace is followed only once the caller has authenticated (checked here only
         // for requests that carry one; the handler authenticates again as usual).
         let caller_trace = request.headers().contains_key("traceparent")
             && Box::pin(self.state.auth.authenticate(bearer_token(&request))).await.is_ok();
-        Ok(request_telemetry::instrument(request, &self.state.metrics, &self.templates, caller_trace, handle).await)
+        let telemetry = RequestTelemetry::start(&request, &self.state.metrics, &self.templates, caller_trace);
+        request.extensions_mut().insert(self.state.clone());
+        // The parsed query string poem-openapi's `Query` parameters read (a hidden type of
+        // poem-openapi, which its own service endpoint would insert).
+        let query = UrlQuery(request.params().unwrap_or_default());
+        request.extensions_mut().insert(query);
+        if matches!(*request.method(), Method::POST | Method::PUT | Method::PATCH) {
+            request = match Box::pin(read_body(request, self.limits)).instrument(telemetry.span().clone()).await {
+                Ok(request) => request,
+                Err(refusal) => return Ok(telemetry.finish(refusal)),
+            };
+        }
+        // Not boxed: the server boxes this whole future once per request; boxing the routes'
+        // future too would be a second large allocation.
+        let response = match self.routes.call(request).instrument(telemetry.span().clone()).await {
+            Ok(output) => output.into_response(),
+            Err(error) => problem::from_poem_error(error),
+        };
+        Ok(telemetry.finish(response))
     }
 }
 

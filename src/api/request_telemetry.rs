@@ -15,7 +15,7 @@ use opentelemetry_http::HeaderExtractor;
 use poem::{Request, Response, http::Method};
 use prometheus_client::metrics::gauge::Gauge;
 use std::{collections::HashMap, sync::OnceLock, time::Instant};
-use tracing::{Instrument, Span, field::Empty};
+use tracing::{Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The route templates of the API (`/api/v1/jobs/{id}`), to name requests without raw paths.
@@ -130,60 +130,82 @@ fn method_index(method: &Method) -> usize {
     }
 }
 
-/// Run one request (`handle`) inside its server span and record its metrics. `caller_trace`: the
-/// request carries a `traceparent` and its caller authenticated, so the span continues the
-/// caller's trace and is sampled; an anonymous caller's `traceparent` is ignored (it could
-/// otherwise force every request it sends into the trace pipeline, or pick our trace ids).
-pub async fn instrument<F, Fut>(
-    request: Request,
-    metrics: &Metrics,
-    routes: &Routes,
-    caller_trace: bool,
-    handle: F,
-) -> Response
-where
-    F: FnOnce(Request) -> Fut,
-    Fut: Future<Output = Response>,
-{
-    let method_index = method_index(request.method());
-    let method = METHODS[method_index];
-    let route = routes.route(request.uri().path());
-    let read_only = matches!(method, "GET" | "HEAD" | "OPTIONS");
-    let span = if telemetry::trace_request(caller_trace, read_only) {
-        server_span(&request, routes, method, route, caller_trace)
-    } else {
-        Span::none()
-    };
-    let context = span.context();
-    let span_context = context.span().span_context().clone();
-    let trace_id = span_context.is_sampled().then(|| span_context.trace_id().to_string());
+/// One request's telemetry from its arrival to its response: [`start`](Self::start) opens its
+/// span and counts it in flight, [`finish`](Self::finish) records the response. (A pair rather
+/// than a wrapper around the handling: a wrapping future would hold one more copy of the request.)
+pub struct RequestTelemetry<'a> {
+    metrics: &'a Metrics,
+    routes: &'a Routes,
+    method_index: usize,
+    route: &'static str,
+    span: Span,
+    /// The exemplar of the duration histogram: the trace id of a sampled span.
+    trace_id: Option<String>,
+    started: Instant,
+}
 
-    let active = routes.active[method_index]
-        .get_or_init(|| metrics.http.active.get_or_create(&MethodLabel { http_request_method: method }).clone());
-    active.inc();
-    let started = Instant::now();
-    let mut response = handle(request).instrument(span.clone()).await;
-    active.dec();
-    if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED
-        && let Some(allowed) = routes.allowed(route).and_then(|m| poem::http::HeaderValue::from_str(m).ok())
-    {
-        response.headers_mut().insert(poem::http::header::ALLOW, allowed);
+impl<'a> RequestTelemetry<'a> {
+    /// `caller_trace`: the request carries a `traceparent` and its caller authenticated, so the
+    /// span continues the caller's trace and is sampled; an anonymous caller's `traceparent` is
+    /// ignored (it could otherwise force every request it sends into the trace pipeline, or pick
+    /// our trace ids).
+    pub fn start(request: &Request, metrics: &'a Metrics, routes: &'a Routes, caller_trace: bool) -> Self {
+        let method_index = method_index(request.method());
+        let method = METHODS[method_index];
+        let route = routes.route(request.uri().path());
+        let read_only = matches!(method, "GET" | "HEAD" | "OPTIONS");
+        let span = if telemetry::trace_request(caller_trace, read_only) {
+            server_span(request, routes, method, route, caller_trace)
+        } else {
+            Span::none()
+        };
+        let context = span.context();
+        let span_context = context.span().span_context().clone();
+        let trace_id = span_context.is_sampled().then(|| span_context.trace_id().to_string());
+        let telemetry = Self { metrics, routes, method_index, route, span, trace_id, started: Instant::now() };
+        telemetry.active().inc();
+        telemetry
     }
 
-    let status = response.status().as_u16();
-    span.record("http.response.status_code", status);
-    if status >= 500 {
-        span.record("otel.status_code", "ERROR");
+    /// The request's server span, for the handling to run in.
+    pub fn span(&self) -> &Span {
+        &self.span
     }
-    // Submissions refused before reaching the job service (unparsable body or header) are
-    // invalid submissions too.
-    if method == "POST" && route == "/api/v1/jobs" && matches!(status, 400 | 413 | 415) {
-        metrics.jobs.submission(SubmissionOutcome::Invalid);
+
+    /// The in-flight gauge of the request's method, looked up in the metrics' family on the
+    /// method's first request only.
+    fn active(&self) -> &'a Gauge {
+        let method = METHODS[self.method_index];
+        self.routes.active[self.method_index].get_or_init(|| {
+            self.metrics.http.active.get_or_create(&MethodLabel { http_request_method: method }).clone()
+        })
     }
-    let labels = HttpLabels { http_request_method: method, http_route: route, http_response_status_code: status };
-    let exemplar = trace_id.map(|trace_id| TraceLabel { trace_id });
-    metrics.http.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64(), exemplar, None);
-    response
+
+    /// Record the response (status on the span, the duration histogram) and add `Allow` to a 405.
+    pub fn finish(self, mut response: Response) -> Response {
+        self.active().dec();
+        let (method, route, span) = (METHODS[self.method_index], self.route, &self.span);
+        if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED
+            && let Some(allowed) = self.routes.allowed(route).and_then(|m| poem::http::HeaderValue::from_str(m).ok())
+        {
+            response.headers_mut().insert(poem::http::header::ALLOW, allowed);
+        }
+
+        let status = response.status().as_u16();
+        span.record("http.response.status_code", status);
+        if status >= 500 {
+            span.record("otel.status_code", "ERROR");
+        }
+        // Submissions refused before reaching the job service (unparsable body or header) are
+        // invalid submissions too.
+        if method == "POST" && route == "/api/v1/jobs" && matches!(status, 400 | 413 | 415) {
+            self.metrics.jobs.submission(SubmissionOutcome::Invalid);
+        }
+        let labels = HttpLabels { http_request_method: method, http_route: route, http_response_status_code: status };
+        let exemplar = self.trace_id.map(|trace_id| TraceLabel { trace_id });
+        self.metrics.http.duration.get_or_create(&labels).observe(self.started.elapsed().as_secs_f64(), exemplar, None);
+        response
+    }
 }
 
 /// The server span `{method} {route}`, continuing the caller's `traceparent` when it is trusted.

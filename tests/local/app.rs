@@ -234,6 +234,33 @@ async fn routes_match_exactly_and_misses_are_404_or_405_problems() {
     app.get("/docs/").await.assert_status_is_ok();
 }
 
+/// Where a route has no HEAD operation, HEAD answers as GET without the body; a 405 names the
+/// methods the route takes in `Allow`.
+#[tokio::test]
+async fn head_is_get_without_a_body_and_405_says_what_is_allowed() {
+    let app = App::start(&[]).await;
+    for path in ["/api/v1/jobs", "/healthz"] {
+        let get = app.get(path).await;
+        let head = app.client.head(path).send().await;
+        assert_eq!(head.0.status(), get.0.status(), "{path}");
+        assert_eq!(head.0.headers()["content-type"], get.0.headers()["content-type"], "{path}");
+        assert!(!get.0.into_body().into_bytes().await.unwrap().is_empty(), "{path}");
+        assert!(head.0.into_body().into_bytes().await.unwrap().is_empty(), "{path}");
+    }
+    let cancel = "/api/v1/jobs/job-aaaaaaaaaaaaaaaaaaaa/cancel";
+    for (response, allowed) in [
+        (app.client.delete("/api/v1/jobs").send().await, vec!["GET", "POST"]),
+        (app.get(cancel).await, vec!["POST"]),
+        (app.client.head(cancel).send().await, vec!["POST"]),
+    ] {
+        assert_eq!(response.0.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let allow = response.0.headers()["allow"].to_str().unwrap();
+        let mut methods: Vec<&str> = allow.split(", ").collect();
+        methods.sort_unstable();
+        assert_eq!(methods, allowed, "{allow}");
+    }
+}
+
 #[tokio::test]
 async fn docs_spec_and_probes_are_served() {
     let app = App::start(&[]).await;
