@@ -10,6 +10,7 @@ rate=${1:-200}
 seconds=${2:-6}
 command -v valgrind >/dev/null || { echo "bench/instructions.sh: valgrind is not installed" >&2; exit 1; }
 cargo build --release -p oats -p oats-bench
+release=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d /tmp/oats-instructions.XXXXXX)
 # The sink binds any free port and says which in $work/sink.port.
 python3 - "$work/sink.port" <<'PY' &
@@ -44,7 +45,7 @@ measure() {
   env "$@" OATS_BACKEND=local OATS_STATE_DIR="$state" OATS_LOG_FORMAT=json OATS_LISTEN=127.0.0.1:0 \
     OATS_ADDRESSES_FILE="$addresses" \
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/$name.out" \
-    target/release/oats serve >"$work/$name.log" 2>&1 &
+    "$release/oats" serve >"$work/$name.log" 2>&1 &
   local server=$!
   for _ in $(seq 1 120); do
     [ -s "$addresses" ] && addr=$(awk '$1 == "api" {print $2}' "$addresses") && curl -fs "$addr/healthz" >/dev/null && break
@@ -55,9 +56,9 @@ measure() {
     -d '{"goal":"count instructions","max_turns":2,"labels":{"team":"a"}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
   sleep 3
   # Warm-up, then count only the measured requests.
-  target/release/oats-bench probe --addr $addr --path "/api/v1/jobs/$id" --rate 100 --seconds 2 >/dev/null
+  "$release/oats-bench" probe --addr $addr --path "/api/v1/jobs/$id" --rate 100 --seconds 2 >/dev/null
   callgrind_control -i on $server >/dev/null
-  target/release/oats-bench probe --addr $addr --path "/api/v1/jobs/$id" --rate "$rate" --seconds "$seconds" \
+  "$release/oats-bench" probe --addr $addr --path "/api/v1/jobs/$id" --rate "$rate" --seconds "$seconds" \
     >"$work/$name.probe"
   sleep 6 # one batch export (every 5 s) of the spans
   callgrind_control -i off $server >/dev/null

@@ -55,7 +55,12 @@ fn is_watch_request_line(first: &[u8]) -> bool {
 
 /// Serve the connection's one request, whose head is in `stream` (and peeked into `buffer`), and
 /// close it. The head must have arrived by `head_deadline`.
-pub(super) async fn serve(connection: &Connection, mut stream: TcpStream, buffer: Vec<u8>, head_deadline: Instant) {
+pub(super) async fn serve<E: Endpoint<Output = poem::Response> + 'static>(
+    connection: &Connection<E>,
+    mut stream: TcpStream,
+    buffer: Vec<u8>,
+    head_deadline: Instant,
+) {
     let limit = connection.limits.max_header_bytes.max(HttpLimits::MIN_HEADER_BYTES);
     let head = tokio::select! {
         head = tokio::time::timeout_at(head_deadline, read_head(&mut stream, buffer, limit)) => match head {
@@ -79,7 +84,10 @@ pub(super) async fn serve(connection: &Connection, mut stream: TcpStream, buffer
 }
 
 /// The endpoint's response to the request, or a bare one with the status that refuses it.
-async fn answer(connection: &Connection, head: Result<http::request::Parts, StatusCode>) -> http::Response<PoemBody> {
+async fn answer<E: Endpoint<Output = poem::Response>>(
+    connection: &Connection<E>,
+    head: Result<http::request::Parts, StatusCode>,
+) -> http::Response<PoemBody> {
     match head {
         Ok(parts) => {
             let parts = poem::RequestParts::from((
