@@ -232,6 +232,20 @@ impl JobCache {
         }
     }
 
+    /// The Job as this replica's cancel patched it, before the watch brings that change: from
+    /// the moment the cancel answers, this replica (its gateway included) sees the job cancelled.
+    /// A job the watch already shows finished keeps what the watch shows.
+    pub fn note_cancelled(&self, job: &CachedJob) {
+        let id = job.name_any();
+        let mut state = self.state.write().unwrap();
+        if state.jobs.get(&id).is_none_or(|entry| entry.record.status.phase.is_terminal()) {
+            return;
+        }
+        if let Some(entry) = Entry::of(job, state.pods_of(&id)) {
+            state.insert(id, entry);
+        }
+    }
+
     /// Apply one event of the Pod watch, recomputing the record of the pod's job.
     pub fn apply_pod_event(&self, event: Event<CachedPod>) {
         match event {
@@ -446,6 +460,28 @@ mod tests {
         assert_eq!(parsed.metadata.annotations.unwrap().keys().collect::<Vec<_>>(), ["oats.dev/profile"]);
         let container = &parsed.spec.unwrap().template.spec.unwrap().containers[0];
         assert_eq!((container.name.as_str(), container.env[0].value.as_deref()), ("agent", Some("g")));
+    }
+
+    #[test]
+    fn a_cancel_is_seen_before_the_watch_brings_it_and_never_undoes_a_finish() {
+        let cache = JobCache::default();
+        cache.apply_pod_event(Event::Apply(pod("a-1", A, "Running")));
+        cache.apply_job_event(Event::Apply(job(A, "t1")));
+        cache.note_cancelled(&cancelled_copy_of(A));
+        assert_eq!(cache.get(A).unwrap().status.phase, JobPhase::Cancelled, "the patch, before its watch event");
+        cache.note_cancelled(&job(A, "t1"));
+        assert_eq!(cache.get(A).unwrap().status.phase, JobPhase::Cancelled, "a finished job stays finished");
+        cache.note_cancelled(&cancelled_copy_of(B));
+        assert!(cache.get(B).is_none(), "a Job the watch has not brought is left to it");
+    }
+
+    fn cancelled_copy_of(id: &str) -> CachedJob {
+        let mut job = job(id, "t1");
+        job.metadata.annotations.get_or_insert_default().insert(
+            crate::backend::kubernetes::render::CANCELLED_AT_ANNOTATION.to_owned(),
+            "2026-12-02T12:00:00Z".to_owned(),
+        );
+        job
     }
 
     #[test]

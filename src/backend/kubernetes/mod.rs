@@ -667,6 +667,7 @@ impl JobBackend for KubernetesBackend {
                     }
                     let record = self.record(&patched).ok_or_else(not_found)?;
                     self.cache.note_read(id.as_str(), Arc::new(record.clone()));
+                    self.cache.note_cancelled(&patched);
                     self.changes.changed(id.as_str());
                     return Ok(record);
                 }
