@@ -182,8 +182,7 @@ impl<'a> RequestTelemetry<'a> {
     }
 
     /// Record the response (status on the span, the duration histogram) and add `Allow` to a 405.
-    pub fn finish(self, mut response: Response) -> Response {
-        self.active().dec();
+    pub fn finish(mut self, mut response: Response) -> Response {
         let (method, route, span) = (METHODS[self.method_index], self.route, &self.span);
         if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED
             && let Some(allowed) = self.routes.allowed(route).and_then(|m| poem::http::HeaderValue::from_str(m).ok())
@@ -202,9 +201,17 @@ impl<'a> RequestTelemetry<'a> {
             self.metrics.jobs.submission(SubmissionOutcome::Invalid);
         }
         let labels = HttpLabels { http_request_method: method, http_route: route, http_response_status_code: status };
-        let exemplar = self.trace_id.map(|trace_id| TraceLabel { trace_id });
+        let exemplar = self.trace_id.take().map(|trace_id| TraceLabel { trace_id });
         self.metrics.http.duration.get_or_create(&labels).observe(self.started.elapsed().as_secs_f64(), exemplar, None);
         response
+    }
+}
+
+/// A request leaves the in-flight gauge when it is finished or dropped: a client that goes away
+/// mid-request drops its future, and the gauge must not count it for ever.
+impl Drop for RequestTelemetry<'_> {
+    fn drop(&mut self) {
+        self.active().dec();
     }
 }
 
@@ -238,6 +245,19 @@ fn server_span(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_dropped_before_its_answer_leaves_the_in_flight_gauge() {
+        let (metrics, routes) = (Metrics::new(), Routes::from_spec(&crate::api::spec()));
+        let request = Request::builder().uri_str("/api/v1/jobs/job-aaaaaaaaaaaaaaaaaaaa").finish();
+        let in_flight = || metrics.http.active.get_or_create(&MethodLabel { http_request_method: "GET" }).get();
+        let answered = RequestTelemetry::start(&request, &metrics, &routes, false);
+        let dropped = RequestTelemetry::start(&request, &metrics, &routes, false);
+        assert_eq!(in_flight(), 2);
+        answered.finish(Response::default());
+        drop(dropped);
+        assert_eq!(in_flight(), 0);
+    }
 
     #[test]
     fn paths_map_to_templates() {
