@@ -291,12 +291,23 @@ fn page_token(record: &JobRecord) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{nanos}:{}", record.id.as_str()))
 }
 
-/// The SQLite file's size per archived row, outputs included, after a checkpoint.
+/// What an archived job stores: its record and events as the store writes them (JSON), and the
+/// SQLite file's size per archived row, indexes and outputs included.
 fn store_bytes_per_job(dir: &std::path::Path, rows: usize) -> String {
+    let sample = finished_jobs(100, Utc::now());
+    let json: usize = sample
+        .iter()
+        .map(|record| {
+            let events = serde_json::to_string(&events(record)).expect("events serialise");
+            serde_json::to_string(record.as_ref()).expect("a record serialises").len() + events.len()
+        })
+        .sum();
     let size = |name: &str| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
     let total = size("oats.db") + size("oats.db-wal");
     format!(
-        "{} B per job incl. its 2 KiB output compressed ({:.1} MiB for {rows} jobs)",
+        "{} B per job (its record and events as stored, JSON); the SQLite file: {} B per job incl. indexes and \
+         its 2 KiB output compressed ({:.1} MiB for {rows} jobs)",
+        json / sample.len(),
         total / rows as u64,
         total as f64 / 1048576.0
     )
