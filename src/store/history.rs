@@ -2,7 +2,7 @@
 //! tail compressed), ordered for listing by `(created_ns, id)` like the live list, and claims
 //! that let one replica archive each job.
 
-use super::{IDS_PER_QUERY, Store, StoreError, db_int, ledger::USAGE_COLUMNS, now_millis, placeholders};
+use super::{Store, StoreError, db_int, ledger::USAGE_COLUMNS, now_millis};
 use crate::jobs::{
     JobEvent, JobId, JobRecord, ListQuery,
     history::{ArchivedJob, HistoryError, JobHistory},
@@ -136,17 +136,11 @@ impl JobHistory for Store {
 
     async fn archived_among(&self, ids: &[JobId]) -> Result<HashSet<JobId>, HistoryError> {
         let mut archived = HashSet::new();
-        for chunk in ids.chunks(IDS_PER_QUERY) {
-            let sql = format!("SELECT id FROM job_archive WHERE id IN ({})", placeholders(1, chunk.len()));
-            let mut query = sqlx::query(&sql);
-            for id in chunk {
-                query = query.bind(id.as_str());
-            }
-            for row in query.fetch_all(&self.pool).await.map_err(unavailable)? {
-                let id: String = row.try_get("id").map_err(unavailable)?;
-                if let Ok(id) = JobId::parse(&id) {
-                    archived.insert(id);
-                }
+        let ids: Vec<&str> = ids.iter().map(JobId::as_str).collect();
+        for row in self.rows_in("SELECT id FROM job_archive WHERE id IN", &ids).await.map_err(unavailable)? {
+            let id: String = row.try_get("id").map_err(unavailable)?;
+            if let Ok(id) = JobId::parse(&id) {
+                archived.insert(id);
             }
         }
         Ok(archived)
@@ -242,7 +236,7 @@ impl JobHistory for Store {
 
 impl Store {
     /// The records of `ids`, in their order: those kept decoded as they are, the rest read in
-    /// one query per [`IDS_PER_QUERY`] (a page read again reads no record from the database).
+    /// few queries (a page read again reads no record from the database).
     async fn records_of<'a>(
         &self,
         ids: impl Iterator<Item = &'a str>,
@@ -250,19 +244,10 @@ impl Store {
         let mut records: Vec<(&str, Option<Arc<JobRecord>>)> = ids.map(|id| (id, self.archived.get(id))).collect();
         let missing: Vec<&str> = records.iter().filter(|(_, record)| record.is_none()).map(|(id, _)| *id).collect();
         let mut read = HashMap::with_capacity(missing.len());
-        for chunk in missing.chunks(IDS_PER_QUERY) {
-            let sql = format!(
-                "SELECT id, record, finished_ms FROM job_archive WHERE id IN ({})",
-                placeholders(1, chunk.len())
-            );
-            let mut statement = sqlx::query(&sql);
-            for id in chunk {
-                statement = statement.bind(*id);
-            }
-            for row in statement.fetch_all(&self.pool).await.map_err(unavailable)? {
-                let record = self.record_of(&row)?;
-                read.insert(record.id.clone(), record);
-            }
+        let select = "SELECT id, record, finished_ms FROM job_archive WHERE id IN";
+        for row in self.rows_in(select, &missing).await.map_err(unavailable)? {
+            let record = self.record_of(&row)?;
+            read.insert(record.id.clone(), record);
         }
         for (id, record) in &mut records {
             if record.is_none() {

@@ -6,7 +6,7 @@
 //! so the sum reserved and spent never passes a limit, however many replicas charge it. After
 //! the answer, the call is settled to what the upstream reported.
 
-use super::{IDS_PER_QUERY, Store, StoreError, db_int, from_db, now_millis, placeholders, record_cache::FinalUsage};
+use super::{Store, StoreError, db_int, from_db, now_millis, record_cache::FinalUsage};
 use crate::jobs::{Budget, DailySpend, JobId, JobUsage, NanoUsd, Refusal, TokenCounts};
 use sqlx::{Any, Row, Transaction, any::AnyRow};
 use std::collections::{HashMap, HashSet};
@@ -283,7 +283,7 @@ impl Store {
         row.as_ref().map(usage_of_row).transpose()
     }
 
-    /// The usage of each of `ids` that called a model: one query per [`IDS_PER_QUERY`] ids
+    /// The usage of each of `ids` that called a model: one query per 500 ids
     /// (a page of jobs asks about all of its jobs at once), none for an archived job whose usage
     /// is final and kept with its record.
     async fn jobs_usage(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobUsage>, StoreError> {
@@ -297,27 +297,19 @@ impl Store {
             }
         }
         let now = now_millis();
-        for chunk in unknown.chunks(IDS_PER_QUERY) {
-            let sql = format!(
-                "SELECT job_id, {USAGE_COLUMNS} FROM llm_job_ledger WHERE job_id IN ({})",
-                placeholders(1, chunk.len())
-            );
-            let mut query = sqlx::query(&sql);
-            for id in chunk {
-                query = query.bind(id.as_str());
+        let select = format!("SELECT job_id, {USAGE_COLUMNS} FROM llm_job_ledger WHERE job_id IN");
+        let asked: Vec<&str> = unknown.iter().map(|id| id.as_str()).collect();
+        let mut never_called: HashSet<&JobId> = unknown.iter().copied().collect();
+        for row in self.rows_in(&select, &asked).await? {
+            let id: String = row.try_get("job_id")?;
+            if let Ok(id) = JobId::parse(&id) {
+                self.keep_usage_of_row(id.as_str(), &row, now)?;
+                never_called.remove(&id);
+                found.insert(id, usage_of_row(&row)?);
             }
-            let mut never_called: HashSet<&JobId> = chunk.iter().copied().collect();
-            for row in query.fetch_all(&self.pool).await? {
-                let id: String = row.try_get("job_id")?;
-                if let Ok(id) = JobId::parse(&id) {
-                    self.keep_usage_of_row(id.as_str(), &row, now)?;
-                    never_called.remove(&id);
-                    found.insert(id, usage_of_row(&row)?);
-                }
-            }
-            for id in never_called {
-                self.archived.keep_usage(id.as_str(), FinalUsage::None, now);
-            }
+        }
+        for id in never_called {
+            self.archived.keep_usage(id.as_str(), FinalUsage::None, now);
         }
         Ok(found)
     }

@@ -159,6 +159,23 @@ fn placeholders(from: usize, count: usize) -> String {
     (from..from + count).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 
+impl Store {
+    /// The rows of `select` (a query ending in `… IN`) for `ids`: one query per
+    /// [`IDS_PER_QUERY`] ids.
+    async fn rows_in(&self, select: &str, ids: &[&str]) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+        let mut rows = Vec::new();
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let sql = format!("{select} ({})", placeholders(1, chunk.len()));
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            rows.extend(query.fetch_all(&self.pool).await?);
+        }
+        Ok(rows)
+    }
+}
+
 /// Milliseconds since the Unix epoch, as stored.
 fn now_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()
