@@ -24,8 +24,8 @@ use opentelemetry_sdk::{
 };
 use std::io::IsTerminal;
 use tracing_subscriber::{
-    EnvFilter, Layer,
-    filter::{FilterExt, Targets, filter_fn},
+    EnvFilter, Layer, Registry,
+    filter::{FilterExt, LevelFilter, Targets, filter_fn},
     fmt,
     prelude::*,
 };
@@ -88,17 +88,7 @@ pub fn init_as(format: LogFormat, service: &'static str) -> Telemetry {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let fmt_layer = if json {
-        // JSON lines read the current span themselves: the layer need not follow spans at all.
-        fmt::layer()
-            .event_format(logs::JsonWithTrace)
-            .fmt_fields(logs::NoSpanFields)
-            .with_writer(std::io::stderr)
-            .with_filter(filter.and(filter_fn(|metadata| metadata.is_event())))
-            .boxed()
-    } else {
-        fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).with_filter(filter).boxed()
-    };
+    let fmt_layer = log_layer(json, filter);
     let (provider, problem) = match tracer_provider(service) {
         Ok(provider) => (provider, None),
         Err(problem) => (None, Some(problem)),
@@ -128,6 +118,28 @@ pub fn init_as(format: LogFormat, service: &'static str) -> Telemetry {
         (None, None) => tracing::info!("no OTLP endpoint configured; traces are off"),
     }
     Telemetry { provider }
+}
+
+/// The layer that writes log lines to stderr: JSON lines or text, filtered by `filter`.
+///
+/// Its level hint is `filter`'s, so the global maximum level stays what `RUST_LOG` asks for:
+/// the `trace_span!`s that h2 opens for every frame it sends then cost one comparison instead
+/// of a span in the registry.
+fn log_layer(json: bool, filter: EnvFilter) -> Box<dyn Layer<Registry> + Send + Sync> {
+    if json {
+        // JSON lines read the current span themselves: the layer need not follow spans at all.
+        // The event-only filter bounds no level, so it says so (without a hint it would leave the
+        // combined filter's hint unknown, which means every level).
+        let events = filter_fn(|metadata| metadata.is_event()).with_max_level_hint(LevelFilter::TRACE);
+        fmt::layer()
+            .event_format(logs::JsonWithTrace)
+            .fmt_fields(logs::NoSpanFields)
+            .with_writer(std::io::stderr)
+            .with_filter(filter.and(events))
+            .boxed()
+    } else {
+        fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).with_filter(filter).boxed()
+    }
 }
 
 fn env(name: &str) -> Option<String> {
@@ -251,6 +263,20 @@ mod tests {
         assert_eq!(roots(Some("traceidratio"), None), all(1.0));
         for (sampler, arg) in [("traceidratio", Some("1.5")), ("traceidratio", Some("x")), ("jaeger_remote", None)] {
             assert!(roots(Some(sampler), arg).is_err(), "{sampler} {arg:?}");
+        }
+    }
+
+    #[test]
+    fn log_lines_leave_the_global_level_at_the_filters_so_dependencies_trace_spans_cost_nothing() {
+        for json in [true, false] {
+            let layer = log_layer(json, EnvFilter::new("info"));
+            assert_eq!(layer.max_level_hint(), Some(LevelFilter::INFO), "json: {json}");
+            let no_exporter: Option<tracing_subscriber::layer::Identity> = None;
+            let subscriber = tracing_subscriber::registry().with(layer).with(no_exporter);
+            tracing::subscriber::with_default(subscriber, || {
+                assert_eq!(LevelFilter::current(), LevelFilter::INFO, "json: {json}");
+                assert!(tracing::trace_span!(target: "h2", "reserve_capacity").is_disabled(), "json: {json}");
+            });
         }
     }
 
