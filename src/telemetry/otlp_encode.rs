@@ -349,7 +349,7 @@ mod tests {
         let at = |nanos: u64| UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000 + nanos);
         let mut events = SpanEvents::default();
         let mut links = SpanLinks::default();
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             events.events = vec![
                 Event::new("exception", at(n * 10 + 5), every_value("event"), 3),
                 Event::new("empty", at(n * 10 + 6), vec![], 0),
@@ -365,7 +365,7 @@ mod tests {
             span_context: context(
                 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
                 0x1000 + n,
-                if n % 3 == 0 { TraceFlags::default() } else { TraceFlags::SAMPLED },
+                if n.is_multiple_of(3) { TraceFlags::default() } else { TraceFlags::SAMPLED },
                 false,
                 if n == 1 { "a=1,b=2" } else { "" },
             ),

@@ -176,22 +176,20 @@ impl HttpExporter {
 
     /// One POST; the error says whether and when to try again.
     fn send_once(&self, client: &reqwest::blocking::Client, body: &bytes::Bytes) -> Result<Vec<u8>, Failure> {
-        let response = client
-            .post(self.endpoint.clone())
-            .headers(self.headers.clone())
-            .body(body.clone())
-            .send()
-            .map_err(|error| {
-                // No details: they could name the endpoint's credentials; never the headers.
-                let what = if error.is_timeout() {
-                    "timed out"
-                } else if error.is_connect() {
-                    "cannot connect"
-                } else {
-                    "network error"
-                };
-                Failure { message: format!("OTLP/HTTP export failed: {what}"), retry: Retry::Backoff }
-            })?;
+        let response =
+            client.post(self.endpoint.clone()).headers(self.headers.clone()).body(body.clone()).send().map_err(
+                |error| {
+                    // No details: they could name the endpoint's credentials; never the headers.
+                    let what = if error.is_timeout() {
+                        "timed out"
+                    } else if error.is_connect() {
+                        "cannot connect"
+                    } else {
+                        "network error"
+                    };
+                    Failure { message: format!("OTLP/HTTP export failed: {what}"), retry: Retry::Backoff }
+                },
+            )?;
         let status = response.status();
         if status.is_success() {
             return Ok(response.bytes().map(|body| body.to_vec()).unwrap_or_default());
@@ -292,10 +290,8 @@ impl SpanExporter for HttpExporter {
     }
 
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        let mut client = self
-            .client
-            .lock()
-            .map_err(|_| OTelSdkError::InternalFailure("the exporter's lock is poisoned".into()))?;
+        let mut client =
+            self.client.lock().map_err(|_| OTelSdkError::InternalFailure("the exporter's lock is poisoned".into()))?;
         client.take().map(drop).ok_or(OTelSdkError::AlreadyShutdown)
     }
 
@@ -337,8 +333,14 @@ mod tests {
 
     #[test]
     fn the_endpoint_is_the_traces_one_as_is_or_the_general_one_with_the_traces_path() {
-        assert_eq!(endpoint(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")]), "http://collector:4318/v1/traces");
-        assert_eq!(endpoint(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]), "http://collector:4318/v1/traces");
+        assert_eq!(
+            endpoint(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")]),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            endpoint(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]),
+            "http://collector:4318/v1/traces"
+        );
         assert_eq!(
             endpoint(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector/otlp")]),
             "https://collector/otlp/v1/traces"
@@ -351,7 +353,10 @@ mod tests {
             "http://traces:9999/custom"
         );
         assert_eq!(
-            endpoint(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://general:4318"), ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")]),
+            endpoint(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://general:4318"),
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
+            ]),
             "http://general:4318/v1/traces"
         );
         assert_eq!(endpoint(&[]), "http://localhost:4318/v1/traces");
@@ -363,9 +368,10 @@ mod tests {
 
     #[test]
     fn headers_are_percent_decoded_and_the_traces_variable_wins() {
-        let config = resolve(&[
-            ("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-key=otlp-secret-123, Authorization=Basic%20dXNlcjpwYXNz"),
-        ])
+        let config = resolve(&[(
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "x-collector-key=otlp-secret-123, Authorization=Basic%20dXNlcjpwYXNz",
+        )])
         .unwrap();
         assert_eq!(config.headers["x-collector-key"], "otlp-secret-123");
         assert_eq!(config.headers["authorization"], "Basic dXNlcjpwYXNz");
@@ -401,7 +407,12 @@ mod tests {
         assert!(resolve(&[]).unwrap().ignored.is_empty());
         assert!(resolve(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "none")]).unwrap().ignored.is_empty());
         let ignored = resolve(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")]).unwrap().ignored;
-        assert_eq!(ignored, ["OTEL_EXPORTER_OTLP_COMPRESSION=gzip is ignored: compression is not supported, spans are sent uncompressed"]);
+        assert_eq!(
+            ignored,
+            [
+                "OTEL_EXPORTER_OTLP_COMPRESSION=gzip is ignored: compression is not supported, spans are sent uncompressed"
+            ]
+        );
         let ignored =
             resolve(&[("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "NONE"), ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")])
                 .unwrap()
