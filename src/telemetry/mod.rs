@@ -1,9 +1,11 @@
 //! Logs, traces and metrics: set up once at start, shut down once at exit.
 //!
 //! Traces are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific
-//! variable) is set, with the protocol of `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc` or
-//! `http/protobuf`, the default); headers, service name and resource attributes come from
-//! the standard `OTEL_*` variables, read by the OpenTelemetry SDK itself. Sampling follows
+//! variable) is set, with the protocol of `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc` through
+//! `opentelemetry-otlp`, or `http/protobuf`, the default, through [`otlp_http`], which writes spans
+//! straight into the request body at a fraction of upstream's cost); endpoint, headers and timeout
+//! come from the standard `OTEL_*` variables, service name and resource attributes too (read by
+//! the OpenTelemetry SDK). Sampling follows
 //! `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG` with one refinement (see [`trace_request`]): the
 //! ratio applies to reads; a caller's `traceparent` and every write (a submission starts the trace
 //! the agent continues) are always traced. Export runs on the batch processor's own thread with a

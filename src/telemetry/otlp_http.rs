@@ -428,6 +428,73 @@ mod tests {
         assert_eq!(retry_after("soon"), None);
     }
 
+    /// A collector on a loopback socket answering with `statuses` in turn (then 200), recording
+    /// each request's head; one thread, connections kept alive as the client likes.
+    fn collector(statuses: &[u16]) -> (String, std::sync::Arc<Mutex<Vec<String>>>) {
+        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let heads = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let (recorded, statuses) = (heads.clone(), statuses.to_vec());
+        let mut statuses = statuses.into_iter();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = BufReader::new(stream.unwrap());
+                loop {
+                    let mut head = String::new();
+                    while !head.ends_with("\r\n\r\n") {
+                        if stream.read_line(&mut head).unwrap_or(0) == 0 {
+                            break;
+                        }
+                    }
+                    if !head.ends_with("\r\n\r\n") {
+                        break;
+                    }
+                    let length = head
+                        .lines()
+                        .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length:").map(str::to_owned))
+                        .map_or(0, |value| value.trim().parse::<usize>().unwrap());
+                    stream.read_exact(&mut vec![0; length]).unwrap();
+                    recorded.lock().unwrap().push(head);
+                    let status = statuses.next().unwrap_or(200);
+                    let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                    stream.get_mut().write_all(answer.as_bytes()).unwrap();
+                }
+            }
+        });
+        (endpoint, heads)
+    }
+
+    fn export_to(endpoint: &str, statuses_seen: usize, heads: &Mutex<Vec<String>>) -> OTelSdkResult {
+        let config = resolve(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-key=otlp-secret-123"),
+        ])
+        .unwrap();
+        let exporter = HttpExporter::new(config).unwrap();
+        let result = futures::executor::block_on(exporter.export(Vec::new()));
+        assert_eq!(heads.lock().unwrap().len(), statuses_seen, "{:?}", heads.lock().unwrap());
+        result
+    }
+
+    #[test]
+    fn a_refusal_is_an_error_with_its_status_and_no_header_and_is_not_retried() {
+        let (endpoint, heads) = collector(&[401]);
+        let error = export_to(&endpoint, 1, &heads).unwrap_err().to_string();
+        assert!(error.contains("status code: 401"), "{error}");
+        assert!(!error.contains("otlp-secret-123"), "{error}");
+        let head = heads.lock().unwrap()[0].to_ascii_lowercase();
+        assert!(head.starts_with("post /v1/traces http/1.1\r\n"), "{head}");
+        assert!(head.contains("content-type: application/x-protobuf\r\n"), "{head}");
+        assert!(head.contains("x-collector-key: otlp-secret-123\r\n"), "{head}");
+    }
+
+    #[test]
+    fn an_unavailable_collector_is_tried_again() {
+        let (endpoint, heads) = collector(&[503, 502]);
+        assert!(export_to(&endpoint, 3, &heads).is_ok());
+    }
+
     #[test]
     fn debug_output_never_shows_header_values() {
         let config = resolve(&[("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-key=otlp-secret-123")]).unwrap();
