@@ -225,6 +225,11 @@ fn tag(buf: &mut Vec<u8>, field: u32, wire_type: u32) {
 }
 
 fn varint(buf: &mut Vec<u8>, value: u64) {
+    // Tags and most lengths fit in one byte.
+    if value < 0x80 {
+        buf.push(value as u8);
+        return;
+    }
     let (bytes, len) = varint_bytes(value);
     buf.extend_from_slice(&bytes[..len]);
 }
@@ -258,8 +263,10 @@ fn close(buf: &mut Vec<u8>, start: usize) {
         return;
     }
     let (prefix, prefix_len) = varint_bytes(len as u64);
-    buf[start - 1] = prefix[0];
-    buf.splice(start..start, prefix[1..prefix_len].iter().copied());
+    let end = buf.len();
+    buf.resize(end + prefix_len - 1, 0);
+    buf.copy_within(start..end, start + prefix_len - 1);
+    buf[start - 1..start - 1 + prefix_len].copy_from_slice(&prefix[..prefix_len]);
 }
 
 /// A proto3 string field, left out when empty (as prost does).
