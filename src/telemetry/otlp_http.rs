@@ -175,7 +175,7 @@ impl HttpExporter {
     }
 
     /// One POST; the error says whether and when to try again.
-    fn send_once(&self, client: &reqwest::blocking::Client, body: &bytes::Bytes) -> Result<Vec<u8>, Failure> {
+    fn send_once(&self, client: &reqwest::blocking::Client, body: &bytes::Bytes) -> Result<bytes::Bytes, Failure> {
         let response =
             client.post(self.endpoint.clone()).headers(self.headers.clone()).body(body.clone()).send().map_err(
                 |error| {
@@ -192,7 +192,7 @@ impl HttpExporter {
             )?;
         let status = response.status();
         if status.is_success() {
-            return Ok(response.bytes().map(|body| body.to_vec()).unwrap_or_default());
+            return Ok(response.bytes().unwrap_or_default());
         }
         let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(retry_after);
         let retry = match (status.as_u16(), retry_after) {
