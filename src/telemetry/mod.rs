@@ -1,9 +1,11 @@
 //! Logs, traces and metrics: set up once at start, shut down once at exit.
 //!
 //! Traces are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific
-//! variable) is set, with the protocol of `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc` or
-//! `http/protobuf`, the default); headers, service name and resource attributes come from
-//! the standard `OTEL_*` variables, read by the OpenTelemetry SDK itself. Sampling follows
+//! variable) is set, with the protocol of `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc` through
+//! `opentelemetry-otlp`, or `http/protobuf`, the default, through [`otlp_http`], which writes spans
+//! straight into the request body at a fraction of upstream's cost); endpoint, headers and timeout
+//! come from the standard `OTEL_*` variables, service name and resource attributes too (read by
+//! the OpenTelemetry SDK). Sampling follows
 //! `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG` with one refinement (see [`trace_request`]): the
 //! ratio applies to reads; a caller's `traceparent` and every write (a submission starts the trace
 //! the agent continues) are always traced. Export runs on the batch processor's own thread with a
@@ -12,6 +14,8 @@
 pub mod kube_client;
 mod logs;
 pub mod metrics;
+mod otlp_encode;
+mod otlp_http;
 mod process;
 pub mod trace;
 
@@ -93,7 +97,7 @@ pub fn init_as(format: LogFormat, service: &'static str) -> Telemetry {
         Ok(provider) => (provider, None),
         Err(problem) => (None, Some(problem)),
     };
-    let otel_layer = provider.as_ref().map(|(provider, _)| {
+    let otel_layer = provider.as_ref().map(|(provider, ..)| {
         // Our own spans, plus kube-client's per-request client spans (created at debug level).
         let spans =
             Targets::new().with_target("oats", tracing::Level::INFO).with_target("kube_client", tracing::Level::DEBUG);
@@ -106,12 +110,17 @@ pub fn init_as(format: LogFormat, service: &'static str) -> Telemetry {
             .with_threads(false)
             .with_filter(spans)
     });
-    if let Some((provider, roots)) = &provider {
+    if let Some((provider, roots, _)) = &provider {
         global::set_tracer_provider(provider.clone());
         let _ = ROOTS.set(*roots);
     }
-    let provider = provider.map(|(provider, _)| provider);
     tracing_subscriber::registry().with(fmt_layer).with(otel_layer).init();
+    let provider = provider.map(|(provider, _, ignored)| {
+        for setting in ignored {
+            tracing::warn!("{setting}");
+        }
+        provider
+    });
     match (&provider, problem) {
         (Some(_), _) => tracing::info!("exporting traces over OTLP"),
         (None, Some(problem)) => tracing::warn!(%problem, "traces are not exported"),
@@ -146,9 +155,9 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// The tracer provider the `OTEL_*` variables ask for and which requests start traces, `None` when
-/// tracing is off.
-fn tracer_provider(service: &'static str) -> Result<Option<(SdkTracerProvider, Roots)>, String> {
+/// The tracer provider the `OTEL_*` variables ask for, which requests start traces and the settings
+/// ignored (to warn about once logs are up); `None` when tracing is off.
+fn tracer_provider(service: &'static str) -> Result<Option<(SdkTracerProvider, Roots, Vec<String>)>, String> {
     if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
         || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v == "none")
     {
@@ -160,29 +169,35 @@ fn tracer_provider(service: &'static str) -> Result<Option<(SdkTracerProvider, R
     let protocol = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
         .unwrap_or_else(|| "http/protobuf".into());
-    use opentelemetry_otlp::{SpanExporter, WithExportConfig as _};
-    let exporter = match protocol.as_str() {
-        "grpc" => SpanExporter::builder().with_tonic().build(),
+    let roots = roots(env("OTEL_TRACES_SAMPLER").as_deref(), env("OTEL_TRACES_SAMPLER_ARG").as_deref())?;
+    let builder = SdkTracerProvider::builder();
+    let (builder, ignored) = match protocol.as_str() {
+        "grpc" => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
+            (builder.with_batch_exporter(exporter), Vec::new())
+        }
         "http/protobuf" => {
-            SpanExporter::builder().with_http().with_protocol(opentelemetry_otlp::Protocol::HttpBinary).build()
+            let mut config = otlp_http::HttpConfig::resolve(|name| std::env::var(name).ok())
+                .map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
+            let ignored = std::mem::take(&mut config.ignored);
+            let exporter =
+                otlp_http::HttpExporter::new(config).map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
+            (builder.with_batch_exporter(exporter), ignored)
         }
         other => {
             return Err(format!("OTEL_EXPORTER_OTLP_PROTOCOL={other} is not supported (use grpc or http/protobuf)"));
         }
-    }
-    .map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
+    };
     let mut resource = Resource::builder().with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
     if env("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(service);
     }
-    let roots = roots(env("OTEL_TRACES_SAMPLER").as_deref(), env("OTEL_TRACES_SAMPLER_ARG").as_deref())?;
     let sampler = Sampler::ParentBased(Box::new(RootSampler { roots }));
-    let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_sampler(sampler)
-        .with_resource(resource.build())
-        .build();
-    Ok(Some((provider, roots)))
+    let provider = builder.with_sampler(sampler).with_resource(resource.build()).build();
+    Ok(Some((provider, roots, ignored)))
 }
 
 /// Which requests without a caller's trace start one.

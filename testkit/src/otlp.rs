@@ -1,5 +1,6 @@
-//! OTLP trace sinks: a real OTLP/gRPC receiver that keeps every span (the tests read them), and
-//! an OTLP/HTTP one that only counts them (the benchmark, where keeping them would cost memory).
+//! OTLP trace sinks: real OTLP/gRPC and OTLP/HTTP receivers that keep every span (the tests read
+//! them), and an OTLP/HTTP one that only counts them (the benchmark, where keeping them would cost
+//! memory).
 
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
@@ -26,21 +27,23 @@ impl TraceService for Receiver {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(string_of)
-                .unwrap_or_default();
-            for scope in resource_spans.scope_spans {
-                spans.extend(scope.spans.into_iter().map(|s| (service.clone(), s)));
-            }
-        }
+        self.spans.lock().unwrap().extend(spans_by_service(request.into_inner()));
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
     }
+}
+
+/// The spans of a request, each with the `service.name` of its resource.
+fn spans_by_service(request: ExportTraceServiceRequest) -> impl Iterator<Item = (String, Span)> {
+    request.resource_spans.into_iter().flat_map(|resource_spans| {
+        let service = resource_spans
+            .resource
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .find(|kv| kv.key == "service.name")
+            .and_then(string_of)
+            .unwrap_or_default();
+        resource_spans.scope_spans.into_iter().flat_map(|scope| scope.spans).map(move |span| (service.clone(), span))
+    })
 }
 
 pub fn string_of(kv: &KeyValue) -> Option<String> {
@@ -78,6 +81,75 @@ fn tokio_stream_of(
         let accepted = listener.accept().await.map(|(stream, _)| stream);
         Some((accepted, listener))
     })
+}
+
+/// One request an [`HttpReceiver`] got.
+#[derive(Clone, Debug)]
+pub struct HttpExport {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    /// The spans of the decoded `ExportTraceServiceRequest`, with their service name.
+    pub spans: Vec<(String, Span)>,
+}
+
+impl HttpExport {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// An OTLP/HTTP trace receiver: any path and method is recorded (the tests check them), the body
+/// decoded as a protobuf `ExportTraceServiceRequest`; stopped when dropped.
+pub struct HttpReceiver {
+    /// `http://127.0.0.1:PORT`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub endpoint: String,
+    pub exports: Arc<Mutex<Vec<HttpExport>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpReceiver {
+    pub async fn start() -> std::io::Result<Self> {
+        use poem::{
+            Body, EndpointExt as _, Request, Response, handler, http::StatusCode, listener::Acceptor as _, web::Data,
+        };
+        use prost::Message as _;
+        #[handler]
+        async fn export(request: &Request, body: Body, exports: Data<&Arc<Mutex<Vec<HttpExport>>>>) -> Response {
+            let bytes = body.into_bytes().await.unwrap_or_default();
+            let Ok(decoded) = ExportTraceServiceRequest::decode(bytes) else {
+                return Response::builder().status(StatusCode::BAD_REQUEST).finish();
+            };
+            let headers = request
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+                .collect();
+            exports.lock().unwrap().push(HttpExport {
+                method: request.method().to_string(),
+                path: request.uri().path().to_owned(),
+                headers,
+                spans: spans_by_service(decoded).collect(),
+            });
+            let response = ExportTraceServiceResponse { partial_success: None }.encode_to_vec();
+            Response::builder().content_type("application/x-protobuf").body(response)
+        }
+        let exports = Arc::new(Mutex::new(Vec::new()));
+        let acceptor = poem::listener::TcpAcceptor::from_tokio(tokio::net::TcpListener::bind("127.0.0.1:0").await?)?;
+        let address = acceptor.local_addr()[0].as_socket_addr().copied().expect("a TCP listener has a socket address");
+        let endpoint = format!("http://{address}");
+        let app = export.data(exports.clone());
+        let task = tokio::spawn(async move {
+            let _ = poem::Server::new_with_acceptor(acceptor).run(app).await;
+        });
+        Ok(Self { endpoint, exports, task })
+    }
+}
+
+impl Drop for HttpReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// An OTLP/HTTP trace receiver (`POST /v1/traces`, protobuf) that counts the spans it gets,

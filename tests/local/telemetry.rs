@@ -1,11 +1,11 @@
-//! Telemetry end to end: spans received by a real OTLP/gRPC receiver, an exact scrape of
-//! `/metrics`, and logs that never carry secrets.
+//! Telemetry end to end: spans received by real OTLP/gRPC and OTLP/HTTP receivers, an exact scrape
+//! of `/metrics`, and logs that never carry secrets.
 
 use crate::common;
 
 use common::{
     Server,
-    otlp::{attribute, start_receiver, string_of},
+    otlp::{HttpReceiver, attribute, start_receiver, string_of},
 };
 use openmetrics_parser::{PrometheusType, PrometheusValue};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
@@ -147,6 +147,60 @@ async fn a_submission_is_one_trace_from_the_caller_into_the_agent() {
             assert!(!value.contains("caller-token-456") && !value.contains("otlp-secret-123"), "secret in span");
         }
     }
+}
+
+/// The default protocol, OTLP/HTTP with protobuf (our own exporter): a traced request's server span
+/// reaches the collector's `/v1/traces` with the configured header, whose secret stays out of the
+/// logs.
+#[tokio::test]
+async fn spans_are_exported_over_otlp_http_with_the_configured_headers() {
+    let receiver = HttpReceiver::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-key=otlp-secret-123"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_SERVICE_NAME", "oats-over-http"),
+    ];
+    let server = Server::start_local(dir.path(), &env).await;
+    let response = server
+        .http
+        .get(server.url("/api/v1/jobs"))
+        .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (export, service, span) = loop {
+        let exports = receiver.exports.lock().unwrap().clone();
+        let found = exports.iter().find_map(|export| {
+            let (service, span) = export.spans.iter().find(|(_, s)| hex(&s.trace_id) == TRACE_ID)?;
+            Some((export.clone(), service.clone(), span.clone()))
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "the span never arrived; {} requests", exports.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((export.method.as_str(), export.path.as_str()), ("POST", "/v1/traces"));
+    assert_eq!(export.header("content-type"), Some("application/x-protobuf"));
+    assert_eq!(export.header("x-collector-key"), Some("otlp-secret-123"));
+    assert_eq!(service, "oats-over-http");
+    assert_eq!(span.name, "GET /api/v1/jobs");
+    assert_eq!(span.kind, SpanKind::Server as i32);
+    assert_eq!(hex(&span.parent_span_id), CALLER_SPAN, "continues the caller's span");
+    assert_eq!(attribute(&span, "http.request.method").as_deref(), Some("GET"));
+    assert_eq!(attribute(&span, "http.route").as_deref(), Some("/api/v1/jobs"));
+    assert_eq!(attribute(&span, "http.response.status_code").as_deref(), Some("200"));
+
+    let log = server.log_text();
+    assert!(log.contains("exporting traces over OTLP"), "{log}");
+    assert!(!log.contains("otlp-secret-123"), "the collector's key leaked into the logs");
 }
 
 /// With a ratio of 0 for new traces, untraced reads get no span; submissions and callers' traces
