@@ -28,6 +28,13 @@ use poem_openapi::types::ParseFromJSON;
 use std::{future::pending, io::Read, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: a request allocates a few blocks of 1.5-5 KiB (its futures), past glibc's per-thread
+/// cache, where each malloc and free took its slow path (a GET: 36.5k -> 32.6k instructions).
+/// Built without transparent huge pages (`no_thp`), which would back its arenas 2 MiB at a time
+/// and double the idle RSS.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "oats", version, about = "Run LLM agents as jobs on Kubernetes or locally")]
 struct Cli {

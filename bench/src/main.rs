@@ -138,6 +138,10 @@ enum Helper {
     },
 }
 
+/// The allocator `oats` uses, so the bare reference (and the load generator) run on the same one.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(Helper::BareServer { listen, addresses_file, job_body, list_body }) = &args.command {

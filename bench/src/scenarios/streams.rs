@@ -209,12 +209,15 @@ impl Bench {
     }
 
     /// A server for watch streams on `jobs` pending jobs preloaded into `dir`, their ids, and the
-    /// server's CPU and memory before any stream (settled for 2 s, CPU over the next 3 s).
+    /// server's CPU and memory before any stream (settled for 12 s, CPU over the next 3 s). The
+    /// threads that loaded the jobs at start (Tokio's blocking pool) exit after 10 s idle, and
+    /// mimalloc returns their memory only then: measured sooner, it would be counted against the
+    /// streams' memory.
     async fn stream_server(&self, name: &str, dir: &Path, jobs: usize) -> Result<(Process, Vec<String>, Baseline)> {
         let ids = preload(dir, jobs, JobPhase::Pending).await?.ids;
         let oats = self.start_oats(name, &self.streams_env(dir)?, self.pin).await?;
         let pid = oats.pid() as i32;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(12)).await;
         let cpu0 = proc_cpu(pid, self.clk_tck);
         tokio::time::sleep(Duration::from_secs(3)).await;
         let idle_cpu = (proc_cpu(pid, self.clk_tck) - cpu0) / 3.0;
