@@ -44,7 +44,8 @@ impl Bench {
         // Each round runs the three servers in another order (off first, then second, then third),
         // so a drift within a round, or whatever the window after another costs, does not fall on
         // one configuration only.
-        let configurations = [(oats, "off"), (&shipped, "on, reads sampled 5% (as shipped)"), (&always, "on, always_on")];
+        let configurations =
+            [(oats, "off"), (&shipped, "on, reads sampled 5% (as shipped)"), (&always, "on, always_on")];
         let mut runs: [Vec<Load>; 3] = Default::default();
         let mut served_always = 0;
         let mut spans_always = 0;
@@ -75,7 +76,9 @@ impl Bench {
             let ratio = rps(runs) / off_rps;
             self.row(
                 "5",
-                &format!("GET job, telemetry on ({name}) vs off, saturated, mean of 3 rounds, each in another order: req/s"),
+                &format!(
+                    "GET job, telemetry on ({name}) vs off, saturated, mean of 3 rounds, each in another order: req/s"
+                ),
                 format!("{:.0}", rps(runs)),
                 format!("{off_rps:.0} (off)"),
                 Some(ratio),
