@@ -173,18 +173,13 @@ fn tracer_provider(service: &'static str) -> Result<Option<(SdkTracerProvider, R
     let builder = SdkTracerProvider::builder();
     let (builder, ignored) = match protocol.as_str() {
         "grpc" => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .build()
-                .map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
+            let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build().map_err(cannot_build)?;
             (builder.with_batch_exporter(exporter), Vec::new())
         }
         "http/protobuf" => {
-            let mut config = otlp_http::HttpConfig::resolve(|name| std::env::var(name).ok())
-                .map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
+            let mut config = otlp_http::HttpConfig::resolve(|name| std::env::var(name).ok()).map_err(cannot_build)?;
             let ignored = std::mem::take(&mut config.ignored);
-            let exporter =
-                otlp_http::HttpExporter::new(config).map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
+            let exporter = otlp_http::HttpExporter::new(config).map_err(cannot_build)?;
             (builder.with_batch_exporter(exporter), ignored)
         }
         other => {
@@ -198,6 +193,10 @@ fn tracer_provider(service: &'static str) -> Result<Option<(SdkTracerProvider, R
     let sampler = Sampler::ParentBased(Box::new(RootSampler { roots }));
     let provider = builder.with_sampler(sampler).with_resource(resource.build()).build();
     Ok(Some((provider, roots, ignored)))
+}
+
+fn cannot_build(error: impl std::fmt::Display) -> String {
+    format!("cannot build the OTLP exporter: {error}")
 }
 
 /// Which requests without a caller's trace start one.

@@ -110,9 +110,7 @@ pub struct HttpReceiver {
 
 impl HttpReceiver {
     pub async fn start() -> std::io::Result<Self> {
-        use poem::{
-            Body, EndpointExt as _, Request, Response, handler, http::StatusCode, listener::Acceptor as _, web::Data,
-        };
+        use poem::{Body, EndpointExt as _, Request, Response, handler, http::StatusCode, web::Data};
         use prost::Message as _;
         #[handler]
         async fn export(request: &Request, body: Body, exports: Data<&Arc<Mutex<Vec<HttpExport>>>>) -> Response {
@@ -135,13 +133,7 @@ impl HttpReceiver {
             Response::builder().content_type("application/x-protobuf").body(response)
         }
         let exports = Arc::new(Mutex::new(Vec::new()));
-        let acceptor = poem::listener::TcpAcceptor::from_tokio(tokio::net::TcpListener::bind("127.0.0.1:0").await?)?;
-        let address = acceptor.local_addr()[0].as_socket_addr().copied().expect("a TCP listener has a socket address");
-        let endpoint = format!("http://{address}");
-        let app = export.data(exports.clone());
-        let task = tokio::spawn(async move {
-            let _ = poem::Server::new_with_acceptor(acceptor).run(app).await;
-        });
+        let (endpoint, task) = serve_on_loopback(export.data(exports.clone())).await?;
         Ok(Self { endpoint, exports, task })
     }
 }
@@ -163,7 +155,7 @@ pub struct HttpSink {
 
 impl HttpSink {
     pub async fn start() -> std::io::Result<Self> {
-        use poem::{Body, EndpointExt as _, Response, Route, handler, listener::Acceptor as _, post, web::Data};
+        use poem::{Body, EndpointExt as _, Response, Route, handler, post, web::Data};
         #[handler]
         async fn traces(body: Body, spans: Data<&Arc<AtomicU64>>) -> Response {
             let bytes = body.into_bytes().await.unwrap_or_default();
@@ -171,14 +163,8 @@ impl HttpSink {
             Response::builder().content_type("application/x-protobuf").body(Vec::<u8>::new())
         }
         let spans = Arc::new(AtomicU64::new(0));
-        let acceptor = poem::listener::TcpAcceptor::from_tokio(tokio::net::TcpListener::bind("127.0.0.1:0").await?)?;
-        // The socket address itself: poem's `Addr` displays as `socket://…`.
-        let address = acceptor.local_addr()[0].as_socket_addr().copied().expect("a TCP listener has a socket address");
-        let endpoint = format!("http://{address}");
-        let app = Route::new().at("/v1/traces", post(traces)).data(spans.clone());
-        let task = tokio::spawn(async move {
-            let _ = poem::Server::new_with_acceptor(acceptor).run(app).await;
-        });
+        let (endpoint, task) =
+            serve_on_loopback(Route::new().at("/v1/traces", post(traces)).data(spans.clone())).await?;
         Ok(Self { endpoint, spans, task })
     }
 }
@@ -187,6 +173,20 @@ impl Drop for HttpSink {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// `app` served by poem on a free loopback port: its `http://127.0.0.1:PORT` and the serving task.
+async fn serve_on_loopback(
+    app: impl poem::Endpoint + 'static,
+) -> std::io::Result<(String, tokio::task::JoinHandle<()>)> {
+    use poem::listener::Acceptor as _;
+    let acceptor = poem::listener::TcpAcceptor::from_tokio(tokio::net::TcpListener::bind("127.0.0.1:0").await?)?;
+    // The socket address itself: poem's `Addr` displays as `socket://…`.
+    let address = acceptor.local_addr()[0].as_socket_addr().copied().expect("a TCP listener has a socket address");
+    let task = tokio::spawn(async move {
+        let _ = poem::Server::new_with_acceptor(acceptor).run(app).await;
+    });
+    Ok((format!("http://{address}"), task))
 }
 
 /// Length-delimited fields number `field` of a protobuf message.
