@@ -10,7 +10,7 @@
 #      and Swagger UI in headless Chromium (scripts/swagger-ui-test.sh);
 #   2. the test control plane (testenv/testenv.sh up: built once from Go modules, cached) and its
 #      self-test (testenv/selftest.sh, which leaves it up);
-#   3. a build of the benchmark crate (bench/), then cargo test: unit tests, the OpenAPI drift
+#   3. a build of the benchmark crate (bench/), then cargo test: unit tests (the bench's too), the OpenAPI drift
 #      check, HTTP end-to-end tests on the local backend, telemetry, security and monitoring
 #      tests, and end-to-end tests of the Kubernetes backend against that control plane.
 # Locally, OATS_SKIP_KUBE_E2E=1 skips the control plane and the test binaries that need it
@@ -100,7 +100,8 @@ summary() {
   fi
 }
 
-if ! cargo test --locked "${targets[@]}" 2>&1 | tee "$cargo_log"; then
+# The benchmark crate's own unit tests (its statistics) run with the rest.
+if ! { cargo test --locked "${targets[@]}" && cargo test --locked -p oats-bench; } 2>&1 | tee "$cargo_log"; then
   summary
   if [ -n "${OATS_TESTENV_DIR:-}" ]; then testenv/testenv.sh logs || true; fi
   exit 1

@@ -37,6 +37,7 @@ mod load;
 mod procs;
 mod references;
 mod report;
+mod rounds;
 mod scenarios;
 mod seed;
 

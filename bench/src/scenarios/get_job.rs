@@ -5,6 +5,7 @@ use crate::{
     Bench,
     load::{Load, Target, mean},
     procs::seeded_env,
+    rounds::{PAIRED_ROUNDS, PAIRED_WINDOW, Spread, round_ratios, rounds_note},
     scenarios::reads::Reads,
 };
 use anyhow::Result;
@@ -15,43 +16,44 @@ impl Bench {
         let Reads { dir, oats, job_body, .. } = reads;
         let job_paths = |server: &Process| reads.job_paths(server);
         println!("-- scenario 1: GET /api/v1/jobs/{{id}} ({} bytes) vs bare poem handler", job_body.len());
-        // Alternate reference and OATS windows, so drift of the machine's speed hits both. A
-        // third server, identical but for RUST_LOG=warn, shows what the log layer's handling
+        // Paired rounds of reference and OATS windows, so drift of the machine's speed hits both.
+        // A third server, identical but for RUST_LOG=warn, shows what the log layer's handling
         // of the request span costs (nothing is logged per request either way).
         let mut quiet_env = seeded_env(dir);
         quiet_env.push(("RUST_LOG".into(), "warn".into()));
         let quiet = self.start_oats("oats-quiet", &quiet_env, self.pin).await?;
-        let (mut bare_runs, mut oats_runs, mut quiet_runs) = (Vec::new(), Vec::new(), Vec::new());
-        for round in 1..=2 {
-            let l = self.closed(job_paths(bare), bare).await;
-            self.load_note(&format!("1 bare handler, saturated, round {round}"), &l);
-            bare_runs.push(l);
-            let l = self.closed(job_paths(oats), oats).await;
-            self.load_note(&format!("1 OATS GET job, saturated, round {round}"), &l);
-            oats_runs.push(l);
-            let l = self.closed(job_paths(&quiet), &quiet).await;
-            self.load_note(&format!("1 diagnosis: OATS GET job with RUST_LOG=warn, saturated, round {round}"), &l);
-            quiet_runs.push(l);
-        }
+        let servers = [bare, oats, &quiet].map(|server| (job_paths(server), server));
+        let [bare_runs, oats_runs, quiet_runs] = self.paired_rounds(&servers).await;
         drop(quiet);
+        for (loads, name) in [
+            (&bare_runs, "bare handler"),
+            (&oats_runs, "OATS GET job"),
+            (&quiet_runs, "diagnosis: OATS GET job with RUST_LOG=warn"),
+        ] {
+            self.note(rounds_note(&format!("1 {name}, saturated"), loads));
+        }
         let (bare_rps, oats_rps) = (mean(&bare_runs, Load::rps), mean(&oats_runs, Load::rps));
-        let ratio = oats_rps / bare_rps;
+        let throughput = Spread::of(&round_ratios(&oats_runs, &bare_runs, Load::rps));
         self.row(
             "1",
-            &format!("GET job, 10k jobs, saturated (c={}, mean of 2 alternating rounds): req/s", self.concurrency),
-            format!("{oats_rps:.0}"),
+            &format!(
+                "GET job, 10k jobs, saturated (c={}): req/s; ratio: median of {PAIRED_ROUNDS} rounds' ratios ({}s windows, in rotating order)",
+                self.concurrency,
+                PAIRED_WINDOW.as_secs()
+            ),
+            format!("{oats_rps:.0} (round ratios: {throughput})"),
             format!("{bare_rps:.0} (bare poem, {} B body)", job_body.len()),
-            Some(ratio),
+            Some(throughput.median),
             "≥ 0.75",
-            Some(ratio >= 0.75),
+            Some(throughput.median >= 0.75),
         );
         let (bare_cpu, oats_cpu) = (mean(&bare_runs, Load::cpu_us), mean(&oats_runs, Load::cpu_us));
         self.row(
             "1",
-            "GET job: server CPU per request",
+            "GET job: server CPU per request (ratio: median of the rounds' ratios)",
             format!("{oats_cpu:.1} µs"),
             format!("{bare_cpu:.1} µs (bare)"),
-            Some(oats_cpu / bare_cpu),
+            Some(Spread::of(&round_ratios(&oats_runs, &bare_runs, Load::cpu_us)).median),
             "",
             None,
         );
@@ -78,9 +80,7 @@ impl Bench {
             "",
             None,
         );
-        let oats_sat = oats_runs.pop().expect("two rounds");
-        let bare_sat = bare_runs.pop().expect("two rounds");
-        let rate = oats_sat.rps() / 2.0;
+        let rate = oats_rps / 2.0;
         let oats_half = self.open(job_paths(oats), oats, rate).await;
         self.load_note(&format!("1 OATS GET job at half saturation ({rate:.0} req/s offered)"), &oats_half);
         let bare_half = self.open(job_paths(bare), bare, rate).await;
@@ -97,12 +97,17 @@ impl Bench {
         self.row(
             "1",
             "GET job: server peak RSS while saturated",
-            format!("{:.1} MiB", oats_sat.server_hwm_kib as f64 / 1024.0),
-            format!("{:.1} MiB", bare_sat.server_hwm_kib as f64 / 1024.0),
+            format!("{:.1} MiB", peak_rss_mib(&oats_runs)),
+            format!("{:.1} MiB", peak_rss_mib(&bare_runs)),
             None,
             "",
             None,
         );
         Ok(())
     }
+}
+
+/// The highest peak RSS of the windows, in MiB.
+fn peak_rss_mib(loads: &[Load]) -> f64 {
+    loads.iter().map(|l| l.server_hwm_kib).max().unwrap_or(0) as f64 / 1024.0
 }
