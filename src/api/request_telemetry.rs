@@ -13,7 +13,7 @@ use crate::{
 use opentelemetry::{global, trace::TraceContextExt};
 use opentelemetry_http::HeaderExtractor;
 use poem::{Request, Response, http::Method};
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{exemplar::HistogramWithExemplars, gauge::Gauge};
 use std::{collections::HashMap, sync::OnceLock, time::Instant};
 use tracing::{Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -30,6 +30,10 @@ pub struct Routes {
     /// family on a method's first request only: the family hashes the labels and locks per lookup.
     /// (One app serves one registry, so the gauges are those of the metrics `instrument` is given.)
     active: [OnceLock<Gauge>; METHODS.len()],
+    /// The duration histogram of each route, method and status of [`CACHED_STATUSES`] (at
+    /// [`Routes::duration_place`]), looked up in the family on its first request only, as the
+    /// gauges are.
+    durations: Box<[OnceLock<HistogramWithExemplars<TraceLabel>>]>,
 }
 
 impl Routes {
@@ -64,7 +68,9 @@ impl Routes {
         for (place, (_, segments, _)) in templates.iter().enumerate() {
             by_length[segments.len()].push(place);
         }
-        Self { templates, by_length, span_names, active: Default::default() }
+        let durations =
+            (0..(templates.len() + 2) * METHODS.len() * CACHED_STATUSES.len()).map(|_| OnceLock::new()).collect();
+        Self { templates, by_length, span_names, active: Default::default(), durations }
     }
 
     /// The server span's name for a request.
@@ -78,7 +84,22 @@ impl Routes {
     }
 
     /// The template `path` matches, `/docs` for Swagger UI's assets, else `unmatched`.
-    pub fn route(&self, path: &str) -> &'static str {
+    #[cfg(test)]
+    fn route(&self, path: &str) -> &'static str {
+        self.template(self.route_place(path))
+    }
+
+    /// The route of a place [`route_place`](Self::route_place) gave.
+    fn template(&self, place: usize) -> &'static str {
+        match self.templates.get(place) {
+            Some((template, _, _)) => template,
+            None if place == self.templates.len() => "/docs",
+            None => "unmatched",
+        }
+    }
+
+    /// Where the route `path` matches is: its template's place, then `/docs`, then `unmatched`.
+    fn route_place(&self, path: &str) -> usize {
         // The path is split once, not once per template, by a byte loop: `split` searches each
         // of these short segments with `memchr`, which cost more than the matching (this runs on
         // every request).
@@ -95,17 +116,27 @@ impl Routes {
             start = end + 1;
         }
         let segments = &segments[..count];
-        let matched =
-            self.by_length[segments.len()].iter().map(|&place| &self.templates[place]).find(|(_, template, _)| {
-                template.iter().zip(segments).all(|(t, s)| !s.is_empty() && t.as_deref().is_none_or(|t| t == *s))
-            });
+        let matched = self.by_length[segments.len()].iter().copied().find(|&place| {
+            let (_, template, _) = &self.templates[place];
+            template.iter().zip(segments).all(|(t, s)| !s.is_empty() && t.as_deref().is_none_or(|t| t == *s))
+        });
         match matched {
-            Some((template, _, _)) => template,
-            None if path.starts_with("/docs/") => "/docs",
-            None => "unmatched",
+            Some(place) => place,
+            None if path.starts_with("/docs/") => self.templates.len(),
+            None => self.templates.len() + 1,
         }
     }
+
+    /// The place in `durations` of a route, method and status; `None` for a status not cached.
+    fn duration_place(&self, route_place: usize, method_index: usize, status: u16) -> Option<usize> {
+        let status_place = CACHED_STATUSES.iter().position(|&s| s == status)?;
+        Some((route_place * METHODS.len() + method_index) * CACHED_STATUSES.len() + status_place)
+    }
 }
+
+/// The statuses the API answers with, whose duration histograms are kept at hand; any other is
+/// looked up in the family per request.
+const CACHED_STATUSES: [u16; 16] = [200, 201, 202, 204, 304, 400, 401, 403, 404, 405, 409, 413, 415, 422, 429, 503];
 
 /// Segments of the longest route template; a longer path matches none.
 const MAX_SEGMENTS: usize = 8;
@@ -137,6 +168,7 @@ pub struct RequestTelemetry<'a> {
     metrics: &'a Metrics,
     routes: &'a Routes,
     method_index: usize,
+    route_place: usize,
     route: &'static str,
     span: Span,
     /// The exemplar of the duration histogram: the trace id of a sampled span.
@@ -152,7 +184,8 @@ impl<'a> RequestTelemetry<'a> {
     pub fn start(request: &Request, metrics: &'a Metrics, routes: &'a Routes, caller_trace: bool) -> Self {
         let method_index = method_index(request.method());
         let method = METHODS[method_index];
-        let route = routes.route(request.uri().path());
+        let route_place = routes.route_place(request.uri().path());
+        let route = routes.template(route_place);
         let read_only = matches!(method, "GET" | "HEAD" | "OPTIONS");
         let span = if telemetry::trace_request(caller_trace, read_only) {
             server_span(request, routes, method, route, caller_trace)
@@ -162,7 +195,8 @@ impl<'a> RequestTelemetry<'a> {
         let context = span.context();
         let span_context = context.span().span_context().clone();
         let trace_id = span_context.is_sampled().then(|| span_context.trace_id().to_string());
-        let telemetry = Self { metrics, routes, method_index, route, span, trace_id, started: Instant::now() };
+        let telemetry =
+            Self { metrics, routes, method_index, route_place, route, span, trace_id, started: Instant::now() };
         telemetry.active().inc();
         telemetry
     }
@@ -200,10 +234,26 @@ impl<'a> RequestTelemetry<'a> {
         if method == "POST" && route == "/api/v1/jobs" && matches!(status, 400 | 413 | 415) {
             self.metrics.jobs.submission(SubmissionOutcome::Invalid);
         }
-        let labels = HttpLabels { http_request_method: method, http_route: route, http_response_status_code: status };
         let exemplar = self.trace_id.take().map(|trace_id| TraceLabel { trace_id });
-        self.metrics.http.duration.get_or_create(&labels).observe(self.started.elapsed().as_secs_f64(), exemplar, None);
+        self.observe_duration(status, exemplar);
         response
+    }
+
+    /// Record the request's duration under its route, method and `status`.
+    fn observe_duration(&self, status: u16, exemplar: Option<TraceLabel>) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let family = &self.metrics.http.duration;
+        let labels = || HttpLabels {
+            http_request_method: METHODS[self.method_index],
+            http_route: self.route,
+            http_response_status_code: status,
+        };
+        match self.routes.duration_place(self.route_place, self.method_index, status) {
+            Some(place) => self.routes.durations[place]
+                .get_or_init(|| family.get_or_create(&labels()).clone())
+                .observe(seconds, exemplar, None),
+            None => family.get_or_create(&labels()).observe(seconds, exemplar, None),
+        }
     }
 }
 
@@ -257,6 +307,42 @@ mod tests {
         answered.finish(Response::default());
         drop(dropped);
         assert_eq!(in_flight(), 0);
+    }
+
+    #[test]
+    fn durations_are_recorded_under_their_route_method_and_status_whether_kept_at_hand_or_not() {
+        let (metrics, routes) = (Metrics::new(), Routes::from_spec(&crate::api::spec()));
+        let answer = |method: Method, path: &str, status: u16| {
+            let request = Request::builder().method(method).uri_str(path).finish();
+            let response = Response::builder().status(poem::http::StatusCode::from_u16(status).unwrap()).finish();
+            RequestTelemetry::start(&request, &metrics, &routes, false).finish(response);
+        };
+        // 418 is not among the statuses kept at hand.
+        for (method, path, status) in [
+            (Method::GET, "/api/v1/jobs/job-a", 200),
+            (Method::GET, "/api/v1/jobs/job-b", 200),
+            (Method::GET, "/api/v1/jobs/job-c", 404),
+            (Method::DELETE, "/api/v1/jobs/job-a", 200),
+            (Method::GET, "/api/v1/jobs", 200),
+            (Method::GET, "/api/v1/jobs/job-d", 418),
+            (Method::GET, "/api/v1/jobs/job-e", 418),
+            (Method::GET, "/nowhere", 404),
+        ] {
+            answer(method, path, status);
+        }
+        let text = metrics.encode(false);
+        let count = |method: &str, route: &str, status: u16| {
+            let series = format!(
+                "http_server_request_duration_seconds_count{{http_request_method=\"{method}\",http_route=\"{route}\",http_response_status_code=\"{status}\"}} "
+            );
+            text.lines().find_map(|line| line.strip_prefix(&series)).map(str::to_owned)
+        };
+        assert_eq!(count("GET", "/api/v1/jobs/{id}", 200).as_deref(), Some("2"), "{text}");
+        assert_eq!(count("GET", "/api/v1/jobs/{id}", 404).as_deref(), Some("1"));
+        assert_eq!(count("DELETE", "/api/v1/jobs/{id}", 200).as_deref(), Some("1"));
+        assert_eq!(count("GET", "/api/v1/jobs", 200).as_deref(), Some("1"));
+        assert_eq!(count("GET", "/api/v1/jobs/{id}", 418).as_deref(), Some("2"));
+        assert_eq!(count("GET", "unmatched", 404).as_deref(), Some("1"));
     }
 
     #[test]
