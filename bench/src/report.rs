@@ -123,11 +123,13 @@ pub(crate) fn machine_header(cores: usize, pin: bool, args: &Args) -> String {
         "no CPU pinning"
     };
     format!(
-        "- Machine: **{cores} cores** ({cpu}), load average at start {}\n- Date: {}, revision `{revision}`{}\n- Load: {} s measured per window after 1 s warm-up, {} connections when saturating; {pinning}",
+        "- Machine: **{cores} cores** ({cpu}), load average at start {}\n- Date: {}, revision `{revision}`{}\n- Load: {} s measured per window after 1 s warm-up ({} s in the paired rounds of scenarios 1 and 5: {} rounds, judged by the median of the rounds' ratios), {} connections when saturating; {pinning}",
         load.join(" "),
         Utc::now().format("%Y-%m-%d %H:%M UTC"),
         if dirty { " (with uncommitted changes)" } else { "" },
         args.duration,
+        crate::rounds::PAIRED_WINDOW.as_secs(),
+        crate::rounds::PAIRED_ROUNDS,
         args.concurrency,
     )
 }
