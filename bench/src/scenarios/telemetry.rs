@@ -41,17 +41,25 @@ impl Bench {
             .start_oats("oats-sampled", &traced_env(&sampled_sink, "parentbased_traceidratio", Some("0.05")), self.pin)
             .await?;
         let always = self.start_oats("oats-always-on", &traced_env(&always_sink, "always_on", None), self.pin).await?;
+        // A second "off" server, identical to the first: what the comparison reads when there is
+        // nothing to find (the noise floor of the paired rounds).
+        let twin = self.start_oats("oats-off-twin", &seeded_env(dir), self.pin).await?;
         // Scraped all along, every 15 s (the ServiceMonitor ships 30 s), not per window.
         let scrapers: Vec<_> = [&shipped, &always]
             .iter()
             .map(|server| spawn_scraper(self.http.clone(), server.url("/metrics"), SCRAPE_INTERVAL))
             .collect();
-        let servers = [oats, &shipped, &always].map(|server| (reads.job_paths(server), server));
-        let [off, sampled, every] = self.paired_rounds(&servers).await;
+        let servers = [oats, &shipped, &always, &twin].map(|server| (reads.job_paths(server), server));
+        let [off, sampled, every, off_twin] = self.paired_rounds(&servers).await;
         scrapers.iter().for_each(|s| s.abort());
         let sampled_spans = settled(&sampled_sink.spans).await;
         let always_spans = settled(&always_sink.spans).await;
-        for (loads, name) in [(&off, "off"), (&sampled, "reads sampled 5% (as shipped)"), (&every, "always_on")] {
+        for (loads, name) in [
+            (&off, "off"),
+            (&sampled, "reads sampled 5% (as shipped)"),
+            (&every, "always_on"),
+            (&off_twin, "off, a second identical server"),
+        ] {
             self.note(rounds_note(&format!("5 telemetry {name}"), loads));
         }
 
@@ -93,6 +101,17 @@ impl Bench {
                 None,
             );
         }
+        let noise = Spread::of(&round_ratios(&off_twin, &off, Load::rps));
+        self.row(
+            "5",
+            "noise floor: a second telemetry-off server vs the first, in the same rounds: req/s",
+            format!("{:.0} (round ratios: {noise})", mean(&off_twin, Load::rps)),
+            format!("{off_rps:.0} (off)"),
+            Some(noise.median),
+            "",
+            None,
+        );
+        drop(twin);
         let served = |loads: &[Load]| loads.iter().map(|l| l.total).sum::<u64>();
         let (served_sampled, served_always) = (served(&sampled), served(&every));
         if always_spans * 2 < served_always {
