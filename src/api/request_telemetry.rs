@@ -18,7 +18,6 @@ use opentelemetry_http::HeaderExtractor;
 use poem::{Request, Response, http::Method};
 use prometheus_client::metrics::gauge::Gauge;
 use std::{
-    collections::HashMap,
     future::poll_fn,
     pin::{Pin, pin},
     sync::OnceLock,
@@ -34,8 +33,10 @@ pub struct Routes {
     templates: Vec<(&'static str, Vec<Option<String>>, String)>,
     /// The places in `templates` of the templates of each length (in segments), in their order.
     by_length: [Vec<usize>; MAX_SEGMENTS + 1],
-    /// `{method} {route}` of every method and route: span names, built once rather than per request.
-    span_names: HashMap<(&'static str, &'static str), &'static str>,
+    /// `{method} {route}` of every route (by its place: the templates', then `/docs` and
+    /// `unmatched`) and method (by its place in [`METHODS`]): span names, built once rather than
+    /// per request, and found without hashing.
+    span_names: Vec<[&'static str; METHODS.len()]>,
     /// The in-flight gauge of each method (by its place in [`METHODS`]), looked up in the metrics'
     /// family on a method's first request only: the family hashes the labels and locks per lookup.
     /// (One app serves one registry, so the gauges are those of the metrics `instrument` is given.)
@@ -67,9 +68,7 @@ impl Routes {
             "a route template has at most {MAX_SEGMENTS} segments"
         );
         let routes = templates.iter().map(|(template, _, _)| *template).chain(["/docs", "unmatched"]);
-        let span_names = routes
-            .flat_map(|route| METHODS.map(|method| ((method, route), &*format!("{method} {route}").leak())))
-            .collect();
+        let span_names = routes.map(|route| METHODS.map(|method| &*format!("{method} {route}").leak())).collect();
         let mut by_length: [Vec<usize>; MAX_SEGMENTS + 1] = Default::default();
         for (place, (_, segments, _)) in templates.iter().enumerate() {
             by_length[segments.len()].push(place);
@@ -77,9 +76,9 @@ impl Routes {
         Self { templates, by_length, span_names, active: Default::default() }
     }
 
-    /// The server span's name for a request.
-    pub fn span_name(&self, method: &'static str, route: &'static str) -> &'static str {
-        self.span_names.get(&(method, route)).copied().unwrap_or("HTTP request")
+    /// The server span's name for a request: `{method} {route}`.
+    fn span_name(&self, method_index: usize, route: RoutePlace) -> &'static str {
+        self.span_names[route.0][method_index]
     }
 
     /// The methods a route answers, for the `Allow` header of a 405.
@@ -87,8 +86,9 @@ impl Routes {
         self.templates.iter().find(|(template, _, _)| *template == route).map(|(_, _, methods)| methods.as_str())
     }
 
-    /// The template `path` matches, `/docs` for Swagger UI's assets, else `unmatched`.
-    pub fn route(&self, path: &str) -> &'static str {
+    /// The template `path` matches, `/docs` for Swagger UI's assets, else `unmatched`; with its
+    /// place in the tables.
+    fn route(&self, path: &str) -> (RoutePlace, &'static str) {
         // The path is split once, not once per template, by a byte loop: `split` searches each
         // of these short segments with `memchr`, which cost more than the matching (this runs on
         // every request).
@@ -105,17 +105,21 @@ impl Routes {
             start = end + 1;
         }
         let segments = &segments[..count];
-        let matched =
-            self.by_length[segments.len()].iter().map(|&place| &self.templates[place]).find(|(_, template, _)| {
-                template.iter().zip(segments).all(|(t, s)| !s.is_empty() && t.as_deref().is_none_or(|t| t == *s))
-            });
+        let matched = self.by_length[segments.len()].iter().find(|&&place| {
+            let (_, template, _) = &self.templates[place];
+            template.iter().zip(segments).all(|(t, s)| !s.is_empty() && t.as_deref().is_none_or(|t| t == *s))
+        });
         match matched {
-            Some((template, _, _)) => template,
-            None if path.starts_with("/docs/") => "/docs",
-            None => "unmatched",
+            Some(&place) => (RoutePlace(place), self.templates[place].0),
+            None if path.starts_with("/docs/") => (RoutePlace(self.templates.len()), "/docs"),
+            None => (RoutePlace(self.templates.len() + 1), "unmatched"),
         }
     }
 }
+
+/// Where a route is in [`Routes`]' tables: a template's place, then `/docs`, then `unmatched`.
+#[derive(Clone, Copy)]
+struct RoutePlace(usize);
 
 /// Segments of the longest route template; a longer path matches none.
 const MAX_SEGMENTS: usize = 8;
@@ -149,8 +153,6 @@ pub struct RequestTelemetry<'a> {
     method_index: usize,
     route: &'static str,
     span: Span,
-    /// The exemplar of the duration histogram: the trace id of a sampled span.
-    trace_id: Option<String>,
     started: Instant,
 }
 
@@ -162,18 +164,14 @@ impl<'a> RequestTelemetry<'a> {
     pub fn start(request: &Request, metrics: &'a Metrics, routes: &'a Routes, caller_trace: bool) -> Self {
         let method_index = method_index(request.method());
         let method = METHODS[method_index];
-        let route = routes.route(request.uri().path());
+        let (route_place, route) = routes.route(request.uri().path());
         let read_only = matches!(method, "GET" | "HEAD" | "OPTIONS");
         let span = if telemetry::trace_request(caller_trace, read_only) {
-            server_span(request, routes, method, route, caller_trace)
+            server_span(request, routes.span_name(method_index, route_place), method, route, caller_trace)
         } else {
             Span::none()
         };
-        let context = span.context();
-        let span_context = context.span();
-        let span_context = span_context.span_context();
-        let trace_id = span_context.is_sampled().then(|| hex_trace_id(span_context.trace_id()));
-        let telemetry = Self { metrics, routes, method_index, route, span, trace_id, started: Instant::now() };
+        let telemetry = Self { metrics, routes, method_index, route, span, started: Instant::now() };
         telemetry.active().inc();
         telemetry
     }
@@ -203,7 +201,7 @@ impl<'a> RequestTelemetry<'a> {
     }
 
     /// Record the response (status on the span, the duration histogram) and add `Allow` to a 405.
-    pub fn finish(mut self, mut response: Response) -> Response {
+    pub fn finish(self, mut response: Response) -> Response {
         let (method, route, span) = (METHODS[self.method_index], self.route, &self.span);
         if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED
             && let Some(allowed) = self.routes.allowed(route).and_then(|m| poem::http::HeaderValue::from_str(m).ok())
@@ -224,7 +222,14 @@ impl<'a> RequestTelemetry<'a> {
             self.metrics.jobs.submission(SubmissionOutcome::Invalid);
         }
         let labels = HttpLabels { http_request_method: method, http_route: route, http_response_status_code: status };
-        let exemplar = self.trace_id.take().map(|trace_id| TraceLabel { trace_id });
+        // The trace id is read last: reading it starts the OpenTelemetry span (unless the handling
+        // did, by logging or by a child span), and the attributes recorded before go into its
+        // builder rather than through the started span's lock.
+        let context = span.context();
+        let span_context = context.span();
+        let span_context = span_context.span_context();
+        let exemplar =
+            span_context.is_sampled().then(|| TraceLabel { trace_id: hex_trace_id(span_context.trace_id()) });
         self.metrics.http.duration.get_or_create(&labels).observe(self.started.elapsed().as_secs_f64(), exemplar, None);
         response
     }
@@ -266,22 +271,20 @@ impl Drop for RequestTelemetry<'_> {
     }
 }
 
-/// The server span `{method} {route}`, continuing the caller's `traceparent` when it is trusted.
+/// The server span `name` (`{method} {route}`), continuing the caller's `traceparent` when it is
+/// trusted. It is a root (no span is current when a request arrives): an OpenTelemetry root needs
+/// no parent set, which costs a lookup of the span.
 fn server_span(
     request: &Request,
-    routes: &Routes,
+    name: &'static str,
     method: &'static str,
     route: &'static str,
     caller_trace: bool,
 ) -> Span {
-    let parent = if caller_trace {
-        global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())))
-    } else {
-        opentelemetry::Context::new()
-    };
     let span = tracing::info_span!(
+        parent: None,
         "HTTP request",
-        otel.name = routes.span_name(method, route),
+        otel.name = name,
         otel.kind = "server",
         otel.status_code = Empty,
         http.request.method = method,
@@ -289,7 +292,9 @@ fn server_span(
         http.response.status_code = Empty,
         url.scheme = "http",
     );
-    let _ = span.set_parent(parent);
+    if caller_trace {
+        let _ = span.set_parent(global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers()))));
+    }
     span
 }
 
@@ -363,6 +368,20 @@ mod tests {
     }
 
     #[test]
+    fn server_spans_are_named_by_method_and_route() {
+        let routes = Routes::from_spec(&crate::api::spec());
+        for (method, path, name) in [
+            (Method::GET, "/api/v1/jobs/job-abcdefghijklmnopqrst", "GET /api/v1/jobs/{id}"),
+            (Method::POST, "/api/v1/jobs", "POST /api/v1/jobs"),
+            (Method::from_bytes(b"PURGE").unwrap(), "/api/v1/jobs", "_OTHER /api/v1/jobs"),
+            (Method::GET, "/docs/swagger-ui.css", "GET /docs"),
+            (Method::DELETE, "/etc/passwd", "DELETE unmatched"),
+        ] {
+            assert_eq!(routes.span_name(method_index(&method), routes.route(path).0), name, "{method} {path}");
+        }
+    }
+
+    #[test]
     fn paths_map_to_templates() {
         let routes = Routes::from_spec(&crate::api::spec());
         for (path, route) in [
@@ -379,7 +398,7 @@ mod tests {
             ("/etc/passwd", "unmatched"),
             ("/api/v1/jobs/x/y/z", "unmatched"),
         ] {
-            assert_eq!(routes.route(path), route, "{path}");
+            assert_eq!(routes.route(path).1, route, "{path}");
         }
     }
 }
