@@ -29,7 +29,6 @@ use problem::{ProblemKind, problem_response};
 use request_telemetry::RequestTelemetry;
 pub use sse::Heartbeat;
 use std::{collections::HashMap, sync::Arc, time::Duration};
-use tracing::Instrument;
 
 /// What every handler can reach.
 pub struct ApiState {
@@ -239,14 +238,14 @@ impl Endpoint for Pipeline {
         let query = UrlQuery(request.params().unwrap_or_default());
         request.extensions_mut().insert(query);
         if matches!(*request.method(), Method::POST | Method::PUT | Method::PATCH) {
-            request = match Box::pin(read_body(request, self.limits)).instrument(telemetry.span().clone()).await {
+            request = match telemetry.in_span(Box::pin(read_body(request, self.limits))).await {
                 Ok(request) => request,
                 Err(refusal) => return Ok(telemetry.finish(refusal)),
             };
         }
         // Not boxed: the server boxes this whole future once per request; boxing the routes'
         // future too would be a second large allocation.
-        let response = match self.routes.call(request).instrument(telemetry.span().clone()).await {
+        let response = match telemetry.in_span(self.routes.call(request)).await {
             Ok(output) => output.into_response(),
             Err(error) => problem::from_poem_error(error),
         };

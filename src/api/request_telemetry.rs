@@ -10,11 +10,20 @@ use crate::{
         metrics::{HttpLabels, MethodLabel, Metrics, TraceLabel},
     },
 };
-use opentelemetry::{global, trace::TraceContextExt};
+use opentelemetry::{
+    global,
+    trace::{TraceContextExt, TraceId},
+};
 use opentelemetry_http::HeaderExtractor;
 use poem::{Request, Response, http::Method};
 use prometheus_client::metrics::{exemplar::HistogramWithExemplars, gauge::Gauge};
-use std::{collections::HashMap, sync::OnceLock, time::Instant};
+use std::{
+    future::poll_fn,
+    pin::{Pin, pin},
+    sync::OnceLock,
+    task::{Poll, ready},
+    time::Instant,
+};
 use tracing::{Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -24,8 +33,10 @@ pub struct Routes {
     templates: Vec<(&'static str, Vec<Option<String>>, String)>,
     /// The places in `templates` of the templates of each length (in segments), in their order.
     by_length: [Vec<usize>; MAX_SEGMENTS + 1],
-    /// `{method} {route}` of every method and route: span names, built once rather than per request.
-    span_names: HashMap<(&'static str, &'static str), &'static str>,
+    /// `{method} {route}` of every route (by its place: the templates', then `/docs` and
+    /// `unmatched`) and method (by its place in [`METHODS`]): span names, built once rather than
+    /// per request, and found without hashing.
+    span_names: Vec<[&'static str; METHODS.len()]>,
     /// The in-flight gauge of each method (by its place in [`METHODS`]), looked up in the metrics'
     /// family on a method's first request only: the family hashes the labels and locks per lookup.
     /// (One app serves one registry, so the gauges are those of the metrics `instrument` is given.)
@@ -61,9 +72,7 @@ impl Routes {
             "a route template has at most {MAX_SEGMENTS} segments"
         );
         let routes = templates.iter().map(|(template, _, _)| *template).chain(["/docs", "unmatched"]);
-        let span_names = routes
-            .flat_map(|route| METHODS.map(|method| ((method, route), &*format!("{method} {route}").leak())))
-            .collect();
+        let span_names = routes.map(|route| METHODS.map(|method| &*format!("{method} {route}").leak())).collect();
         let mut by_length: [Vec<usize>; MAX_SEGMENTS + 1] = Default::default();
         for (place, (_, segments, _)) in templates.iter().enumerate() {
             by_length[segments.len()].push(place);
@@ -73,9 +82,9 @@ impl Routes {
         Self { templates, by_length, span_names, active: Default::default(), durations }
     }
 
-    /// The server span's name for a request.
-    pub fn span_name(&self, method: &'static str, route: &'static str) -> &'static str {
-        self.span_names.get(&(method, route)).copied().unwrap_or("HTTP request")
+    /// The server span's name for a request: `{method} {route}`.
+    fn span_name(&self, method_index: usize, route: RoutePlace) -> &'static str {
+        self.span_names[route.0][method_index]
     }
 
     /// The methods a route answers, for the `Allow` header of a 405.
@@ -83,23 +92,9 @@ impl Routes {
         self.templates.iter().find(|(template, _, _)| *template == route).map(|(_, _, methods)| methods.as_str())
     }
 
-    /// The template `path` matches, `/docs` for Swagger UI's assets, else `unmatched`.
-    #[cfg(test)]
-    fn route(&self, path: &str) -> &'static str {
-        self.template(self.route_place(path))
-    }
-
-    /// The route of a place [`route_place`](Self::route_place) gave.
-    fn template(&self, place: usize) -> &'static str {
-        match self.templates.get(place) {
-            Some((template, _, _)) => template,
-            None if place == self.templates.len() => "/docs",
-            None => "unmatched",
-        }
-    }
-
-    /// Where the route `path` matches is: its template's place, then `/docs`, then `unmatched`.
-    fn route_place(&self, path: &str) -> usize {
+    /// The template `path` matches, `/docs` for Swagger UI's assets, else `unmatched`; with its
+    /// place in the tables.
+    fn route(&self, path: &str) -> (RoutePlace, &'static str) {
         // The path is split once, not once per template, by a byte loop: `split` searches each
         // of these short segments with `memchr`, which cost more than the matching (this runs on
         // every request).
@@ -116,23 +111,27 @@ impl Routes {
             start = end + 1;
         }
         let segments = &segments[..count];
-        let matched = self.by_length[segments.len()].iter().copied().find(|&place| {
+        let matched = self.by_length[segments.len()].iter().find(|&&place| {
             let (_, template, _) = &self.templates[place];
             template.iter().zip(segments).all(|(t, s)| !s.is_empty() && t.as_deref().is_none_or(|t| t == *s))
         });
         match matched {
-            Some(place) => place,
-            None if path.starts_with("/docs/") => self.templates.len(),
-            None => self.templates.len() + 1,
+            Some(&place) => (RoutePlace(place), self.templates[place].0),
+            None if path.starts_with("/docs/") => (RoutePlace(self.templates.len()), "/docs"),
+            None => (RoutePlace(self.templates.len() + 1), "unmatched"),
         }
     }
 
     /// The place in `durations` of a route, method and status; `None` for a status not cached.
-    fn duration_place(&self, route_place: usize, method_index: usize, status: u16) -> Option<usize> {
+    fn duration_place(&self, route: RoutePlace, method_index: usize, status: u16) -> Option<usize> {
         let status_place = CACHED_STATUSES.iter().position(|&s| s == status)?;
-        Some((route_place * METHODS.len() + method_index) * CACHED_STATUSES.len() + status_place)
+        Some((route.0 * METHODS.len() + method_index) * CACHED_STATUSES.len() + status_place)
     }
 }
+
+/// Where a route is in [`Routes`]' tables: a template's place, then `/docs`, then `unmatched`.
+#[derive(Clone, Copy)]
+struct RoutePlace(usize);
 
 /// The statuses the API answers with, whose duration histograms are kept at hand; any other is
 /// looked up in the family per request.
@@ -168,11 +167,9 @@ pub struct RequestTelemetry<'a> {
     metrics: &'a Metrics,
     routes: &'a Routes,
     method_index: usize,
-    route_place: usize,
+    route_place: RoutePlace,
     route: &'static str,
     span: Span,
-    /// The exemplar of the duration histogram: the trace id of a sampled span.
-    trace_id: Option<String>,
     started: Instant,
 }
 
@@ -184,26 +181,31 @@ impl<'a> RequestTelemetry<'a> {
     pub fn start(request: &Request, metrics: &'a Metrics, routes: &'a Routes, caller_trace: bool) -> Self {
         let method_index = method_index(request.method());
         let method = METHODS[method_index];
-        let route_place = routes.route_place(request.uri().path());
-        let route = routes.template(route_place);
+        let (route_place, route) = routes.route(request.uri().path());
         let read_only = matches!(method, "GET" | "HEAD" | "OPTIONS");
         let span = if telemetry::trace_request(caller_trace, read_only) {
-            server_span(request, routes, method, route, caller_trace)
+            server_span(request, routes.span_name(method_index, route_place), method, route, caller_trace)
         } else {
             Span::none()
         };
-        let context = span.context();
-        let span_context = context.span().span_context().clone();
-        let trace_id = span_context.is_sampled().then(|| span_context.trace_id().to_string());
-        let telemetry =
-            Self { metrics, routes, method_index, route_place, route, span, trace_id, started: Instant::now() };
+        let telemetry = Self { metrics, routes, method_index, route_place, route, span, started: Instant::now() };
         telemetry.active().inc();
         telemetry
     }
 
-    /// The request's server span, for the handling to run in.
-    pub fn span(&self) -> &Span {
-        &self.span
+    /// Run `future` in the request's span, as `future.instrument(span)` would (entered to poll,
+    /// and to drop the future), without the clone of the span and without entering it once more
+    /// to drop a future that has finished (each enter of a traced span costs about a thousand
+    /// instructions).
+    pub async fn in_span<F: Future>(&self, future: F) -> F::Output {
+        let mut future = DroppedInSpan { span: &self.span, future: pin!(Some(future)) };
+        poll_fn(|cx| {
+            let _entered = future.span.enter();
+            let output = ready!(future.future.as_mut().as_pin_mut().expect("polled after it finished").poll(cx));
+            future.future.set(None);
+            Poll::Ready(output)
+        })
+        .await
     }
 
     /// The in-flight gauge of the request's method, looked up in the metrics' family on the
@@ -216,7 +218,7 @@ impl<'a> RequestTelemetry<'a> {
     }
 
     /// Record the response (status on the span, the duration histogram) and add `Allow` to a 405.
-    pub fn finish(mut self, mut response: Response) -> Response {
+    pub fn finish(self, mut response: Response) -> Response {
         let (method, route, span) = (METHODS[self.method_index], self.route, &self.span);
         if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED
             && let Some(allowed) = self.routes.allowed(route).and_then(|m| poem::http::HeaderValue::from_str(m).ok())
@@ -225,7 +227,9 @@ impl<'a> RequestTelemetry<'a> {
         }
 
         let status = response.status().as_u16();
-        span.record("http.response.status_code", status);
+        // The code's text, as the attribute has always been exported: recorded as a number it
+        // would be formatted per request by the exporter layer's `Debug` fallback.
+        span.record("http.response.status_code", response.status().as_str());
         if status >= 500 {
             span.record("otel.status_code", "ERROR");
         }
@@ -234,7 +238,14 @@ impl<'a> RequestTelemetry<'a> {
         if method == "POST" && route == "/api/v1/jobs" && matches!(status, 400 | 413 | 415) {
             self.metrics.jobs.submission(SubmissionOutcome::Invalid);
         }
-        let exemplar = self.trace_id.take().map(|trace_id| TraceLabel { trace_id });
+        // The trace id is read last: reading it starts the OpenTelemetry span (unless the handling
+        // did, by logging or by a child span), and the attributes recorded before go into its
+        // builder rather than through the started span's lock.
+        let context = span.context();
+        let span_context = context.span();
+        let span_context = span_context.span_context();
+        let exemplar =
+            span_context.is_sampled().then(|| TraceLabel { trace_id: hex_trace_id(span_context.trace_id()) });
         self.observe_duration(status, exemplar);
         response
     }
@@ -257,6 +268,34 @@ impl<'a> RequestTelemetry<'a> {
     }
 }
 
+/// A future [`RequestTelemetry::in_span`] runs: a request dropped before its answer drops the
+/// future inside the span too.
+struct DroppedInSpan<'a, F> {
+    span: &'a Span,
+    future: Pin<&'a mut Option<F>>,
+}
+
+impl<F> Drop for DroppedInSpan<'_, F> {
+    fn drop(&mut self) {
+        if self.future.is_some() {
+            let _entered = self.span.enter();
+            self.future.set(None);
+        }
+    }
+}
+
+/// A trace id as its 32 lowercase hex digits (its `Display`, without the formatting machinery,
+/// which cost more than the rest of the exemplar).
+fn hex_trace_id(trace_id: TraceId) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0; 32];
+    for (pair, byte) in hex.chunks_exact_mut(2).zip(trace_id.to_bytes()) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+    }
+    std::str::from_utf8(&hex).expect("hex digits are ASCII").to_owned()
+}
+
 /// A request leaves the in-flight gauge when it is finished or dropped: a client that goes away
 /// mid-request drops its future, and the gauge must not count it for ever.
 impl Drop for RequestTelemetry<'_> {
@@ -265,22 +304,20 @@ impl Drop for RequestTelemetry<'_> {
     }
 }
 
-/// The server span `{method} {route}`, continuing the caller's `traceparent` when it is trusted.
+/// The server span `name` (`{method} {route}`), continuing the caller's `traceparent` when it is
+/// trusted. It is a root (no span is current when a request arrives): an OpenTelemetry root needs
+/// no parent set, which costs a lookup of the span.
 fn server_span(
     request: &Request,
-    routes: &Routes,
+    name: &'static str,
     method: &'static str,
     route: &'static str,
     caller_trace: bool,
 ) -> Span {
-    let parent = if caller_trace {
-        global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())))
-    } else {
-        opentelemetry::Context::new()
-    };
     let span = tracing::info_span!(
+        parent: None,
         "HTTP request",
-        otel.name = routes.span_name(method, route),
+        otel.name = name,
         otel.kind = "server",
         otel.status_code = Empty,
         http.request.method = method,
@@ -288,7 +325,9 @@ fn server_span(
         http.response.status_code = Empty,
         url.scheme = "http",
     );
-    let _ = span.set_parent(parent);
+    if caller_trace {
+        let _ = span.set_parent(global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers()))));
+    }
     span
 }
 
@@ -346,6 +385,72 @@ mod tests {
     }
 
     #[test]
+    fn trace_ids_are_written_as_their_display_is() {
+        for hex in
+            ["0af7651916cd43dd8448eb211c80319c", "00000000000000000000000000000001", "ffffffffffffffffffffffffffffffff"]
+        {
+            let trace_id = TraceId::from_hex(hex).unwrap();
+            assert_eq!(hex_trace_id(trace_id), trace_id.to_string());
+        }
+    }
+
+    /// Where the future runs: the current span's name when polled and when dropped.
+    struct Probe<'a>(&'a std::sync::Mutex<Vec<(&'static str, Option<&'static str>)>>, bool);
+
+    impl Future for Probe<'_> {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+            self.0.lock().unwrap().push(("poll", Span::current().metadata().map(|m| m.name())));
+            if self.1 {
+                return Poll::Ready(());
+            }
+            self.1 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+
+    impl Drop for Probe<'_> {
+        fn drop(&mut self) {
+            self.0.lock().unwrap().push(("drop", Span::current().metadata().map(|m| m.name())));
+        }
+    }
+
+    #[tokio::test]
+    async fn handling_runs_and_is_dropped_in_the_requests_span_whether_it_finishes_or_not() {
+        let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let (metrics, routes) = (Metrics::new(), Routes::from_spec(&crate::api::spec()));
+        let request = Request::builder().uri_str("/api/v1/jobs/job-aaaaaaaaaaaaaaaaaaaa").finish();
+        let seen = std::sync::Mutex::new(Vec::new());
+        let mut telemetry = RequestTelemetry::start(&request, &metrics, &routes, false);
+        telemetry.span = tracing::info_span!("request");
+
+        telemetry.in_span(Probe(&seen, false)).await;
+        let inside = Some("request");
+        assert_eq!(*seen.lock().unwrap(), [("poll", inside), ("poll", inside), ("drop", inside)]);
+
+        seen.lock().unwrap().clear();
+        let mut cancelled = Box::pin(telemetry.in_span(Probe(&seen, false)));
+        assert!(futures::poll!(cancelled.as_mut()).is_pending());
+        drop(cancelled);
+        assert_eq!(*seen.lock().unwrap(), [("poll", inside), ("drop", inside)]);
+    }
+
+    #[test]
+    fn server_spans_are_named_by_method_and_route() {
+        let routes = Routes::from_spec(&crate::api::spec());
+        for (method, path, name) in [
+            (Method::GET, "/api/v1/jobs/job-abcdefghijklmnopqrst", "GET /api/v1/jobs/{id}"),
+            (Method::POST, "/api/v1/jobs", "POST /api/v1/jobs"),
+            (Method::from_bytes(b"PURGE").unwrap(), "/api/v1/jobs", "_OTHER /api/v1/jobs"),
+            (Method::GET, "/docs/swagger-ui.css", "GET /docs"),
+            (Method::DELETE, "/etc/passwd", "DELETE unmatched"),
+        ] {
+            assert_eq!(routes.span_name(method_index(&method), routes.route(path).0), name, "{method} {path}");
+        }
+    }
+
+    #[test]
     fn paths_map_to_templates() {
         let routes = Routes::from_spec(&crate::api::spec());
         for (path, route) in [
@@ -362,7 +467,7 @@ mod tests {
             ("/etc/passwd", "unmatched"),
             ("/api/v1/jobs/x/y/z", "unmatched"),
         ] {
-            assert_eq!(routes.route(path), route, "{path}");
+            assert_eq!(routes.route(path).1, route, "{path}");
         }
     }
 }

@@ -103,8 +103,12 @@ pub fn init_as(format: LogFormat, service: &'static str) -> Telemetry {
             Targets::new().with_target("oats", tracing::Level::INFO).with_target("kube_client", tracing::Level::DEBUG);
         // No busy/idle timing, code location or thread attributes: they cost clock reads and
         // allocations on every span, and the semantic-convention attributes say what matters.
+        // No context activation either: it attaches a span's OpenTelemetry context at every enter
+        // (a clone and two thread-local stacks), for `opentelemetry::Context::current()`, which
+        // nothing here reads; parents come from the tracing spans and ids from `span.context()`.
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("oats"))
+            .with_context_activation(false)
             .with_tracked_inactivity(false)
             .with_location(false)
             .with_threads(false)
