@@ -111,6 +111,16 @@ impl Bench {
             "",
             None,
         );
+        let cpu_noise = Spread::of(&round_ratios(&off_twin, &off, Load::cpu_us));
+        self.row(
+            "5",
+            "noise floor: a second telemetry-off server vs the first: server CPU per request",
+            format!("{:.2} µs (round ratios: {cpu_noise})", mean(&off_twin, Load::cpu_us)),
+            format!("{:.2} µs (off)", mean(&off, Load::cpu_us)),
+            Some(cpu_noise.median),
+            "",
+            None,
+        );
         drop(twin);
         let served = |loads: &[Load]| loads.iter().map(|l| l.total).sum::<u64>();
         let (served_sampled, served_always) = (served(&sampled), served(&every));
