@@ -87,17 +87,19 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     }
 }
 
-/// The windows of one server, for the run's details: req/s and server CPU per request of each
-/// round, and the least share of its core the server had in any window.
+/// The windows of one server, for the run's details: req/s, server CPU per request and the load
+/// generator's share of its core in each round, and the least share of its core the server had.
 pub(crate) fn rounds_note(name: &str, loads: &[Load]) -> String {
     let rates: Vec<String> = loads.iter().map(|l| format!("{:.0}", l.rps())).collect();
     let cpu: Vec<String> = loads.iter().map(|l| format!("{:.1}", l.cpu_us())).collect();
     let least_core = loads.iter().map(|l| l.server_cpu / l.secs * 100.0).fold(f64::INFINITY, f64::min);
+    let generator: Vec<String> = loads.iter().map(|l| format!("{:.0}", l.client_cpu / l.secs * 100.0)).collect();
     let errors: u64 = loads.iter().map(|l| l.errors).sum();
     format!(
-        "{name}, by round: req/s {}; µs CPU/request {}; {errors} errors; the server had at least {least_core:.0}% of its core in every window",
+        "{name}, by round: req/s {}; µs CPU/request {}; load generator's share of its core (%) {}; {errors} errors; the server had at least {least_core:.0}% of its core in every window",
         rates.join(", "),
-        cpu.join(", ")
+        cpu.join(", "),
+        generator.join(", ")
     )
 }
 
