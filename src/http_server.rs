@@ -208,13 +208,16 @@ impl<E: Endpoint<Output = Response> + 'static> Connection<E> {
         let max_buf_size = self.limits.max_header_bytes.max(HttpLimits::MIN_HEADER_BYTES);
         // Serve until the connection ends, or until the server shuts down: then ask it to finish
         // its requests in progress, and drop it when the grace period ends. (A macro: rustc cannot
-        // prove the future of a generic async fn doing this `Send`.)
+        // prove the future of a generic async fn doing this `Send`.) The first wait polls the
+        // connection first and only the graceful token after it, on every wake-up of a busy
+        // connection: the hard token is cancelled only after the graceful one, so the second wait
+        // sees it.
         macro_rules! serve_until_shutdown {
             ($connection:ident) => {
                 tokio::select! {
+                    biased;
                     _ = $connection.as_mut() => return,
                     () = self.graceful.cancelled() => {}
-                    () = self.hard.cancelled() => return,
                 }
                 $connection.as_mut().graceful_shutdown();
                 tokio::select! {
