@@ -196,9 +196,9 @@ impl<E: Endpoint<Output = Response> + 'static> Connection<E> {
                     poem::web::RemoteAddr(poem::Addr::SocketAddr(remote)),
                     http::uri::Scheme::HTTP,
                 ));
-                // `call`, not `get_response`: its wrapping future would hold one more copy of
-                // the request.
-                let response = endpoint.call(request).await.unwrap_or_else(poem::Error::into_response);
+                // `E::call`, not `get_response` nor `endpoint.call` (that is `Arc<E>`'s): each
+                // wraps E's future in one more holding a copy of the request and of E's future.
+                let response = E::call(&endpoint, request).await.unwrap_or_else(poem::Error::into_response);
                 let response: http::Response<PoemBody> = response.into();
                 // The request counts as in progress until its body has been sent (or dropped).
                 Ok::<_, Infallible>(response.map(|body| Tracked { body, _in_flight: in_flight }))

@@ -18,10 +18,9 @@ use opentelemetry_http::HeaderExtractor;
 use poem::{Request, Response, http::Method};
 use prometheus_client::metrics::{exemplar::HistogramWithExemplars, gauge::Gauge};
 use std::{
-    future::poll_fn,
-    pin::{Pin, pin},
+    pin::Pin,
     sync::OnceLock,
-    task::{Poll, ready},
+    task::{Context, Poll, ready},
     time::Instant,
 };
 use tracing::{Span, field::Empty};
@@ -196,16 +195,10 @@ impl<'a> RequestTelemetry<'a> {
     /// Run `future` in the request's span, as `future.instrument(span)` would (entered to poll,
     /// and to drop the future), without the clone of the span and without entering it once more
     /// to drop a future that has finished (each enter of a traced span costs about a thousand
-    /// instructions).
-    pub async fn in_span<F: Future>(&self, future: F) -> F::Output {
-        let mut future = DroppedInSpan { span: &self.span, future: pin!(Some(future)) };
-        poll_fn(|cx| {
-            let _entered = future.span.enter();
-            let output = ready!(future.future.as_mut().as_pin_mut().expect("polled after it finished").poll(cx));
-            future.future.set(None);
-            Poll::Ready(output)
-        })
-        .await
+    /// instructions). A future of its own rather than an `async fn`: that would hold `future`
+    /// twice (as its argument and pinned), and the whole request's future is copied per request.
+    pub fn in_span<F: Future>(&self, future: F) -> InSpan<'_, F> {
+        InSpan { span: &self.span, future: Some(future) }
     }
 
     /// The in-flight gauge of the request's method, looked up in the metrics' family on the
@@ -268,19 +261,35 @@ impl<'a> RequestTelemetry<'a> {
     }
 }
 
-/// A future [`RequestTelemetry::in_span`] runs: a request dropped before its answer drops the
-/// future inside the span too.
-struct DroppedInSpan<'a, F> {
-    span: &'a Span,
-    future: Pin<&'a mut Option<F>>,
+pin_project_lite::pin_project! {
+    /// A future run in a request's span ([`RequestTelemetry::in_span`]): a request dropped before
+    /// its answer drops the future inside the span too.
+    pub struct InSpan<'a, F> {
+        span: &'a Span,
+        #[pin]
+        future: Option<F>,
+    }
+
+    impl<F> PinnedDrop for InSpan<'_, F> {
+        fn drop(this: Pin<&mut Self>) {
+            let mut this = this.project();
+            if this.future.is_some() {
+                let _entered = this.span.enter();
+                this.future.set(None);
+            }
+        }
+    }
 }
 
-impl<F> Drop for DroppedInSpan<'_, F> {
-    fn drop(&mut self) {
-        if self.future.is_some() {
-            let _entered = self.span.enter();
-            self.future.set(None);
-        }
+impl<F: Future> Future for InSpan<'_, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let mut this = self.project();
+        let _entered = this.span.enter();
+        let output = ready!(this.future.as_mut().as_pin_mut().expect("polled after it finished").poll(cx));
+        this.future.set(None);
+        Poll::Ready(output)
     }
 }
 

@@ -315,7 +315,8 @@ impl JobService {
 
     /// What one job spent on model calls, if it made any.
     async fn usage(&self, id: &JobId) -> Option<JobUsage> {
-        self.usage_of(std::slice::from_ref(id)).await.remove(id)
+        let source = self.usage.as_ref()?;
+        source.usage_of(std::slice::from_ref(id)).await.remove(id)
     }
 
     /// Take one of the tenant's stream slots, or refuse with the `max-streams` rule.
