@@ -48,7 +48,7 @@ impl Authenticator {
     /// Authentication is off when neither tokens nor OIDC are configured.
     pub fn new(tokens: Option<Arc<TokenStore>>, oidc: Option<Arc<OidcVerifier>>, default_tenant: &str) -> Self {
         let anonymous = (tokens.is_none() && oidc.is_none()).then(|| Caller {
-            tenant: default_tenant.to_owned(),
+            tenant: default_tenant.into(),
             role: Role::Admin,
             name: "anonymous".into(),
         });

@@ -227,7 +227,7 @@ impl OidcVerifier {
             .and_then(Value::as_str)
             .and_then(Role::parse)
             .ok_or_else(|| invalid("no valid role claim"))?;
-        let name = claims.get("sub").and_then(Value::as_str).unwrap_or("oidc").chars().take(128).collect();
-        Ok(Caller { tenant: tenant.to_owned(), role, name })
+        let name: String = claims.get("sub").and_then(Value::as_str).unwrap_or("oidc").chars().take(128).collect();
+        Ok(Caller { tenant: tenant.as_str().into(), role, name: name.into() })
     }
 }

@@ -1,7 +1,7 @@
 //! Who asks: the tenant and role the domain checks every operation against (`crate::auth`
 //! finds them from credentials).
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -26,13 +26,14 @@ impl Role {
     }
 }
 
-/// An authenticated caller.
+/// An authenticated caller. Its texts are shared: a caller is cloned per request from the token
+/// that names it (or from the anonymous caller), and a clone costs no allocation.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Caller {
-    pub tenant: String,
+    pub tenant: Arc<str>,
     pub role: Role,
     /// A name for logs (the token's name or the JWT subject), never the credential.
-    pub name: String,
+    pub name: Arc<str>,
 }
 
 impl fmt::Debug for Caller {
@@ -44,12 +45,12 @@ impl fmt::Debug for Caller {
 impl Caller {
     /// Whether this caller may see jobs of `tenant`.
     pub fn sees(&self, tenant: &str) -> bool {
-        self.role == Role::Admin || self.tenant == tenant
+        self.role == Role::Admin || *self.tenant == *tenant
     }
 
     /// The one tenant whose jobs this caller may list, or `None` for every tenant (an admin).
     pub fn listed_tenant(&self) -> Option<&str> {
-        (self.role != Role::Admin).then_some(self.tenant.as_str())
+        (self.role != Role::Admin).then_some(&self.tenant)
     }
 
     /// Whether this caller may create and cancel jobs.

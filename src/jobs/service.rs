@@ -301,7 +301,7 @@ impl JobService {
             }
             Some(tenant) => Some(tenant),
             None if caller.role == Role::Admin => None,
-            None => Some(caller.tenant.as_str()),
+            None => Some(&*caller.tenant),
         };
         let rows = match &self.usage {
             Some(source) => source
@@ -323,7 +323,7 @@ impl JobService {
     pub fn open_stream(&self, caller: &Caller, kind: StreamKind) -> Result<StreamSlot, JobError> {
         let max = self.policy.rules_for(&caller.tenant).max_streams;
         let mut open = self.streams.lock().unwrap();
-        let count = open.entry(caller.tenant.clone()).or_default();
+        let count = open.entry(caller.tenant.to_string()).or_default();
         if *count >= max {
             self.metrics.policy_denials.get_or_create(&RuleLabel { rule: Rule::MaxStreams.name() }).inc();
             return Err(JobError::PolicyDenied {
@@ -338,7 +338,7 @@ impl JobService {
             StreamKind::Watch => self.metrics.watch_streams.clone(),
         };
         gauge.inc();
-        Ok(StreamSlot { open: self.streams.clone(), tenant: caller.tenant.clone(), gauge })
+        Ok(StreamSlot { open: self.streams.clone(), tenant: caller.tenant.to_string(), gauge })
     }
 
     /// The job now (unless its state is `last_seen`), then each change until it finishes or
@@ -494,7 +494,7 @@ impl JobService {
         tracing::Span::current().record("oats.job.id", id.as_str());
         let job = NewJob {
             id,
-            tenant: caller.tenant.clone(),
+            tenant: caller.tenant.to_string(),
             request_hash: spec.fingerprint(),
             spec,
             created_at: Utc::now(),
