@@ -181,7 +181,7 @@ impl<E: Endpoint<Output = Response> + 'static> Connection<E> {
     }
 
     async fn serve_with_hyper(self, stream: TcpStream, protocol: Protocol, accepted: Instant) {
-        let activity = Arc::new(Activity::new(accepted));
+        let activity = Arc::new(Activity::new(accepted, self.limits.idle_timeout));
         let io = Guarded::new(stream, activity.clone(), self.limits);
         let (endpoint, local, remote) = (self.endpoint.clone(), self.local, self.remote);
         let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
@@ -283,10 +283,17 @@ async fn protocol(stream: &TcpStream) -> Option<Protocol> {
 type PoemBody = http_body_util::combinators::BoxBody<Bytes, io::Error>;
 
 /// What a connection is doing, for its timeouts.
+///
+/// The reader's timer may fire early (the deadline is then computed again), never late. So it
+/// moves only to an earlier instant, not to every request's later idle deadline: a busy
+/// connection's requests reset no timer and wake no task, as they did when the timer followed
+/// each deadline exactly.
 struct Activity {
     state: Mutex<ActivityState>,
-    /// The connection's reader, woken when the last request in progress ends (its deadline changes).
+    /// The connection's reader, woken when the last request in progress ends and its timer would
+    /// fire after the new idle deadline (or is not set).
     reader: AtomicWaker,
+    idle_timeout: Duration,
 }
 
 struct ActivityState {
@@ -296,14 +303,28 @@ struct ActivityState {
     idle_since: Instant,
     /// When the first byte arrived since then: a request head is on its way.
     head_started: Option<Instant>,
+    /// When the reader's timer fires, if it is set.
+    armed: Option<Instant>,
+}
+
+impl ActivityState {
+    /// When the connection is closed unless something happens first: none while a request is in
+    /// progress.
+    fn deadline(&self, limits: &HttpLimits) -> Option<Instant> {
+        match (self.in_flight, self.head_started) {
+            (0, Some(started)) => Some(started + limits.header_read_timeout),
+            (0, None) => Some(self.idle_since + limits.idle_timeout),
+            _ => None,
+        }
+    }
 }
 
 impl Activity {
     /// A connection accepted at `accepted` owes its first request head within the header read
     /// timeout from then.
-    fn new(accepted: Instant) -> Self {
-        let state = ActivityState { in_flight: 0, idle_since: accepted, head_started: Some(accepted) };
-        Self { state: Mutex::new(state), reader: AtomicWaker::new() }
+    fn new(accepted: Instant, idle_timeout: Duration) -> Self {
+        let state = ActivityState { in_flight: 0, idle_since: accepted, head_started: Some(accepted), armed: None };
+        Self { state: Mutex::new(state), reader: AtomicWaker::new(), idle_timeout }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
@@ -317,15 +338,27 @@ impl Activity {
         }
     }
 
-    /// When the connection is closed unless something happens first: none while a request is in
-    /// progress.
-    fn deadline(&self, limits: &HttpLimits) -> Option<Instant> {
-        let state = self.lock();
-        match (state.in_flight, state.head_started) {
-            (0, Some(started)) => Some(started + limits.header_read_timeout),
-            (0, None) => Some(state.idle_since + limits.idle_timeout),
-            _ => None,
-        }
+    /// Where the reader's timer must move, if it must: to the deadline when it is not set or would
+    /// fire after it; while requests are in progress (no deadline), only when it is not set, to an
+    /// idle timeout from now (a check that comes again while they last).
+    fn timer_move(&self, limits: &HttpLimits) -> Option<Instant> {
+        let mut state = self.lock();
+        let at = match (state.armed, state.deadline(limits)) {
+            (Some(armed), Some(deadline)) if armed <= deadline => return None,
+            (Some(_), None) => return None,
+            (_, Some(deadline)) => deadline,
+            (None, None) => Instant::now() + limits.idle_timeout,
+        };
+        state.armed = Some(at);
+        Some(at)
+    }
+
+    /// The reader's timer fired: whether the deadline has passed (else it was early, and is set
+    /// again).
+    fn timer_fired(&self, limits: &HttpLimits) -> bool {
+        let mut state = self.lock();
+        state.armed = None;
+        state.deadline(limits).is_some_and(|deadline| deadline <= Instant::now())
     }
 }
 
@@ -347,10 +380,14 @@ impl Drop for InFlight {
         let mut state = self.0.lock();
         state.in_flight -= 1;
         if state.in_flight == 0 {
-            state.idle_since = Instant::now();
+            let now = Instant::now();
+            state.idle_since = now;
             state.head_started = None;
+            let fires_in_time = state.armed.is_some_and(|armed| armed <= now + self.0.idle_timeout);
             drop(state);
-            self.0.reader.wake();
+            if !fires_in_time {
+                self.0.reader.wake();
+            }
         }
     }
 }
@@ -384,14 +421,13 @@ struct Guarded {
     activity: Arc<Activity>,
     limits: HttpLimits,
     timer: Pin<Box<Sleep>>,
-    armed: Option<Instant>,
     expired: bool,
 }
 
 impl Guarded {
     fn new(stream: TcpStream, activity: Arc<Activity>, limits: HttpLimits) -> Self {
         let timer = Box::pin(tokio::time::sleep(limits.idle_timeout));
-        Self { stream, activity, limits, timer, armed: None, expired: false }
+        Self { stream, activity, limits, timer, expired: false }
     }
 }
 
@@ -412,19 +448,21 @@ impl AsyncRead for Guarded {
             Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
             Poll::Pending => {}
         }
-        // Registered before the deadline is read, so a request ending in between wakes us.
+        // Registered before the timer is read, so a request ending in between wakes us if it must.
         this.activity.reader.register(cx.waker());
-        let Some(deadline) = this.activity.deadline(&this.limits) else { return Poll::Pending };
-        if this.armed != Some(deadline) {
-            this.timer.as_mut().reset(deadline);
-            this.armed = Some(deadline);
+        loop {
+            if let Some(at) = this.activity.timer_move(&this.limits) {
+                this.timer.as_mut().reset(at);
+            }
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if this.activity.timer_fired(&this.limits) {
+                // Too slow or idle too long: the connection reads as closed, and hyper closes it.
+                this.expired = true;
+                return Poll::Ready(Ok(()));
+            }
         }
-        if this.timer.as_mut().poll(cx).is_ready() {
-            // Too slow or idle too long: the connection reads as closed, and hyper closes it.
-            this.expired = true;
-            return Poll::Ready(Ok(()));
-        }
-        Poll::Pending
     }
 }
 

@@ -229,7 +229,7 @@ impl Endpoint for Pipeline {
     async fn call(&self, mut request: Request) -> poem::Result<Response> {
         // A caller's trace is followed only once the caller has authenticated (checked here only
         // for requests that carry one; the handler authenticates again as usual).
-        let caller_trace = request.headers().contains_key("traceparent")
+        let caller_trace = request.headers().contains_key(TRACEPARENT)
             && Box::pin(self.state.auth.authenticate(bearer_token(&request))).await.is_ok();
         let telemetry = RequestTelemetry::start(&request, &self.state.metrics, &self.templates, caller_trace);
         request.extensions_mut().insert(self.state.clone());
@@ -252,6 +252,10 @@ impl Endpoint for Pipeline {
         Ok(telemetry.finish(response))
     }
 }
+
+/// W3C Trace Context's header, looked up in every request (a name made once: looking one up by
+/// `&str` parses it each time).
+const TRACEPARENT: header::HeaderName = header::HeaderName::from_static("traceparent");
 
 /// The token of an `Authorization: Bearer <token>` header.
 fn bearer_token(request: &Request) -> Option<&str> {
