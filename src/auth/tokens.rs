@@ -77,7 +77,10 @@ fn parse(text: &str) -> Result<Vec<Token>, TokenFileError> {
             if let Err(why) = super::check_tenant(&entry.tenant) {
                 return Err(TokenFileError::UnusableTenant { name: entry.name, tenant: entry.tenant, why });
             }
-            Ok(Token { hash, caller: Caller { tenant: entry.tenant.into(), role: entry.role, name: entry.name.into() } })
+            Ok(Token {
+                hash,
+                caller: Caller { tenant: entry.tenant.into(), role: entry.role, name: entry.name.into() },
+            })
         })
         .collect()
 }
