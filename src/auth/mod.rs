@@ -87,7 +87,7 @@ mod tests {
         let auth = Authenticator::new(None, None, "default");
         assert!(!auth.is_enabled());
         let caller = auth.authenticate(None).await.unwrap();
-        assert_eq!((caller.tenant.as_str(), caller.role), ("default", Role::Admin));
+        assert_eq!((&*caller.tenant, caller.role), ("default", Role::Admin));
     }
 
     #[test]

@@ -168,7 +168,7 @@ mod tests {
             .unwrap();
         let store = TokenStore::load(&path).unwrap();
         let ci = store.lookup("secret-a").unwrap();
-        assert_eq!((ci.tenant.as_str(), ci.role, ci.name.as_str()), ("acme", Role::Submitter, "ci"));
+        assert_eq!((&*ci.tenant, ci.role, &*ci.name), ("acme", Role::Submitter, "ci"));
         assert_eq!(store.lookup("secret-b").unwrap().role, Role::Viewer);
         assert!(store.lookup("secret-c").is_none());
         assert!(store.lookup("").is_none());
@@ -186,7 +186,7 @@ mod tests {
         std::fs::write(&path, file(&[("new", "secret-new", "beta", "admin")])).unwrap();
         store.reload_if_changed();
         assert!(store.lookup("secret-a").is_none());
-        assert_eq!(store.lookup("secret-new").unwrap().tenant, "beta");
+        assert_eq!(&*store.lookup("secret-new").unwrap().tenant, "beta");
     }
 
     #[test]
