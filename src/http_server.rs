@@ -181,8 +181,8 @@ impl<E: Endpoint<Output = Response> + 'static> Connection<E> {
     }
 
     async fn serve_with_hyper(self, stream: TcpStream, protocol: Protocol, accepted: Instant) {
-        let activity = Arc::new(Activity::new(accepted, self.limits.idle_timeout));
-        let io = Guarded::new(stream, activity.clone(), self.limits);
+        let activity = Arc::new(Activity::new(accepted, self.limits));
+        let io = Guarded::new(stream, activity.clone());
         let (endpoint, local, remote) = (self.endpoint.clone(), self.local, self.remote);
         let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
             let endpoint = endpoint.clone();
@@ -298,7 +298,7 @@ struct Activity {
     /// The connection's reader, woken when the last request in progress ends and its timer would
     /// fire after the new idle deadline (or is not set).
     reader: AtomicWaker,
-    idle_timeout: Duration,
+    limits: HttpLimits,
 }
 
 struct ActivityState {
@@ -327,9 +327,9 @@ impl ActivityState {
 impl Activity {
     /// A connection accepted at `accepted` owes its first request head within the header read
     /// timeout from then.
-    fn new(accepted: Instant, idle_timeout: Duration) -> Self {
+    fn new(accepted: Instant, limits: HttpLimits) -> Self {
         let state = ActivityState { in_flight: 0, idle_since: accepted, head_started: Some(accepted), armed: None };
-        Self { state: Mutex::new(state), reader: AtomicWaker::new(), idle_timeout }
+        Self { state: Mutex::new(state), reader: AtomicWaker::new(), limits }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
@@ -346,13 +346,13 @@ impl Activity {
     /// Where the reader's timer must move, if it must: to the deadline when it is not set or would
     /// fire after it; while requests are in progress (no deadline), only when it is not set, to an
     /// idle timeout from now (a check that comes again while they last).
-    fn timer_move(&self, limits: &HttpLimits) -> Option<Instant> {
+    fn timer_move(&self) -> Option<Instant> {
         let mut state = self.lock();
-        let at = match (state.armed, state.deadline(limits)) {
+        let at = match (state.armed, state.deadline(&self.limits)) {
             (Some(armed), Some(deadline)) if armed <= deadline => return None,
             (Some(_), None) => return None,
             (_, Some(deadline)) => deadline,
-            (None, None) => Instant::now() + limits.idle_timeout,
+            (None, None) => Instant::now() + self.limits.idle_timeout,
         };
         state.armed = Some(at);
         Some(at)
@@ -360,10 +360,10 @@ impl Activity {
 
     /// The reader's timer fired: whether the deadline has passed (else it was early, and is set
     /// again).
-    fn timer_fired(&self, limits: &HttpLimits) -> bool {
+    fn timer_fired(&self) -> bool {
         let mut state = self.lock();
         state.armed = None;
-        state.deadline(limits).is_some_and(|deadline| deadline <= Instant::now())
+        state.deadline(&self.limits).is_some_and(|deadline| deadline <= Instant::now())
     }
 }
 
@@ -388,7 +388,7 @@ impl Drop for InFlight {
             let now = Instant::now();
             state.idle_since = now;
             state.head_started = None;
-            let fires_in_time = state.armed.is_some_and(|armed| armed <= now + self.0.idle_timeout);
+            let fires_in_time = state.armed.is_some_and(|armed| armed <= now + self.0.limits.idle_timeout);
             drop(state);
             if !fires_in_time {
                 self.0.reader.wake();
@@ -424,15 +424,14 @@ impl HttpBody for Tracked {
 struct Guarded {
     stream: TcpStream,
     activity: Arc<Activity>,
-    limits: HttpLimits,
     timer: Pin<Box<Sleep>>,
     expired: bool,
 }
 
 impl Guarded {
-    fn new(stream: TcpStream, activity: Arc<Activity>, limits: HttpLimits) -> Self {
-        let timer = Box::pin(tokio::time::sleep(limits.idle_timeout));
-        Self { stream, activity, limits, timer, expired: false }
+    fn new(stream: TcpStream, activity: Arc<Activity>) -> Self {
+        let timer = Box::pin(tokio::time::sleep(activity.limits.idle_timeout));
+        Self { stream, activity, timer, expired: false }
     }
 }
 
@@ -456,13 +455,13 @@ impl AsyncRead for Guarded {
         // Registered before the timer is read, so a request ending in between wakes us if it must.
         this.activity.reader.register(cx.waker());
         loop {
-            if let Some(at) = this.activity.timer_move(&this.limits) {
+            if let Some(at) = this.activity.timer_move() {
                 this.timer.as_mut().reset(at);
             }
             if this.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if this.activity.timer_fired(&this.limits) {
+            if this.activity.timer_fired() {
                 // Too slow or idle too long: the connection reads as closed, and hyper closes it.
                 this.expired = true;
                 return Poll::Ready(Ok(()));

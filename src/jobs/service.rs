@@ -27,8 +27,8 @@ const WATCH_POLL: Duration = Duration::from_millis(250);
 
 /// One of a tenant's stream slots (watch or log follow), released when dropped.
 pub struct StreamSlot {
-    open: Arc<Mutex<HashMap<String, u32>>>,
-    tenant: String,
+    open: Arc<Mutex<HashMap<Arc<str>, u32>>>,
+    tenant: Arc<str>,
     gauge: Gauge,
 }
 
@@ -208,7 +208,7 @@ pub struct JobService {
     limits: JobLimits,
     policy: Arc<Policy>,
     metrics: Arc<JobMetrics>,
-    streams: Arc<Mutex<HashMap<String, u32>>>,
+    streams: Arc<Mutex<HashMap<Arc<str>, u32>>>,
     /// Per tenant, the submissions admitted and not yet created (see [`Reservation`]). Admission
     /// (count, judge, reserve) happens under this lock, so a burst on one replica cannot pass
     /// `max_concurrent_jobs` between the count and the create.
@@ -323,7 +323,7 @@ impl JobService {
     pub fn open_stream(&self, caller: &Caller, kind: StreamKind) -> Result<StreamSlot, JobError> {
         let max = self.policy.rules_for(&caller.tenant).max_streams;
         let mut open = self.streams.lock().unwrap();
-        let count = open.entry(caller.tenant.to_string()).or_default();
+        let count = open.entry(caller.tenant.clone()).or_default();
         if *count >= max {
             self.metrics.policy_denials.get_or_create(&RuleLabel { rule: Rule::MaxStreams.name() }).inc();
             return Err(JobError::PolicyDenied {
@@ -338,7 +338,7 @@ impl JobService {
             StreamKind::Watch => self.metrics.watch_streams.clone(),
         };
         gauge.inc();
-        Ok(StreamSlot { open: self.streams.clone(), tenant: caller.tenant.to_string(), gauge })
+        Ok(StreamSlot { open: self.streams.clone(), tenant: caller.tenant.clone(), gauge })
     }
 
     /// The job now (unless its state is `last_seen`), then each change until it finishes or
